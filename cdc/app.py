@@ -1,0 +1,68 @@
+"""The composition root: builds the parts of a run from settings and wires them."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+
+import structlog
+
+from cdc.capture import Capture
+from cdc.errors import ConfigError
+from cdc.mapping import Mapping, load_mapping
+from config.settings import Settings
+from outbox.store import OutboxWriter, Route, Router, open_outbox
+
+log = structlog.get_logger("ct1_cdc.run")
+
+ROLES = ("capture",)
+
+
+def parse_roles(text: str | None) -> list[str]:
+    if not text:
+        return list(ROLES)
+    roles = [r.strip() for r in text.split(",") if r.strip()]
+    for role in roles:
+        if role not in ROLES:
+            raise ConfigError(
+                f"unknown role {role!r}: this version runs {', '.join(ROLES)}"
+            )
+    return roles
+
+
+def router_for(settings: Settings) -> Router:
+    return Router([Route(e.name, tuple(e.events)) for e in settings.endpoints if e.enabled])
+
+
+def build_capture(settings: Settings, mapping: Mapping | None = None) -> Capture:
+    mapping = mapping or load_mapping(settings.mapping.file)
+    conn = open_outbox(settings.outbox.path)
+    return Capture(settings, mapping, OutboxWriter(conn, router_for(settings)))
+
+
+async def run(settings: Settings, roles: Sequence[str]) -> None:
+    """Run the chosen roles on one loop until SIGINT/SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks: list[asyncio.Future[None]] = []
+    capture = None
+    if "capture" in roles:
+        capture = build_capture(settings)
+        tasks.append(asyncio.ensure_future(asyncio.to_thread(capture.run)))
+    log.info("run_started", roles=list(roles))
+    waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    if capture is not None:
+        capture.stop()
+    waiter.cancel()
+    for task in tasks:
+        if task in done:
+            task.result()  # re-raise a stage's fatal error
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    log.info("run_stopped")

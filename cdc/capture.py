@@ -1,0 +1,327 @@
+"""The capture loop: replication stream → decode → map → outbox, with feedback.
+
+It runs in its own thread (it owns the outbox writer and the replication socket).
+Positions:
+
+* ``committed`` — end LSN of the last source transaction whose events are committed in
+  the outbox (stored there as the checkpoint).  Only this, or a position past which we
+  hold nothing uncommitted, is ever confirmed to Postgres as flushed.
+* A transaction whose commit end LSN is not past the stored checkpoint was already
+  appended before a crash: it is skipped, so the outbox never holds it twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import structlog
+
+from cdc import source
+from cdc.decode import Begin, Commit, Message, RowChange, Truncate, decode, format_lsn
+from cdc.errors import SetupError, SourceUnavailable
+from cdc.mapping import Mapping, apply
+from cdc.stream import Keepalive, ReplicationStream, XLogData
+from config.settings import Settings
+from outbox.store import OutboxWriter
+
+log = structlog.get_logger("ct1_cdc.capture")
+
+SLOT_CHECK_SECONDS = 30.0
+
+
+def wal2json_options(settings: Settings) -> dict[str, str]:
+    options = {
+        "format-version": "2",
+        "include-xids": "1",
+        "include-timestamp": "1",
+        "include-lsn": "1",
+        "include-pk": "1",
+        "include-transaction": "1",
+        "include-types": "1",
+        "add-msg-prefixes": source.HEARTBEAT_PREFIX,
+    }
+    if settings.source.tables:
+        options["add-tables"] = ",".join(t.replace(",", r"\,") for t in settings.source.tables)
+    return options
+
+
+@dataclass
+class CaptureStats:
+    transactions: int = 0
+    events: int = 0
+    commits: int = 0
+    skipped_transactions: int = 0
+    reconnects: int = 0
+    last_event_id: int = 0
+    confirmed_lsn: int = 0
+    lag_bytes: int | None = None
+    wal_status: str | None = None
+    started: float = field(default_factory=time.time)
+
+
+class Capture:
+    """Capture from ``settings.source`` into ``writer``; call :meth:`run` in a thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        mapping: Mapping,
+        writer: OutboxWriter,
+        *,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.mapping = mapping
+        self.writer = writer
+        self.on_commit = on_commit
+        self.slot = settings.source.slot
+        self.stats = CaptureStats()
+        self.stopping = threading.Event()
+        self._parents: dict[str, str] = {}
+        self._shadowed: set[str] = set()
+        self._warned_no_pk: set[str] = set()
+        # per session
+        self._committed = 0  # checkpoint stored in the outbox
+        self._position = 0  # end of the last fully processed transaction or message
+        self._confirmed = 0  # last flush position sent to Postgres
+        self._in_txn: Begin | None = None
+        self._skip_txn = False
+        self._first_pending = 0.0
+
+    # -- the outer loop: reconnect with backoff ----------------------------------------------
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        delay = 0.2
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                self._session()
+            except SourceUnavailable as exc:
+                self.writer.rollback()
+                self.stats.reconnects += 1
+                if time.monotonic() - started > 30:
+                    delay = 0.2
+                log.warning("source_unavailable", error=str(exc), retry_in=round(delay, 2))
+                self.stopping.wait(delay)
+                delay = min(delay * 2, self.settings.source.reconnect_max_seconds)
+            except BaseException:
+                self.writer.rollback()
+                raise
+
+    # -- one replication session -------------------------------------------------------------
+
+    def _session(self) -> None:
+        settings = self.settings
+        conn = source.connect(settings.source.dsn)
+        stream = ReplicationStream(settings.source.dsn, self.slot, wal2json_options(settings))
+        try:
+            self._prepare(conn)
+            stored = self.writer.checkpoint(self.slot) or 0
+            self._committed = self._position = stored
+            self._in_txn = None
+            self._skip_txn = False
+            stream.start(stored)
+            log.info("capture_started", slot=self.slot, lsn=format_lsn(stored))
+            self._stream_loop(conn, stream)
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailable(f"source connection lost: {exc}") from exc
+        finally:
+            stream.close()
+            conn.close()
+
+    def _prepare(self, conn: source.Conn) -> None:
+        if source.create_slot(conn, self.slot):
+            log.info("slot_created", slot=self.slot)
+        watched = [t for t in self.mapping.tables if self.mapping.watched(t)]
+        full = source.replica_identity_full(conn, watched) if watched else set()
+        self._shadowed = set(watched) - full
+        if self._shadowed:
+            log.info("shadow_tables", tables=sorted(self._shadowed))
+
+    def _stream_loop(self, conn: source.Conn, stream: ReplicationStream) -> None:
+        cfg = self.settings.source
+        batch_s = self.settings.outbox.batch_max_ms / 1000
+        next_status = time.monotonic() + cfg.status_interval_seconds
+        next_heartbeat = time.monotonic() + cfg.heartbeat_seconds
+        next_slot_check = time.monotonic()
+        while not self.stopping.is_set():
+            idle_commit_due = self._in_txn is None and self._has_uncommitted()
+            frame = stream.read(timeout=0 if idle_commit_due else 0.5)
+            if isinstance(frame, XLogData):
+                self._handle(conn, frame)
+                if self._should_commit(batch_s):
+                    self._commit(stream)
+                continue
+            if isinstance(frame, Keepalive):
+                if self._in_txn is None and not self._has_uncommitted():
+                    self._position = max(self._position, frame.wal_end)
+                    self._confirm(stream, self._position, reply=frame.reply_requested)
+                elif frame.reply_requested:
+                    self._confirm(stream, self._committed, reply=False, force=True)
+                continue
+            # nothing buffered: a good moment for a group commit and housekeeping
+            if self._in_txn is None and self._has_uncommitted():
+                self._commit(stream)
+            now = time.monotonic()
+            if now >= next_status:
+                self._confirm(stream, self._confirmed, force=True)
+                next_status = now + cfg.status_interval_seconds
+            if now >= next_heartbeat:
+                self._heartbeat(conn)
+                next_heartbeat = now + cfg.heartbeat_seconds
+            if now >= next_slot_check:
+                self._check_slot(conn)
+                next_slot_check = now + SLOT_CHECK_SECONDS
+        if self._in_txn is None and self._has_uncommitted():
+            self._commit(stream)
+
+    # -- frames ------------------------------------------------------------------------------
+
+    def _has_uncommitted(self) -> bool:
+        return self._position > self._committed or self.writer.in_transaction
+
+    def _should_commit(self, batch_s: float) -> bool:
+        if self._in_txn is not None or not self._has_uncommitted():
+            return False
+        if self.writer.pending >= self.settings.outbox.batch_max_events:
+            return True
+        return time.monotonic() - self._first_pending >= batch_s
+
+    def _handle(self, conn: source.Conn, frame: XLogData) -> None:
+        msg = decode(frame.payload)
+        if isinstance(msg, RowChange):
+            if not self._skip_txn:
+                self._row(conn, msg)
+        elif isinstance(msg, Begin):
+            self._in_txn = msg
+            self._skip_txn = msg.end_lsn <= self._committed
+            if not self._has_uncommitted():
+                self._first_pending = time.monotonic()
+        elif isinstance(msg, Commit):
+            if self._skip_txn:
+                self.stats.skipped_transactions += 1
+            else:
+                self.stats.transactions += 1
+                self._position = max(self._position, msg.end_lsn)
+            self._in_txn = None
+            self._skip_txn = False
+        elif isinstance(msg, Truncate):
+            if not self._skip_txn:
+                self._truncate(conn, msg)
+        elif isinstance(msg, Message):
+            # Our heartbeat.  Outside a transaction nothing before it is still owed to us.
+            if self._in_txn is None and not msg.transactional:
+                if not self._has_uncommitted():
+                    self._first_pending = time.monotonic()
+                self._position = max(self._position, msg.lsn)
+
+    def _table(self, conn: source.Conn, reported: str) -> str:
+        if reported in self.mapping.by_table:
+            return reported
+        parent = self._parents.get(reported)
+        if parent is None:
+            parent = source.partition_root(conn, reported)
+            self._parents[reported] = parent
+        return parent
+
+    def _row(self, conn: source.Conn, change: RowChange) -> None:
+        table = self._table(conn, change.table)
+        rules = self.mapping.by_table.get(table)
+        if not rules:
+            return
+        txn = self._in_txn
+        if txn is None:  # wal2json always frames rows; be strict rather than guess
+            raise SourceUnavailable("row change outside a transaction")
+        if not change.pk and table not in self._warned_no_pk:
+            self._warned_no_pk.add(table)
+            log.warning("table_without_primary_key", table=table)
+        shadow = None
+        shadow_key = None
+        if table in self._shadowed:
+            key_col = rules[0].key
+            row = change.new if change.op != "delete" else (change.old or {})
+            if key_col in row:
+                shadow_key = str(row[key_col])
+                if change.op == "update":
+                    shadow = self.writer.shadow_get(table, shadow_key)
+        for draft in apply(self.mapping, table, change, shadow):
+            data: dict[str, Any] = {
+                "object": draft.object,
+                "id": draft.entity_id,
+                "record": draft.record,
+                "previous": draft.previous,
+            }
+            self.stats.last_event_id = self.writer.add(
+                type=draft.type,
+                object=draft.object,
+                entity_id=draft.entity_id,
+                data=data,
+                occurred_at=txn.commit_time,
+                table=table,
+                op=draft.op,
+                lsn=format_lsn(change.lsn),
+                xid=change.xid,
+            )
+            self.stats.events += 1
+        if shadow_key is not None:
+            if change.op == "delete":
+                self.writer.shadow_delete(table, shadow_key)
+            else:
+                merged = dict(shadow or {})
+                merged.update({c: change.new[c] for c in self.mapping.watched(table) if c in change.new})
+                self.writer.shadow_put(table, shadow_key, merged)
+
+    def _truncate(self, conn: source.Conn, msg: Truncate) -> None:
+        table = self._table(conn, msg.table)
+        log.info("truncate_seen", table=table, lsn=format_lsn(msg.lsn), mapped=table in self.mapping.by_table)
+
+    # -- commit and feedback -----------------------------------------------------------------
+
+    def _commit(self, stream: ReplicationStream) -> None:
+        position = self._position
+        self.writer.commit(self.slot, position)
+        self._committed = position
+        self.stats.commits += 1
+        if self.on_commit is not None:
+            self.on_commit(self.stats.last_event_id)
+        self._confirm(stream, position)
+
+    def _confirm(self, stream: ReplicationStream, lsn: int, *, reply: bool = False,
+                 force: bool = False) -> None:
+        if lsn > self._confirmed or force:
+            self._confirmed = max(self._confirmed, lsn)
+            self.stats.confirmed_lsn = self._confirmed
+            stream.send_status(self._confirmed, self._confirmed, self._confirmed, reply=reply)
+
+    def _heartbeat(self, conn: source.Conn) -> None:
+        try:
+            source.heartbeat(conn)
+        except psycopg.errors.InsufficientPrivilege:
+            log.warning("heartbeat_not_permitted", fix="GRANT EXECUTE ON FUNCTION pg_logical_emit_message")
+
+    def _check_slot(self, conn: source.Conn) -> None:
+        status = source.slot_status(conn, self.slot)
+        if status is None:
+            raise SetupError(f"replication slot {self.slot} disappeared")
+        self.stats.lag_bytes = status["lag_bytes"]
+        self.stats.wal_status = status["wal_status"]
+        fields = {
+            "slot": self.slot,
+            "lag_bytes": status["lag_bytes"],
+            "confirmed_flush_lsn": status["confirmed_flush_lsn"],
+            "wal_status": status["wal_status"],
+            "safe_wal_size": status["safe_wal_size"],
+        }
+        lag = status["lag_bytes"] or 0
+        if lag > self.settings.source.lag_warning_bytes or status["wal_status"] in ("unreserved", "lost"):
+            log.warning("slot_lag", **fields)
+        else:
+            log.debug("slot_lag", **fields)

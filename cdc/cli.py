@@ -1,0 +1,297 @@
+"""The ``ct1-cdc`` command line.
+
+Every command exits non-zero with a one-line reason on failure; ``--json`` prints JSON
+Lines.  Logging is configured here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from cdc import logs, source
+from cdc.decode import format_lsn
+from cdc.errors import Ct1Error
+from cdc.mapping import load_mapping
+from config.settings import Settings, load_settings
+from outbox import store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"ct1-cdc: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handled(fn: F) -> F:
+    """Turn project errors into the one-line failure."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Ct1Error as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    obj = ctx.ensure_object(dict)
+    if "settings" not in obj:
+        obj["settings"] = load_settings(obj.get("config"))
+    settings: Settings = obj["settings"]
+    return settings
+
+
+def emit_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, default=str).decode() + "\n")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="CT1_CONFIG", type=click.Path(dir_okay=False),
+              help="TOML settings file [env CT1_CONFIG; default config/sidecar.toml]")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.version_option(package_name="ct1-cdc")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, log_level: str) -> None:
+    """ct1-cdc: change-data-capture sidecar for the marketplace (Core Transaction 1)."""
+    ctx.ensure_object(dict)["config"] = config_path
+    logs.configure(log_level)
+
+
+# -- setup ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--replica-identity-full", is_flag=True,
+              help="ALTER the tables with when_changed rules to REPLICA IDENTITY FULL")
+@click.option("--sample-data", is_flag=True,
+              help="create the sample marketplace schema if missing and load sample rows")
+@click.option("--seed", default=1, show_default=True, help="sample data seed")
+@click.option("--scale", default=1.0, show_default=True, help="sample data volume multiplier")
+@click.option("--json", "as_json", is_flag=True, help="print the checks as JSON Lines")
+@click.pass_context
+@handled
+def setup(ctx: click.Context, replica_identity_full: bool, sample_data: bool, seed: int,
+          scale: float, as_json: bool) -> None:
+    """Check the source, create the slot and the outbox, optionally load sample data."""
+    from config import sample
+
+    settings = settings_of(ctx)
+    mapping = load_mapping(settings.mapping.file)
+    conn = source.connect(settings.source.dsn)
+    with conn:
+        checks = source.run_checks(conn, settings.source.slot)
+        checks.append(source.wal2json_probe(conn))
+        for check in checks:
+            if as_json:
+                emit_json({"check": check.name, "ok": check.ok, "detail": check.detail,
+                           "fix": None if check.ok else check.fix})
+            else:
+                mark = "ok  " if check.ok else "FAIL"
+                click.echo(f"[{mark}] {check.name}: {check.detail}"
+                           + ("" if check.ok else f" -> fix: {check.fix}"))
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            first = failed[0]
+            fail(f"{first.name} check failed ({first.detail}); fix: {first.fix}")
+        if sample_data:
+            if not sample.has_schema(conn):
+                sample.create_schema(conn)
+                click.echo("created the sample marketplace schema", err=True)
+            base = sample.Volume()
+            volume = sample.Volume(**{k: max(1, int(v * scale)) for k, v in vars(base).items()})
+            counts = sample.generate(
+                conn, seed=seed, volume=volume,
+                progress=lambda table, n: click.echo(f"  sample data: {table} {n}", err=True),
+            )
+            click.echo(f"loaded sample data: {counts}", err=True)
+        present = source.existing_tables(conn, mapping.tables)
+        for table in mapping.tables:
+            if table not in present:
+                click.echo(f"warning: mapped table {table} does not exist in the source", err=True)
+        watched = [t for t in mapping.tables if mapping.watched(t) and t in present]
+        full = source.replica_identity_full(conn, watched) if watched else set()
+        for table in watched:
+            if table in full:
+                continue
+            if replica_identity_full:
+                source.set_replica_identity_full(conn, table)
+                click.echo(f"set REPLICA IDENTITY FULL on {table}", err=True)
+            else:
+                click.echo(
+                    f"note: {table} has when_changed rules; without REPLICA IDENTITY FULL a shadow"
+                    " of its watched columns is kept in the outbox (use --replica-identity-full)",
+                    err=True,
+                )
+        created = source.create_slot(conn, settings.source.slot)
+        outbox = store.open_outbox(settings.outbox.path)
+        outbox.close()
+    summary = {
+        "slot": settings.source.slot,
+        "slot_created": created,
+        "outbox": settings.outbox.path,
+        "mapped_tables": len(mapping.tables),
+    }
+    if as_json:
+        emit_json(summary)
+    else:
+        state = "created" if created else "already present"
+        click.echo(f"slot {settings.source.slot}: {state}; outbox {settings.outbox.path} ready")
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--role", "roles", default=None, metavar="ROLES",
+              help="comma list of capture,dispatch,api (default: all this version has)")
+@click.pass_context
+@handled
+def run(ctx: click.Context, roles: str | None) -> None:
+    """Run the sidecar until SIGINT/SIGTERM."""
+    from cdc import app
+
+    settings = settings_of(ctx)
+    chosen = app.parse_roles(roles)
+    asyncio.run(app.run(settings, chosen))
+
+
+# -- outbox ---------------------------------------------------------------------------------
+
+
+@main.group()
+def outbox() -> None:
+    """Inspect the outbox."""
+
+
+def _reader(ctx: click.Context) -> Any:
+    return store.connect(settings_of(ctx).outbox.path, readonly=True)
+
+
+def _types(values: tuple[str, ...]) -> list[str]:
+    return [t.strip() for v in values for t in v.split(",") if t.strip()]
+
+
+@outbox.command("list")
+@click.option("--type", "types", multiple=True, help="event type or glob (repeat or comma list)")
+@click.option("--after", default=0, type=click.IntRange(min=0), help="only events with id > AFTER")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="at most this many")
+@click.option("--json", "as_json", is_flag=True, help="one envelope per line, oldest first")
+@click.pass_context
+@handled
+def outbox_list(ctx: click.Context, types: tuple[str, ...], after: int, limit: int | None,
+                as_json: bool) -> None:
+    """List events, oldest first."""
+    conn = _reader(ctx)
+    out = sys.stdout
+    for row in store.iter_events(conn, after=after, types=_types(types), limit=limit):
+        if as_json:
+            out.write(store.envelope_json(row) + "\n")
+        else:
+            data = orjson.loads(row[3])
+            out.write(f"{row[0]:>8}  {row[2]}  {row[1]:<24} {data.get('object')}:{data.get('id')}"
+                      f"  {row[4]} {row[5]} lsn={row[6]}\n")
+
+
+@outbox.command("show")
+@click.argument("event_id", type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def outbox_show(ctx: click.Context, event_id: int, as_json: bool) -> None:
+    """Show one event with its deliveries."""
+    conn = _reader(ctx)
+    row = store.get_event(conn, event_id)
+    if row is None:
+        fail(f"no event {event_id} in the outbox")
+    assert row is not None
+    envelope = orjson.loads(store.envelope_json(row))
+    deliveries = store.event_deliveries(conn, event_id)
+    if as_json:
+        emit_json({"event": envelope, "deliveries": deliveries})
+        return
+    click.echo(json.dumps(envelope, indent=2, ensure_ascii=False))
+    for d in deliveries:
+        click.echo(f"delivery to {d['endpoint']}: {d['status']} after {d['attempts']} attempt(s)")
+
+
+@outbox.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def outbox_stats(ctx: click.Context, as_json: bool) -> None:
+    """Counts of events by type and deliveries by endpoint and status."""
+    stats = store.stats(_reader(ctx))
+    stats["checkpoints"] = {k: format_lsn(v) for k, v in stats["checkpoints"].items()}
+    if as_json:
+        emit_json(stats)
+        return
+    click.echo(f"events: {stats['events']} (last id {stats['last_event_id']})")
+    for t, n in stats["events_by_type"].items():
+        click.echo(f"  {t:<28} {n}")
+    for endpoint, by_status in stats["deliveries"].items():
+        parts = ", ".join(f"{s} {n}" for s, n in sorted(by_status.items()))
+        click.echo(f"deliveries to {endpoint}: {parts}")
+    for slot, lsn in stats["checkpoints"].items():
+        click.echo(f"checkpoint of slot {slot}: {lsn}")
+
+
+# -- slot -----------------------------------------------------------------------------------
+
+
+@main.group()
+def slot() -> None:
+    """Inspect or drop the replication slot."""
+
+
+@slot.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def slot_status(ctx: click.Context, as_json: bool) -> None:
+    """Confirmed LSN, lag in bytes, wal_status and safe_wal_size of the slot."""
+    settings = settings_of(ctx)
+    with source.connect(settings.source.dsn) as conn:
+        status = source.slot_status(conn, settings.source.slot)
+    if status is None:
+        fail(f"slot {settings.source.slot} does not exist: run `ct1-cdc setup`")
+    assert status is not None
+    if as_json:
+        emit_json(status)
+        return
+    for key, value in status.items():
+        click.echo(f"{key:<20} {value}")
+
+
+@slot.command("drop")
+@click.option("--yes", is_flag=True, help="do not ask")
+@click.pass_context
+@handled
+def slot_drop(ctx: click.Context, yes: bool) -> None:
+    """Drop the replication slot (capture then starts over from a new slot)."""
+    settings = settings_of(ctx)
+    name = settings.source.slot
+    if not yes:
+        if not sys.stdin.isatty():
+            fail("refusing to drop the slot without --yes")
+        click.confirm(f"drop slot {name}? changes not yet captured are lost", abort=True)
+    with source.connect(settings.source.dsn) as conn:
+        dropped = source.drop_slot(conn, name)
+    click.echo(f"slot {name} {'dropped' if dropped else 'did not exist'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,23 @@
+"""The project's exceptions: one root, and the few kinds the edges translate into."""
+
+from __future__ import annotations
+
+
+class Ct1Error(Exception):
+    """Root of every error ct1-cdc raises on purpose.  ``str()`` is one line for a user."""
+
+
+class ConfigError(Ct1Error):
+    """A setting or the mapping file is wrong; names the key and what is wrong."""
+
+
+class SetupError(Ct1Error):
+    """The source or the machine is not ready; names the exact fix."""
+
+
+class SourceUnavailable(Ct1Error):
+    """The source Postgres cannot be reached or dropped the connection (retryable)."""
+
+
+class DecodeError(Ct1Error):
+    """A wal2json message could not be understood (permanent: a bug or a plugin change)."""

@@ -1,0 +1,249 @@
+"""Plain (non-replication) SQL against the source: setup checks, slot management,
+slot health, heartbeats, partition parents and replica identities.
+
+Every driver error leaves this module as a :class:`SetupError` (the user must change
+something) or :class:`SourceUnavailable` (retry later).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc.errors import SetupError, SourceUnavailable
+
+HEARTBEAT_PREFIX = "ct1-cdc"
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+def connect(dsn: str, *, timeout: int = 10) -> Conn:
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=timeout)
+    except psycopg.OperationalError as exc:
+        reason = (str(exc).strip().splitlines() or ["unknown error"])[-1]
+        raise SourceUnavailable(
+            f"cannot connect to the source ({reason}): check source.dsn / CT1_SOURCE__DSN"
+        ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def run_checks(conn: Conn, slot: str) -> list[Check]:
+    """Everything the source needs for capture, each with the exact fix when it fails."""
+    checks: list[Check] = []
+
+    def one(query: str, *args: Any) -> Any:
+        row = conn.execute(query, args).fetchone()
+        return None if row is None else row[0]
+
+    wal_level = one("SHOW wal_level")
+    checks.append(Check(
+        "wal_level", wal_level == "logical", f"wal_level = {wal_level}",
+        "ALTER SYSTEM SET wal_level = logical; then restart Postgres",
+    ))
+    version = int(one("SHOW server_version_num"))
+    checks.append(Check(
+        "server_version", version >= 120000, f"server_version_num = {version}",
+        "upgrade to PostgreSQL 12 or newer",
+    ))
+    privileged = one(
+        "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user"
+    )
+    checks.append(Check(
+        "replication_privilege", bool(privileged),
+        "role has REPLICATION" if privileged else "role lacks REPLICATION",
+        "ALTER ROLE <sidecar role> WITH REPLICATION",
+    ))
+    slot_exists = one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", slot)
+    max_slots = int(one("SHOW max_replication_slots"))
+    used_slots = int(one("SELECT count(*) FROM pg_replication_slots"))
+    room = bool(slot_exists) or used_slots < max_slots
+    checks.append(Check(
+        "replication_slots", room, f"{used_slots} of max_replication_slots = {max_slots} used",
+        f"ALTER SYSTEM SET max_replication_slots = {max_slots + 1}; then restart Postgres",
+    ))
+    max_senders = int(one("SHOW max_wal_senders"))
+    used_senders = int(one("SELECT count(*) FROM pg_stat_replication"))
+    checks.append(Check(
+        "wal_senders", used_senders < max_senders,
+        f"{used_senders} of max_wal_senders = {max_senders} used",
+        f"ALTER SYSTEM SET max_wal_senders = {max_senders + 1}; then restart Postgres",
+    ))
+    allowed = one("SELECT current_setting('output_plugin_libraries', true)")
+    if allowed is not None:
+        names = [n.strip() for n in allowed.split(",")]
+        checks.append(Check(
+            "output_plugin_libraries", "wal2json" in names,
+            f"output_plugin_libraries = {allowed}",
+            f"ALTER SYSTEM SET output_plugin_libraries = '{', '.join([*names, 'wal2json'])}'; "
+            "SELECT pg_reload_conf()",
+        ))
+    return checks
+
+
+def wal2json_probe(conn: Conn) -> Check:
+    """Create and drop a temporary slot to prove the server can load wal2json."""
+    if conn.execute("SHOW wal_level").fetchone() != ("logical",):
+        return Check("wal2json", False, "not probed: wal_level is not logical", "")
+    try:
+        conn.execute(
+            "SELECT pg_create_logical_replication_slot('ct1_cdc_probe', 'wal2json', true)"
+        )
+        conn.execute("SELECT pg_drop_replication_slot('ct1_cdc_probe')")
+    except psycopg.Error as exc:
+        message = (str(exc).strip().splitlines() or [""])[0]
+        if "could not access file" in message:
+            fix = "install wal2json on the database server: apt-get install postgresql-<major>-wal2json"
+        elif "may not be used as an output plugin" in message:
+            fix = "add wal2json to output_plugin_libraries and reload"
+        else:
+            fix = "see the server log"
+        return Check("wal2json", False, message, fix)
+    return Check("wal2json", True, "wal2json loads")
+
+
+# -- slots ----------------------------------------------------------------------------------
+
+
+def slot_exists(conn: Conn, slot: str) -> bool:
+    row = conn.execute(
+        "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone()
+    if row is None:
+        return False
+    plugin, database = row
+    current = conn.execute("SELECT current_database()").fetchone()
+    if plugin != "wal2json":
+        raise SetupError(f"slot {slot} uses plugin {plugin}, not wal2json: choose another source.slot")
+    if current is None or database != current[0]:
+        raise SetupError(f"slot {slot} belongs to database {database}: choose another source.slot")
+    return True
+
+
+def create_slot(conn: Conn, slot: str) -> bool:
+    """Create the wal2json slot if it is missing; True if it was created now."""
+    if slot_exists(conn, slot):
+        return False
+    try:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (slot,))
+    except psycopg.errors.DuplicateObject:
+        return False
+    except psycopg.Error as exc:
+        message = (str(exc).strip().splitlines() or [""])[0]
+        if "may not be used as an output plugin" in message:
+            raise SetupError(
+                f"{message}: add wal2json to output_plugin_libraries and reload"
+            ) from exc
+        if "could not access file" in message:
+            raise SetupError(
+                f"{message}: install wal2json (apt-get install postgresql-<major>-wal2json)"
+            ) from exc
+        if "wal_level" in message:
+            raise SetupError(
+                f"{message}: ALTER SYSTEM SET wal_level = logical; then restart Postgres"
+            ) from exc
+        raise SetupError(f"cannot create slot {slot}: {message}") from exc
+    return True
+
+
+def drop_slot(conn: Conn, slot: str) -> bool:
+    if not conn.execute(
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone():
+        return False
+    try:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    except psycopg.errors.ObjectInUse as exc:
+        raise SetupError(f"slot {slot} is in use: stop `ct1-cdc run` first") from exc
+    return True
+
+
+def slot_status(conn: Conn, slot: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        """
+        SELECT slot_name, plugin, database, active, active_pid,
+               confirmed_flush_lsn::text, restart_lsn::text,
+               pg_current_wal_lsn()::text,
+               pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
+               pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
+               wal_status, safe_wal_size
+        FROM pg_replication_slots WHERE slot_name = %s
+        """,
+        (slot,),
+    ).fetchone()
+    if row is None:
+        return None
+    keys = (
+        "slot", "plugin", "database", "active", "active_pid", "confirmed_flush_lsn",
+        "restart_lsn", "current_lsn", "lag_bytes", "retained_bytes", "wal_status",
+        "safe_wal_size",
+    )
+    return dict(zip(keys, row, strict=True))
+
+
+def heartbeat(conn: Conn) -> None:
+    """A non-transactional logical message: decoded, sent to us, lets the slot advance."""
+    conn.execute(
+        "SELECT pg_logical_emit_message(false, %s, 'heartbeat')", (HEARTBEAT_PREFIX,)
+    )
+
+
+# -- tables ---------------------------------------------------------------------------------
+
+
+def partition_root(conn: Conn, table: str) -> str:
+    """The top-most parent of a partition, or the table itself."""
+    schema, _, name = table.partition(".")
+    row = conn.execute(
+        """
+        SELECT n.nspname || '.' || c.relname
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.oid = pg_partition_root(to_regclass(format('%%I.%%I', %s::text, %s::text)))
+        """,
+        (schema, name),
+    ).fetchone()
+    return str(row[0]) if row and row[0] else table
+
+
+def replica_identity_full(conn: Conn, tables: list[str]) -> set[str]:
+    """Which of ``tables`` have REPLICA IDENTITY FULL."""
+    rows = conn.execute(
+        """
+        SELECT n.nspname || '.' || c.relname
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relreplident = 'f' AND n.nspname || '.' || c.relname = ANY(%s)
+        """,
+        (tables,),
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def set_replica_identity_full(conn: Conn, table: str) -> None:
+    schema, _, name = table.partition(".")
+    conn.execute(
+        sql.SQL("ALTER TABLE {}.{} REPLICA IDENTITY FULL").format(
+            sql.Identifier(schema), sql.Identifier(name)
+        )
+    )
+
+
+def existing_tables(conn: Conn, tables: list[str]) -> set[str]:
+    rows = conn.execute(
+        """
+        SELECT n.nspname || '.' || c.relname
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = ANY(%s)
+        """,
+        (tables,),
+    ).fetchall()
+    return {r[0] for r in rows}

@@ -1,0 +1,151 @@
+"""The logical replication stream over a psycopg 3 replication connection.
+
+This is the only module that knows the wire format ("Streaming Replication Protocol"):
+``START_REPLICATION`` puts the connection in COPY BOTH; the server sends XLogData
+(``w``: start LSN, end LSN, send time, payload) and keepalives (``k``: end LSN, send time,
+reply-requested); we answer with standby status updates (``r``: write, flush, apply LSN,
+client time, reply-requested).
+"""
+
+from __future__ import annotations
+
+import select
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import pq
+
+from cdc.decode import format_lsn
+from cdc.errors import SetupError, SourceUnavailable
+
+_XLOG = struct.Struct(">QQq")
+_KEEPALIVE = struct.Struct(">QqB")
+_STATUS = struct.Struct(">cQQQqB")
+_PG_EPOCH_OFFSET_US = 946_684_800_000_000  # 2000-01-01 in unix microseconds
+
+
+@dataclass(frozen=True, slots=True)
+class XLogData:
+    wal_start: int
+    wal_end: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    wal_end: int
+    reply_requested: bool
+
+
+Frame = XLogData | Keepalive
+
+
+def parse_frame(buf: bytes) -> Frame:
+    kind = buf[:1]
+    if kind == b"w":
+        start, end, _sent = _XLOG.unpack_from(buf, 1)
+        return XLogData(start, end, buf[_XLOG.size + 1 :])
+    if kind == b"k":
+        end, _sent, reply = _KEEPALIVE.unpack_from(buf, 1)
+        return Keepalive(end, bool(reply))
+    raise SourceUnavailable(f"unexpected replication message type {kind!r}")
+
+
+def status_update(write: int, flush: int, apply: int, *, reply: bool = False,
+                  now: float | None = None) -> bytes:
+    micros = int((time.time() if now is None else now) * 1_000_000) - _PG_EPOCH_OFFSET_US
+    return _STATUS.pack(b"r", write, flush, apply, micros, 1 if reply else 0)
+
+
+def plugin_options(options: Mapping[str, str]) -> str:
+    parts = []
+    for key, value in options.items():
+        escaped = value.replace("'", "''")
+        parts.append(f"\"{key}\" '{escaped}'")
+    return ", ".join(parts)
+
+
+class ReplicationStream:
+    """One START_REPLICATION session.  Not thread-safe: owned by the capture loop."""
+
+    def __init__(self, dsn: str, slot: str, options: Mapping[str, str]) -> None:
+        self.dsn = dsn
+        self.slot = slot
+        self.options = dict(options)
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+
+    def start(self, lsn: int) -> None:
+        try:
+            conn = psycopg.connect(self.dsn, replication="database", autocommit=True,
+                                   connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailable(f"cannot open replication connection: {_first_line(exc)}") from exc
+        command = (
+            f'START_REPLICATION SLOT "{self.slot}" LOGICAL {format_lsn(lsn)} '
+            f"({plugin_options(self.options)})"
+        )
+        try:
+            conn.execute(command)
+        except psycopg.Error as exc:
+            conn.close()
+            message = _first_line(exc)
+            if "does not exist" in message and "slot" in message:
+                raise SetupError(f"replication slot {self.slot} does not exist: run `ct1-cdc setup`") from exc
+            if "wal2json" in message or "output plugin" in message:
+                raise SetupError(f"wal2json cannot be used: {message}") from exc
+            if "is active for PID" in message:
+                raise SourceUnavailable(f"slot {self.slot} is in use by another reader: {message}") from exc
+            raise SourceUnavailable(f"START_REPLICATION failed: {message}") from exc
+        self._conn = conn
+
+    @property
+    def _pg(self) -> pq.abc.PGconn:
+        if self._conn is None:
+            raise SourceUnavailable("replication stream is not started")
+        return self._conn.pgconn
+
+    def read(self, timeout: float) -> Frame | None:
+        """The next frame, or None if none arrived within ``timeout`` seconds."""
+        pg = self._pg
+        deadline = time.monotonic() + timeout
+        while True:
+            nbytes, data = pg.get_copy_data(1)
+            if nbytes > 0:
+                return parse_frame(bytes(data))
+            if nbytes == 0:
+                remaining = max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([pg.socket], [], [], remaining)
+                if ready:
+                    try:
+                        pg.consume_input()
+                    except psycopg.OperationalError as exc:
+                        raise SourceUnavailable(f"replication connection lost: {_first_line(exc)}") from exc
+                    if pg.status == pq.ConnStatus.BAD:
+                        raise SourceUnavailable("replication connection lost")
+                    continue
+                return None
+            text = pg.error_message.decode("utf-8", "replace").strip()
+            raise SourceUnavailable(f"replication stream ended: {text or 'server closed the stream'}")
+
+    def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
+        pg = self._pg
+        try:
+            pg.put_copy_data(status_update(write, flush, apply, reply=reply))
+            while pg.flush() == 1:
+                select.select([], [pg.socket], [], 1.0)
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailable(f"replication connection lost: {_first_line(exc)}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -1,0 +1,187 @@
+"""Settings: one TOML file, overridden key by key by ``CT1_<SECTION>__<KEY>`` variables.
+
+``load_settings`` is the only entry point.  A bad value fails with a one-line
+:class:`ConfigError` that names the key and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cdc.errors import ConfigError
+
+DEFAULT_CONFIG = "config/sidecar.toml"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def resolve_secret(value: str | None) -> str | None:
+    """``env:NAME`` reads another variable; anything else is taken as it is."""
+    if value is None or not value.startswith("env:"):
+        return value
+    name = value[4:]
+    if name not in os.environ:
+        raise ValueError(f"environment variable {name} is not set")
+    return os.environ[name]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSettings(_Section):
+    dsn: str = Field(
+        "host=127.0.0.1 port=5432 user=postgres dbname=marketplace",
+        description="libpq connection string of the marketplace database (env:NAME allowed)",
+    )
+    slot: str = Field(
+        "ct1_cdc",
+        pattern=r"^[a-z0-9_]{1,63}$",
+        description="logical replication slot name (lower-case letters, digits, _)",
+    )
+    tables: list[str] = Field(
+        default_factory=list,
+        description="wal2json add-tables filter (schema.table); empty = every table, "
+        "which also catches partitions created later",
+    )
+    heartbeat_seconds: float = Field(
+        10.0, gt=0, description="how often to emit a heartbeat so the slot advances when idle"
+    )
+    status_interval_seconds: float = Field(
+        10.0, gt=0, le=60, description="how often to report the confirmed position to Postgres"
+    )
+    lag_warning_bytes: int = Field(
+        1 << 30, gt=0, description="log slot_lag as a warning when the slot retains more WAL"
+    )
+    reconnect_max_seconds: float = Field(
+        30.0, gt=0, description="upper bound of the reconnect backoff"
+    )
+
+    _secret = field_validator("dsn")(lambda v: resolve_secret(v))
+
+
+class OutboxSettings(_Section):
+    path: str = Field("var/outbox.db", description="SQLite outbox file")
+    retention_days: int = Field(
+        7, ge=1, description="delivered events older than this may be pruned"
+    )
+    batch_max_events: int = Field(
+        5000, ge=1, description="group commit: commit once this many events are pending"
+    )
+    batch_max_ms: int = Field(
+        50, ge=0, description="group commit: commit at least this often while data streams in"
+    )
+
+
+class ApiSettings(_Section):
+    host: str = Field("127.0.0.1", description="address the HTTP API listens on")
+    port: int = Field(8080, ge=0, le=65535, description="port the HTTP API listens on")
+    cache_ttl_customers: int = Field(3600, ge=0, description="seconds a customers export is cached")
+    cache_ttl_products: int = Field(1800, ge=0, description="seconds a products export is cached")
+    cache_ttl_analytics: int = Field(3600, ge=0, description="seconds analytics are cached")
+
+
+DEFAULT_RETRY_SCHEDULE = [
+    0, 5, 30, 120, 600, 1800, 3600, 10800, 21600, 43200, 86400, 86400,
+]
+
+
+class DispatcherSettings(_Section):
+    concurrency: int = Field(32, ge=1, le=1024, description="deliveries in flight at once")
+    timeout_seconds: float = Field(15.0, gt=0, description="request timeout of one delivery")
+    retry_schedule: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE),
+        min_length=1,
+        description="seconds to wait before each attempt; after the last, the delivery is dead",
+    )
+    require_https: bool = Field(True, description="refuse http:// endpoints except on loopback")
+
+
+class MappingSettings(_Section):
+    file: str = Field("config/mapping.toml", description="mapping rules file")
+
+
+class EndpointSettings(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="endpoint name")
+    url: str = Field(description="webhook URL")
+    secret: str | None = Field(None, description="whsec_ signing secret (env:NAME allowed)")
+    previous_secret: str | None = Field(None, description="old secret, still signed while rotating")
+    events: list[str] = Field(default_factory=lambda: ["*"], description="event type globs")
+    enabled: bool = Field(True, description="deliver to this endpoint")
+
+    _secrets = field_validator("secret", "previous_secret")(lambda v: resolve_secret(v))
+
+
+CT2_EVENTS = ["customer.*", "order.*", "payment.*", "product.*", "review.*", "cart.*"]
+
+
+def default_endpoints() -> list[EndpointSettings]:
+    return [
+        EndpointSettings(name="ct2", url="http://127.0.0.1:9002/webhooks/ct1", events=CT2_EVENTS),
+        EndpointSettings(name="ct3", url="http://127.0.0.1:9003/webhooks/ct1", events=["*"]),
+    ]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CT1_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    source: SourceSettings = Field(default_factory=SourceSettings)  # type: ignore[arg-type]
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)  # type: ignore[arg-type]
+    api: ApiSettings = Field(default_factory=ApiSettings)  # type: ignore[arg-type]
+    dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)  # type: ignore[arg-type]
+    mapping: MappingSettings = Field(default_factory=MappingSettings)  # type: ignore[arg-type]
+    endpoints: list[EndpointSettings] = Field(default_factory=default_endpoints)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; variables win over it.
+        return (env_settings, init_settings)
+
+
+def _describe(error: Any) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    msg = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    value = error.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    return f"{loc}: {msg}{shown}"
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read the TOML file (if it exists) and the environment into :class:`Settings`."""
+    chosen = path or os.environ.get("CT1_CONFIG")
+    data: dict[str, Any] = {}
+    if chosen is not None or Path(DEFAULT_CONFIG).exists():
+        file = Path(chosen or DEFAULT_CONFIG)
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    saved = os.environ.pop("CT1_CONFIG", None)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        details = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"bad configuration: {details}") from None
+    except ValueError as exc:  # a resolve_secret failure outside pydantic's wrapping
+        raise ConfigError(f"bad configuration: {exc}") from None
+    finally:
+        if saved is not None:
+            os.environ["CT1_CONFIG"] = saved

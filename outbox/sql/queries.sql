@@ -1,0 +1,49 @@
+-- name: insert_event
+INSERT INTO events (id, type, object, entity_key, occurred_at, data, source_table, op, lsn, xid, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+
+-- name: insert_delivery
+INSERT INTO deliveries (event_id, endpoint, entity) VALUES (?, ?, ?)
+
+-- name: last_event_id
+SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)
+
+-- name: get_checkpoint
+SELECT lsn FROM checkpoint WHERE slot = ?
+
+-- name: set_checkpoint
+INSERT INTO checkpoint (slot, lsn, updated_at) VALUES (?, ?, ?)
+ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, updated_at = excluded.updated_at
+
+-- name: get_shadow
+SELECT vals FROM shadow WHERE tbl = ? AND key = ?
+
+-- name: put_shadow
+INSERT INTO shadow (tbl, key, vals) VALUES (?, ?, ?)
+ON CONFLICT (tbl, key) DO UPDATE SET vals = excluded.vals
+
+-- name: delete_shadow
+DELETE FROM shadow WHERE tbl = ? AND key = ?
+
+-- name: list_events
+SELECT id, type, occurred_at, data, source_table, op, lsn, xid
+FROM events
+WHERE id > :after
+ORDER BY id
+LIMIT :limit
+
+-- name: get_event
+SELECT id, type, occurred_at, data, source_table, op, lsn, xid FROM events WHERE id = ?
+
+-- name: event_deliveries
+SELECT endpoint, status, attempts, next_attempt_at FROM deliveries WHERE event_id = ? ORDER BY endpoint
+
+-- name: stats_by_type
+SELECT type, count(*) AS n, max(id) AS last_id FROM events GROUP BY type ORDER BY type
+
+-- name: stats_deliveries
+SELECT endpoint, status, count(*) AS n FROM deliveries GROUP BY endpoint, status ORDER BY endpoint, status
+
+-- name: stats_totals
+SELECT count(*) AS events, coalesce(max(id), 0) AS last_id, min(created_at) AS first_at, max(created_at) AS last_at
+FROM events

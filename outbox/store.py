@@ -1,0 +1,288 @@
+"""The SQLite outbox: schema, the capture writer, and reads.
+
+The writer is owned by one thread (the capture loop).  A source transaction's events,
+their deliveries and the checkpoint LSN are committed in one SQLite transaction
+(WAL mode, synchronous=FULL); many small source transactions share one commit.  Events
+are written in chunks inside that transaction, so a huge source transaction never sits in
+memory.  Readers open their own connections.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from cdc.errors import Ct1Error
+from outbox import sqlfile
+
+_SQL_DIR = Path(__file__).resolve().parent / "sql"
+Q = sqlfile.load(_SQL_DIR / "queries.sql")
+MIGRATIONS = sqlfile.load(_SQL_DIR / "migrations.sql")
+SCHEMA_VERSION = max(int(n) for n in MIGRATIONS)
+
+CHUNK = 1000
+
+
+class OutboxError(Ct1Error):
+    """The outbox file cannot be opened or written."""
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the outbox with the pragmas every connection needs."""
+    p = Path(path)
+    try:
+        if readonly:
+            if not p.exists():
+                raise OutboxError(f"outbox {p} does not exist: run `ct1-cdc setup` first")
+            conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(p, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.Error as exc:
+        raise OutboxError(f"cannot open outbox {p}: {exc}") from exc
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply every migration newer than ``PRAGMA user_version``; return the version."""
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if current > SCHEMA_VERSION:
+        raise OutboxError(
+            f"outbox schema version {current} is newer than this ct1-cdc knows ({SCHEMA_VERSION})"
+        )
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[str(version)].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+
+
+def open_outbox(path: str | Path) -> sqlite3.Connection:
+    conn = connect(path)
+    migrate(conn)
+    return conn
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """An endpoint as the outbox sees it: a name and the event globs it receives."""
+
+    name: str
+    globs: tuple[str, ...]
+
+
+class Router:
+    """Which endpoints receive an event type (cached: types are few)."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self._routes = list(routes)
+        self._cache: dict[str, tuple[str, ...]] = {}
+
+    def endpoints(self, event_type: str) -> tuple[str, ...]:
+        hit = self._cache.get(event_type)
+        if hit is None:
+            hit = tuple(
+                r.name for r in self._routes
+                if any(fnmatch.fnmatchcase(event_type, g) for g in r.globs)
+            )
+            self._cache[event_type] = hit
+        return hit
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode("utf-8")
+
+
+class OutboxWriter:
+    """The single writer of the capture stage.
+
+    Usage per group commit: ``add`` drafts of one or more source transactions (the
+    SQLite transaction opens on the first one), then ``commit(slot, lsn)``.
+    ``rollback`` forgets everything since the last commit.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, router: Router) -> None:
+        self.conn = conn
+        self.router = router
+        self._in_txn = False
+        self._next_id = 0
+        self._events: list[tuple[Any, ...]] = []
+        self._deliveries: list[tuple[Any, ...]] = []
+        self.pending = 0  # events added since the last commit
+
+    def checkpoint(self, slot: str) -> int | None:
+        row = self.conn.execute(Q["get_checkpoint"], (slot,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _begin(self) -> None:
+        if not self._in_txn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._in_txn = True
+            self._next_id = int(self.conn.execute(Q["last_event_id"]).fetchone()[0]) + 1
+
+    def add(
+        self,
+        *,
+        type: str,
+        object: str,
+        entity_id: Any,
+        data: dict[str, Any],
+        occurred_at: str,
+        table: str | None,
+        op: str | None,
+        lsn: str | None,
+        xid: int | None,
+    ) -> int:
+        """Buffer one event and its deliveries; returns the id it will have."""
+        self._begin()
+        event_id = self._next_id
+        self._next_id += 1
+        key = None if entity_id is None else str(entity_id)
+        self._events.append(
+            (event_id, type, object, key, occurred_at, dumps(data), table, op, lsn, xid, time.time())
+        )
+        entity = f"{object}:{key}"
+        for endpoint in self.router.endpoints(type):
+            self._deliveries.append((event_id, endpoint, entity))
+        self.pending += 1
+        if len(self._events) >= CHUNK:
+            self._flush()
+        return event_id
+
+    def _flush(self) -> None:
+        if self._events:
+            self.conn.executemany(Q["insert_event"], self._events)
+            self._events.clear()
+        if self._deliveries:
+            self.conn.executemany(Q["insert_delivery"], self._deliveries)
+            self._deliveries.clear()
+
+    # -- the shadow of watched columns (tables without REPLICA IDENTITY FULL) --------------
+
+    def shadow_get(self, table: str, key: str) -> dict[str, Any] | None:
+        self._begin()
+        row = self.conn.execute(Q["get_shadow"], (table, key)).fetchone()
+        return None if row is None else dict(orjson.loads(row[0]))
+
+    def shadow_put(self, table: str, key: str, values: dict[str, Any]) -> None:
+        self._begin()
+        self.conn.execute(Q["put_shadow"], (table, key, dumps(values)))
+
+    def shadow_delete(self, table: str, key: str) -> None:
+        self._begin()
+        self.conn.execute(Q["delete_shadow"], (table, key))
+
+    # -- transaction boundaries --------------------------------------------------------------
+
+    def commit(self, slot: str, lsn: int) -> None:
+        """Make everything added so far durable together with the checkpoint ``lsn``."""
+        self._begin()
+        self._flush()
+        self.conn.execute(Q["set_checkpoint"], (slot, lsn, time.time()))
+        self.conn.execute("COMMIT")
+        self._in_txn = False
+        self.pending = 0
+
+    def rollback(self) -> None:
+        self._events.clear()
+        self._deliveries.clear()
+        if self._in_txn:
+            self.conn.execute("ROLLBACK")
+            self._in_txn = False
+        self.pending = 0
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_txn
+
+
+# -- reads ----------------------------------------------------------------------------------
+
+
+def envelope_json(row: Sequence[Any]) -> str:
+    """One envelope as JSON text, from a ``list_events``/``get_event`` row."""
+    event_id, type_, occurred_at, data, table, op, lsn, xid = row
+    source = dumps({"table": table, "op": op, "lsn": lsn, "xid": xid})
+    return (
+        f'{{"id":{event_id},"type":{dumps(type_)},"timestamp":{dumps(occurred_at)},'
+        f'"data":{data},"source":{source}}}'
+    )
+
+
+def iter_events(
+    conn: sqlite3.Connection,
+    *,
+    after: int = 0,
+    types: Sequence[str] = (),
+    limit: int | None = None,
+    page: int = 1000,
+) -> Iterator[tuple[Any, ...]]:
+    """Events with id > ``after``, oldest first; ``types`` are exact names or globs."""
+    remaining = limit
+    last = after
+    while remaining is None or remaining > 0:
+        rows = conn.execute(Q["list_events"], {"after": last, "limit": page}).fetchall()
+        if not rows:
+            return
+        for row in rows:
+            last = row[0]
+            if types and not any(fnmatch.fnmatchcase(row[1], t) for t in types):
+                continue
+            yield row
+            if remaining is not None:
+                remaining -= 1
+                if remaining == 0:
+                    return
+
+
+def get_event(conn: sqlite3.Connection, event_id: int) -> tuple[Any, ...] | None:
+    row: tuple[Any, ...] | None = conn.execute(Q["get_event"], (event_id,)).fetchone()
+    return row
+
+
+def event_deliveries(conn: sqlite3.Connection, event_id: int) -> list[dict[str, Any]]:
+    cur = conn.execute(Q["event_deliveries"], (event_id,))
+    return [
+        {"endpoint": e, "status": s, "attempts": a, "next_attempt_at": n}
+        for e, s, a, n in cur.fetchall()
+    ]
+
+
+def stats(conn: sqlite3.Connection) -> dict[str, Any]:
+    events, last_id, first_at, last_at = conn.execute(Q["stats_totals"]).fetchone()
+    by_type = {t: n for t, n, _ in conn.execute(Q["stats_by_type"]).fetchall()}
+    deliveries: dict[str, dict[str, int]] = {}
+    for endpoint, status, n in conn.execute(Q["stats_deliveries"]).fetchall():
+        deliveries.setdefault(endpoint, {})[status] = n
+    checkpoints = {
+        slot: lsn for slot, lsn in conn.execute("SELECT slot, lsn FROM checkpoint").fetchall()
+    }
+    return {
+        "events": events,
+        "last_event_id": last_id,
+        "first_at": first_at,
+        "last_at": last_at,
+        "events_by_type": by_type,
+        "deliveries": deliveries,
+        "checkpoints": checkpoints,
+        "schema_version": int(conn.execute("PRAGMA user_version").fetchone()[0]),
+    }

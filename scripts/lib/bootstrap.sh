@@ -1,0 +1,57 @@
+# Sourced by scripts/demo and scripts/test: makes a fresh Debian machine ready.
+#  - Debian packages: a PostgreSQL server and its wal2json plugin, when missing
+#  - a virtualenv in .venv with ct1-cdc and its test dependencies, refreshed when
+#    pyproject.toml changes
+# Nothing here downloads anything but Debian and Python packages.
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "ct1-cdc: need root (or sudo) to run: $*" >&2; return 1; fi
+}
+
+apt_updated=
+apt_install() {
+    if [ -z "$apt_updated" ]; then
+        echo "==> apt-get update" >&2
+        as_root apt-get update -qq >&2
+        apt_updated=1
+    fi
+    echo "==> apt-get install $*" >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
+pg_major() {
+    ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sed -E 's#.*/postgresql/([0-9]+)/bin/initdb#\1#' | sort -n | tail -n 1
+}
+
+ensure_debian_packages() {
+    local major
+    major=$(pg_major)
+    if [ -z "$major" ]; then
+        apt_install postgresql
+        major=$(pg_major)
+    fi
+    if [ ! -f "/usr/lib/postgresql/$major/lib/wal2json.so" ]; then
+        apt_install "postgresql-$major-wal2json"
+    fi
+}
+
+ensure_venv() {
+    local py=${PYTHON:-python3}
+    if [ ! -x .venv/bin/python ]; then
+        echo "==> creating .venv" >&2
+        "$py" -m venv .venv || { apt_install python3-venv && "$py" -m venv .venv; }
+    fi
+    local stamp=.venv/.ct1-installed
+    local want
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        echo "==> installing ct1-cdc and its dependencies into .venv" >&2
+        .venv/bin/python -m pip install -q --upgrade pip >&2
+        .venv/bin/python -m pip install -q -e ".[test]" >&2
+        echo "$want" > "$stamp"
+    fi
+}
+
+ensure_debian_packages
+ensure_venv

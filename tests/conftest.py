@@ -1,0 +1,196 @@
+"""Shared fixtures: a throwaway Postgres with logical decoding, a database and a slot per
+test, settings pointing at them, and helpers to run capture until it has caught up.
+
+``CT1_TEST_DSN`` points the suite at an existing server (superuser, wal_level=logical,
+wal2json installed) instead of starting a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from cdc.capture import Capture
+from cdc.mapping import load_mapping
+from cdc.throwaway import Cluster, create_cluster
+from config import sample
+from config.settings import Settings
+from outbox import store
+from outbox.store import OutboxWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+MAPPING = ROOT / "config" / "mapping.toml"
+
+# A developer's shell must not change a result.
+for _name in list(os.environ):
+    if _name.startswith("CT1_") and _name != "CT1_TEST_DSN":
+        del os.environ[_name]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster | None]:
+    """The throwaway cluster the suite started, or None under ``CT1_TEST_DSN``."""
+    if os.environ.get("CT1_TEST_DSN"):
+        yield None
+        return
+    cluster = create_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_cluster: Cluster | None) -> str:
+    """A superuser DSN of a server with wal_level=logical and wal2json (maintenance db)."""
+    return pg_cluster.dsn() if pg_cluster is not None else os.environ["CT1_TEST_DSN"]
+
+
+def with_db(dsn: str, dbname: str) -> str:
+    params = conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+@dataclass
+class SourceDb:
+    dsn: str
+    name: str
+    slot: str
+    server_dsn: str
+
+    def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(self.dsn, autocommit=True)
+
+    def execute(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        with self.connect() as conn:
+            cur = conn.execute(query, params or None)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+
+    def current_lsn(self) -> int:
+        from cdc.decode import parse_lsn
+
+        return parse_lsn(self.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+
+
+@pytest.fixture
+def source_db(pg_server: str) -> Iterator[SourceDb]:
+    """A fresh database holding the sample marketplace schema, and a slot name for it."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    db = SourceDb(dsn=with_db(pg_server, name), name=name, slot=f"s_{name}", server_dsn=pg_server)
+    with db.connect() as conn:
+        sample.create_schema(conn)
+    try:
+        yield db
+    finally:
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            for (slot, pid) in admin.execute(
+                "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s", (name,)
+            ).fetchall():
+                if pid:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    time.sleep(0.2)
+                admin.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def make_settings(db: SourceDb, outbox_path: Path, **overrides: Any) -> Settings:
+    data: dict[str, Any] = {
+        "source": {"dsn": db.dsn, "slot": db.slot, "heartbeat_seconds": 0.2,
+                   "status_interval_seconds": 1, "reconnect_max_seconds": 1},
+        "outbox": {"path": str(outbox_path)},
+        "mapping": {"file": str(MAPPING)},
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return Settings(**data)
+
+
+@pytest.fixture
+def settings(source_db: SourceDb, tmp_path: Path) -> Settings:
+    return make_settings(source_db, tmp_path / "outbox.db")
+
+
+class RunningCapture:
+    """Capture running in a background thread, as ``ct1-cdc run`` does."""
+
+    def __init__(self, settings: Settings, db: SourceDb) -> None:
+        self.settings = settings
+        self.db = db
+        conn = store.open_outbox(settings.outbox.path)
+        from cdc.app import router_for
+
+        self.capture = Capture(settings, load_mapping(settings.mapping.file),
+                               OutboxWriter(conn, router_for(settings)))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.capture.run()
+        except BaseException as exc:  # surfaced by wait/stop
+            self.error = exc
+
+    def start(self) -> RunningCapture:
+        self.thread.start()
+        return self
+
+    def wait_caught_up(self, timeout: float = 30) -> None:
+        """Wait until everything committed in the source so far is in the outbox."""
+        target = self.db.current_lsn()
+        deadline = time.monotonic() + timeout
+        while self.capture.stats.confirmed_lsn < target:
+            if self.error is not None:
+                raise self.error
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"capture did not catch up: confirmed {self.capture.stats.confirmed_lsn} < {target}"
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.capture.stop()
+        self.thread.join(timeout=30)
+        self.capture.writer.conn.close()
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def run_capture(source_db: SourceDb) -> Iterator[Callable[[Settings], RunningCapture]]:
+    started: list[RunningCapture] = []
+
+    def start(settings: Settings) -> RunningCapture:
+        running = RunningCapture(settings, source_db).start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.thread.is_alive():
+            running.stop()
+
+
+def read_events(path: str | Path, after: int = 0) -> list[dict[str, Any]]:
+    import orjson
+
+    conn = store.connect(path, readonly=True)
+    try:
+        return [orjson.loads(store.envelope_json(r)) for r in store.iter_events(conn, after=after)]
+    finally:
+        conn.close()
