@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 
@@ -25,9 +26,7 @@ def parse_roles(text: str | None) -> list[str]:
     roles = [r.strip() for r in text.split(",") if r.strip()]
     for role in roles:
         if role not in ROLES:
-            raise ConfigError(
-                f"unknown role {role!r}: this version runs {', '.join(ROLES)}"
-            )
+            raise ConfigError(f"unknown role {role!r}: this version runs {', '.join(ROLES)}")
     return roles
 
 
@@ -47,13 +46,13 @@ async def run(settings: Settings, roles: Sequence[str]) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    tasks: list[asyncio.Future[None]] = []
+    tasks: list[asyncio.Future[Any]] = []
     capture = None
     if "capture" in roles:
         capture = build_capture(settings)
         tasks.append(asyncio.ensure_future(asyncio.to_thread(capture.run)))
     log.info("run_started", roles=list(roles))
-    waiter = asyncio.ensure_future(stop.wait())
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
     if capture is not None:
         capture.stop()

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import structlog
 
 from cdc import source
-from cdc.decode import Begin, Commit, Message, RowChange, Truncate, decode, format_lsn
+from cdc.decode import Begin, Commit, Message, RowChange, Truncate, decode, format_lsn, normalize
 from cdc.errors import SetupError, SourceUnavailable
 from cdc.mapping import Mapping, apply
 from cdc.stream import Keepalive, ReplicationStream, XLogData
@@ -48,6 +49,47 @@ def wal2json_options(settings: Settings) -> dict[str, str]:
     if settings.source.tables:
         options["add-tables"] = ",".join(t.replace(",", r"\,") for t in settings.source.tables)
     return options
+
+
+def shadow_tables(conn: source.Conn, mapping: Mapping) -> set[str]:
+    """Tables with when_changed rules whose old values the WAL will not carry."""
+    watched = [t for t in mapping.tables if mapping.watched(t)]
+    if not watched:
+        return set()
+    return source.existing_tables(conn, watched) - source.replica_identity_full(conn, watched)
+
+
+def ensure_slot(conn: source.Conn, dsn: str, slot: str, mapping: Mapping, writer: OutboxWriter) -> bool:
+    """Create the slot if missing, seeding the shadow from the slot's own snapshot.
+
+    The shadow then holds the watched columns of every existing row exactly as of the
+    first change the slot will stream, so the first update of an old row still knows
+    what changed.  Returns True when the slot was created now.
+    """
+    shadowed = shadow_tables(conn, mapping)
+
+    def seed(snapshot: str) -> None:
+        rows = 0
+        try:
+            for table in sorted(shadowed):
+                key = mapping.by_table[table][0].key
+                cols = mapping.watched(table)
+                query = psycopg.sql.SQL("SELECT {}, {} FROM {}").format(
+                    psycopg.sql.Identifier(key),
+                    psycopg.sql.SQL(", ").join(psycopg.sql.Identifier(c) for c in cols),
+                    source.table_ident(table),
+                )
+                for row in source.read_at_snapshot(dsn, snapshot, query):
+                    values = {c: normalize(v) for c, v in zip(cols, row[1:], strict=True)}
+                    writer.shadow_put(table, str(normalize(row[0])), values)
+                    rows += 1
+            writer.commit(slot, 0)
+        except BaseException:
+            writer.rollback()
+            raise
+        log.info("shadow_seeded", tables=sorted(shadowed), rows=rows)
+
+    return source.create_slot(conn, dsn, slot, seed)
 
 
 @dataclass
@@ -138,13 +180,11 @@ class Capture:
             conn.close()
 
     def _prepare(self, conn: source.Conn) -> None:
-        if source.create_slot(conn, self.slot):
-            log.info("slot_created", slot=self.slot)
-        watched = [t for t in self.mapping.tables if self.mapping.watched(t)]
-        full = source.replica_identity_full(conn, watched) if watched else set()
-        self._shadowed = set(watched) - full
+        self._shadowed = shadow_tables(conn, self.mapping)
         if self._shadowed:
             log.info("shadow_tables", tables=sorted(self._shadowed))
+        if ensure_slot(conn, self.settings.source.dsn, self.slot, self.mapping, self.writer):
+            log.info("slot_created", slot=self.slot)
 
     def _stream_loop(self, conn: source.Conn, stream: ReplicationStream) -> None:
         cfg = self.settings.source
@@ -216,12 +256,11 @@ class Capture:
         elif isinstance(msg, Truncate):
             if not self._skip_txn:
                 self._truncate(conn, msg)
-        elif isinstance(msg, Message):
+        elif isinstance(msg, Message) and self._in_txn is None and not msg.transactional:
             # Our heartbeat.  Outside a transaction nothing before it is still owed to us.
-            if self._in_txn is None and not msg.transactional:
-                if not self._has_uncommitted():
-                    self._first_pending = time.monotonic()
-                self._position = max(self._position, msg.lsn)
+            if not self._has_uncommitted():
+                self._first_pending = time.monotonic()
+            self._position = max(self._position, msg.lsn)
 
     def _table(self, conn: source.Conn, reported: str) -> str:
         if reported in self.mapping.by_table:
@@ -294,8 +333,9 @@ class Capture:
             self.on_commit(self.stats.last_event_id)
         self._confirm(stream, position)
 
-    def _confirm(self, stream: ReplicationStream, lsn: int, *, reply: bool = False,
-                 force: bool = False) -> None:
+    def _confirm(
+        self, stream: ReplicationStream, lsn: int, *, reply: bool = False, force: bool = False
+    ) -> None:
         if lsn > self._confirmed or force:
             self._confirmed = max(self._confirmed, lsn)
             self.stats.confirmed_lsn = self._confirmed

@@ -59,10 +59,16 @@ def emit_json(value: Any) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", envvar="CT1_CONFIG", type=click.Path(dir_okay=False),
-              help="TOML settings file [env CT1_CONFIG; default config/sidecar.toml]")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--config",
+    "config_path",
+    envvar="CT1_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="TOML settings file [env CT1_CONFIG; default config/sidecar.toml]",
+)
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
 @click.version_option(package_name="ct1-cdc")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, log_level: str) -> None:
@@ -75,18 +81,25 @@ def main(ctx: click.Context, config_path: str | None, log_level: str) -> None:
 
 
 @main.command()
-@click.option("--replica-identity-full", is_flag=True,
-              help="ALTER the tables with when_changed rules to REPLICA IDENTITY FULL")
-@click.option("--sample-data", is_flag=True,
-              help="create the sample marketplace schema if missing and load sample rows")
+@click.option(
+    "--replica-identity-full",
+    is_flag=True,
+    help="ALTER the tables with when_changed rules to REPLICA IDENTITY FULL",
+)
+@click.option(
+    "--sample-data", is_flag=True, help="create the sample marketplace schema if missing and load sample rows"
+)
 @click.option("--seed", default=1, show_default=True, help="sample data seed")
 @click.option("--scale", default=1.0, show_default=True, help="sample data volume multiplier")
 @click.option("--json", "as_json", is_flag=True, help="print the checks as JSON Lines")
 @click.pass_context
 @handled
-def setup(ctx: click.Context, replica_identity_full: bool, sample_data: bool, seed: int,
-          scale: float, as_json: bool) -> None:
+def setup(
+    ctx: click.Context, replica_identity_full: bool, sample_data: bool, seed: int, scale: float, as_json: bool
+) -> None:
     """Check the source, create the slot and the outbox, optionally load sample data."""
+    from cdc.app import router_for
+    from cdc.capture import ensure_slot
     from config import sample
 
     settings = settings_of(ctx)
@@ -97,12 +110,19 @@ def setup(ctx: click.Context, replica_identity_full: bool, sample_data: bool, se
         checks.append(source.wal2json_probe(conn))
         for check in checks:
             if as_json:
-                emit_json({"check": check.name, "ok": check.ok, "detail": check.detail,
-                           "fix": None if check.ok else check.fix})
+                emit_json(
+                    {
+                        "check": check.name,
+                        "ok": check.ok,
+                        "detail": check.detail,
+                        "fix": None if check.ok else check.fix,
+                    }
+                )
             else:
                 mark = "ok  " if check.ok else "FAIL"
-                click.echo(f"[{mark}] {check.name}: {check.detail}"
-                           + ("" if check.ok else f" -> fix: {check.fix}"))
+                click.echo(
+                    f"[{mark}] {check.name}: {check.detail}" + ("" if check.ok else f" -> fix: {check.fix}")
+                )
         failed = [c for c in checks if not c.ok]
         if failed:
             first = failed[0]
@@ -114,7 +134,9 @@ def setup(ctx: click.Context, replica_identity_full: bool, sample_data: bool, se
             base = sample.Volume()
             volume = sample.Volume(**{k: max(1, int(v * scale)) for k, v in vars(base).items()})
             counts = sample.generate(
-                conn, seed=seed, volume=volume,
+                conn,
+                seed=seed,
+                volume=volume,
                 progress=lambda table, n: click.echo(f"  sample data: {table} {n}", err=True),
             )
             click.echo(f"loaded sample data: {counts}", err=True)
@@ -136,9 +158,12 @@ def setup(ctx: click.Context, replica_identity_full: bool, sample_data: bool, se
                     " of its watched columns is kept in the outbox (use --replica-identity-full)",
                     err=True,
                 )
-        created = source.create_slot(conn, settings.source.slot)
         outbox = store.open_outbox(settings.outbox.path)
-        outbox.close()
+        try:
+            writer = store.OutboxWriter(outbox, router_for(settings))
+            created = ensure_slot(conn, settings.source.dsn, settings.source.slot, mapping, writer)
+        finally:
+            outbox.close()
     summary = {
         "slot": settings.source.slot,
         "slot_created": created,
@@ -156,8 +181,13 @@ def setup(ctx: click.Context, replica_identity_full: bool, sample_data: bool, se
 
 
 @main.command()
-@click.option("--role", "roles", default=None, metavar="ROLES",
-              help="comma list of capture,dispatch,api (default: all this version has)")
+@click.option(
+    "--role",
+    "roles",
+    default=None,
+    metavar="ROLES",
+    help="comma list of capture,dispatch,api (default: all this version has)",
+)
 @click.pass_context
 @handled
 def run(ctx: click.Context, roles: str | None) -> None:
@@ -192,8 +222,9 @@ def _types(values: tuple[str, ...]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="one envelope per line, oldest first")
 @click.pass_context
 @handled
-def outbox_list(ctx: click.Context, types: tuple[str, ...], after: int, limit: int | None,
-                as_json: bool) -> None:
+def outbox_list(
+    ctx: click.Context, types: tuple[str, ...], after: int, limit: int | None, as_json: bool
+) -> None:
     """List events, oldest first."""
     conn = _reader(ctx)
     out = sys.stdout
@@ -202,8 +233,10 @@ def outbox_list(ctx: click.Context, types: tuple[str, ...], after: int, limit: i
             out.write(store.envelope_json(row) + "\n")
         else:
             data = orjson.loads(row[3])
-            out.write(f"{row[0]:>8}  {row[2]}  {row[1]:<24} {data.get('object')}:{data.get('id')}"
-                      f"  {row[4]} {row[5]} lsn={row[6]}\n")
+            out.write(
+                f"{row[0]:>8}  {row[2]}  {row[1]:<24} {data.get('object')}:{data.get('id')}"
+                f"  {row[4]} {row[5]} lsn={row[6]}\n"
+            )
 
 
 @outbox.command("show")
@@ -291,6 +324,33 @@ def slot_drop(ctx: click.Context, yes: bool) -> None:
     with source.connect(settings.source.dsn) as conn:
         dropped = source.drop_slot(conn, name)
     click.echo(f"slot {name} {'dropped' if dropped else 'did not exist'}")
+
+
+# -- demo -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--duration",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="seconds of live traffic before the demo stops by itself",
+)
+@click.option(
+    "--rate",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1, max=200),
+    help="marketplace actions per second",
+)
+@click.option("--keep", is_flag=True, help="keep the outbox and the stopped cluster afterwards")
+@handled
+def demo(duration: float, rate: float, keep: bool) -> None:
+    """A throwaway Postgres, the sample marketplace, capture and live traffic."""
+    from cdc.demo import run_demo
+
+    run_demo(duration=duration, rate=rate, keep=keep, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 from cdc.errors import DecodeError
@@ -104,8 +105,8 @@ def iso_utc(pg_timestamp: str) -> str:
     except ValueError:
         raise DecodeError(f"not a timestamp: {pg_timestamp!r}") from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 _TIMESTAMPTZ = "timestamp with time zone"
@@ -133,6 +134,21 @@ def _value(column: dict[str, Any]) -> Any:
         if ctype.startswith("numeric") or ctype.startswith("decimal"):
             return str(value)
     return value
+
+
+def normalize(value: Any) -> Any:
+    """A value read with psycopg, in the form :func:`decode` gives the same column."""
+    if value is None or isinstance(value, (bool, int, float, str, dict, list)):
+        return value
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            return value.isoformat(sep=" ")
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
 
 
 def _columns(items: list[dict[str, Any]] | None) -> dict[str, Any]:

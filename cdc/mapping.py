@@ -128,7 +128,7 @@ def parse_mapping(text: str, source: str = "mapping") -> Mapping:
                 raise ConfigError(f"{source}: {where}.{k} must be a non-empty string")
         when = _strings(raw.get("when_changed", []), f"{where}.when_changed")
         if when and ons != ["update"]:
-            raise ConfigError(f"{source}: {where}: when_changed applies only to on = [\"update\"]")
+            raise ConfigError(f'{source}: {where}: when_changed applies only to on = ["update"]')
         exclude = frozenset(default_exclude) | frozenset(
             _strings(raw.get("exclude_columns", []), f"{where}.exclude_columns")
         )
@@ -187,15 +187,15 @@ def apply(
     drafts: list[EventDraft] = []
     old = old_values(change, shadow) if change.op == "update" else {}
     if change.op == "update":
-        changed = {
-            c: old[c] for c, v in change.new.items() if c in old and old[c] != v
-        }
+        changed = {c: old[c] for c, v in change.new.items() if c in old and old[c] != v}
         unknown = {c for c in change.new if c not in old}
     for rule in rules:
         if change.op not in rule.on:
             continue
-        if change.op == "update" and rule.when_changed and not any(
-            c in changed or c in unknown for c in rule.when_changed
+        if (
+            change.op == "update"
+            and rule.when_changed
+            and not any(c in changed or c in unknown for c in rule.when_changed)
         ):
             continue
         row = change.new if change.op != "delete" else (change.old or {})

@@ -7,6 +7,8 @@ something) or :class:`SourceUnavailable` (retry later).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,47 +49,66 @@ def run_checks(conn: Conn, slot: str) -> list[Check]:
         return None if row is None else row[0]
 
     wal_level = one("SHOW wal_level")
-    checks.append(Check(
-        "wal_level", wal_level == "logical", f"wal_level = {wal_level}",
-        "ALTER SYSTEM SET wal_level = logical; then restart Postgres",
-    ))
-    version = int(one("SHOW server_version_num"))
-    checks.append(Check(
-        "server_version", version >= 120000, f"server_version_num = {version}",
-        "upgrade to PostgreSQL 12 or newer",
-    ))
-    privileged = one(
-        "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user"
+    checks.append(
+        Check(
+            "wal_level",
+            wal_level == "logical",
+            f"wal_level = {wal_level}",
+            "ALTER SYSTEM SET wal_level = logical; then restart Postgres",
+        )
     )
-    checks.append(Check(
-        "replication_privilege", bool(privileged),
-        "role has REPLICATION" if privileged else "role lacks REPLICATION",
-        "ALTER ROLE <sidecar role> WITH REPLICATION",
-    ))
+    version = int(one("SHOW server_version_num"))
+    checks.append(
+        Check(
+            "server_version",
+            version >= 120000,
+            f"server_version_num = {version}",
+            "upgrade to PostgreSQL 12 or newer",
+        )
+    )
+    privileged = one("SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user")
+    checks.append(
+        Check(
+            "replication_privilege",
+            bool(privileged),
+            "role has REPLICATION" if privileged else "role lacks REPLICATION",
+            "ALTER ROLE <sidecar role> WITH REPLICATION",
+        )
+    )
     slot_exists = one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", slot)
     max_slots = int(one("SHOW max_replication_slots"))
     used_slots = int(one("SELECT count(*) FROM pg_replication_slots"))
     room = bool(slot_exists) or used_slots < max_slots
-    checks.append(Check(
-        "replication_slots", room, f"{used_slots} of max_replication_slots = {max_slots} used",
-        f"ALTER SYSTEM SET max_replication_slots = {max_slots + 1}; then restart Postgres",
-    ))
+    checks.append(
+        Check(
+            "replication_slots",
+            room,
+            f"{used_slots} of max_replication_slots = {max_slots} used",
+            f"ALTER SYSTEM SET max_replication_slots = {max_slots + 1}; then restart Postgres",
+        )
+    )
     max_senders = int(one("SHOW max_wal_senders"))
     used_senders = int(one("SELECT count(*) FROM pg_stat_replication"))
-    checks.append(Check(
-        "wal_senders", used_senders < max_senders,
-        f"{used_senders} of max_wal_senders = {max_senders} used",
-        f"ALTER SYSTEM SET max_wal_senders = {max_senders + 1}; then restart Postgres",
-    ))
+    checks.append(
+        Check(
+            "wal_senders",
+            used_senders < max_senders,
+            f"{used_senders} of max_wal_senders = {max_senders} used",
+            f"ALTER SYSTEM SET max_wal_senders = {max_senders + 1}; then restart Postgres",
+        )
+    )
     allowed = one("SELECT current_setting('output_plugin_libraries', true)")
     if allowed is not None:
         names = [n.strip() for n in allowed.split(",")]
-        checks.append(Check(
-            "output_plugin_libraries", "wal2json" in names,
-            f"output_plugin_libraries = {allowed}",
-            f"ALTER SYSTEM SET output_plugin_libraries = '{', '.join([*names, 'wal2json'])}'; "
-            "SELECT pg_reload_conf()",
-        ))
+        checks.append(
+            Check(
+                "output_plugin_libraries",
+                "wal2json" in names,
+                f"output_plugin_libraries = {allowed}",
+                f"ALTER SYSTEM SET output_plugin_libraries = '{', '.join([*names, 'wal2json'])}'; "
+                "SELECT pg_reload_conf()",
+            )
+        )
     return checks
 
 
@@ -96,9 +117,7 @@ def wal2json_probe(conn: Conn) -> Check:
     if conn.execute("SHOW wal_level").fetchone() != ("logical",):
         return Check("wal2json", False, "not probed: wal_level is not logical", "")
     try:
-        conn.execute(
-            "SELECT pg_create_logical_replication_slot('ct1_cdc_probe', 'wal2json', true)"
-        )
+        conn.execute("SELECT pg_create_logical_replication_slot('ct1_cdc_probe', 'wal2json', true)")
         conn.execute("SELECT pg_drop_replication_slot('ct1_cdc_probe')")
     except psycopg.Error as exc:
         message = (str(exc).strip().splitlines() or [""])[0]
@@ -130,41 +149,86 @@ def slot_exists(conn: Conn, slot: str) -> bool:
     return True
 
 
-def create_slot(conn: Conn, slot: str) -> bool:
-    """Create the wal2json slot if it is missing; True if it was created now."""
+def _slot_error(slot: str, exc: psycopg.Error) -> SetupError:
+    message = (str(exc).strip().splitlines() or [""])[0]
+    if "may not be used as an output plugin" in message:
+        return SetupError(f"{message}: add wal2json to output_plugin_libraries and reload")
+    if "could not access file" in message:
+        return SetupError(f"{message}: install wal2json (apt-get install postgresql-<major>-wal2json)")
+    if "wal_level" in message:
+        return SetupError(f"{message}: ALTER SYSTEM SET wal_level = logical; then restart Postgres")
+    if "replication slots" in message and "in use" in message:
+        return SetupError(f"{message}: raise max_replication_slots and restart Postgres")
+    return SetupError(f"cannot create slot {slot}: {message}")
+
+
+def create_slot(conn: Conn, dsn: str, slot: str, on_snapshot: Callable[[str], None] | None = None) -> bool:
+    """Create the wal2json slot if it is missing; True if it was created now.
+
+    The slot is created over a replication connection that exports its snapshot; while
+    that connection is open, ``on_snapshot(name)`` may read the source exactly as of the
+    slot's start (``SET TRANSACTION SNAPSHOT``), so nothing falls between that read and
+    the first streamed change.
+    """
     if slot_exists(conn, slot):
         return False
+    version = int(conn.execute("SHOW server_version_num").fetchone()[0])  # type: ignore[index]
+    export = "(SNAPSHOT 'export')" if version >= 150000 else "EXPORT_SNAPSHOT"
     try:
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (slot,))
-    except psycopg.errors.DuplicateObject:
-        return False
-    except psycopg.Error as exc:
-        message = (str(exc).strip().splitlines() or [""])[0]
-        if "may not be used as an output plugin" in message:
-            raise SetupError(
-                f"{message}: add wal2json to output_plugin_libraries and reload"
-            ) from exc
-        if "could not access file" in message:
-            raise SetupError(
-                f"{message}: install wal2json (apt-get install postgresql-<major>-wal2json)"
-            ) from exc
-        if "wal_level" in message:
-            raise SetupError(
-                f"{message}: ALTER SYSTEM SET wal_level = logical; then restart Postgres"
-            ) from exc
-        raise SetupError(f"cannot create slot {slot}: {message}") from exc
+        repl = psycopg.connect(dsn, replication="database", autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise SourceUnavailable(f"cannot open a replication connection: {exc}") from exc
+    try:
+        with repl:
+            try:
+                row = repl.execute(f'CREATE_REPLICATION_SLOT "{slot}" LOGICAL wal2json {export}').fetchone()
+            except psycopg.errors.DuplicateObject:
+                return False
+            except psycopg.Error as exc:
+                raise _slot_error(slot, exc) from exc
+            assert row is not None
+            if on_snapshot is not None:
+                try:
+                    on_snapshot(str(row[2]))
+                except BaseException:
+                    repl.close()
+                    drop_slot(conn, slot)
+                    raise
+    except psycopg.OperationalError as exc:
+        raise SourceUnavailable(f"replication connection lost while creating the slot: {exc}") from exc
     return True
 
 
+def read_at_snapshot(
+    dsn: str, snapshot: str, query: sql.Composed, params: tuple[Any, ...] = ()
+) -> Iterator[tuple[Any, ...]]:
+    """Stream a query's rows as of an exported snapshot (server-side cursor)."""
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        with conn.cursor(name="ct1_snapshot_read") as cur:
+            cur.itersize = 5000
+            cur.execute(query, params)
+            yield from cur
+
+
+def table_ident(table: str) -> sql.Composable:
+    schema, _, name = table.partition(".")
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+
 def drop_slot(conn: Conn, slot: str) -> bool:
-    if not conn.execute(
-        "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-    ).fetchone():
+    if not conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone():
         return False
-    try:
-        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-    except psycopg.errors.ObjectInUse as exc:
-        raise SetupError(f"slot {slot} is in use: stop `ct1-cdc run` first") from exc
+    for attempt in range(20):
+        try:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            return True
+        except psycopg.errors.ObjectInUse as exc:
+            if attempt == 19:
+                raise SetupError(f"slot {slot} is in use: stop `ct1-cdc run` first") from exc
+            time.sleep(0.25)  # a walsender that just lost its client may still hold it
     return True
 
 
@@ -184,8 +248,17 @@ def slot_status(conn: Conn, slot: str) -> dict[str, Any] | None:
     if row is None:
         return None
     keys = (
-        "slot", "plugin", "database", "active", "active_pid", "confirmed_flush_lsn",
-        "restart_lsn", "current_lsn", "lag_bytes", "retained_bytes", "wal_status",
+        "slot",
+        "plugin",
+        "database",
+        "active",
+        "active_pid",
+        "confirmed_flush_lsn",
+        "restart_lsn",
+        "current_lsn",
+        "lag_bytes",
+        "retained_bytes",
+        "wal_status",
         "safe_wal_size",
     )
     return dict(zip(keys, row, strict=True))
@@ -193,9 +266,7 @@ def slot_status(conn: Conn, slot: str) -> dict[str, Any] | None:
 
 def heartbeat(conn: Conn) -> None:
     """A non-transactional logical message: decoded, sent to us, lets the slot advance."""
-    conn.execute(
-        "SELECT pg_logical_emit_message(false, %s, 'heartbeat')", (HEARTBEAT_PREFIX,)
-    )
+    conn.execute("SELECT pg_logical_emit_message(false, %s, 'heartbeat')", (HEARTBEAT_PREFIX,))
 
 
 # -- tables ---------------------------------------------------------------------------------
@@ -229,12 +300,7 @@ def replica_identity_full(conn: Conn, tables: list[str]) -> set[str]:
 
 
 def set_replica_identity_full(conn: Conn, table: str) -> None:
-    schema, _, name = table.partition(".")
-    conn.execute(
-        sql.SQL("ALTER TABLE {}.{} REPLICA IDENTITY FULL").format(
-            sql.Identifier(schema), sql.Identifier(name)
-        )
-    )
+    conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(table_ident(table)))
 
 
 def existing_tables(conn: Conn, tables: list[str]) -> set[str]:

@@ -54,8 +54,9 @@ def parse_frame(buf: bytes) -> Frame:
     raise SourceUnavailable(f"unexpected replication message type {kind!r}")
 
 
-def status_update(write: int, flush: int, apply: int, *, reply: bool = False,
-                  now: float | None = None) -> bytes:
+def status_update(
+    write: int, flush: int, apply: int, *, reply: bool = False, now: float | None = None
+) -> bytes:
     micros = int((time.time() if now is None else now) * 1_000_000) - _PG_EPOCH_OFFSET_US
     return _STATUS.pack(b"r", write, flush, apply, micros, 1 if reply else 0)
 
@@ -79,13 +80,11 @@ class ReplicationStream:
 
     def start(self, lsn: int) -> None:
         try:
-            conn = psycopg.connect(self.dsn, replication="database", autocommit=True,
-                                   connect_timeout=10)
+            conn = psycopg.connect(self.dsn, replication="database", autocommit=True, connect_timeout=10)
         except psycopg.OperationalError as exc:
             raise SourceUnavailable(f"cannot open replication connection: {_first_line(exc)}") from exc
         command = (
-            f'START_REPLICATION SLOT "{self.slot}" LOGICAL {format_lsn(lsn)} '
-            f"({plugin_options(self.options)})"
+            f'START_REPLICATION SLOT "{self.slot}" LOGICAL {format_lsn(lsn)} ({plugin_options(self.options)})'
         )
         try:
             conn.execute(command)

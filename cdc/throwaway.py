@@ -23,9 +23,7 @@ from cdc.errors import SetupError
 
 def find_pg_bin() -> Path:
     """The newest installed Postgres server binaries (Debian layout first, then PATH)."""
-    candidates = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name)
-    )
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))
     if candidates:
         return Path(candidates[-1])
     initdb = shutil.which("initdb")
@@ -67,20 +65,16 @@ class Cluster:
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bin / args[0]), *args[1:]]
-        user = self.run_as
-        return subprocess.run(
-            cmd,
-            check=check,
-            capture_output=True,
-            text=True,
-            user=user,
-            cwd=str(self.root),
-        )
+        try:
+            return subprocess.run(cmd, check=check, capture_output=True, text=True, user=self.run_as, cwd="/")
+        except subprocess.CalledProcessError as exc:
+            detail = (exc.stderr or exc.stdout or "").strip().splitlines()
+            raise SetupError(
+                f"{args[0]} failed: {detail[-1] if detail else exc.returncode} (log: {self.log})"
+            ) from exc
 
     def start(self) -> None:
-        self._run(
-            "pg_ctl", "-D", str(self.datadir), "-l", str(self.log), "-w", "-t", "60", "start"
-        )
+        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.log), "-w", "-t", "60", "start")
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop", check=False)
@@ -110,8 +104,17 @@ def create_cluster(
     datadir = root / "data"
     cluster = Cluster(datadir=datadir, port=port or free_port(), bin=pg_bin, root=root, run_as=run_as)
     cluster._run(
-        "initdb", "-D", str(datadir), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-        "--locale=C", "--no-sync",
+        "initdb",
+        "-D",
+        str(datadir),
+        "-U",
+        "postgres",
+        "-A",
+        "trust",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "--no-sync",
     )
     conf = {
         "listen_addresses": "'127.0.0.1'",

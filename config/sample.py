@@ -19,24 +19,91 @@ from psycopg.types.json import Jsonb
 SCHEMA_FILE = Path(__file__).resolve().parent / "marketplace.sql"
 Conn = psycopg.Connection[tuple[Any, ...]]
 
-FIRST = ["Ana", "Bruno", "Chloé", "Dmitri", "Eva", "Farid", "Grace", "Hiro", "Inès", "João",
-         "Kofi", "Lena", "Mateo", "Nia", "Oskar", "Priya", "Quinn", "Rosa", "Søren", "Yuki"]
-LAST = ["Silva", "Müller", "Okafor", "Nakamura", "García", "Novak", "Haddad", "Kim",
-        "Rossi", "Andersen", "Dubois", "Kowalski", "Zhang", "Singh", "O'Brien"]
-WORDS = ["Oak", "Linen", "Copper", "Ceramic", "Wool", "Bamboo", "Glass", "Leather",
-         "Steel", "Cotton", "Walnut", "Marble"]
-THINGS = ["Lamp", "Mug", "Scarf", "Bowl", "Chair", "Notebook", "Backpack", "Vase",
-          "Candle", "Blanket", "Kettle", "Planter"]
+FIRST = [
+    "Ana",
+    "Bruno",
+    "Chloé",
+    "Dmitri",
+    "Eva",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Inès",
+    "João",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nia",
+    "Oskar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Søren",
+    "Yuki",
+]
+LAST = [
+    "Silva",
+    "Müller",
+    "Okafor",
+    "Nakamura",
+    "García",
+    "Novak",
+    "Haddad",
+    "Kim",
+    "Rossi",
+    "Andersen",
+    "Dubois",
+    "Kowalski",
+    "Zhang",
+    "Singh",
+    "O'Brien",
+]
+WORDS = [
+    "Oak",
+    "Linen",
+    "Copper",
+    "Ceramic",
+    "Wool",
+    "Bamboo",
+    "Glass",
+    "Leather",
+    "Steel",
+    "Cotton",
+    "Walnut",
+    "Marble",
+]
+THINGS = [
+    "Lamp",
+    "Mug",
+    "Scarf",
+    "Bowl",
+    "Chair",
+    "Notebook",
+    "Backpack",
+    "Vase",
+    "Candle",
+    "Blanket",
+    "Kettle",
+    "Planter",
+]
 CATEGORIES = ["Home", "Kitchen", "Fashion", "Garden", "Stationery", "Outdoors"]
-CITIES = [("Lisbon", "PT"), ("Berlin", "DE"), ("Lagos", "NG"), ("Osaka", "JP"),
-          ("Austin", "US"), ("Lyon", "FR"), ("Kraków", "PL"), ("Toronto", "CA")]
+CITIES = [
+    ("Lisbon", "PT"),
+    ("Berlin", "DE"),
+    ("Lagos", "NG"),
+    ("Osaka", "JP"),
+    ("Austin", "US"),
+    ("Lyon", "FR"),
+    ("Kraków", "PL"),
+    ("Toronto", "CA"),
+]
 CARRIERS = ["UPS", "DHL", "FedEx", "USPS"]
 ORDER_FLOW = ["pending", "processing", "shipped", "delivered"]
 
 
 def create_schema(conn: Conn) -> None:
     """Create the sample tables if they are missing (idempotent)."""
-    conn.execute(SCHEMA_FILE.read_text(encoding="utf-8"))  # type: ignore[arg-type]
+    conn.execute(SCHEMA_FILE.read_text(encoding="utf-8"))
 
 
 def has_schema(conn: Conn) -> bool:
@@ -55,6 +122,12 @@ class Volume:
     carts: int = 100
 
 
+def _scalar(conn: Conn, query: str) -> int:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def _money(rng: random.Random, low: float, high: float) -> Decimal:
     return Decimal(f"{rng.uniform(low, high):.2f}")
 
@@ -71,18 +144,21 @@ def generate(
     note = progress or (lambda table, n: None)
     counts: dict[str, int] = {}
     with conn.transaction():
-        base = int(conn.execute("SELECT coalesce(max(id), 0) FROM users").fetchone()[0])  # type: ignore[index]
+        base = _scalar(conn, "SELECT coalesce(max(id), 0) FROM users")
         users = [
-            (f"{rng.choice(FIRST)} {rng.choice(LAST)}", f"user{base + i}.{seed}@example.com",
-             f"$2y$10${rng.getrandbits(128):032x}", "seller" if i < v.sellers else "customer")
+            (
+                f"{rng.choice(FIRST)} {rng.choice(LAST)}",
+                f"user{base + i}.{seed}@example.com",
+                f"$2y$10${rng.getrandbits(128):032x}",
+                "seller" if i < v.sellers else "customer",
+            )
             for i in range(v.customers + v.sellers)
         ]
         with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO users (name, email, password, role) VALUES (%s, %s, %s, %s)", users
-            )
-        ids = [r[0] for r in conn.execute(
-            "SELECT id FROM users WHERE id > %s ORDER BY id", (base,)).fetchall()]
+            cur.executemany("INSERT INTO users (name, email, password, role) VALUES (%s, %s, %s, %s)", users)
+        ids = [
+            r[0] for r in conn.execute("SELECT id FROM users WHERE id > %s ORDER BY id", (base,)).fetchall()
+        ]
         seller_ids, customer_ids = ids[: v.sellers], ids[v.sellers :]
         counts["users"] = len(ids)
         note("users", len(ids))
@@ -90,7 +166,14 @@ def generate(
             cur.executemany(
                 "INSERT INTO addresses (user_id, line1, city, postal_code, country, is_default)"
                 " VALUES (%s, %s, %s, %s, %s, true)",
-                [(u, f"{rng.randint(1, 999)} {rng.choice(WORDS)} Street", *_city(rng), ) for u in customer_ids],
+                [
+                    (
+                        u,
+                        f"{rng.randint(1, 999)} {rng.choice(WORDS)} Street",
+                        *_city(rng),
+                    )
+                    for u in customer_ids
+                ],
             )
             cur.executemany(
                 "INSERT INTO categories (name, slug) VALUES (%s, %s) ON CONFLICT (slug) DO NOTHING",
@@ -107,18 +190,26 @@ def generate(
         products = []
         for i in range(v.products):
             name = f"{rng.choice(WORDS)} {rng.choice(THINGS)}"
-            products.append((
-                rng.choice(shops)[0], rng.choice(cats), name, f"{name.lower().replace(' ', '-')}-{i}",
-                _money(rng, 5, 400), rng.choice([0, 3, 10, 50, 120]),
-                rng.choice(["active"] * 8 + ["draft", "inactive"]),
-                f"{name} | Sample Market", f"Buy the {name} online.",
-            ))
+            products.append(
+                (
+                    rng.choice(shops)[0],
+                    rng.choice(cats),
+                    name,
+                    f"{name.lower().replace(' ', '-')}-{i}",
+                    _money(rng, 5, 400),
+                    rng.choice([0, 3, 10, 50, 120]),
+                    rng.choice(["active"] * 8 + ["draft", "inactive"]),
+                    f"{name} | Sample Market",
+                    f"Buy the {name} online.",
+                )
+            )
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO products (shop_id, category_id, name, slug, price, stock, status,"
                 " meta_title, meta_description) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " RETURNING id, price, shop_id",
-                products, returning=True,
+                products,
+                returning=True,
             )
             product_rows: list[tuple[Any, ...]] = []
             while True:
@@ -127,7 +218,7 @@ def generate(
                     break
         counts["products"] = len(product_rows)
         note("products", len(product_rows))
-        shop_owner = dict(shops)
+        shop_owner: dict[int, int] = dict(shops)
         for _ in range(v.orders):
             insert_order(conn, rng, customer_ids, product_rows, shop_owner)
         counts["orders"] = v.orders
@@ -136,15 +227,27 @@ def generate(
             cur.executemany(
                 "INSERT INTO reviews (product_id, user_id, rating, comment, status)"
                 " VALUES (%s, %s, %s, %s, %s)",
-                [(rng.choice(product_rows)[0], rng.choice(customer_ids), rng.randint(1, 5),
-                  rng.choice(["Great!", "Très bien", "Not as pictured", "素晴らしい", "Okay"]),
-                  rng.choice(["approved", "approved", "pending", "rejected"]))
-                 for _ in range(v.reviews)],
+                [
+                    (
+                        rng.choice(product_rows)[0],
+                        rng.choice(customer_ids),
+                        rng.randint(1, 5),
+                        rng.choice(["Great!", "Très bien", "Not as pictured", "素晴らしい", "Okay"]),
+                        rng.choice(["approved", "approved", "pending", "rejected"]),
+                    )
+                    for _ in range(v.reviews)
+                ],
             )
             cur.executemany(
                 "INSERT INTO product_views (product_id, user_id, session_id) VALUES (%s, %s, %s)",
-                [(rng.choice(product_rows)[0], rng.choice(customer_ids + [None]),
-                  f"s{rng.getrandbits(40):x}") for _ in range(v.views)],
+                [
+                    (
+                        rng.choice(product_rows)[0],
+                        rng.choice([*customer_ids, None]),
+                        f"s{rng.getrandbits(40):x}",
+                    )
+                    for _ in range(v.views)
+                ],
             )
         counts["reviews"] = v.reviews
         counts["product_views"] = v.views
@@ -177,14 +280,20 @@ def insert_order(
         "INSERT INTO orders (user_id, seller_id, shop_id, payment_method, subtotal,"
         " shipping_total, total, shipping_address) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
         " RETURNING id",
-        (rng.choice(customer_ids), shop_owner.get(shop_id), shop_id,
-         rng.choice(["card", "paypal", "bank_transfer"]), subtotal, shipping, total,
-         Jsonb({"city": city, "postal_code": postal, "country": country})),
+        (
+            rng.choice(customer_ids),
+            shop_owner.get(shop_id),
+            shop_id,
+            rng.choice(["card", "paypal", "bank_transfer"]),
+            subtotal,
+            shipping,
+            total,
+            Jsonb({"city": city, "postal_code": postal, "country": country}),
+        ),
     ).fetchone()
     assert row is not None
     conn.execute(
-        "INSERT INTO order_items (order_id, product_id, quantity, price, total)"
-        " VALUES (%s, %s, %s, %s, %s)",
+        "INSERT INTO order_items (order_id, product_id, quantity, price, total) VALUES (%s, %s, %s, %s, %s)",
         (row[0], product_id, quantity, price, subtotal),
     )
     return int(row[0])
@@ -210,16 +319,29 @@ class Traffic:
     def __init__(self, conn: Conn, seed: int = 7) -> None:
         self.conn = conn
         self.rng = random.Random(seed)
-        self.customers = [r[0] for r in conn.execute(
-            "SELECT id FROM users WHERE role = 'customer' ORDER BY id").fetchall()]
-        self.products = conn.execute(
-            "SELECT id, price, shop_id FROM products ORDER BY id").fetchall()
-        self.shop_owner = dict(conn.execute("SELECT id, user_id FROM shops").fetchall())
+        self.customers = [
+            r[0] for r in conn.execute("SELECT id FROM users WHERE role = 'customer' ORDER BY id").fetchall()
+        ]
+        self.products = conn.execute("SELECT id, price, shop_id FROM products ORDER BY id").fetchall()
+        self.shop_owner: dict[int, int] = dict(conn.execute("SELECT id, user_id FROM shops").fetchall())
 
     def step(self) -> str:
         rng, conn = self.rng, self.conn
-        action = rng.choice(["order", "order", "advance", "advance", "pay", "view", "view",
-                             "cart", "review", "customer", "moderate"])
+        action = rng.choice(
+            [
+                "order",
+                "order",
+                "advance",
+                "advance",
+                "pay",
+                "view",
+                "view",
+                "cart",
+                "review",
+                "customer",
+                "moderate",
+            ]
+        )
         with conn.transaction():
             if action == "order":
                 insert_order(conn, rng, self.customers, self.products, self.shop_owner)
@@ -248,8 +370,12 @@ class Traffic:
             elif action == "review":
                 conn.execute(
                     "INSERT INTO reviews (product_id, user_id, rating, comment) VALUES (%s, %s, %s, %s)",
-                    (rng.choice(self.products)[0], rng.choice(self.customers), rng.randint(1, 5),
-                     rng.choice(["Love it", "Meh", "Arrived broken", "5 stars ★★★★★"])),
+                    (
+                        rng.choice(self.products)[0],
+                        rng.choice(self.customers),
+                        rng.randint(1, 5),
+                        rng.choice(["Love it", "Meh", "Arrived broken", "5 stars ★★★★★"]),
+                    ),
                 )
             elif action == "moderate":
                 conn.execute(
@@ -259,8 +385,11 @@ class Traffic:
             else:
                 row = conn.execute(
                     "INSERT INTO users (name, email, password) VALUES (%s, %s, %s) RETURNING id",
-                    (f"{rng.choice(FIRST)} {rng.choice(LAST)}",
-                     f"live{rng.getrandbits(48):x}@example.com", "$2y$10$secret"),
+                    (
+                        f"{rng.choice(FIRST)} {rng.choice(LAST)}",
+                        f"live{rng.getrandbits(48):x}@example.com",
+                        "$2y$10$secret",
+                    ),
                 ).fetchone()
                 assert row is not None
                 self.customers.append(int(row[0]))

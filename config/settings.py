@@ -58,18 +58,14 @@ class SourceSettings(_Section):
     lag_warning_bytes: int = Field(
         1 << 30, gt=0, description="log slot_lag as a warning when the slot retains more WAL"
     )
-    reconnect_max_seconds: float = Field(
-        30.0, gt=0, description="upper bound of the reconnect backoff"
-    )
+    reconnect_max_seconds: float = Field(30.0, gt=0, description="upper bound of the reconnect backoff")
 
     _secret = field_validator("dsn")(lambda v: resolve_secret(v))
 
 
 class OutboxSettings(_Section):
     path: str = Field("var/outbox.db", description="SQLite outbox file")
-    retention_days: int = Field(
-        7, ge=1, description="delivered events older than this may be pruned"
-    )
+    retention_days: int = Field(7, ge=1, description="delivered events older than this may be pruned")
     batch_max_events: int = Field(
         5000, ge=1, description="group commit: commit once this many events are pending"
     )
@@ -86,8 +82,19 @@ class ApiSettings(_Section):
     cache_ttl_analytics: int = Field(3600, ge=0, description="seconds analytics are cached")
 
 
-DEFAULT_RETRY_SCHEDULE = [
-    0, 5, 30, 120, 600, 1800, 3600, 10800, 21600, 43200, 86400, 86400,
+DEFAULT_RETRY_SCHEDULE: list[float] = [
+    0,
+    5,
+    30,
+    120,
+    600,
+    1800,
+    3600,
+    10800,
+    21600,
+    43200,
+    86400,
+    86400,
 ]
 
 
@@ -132,11 +139,11 @@ class Settings(BaseSettings):
         env_prefix="CT1_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
     )
 
-    source: SourceSettings = Field(default_factory=SourceSettings)  # type: ignore[arg-type]
-    outbox: OutboxSettings = Field(default_factory=OutboxSettings)  # type: ignore[arg-type]
-    api: ApiSettings = Field(default_factory=ApiSettings)  # type: ignore[arg-type]
-    dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)  # type: ignore[arg-type]
-    mapping: MappingSettings = Field(default_factory=MappingSettings)  # type: ignore[arg-type]
+    source: SourceSettings = Field(default_factory=SourceSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
+    mapping: MappingSettings = Field(default_factory=MappingSettings)
     endpoints: list[EndpointSettings] = Field(default_factory=default_endpoints)
 
     @classmethod

@@ -41,8 +41,9 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         if readonly:
             if not p.exists():
                 raise OutboxError(f"outbox {p} does not exist: run `ct1-cdc setup` first")
-            conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(
+                f"file:{p}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
         else:
             p.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(p, isolation_level=None, check_same_thread=False)
@@ -101,8 +102,7 @@ class Router:
         hit = self._cache.get(event_type)
         if hit is None:
             hit = tuple(
-                r.name for r in self._routes
-                if any(fnmatch.fnmatchcase(event_type, g) for g in r.globs)
+                r.name for r in self._routes if any(fnmatch.fnmatchcase(event_type, g) for g in r.globs)
             )
             self._cache[event_type] = hit
         return hit
@@ -262,8 +262,7 @@ def get_event(conn: sqlite3.Connection, event_id: int) -> tuple[Any, ...] | None
 def event_deliveries(conn: sqlite3.Connection, event_id: int) -> list[dict[str, Any]]:
     cur = conn.execute(Q["event_deliveries"], (event_id,))
     return [
-        {"endpoint": e, "status": s, "attempts": a, "next_attempt_at": n}
-        for e, s, a, n in cur.fetchall()
+        {"endpoint": e, "status": s, "attempts": a, "next_attempt_at": n} for e, s, a, n in cur.fetchall()
     ]
 
 
@@ -273,9 +272,7 @@ def stats(conn: sqlite3.Connection) -> dict[str, Any]:
     deliveries: dict[str, dict[str, int]] = {}
     for endpoint, status, n in conn.execute(Q["stats_deliveries"]).fetchall():
         deliveries.setdefault(endpoint, {})[status] = n
-    checkpoints = {
-        slot: lsn for slot, lsn in conn.execute("SELECT slot, lsn FROM checkpoint").fetchall()
-    }
+    checkpoints = {slot: lsn for slot, lsn in conn.execute("SELECT slot, lsn FROM checkpoint").fetchall()}
     return {
         "events": events,
         "last_event_id": last_id,

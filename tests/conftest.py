@@ -96,7 +96,7 @@ def source_db(pg_server: str) -> Iterator[SourceDb]:
         yield db
     finally:
         with psycopg.connect(pg_server, autocommit=True) as admin:
-            for (slot, pid) in admin.execute(
+            for slot, pid in admin.execute(
                 "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s", (name,)
             ).fetchall():
                 if pid:
@@ -108,8 +108,13 @@ def source_db(pg_server: str) -> Iterator[SourceDb]:
 
 def make_settings(db: SourceDb, outbox_path: Path, **overrides: Any) -> Settings:
     data: dict[str, Any] = {
-        "source": {"dsn": db.dsn, "slot": db.slot, "heartbeat_seconds": 0.2,
-                   "status_interval_seconds": 1, "reconnect_max_seconds": 1},
+        "source": {
+            "dsn": db.dsn,
+            "slot": db.slot,
+            "heartbeat_seconds": 0.2,
+            "status_interval_seconds": 1,
+            "reconnect_max_seconds": 1,
+        },
         "outbox": {"path": str(outbox_path)},
         "mapping": {"file": str(MAPPING)},
     }
@@ -135,8 +140,9 @@ class RunningCapture:
         conn = store.open_outbox(settings.outbox.path)
         from cdc.app import router_for
 
-        self.capture = Capture(settings, load_mapping(settings.mapping.file),
-                               OutboxWriter(conn, router_for(settings)))
+        self.capture = Capture(
+            settings, load_mapping(settings.mapping.file), OutboxWriter(conn, router_for(settings))
+        )
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

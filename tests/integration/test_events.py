@@ -39,20 +39,26 @@ def test_every_row_event_type_has_the_documented_envelope(source_db, settings, r
     source_db.execute("UPDATE users SET phone = '+351 912' WHERE id = %s", customer)
     order = source_db.execute(
         "INSERT INTO orders (user_id, seller_id, shop_id, subtotal, total, shipping_address) "
-        "VALUES (%s, %s, %s, 1234567890.12, 1234567890.12, '{\"city\": \"Kraków\"}') RETURNING id",
-        customer, ids["seller"], ids["shop"],
+        'VALUES (%s, %s, %s, 1234567890.12, 1234567890.12, \'{"city": "Kraków"}\') RETURNING id',
+        customer,
+        ids["seller"],
+        ids["shop"],
     )[0][0]
     source_db.execute("UPDATE orders SET status = 'processing', payment_status = 'paid' WHERE id = %s", order)
     source_db.execute("UPDATE orders SET notes = 'gift' WHERE id = %s", order)
-    source_db.execute("INSERT INTO product_views (product_id, user_id) VALUES (%s, %s)", ids["product"], customer)
+    source_db.execute(
+        "INSERT INTO product_views (product_id, user_id) VALUES (%s, %s)", ids["product"], customer
+    )
     cart = source_db.execute("INSERT INTO carts (user_id) VALUES (%s) RETURNING id", customer)[0][0]
     source_db.execute(
         "INSERT INTO cart_items (cart_id, product_id, quantity, price) VALUES (%s, %s, 2, 19.99)",
-        cart, ids["product"],
+        cart,
+        ids["product"],
     )
     review = source_db.execute(
         "INSERT INTO reviews (product_id, user_id, rating, comment) VALUES (%s, %s, 5, 'Très bien ★') RETURNING id",
-        ids["product"], customer,
+        ids["product"],
+        customer,
     )[0][0]
     source_db.execute("UPDATE reviews SET status = 'approved' WHERE id = %s", review)
     capture.wait_caught_up()
@@ -121,7 +127,31 @@ def test_every_row_event_type_has_the_documented_envelope(source_db, settings, r
 
     assert events[8]["data"]["record"]["price"] == "19.99"
     assert events[9]["data"]["record"]["comment"] == "Très bien ★"
-    assert events[10]["data"]["previous"] == {"status": "pending"}
+    assert events[10]["data"]["record"]["status"] == "approved"
+    assert events[10]["data"]["previous"] == {}  # old values unknown without REPLICA IDENTITY FULL
+
+
+def test_replica_identity_full_reports_every_changed_column(source_db, settings, run_capture):
+    ids = _seed(source_db)
+    uid = source_db.execute(
+        "INSERT INTO users (name, email, password) VALUES ('C', 'c@x', 'pw') RETURNING id"
+    )[0][0]
+    oid = source_db.execute(
+        "INSERT INTO orders (user_id, shop_id, total) VALUES (%s, %s, 10.50) RETURNING id", uid, ids["shop"]
+    )[0][0]
+    source_db.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
+    capture = run_capture(settings)
+    capture.wait_caught_up()
+    source_db.execute(
+        "UPDATE orders SET notes = 'gift', total = 11.00, tracking_number = 'TRK1' WHERE id = %s", oid
+    )
+    source_db.execute("UPDATE orders SET status = 'shipped' WHERE id = %s", oid)
+    capture.wait_caught_up()
+    capture.stop()
+    events = read_events(settings.outbox.path)
+    assert [e["type"] for e in events] == ["order.updated", "order.updated", "order.status_changed"]
+    assert events[0]["data"]["previous"] == {"notes": None, "total": "10.50", "tracking_number": None}
+    assert events[2]["data"]["previous"] == {"status": "pending"}
 
 
 def test_custom_exclude_columns_never_leave(source_db, tmp_path, run_capture):
