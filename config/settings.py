@@ -121,7 +121,8 @@ class EndpointSettings(_Section):
     events: list[str] = Field(default_factory=lambda: ["*"], description="event type globs")
     enabled: bool = Field(True, description="deliver to this endpoint")
 
-    _secrets = field_validator("secret", "previous_secret")(lambda v: resolve_secret(v))
+    # "" means no secret, so the example config can show the key
+    _secrets = field_validator("secret", "previous_secret")(lambda v: resolve_secret(v) or None)
 
 
 CT2_EVENTS = ["customer.*", "order.*", "payment.*", "product.*", "review.*", "cart.*"]

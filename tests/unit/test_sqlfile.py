@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import pytest
+
+from outbox.sqlfile import parse_blocks
+from outbox.store import MIGRATIONS, Q
+
+
+def test_named_blocks():
+    text = "-- preamble\n-- name: a\nSELECT 1\n\n-- name: b\nSELECT\n  2;\n"
+    assert parse_blocks(text) == {"a": "SELECT 1", "b": "SELECT\n  2;"}
+
+
+def test_duplicate_names_are_refused():
+    with pytest.raises(ValueError, match="duplicate"):
+        parse_blocks("-- name: a\nx\n-- name: a\ny\n")
+
+
+def test_shipped_sql_files_parse():
+    assert "insert_event" in Q and "1" in MIGRATIONS

@@ -1,0 +1,45 @@
+"""The replication wire format: XLogData, keepalive, standby status update."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cdc.errors import SourceUnavailable
+from cdc.stream import Keepalive, XLogData, parse_frame, plugin_options, status_update
+
+u64 = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+@given(u64, u64, st.binary(max_size=64))
+def test_xlogdata_header_is_25_bytes_then_payload(start, end, payload):
+    buf = b"w" + struct.pack(">QQq", start, end, 123) + payload
+    assert parse_frame(buf) == XLogData(start, end, payload)
+
+
+@given(u64, st.booleans())
+def test_keepalive(end, reply):
+    buf = b"k" + struct.pack(">QqB", end, 5, int(reply))
+    assert parse_frame(buf) == Keepalive(end, reply)
+
+
+def test_unknown_frame_is_an_error():
+    with pytest.raises(SourceUnavailable):
+        parse_frame(b"z123")
+
+
+def test_status_update_layout_and_postgres_epoch():
+    msg = status_update(1, 2, 3, reply=True, now=946_684_800 + 1.5)
+    kind, write, flush, apply, clock, reply = struct.unpack(">cQQQqB", msg)
+    assert (kind, write, flush, apply, clock, reply) == (b"r", 1, 2, 3, 1_500_000, 1)
+    assert len(msg) == 34
+
+
+def test_plugin_options_quote_names_and_escape_values():
+    assert (
+        plugin_options({"format-version": "2", "add-tables": "public.o'x"})
+        == "\"format-version\" '2', \"add-tables\" 'public.o''x'"
+    )
