@@ -127,6 +127,10 @@ class ReplicationStream:
                     continue
                 return None
             text = pg.error_message.decode("utf-8", "replace").strip()
+            if nbytes == -1:  # the server ended COPY: its reason is in the next result
+                result = pg.get_result()
+                if result is not None and result.error_message:
+                    text = result.error_message.decode("utf-8", "replace").strip()
             raise SourceUnavailable(f"replication stream ended: {text or 'server closed the stream'}")
 
     def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
