@@ -80,7 +80,9 @@ class Cluster:
         self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop", check=False)
 
     def restart(self) -> None:
-        self._run("pg_ctl", "-D", str(self.datadir), "-m", "fast", "-w", "-t", "60", "restart")
+        self._run(
+            "pg_ctl", "-D", str(self.datadir), "-l", str(self.log), "-m", "fast", "-w", "-t", "60", "restart"
+        )
 
     def destroy(self) -> None:
         self.stop("immediate")

@@ -1,0 +1,152 @@
+"""The CLI as a subprocess: setup's checks and their fixes, one-line errors, the outbox
+and slot commands with --json."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from cdc.throwaway import create_cluster
+from tests.acceptance.helpers import cli, spawn, write_config
+from tests.conftest import with_db
+
+
+def one_line_error(result) -> str:
+    assert result.returncode != 0, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ct1-cdc: error: ")
+    return lines[0]
+
+
+def test_setup_run_and_inspect_the_outbox(source_db, tmp_path):
+    config = write_config(tmp_path / "c.toml", source_db.dsn, source_db.slot, tmp_path / "o.db")
+    setup = cli("setup", "--json", config=config)
+    assert setup.returncode == 0, setup.stderr
+    checks = [json.loads(line) for line in setup.stdout.splitlines()]
+    assert all(c["ok"] for c in checks if "check" in c)
+    assert {c["check"] for c in checks if "check" in c} >= {
+        "wal_level",
+        "replication_privilege",
+        "replication_slots",
+        "wal_senders",
+        "wal2json",
+    }
+    assert checks[-1]["slot_created"] is True
+    again = cli("setup", "--json", config=config)
+    assert json.loads(again.stdout.splitlines()[-1])["slot_created"] is False
+
+    log = tmp_path / "run.log"
+    run = spawn("run", "--role", "capture", config=config, log=log)
+    try:
+        source_db.execute("INSERT INTO users (name, email, password) VALUES ('Ünïcode', 'u@x', 'pw')")
+        source_db.execute(
+            "INSERT INTO orders (user_id, total) SELECT id, 42.10 FROM users WHERE email = 'u@x'"
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            listed = cli("outbox", "list", "--json", config=config)
+            if len(listed.stdout.splitlines()) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=30) == 0, log.read_text()
+    envelopes = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [e["type"] for e in envelopes] == ["customer.created", "order.created"]
+    assert envelopes[0]["data"]["record"]["name"] == "Ünïcode"
+    assert envelopes[1]["data"]["record"]["total"] == "42.10"
+
+    only_orders = cli("outbox", "list", "--json", "--type", "order.*", config=config)
+    assert [json.loads(x)["type"] for x in only_orders.stdout.splitlines()] == ["order.created"]
+    after = cli("outbox", "list", "--json", "--after", "1", "--limit", "5", config=config)
+    assert [json.loads(x)["id"] for x in after.stdout.splitlines()] == [2]
+    human = cli("outbox", "list", config=config)
+    assert "customer.created" in human.stdout and human.returncode == 0
+
+    show = cli("outbox", "show", "2", "--json", config=config)
+    shown = json.loads(show.stdout)
+    assert shown["event"] == envelopes[1]
+    assert {d["endpoint"] for d in shown["deliveries"]} == {"ct2", "ct3"}
+    missing = cli("outbox", "show", "999", config=config)
+    assert "no event 999" in one_line_error(missing)
+
+    stats = json.loads(cli("outbox", "stats", "--json", config=config).stdout)
+    assert stats["events"] == 2
+    assert stats["events_by_type"] == {"customer.created": 1, "order.created": 1}
+    assert stats["deliveries"]["ct2"] == {"pending": 2}
+
+    status = cli("slot", "status", "--json", config=config)
+    slot = json.loads(status.stdout)
+    assert slot["slot"] == source_db.slot and slot["plugin"] == "wal2json"
+    assert slot["wal_status"] in ("reserved", "extended") and slot["lag_bytes"] >= 0
+    assert {"confirmed_flush_lsn", "safe_wal_size"} <= set(slot)
+
+    refused = cli("slot", "drop", config=config)
+    assert "--yes" in one_line_error(refused)
+    dropped = cli("slot", "drop", "--yes", config=config)
+    assert dropped.returncode == 0 and "dropped" in dropped.stdout
+    gone = cli("slot", "status", config=config)
+    assert "ct1-cdc setup" in one_line_error(gone)
+
+
+def test_bad_configuration_fails_in_one_line_naming_the_key(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[source]\nheartbeat_seconds = -1\n")
+    line = one_line_error(cli("setup", config=config))
+    assert "source.heartbeat_seconds" in line
+    line = one_line_error(cli("outbox", "stats", config=tmp_path / "missing.toml"))
+    assert "not found" in line
+    config.write_text("[outbox]\npath = 'x.db'\n")
+    line = one_line_error(cli("run", config=config, CT1_API__PORT="not-a-port"))
+    assert "api.port" in line
+
+
+def test_unreachable_source_names_the_setting(tmp_path):
+    config = write_config(
+        tmp_path / "c.toml", "host=127.0.0.1 port=1 user=postgres connect_timeout=2", "s1", tmp_path / "o.db"
+    )
+    line = one_line_error(cli("setup", config=config))
+    assert "cannot connect to the source" in line and "CT1_SOURCE__DSN" in line
+
+
+def test_missing_wal2json_names_the_package(source_db, tmp_path):
+    # The server looks for output plugins in dynamic_library_path: point it at an empty folder.
+    empty = tmp_path / "nolib"
+    empty.mkdir()
+    empty.chmod(0o755)
+    tmp_path.chmod(0o755)
+    dsn = source_db.dsn + f" options='-c dynamic_library_path={empty}'"
+    config = write_config(tmp_path / "c.toml", dsn, source_db.slot, tmp_path / "o.db")
+    result = cli("setup", config=config)
+    line = one_line_error(result)
+    assert "wal2json" in line and "apt-get install postgresql-<major>-wal2json" in line
+    assert "[FAIL] wal2json" in result.stdout
+
+
+def test_wal_level_not_logical_names_the_fix(tmp_path):
+    cluster = create_cluster(settings={"wal_level": "replica"})
+    try:
+        config = write_config(
+            tmp_path / "c.toml", with_db(cluster.dsn(), "postgres"), "s1", tmp_path / "o.db"
+        )
+        line = one_line_error(cli("setup", config=config))
+        assert "wal_level" in line and "ALTER SYSTEM SET wal_level = logical" in line
+        result = cli("run", config=config, timeout=60)
+        assert result.returncode == 1
+        # run logs as it goes; its failure is still one line, the last one
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith("ct1-cdc: error: ") and "wal_level = logical" in line
+    finally:
+        cluster.destroy()
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["outbox", "--help"], ["slot", "status", "--help"], ["demo", "--help"]]
+)
+def test_every_command_has_help(args):
+    result = cli(*args)
+    assert result.returncode == 0 and "Usage:" in result.stdout
