@@ -9,10 +9,13 @@ Columns that wal2json leaves out of an update (unchanged TOAST values) stay abse
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from cdc.errors import DecodeError
 
@@ -97,9 +100,28 @@ def _number_text(text: str) -> _NumberText:
 
 _decoder = json.JSONDecoder(parse_float=_number_text)
 
+# Numbers a double cannot carry exactly: unconstrained numeric, or numeric(p,s) with p > 15.
+# Only messages holding such a column pay for the slower decoder that keeps literal text.
+_FLOAT_SAFE_DIGITS = 15
+_TYPMOD = re.compile(r"^(?:numeric|decimal)\((\d+)(?:,(\d+))?\)$")
+_NEEDS_LITERALS = re.compile(rb'"type":"(?:numeric|decimal)(?:"|\((?:1[6-9]|[2-9]\d|\d{3,})[,)])')
+
+
+def _loads(payload: bytes) -> Any:
+    if _NEEDS_LITERALS.search(payload):
+        return _decoder.decode(payload.decode("utf-8"))
+    return orjson.loads(payload)
+
 
 def iso_utc(pg_timestamp: str) -> str:
     """wal2json's ``2026-11-25 15:07:53.877066+00`` → ``2026-11-25T15:07:53.877066Z``."""
+    # Fast path: the replication session runs with TimeZone=UTC, so values end in "+00".
+    if len(pg_timestamp) >= 22 and pg_timestamp.endswith("+00") and pg_timestamp[10] == " ":
+        body = pg_timestamp[:-3]
+        if len(body) == 19:
+            return f"{body[:10]}T{body[11:]}.000000Z"
+        if body[19] == "." and body[20:].isdigit():
+            return f"{body[:10]}T{body[11:19]}.{body[20:26].ljust(6, '0')}Z"
     try:
         parsed = datetime.fromisoformat(pg_timestamp)
     except ValueError:
@@ -109,31 +131,91 @@ def iso_utc(pg_timestamp: str) -> str:
     return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-_TIMESTAMPTZ = "timestamp with time zone"
-_JSON_TYPES = frozenset({"json", "jsonb"})
+def _timestamptz(value: Any) -> Any:
+    if isinstance(value, str) and value[:1].isdigit():
+        return iso_utc(value)
+    return value  # null, infinity, -infinity
 
 
-def _value(column: dict[str, Any]) -> Any:
-    value = column.get("value")
-    if isinstance(value, str) and not isinstance(value, _NumberText):
-        ctype = column.get("type")
-        if ctype == _TIMESTAMPTZ and value[:1].isdigit():
-            return iso_utc(value)
-        if ctype in _JSON_TYPES:
-            try:
-                return json.loads(value)
-            except ValueError:
-                return value
-        return value
-    if isinstance(value, _NumberText):
-        if column.get("type") in _FLOAT_TYPES:
-            return float(value)
-        return str(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        ctype = column.get("type", "")
-        if ctype.startswith("numeric") or ctype.startswith("decimal"):
-            return str(value)
+def _json(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
     return value
+
+
+def _numeric(value: Any) -> Any:
+    # a literal with a fraction or exponent is already its text; an integer literal is not
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return str(value) if isinstance(value, _NumberText) else value
+
+
+def _scaled(scale: int) -> Any:
+    """numeric(p,s) with p <= 15 parsed by orjson as a float: every such value survives a
+    double exactly, and Postgres always prints it with ``s`` decimals, so formatting with
+    ``s`` decimals gives back the very text."""
+    spec = f".{scale}f"
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+            return format(value, spec)
+        return _numeric(value)
+
+    return convert
+
+
+def _float(value: Any) -> Any:
+    return float(value) if isinstance(value, _NumberText) else value
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, _NumberText) else value
+
+
+class _Converters(dict[str, Any]):
+    """Column type → converter (None for the many types taken as they are), cached."""
+
+    def __missing__(self, ctype: str) -> Any:
+        conv: Any
+        scaled = _TYPMOD.match(ctype)
+        if scaled and int(scaled.group(1)) <= _FLOAT_SAFE_DIGITS:
+            conv = _scaled(int(scaled.group(2) or 0))
+        elif ctype.startswith(("numeric", "decimal")):
+            conv = _numeric
+        elif ctype in _FLOAT_TYPES:
+            conv = _float
+        elif ctype == "timestamp with time zone":
+            conv = _timestamptz
+        elif ctype in ("json", "jsonb"):
+            conv = _json
+        elif ctype in _PLAIN_TYPES:
+            conv = None
+        else:
+            conv = _plain  # unknown types: never leak the literal marker class
+        self[ctype] = conv
+        return conv
+
+
+_PLAIN_TYPES = frozenset(
+    {
+        "bigint",
+        "integer",
+        "smallint",
+        "text",
+        "boolean",
+        "character varying",
+        "uuid",
+        "date",
+        "timestamp without time zone",
+        "bytea",
+        "inet",
+        "character",
+    }
+)
+_CONVERTERS = _Converters()
 
 
 def normalize(value: Any) -> Any:
@@ -152,16 +234,22 @@ def normalize(value: Any) -> Any:
 
 
 def _columns(items: list[dict[str, Any]] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     if not items:
-        return {}
-    return {c["name"]: _value(c) for c in items}
+        return out
+    converters = _CONVERTERS
+    for column in items:
+        value = column.get("value")
+        conv = converters[column.get("type", "")]
+        out[column["name"]] = value if conv is None else conv(value)
+    return out
 
 
 def decode(payload: bytes | str) -> Decoded:
     """Decode one wal2json v2 message.  Raises :class:`DecodeError` on anything else."""
     try:
-        text = payload.decode("utf-8") if isinstance(payload, (bytes, bytearray, memoryview)) else payload
-        obj = _decoder.decode(text)
+        raw = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+        obj = _loads(raw)
         action = obj["action"]
         if action in _OPS:
             return RowChange(
@@ -194,6 +282,6 @@ def decode(payload: bytes | str) -> Decoded:
             )
     except DecodeError:
         raise
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, UnicodeError, orjson.JSONDecodeError) as exc:
         raise DecodeError(f"malformed wal2json message: {exc}") from None
     raise DecodeError(f"unknown wal2json action {obj.get('action')!r}")

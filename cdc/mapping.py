@@ -157,8 +157,10 @@ def load_mapping(path: str) -> Mapping:
 
 
 def _strip(values: dict[str, Any], exclude: frozenset[str]) -> dict[str, Any]:
-    if not exclude:
-        return dict(values)
+    """``values`` without excluded columns (the same dict when none is present: drafts are
+    only serialised, never changed)."""
+    if exclude.isdisjoint(values):
+        return values
     return {k: v for k, v in values.items() if k not in exclude}
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc.decode import format_lsn
 from cdc.errors import SetupError, SourceUnavailable
@@ -148,6 +149,15 @@ class ReplicationStream:
                 self._conn.close()
             finally:
                 self._conn = None
+
+
+def utc_conninfo(dsn: str) -> str:
+    """The DSN with ``TimeZone=UTC`` added to its options: wal2json then prints every
+    timestamptz as ``...+00``, which the decoder normalises without parsing dates."""
+    params = conninfo_to_dict(dsn)
+    options = str(params.get("options") or "")
+    params["options"] = f"{options} -c TimeZone=UTC".strip()
+    return make_conninfo(**params)  # type: ignore[arg-type]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -126,7 +126,7 @@ class OutboxWriter:
         self._in_txn = False
         self._next_id = 0
         self._events: list[tuple[Any, ...]] = []
-        self._deliveries: list[tuple[Any, ...]] = []
+        self._types: set[str] = set()
         self.pending = 0  # events added since the last commit
 
     def checkpoint(self, slot: str) -> int | None:
@@ -160,21 +160,29 @@ class OutboxWriter:
         self._events.append(
             (event_id, type, object, key, occurred_at, dumps(data), table, op, lsn, xid, time.time())
         )
-        entity = f"{object}:{key}"
-        for endpoint in self.router.endpoints(type):
-            self._deliveries.append((event_id, endpoint, entity))
+        self._types.add(type)
         self.pending += 1
         if len(self._events) >= CHUNK:
             self._flush()
         return event_id
 
     def _flush(self) -> None:
-        if self._events:
-            self.conn.executemany(Q["insert_event"], self._events)
-            self._events.clear()
-        if self._deliveries:
-            self.conn.executemany(Q["insert_delivery"], self._deliveries)
-            self._deliveries.clear()
+        """Write the buffered events, then their deliveries in one statement per endpoint."""
+        if not self._events:
+            return
+        self.conn.executemany(Q["insert_event"], self._events)
+        first, last = self._events[0][0], self._events[-1][0]
+        by_endpoint: dict[str, list[str]] = {}
+        for event_type in self._types:
+            for endpoint in self.router.endpoints(event_type):
+                by_endpoint.setdefault(endpoint, []).append(event_type)
+        for endpoint, types in by_endpoint.items():
+            self.conn.execute(
+                Q["insert_deliveries"],
+                {"endpoint": endpoint, "first": first, "last": last, "types": dumps(types)},
+            )
+        self._events.clear()
+        self._types.clear()
 
     # -- the shadow of watched columns (tables without REPLICA IDENTITY FULL) --------------
 
@@ -204,7 +212,7 @@ class OutboxWriter:
 
     def rollback(self) -> None:
         self._events.clear()
-        self._deliveries.clear()
+        self._types.clear()
         if self._in_txn:
             self.conn.execute("ROLLBACK")
             self._in_txn = False

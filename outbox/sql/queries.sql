@@ -2,8 +2,14 @@
 INSERT INTO events (id, type, object, entity_key, occurred_at, data, source_table, op, lsn, xid, created_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 
--- name: insert_delivery
-INSERT INTO deliveries (event_id, endpoint, entity) VALUES (?, ?, ?)
+-- name: insert_deliveries
+-- One delivery per event of ids first..last whose type is routed to the endpoint.
+INSERT INTO deliveries (event_id, endpoint, entity)
+SELECT id, :endpoint, object || ':' || coalesce(entity_key, '')
+FROM events
+WHERE id BETWEEN :first AND :last
+  AND type IN (SELECT value FROM json_each(:types))
+ORDER BY id
 
 -- name: last_event_id
 SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)

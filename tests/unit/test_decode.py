@@ -145,3 +145,44 @@ def test_any_text_value_and_column_name_survive(value, name):
 def test_iso_utc_rejects_garbage():
     with pytest.raises(DecodeError):
         iso_utc("yesterday")
+
+
+def _numeric_row(ctype: str, literal: str) -> bytes:
+    return (
+        '{"action":"I","xid":1,"lsn":"0/1","schema":"public","table":"t","columns":'
+        '[{"name":"n","type":"'
+        + ctype
+        + '","value":'
+        + literal
+        + '},{"name":"s","type":"text","value":"x"}],"pk":[]}'
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("ctype", "literal"),
+    [
+        ("numeric(12,2)", "59.90"),
+        ("numeric(12,2)", "0.00"),
+        ("numeric(12,2)", "-1234567890.12"),
+        ("numeric(15,0)", "999999999999999"),
+        ("numeric(15,6)", "123456789.000001"),
+        ("numeric(16,2)", "99999999999999.99"),
+        ("numeric(30,10)", "12345678901234567890.0123456789"),
+        ("numeric", "0.1000"),
+        ("numeric(5)", "12345"),
+    ],
+)
+def test_numeric_text_is_exact_for_every_precision(ctype, literal):
+    change = decode(_numeric_row(ctype, literal))
+    assert isinstance(change, RowChange)
+    assert change.new["n"] == literal
+
+
+@given(st.integers(min_value=0, max_value=10), st.data())
+def test_property_numeric_up_to_15_digits_round_trips(scale, data):
+    digits = data.draw(st.integers(min_value=-(10**15 - 1), max_value=10**15 - 1))
+    value = Decimal(digits).scaleb(-scale)
+    literal = format(value, f".{scale}f")
+    change = decode(_numeric_row(f"numeric(15,{scale})", literal))
+    assert isinstance(change, RowChange)
+    assert change.new["n"] == literal

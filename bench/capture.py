@@ -1,0 +1,280 @@
+"""Capture throughput against pg_recvlogical on the same backlog, and peak RSS on a
+transaction of a million rows.
+
+    .venv/bin/python bench/capture.py [--rows 200000] [--rounds 3] [--big-rows 1000000]
+
+A throwaway cluster gets the sample schema and one slot per (tool, round), all created
+before the backlog is written, so every drain reads the same WAL.  Each round drains one
+slot with ``pg_recvlogical`` (same wal2json options, output to /dev/null) and one with
+``ct1-cdc run --role capture`` into a fresh outbox, alternating; both run as subprocesses
+and are timed from start until the slot's confirmed position reaches the backlog's end.
+The last line is JSON with both rates, their medians and ``ratio`` = ct1-cdc / pg_recvlogical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cdc.capture import wal2json_options  # noqa: E402
+from cdc.decode import parse_lsn  # noqa: E402
+from cdc.throwaway import Cluster, create_cluster  # noqa: E402
+from config import sample  # noqa: E402
+from config.settings import Settings  # noqa: E402
+
+CLI = str(Path(sys.executable).parent / "ct1-cdc")
+BATCH = 50  # row changes per source transaction in the backlog
+
+
+def write_backlog(dsn: str, rows: int) -> int:
+    """Row changes: 1/2 product_views inserts, 1/4 order inserts, 1/4 order status updates."""
+    txns = rows // BATCH
+    per = BATCH // 4
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f"""
+            DO $$
+            BEGIN
+              FOR t IN 1..{txns} LOOP
+                INSERT INTO product_views (product_id, user_id, session_id)
+                  SELECT 1 + (i % 50), 1 + (i % 100), 'bench' FROM generate_series(1, {BATCH - 2 * per}) i;
+                INSERT INTO orders (user_id, shop_id, subtotal, total)
+                  SELECT 1 + (i % 100), 1, 10.50 + i, 15.49 + i FROM generate_series(1, {per}) i;
+                UPDATE orders SET status = 'processing', updated_at = now()
+                  WHERE id IN (SELECT id FROM orders WHERE status = 'pending' ORDER BY id LIMIT {per});
+                COMMIT;
+              END LOOP;
+            END $$;
+            """
+        )
+        return txns * BATCH
+
+
+def current_lsn(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        assert row is not None
+        return parse_lsn(row[0])
+
+
+def confirmed(conn: psycopg.Connection, slot: str) -> int:
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone()
+    assert row is not None and row[0] is not None
+    return parse_lsn(row[0])
+
+
+def peak_rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def drain(
+    cmd: list[str], dsn: str, slot: str, endpos: int, env: dict[str, str] | None = None, timeout: float = 900
+) -> tuple[float, int]:
+    """Run ``cmd`` until ``slot`` is confirmed past ``endpos``; (seconds, peak RSS kB)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rss = 0
+        try:
+            while confirmed(conn, slot) < endpos:
+                if proc.poll() is not None and confirmed(conn, slot) < endpos:
+                    raise RuntimeError(f"{cmd[0]} exited {proc.returncode} before the end")
+                if time.perf_counter() - started > timeout:
+                    raise TimeoutError(f"{cmd[0]} did not drain {slot}")
+                rss = max(rss, peak_rss_kb(proc.pid))
+                time.sleep(0.02)
+            elapsed = time.perf_counter() - started
+            rss = max(rss, peak_rss_kb(proc.pid))
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    return elapsed, rss
+
+
+def recvlogical_cmd(
+    cluster: Cluster, dbname: str, slot: str, endpos: int, options: dict[str, str]
+) -> list[str]:
+    from cdc.decode import format_lsn
+
+    cmd = [
+        str(cluster.bin / "pg_recvlogical"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(cluster.port),
+        "-U",
+        "postgres",
+        "-d",
+        dbname,
+        "--slot",
+        slot,
+        "--start",
+        "--endpos",
+        format_lsn(endpos),
+        "-f",
+        "/dev/null",
+        "--fsync-interval",
+        "10",
+        "--status-interval",
+        "10",
+        "--no-loop",
+    ]
+    for key, value in options.items():
+        cmd += ["-o", f"{key}={value}"]
+    return cmd
+
+
+def ct1_env(dsn: str, slot: str, outbox: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_")}
+    env.update(
+        {
+            "CT1_SOURCE__DSN": dsn,
+            "CT1_SOURCE__SLOT": slot,
+            "CT1_SOURCE__HEARTBEAT_SECONDS": "1",
+            "CT1_SOURCE__STATUS_INTERVAL_SECONDS": "1",
+            "CT1_OUTBOX__PATH": str(outbox),
+            "CT1_MAPPING__FILE": str(ROOT / "config" / "mapping.toml"),
+        }
+    )
+    return env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=200_000, help="row changes in the backlog")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--big-rows", type=int, default=1_000_000, help="rows of the one big transaction")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ct1-bench-"))
+    work.chmod(0o711)
+    cluster = create_cluster(work / "pg", settings={"max_wal_size": "'4GB'"})
+    try:
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            admin.execute("CREATE DATABASE bench")
+        dsn = cluster.dsn("bench")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            sample.create_schema(conn)
+            sample.generate(
+                conn,
+                seed=1,
+                volume=sample.Volume(
+                    customers=100, sellers=2, products=50, orders=10, reviews=10, views=10, carts=5
+                ),
+            )
+            conn.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
+            for r in range(args.rounds):
+                for tool in ("recv", "ct1"):
+                    conn.execute(
+                        "SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (f"{tool}_{r}",)
+                    )
+        print(f"writing a backlog of {args.rows} row changes ...", file=sys.stderr)
+        rows = write_backlog(dsn, args.rows)
+        endpos = current_lsn(dsn)
+        options = wal2json_options(Settings(source={"dsn": dsn}))
+        rates: dict[str, list[float]] = {"pg_recvlogical": [], "ct1_cdc": []}
+        for r in range(args.rounds):
+            secs, _ = drain(
+                recvlogical_cmd(cluster, "bench", f"recv_{r}", endpos, options), dsn, f"recv_{r}", endpos
+            )
+            rates["pg_recvlogical"].append(rows / secs)
+            outbox = work / f"outbox_{r}.db"
+            secs, rss = drain(
+                [CLI, "run", "--role", "capture"],
+                dsn,
+                f"ct1_{r}",
+                endpos,
+                env=ct1_env(dsn, f"ct1_{r}", outbox),
+            )
+            rates["ct1_cdc"].append(rows / secs)
+            events = _count(outbox)
+            print(
+                f"round {r + 1}: pg_recvlogical {rates['pg_recvlogical'][-1]:,.0f} rows/s, "
+                f"ct1-cdc {rates['ct1_cdc'][-1]:,.0f} rows/s ({events} events, peak RSS {rss / 1024:.0f} MB)",
+                file=sys.stderr,
+            )
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (f"recv_{r}",))
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (f"ct1_{r}",))
+
+        big_rss_mb = None
+        big_secs = None
+        if args.big_rows:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_create_logical_replication_slot('ct1_big', 'wal2json')")
+                print(f"writing one transaction of {args.big_rows} rows ...", file=sys.stderr)
+                conn.execute(
+                    "INSERT INTO product_views (product_id, user_id, session_id) "
+                    f"SELECT 1 + (i % 50), 1 + (i % 100), 'big' FROM generate_series(1, {args.big_rows}) i"
+                )
+            big_end = current_lsn(dsn)
+            big_secs, rss = drain(
+                [CLI, "run", "--role", "capture"],
+                dsn,
+                "ct1_big",
+                big_end,
+                env=ct1_env(dsn, "ct1_big", work / "outbox_big.db"),
+            )
+            big_rss_mb = round(rss / 1024, 1)
+            big_events = _count(work / "outbox_big.db")
+            print(
+                f"one transaction of {args.big_rows} rows: {big_events} events in {big_secs:.1f} s, "
+                f"peak RSS {big_rss_mb} MB",
+                file=sys.stderr,
+            )
+
+        med_recv = statistics.median(rates["pg_recvlogical"])
+        med_ct1 = statistics.median(rates["ct1_cdc"])
+        result = {
+            "bench": "capture",
+            "rows": rows,
+            "rounds": args.rounds,
+            "pg_recvlogical_rows_per_s": [round(x) for x in rates["pg_recvlogical"]],
+            "ct1_cdc_rows_per_s": [round(x) for x in rates["ct1_cdc"]],
+            "pg_recvlogical_median": round(med_recv),
+            "ct1_cdc_median": round(med_ct1),
+            "big_txn_rows": args.big_rows,
+            "big_txn_seconds": None if big_secs is None else round(big_secs, 1),
+            "big_txn_peak_rss_mb": big_rss_mb,
+            "ratio": round(med_ct1 / med_recv, 3),
+        }
+        print(json.dumps(result))
+    finally:
+        cluster.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _count(path: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+
+if __name__ == "__main__":
+    main()
