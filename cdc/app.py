@@ -13,7 +13,8 @@ from cdc.capture import Capture
 from cdc.errors import ConfigError
 from cdc.mapping import Mapping, load_mapping
 from config.settings import Settings
-from outbox.store import OutboxWriter, Route, Router, open_outbox
+from outbox.store import Route, Router, open_outbox
+from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.run")
 
@@ -41,27 +42,27 @@ def build_capture(settings: Settings, mapping: Mapping | None = None) -> Capture
 
 
 async def run(settings: Settings, roles: Sequence[str]) -> None:
-    """Run the chosen roles on one loop until SIGINT/SIGTERM."""
+    """Run the chosen roles on one loop until SIGINT/SIGTERM or a stage fails."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    capture = build_capture(settings) if "capture" in roles else None
     tasks: list[asyncio.Future[Any]] = []
-    capture = None
-    if "capture" in roles:
-        capture = build_capture(settings)
+    if capture is not None:
         tasks.append(asyncio.ensure_future(asyncio.to_thread(capture.run)))
     log.info("run_started", roles=list(roles))
     waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    if capture is not None:
-        capture.stop()
-    waiter.cancel()
-    for task in tasks:
-        if task in done:
-            task.result()  # re-raise a stage's fatal error
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+    try:
+        await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if capture is not None:
+            capture.stop()
+        waiter.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        if capture is not None:
+            capture.writer.close()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
     log.info("run_stopped")

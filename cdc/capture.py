@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,7 @@ from cdc.errors import SetupError, SourceUnavailable
 from cdc.mapping import Mapping, apply
 from cdc.stream import Keepalive, ReplicationStream, XLogData
 from config.settings import Settings
-from outbox.store import OutboxWriter
+from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.capture")
 
@@ -114,13 +113,10 @@ class Capture:
         settings: Settings,
         mapping: Mapping,
         writer: OutboxWriter,
-        *,
-        on_commit: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.mapping = mapping
         self.writer = writer
-        self.on_commit = on_commit
         self.slot = settings.source.slot
         self.stats = CaptureStats()
         self.stopping = threading.Event()
@@ -128,8 +124,10 @@ class Capture:
         self._shadowed: set[str] = set()
         self._warned_no_pk: set[str] = set()
         # per session
-        self._committed = 0  # checkpoint stored in the outbox
+        self._resume = 0  # checkpoint stored in the outbox when the session started
         self._position = 0  # end of the last fully processed transaction or message
+        self._submitted = 0  # position handed to the writer with a commit request
+        self._idle_lsn = 0  # a position past which nothing is owed, with all else durable
         self._confirmed = 0  # last flush position sent to Postgres
         self._in_txn: Begin | None = None
         self._skip_txn = False
@@ -167,7 +165,7 @@ class Capture:
         try:
             self._prepare(conn)
             stored = self.writer.checkpoint(self.slot) or 0
-            self._committed = self._position = stored
+            self._resume = self._position = self._submitted = stored
             self._in_txn = None
             self._skip_txn = False
             stream.start(stored)
@@ -193,26 +191,30 @@ class Capture:
         next_heartbeat = time.monotonic() + cfg.heartbeat_seconds
         next_slot_check = time.monotonic()
         while not self.stopping.is_set():
-            idle_commit_due = self._in_txn is None and self._has_uncommitted()
-            frame = stream.read(timeout=0 if idle_commit_due else 0.5)
+            if self._in_txn is None and self._has_uncommitted():
+                timeout = 0.0  # commit as soon as the stream pauses
+            elif self.writer.durable_lsn < self._submitted:
+                timeout = 0.005  # a commit is on its way to disk: confirm it promptly
+            else:
+                timeout = 0.5
+            frame = stream.read(timeout=timeout)
             if isinstance(frame, XLogData):
                 self._handle(conn, frame)
                 if self._should_commit(batch_s):
-                    self._commit(stream)
+                    self._commit()
+            elif isinstance(frame, Keepalive):
+                if self._in_txn is None and self._all_durable():
+                    self._idle_lsn = max(self._idle_lsn, frame.wal_end)
+                self._confirm(stream, reply=frame.reply_requested, force=frame.reply_requested)
                 continue
-            if isinstance(frame, Keepalive):
-                if self._in_txn is None and not self._has_uncommitted():
-                    self._position = max(self._position, frame.wal_end)
-                    self._confirm(stream, self._position, reply=frame.reply_requested)
-                elif frame.reply_requested:
-                    self._confirm(stream, self._committed, reply=False, force=True)
+            elif self._in_txn is None and self._has_uncommitted():
+                self._commit()  # nothing buffered: a good moment for a group commit
+            self._confirm(stream)
+            if frame is not None:
                 continue
-            # nothing buffered: a good moment for a group commit and housekeeping
-            if self._in_txn is None and self._has_uncommitted():
-                self._commit(stream)
             now = time.monotonic()
             if now >= next_status:
-                self._confirm(stream, self._confirmed, force=True)
+                self._confirm(stream, force=True)
                 next_status = now + cfg.status_interval_seconds
             if now >= next_heartbeat:
                 self._heartbeat(conn)
@@ -221,12 +223,17 @@ class Capture:
                 self._check_slot(conn)
                 next_slot_check = now + SLOT_CHECK_SECONDS
         if self._in_txn is None and self._has_uncommitted():
-            self._commit(stream)
+            self._commit()
+        self.writer.sync()
+        self._confirm(stream)
 
     # -- frames ------------------------------------------------------------------------------
 
     def _has_uncommitted(self) -> bool:
-        return self._position > self._committed or self.writer.in_transaction
+        return self._position > self._submitted or self.writer.in_transaction
+
+    def _all_durable(self) -> bool:
+        return not self._has_uncommitted() and self.writer.durable_lsn >= self._submitted
 
     def _should_commit(self, batch_s: float) -> bool:
         if self._in_txn is not None or not self._has_uncommitted():
@@ -242,7 +249,7 @@ class Capture:
                 self._row(conn, msg)
         elif isinstance(msg, Begin):
             self._in_txn = msg
-            self._skip_txn = msg.end_lsn <= self._committed
+            self._skip_txn = msg.end_lsn <= self._resume
             if not self._has_uncommitted():
                 self._first_pending = time.monotonic()
         elif isinstance(msg, Commit):
@@ -258,9 +265,10 @@ class Capture:
                 self._truncate(conn, msg)
         elif isinstance(msg, Message) and self._in_txn is None and not msg.transactional:
             # Our heartbeat.  Outside a transaction nothing before it is still owed to us.
-            if not self._has_uncommitted():
-                self._first_pending = time.monotonic()
-            self._position = max(self._position, msg.lsn)
+            if self._all_durable():
+                self._idle_lsn = max(self._idle_lsn, msg.lsn)
+            else:
+                self._position = max(self._position, msg.lsn)
 
     def _table(self, conn: source.Conn, reported: str) -> str:
         if reported in self.mapping.by_table:
@@ -298,7 +306,7 @@ class Capture:
                 "record": draft.record,
                 "previous": draft.previous,
             }
-            self.stats.last_event_id = self.writer.add(
+            self.writer.add(
                 type=draft.type,
                 object=draft.object,
                 entity_id=draft.entity_id,
@@ -324,21 +332,19 @@ class Capture:
 
     # -- commit and feedback -----------------------------------------------------------------
 
-    def _commit(self, stream: ReplicationStream) -> None:
-        position = self._position
-        self.writer.commit(self.slot, position)
-        self._committed = position
+    def _commit(self) -> None:
+        """Hand the group to the writer; :meth:`_confirm` reports it once it is durable."""
+        self.writer.commit(self.slot, self._position)
+        self._submitted = self._position
         self.stats.commits += 1
-        if self.on_commit is not None:
-            self.on_commit(self.stats.last_event_id)
-        self._confirm(stream, position)
 
-    def _confirm(
-        self, stream: ReplicationStream, lsn: int, *, reply: bool = False, force: bool = False
-    ) -> None:
-        if lsn > self._confirmed or force:
-            self._confirmed = max(self._confirmed, lsn)
+    def _confirm(self, stream: ReplicationStream, *, reply: bool = False, force: bool = False) -> None:
+        durable = self.writer.durable_lsn
+        target = max(durable, self._idle_lsn) if durable >= self._submitted else durable
+        if target > self._confirmed or force:
+            self._confirmed = max(self._confirmed, target)
             self.stats.confirmed_lsn = self._confirmed
+            self.stats.last_event_id = self.writer.last_event_id
             stream.send_status(self._confirmed, self._confirmed, self._confirmed, reply=reply)
 
     def _heartbeat(self, conn: source.Conn) -> None:

@@ -22,6 +22,7 @@ from cdc.errors import Ct1Error
 from cdc.mapping import load_mapping
 from config.settings import Settings, load_settings
 from outbox import store
+from outbox.writer import OutboxWriter
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -158,12 +159,11 @@ def setup(
                     " of its watched columns is kept in the outbox (use --replica-identity-full)",
                     err=True,
                 )
-        outbox = store.open_outbox(settings.outbox.path)
+        writer = OutboxWriter(store.open_outbox(settings.outbox.path), router_for(settings))
         try:
-            writer = store.OutboxWriter(outbox, router_for(settings))
             created = ensure_slot(conn, settings.source.dsn, settings.source.slot, mapping, writer)
         finally:
-            outbox.close()
+            writer.close()
     summary = {
         "slot": settings.source.slot,
         "slot_created": created,

@@ -131,9 +131,19 @@ def iso_utc(pg_timestamp: str) -> str:
     return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_recent_timestamps: dict[str, str] = {}
+
+
 def _timestamptz(value: Any) -> Any:
+    # Rows of one transaction usually share now(): remember recent conversions.
+    hit = _recent_timestamps.get(value) if isinstance(value, str) else None
+    if hit is not None:
+        return hit
     if isinstance(value, str) and value[:1].isdigit():
-        return iso_utc(value)
+        if len(_recent_timestamps) > 256:
+            _recent_timestamps.clear()
+        converted = _recent_timestamps[value] = iso_utc(value)
+        return converted
     return value  # null, infinity, -infinity
 
 
@@ -239,9 +249,8 @@ def _columns(items: list[dict[str, Any]] | None) -> dict[str, Any]:
         return out
     converters = _CONVERTERS
     for column in items:
-        value = column.get("value")
-        conv = converters[column.get("type", "")]
-        out[column["name"]] = value if conv is None else conv(value)
+        conv = converters[column["type"]]
+        out[column["name"]] = column["value"] if conv is None else conv(column["value"])
     return out
 
 

@@ -98,6 +98,8 @@ def run_demo(
             capture.stop()
         if thread is not None:
             thread.join(timeout=10)
+        if capture is not None:
+            capture.writer.close()
         if keep:
             echo(f"==> kept {root} (Postgres is stopped; data directory left in place)")
             cluster.stop()

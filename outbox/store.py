@@ -1,17 +1,13 @@
 """The SQLite outbox: schema, the capture writer, and reads.
 
-The writer is owned by one thread (the capture loop).  A source transaction's events,
-their deliveries and the checkpoint LSN are committed in one SQLite transaction
-(WAL mode, synchronous=FULL); many small source transactions share one commit.  Events
-are written in chunks inside that transaction, so a huge source transaction never sits in
-memory.  Readers open their own connections.
+Appends go through :class:`outbox.writer.OutboxWriter`, the single writer thread.
+Readers open their own connections (WAL mode lets them read while it writes).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +22,6 @@ _SQL_DIR = Path(__file__).resolve().parent / "sql"
 Q = sqlfile.load(_SQL_DIR / "queries.sql")
 MIGRATIONS = sqlfile.load(_SQL_DIR / "migrations.sql")
 SCHEMA_VERSION = max(int(n) for n in MIGRATIONS)
-
-CHUNK = 1000
 
 
 class OutboxError(Ct1Error):
@@ -98,6 +92,10 @@ class Router:
         self._routes = list(routes)
         self._cache: dict[str, tuple[str, ...]] = {}
 
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self._routes]
+
     def endpoints(self, event_type: str) -> tuple[str, ...]:
         hit = self._cache.get(event_type)
         if hit is None:
@@ -110,117 +108,6 @@ class Router:
 
 def dumps(value: Any) -> str:
     return orjson.dumps(value).decode("utf-8")
-
-
-class OutboxWriter:
-    """The single writer of the capture stage.
-
-    Usage per group commit: ``add`` drafts of one or more source transactions (the
-    SQLite transaction opens on the first one), then ``commit(slot, lsn)``.
-    ``rollback`` forgets everything since the last commit.
-    """
-
-    def __init__(self, conn: sqlite3.Connection, router: Router) -> None:
-        self.conn = conn
-        self.router = router
-        self._in_txn = False
-        self._next_id = 0
-        self._events: list[tuple[Any, ...]] = []
-        self._types: set[str] = set()
-        self.pending = 0  # events added since the last commit
-
-    def checkpoint(self, slot: str) -> int | None:
-        row = self.conn.execute(Q["get_checkpoint"], (slot,)).fetchone()
-        return None if row is None else int(row[0])
-
-    def _begin(self) -> None:
-        if not self._in_txn:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self._in_txn = True
-            self._next_id = int(self.conn.execute(Q["last_event_id"]).fetchone()[0]) + 1
-
-    def add(
-        self,
-        *,
-        type: str,
-        object: str,
-        entity_id: Any,
-        data: dict[str, Any],
-        occurred_at: str,
-        table: str | None,
-        op: str | None,
-        lsn: str | None,
-        xid: int | None,
-    ) -> int:
-        """Buffer one event and its deliveries; returns the id it will have."""
-        self._begin()
-        event_id = self._next_id
-        self._next_id += 1
-        key = None if entity_id is None else str(entity_id)
-        self._events.append(
-            (event_id, type, object, key, occurred_at, dumps(data), table, op, lsn, xid, time.time())
-        )
-        self._types.add(type)
-        self.pending += 1
-        if len(self._events) >= CHUNK:
-            self._flush()
-        return event_id
-
-    def _flush(self) -> None:
-        """Write the buffered events, then their deliveries in one statement per endpoint."""
-        if not self._events:
-            return
-        self.conn.executemany(Q["insert_event"], self._events)
-        first, last = self._events[0][0], self._events[-1][0]
-        by_endpoint: dict[str, list[str]] = {}
-        for event_type in self._types:
-            for endpoint in self.router.endpoints(event_type):
-                by_endpoint.setdefault(endpoint, []).append(event_type)
-        for endpoint, types in by_endpoint.items():
-            self.conn.execute(
-                Q["insert_deliveries"],
-                {"endpoint": endpoint, "first": first, "last": last, "types": dumps(types)},
-            )
-        self._events.clear()
-        self._types.clear()
-
-    # -- the shadow of watched columns (tables without REPLICA IDENTITY FULL) --------------
-
-    def shadow_get(self, table: str, key: str) -> dict[str, Any] | None:
-        self._begin()
-        row = self.conn.execute(Q["get_shadow"], (table, key)).fetchone()
-        return None if row is None else dict(orjson.loads(row[0]))
-
-    def shadow_put(self, table: str, key: str, values: dict[str, Any]) -> None:
-        self._begin()
-        self.conn.execute(Q["put_shadow"], (table, key, dumps(values)))
-
-    def shadow_delete(self, table: str, key: str) -> None:
-        self._begin()
-        self.conn.execute(Q["delete_shadow"], (table, key))
-
-    # -- transaction boundaries --------------------------------------------------------------
-
-    def commit(self, slot: str, lsn: int) -> None:
-        """Make everything added so far durable together with the checkpoint ``lsn``."""
-        self._begin()
-        self._flush()
-        self.conn.execute(Q["set_checkpoint"], (slot, lsn, time.time()))
-        self.conn.execute("COMMIT")
-        self._in_txn = False
-        self.pending = 0
-
-    def rollback(self) -> None:
-        self._events.clear()
-        self._types.clear()
-        if self._in_txn:
-            self.conn.execute("ROLLBACK")
-            self._in_txn = False
-        self.pending = 0
-
-    @property
-    def in_transaction(self) -> bool:
-        return self._in_txn
 
 
 # -- reads ----------------------------------------------------------------------------------

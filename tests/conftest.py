@@ -26,7 +26,7 @@ from cdc.throwaway import Cluster, create_cluster
 from config import sample
 from config.settings import Settings
 from outbox import store
-from outbox.store import OutboxWriter
+from outbox.writer import OutboxWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPPING = ROOT / "config" / "mapping.toml"
@@ -172,7 +172,7 @@ class RunningCapture:
     def stop(self) -> None:
         self.capture.stop()
         self.thread.join(timeout=30)
-        self.capture.writer.conn.close()
+        self.capture.writer.close()
         if self.error is not None:
             raise self.error
 

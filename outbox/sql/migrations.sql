@@ -17,17 +17,25 @@ CREATE TABLE events (
 );
 CREATE INDEX events_type_id ON events (type, id);
 
+-- One row per (event, endpoint), clustered by endpoint then event: a dispatcher walks an
+-- endpoint's deliveries in event order, and an event can never get two for one endpoint.
 CREATE TABLE deliveries (
-    id              INTEGER PRIMARY KEY,
-    event_id        INTEGER NOT NULL REFERENCES events (id),
     endpoint        TEXT    NOT NULL,
+    event_id        INTEGER NOT NULL REFERENCES events (id),
     entity          TEXT    NOT NULL,       -- object:key, the unit of ordering
     status          TEXT    NOT NULL DEFAULT 'pending',  -- pending | delivered | dead
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL    NOT NULL DEFAULT 0,
-    UNIQUE (event_id, endpoint)
+    PRIMARY KEY (endpoint, event_id)
+) WITHOUT ROWID;
+CREATE INDEX deliveries_pending ON deliveries (endpoint, next_attempt_at) WHERE status = 'pending';
+
+-- Every endpoint that ever had a delivery, with its delivery state.
+CREATE TABLE endpoints (
+    name       TEXT PRIMARY KEY,
+    state      TEXT NOT NULL DEFAULT 'active',   -- active | paused | disabled
+    updated_at REAL NOT NULL DEFAULT 0
 );
-CREATE INDEX deliveries_due ON deliveries (status, endpoint, next_attempt_at);
 
 CREATE TABLE checkpoint (
     slot       TEXT    PRIMARY KEY,

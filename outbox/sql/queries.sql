@@ -42,7 +42,12 @@ LIMIT :limit
 SELECT id, type, occurred_at, data, source_table, op, lsn, xid FROM events WHERE id = ?
 
 -- name: event_deliveries
-SELECT endpoint, status, attempts, next_attempt_at FROM deliveries WHERE event_id = ? ORDER BY endpoint
+SELECT d.endpoint, d.status, d.attempts, d.next_attempt_at
+FROM endpoints e JOIN deliveries d ON d.endpoint = e.name AND d.event_id = ?
+ORDER BY d.endpoint
+
+-- name: register_endpoint
+INSERT INTO endpoints (name, updated_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING
 
 -- name: stats_by_type
 SELECT type, count(*) AS n, max(id) AS last_id FROM events GROUP BY type ORDER BY type
