@@ -191,13 +191,9 @@ class Capture:
         next_heartbeat = time.monotonic() + cfg.heartbeat_seconds
         next_slot_check = time.monotonic()
         while not self.stopping.is_set():
-            if self._in_txn is None and self._has_uncommitted():
-                timeout = 0.0  # commit as soon as the stream pauses
-            elif self.writer.durable_lsn < self._submitted:
-                timeout = 0.005  # a commit is on its way to disk: confirm it promptly
-            else:
-                timeout = 0.5
-            frame = stream.read(timeout=timeout)
+            # commit as soon as the stream pauses
+            idle_commit_due = self._in_txn is None and self._has_uncommitted()
+            frame = stream.read(timeout=0.0 if idle_commit_due else 0.5)
             if isinstance(frame, XLogData):
                 self._handle(conn, frame)
                 if self._should_commit(batch_s):
@@ -224,7 +220,6 @@ class Capture:
                 next_slot_check = now + SLOT_CHECK_SECONDS
         if self._in_txn is None and self._has_uncommitted():
             self._commit()
-        self.writer.sync()
         self._confirm(stream)
 
     # -- frames ------------------------------------------------------------------------------
@@ -333,7 +328,7 @@ class Capture:
     # -- commit and feedback -----------------------------------------------------------------
 
     def _commit(self) -> None:
-        """Hand the group to the writer; :meth:`_confirm` reports it once it is durable."""
+        """Commit the group in the outbox; :meth:`_confirm` then reports it to Postgres."""
         self.writer.commit(self.slot, self._position)
         self._submitted = self._position
         self.stats.commits += 1

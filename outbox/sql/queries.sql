@@ -1,6 +1,7 @@
 -- name: insert_event
-INSERT INTO events (id, type, object, entity_key, occurred_at, data, source_table, op, lsn, xid, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+-- ids come from AUTOINCREMENT: contiguous within one writer's BEGIN IMMEDIATE
+INSERT INTO events (type, object, entity_key, occurred_at, data, source_table, op, lsn, xid, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 
 -- name: insert_deliveries
 -- One delivery per event of ids first..last whose type is routed to the endpoint.
