@@ -31,8 +31,6 @@ from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.capture")
 
-SLOT_CHECK_SECONDS = 30.0
-
 
 def wal2json_options(settings: Settings) -> dict[str, str]:
     options = {
@@ -190,6 +188,7 @@ class Capture:
         next_status = time.monotonic() + cfg.status_interval_seconds
         next_heartbeat = time.monotonic() + cfg.heartbeat_seconds
         next_slot_check = time.monotonic()
+        next_housekeeping = 0.0  # status, heartbeat and slot checks run even under load
         while not self.stopping.is_set():
             # commit as soon as the stream pauses
             idle_commit_due = self._in_txn is None and self._has_uncommitted()
@@ -206,9 +205,10 @@ class Capture:
             elif self._in_txn is None and self._has_uncommitted():
                 self._commit()  # nothing buffered: a good moment for a group commit
             self._confirm(stream)
-            if frame is not None:
-                continue
             now = time.monotonic()
+            if now < next_housekeeping:
+                continue
+            next_housekeeping = now + 0.1
             if now >= next_status:
                 self._confirm(stream, force=True)
                 next_status = now + cfg.status_interval_seconds
@@ -217,7 +217,7 @@ class Capture:
                 next_heartbeat = now + cfg.heartbeat_seconds
             if now >= next_slot_check:
                 self._check_slot(conn)
-                next_slot_check = now + SLOT_CHECK_SECONDS
+                next_slot_check = now + cfg.slot_check_seconds
         if self._in_txn is None and self._has_uncommitted():
             self._commit()
         self._confirm(stream)

@@ -353,5 +353,20 @@ def demo(duration: float, rate: float, keep: bool) -> None:
     run_demo(duration=duration, rate=rate, keep=keep, echo=click.echo)
 
 
+def entry() -> None:
+    """The console script: usage errors, too, end in one line."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(2)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except click.exceptions.Abort:
+        fail("aborted")
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()

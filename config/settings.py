@@ -55,6 +55,9 @@ class SourceSettings(_Section):
     status_interval_seconds: float = Field(
         10.0, gt=0, le=60, description="how often to report the confirmed position to Postgres"
     )
+    slot_check_seconds: float = Field(
+        30.0, gt=0, description="how often to read the slot's lag and wal_status"
+    )
     lag_warning_bytes: int = Field(
         1 << 30, gt=0, description="log slot_lag as a warning when the slot retains more WAL"
     )

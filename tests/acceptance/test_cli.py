@@ -150,3 +150,19 @@ def test_wal_level_not_logical_names_the_fix(tmp_path):
 def test_every_command_has_help(args):
     result = cli(*args)
     assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["outbox", "show", "abc"], "'abc' is not a valid integer"),
+        (["outbox", "list", "--after", "-3"], "--after"),
+        (["bogus"], "No such command 'bogus'"),
+        (["run", "--role", "nonsense"], "unknown role 'nonsense'"),
+    ],
+)
+def test_bad_command_line_fails_in_one_line(tmp_path, args, expected):
+    config = tmp_path / "c.toml"
+    config.write_text("[outbox]\npath = 'x.db'\n")
+    line = one_line_error(cli(*args, config=config))
+    assert expected in line

@@ -298,3 +298,23 @@ def test_source_errors_are_translated(tmp_path):
         assert "cannot connect to the source" in str(exc) and "CT1_SOURCE__DSN" in str(exc)
     else:
         raise AssertionError("unreachable source must fail")
+
+
+def test_slot_lag_past_the_threshold_is_a_warning(source_db, tmp_path, run_capture):
+    settings = make_settings(
+        source_db, tmp_path / "o.db", source={"slot_check_seconds": 0.05, "lag_warning_bytes": 1}
+    )
+    with structlog.testing.capture_logs() as logs:
+        capture = run_capture(settings)
+        capture.wait_caught_up()
+        # while a big transaction streams in, the slot's confirmed position lags behind
+        source_db.execute(
+            "INSERT INTO users (name, email, password) "
+            "SELECT 'lag ' || i, 'lag' || i || '@x', 'p' FROM generate_series(1, 60000) i"
+        )
+        capture.wait_caught_up(timeout=120)
+        capture.stop()
+    warnings = [e for e in logs if e["event"] == "slot_lag" and e["log_level"] == "warning"]
+    assert warnings, "no slot_lag warning while the slot lagged"
+    assert warnings[0]["slot"] == settings.source.slot
+    assert warnings[0]["lag_bytes"] >= 1 and warnings[0]["wal_status"] in ("reserved", "extended")
