@@ -288,6 +288,7 @@ class Capture:
         shadow = None
         shadow_key = None
         if table in self._shadowed:
+            watched = self.mapping.watched(table)
             key_col = rules[0].key
             row = change.new if change.op != "delete" else (change.old or {})
             if key_col in row:
@@ -309,7 +310,7 @@ class Capture:
                 occurred_at=txn.commit_time,
                 table=table,
                 op=draft.op,
-                lsn=format_lsn(change.lsn),
+                lsn=change.lsn,
                 xid=change.xid,
             )
             self.stats.events += 1
@@ -318,7 +319,7 @@ class Capture:
                 self.writer.shadow_delete(table, shadow_key)
             else:
                 merged = dict(shadow or {})
-                merged.update({c: change.new[c] for c in self.mapping.watched(table) if c in change.new})
+                merged.update({c: change.new[c] for c in watched if c in change.new})
                 self.writer.shadow_put(table, shadow_key, merged)
 
     def _truncate(self, conn: source.Conn, msg: Truncate) -> None:

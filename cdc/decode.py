@@ -59,7 +59,7 @@ class RowChange:
     op: str  # insert | update | delete
     table: str  # schema-qualified, as reported (a partition by its own name)
     xid: int
-    lsn: int
+    lsn: str  # as wal2json prints it: the envelope's source.lsn
     new: dict[str, Any]  # columns after the change; absent for delete
     old: dict[str, Any] | None  # replica-identity values (all columns under FULL)
     pk: tuple[str, ...]
@@ -107,9 +107,9 @@ _TYPMOD = re.compile(r"^(?:numeric|decimal)\((\d+)(?:,(\d+))?\)$")
 _NEEDS_LITERALS = re.compile(rb'"type":"(?:numeric|decimal)(?:"|\((?:1[6-9]|[2-9]\d|\d{3,})[,)])')
 
 
-def _loads(payload: bytes) -> Any:
+def _loads(payload: bytes | memoryview) -> Any:
     if _NEEDS_LITERALS.search(payload):
-        return _decoder.decode(payload.decode("utf-8"))
+        return _decoder.decode(bytes(payload).decode("utf-8"))
     return orjson.loads(payload)
 
 
@@ -254,18 +254,17 @@ def _columns(items: list[dict[str, Any]] | None) -> dict[str, Any]:
     return out
 
 
-def decode(payload: bytes | str) -> Decoded:
+def decode(payload: bytes | memoryview | str) -> Decoded:
     """Decode one wal2json v2 message.  Raises :class:`DecodeError` on anything else."""
     try:
-        raw = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
-        obj = _loads(raw)
+        obj = _loads(payload.encode("utf-8") if isinstance(payload, str) else payload)
         action = obj["action"]
         if action in _OPS:
             return RowChange(
                 op=_OPS[action],
                 table=f"{obj['schema']}.{obj['table']}",
                 xid=obj["xid"],
-                lsn=parse_lsn(obj["lsn"]),
+                lsn=obj["lsn"],
                 new=_columns(obj.get("columns")),
                 old=_columns(obj["identity"]) if "identity" in obj else None,
                 pk=tuple(p["name"] for p in obj.get("pk") or ()),

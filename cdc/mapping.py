@@ -58,11 +58,18 @@ class EventDraft:
 class Mapping:
     rules: list[Rule]
     by_table: dict[str, list[Rule]] = field(default_factory=dict)
+    _watched: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.by_table = {}
         for rule in self.rules:
             self.by_table.setdefault(rule.table, []).append(rule)
+        self._watched = {}
+        for table, rules in self.by_table.items():
+            cols: dict[str, None] = {}
+            for rule in rules:
+                cols.update(dict.fromkeys(rule.when_changed))
+            self._watched[table] = tuple(cols)
 
     @property
     def tables(self) -> list[str]:
@@ -70,11 +77,7 @@ class Mapping:
 
     def watched(self, table: str) -> tuple[str, ...]:
         """Columns whose old values some rule of ``table`` needs (for the shadow)."""
-        cols: dict[str, None] = {}
-        for rule in self.by_table.get(table, ()):
-            for c in rule.when_changed:
-                cols[c] = None
-        return tuple(cols)
+        return self._watched.get(table, ())
 
     @property
     def event_types(self) -> list[str]:
@@ -187,10 +190,13 @@ def apply(
     if not rules:
         return []
     drafts: list[EventDraft] = []
-    old = old_values(change, shadow) if change.op == "update" else {}
+    changed: dict[str, Any] = {}
+    unknown: set[str] = set()
     if change.op == "update":
+        old = old_values(change, shadow)
         changed = {c: old[c] for c, v in change.new.items() if c in old and old[c] != v}
-        unknown = {c for c in change.new if c not in old}
+        if mapping.watched(table):
+            unknown = {c for c in change.new if c not in old}
     for rule in rules:
         if change.op not in rule.on:
             continue

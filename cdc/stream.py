@@ -32,7 +32,7 @@ _PG_EPOCH_OFFSET_US = 946_684_800_000_000  # 2000-01-01 in unix microseconds
 class XLogData:
     wal_start: int
     wal_end: int
-    payload: bytes
+    payload: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +44,11 @@ class Keepalive:
 Frame = XLogData | Keepalive
 
 
-def parse_frame(buf: bytes) -> Frame:
-    kind = buf[:1]
+def parse_frame(buf: bytes | memoryview) -> Frame:
+    kind = bytes(buf[:1])
     if kind == b"w":
         start, end, _sent = _XLOG.unpack_from(buf, 1)
-        return XLogData(start, end, buf[_XLOG.size + 1 :])
+        return XLogData(start, end, buf[_XLOG.size + 1 :])  # a view: no copy of the payload
     if kind == b"k":
         end, _sent, reply = _KEEPALIVE.unpack_from(buf, 1)
         return Keepalive(end, bool(reply))
@@ -114,7 +114,7 @@ class ReplicationStream:
         while True:
             nbytes, data = pg.get_copy_data(1)
             if nbytes > 0:
-                return parse_frame(bytes(data))
+                return parse_frame(data)
             if nbytes == 0:
                 remaining = max(0.0, deadline - time.monotonic())
                 ready, _, _ = select.select([pg.socket], [], [], remaining)

@@ -17,7 +17,7 @@ MAPPING = load_mapping(str(ROOT / "config" / "mapping.toml"))
 
 
 def change(op: str, new: dict, old: dict | None = None, table: str = "public.orders") -> RowChange:
-    return RowChange(op=op, table=table, xid=1, lsn=1, new=new, old=old, pk=("id",))
+    return RowChange(op=op, table=table, xid=1, lsn="0/1", new=new, old=old, pk=("id",))
 
 
 def test_default_mapping_covers_the_ten_row_driven_event_types():
