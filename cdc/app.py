@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -13,12 +13,13 @@ from cdc.capture import Capture
 from cdc.errors import ConfigError
 from cdc.mapping import Mapping, load_mapping
 from config.settings import Settings
+from dispatcher.worker import Dispatcher
 from outbox.store import Route, Router, open_outbox
 from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.run")
 
-ROLES = ("capture",)
+ROLES = ("capture", "dispatch")
 
 
 def parse_roles(text: str | None) -> list[str]:
@@ -35,10 +36,14 @@ def router_for(settings: Settings) -> Router:
     return Router([Route(e.name, tuple(e.events)) for e in settings.endpoints if e.enabled])
 
 
-def build_capture(settings: Settings, mapping: Mapping | None = None) -> Capture:
+def build_capture(
+    settings: Settings,
+    mapping: Mapping | None = None,
+    on_commit: Callable[[], None] | None = None,
+) -> Capture:
     mapping = mapping or load_mapping(settings.mapping.file)
     conn = open_outbox(settings.outbox.path)
-    return Capture(settings, mapping, OutboxWriter(conn, router_for(settings)))
+    return Capture(settings, mapping, OutboxWriter(conn, router_for(settings)), on_commit=on_commit)
 
 
 async def run(settings: Settings, roles: Sequence[str]) -> None:
@@ -47,15 +52,20 @@ async def run(settings: Settings, roles: Sequence[str]) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    capture = build_capture(settings) if "capture" in roles else None
+    dispatcher = Dispatcher(settings) if "dispatch" in roles else None
+    notify = dispatcher.notify if dispatcher is not None else None
+    capture = build_capture(settings, on_commit=notify) if "capture" in roles else None
     tasks: list[asyncio.Future[Any]] = []
     if capture is not None:
         tasks.append(asyncio.ensure_future(asyncio.to_thread(capture.run)))
+    if dispatcher is not None:
+        tasks.append(asyncio.ensure_future(dispatcher.run(stop)))
     log.info("run_started", roles=list(roles))
     waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        stop.set()
         if capture is not None:
             capture.stop()
         waiter.cancel()

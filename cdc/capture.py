@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,7 +112,10 @@ class Capture:
         settings: Settings,
         mapping: Mapping,
         writer: OutboxWriter,
+        *,
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
+        self.on_commit = on_commit  # called after each outbox commit (wakes the dispatcher)
         self.settings = settings
         self.mapping = mapping
         self.writer = writer
@@ -330,9 +334,12 @@ class Capture:
 
     def _commit(self) -> None:
         """Commit the group in the outbox; :meth:`_confirm` then reports it to Postgres."""
+        events = self.writer.pending
         self.writer.commit(self.slot, self._position)
         self._submitted = self._position
         self.stats.commits += 1
+        if events and self.on_commit is not None:
+            self.on_commit()
 
     def _confirm(self, stream: ReplicationStream, *, reply: bool = False, force: bool = False) -> None:
         durable = self.writer.durable_lsn

@@ -110,6 +110,18 @@ class DispatcherSettings(_Section):
         description="seconds to wait before each attempt; after the last, the delivery is dead",
     )
     require_https: bool = Field(True, description="refuse http:// endpoints except on loopback")
+    endpoint_concurrency: int = Field(
+        8, ge=1, le=1024, description="deliveries in flight at once to one endpoint"
+    )
+    pause_after_failures: int = Field(
+        10, ge=1, description="consecutive failures after which an endpoint pauses and is probed"
+    )
+    probe_interval_seconds: float = Field(
+        30.0, gt=0, description="seconds between probes of a paused endpoint"
+    )
+    refuse_private_networks: bool = Field(
+        False, description="refuse endpoints that resolve to private network addresses"
+    )
 
 
 class MappingSettings(_Section):

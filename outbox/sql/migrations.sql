@@ -49,3 +49,24 @@ CREATE TABLE shadow (
     vals TEXT NOT NULL,                     -- JSON of the watched columns' last values
     PRIMARY KEY (tbl, key)
 ) WITHOUT ROWID;
+
+-- name: 2
+-- Delivery: the attempt log, endpoint health and stored signing secrets.
+CREATE TABLE attempts (
+    id           INTEGER PRIMARY KEY,
+    endpoint     TEXT    NOT NULL,
+    event_id     INTEGER NOT NULL,
+    attempted_at REAL    NOT NULL,
+    status       INTEGER NOT NULL,          -- HTTP status, 0 for a network error or timeout
+    duration_ms  REAL    NOT NULL,
+    error        TEXT,
+    response     TEXT                       -- the first 1 KiB of the response body
+);
+CREATE INDEX attempts_delivery ON attempts (endpoint, event_id);
+CREATE INDEX attempts_time ON attempts (attempted_at);
+CREATE INDEX deliveries_entity ON deliveries (endpoint, entity, event_id) WHERE status = 'pending';
+ALTER TABLE endpoints ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE endpoints ADD COLUMN paused_until REAL NOT NULL DEFAULT 0;
+ALTER TABLE endpoints ADD COLUMN secret TEXT;
+ALTER TABLE deliveries ADD COLUMN last_status INTEGER;
+ALTER TABLE deliveries ADD COLUMN last_error TEXT

@@ -1,0 +1,126 @@
+"""The dispatcher's SQLite adapter: claim due deliveries, record attempts, endpoint health.
+
+All methods are synchronous and run on one thread of their own (see
+:class:`dispatcher.worker.Dispatcher`), so the dispatcher is the single owner of its
+writes; the capture writer uses another connection and SQLite serialises the two.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from outbox import sqlfile, store
+
+D = sqlfile.load(Path(store.__file__).resolve().parent / "sql" / "dispatch.sql")
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    event_id: int
+    attempts: int
+    body: bytes
+
+
+@dataclass(slots=True)
+class EndpointState:
+    name: str
+    state: str  # active | paused | disabled
+    failures: int
+    paused_until: float
+    secret: str | None
+
+
+class DeliveryStore:
+    def __init__(self, path: str | Path) -> None:
+        self.conn = store.open_outbox(path)
+        self.conn.execute("PRAGMA busy_timeout=60000")  # capture may hold the lock a while
+        self._data_version = -1
+
+    def changed(self) -> bool:
+        """Whether another connection committed since the last call (cheap to poll)."""
+        version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        changed = version != self._data_version
+        self._data_version = version
+        return changed
+
+    def claim(self, endpoint: str, now: float, limit: int, skip: set[int]) -> list[Due]:
+        rows = self.conn.execute(
+            D["claim"], {"endpoint": endpoint, "now": now, "limit": limit + len(skip)}
+        ).fetchall()
+        due = []
+        for event_id, attempts, *envelope in rows:
+            if event_id in skip:
+                continue
+            body = store.envelope_json((event_id, *envelope)).encode("utf-8")
+            due.append(Due(event_id, attempts, body))
+        return due[:limit]
+
+    def next_due(self, endpoint: str) -> float | None:
+        row = self.conn.execute(D["next_due"], (endpoint,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def finish(
+        self,
+        endpoint: str,
+        event_id: int,
+        *,
+        attempt: tuple[float, int, float, str | None, str | None],
+        status: str,
+        next_attempt_at: float,
+    ) -> None:
+        """Record one attempt and the delivery's new state in one transaction."""
+        attempted_at, http_status, duration_ms, error, response = attempt
+        with _txn(self.conn):
+            self.conn.execute(
+                D["record_attempt"],
+                (endpoint, event_id, attempted_at, http_status, duration_ms, error, response),
+            )
+            self.conn.execute(
+                D["finish_delivery"],
+                {
+                    "endpoint": endpoint,
+                    "event_id": event_id,
+                    "status": status,
+                    "next_attempt_at": next_attempt_at,
+                    "last_status": http_status,
+                    "last_error": error,
+                },
+            )
+
+    def endpoint(self, name: str) -> EndpointState:
+        row = self.conn.execute(D["endpoint_state"], (name,)).fetchone()
+        if row is None:
+            self.conn.execute(store.Q["register_endpoint"], (name, time.time()))
+            return EndpointState(name, "active", 0, 0.0, None)
+        return EndpointState(*row)
+
+    def save_endpoint(self, state: EndpointState) -> None:
+        with _txn(self.conn):
+            self.conn.execute(
+                D["set_endpoint_state"],
+                {
+                    "name": state.name,
+                    "state": state.state,
+                    "failures": state.failures,
+                    "paused_until": state.paused_until,
+                    "now": time.time(),
+                },
+            )
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _txn:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,259 @@
+"""Delivery workers: due deliveries ▶ signed POST ▶ attempt log, per endpoint.
+
+Per endpoint, a loop claims due deliveries (only the oldest pending one of each entity,
+so one order's events arrive in order while other orders proceed) and sends each in its
+own task, within a global and a per-endpoint concurrency limit.  The retry policy decides
+what happens next; endpoint health pauses an endpoint after a run of failures and probes
+it with one delivery at a time until one succeeds.
+
+SQLite work runs on one thread of its own; the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+
+from config.settings import EndpointSettings, Settings
+from dispatcher import retry, signing
+from dispatcher.deliveries import DeliveryStore, Due, EndpointState
+from dispatcher.sender import Sender, check_url
+
+log = structlog.get_logger("ct1_cdc.dispatch")
+T = TypeVar("T")
+
+POLL_SECONDS = 0.02  # how often another process's commits are looked for
+STATE_REFRESH_SECONDS = 1.0  # how often endpoint state set by the CLI is re-read
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("ct1-cdc")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0"
+
+
+@dataclass
+class Runtime:
+    """One endpoint while the dispatcher runs."""
+
+    cfg: EndpointSettings
+    keys: list[bytes]
+    state: EndpointState
+    limit: int
+    max_limit: int
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    delivered: int = 0
+    failed: int = 0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cfg = settings.dispatcher
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.version = version()
+        for endpoint in settings.endpoints:
+            check_url(endpoint.name, endpoint.url, self.cfg.require_https)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dispatch-db")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.runtimes: dict[str, Runtime] = {}
+        self._global = asyncio.Semaphore(self.cfg.concurrency)
+
+    # -- wiring -------------------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """New deliveries were committed (callable from any thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        for runtime in self.runtimes.values():
+            runtime.wake.set()
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        store = await self._db(DeliveryStore, self.settings.outbox.path)
+        sender = Sender(
+            self.cfg.timeout_seconds,
+            concurrency=self.cfg.concurrency,
+            refuse_private=self.cfg.refuse_private_networks,
+        )
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for cfg in self.settings.endpoints:
+                if not cfg.enabled:
+                    continue
+                runtime = await self._runtime(store, cfg)
+                if runtime is None:
+                    continue
+                self.runtimes[cfg.name] = runtime
+                tasks.append(asyncio.create_task(self._endpoint_loop(store, sender, runtime)))
+            tasks.append(asyncio.create_task(self._poll(store)))
+            log.info("dispatch_started", endpoints=sorted(self.runtimes))
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            inflight = [t for r in self.runtimes.values() for t in r.inflight.values()]
+            for task in inflight:
+                task.cancel()
+            await asyncio.gather(*tasks, *inflight, return_exceptions=True)
+            await sender.close()
+            await self._db(store.close)
+            self._executor.shutdown(wait=True)
+            self._loop = None
+
+    async def _runtime(self, store: DeliveryStore, cfg: EndpointSettings) -> Runtime | None:
+        state = await self._db(store.endpoint, cfg.name)
+        secret = cfg.secret or state.secret
+        if not secret:
+            log.error(
+                "endpoint_without_secret",
+                endpoint=cfg.name,
+                fix="set [[endpoints]] secret or run `ct1-cdc setup`",
+            )
+            return None
+        keys = [signing.secret_key(secret)]
+        if cfg.previous_secret:
+            keys.append(signing.secret_key(cfg.previous_secret))
+        limit = self.cfg.endpoint_concurrency
+        return Runtime(cfg=cfg, keys=keys, state=state, limit=limit, max_limit=limit)
+
+    async def _poll(self, store: DeliveryStore) -> None:
+        """Notice commits by another process (capture running apart) within tens of ms."""
+        while True:
+            if await self._db(store.changed):
+                self._wake_all()
+            await asyncio.sleep(POLL_SECONDS)
+
+    # -- one endpoint -------------------------------------------------------------------------
+
+    async def _endpoint_loop(self, store: DeliveryStore, sender: Sender, rt: Runtime) -> None:
+        next_refresh = 0.0
+        while True:
+            now = self.clock()
+            if now >= next_refresh:
+                rt.state = await self._db(store.endpoint, rt.cfg.name)
+                next_refresh = now + STATE_REFRESH_SECONDS
+            if rt.state.state == "disabled":
+                await self._sleep(rt, STATE_REFRESH_SECONDS)
+                continue
+            paused = rt.state.state == "paused"
+            if paused and now < rt.state.paused_until:
+                await self._sleep(rt, min(rt.state.paused_until - now, STATE_REFRESH_SECONDS))
+                continue
+            capacity = (1 if paused else rt.limit) - len(rt.inflight)
+            if capacity <= 0:
+                await asyncio.wait(list(rt.inflight.values()), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            rt.wake.clear()
+            due = await self._db(store.claim, rt.cfg.name, now, capacity, set(rt.inflight))
+            if not due:
+                next_at = await self._db(store.next_due, rt.cfg.name)
+                wait = 1.0 if next_at is None else min(1.0, max(0.0, next_at - now))
+                await self._sleep(rt, wait if wait > 0 else POLL_SECONDS)
+                continue
+            for item in due:
+                task = asyncio.create_task(self._deliver(store, sender, rt, item))
+                rt.inflight[item.event_id] = task
+                task.add_done_callback(functools.partial(_forget, rt.inflight, item.event_id))
+
+    async def _sleep(self, rt: Runtime, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(rt.wake.wait(), timeout=seconds)
+
+    async def _deliver(self, store: DeliveryStore, sender: Sender, rt: Runtime, item: Due) -> None:
+        msg_id = signing.message_id(item.event_id)
+        async with self._global:
+            sent_at = self.clock()
+            headers = signing.headers(rt.keys, msg_id, int(sent_at), item.body, self.version)
+            attempt = await sender.post(rt.cfg.url, item.body, headers)
+        now = self.clock()
+        number = item.attempts + 1
+        decision = retry.decide(
+            retry.Outcome(attempt.status, attempt.retry_after),
+            number,
+            self.cfg.retry_schedule,
+            now,
+            self.rng,
+        )
+        status = {"delivered": "delivered", "dead": "dead"}.get(decision.action, "pending")
+        next_at = decision.next_attempt_at or now
+        await self._db(
+            store.finish,
+            rt.cfg.name,
+            item.event_id,
+            attempt=(sent_at, attempt.status, attempt.duration_ms, attempt.error, attempt.response),
+            status=status,
+            next_attempt_at=next_at,
+        )
+        fields = {
+            "endpoint": rt.cfg.name,
+            "event_id": item.event_id,
+            "attempt": number,
+            "status": attempt.status,
+            "duration_ms": attempt.duration_ms,
+        }
+        if decision.action == "delivered":
+            rt.delivered += 1
+            log.debug("webhook_delivered", **fields)
+        else:
+            rt.failed += 1
+            log.info("webhook_failed", error=attempt.error, outcome=decision.action, **fields)
+        await self._health(store, rt, decision, now)
+
+    async def _health(self, store: DeliveryStore, rt: Runtime, decision: retry.Decision, now: float) -> None:
+        state = rt.state
+        before = (state.state, state.failures, state.paused_until)
+        if decision.action == "delivered":
+            state.failures = 0
+            rt.limit = min(rt.max_limit, rt.limit + 1)
+            if state.state == "paused":
+                state.state = "active"
+                log.info("endpoint_resumed", endpoint=state.name)
+        elif decision.action == "disable":
+            state.state = "disabled"
+            log.warning("endpoint_disabled", endpoint=state.name, reason="410 Gone")
+        else:
+            state.failures += 1
+            if decision.slow_down:
+                rt.limit = max(1, rt.limit // 2)
+            probe = self.cfg.probe_interval_seconds
+            if state.state == "paused":
+                state.paused_until = now + probe
+            elif state.state == "active" and state.failures >= self.cfg.pause_after_failures:
+                state.state = "paused"
+                state.paused_until = now + probe
+                log.warning("endpoint_paused", endpoint=state.name, failures=state.failures, probe_in=probe)
+        if (state.state, state.failures, state.paused_until) != before:
+            await self._db(store.save_endpoint, state)
+
+
+def _forget(inflight: dict[int, asyncio.Task[None]], event_id: int, _task: asyncio.Task[None]) -> None:
+    inflight.pop(event_id, None)

@@ -1,0 +1,72 @@
+-- Queries of the dispatcher.
+
+-- name: claim
+-- Due deliveries of one endpoint, only the oldest pending one of each entity, so one
+-- entity's events go out strictly in order while other entities proceed.
+SELECT d.event_id, d.attempts, e.type, e.occurred_at, e.data, e.source_table, e.op, e.lsn, e.xid
+FROM deliveries d
+JOIN events e ON e.id = d.event_id
+WHERE d.endpoint = :endpoint
+  AND d.status = 'pending'
+  AND d.next_attempt_at <= :now
+  AND NOT EXISTS (
+      SELECT 1 FROM deliveries p
+      WHERE p.endpoint = d.endpoint AND p.status = 'pending'
+        AND p.entity = d.entity AND p.event_id < d.event_id
+  )
+ORDER BY d.event_id
+LIMIT :limit
+
+-- name: next_due
+SELECT min(next_attempt_at) FROM deliveries WHERE endpoint = ? AND status = 'pending'
+
+-- name: record_attempt
+INSERT INTO attempts (endpoint, event_id, attempted_at, status, duration_ms, error, response)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+
+-- name: finish_delivery
+UPDATE deliveries
+SET status = :status, attempts = attempts + 1, next_attempt_at = :next_attempt_at,
+    last_status = :last_status, last_error = :last_error
+WHERE endpoint = :endpoint AND event_id = :event_id
+
+-- name: endpoint_state
+SELECT name, state, failures, paused_until, secret FROM endpoints WHERE name = ?
+
+-- name: set_endpoint_state
+UPDATE endpoints SET state = :state, failures = :failures, paused_until = :paused_until,
+    updated_at = :now
+WHERE name = :name
+
+-- name: set_endpoint_secret
+UPDATE endpoints SET secret = ? WHERE name = ? AND secret IS NULL
+
+-- name: list_endpoints
+SELECT e.name, e.state, e.failures, e.paused_until,
+       (SELECT count(*) FROM deliveries d WHERE d.endpoint = e.name AND d.status = 'pending') AS pending,
+       (SELECT count(*) FROM deliveries d WHERE d.endpoint = e.name AND d.status = 'dead') AS dead,
+       (SELECT max(attempted_at) FROM attempts a WHERE a.endpoint = e.name) AS last_attempt_at
+FROM endpoints e ORDER BY e.name
+
+-- name: list_deliveries
+SELECT d.endpoint, d.event_id, e.type, d.status, d.attempts, d.next_attempt_at, d.last_status, d.last_error
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE (:status IS NULL OR d.status = :status)
+  AND (:endpoint IS NULL OR d.endpoint = :endpoint)
+  AND (:event_id IS NULL OR d.event_id = :event_id)
+  AND d.event_id > :after
+ORDER BY d.event_id, d.endpoint
+LIMIT :limit
+
+-- name: delivery_attempts
+SELECT endpoint, attempted_at, status, duration_ms, error, response
+FROM attempts WHERE event_id = ? ORDER BY id
+
+-- name: replay_event
+UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now
+WHERE event_id = :event_id AND (:endpoint IS NULL OR endpoint = :endpoint)
+
+-- name: replay_dead
+UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now
+WHERE status = 'dead' AND (:endpoint IS NULL OR endpoint = :endpoint)
+  AND event_id IN (SELECT id FROM events WHERE created_at >= :since)

@@ -1,0 +1,278 @@
+"""The dispatcher against real aiohttp receivers on loopback and a real SQLite outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from standardwebhooks import Webhook
+
+from config.settings import Settings
+from dispatcher.deliveries import DeliveryStore
+from dispatcher.signing import generate_secret
+from dispatcher.worker import Dispatcher
+from outbox import store
+from outbox.store import Route, Router
+from outbox.writer import OutboxWriter
+
+SECRET = generate_secret()
+FAST = [0, 0.05, 0.05, 0.05, 0.05]
+
+Handler = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
+
+
+class Receiver:
+    """A webhook receiver on loopback that verifies every signature it gets."""
+
+    def __init__(self, handler: Handler | None = None, secret: str = SECRET) -> None:
+        self.handler = handler
+        self.webhook = Webhook(secret)
+        self.received: list[dict[str, Any]] = []
+        self.calls = 0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.calls += 1
+        body = await request.read()
+        if self.handler is not None:
+            response = await self.handler(request, self.calls)
+            if response.status != 200:
+                return response
+        envelope = self.webhook.verify(body, dict(request.headers))
+        self.received.append({"envelope": envelope, "headers": dict(request.headers)})
+        return web.Response(text="ok")
+
+    async def __aenter__(self) -> Receiver:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        return self
+
+    async def __aexit__(self, *_: Any) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+def settings_for(tmp_path: Path, url: str, **dispatcher: Any) -> Settings:
+    return Settings(
+        outbox={"path": str(tmp_path / "outbox.db")},
+        dispatcher={"retry_schedule": FAST, "timeout_seconds": 2, **dispatcher},
+        endpoints=[{"name": "ct2", "url": url, "secret": SECRET, "events": ["*"]}],
+    )
+
+
+def append(settings: Settings, events: list[tuple[str, str, Any]]) -> None:
+    """Append (type, object, entity id) events the way capture does."""
+    conn = store.open_outbox(settings.outbox.path)
+    writer = OutboxWriter(conn, Router([Route(e.name, tuple(e.events)) for e in settings.endpoints]))
+    for n, (etype, obj, key) in enumerate(events):
+        writer.add(
+            type=etype,
+            object=obj,
+            entity_id=key,
+            data={"object": obj, "id": key, "record": {"id": key, "n": n}, "previous": None},
+            occurred_at="2026-11-25T00:00:00.000000Z",
+            table="public.t",
+            op="insert",
+            lsn="0/1",
+            xid=1,
+        )
+    writer.commit("test", 1)
+    writer.close()
+
+
+def deliveries(settings: Settings) -> dict[int, tuple[str, int]]:
+    conn = store.connect(settings.outbox.path, readonly=True)
+    rows = conn.execute("SELECT event_id, status, attempts FROM deliveries").fetchall()
+    conn.close()
+    return {e: (s, a) for e, s, a in rows}
+
+
+async def run_until(dispatcher: Dispatcher, done: Callable[[], bool], timeout: float = 20) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop))
+    try:
+        async with asyncio.timeout(timeout):
+            while not done():
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await task
+
+
+async def test_delivers_signed_envelopes_that_verify_with_standardwebhooks(tmp_path):
+    async with Receiver() as rx:
+        settings = settings_for(tmp_path, rx.url)
+        append(settings, [("order.created", "order", 1), ("customer.created", "customer", 9)])
+        await run_until(Dispatcher(settings), lambda: len(rx.received) == 2)
+    first = rx.received[0]
+    assert first["headers"]["webhook-id"] == "evt_1"
+    assert first["headers"]["User-Agent"].startswith("ct1-cdc/")
+    assert first["envelope"]["type"] == "order.created"
+    assert first["envelope"]["data"]["record"] == {"id": 1, "n": 0}
+    assert deliveries(settings) == {1: ("delivered", 1), 2: ("delivered", 1)}
+
+
+async def test_per_entity_order_holds_under_concurrency_and_failures(tmp_path):
+    rng = random.Random(3)
+
+    async def flaky(request: web.Request, call: int) -> web.StreamResponse:
+        await asyncio.sleep(rng.uniform(0, 0.01))
+        if rng.random() < 0.3:
+            return web.Response(status=503)
+        return web.Response()
+
+    events = [("order.updated", "order", i % 5) for i in range(100)]
+    async with Receiver(flaky) as rx:
+        settings = settings_for(
+            tmp_path,
+            rx.url,
+            retry_schedule=[0] + [0.01] * 30,
+            endpoint_concurrency=16,
+            pause_after_failures=1000,
+        )
+        append(settings, events)
+        await run_until(Dispatcher(settings), lambda: len(rx.received) >= 100, timeout=60)
+    per_entity: dict[int, list[int]] = {}
+    for item in rx.received:
+        env = item["envelope"]
+        per_entity.setdefault(env["data"]["id"], []).append(env["id"])
+    for ids in per_entity.values():
+        assert ids == sorted(ids), "an entity's events arrived out of order"
+    assert sorted(i for ids in per_entity.values() for i in ids) == list(range(1, 101))
+
+
+async def test_server_errors_retry_and_are_logged_then_dead(tmp_path):
+    async def always_500(request: web.Request, call: int) -> web.StreamResponse:
+        return web.Response(status=500, text="boom " + "x" * 5000)
+
+    async with Receiver(always_500) as rx:
+        settings = settings_for(tmp_path, rx.url, pause_after_failures=100)
+        append(settings, [("order.created", "order", 1)])
+        await run_until(Dispatcher(settings), lambda: deliveries(settings)[1][0] == "dead")
+    assert rx.calls == len(FAST)
+    conn = store.connect(settings.outbox.path, readonly=True)
+    attempts = conn.execute("SELECT status, error, response FROM attempts ORDER BY id").fetchall()
+    conn.close()
+    assert [a[0] for a in attempts] == [500] * len(FAST)
+    assert attempts[0][1] == "HTTP 500"
+    assert attempts[0][2].startswith("boom") and len(attempts[0][2]) == 1024
+
+
+async def test_gone_disables_the_endpoint_and_keeps_the_delivery_pending(tmp_path):
+    async def gone(request: web.Request, call: int) -> web.StreamResponse:
+        return web.Response(status=410)
+
+    async with Receiver(gone) as rx:
+        settings = settings_for(tmp_path, rx.url)
+        append(settings, [("order.created", "order", 1), ("order.created", "order", 2)])
+        dispatcher = Dispatcher(settings)
+        await run_until(
+            dispatcher,
+            lambda: "ct2" in dispatcher.runtimes and dispatcher.runtimes["ct2"].state.state == "disabled",
+        )
+        await asyncio.sleep(0.3)
+    assert rx.calls <= 2  # nothing more after the 410s
+    assert {s for s, _ in deliveries(settings).values()} == {"pending"}
+    reader = DeliveryStore(settings.outbox.path)
+    assert reader.endpoint("ct2").state == "disabled"
+    reader.close()
+
+
+async def test_unreachable_endpoint_pauses_and_a_probe_resumes_it(tmp_path):
+    up = False
+
+    async def until_up(request: web.Request, call: int) -> web.StreamResponse:
+        return web.Response() if up else web.Response(status=502)
+
+    async with Receiver(until_up) as rx:
+        settings = settings_for(
+            tmp_path,
+            rx.url,
+            pause_after_failures=3,
+            probe_interval_seconds=0.3,
+            retry_schedule=[0] + [0.01] * 50,
+            endpoint_concurrency=1,
+        )
+        append(settings, [("order.created", "order", i) for i in range(20)])
+        dispatcher = Dispatcher(settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatcher.run(stop))
+        try:
+            async with asyncio.timeout(20):
+                while "ct2" not in dispatcher.runtimes or dispatcher.runtimes["ct2"].state.state != "paused":
+                    await asyncio.sleep(0.01)
+                calls_at_pause = rx.calls
+                await asyncio.sleep(0.7)
+                # while paused: only probes, one per interval
+                assert rx.calls - calls_at_pause <= 3
+                up = True
+                while len(rx.received) < 20:
+                    await asyncio.sleep(0.02)
+            assert dispatcher.runtimes["ct2"].state.state == "active"
+        finally:
+            stop.set()
+            await task
+    attempts = deliveries(settings)
+    assert all(s == "delivered" for s, _ in attempts.values())
+    assert max(a for _, a in attempts.values()) < 50  # pausing saved the attempts
+
+
+@pytest.mark.parametrize("behaviour", ["redirect", "hang", "close"])
+async def test_redirects_hangs_and_dropped_connections_are_failures(tmp_path, behaviour):
+    async def bad(request: web.Request, call: int) -> web.StreamResponse:
+        if behaviour == "redirect":
+            raise web.HTTPFound("http://127.0.0.1:9/elsewhere")
+        if behaviour == "hang":
+            await asyncio.sleep(5)
+            return web.Response()
+        request.transport.close()  # type: ignore[union-attr]
+        return web.Response()
+
+    async with Receiver(bad) as rx:
+        settings = settings_for(
+            tmp_path, rx.url, timeout_seconds=0.3, retry_schedule=[0], pause_after_failures=100
+        )
+        append(settings, [("order.created", "order", 1)])
+        await run_until(Dispatcher(settings), lambda: deliveries(settings)[1][0] == "dead")
+    conn = store.connect(settings.outbox.path, readonly=True)
+    status, error = conn.execute("SELECT status, error FROM attempts").fetchone()
+    conn.close()
+    expected = {"redirect": (302, "HTTP 302"), "hang": (0, "timeout")}
+    if behaviour in expected:
+        assert (status, error) == expected[behaviour]
+    else:
+        assert status == 0 and error
+
+
+def test_plain_http_off_loopback_is_refused(tmp_path):
+    from cdc.errors import ConfigError
+
+    settings = settings_for(tmp_path, "http://example.invalid/hook")
+    with pytest.raises(ConfigError, match="https"):
+        Dispatcher(settings)
+    ok = settings_for(tmp_path, "http://example.invalid/hook", require_https=False)
+    Dispatcher(ok)
+
+
+def test_envelope_body_matches_the_outbox(tmp_path):
+    settings = settings_for(tmp_path, "http://127.0.0.1:1/hook")
+    append(settings, [("order.created", "order", 5)])
+    store_ = DeliveryStore(settings.outbox.path)
+    (due,) = store_.claim("ct2", 1e12, 10, set())
+    assert json.loads(due.body)["data"]["id"] == 5
+    store_.close()
