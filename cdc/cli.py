@@ -162,9 +162,16 @@ def setup(
         writer = OutboxWriter(store.open_outbox(settings.outbox.path), router_for(settings))
         try:
             created = ensure_slot(conn, settings.source.dsn, settings.source.slot, mapping, writer)
+            secrets = store_secrets(writer.conn, settings)
         finally:
             writer.close()
+        for name, secret in secrets.items():
+            click.echo(
+                f"endpoint {name}: generated signing secret {secret} (shown once: give it to the receiver)",
+                err=True,
+            )
     summary = {
+        "generated_secrets": secrets,
         "slot": settings.source.slot,
         "slot_created": created,
         "outbox": settings.outbox.path,
@@ -175,6 +182,26 @@ def setup(
     else:
         state = "created" if created else "already present"
         click.echo(f"slot {settings.source.slot}: {state}; outbox {settings.outbox.path} ready")
+
+
+def store_secrets(conn: Any, settings: Settings) -> dict[str, str]:
+    """A whsec_ secret for every configured endpoint that has none, kept in the outbox."""
+    from dispatcher.deliveries import D
+    from dispatcher.signing import generate_secret
+
+    made: dict[str, str] = {}
+    for endpoint in settings.endpoints:
+        if endpoint.secret:
+            continue
+        row = conn.execute("SELECT secret FROM endpoints WHERE name = ?", (endpoint.name,)).fetchone()
+        if row and row[0]:
+            continue
+        secret = generate_secret()
+        with conn:
+            conn.execute(store.Q["register_endpoint"], (endpoint.name, 0))
+            conn.execute(D["set_endpoint_secret"], (secret, endpoint.name))
+        made[endpoint.name] = secret
+    return made
 
 
 # -- run ------------------------------------------------------------------------------------
@@ -251,14 +278,22 @@ def outbox_show(ctx: click.Context, event_id: int, as_json: bool) -> None:
     if row is None:
         fail(f"no event {event_id} in the outbox")
     assert row is not None
+    from cdc.cli_delivery import attempts_of
+
     envelope = orjson.loads(store.envelope_json(row))
     deliveries = store.event_deliveries(conn, event_id)
+    attempts = attempts_of(conn, event_id)
     if as_json:
-        emit_json({"event": envelope, "deliveries": deliveries})
+        emit_json({"event": envelope, "deliveries": deliveries, "attempts": attempts})
         return
     click.echo(json.dumps(envelope, indent=2, ensure_ascii=False))
     for d in deliveries:
         click.echo(f"delivery to {d['endpoint']}: {d['status']} after {d['attempts']} attempt(s)")
+    for a in attempts:
+        click.echo(
+            f"  attempt {a['at']} {a['endpoint']}: status {a['status']} in {a['duration_ms']} ms"
+            + (f" ({a['error']})" if a["error"] else "")
+        )
 
 
 @outbox.command("stats")
@@ -280,6 +315,14 @@ def outbox_stats(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"deliveries to {endpoint}: {parts}")
     for slot, lsn in stats["checkpoints"].items():
         click.echo(f"checkpoint of slot {slot}: {lsn}")
+
+
+# -- endpoints ------------------------------------------------------------------------------
+
+
+@main.group()
+def endpoints() -> None:
+    """List, enable or disable webhook endpoints."""
 
 
 # -- slot -----------------------------------------------------------------------------------
@@ -367,6 +410,9 @@ def entry() -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
 
+
+# The delivery commands live in their own module and attach to the groups above.
+from cdc import cli_delivery  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     entry()

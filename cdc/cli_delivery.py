@@ -1,0 +1,204 @@
+"""Delivery commands: ``outbox deliveries``, ``outbox replay``, ``endpoints …``.
+
+Registered on the groups of :mod:`cdc.cli` when that module is imported.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from cdc.cli import emit_json, endpoints, fail, handled, outbox, settings_of
+from dispatcher.deliveries import D
+from outbox import store
+
+
+def _writer_conn(ctx: click.Context) -> sqlite3.Connection:
+    path = settings_of(ctx).outbox.path
+    store.connect(path, readonly=True).close()  # a missing outbox fails with its fix
+    return store.open_outbox(path)
+
+
+def _when(value: float | None) -> str | None:
+    if not value:
+        return None
+    return datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _since(text: str | None) -> float:
+    if text is None:
+        return 0.0
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"--since {text!r} is not an ISO 8601 time like 2026-11-25T14:00:00Z")
+        raise  # unreachable: fail exits
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+@outbox.command("deliveries")
+@click.option("--status", type=click.Choice(["pending", "delivered", "dead"]))
+@click.option("--endpoint", help="only this endpoint")
+@click.option("--event", "event_id", type=click.IntRange(min=1), help="only this event")
+@click.option("--after", default=0, type=click.IntRange(min=0), help="only events with id > AFTER")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def outbox_deliveries(
+    ctx: click.Context,
+    status: str | None,
+    endpoint: str | None,
+    event_id: int | None,
+    after: int,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Deliveries with their state, last HTTP status and error."""
+    conn = store.connect(settings_of(ctx).outbox.path, readonly=True)
+    rows = conn.execute(
+        D["list_deliveries"],
+        {
+            "status": status,
+            "endpoint": endpoint,
+            "event_id": event_id,
+            "after": after,
+            "limit": limit,
+        },
+    ).fetchall()
+    for endpoint_, event, etype, state, attempts, next_at, last_status, last_error in rows:
+        item = {
+            "endpoint": endpoint_,
+            "event_id": event,
+            "type": etype,
+            "status": state,
+            "attempts": attempts,
+            "next_attempt_at": _when(next_at) if state == "pending" else None,
+            "last_status": last_status,
+            "last_error": last_error,
+        }
+        if as_json:
+            emit_json(item)
+        else:
+            click.echo(
+                f"{event:>8}  {endpoint_:<8} {state:<9} attempts={attempts} "
+                f"last={last_status if last_status is not None else '-'} {etype}"
+                + (f"  ({last_error})" if last_error else "")
+            )
+
+
+def attempts_of(conn: sqlite3.Connection, event_id: int) -> list[dict[str, Any]]:
+    return [
+        {"endpoint": e, "at": _when(at), "status": s, "duration_ms": d, "error": err, "response": r}
+        for e, at, s, d, err, r in conn.execute(D["delivery_attempts"], (event_id,)).fetchall()
+    ]
+
+
+@outbox.command("replay")
+@click.option("--event", "event_id", type=click.IntRange(min=1), help="replay this event")
+@click.option("--dead", is_flag=True, help="replay every dead delivery")
+@click.option("--endpoint", help="only to this endpoint")
+@click.option("--since", help="with --dead: only events stored since this ISO 8601 time")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def outbox_replay(
+    ctx: click.Context,
+    event_id: int | None,
+    dead: bool,
+    endpoint: str | None,
+    since: str | None,
+    as_json: bool,
+) -> None:
+    """Deliver events again (same webhook-id), now, with a fresh retry schedule."""
+    if (event_id is None) == (not dead):
+        fail("give exactly one of --event ID or --dead")
+    if since and not dead:
+        fail("--since goes with --dead")
+    conn = _writer_conn(ctx)
+    now = time.time()
+    with conn:
+        if event_id is not None:
+            if store.get_event(conn, event_id) is None:
+                fail(f"no event {event_id} in the outbox")
+            cur = conn.execute(D["replay_event"], {"event_id": event_id, "endpoint": endpoint, "now": now})
+        else:
+            cur = conn.execute(D["replay_dead"], {"endpoint": endpoint, "since": _since(since), "now": now})
+    count = cur.rowcount
+    conn.close()
+    if as_json:
+        emit_json({"replayed": count})
+    else:
+        click.echo(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
+
+
+@endpoints.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def endpoints_list(ctx: click.Context, as_json: bool) -> None:
+    """Endpoints with their state (active, paused, disabled) and backlog."""
+    settings = settings_of(ctx)
+    configured = {e.name: e for e in settings.endpoints}
+    conn = store.connect(settings.outbox.path, readonly=True)
+    rows = {r[0]: r for r in conn.execute(D["list_endpoints"]).fetchall()}
+    for name in sorted(set(configured) | set(rows)):
+        _, state, failures, paused_until, pending, dead, last = rows.get(
+            name, (name, "active", 0, 0, 0, 0, None)
+        )
+        cfg = configured.get(name)
+        item = {
+            "name": name,
+            "url": cfg.url if cfg else None,
+            "enabled": bool(cfg and cfg.enabled),
+            "state": state,
+            "failures": failures,
+            "pending": pending,
+            "dead": dead,
+            "paused_until": _when(paused_until) if state == "paused" else None,
+            "last_attempt_at": _when(last),
+            "events": list(cfg.events) if cfg else [],
+        }
+        if as_json:
+            emit_json(item)
+        else:
+            click.echo(
+                f"{name:<8} {state:<9} pending={pending} dead={dead} {item['url'] or '(not configured)'}"
+            )
+
+
+def _set_state(ctx: click.Context, name: str, state: str) -> None:
+    conn = _writer_conn(ctx)
+    with conn:
+        cur = conn.execute(
+            "UPDATE endpoints SET state = ?, failures = 0, paused_until = 0, updated_at = ? WHERE name = ?",
+            (state, time.time(), name),
+        )
+    conn.close()
+    if cur.rowcount == 0:
+        fail(f"no endpoint {name!r} in the outbox (see `ct1-cdc endpoints list`)")
+    click.echo(f"endpoint {name} {'enabled' if state == 'active' else 'disabled'}")
+
+
+@endpoints.command("enable")
+@click.argument("name")
+@click.pass_context
+@handled
+def endpoints_enable(ctx: click.Context, name: str) -> None:
+    """Resume deliveries to NAME (also after a 410 or a pause)."""
+    _set_state(ctx, name, "active")
+
+
+@endpoints.command("disable")
+@click.argument("name")
+@click.pass_context
+@handled
+def endpoints_disable(ctx: click.Context, name: str) -> None:
+    """Stop deliveries to NAME; they wait, pending, until it is enabled."""
+    _set_state(ctx, name, "disabled")

@@ -1,0 +1,87 @@
+"""The whole flow as a user runs it: setup generates secrets, `ct1-cdc run` captures and
+delivers, the receiver verifies with standardwebhooks, and the CLI inspects, disables,
+enables and replays."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+from tests.acceptance.helpers import ThreadReceiver, cli, spawn
+
+
+def wait_for(predicate, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_setup_run_deliver_disable_enable_replay(source_db, tmp_path):
+    with ThreadReceiver() as rx:
+        config = tmp_path / "c.toml"
+        config.write_text(
+            f"[source]\ndsn = {source_db.dsn!r}\nslot = {source_db.slot!r}\nheartbeat_seconds = 0.5\n"
+            f"[outbox]\npath = {str(tmp_path / 'o.db')!r}\n"
+            f"[dispatcher]\nretry_schedule = [0, 0.2, 0.2]\n"
+            f'[[endpoints]]\nname = "ct2"\nurl = "{rx.url}"\n'
+        )
+        setup = cli("setup", "--json", config=config)
+        assert setup.returncode == 0, setup.stderr
+        summary = json.loads(setup.stdout.splitlines()[-1])
+        rx.secret = summary["generated_secrets"]["ct2"]
+        assert rx.secret.startswith("whsec_") and rx.secret in setup.stderr
+        again = cli("setup", "--json", config=config)
+        assert json.loads(again.stdout.splitlines()[-1])["generated_secrets"] == {}  # shown once
+
+        log = tmp_path / "run.log"
+        run = spawn("run", config=config, log=log)
+        try:
+            for i in range(5):
+                source_db.execute(
+                    "INSERT INTO users (name, email, password) VALUES (%s, %s, 'pw')", f"u{i}", f"u{i}@x"
+                )
+            source_db.execute("UPDATE users SET phone = '1' WHERE name = 'u0'")
+            wait_for(lambda: len(rx.received) == 6)
+            assert rx.rejected == 0
+            assert [e["type"] for e in rx.received].count("customer.created") == 5
+            assert rx.ids == [f"evt_{e['id']}" for e in rx.received]
+            assert "pw" not in json.dumps(rx.received)
+
+            delivered = cli("outbox", "deliveries", "--json", "--status", "delivered", config=config)
+            assert len(delivered.stdout.splitlines()) == 6
+            listed = [
+                json.loads(x) for x in cli("endpoints", "list", "--json", config=config).stdout.splitlines()
+            ]
+            assert listed[0]["name"] == "ct2" and listed[0]["state"] == "active"
+
+            assert cli("endpoints", "disable", "ct2", config=config).returncode == 0
+            time.sleep(1.5)  # the dispatcher re-reads endpoint state every second
+            source_db.execute("INSERT INTO users (name, email, password) VALUES ('late', 'late@x', 'pw')")
+            time.sleep(1.5)
+            assert len(rx.received) == 6
+            pending = cli("outbox", "deliveries", "--json", "--status", "pending", config=config)
+            assert len(pending.stdout.splitlines()) == 1
+            assert cli("endpoints", "enable", "ct2", config=config).returncode == 0
+            wait_for(lambda: len(rx.received) == 7)
+
+            replay = cli("outbox", "replay", "--event", "1", "--json", config=config)
+            assert json.loads(replay.stdout) == {"replayed": 1}
+            wait_for(lambda: len(rx.received) == 8)
+            assert rx.ids[-1] == "evt_1" and rx.received[-1] == rx.received[0]
+
+            shown = json.loads(cli("outbox", "show", "1", "--json", config=config).stdout)
+            assert [a["status"] for a in shown["attempts"]] == [200, 200]
+        finally:
+            run.send_signal(signal.SIGTERM)
+            assert run.wait(timeout=30) == 0, log.read_text()
+    assert rx.secret not in log.read_text()  # secrets never reach a log line
+
+
+def test_replay_needs_exactly_one_selection(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f"[outbox]\npath = {str(tmp_path / 'o.db')!r}\n")
+    result = cli("outbox", "replay", config=config)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("ct1-cdc: error:")
