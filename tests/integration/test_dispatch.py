@@ -276,3 +276,39 @@ def test_envelope_body_matches_the_outbox(tmp_path):
     (due,) = store_.claim("ct2", 1e12, 10, set())
     assert json.loads(due.body)["data"]["id"] == 5
     store_.close()
+
+
+async def test_huge_response_body_is_read_only_up_to_the_limit(tmp_path):
+    async def huge(request: web.Request, call: int) -> web.StreamResponse:
+        response = web.StreamResponse(status=500)
+        await response.prepare(request)
+        for _ in range(200):  # 20 MB, never read by the sender
+            await response.write(b"y" * 100_000)
+        return response
+
+    async with Receiver(huge) as rx:
+        settings = settings_for(tmp_path, rx.url, retry_schedule=[0], pause_after_failures=100)
+        append(settings, [("order.created", "order", 1)])
+        await run_until(Dispatcher(settings), lambda: deliveries(settings)[1][0] == "dead")
+    conn = store.connect(settings.outbox.path, readonly=True)
+    status, response = conn.execute("SELECT status, response FROM attempts").fetchone()
+    conn.close()
+    assert status == 500 and response == "y" * 1024
+
+
+async def test_retry_after_is_honoured_and_429_slows_the_endpoint(tmp_path):
+    times: list[float] = []
+
+    async def busy_once(request: web.Request, call: int) -> web.StreamResponse:
+        times.append(asyncio.get_running_loop().time())
+        if call == 1:
+            return web.Response(status=429, headers={"Retry-After": "1"})
+        return web.Response()
+
+    async with Receiver(busy_once) as rx:
+        settings = settings_for(tmp_path, rx.url, retry_schedule=[0, 0.01], endpoint_concurrency=4)
+        append(settings, [("order.created", "order", 1)])
+        dispatcher = Dispatcher(settings)
+        await run_until(dispatcher, lambda: len(rx.received) == 1)
+        assert dispatcher.runtimes["ct2"].limit == 3  # halved by the 429, +1 after the success
+    assert times[1] - times[0] >= 0.95  # waited for Retry-After, not the 10 ms schedule
