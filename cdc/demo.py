@@ -1,4 +1,5 @@
-"""``ct1-cdc demo``: a throwaway Postgres, the sample marketplace, capture, live traffic.
+"""``ct1-cdc demo``: a throwaway Postgres, the sample marketplace, capture, dispatch, two
+receivers (CT2, CT3) that verify every signature, and live traffic.
 
 Everything runs on loopback and stops by itself after ``duration`` seconds; the cluster
 and the outbox are removed at the end unless ``keep`` is set.
@@ -6,38 +7,127 @@ and the outbox are removed at the end unless ``keep`` is set.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import orjson
 import psycopg
+from aiohttp import web
 
 from cdc.app import build_capture
+from cdc.capture import ensure_slot
 from cdc.throwaway import create_cluster
+from client.webhooks import InvalidWebhook, WebhookVerifier
 from config import sample
 from config.settings import PACKAGE_DIR, Settings
+from dispatcher.signing import generate_secret
+from dispatcher.worker import Dispatcher
 from outbox import store
 
 
-def _describe(envelope: dict[str, object]) -> str:
+def describe(envelope: dict[str, Any]) -> str:
     data = envelope["data"]
-    assert isinstance(data, dict)
     record = data.get("record") or {}
-    assert isinstance(record, dict)
     previous = data.get("previous") or {}
-    assert isinstance(previous, dict)
     details = []
     for col in ("status", "payment_status", "total", "rating", "name", "product_id", "quantity"):
         if col in record:
             before = f"{previous[col]} -> " if col in previous else ""
             details.append(f"{col}={before}{record[col]}")
-    return f"#{envelope['id']:<5} {envelope['type']:<24} {data.get('object')}:{data.get('id')}  " + " ".join(
-        details[:3]
+    return f"{envelope['type']:<24} {data.get('object')}:{data.get('id')}  " + " ".join(details[:3])
+
+
+class DemoReceiver:
+    """CT2 or CT3 as the demo shows them: verify, print, answer 200."""
+
+    def __init__(self, name: str, secret: str, echo: Callable[[str], None]) -> None:
+        self.name = name
+        self.verifier = WebhookVerifier(secret)
+        self.echo = echo
+        self.count = 0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            envelope = self.verifier.verify(body, request.headers)
+        except InvalidWebhook as exc:
+            self.echo(f"{self.name} REJECTED {request.headers.get('webhook-id')}: {exc}")
+            return web.Response(status=401)
+        self.count += 1
+        self.echo(f"{self.name} <- {request.headers['webhook-id']:<9} {describe(envelope)}  [signature ok]")
+        return web.Response(text="ok")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/webhooks/ct1", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/webhooks/ct1"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+async def _flow(
+    dsn: str, root: Path, duration: float, rate: float, echo: Callable[[str], None]
+) -> dict[str, int]:
+    secrets = {"ct2": generate_secret(), "ct3": generate_secret()}
+    receivers = {name: DemoReceiver(name.upper(), secret, echo) for name, secret in secrets.items()}
+    for receiver in receivers.values():
+        await receiver.start()
+    base = Settings()
+    settings = Settings(
+        source={"dsn": dsn, "slot": "ct1_demo", "heartbeat_seconds": 2},
+        outbox={"path": str(root / "outbox.db")},
+        mapping={"file": str(PACKAGE_DIR / "mapping.toml")},
+        endpoints=[
+            {"name": e.name, "url": receivers[e.name].url, "secret": secrets[e.name], "events": e.events}
+            for e in base.endpoints
+        ],
     )
+    dispatcher = Dispatcher(settings)
+    capture = build_capture(settings, on_commit=dispatcher.notify)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ensure_slot(conn, dsn, settings.source.slot, capture.mapping, capture.writer)
+    echo(f"==> capture and dispatch running; CT2 at {receivers['ct2'].url}, CT3 at {receivers['ct3'].url}")
+    echo(f"==> live marketplace traffic for {duration:.0f} s:")
+    stop = asyncio.Event()
+    capture_task = asyncio.ensure_future(asyncio.to_thread(capture.run))
+    dispatch_task = asyncio.ensure_future(dispatcher.run(stop))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            traffic = sample.Traffic(conn)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + duration
+            while loop.time() < deadline:
+                await asyncio.to_thread(traffic.step)
+                await asyncio.sleep(1 / rate)
+        await asyncio.sleep(2)  # let the last events arrive
+    finally:
+        capture.stop()
+        stop.set()
+        await asyncio.gather(capture_task, dispatch_task, return_exceptions=True)
+        capture.writer.close()
+        for receiver in receivers.values():
+            await receiver.stop()
+    reader = store.connect(settings.outbox.path, readonly=True)
+    stats = store.stats(reader)
+    reader.close()
+    echo(f"==> {stats['events']} events captured: {stats['events_by_type']}")
+    echo(
+        f"==> deliveries: {stats['deliveries']}; received and verified: CT2 {receivers['ct2'].count}, "
+        f"CT3 {receivers['ct3'].count}"
+    )
+    return {"events": stats["events"], "ct2": receivers["ct2"].count, "ct3": receivers["ct3"].count}
 
 
 def run_demo(
@@ -50,8 +140,6 @@ def run_demo(
     root.chmod(0o711)  # the postgres OS user must reach its data directory inside
     echo(f"==> starting a throwaway Postgres with wal_level=logical in {root}")
     cluster = create_cluster(root / "pg")
-    capture = None
-    thread = None
     try:
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
             admin.execute("CREATE DATABASE marketplace")
@@ -60,46 +148,11 @@ def run_demo(
             sample.create_schema(conn)
             counts = sample.generate(conn, seed=1)
         echo(f"==> sample marketplace loaded: {counts}")
-        settings = Settings(
-            source={"dsn": dsn, "slot": "ct1_demo", "heartbeat_seconds": 2},
-            outbox={"path": str(root / "outbox.db")},
-            mapping={"file": str(PACKAGE_DIR / "mapping.toml")},
-        )
-        capture = build_capture(settings)
-        thread = threading.Thread(target=capture.run, daemon=True)
-        thread.start()
-        reader = store.open_outbox(settings.outbox.path)
-        echo(f"==> capture running (slot ct1_demo, outbox {settings.outbox.path})")
-        echo(f"==> live traffic for {duration:.0f} s; events as they land in the outbox:")
-        last = 0
-        seen = 0
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            traffic = sample.Traffic(conn)
-            deadline = time.monotonic() + duration
-            while time.monotonic() < deadline:
-                traffic.step()
-                time.sleep(1 / rate)
-                for row in store.iter_events(reader, after=last):
-                    last = row[0]
-                    seen += 1
-                    echo(_describe(orjson.loads(store.envelope_json(row))))
-        time.sleep(1)
-        for row in store.iter_events(reader, after=last):
-            seen += 1
-            echo(_describe(orjson.loads(store.envelope_json(row))))
-        stats = store.stats(reader)
-        echo(f"==> {seen} events in the outbox: {stats['events_by_type']}")
+        result = asyncio.run(_flow(dsn, root, duration, rate, echo))
         if keep:
-            echo(f"    inspect: CT1_OUTBOX__PATH={settings.outbox.path} ct1-cdc outbox list --json")
-        reader.close()
-        return {"events": seen}
+            echo(f"    inspect: CT1_OUTBOX__PATH={root / 'outbox.db'} ct1-cdc outbox list --json")
+        return result
     finally:
-        if capture is not None:
-            capture.stop()
-        if thread is not None:
-            thread.join(timeout=10)
-        if capture is not None:
-            capture.writer.close()
         if keep:
             echo(f"==> kept {root} (Postgres is stopped; data directory left in place)")
             cluster.stop()

@@ -85,3 +85,13 @@ def test_replay_needs_exactly_one_selection(tmp_path):
     result = cli("outbox", "replay", config=config)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("ct1-cdc: error:")
+
+
+def test_demo_shows_events_reaching_both_receivers_verified():
+    result = cli("demo", "--duration", "3", "--rate", "10", timeout=180)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "CT2 <- evt_1 " in out and "CT3 <- evt_1 " in out
+    assert "[signature ok]" in out and "REJECTED" not in out
+    summary = out.strip().splitlines()[-1]
+    assert "'delivered'" in summary and "'pending'" not in summary and "'dead'" not in summary
