@@ -25,6 +25,21 @@ class Due:
     body: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """One attempt and where it leaves the delivery."""
+
+    endpoint: str
+    event_id: int
+    attempted_at: float
+    http_status: int
+    duration_ms: float
+    error: str | None
+    response: str | None
+    status: str  # pending | delivered | dead
+    next_attempt_at: float
+
+
 @dataclass(slots=True)
 class EndpointState:
     name: str
@@ -32,6 +47,7 @@ class EndpointState:
     failures: int
     paused_until: float
     secret: str | None
+    updated_at: float  # when this state was last written (by us or by the CLI)
 
 
 class DeliveryStore:
@@ -63,39 +79,45 @@ class DeliveryStore:
         row = self.conn.execute(D["next_due"], (endpoint,)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    def finish(
-        self,
-        endpoint: str,
-        event_id: int,
-        *,
-        attempt: tuple[float, int, float, str | None, str | None],
-        status: str,
-        next_attempt_at: float,
-    ) -> None:
-        """Record one attempt and the delivery's new state in one transaction."""
-        attempted_at, http_status, duration_ms, error, response = attempt
+    def finish_many(self, results: list[Finished]) -> None:
+        """Record attempts and the deliveries' new states in one transaction (group
+        commit: one fsync for every delivery that finished meanwhile)."""
         with _txn(self.conn):
-            self.conn.execute(
+            self.conn.executemany(
                 D["record_attempt"],
-                (endpoint, event_id, attempted_at, http_status, duration_ms, error, response),
+                [
+                    (
+                        r.endpoint,
+                        r.event_id,
+                        r.attempted_at,
+                        r.http_status,
+                        r.duration_ms,
+                        r.error,
+                        r.response,
+                    )
+                    for r in results
+                ],
             )
-            self.conn.execute(
+            self.conn.executemany(
                 D["finish_delivery"],
-                {
-                    "endpoint": endpoint,
-                    "event_id": event_id,
-                    "status": status,
-                    "next_attempt_at": next_attempt_at,
-                    "last_status": http_status,
-                    "last_error": error,
-                },
+                [
+                    {
+                        "endpoint": r.endpoint,
+                        "event_id": r.event_id,
+                        "status": r.status,
+                        "next_attempt_at": r.next_attempt_at,
+                        "last_status": r.http_status,
+                        "last_error": r.error,
+                    }
+                    for r in results
+                ],
             )
 
     def endpoint(self, name: str) -> EndpointState:
         row = self.conn.execute(D["endpoint_state"], (name,)).fetchone()
         if row is None:
             self.conn.execute(store.Q["register_endpoint"], (name, time.time()))
-            return EndpointState(name, "active", 0, 0.0, None)
+            return EndpointState(name, "active", 0, 0.0, None, 0.0)
         return EndpointState(*row)
 
     def save_endpoint(self, state: EndpointState) -> None:
@@ -107,7 +129,7 @@ class DeliveryStore:
                     "state": state.state,
                     "failures": state.failures,
                     "paused_until": state.paused_until,
-                    "now": time.time(),
+                    "now": state.updated_at,
                 },
             )
 

@@ -25,7 +25,7 @@ import structlog
 
 from config.settings import EndpointSettings, Settings
 from dispatcher import retry, signing
-from dispatcher.deliveries import DeliveryStore, Due, EndpointState
+from dispatcher.deliveries import DeliveryStore, Due, EndpointState, Finished
 from dispatcher.sender import Sender, check_url
 
 log = structlog.get_logger("ct1_cdc.dispatch")
@@ -55,7 +55,11 @@ class Runtime:
     limit: int
     max_limit: int
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # deliveries started and not yet recorded (never claimed twice) ...
     inflight: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    # ... of which this many are waiting for the receiver (what the limit counts)
+    sending: int = 0
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
     delivered: int = 0
     failed: int = 0
 
@@ -79,6 +83,8 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.runtimes: dict[str, Runtime] = {}
         self._global = asyncio.Semaphore(self.cfg.concurrency)
+        self._results: list[tuple[Finished, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -159,7 +165,10 @@ class Dispatcher:
         while True:
             now = self.clock()
             if now >= next_refresh:
-                rt.state = await self._db(store.endpoint, rt.cfg.name)
+                # adopt the stored state only when someone else (the CLI) wrote it since
+                fresh = await self._db(store.endpoint, rt.cfg.name)
+                if fresh.updated_at > rt.state.updated_at:
+                    rt.state = fresh
                 next_refresh = now + STATE_REFRESH_SECONDS
             if rt.state.state == "disabled":
                 await self._sleep(rt, STATE_REFRESH_SECONDS)
@@ -168,9 +177,14 @@ class Dispatcher:
             if paused and now < rt.state.paused_until:
                 await self._sleep(rt, min(rt.state.paused_until - now, STATE_REFRESH_SECONDS))
                 continue
-            capacity = (1 if paused else rt.limit) - len(rt.inflight)
-            if capacity <= 0:
-                await asyncio.wait(list(rt.inflight.values()), return_when=asyncio.FIRST_COMPLETED)
+            limit = 1 if paused else rt.limit
+            # a paused endpoint gets one probe at a time, until its outcome is recorded
+            busy = len(rt.inflight) if paused else rt.sending
+            capacity = limit - busy
+            # claim in batches: wait for a quarter of the slots unless none is busy
+            if capacity <= 0 or (busy and capacity < max(1, limit // 4)):
+                rt.freed.clear()
+                await self._sleep_on(rt.freed, STATE_REFRESH_SECONDS)
                 continue
             rt.wake.clear()
             due = await self._db(store.claim, rt.cfg.name, now, capacity, set(rt.inflight))
@@ -182,18 +196,27 @@ class Dispatcher:
             for item in due:
                 task = asyncio.create_task(self._deliver(store, sender, rt, item))
                 rt.inflight[item.event_id] = task
-                task.add_done_callback(functools.partial(_forget, rt.inflight, item.event_id))
+                task.add_done_callback(functools.partial(_forget, rt, item.event_id))
 
     async def _sleep(self, rt: Runtime, seconds: float) -> None:
+        await self._sleep_on(rt.wake, seconds)
+
+    @staticmethod
+    async def _sleep_on(event: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(rt.wake.wait(), timeout=seconds)
+            await asyncio.wait_for(event.wait(), timeout=seconds)
 
     async def _deliver(self, store: DeliveryStore, sender: Sender, rt: Runtime, item: Due) -> None:
         msg_id = signing.message_id(item.event_id)
-        async with self._global:
-            sent_at = self.clock()
-            headers = signing.headers(rt.keys, msg_id, int(sent_at), item.body, self.version)
-            attempt = await sender.post(rt.cfg.url, item.body, headers)
+        rt.sending += 1
+        try:
+            async with self._global:
+                sent_at = self.clock()
+                headers = signing.headers(rt.keys, msg_id, int(sent_at), item.body, self.version)
+                attempt = await sender.post(rt.cfg.url, item.body, headers)
+        finally:
+            rt.sending -= 1
+            rt.freed.set()
         now = self.clock()
         number = item.attempts + 1
         decision = retry.decide(
@@ -205,13 +228,19 @@ class Dispatcher:
         )
         status = {"delivered": "delivered", "dead": "dead"}.get(decision.action, "pending")
         next_at = decision.next_attempt_at or now
-        await self._db(
-            store.finish,
-            rt.cfg.name,
-            item.event_id,
-            attempt=(sent_at, attempt.status, attempt.duration_ms, attempt.error, attempt.response),
-            status=status,
-            next_attempt_at=next_at,
+        await self._record(
+            store,
+            Finished(
+                rt.cfg.name,
+                item.event_id,
+                sent_at,
+                attempt.status,
+                attempt.duration_ms,
+                attempt.error,
+                attempt.response,
+                status,
+                next_at,
+            ),
         )
         fields = {
             "endpoint": rt.cfg.name,
@@ -227,6 +256,30 @@ class Dispatcher:
             rt.failed += 1
             log.info("webhook_failed", error=attempt.error, outcome=decision.action, **fields)
         await self._health(store, rt, decision, now)
+
+    async def _record(self, store: DeliveryStore, result: Finished) -> None:
+        """Queue a finished attempt and wait until it is committed.  The delivery stays
+        in flight (never claimed again) until then."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._results.append((result, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(store))
+        await done
+
+    async def _flush(self, store: DeliveryStore) -> None:
+        while self._results:
+            batch, self._results = self._results, []
+            try:
+                await self._db(store.finish_many, [result for result, _ in batch])
+            except Exception as exc:  # the deliveries stay pending and are sent again
+                log.error("attempt_log_failed", error=str(exc), deliveries=len(batch))
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
 
     async def _health(self, store: DeliveryStore, rt: Runtime, decision: retry.Decision, now: float) -> None:
         state = rt.state
@@ -252,8 +305,10 @@ class Dispatcher:
                 state.paused_until = now + probe
                 log.warning("endpoint_paused", endpoint=state.name, failures=state.failures, probe_in=probe)
         if (state.state, state.failures, state.paused_until) != before:
+            state.updated_at = time.time()
             await self._db(store.save_endpoint, state)
 
 
-def _forget(inflight: dict[int, asyncio.Task[None]], event_id: int, _task: asyncio.Task[None]) -> None:
-    inflight.pop(event_id, None)
+def _forget(rt: Runtime, event_id: int, _task: asyncio.Task[None]) -> None:
+    rt.inflight.pop(event_id, None)
+    rt.freed.set()

@@ -4,13 +4,13 @@
 -- Due deliveries of one endpoint, only the oldest pending one of each entity, so one
 -- entity's events go out strictly in order while other entities proceed.
 SELECT d.event_id, d.attempts, e.type, e.occurred_at, e.data, e.source_table, e.op, e.lsn, e.xid
-FROM deliveries d
+FROM deliveries d INDEXED BY deliveries_pending
 JOIN events e ON e.id = d.event_id
 WHERE d.endpoint = :endpoint
   AND d.status = 'pending'
   AND d.next_attempt_at <= :now
   AND NOT EXISTS (
-      SELECT 1 FROM deliveries p
+      SELECT 1 FROM deliveries p INDEXED BY deliveries_entity
       WHERE p.endpoint = d.endpoint AND p.status = 'pending'
         AND p.entity = d.entity AND p.event_id < d.event_id
   )
@@ -18,7 +18,8 @@ ORDER BY d.event_id
 LIMIT :limit
 
 -- name: next_due
-SELECT min(next_attempt_at) FROM deliveries WHERE endpoint = ? AND status = 'pending'
+SELECT min(next_attempt_at) FROM deliveries INDEXED BY deliveries_pending
+WHERE endpoint = ? AND status = 'pending'
 
 -- name: record_attempt
 INSERT INTO attempts (endpoint, event_id, attempted_at, status, duration_ms, error, response)
@@ -31,7 +32,7 @@ SET status = :status, attempts = attempts + 1, next_attempt_at = :next_attempt_a
 WHERE endpoint = :endpoint AND event_id = :event_id
 
 -- name: endpoint_state
-SELECT name, state, failures, paused_until, secret FROM endpoints WHERE name = ?
+SELECT name, state, failures, paused_until, secret, updated_at FROM endpoints WHERE name = ?
 
 -- name: set_endpoint_state
 UPDATE endpoints SET state = :state, failures = :failures, paused_until = :paused_until,

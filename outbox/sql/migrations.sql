@@ -28,7 +28,7 @@ CREATE TABLE deliveries (
     next_attempt_at REAL    NOT NULL DEFAULT 0,
     PRIMARY KEY (endpoint, event_id)
 ) WITHOUT ROWID;
-CREATE INDEX deliveries_pending ON deliveries (endpoint, next_attempt_at) WHERE status = 'pending';
+CREATE INDEX deliveries_pending ON deliveries (endpoint, event_id) WHERE status = 'pending';
 
 -- Every endpoint that ever had a delivery, with its delivery state.
 CREATE TABLE endpoints (

@@ -1,0 +1,187 @@
+"""Dispatch throughput against a bare aiohttp client loop, same receiver, same run.
+
+    .venv/bin/python bench/dispatch.py [--events 100000] [--rounds 3] [--concurrency 32]
+
+A receiver process on loopback answers 200 to every POST.  Each round fills a fresh
+outbox with ``--events`` events for one endpoint, then times
+  * the baseline: ``--concurrency`` aiohttp workers posting the same bodies, and
+  * ct1-cdc's dispatcher: signing, per-entity ordering, and every attempt recorded
+    durably in SQLite, with the same concurrency,
+alternating.  The last line is JSON with deliveries/s of both and ``ratio`` = ct1-cdc /
+baseline (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cdc import logs  # noqa: E402
+from config.settings import Settings  # noqa: E402
+from dispatcher.signing import generate_secret  # noqa: E402
+from dispatcher.worker import Dispatcher  # noqa: E402
+from outbox import store  # noqa: E402
+from outbox.store import Route, Router  # noqa: E402
+from outbox.writer import OutboxWriter  # noqa: E402
+
+
+def serve(port: int) -> None:
+    async def ok(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", ok)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fill(path: Path, n: int) -> list[bytes]:
+    writer = OutboxWriter(store.open_outbox(path), Router([Route("bench", ("*",))]))
+    for i in range(n):
+        key = i % 1000
+        writer.add(
+            type="order.updated",
+            object="order",
+            entity_id=key,
+            data={
+                "object": "order",
+                "id": key,
+                "record": {"id": key, "status": "shipped", "total": "59.90", "n": i},
+                "previous": {"status": "paid"},
+            },
+            occurred_at="2026-11-25T00:00:00.000000Z",
+            table="public.orders",
+            op="update",
+            lsn="0/1",
+            xid=1,
+        )
+    writer.commit("bench", 1)
+    conn = writer.conn
+    bodies = [store.envelope_json(row).encode() for row in store.iter_events(conn)]
+    writer.close()
+    return bodies
+
+
+async def baseline(url: str, bodies: list[bytes], concurrency: int) -> float:
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def worker() -> None:
+            while not queue.empty():
+                body = queue.get_nowait()
+                async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
+                    await resp.read()
+                    assert resp.status == 200
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - started
+
+
+async def ours(url: str, path: Path, n: int, concurrency: int) -> float:
+    settings = Settings(
+        outbox={"path": str(path)},
+        dispatcher={"concurrency": concurrency, "endpoint_concurrency": concurrency},
+        endpoints=[{"name": "bench", "url": url, "secret": generate_secret(), "events": ["*"]}],
+    )
+    dispatcher = Dispatcher(settings)
+    stop = asyncio.Event()
+    started = time.perf_counter()
+    task = asyncio.create_task(dispatcher.run(stop))
+    while "bench" not in dispatcher.runtimes or dispatcher.runtimes["bench"].delivered < n:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    await task
+    conn = store.connect(path, readonly=True)
+    delivered = conn.execute("SELECT count(*) FROM deliveries WHERE status = 'delivered'").fetchone()[0]
+    recorded = conn.execute("SELECT count(*) FROM attempts").fetchone()[0]
+    conn.close()
+    assert delivered == n and recorded >= n, (delivered, recorded)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    logs.configure("warning")  # as `ct1-cdc run` would, without per-delivery debug lines
+    port = free_port()
+    receiver = multiprocessing.get_context("spawn").Process(target=serve, args=(port,), daemon=True)
+    receiver.start()
+    url = f"http://127.0.0.1:{port}/hook"
+    work = Path(tempfile.mkdtemp(prefix="ct1-bench-dispatch-"))
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        rates: dict[str, list[float]] = {"baseline": [], "ct1_cdc": []}
+        for r in range(args.rounds):
+            path = work / f"outbox_{r}.db"
+            bodies = fill(path, args.events)
+            secs = asyncio.run(baseline(url, bodies, args.concurrency))
+            rates["baseline"].append(args.events / secs)
+            secs = asyncio.run(ours(url, path, args.events, args.concurrency))
+            rates["ct1_cdc"].append(args.events / secs)
+            print(
+                f"round {r + 1}: bare aiohttp {rates['baseline'][-1]:,.0f}/s, "
+                f"ct1-cdc {rates['ct1_cdc'][-1]:,.0f}/s",
+                file=sys.stderr,
+            )
+            path.unlink()
+        med_base = statistics.median(rates["baseline"])
+        med_ours = statistics.median(rates["ct1_cdc"])
+        print(
+            json.dumps(
+                {
+                    "bench": "dispatch",
+                    "events": args.events,
+                    "concurrency": args.concurrency,
+                    "baseline_per_s": [round(x) for x in rates["baseline"]],
+                    "ct1_cdc_per_s": [round(x) for x in rates["ct1_cdc"]],
+                    "baseline_median": round(med_base),
+                    "ct1_cdc_median": round(med_ours),
+                    "ratio": round(med_ours / med_base, 3),
+                }
+            )
+        )
+    finally:
+        receiver.terminate()
+        receiver.join(5)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
