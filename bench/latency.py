@@ -1,0 +1,192 @@
+"""End-to-end latency: source commit → webhook received, under a steady write load.
+
+    .venv/bin/python bench/latency.py [--rate 1000] [--seconds 30]
+
+A throwaway cluster gets the sample schema; ``ct1-cdc setup`` and ``ct1-cdc run`` (capture
+and dispatch in one process) deliver to a receiver on loopback in this script.  A writer
+commits ``--rate`` orders per second for ``--seconds``; each order's latency is the time
+from its commit returning to its ``order.created`` webhook arriving.  In the same run
+``pg_recvlogical`` on a second slot gives the baseline: commit → the raw change printed
+by the server's logical decoding.  The last line is JSON with p50/p95/p99 of both and
+``ratio`` = baseline p50 / ct1-cdc p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cdc.capture import wal2json_options  # noqa: E402
+from cdc.throwaway import create_cluster  # noqa: E402
+from config import sample  # noqa: E402
+from config.settings import Settings  # noqa: E402
+from dispatcher.signing import generate_secret  # noqa: E402
+
+CLI = str(Path(sys.executable).parent / "ct1-cdc")
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(latencies: list[float]) -> dict[str, float]:
+    ms = [x * 1000 for x in latencies]
+    return {
+        "p50_ms": round(percentile(ms, 50), 2),
+        "p95_ms": round(percentile(ms, 95), 2),
+        "p99_ms": round(percentile(ms, 99), 2),
+        "mean_ms": round(statistics.fmean(ms), 2),
+    }
+
+
+class Writer(threading.Thread):
+    def __init__(self, dsn: str, rate: int, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.rate, self.seconds = dsn, rate, seconds
+        self.committed: dict[int, float] = {}
+
+    def run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            user = conn.execute("SELECT min(id) FROM users").fetchone()[0]  # type: ignore[index]
+            start = time.monotonic()
+            n = 0
+            while (elapsed := time.monotonic() - start) < self.seconds:
+                due = int(elapsed * self.rate)
+                while n < due:
+                    row = conn.execute(
+                        "INSERT INTO orders (user_id, total) VALUES (%s, 10.00) RETURNING id", (user,)
+                    ).fetchone()
+                    self.committed[int(row[0])] = time.time()  # type: ignore[index]
+                    n += 1
+                time.sleep(0.001)
+
+
+def recvlogical_reader(proc: subprocess.Popen[bytes], seen: dict[int, float]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        now = time.time()
+        if b'"table":"orders"' in line and b'"action":"I"' in line:
+            obj = json.loads(line)
+            for column in obj["columns"]:
+                if column["name"] == "id":
+                    seen[int(column["value"])] = now
+                    break
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    work = Path(tempfile.mkdtemp(prefix="ct1-bench-latency-"))
+    work.chmod(0o711)
+    # commits flush WAL at once, as on a production server: the walsender only sends
+    # flushed WAL, so synchronous_commit=off would add up to wal_writer_delay to both sides
+    cluster = create_cluster(work / "pg", settings={"synchronous_commit": "on"})
+    received: dict[int, float] = {}
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        now = time.time()
+        envelope = json.loads(body)
+        if envelope["type"] == "order.created":
+            received[int(envelope["data"]["id"])] = now
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    run = recv = None
+    try:
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            admin.execute("CREATE DATABASE bench")
+        dsn = cluster.dsn("bench")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            sample.create_schema(conn)
+            sample.generate(conn, seed=1, volume=sample.Volume(customers=20, sellers=2, products=10,
+                                                               orders=5, reviews=5, views=5, carts=2))
+            conn.execute("SELECT pg_create_logical_replication_slot('baseline', 'wal2json')")
+        config = work / "sidecar.toml"
+        config.write_text(
+            f"[source]\ndsn = {dsn!r}\nslot = 'ct1_latency'\n"
+            f"[outbox]\npath = {str(work / 'outbox.db')!r}\n"
+            f"[mapping]\nfile = {str(ROOT / 'config' / 'mapping.toml')!r}\n"
+            f'[[endpoints]]\nname = "ct2"\nurl = "http://127.0.0.1:{port}/hook"\n'
+            f'secret = "{generate_secret()}"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_")}
+        env["CT1_CONFIG"] = str(config)
+        subprocess.run([CLI, "setup"], env=env, check=True, capture_output=True)
+        run = subprocess.Popen([CLI, "--log-level", "warning", "run"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        options = wal2json_options(Settings(source={"dsn": dsn}))
+        recv = subprocess.Popen(
+            [str(cluster.bin / "pg_recvlogical"), "-h", "127.0.0.1", "-p", str(cluster.port),
+             "-U", "postgres", "-d", "bench", "--slot", "baseline", "--start", "-f", "-",
+             "--fsync-interval", "0", *[x for k, v in options.items() for x in ("-o", f"{k}={v}")]],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        baseline_seen: dict[int, float] = {}
+        threading.Thread(target=recvlogical_reader, args=(recv, baseline_seen), daemon=True).start()
+        await asyncio.sleep(2)  # both readers connected
+        writer = Writer(dsn, args.rate, args.seconds)
+        print(f"writing {args.rate} orders/s for {args.seconds} s ...", file=sys.stderr)
+        writer.start()
+        await asyncio.to_thread(writer.join)
+        deadline = time.monotonic() + 30
+        while len(received) < len(writer.committed) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        ours = [received[i] - t for i, t in writer.committed.items() if i in received]
+        base = [baseline_seen[i] - t for i, t in writer.committed.items() if i in baseline_seen]
+        result: dict[str, object] = {
+            "bench": "latency",
+            "rate": args.rate,
+            "seconds": args.seconds,
+            "orders": len(writer.committed),
+            "received": len(ours),
+            "achieved_rate": round(len(writer.committed) / args.seconds),
+            **summary(ours),
+            "baseline": summary(base),
+        }
+        result["ratio"] = round(summary(base)["p50_ms"] / max(summary(ours)["p50_ms"], 0.001), 3)
+        return result
+    finally:
+        for proc in (run, recv):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+        await runner.cleanup()
+        cluster.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=int, default=1000, help="orders committed per second")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
