@@ -122,8 +122,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         dsn = cluster.dsn("bench")
         with psycopg.connect(dsn, autocommit=True) as conn:
             sample.create_schema(conn)
-            sample.generate(conn, seed=1, volume=sample.Volume(customers=20, sellers=2, products=10,
-                                                               orders=5, reviews=5, views=5, carts=2))
+            sample.generate(
+                conn,
+                seed=1,
+                volume=sample.Volume(
+                    customers=20, sellers=2, products=10, orders=5, reviews=5, views=5, carts=2
+                ),
+            )
             conn.execute("SELECT pg_create_logical_replication_slot('baseline', 'wal2json')")
         config = work / "sidecar.toml"
         config.write_text(
@@ -136,14 +141,33 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_")}
         env["CT1_CONFIG"] = str(config)
         subprocess.run([CLI, "setup"], env=env, check=True, capture_output=True)
-        run = subprocess.Popen([CLI, "--log-level", "warning", "run"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run_log = open(work / "run.log", "wb")  # noqa: SIM115 - closed with the work dir
+        run = subprocess.Popen(
+            [CLI, "--log-level", "warning", "run"], env=env, stdout=subprocess.DEVNULL, stderr=run_log
+        )
         options = wal2json_options(Settings(source={"dsn": dsn}))
         recv = subprocess.Popen(
-            [str(cluster.bin / "pg_recvlogical"), "-h", "127.0.0.1", "-p", str(cluster.port),
-             "-U", "postgres", "-d", "bench", "--slot", "baseline", "--start", "-f", "-",
-             "--fsync-interval", "0", *[x for k, v in options.items() for x in ("-o", f"{k}={v}")]],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            [
+                str(cluster.bin / "pg_recvlogical"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(cluster.port),
+                "-U",
+                "postgres",
+                "-d",
+                "bench",
+                "--slot",
+                "baseline",
+                "--start",
+                "-f",
+                "-",
+                "--fsync-interval",
+                "0",
+                *[x for k, v in options.items() for x in ("-o", f"{k}={v}")],
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         baseline_seen: dict[int, float] = {}
         threading.Thread(target=recvlogical_reader, args=(recv, baseline_seen), daemon=True).start()
@@ -156,6 +180,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         while len(received) < len(writer.committed) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         ours = [received[i] - t for i, t in writer.committed.items() if i in received]
+        if not ours:
+            raise SystemExit(
+                "no order reached the receiver; ct1-cdc run said:\n" + (work / "run.log").read_text()[-3000:]
+            )
         base = [baseline_seen[i] - t for i, t in writer.committed.items() if i in baseline_seen]
         result: dict[str, object] = {
             "bench": "latency",
@@ -180,7 +208,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rate", type=int, default=1000, help="orders committed per second")
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args()

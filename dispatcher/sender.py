@@ -36,14 +36,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_url(name: str, url: str, require_https: bool) -> None:
-    """Refuse an endpoint URL that is not http(s), or plain http off loopback when HTTPS
-    is required."""
+def check_url(name: str, url: str, require_https: bool, refuse_private: bool = False) -> None:
+    """Refuse an endpoint URL that is not http(s), plain http off loopback when HTTPS is
+    required, or a private address literal when private networks are refused (host
+    names are checked when they resolve, by :class:`PublicOnlyResolver`)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"endpoint {name}: url {url!r} is not an http(s) URL")
     if parts.scheme == "http" and require_https and not is_loopback(parts.hostname):
         raise ConfigError(f"endpoint {name}: url must use https (or set dispatcher.require_https = false)")
+    if refuse_private:
+        try:
+            address = ipaddress.ip_address(parts.hostname)
+        except ValueError:
+            return
+        if not (address.is_loopback or address.is_global):
+            raise ConfigError(
+                f"endpoint {name}: {address} is a private address and dispatcher.refuse_private_networks is set"
+            )
 
 
 class PublicOnlyResolver(aiohttp.abc.AbstractResolver):

@@ -78,7 +78,7 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.version = version()
         for endpoint in settings.endpoints:
-            check_url(endpoint.name, endpoint.url, self.cfg.require_https)
+            check_url(endpoint.name, endpoint.url, self.cfg.require_https, self.cfg.refuse_private_networks)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="dispatch-db")
         self._loop: asyncio.AbstractEventLoop | None = None
         self.runtimes: dict[str, Runtime] = {}

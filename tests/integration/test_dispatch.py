@@ -269,6 +269,47 @@ def test_plain_http_off_loopback_is_refused(tmp_path):
     Dispatcher(ok)
 
 
+def test_private_addresses_are_refused_when_asked(tmp_path):
+    from cdc.errors import ConfigError
+
+    for url in ("http://10.1.2.3/hook", "https://192.168.0.9/hook", "http://[fd00::1]/hook"):
+        settings = settings_for(tmp_path, url, require_https=False, refuse_private_networks=True)
+        with pytest.raises(ConfigError, match="private address"):
+            Dispatcher(settings)
+    allowed = settings_for(tmp_path, "http://127.0.0.1:9/hook", refuse_private_networks=True)
+    Dispatcher(allowed)
+
+
+async def test_dead_deliveries_are_replayed_with_the_same_webhook_id(tmp_path):
+    from tests.acceptance.helpers import cli
+
+    healthy = False
+
+    async def broken_then_fixed(request: web.Request, call: int) -> web.StreamResponse:
+        return web.Response() if healthy else web.Response(status=500)
+
+    async with Receiver(broken_then_fixed) as rx:
+        settings = settings_for(tmp_path, rx.url, retry_schedule=[0], pause_after_failures=100)
+        append(settings, [("order.created", "order", i) for i in range(3)])
+        await run_until(
+            Dispatcher(settings), lambda: {s for s, _ in deliveries(settings).values()} == {"dead"}
+        )
+        config = tmp_path / "c.toml"
+        config.write_text(f"[outbox]\npath = {settings.outbox.path!r}\n")
+        future = await asyncio.to_thread(
+            cli, "outbox", "replay", "--dead", "--since", "2999-01-01T00:00:00", "--json", config=config
+        )
+        assert json.loads(future.stdout) == {"replayed": 0}
+        replay = await asyncio.to_thread(
+            cli, "outbox", "replay", "--dead", "--endpoint", "ct2", "--json", config=config
+        )
+        assert json.loads(replay.stdout) == {"replayed": 3}
+        healthy = True
+        await run_until(Dispatcher(settings), lambda: len(rx.received) == 3)
+    assert [r["headers"]["webhook-id"] for r in rx.received] == ["evt_1", "evt_2", "evt_3"]
+    assert deliveries(settings) == {1: ("delivered", 1), 2: ("delivered", 1), 3: ("delivered", 1)}
+
+
 def test_envelope_body_matches_the_outbox(tmp_path):
     settings = settings_for(tmp_path, "http://127.0.0.1:1/hook")
     append(settings, [("order.created", "order", 5)])
