@@ -134,6 +134,7 @@ class Capture:
         self._in_txn: Begin | None = None
         self._skip_txn = False
         self._first_pending = 0.0
+        self._last_commit = 0.0
 
     # -- the outer loop: reconnect with backoff ----------------------------------------------
 
@@ -189,14 +190,17 @@ class Capture:
     def _stream_loop(self, conn: source.Conn, stream: ReplicationStream) -> None:
         cfg = self.settings.source
         batch_s = self.settings.outbox.batch_max_ms / 1000
+        commit_interval = self.settings.outbox.commit_interval_ms / 1000
         next_status = time.monotonic() + cfg.status_interval_seconds
         next_heartbeat = time.monotonic() + cfg.heartbeat_seconds
         next_slot_check = time.monotonic()
         next_housekeeping = 0.0  # status, heartbeat and slot checks run even under load
         while not self.stopping.is_set():
-            # commit as soon as the stream pauses
-            idle_commit_due = self._in_txn is None and self._has_uncommitted()
-            frame = stream.read(timeout=0.0 if idle_commit_due else 0.5)
+            # commit as soon as the stream pauses, but not more often than commit_interval
+            timeout = 0.5
+            if self._in_txn is None and self._has_uncommitted():
+                timeout = max(0.0, self._last_commit + commit_interval - time.monotonic())
+            frame = stream.read(timeout=timeout)
             if isinstance(frame, XLogData):
                 self._handle(conn, frame)
                 if self._should_commit(batch_s):
@@ -206,7 +210,11 @@ class Capture:
                     self._idle_lsn = max(self._idle_lsn, frame.wal_end)
                 self._confirm(stream, reply=frame.reply_requested, force=frame.reply_requested)
                 continue
-            elif self._in_txn is None and self._has_uncommitted():
+            elif (
+                self._in_txn is None
+                and self._has_uncommitted()
+                and time.monotonic() >= self._last_commit + commit_interval
+            ):
                 self._commit()  # nothing buffered: a good moment for a group commit
             self._confirm(stream)
             now = time.monotonic()
@@ -336,6 +344,7 @@ class Capture:
         """Commit the group in the outbox; :meth:`_confirm` then reports it to Postgres."""
         events = self.writer.pending
         self.writer.commit(self.slot, self._position)
+        self._last_commit = time.monotonic()
         self._submitted = self._position
         self.stats.commits += 1
         if events and self.on_commit is not None:

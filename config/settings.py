@@ -75,6 +75,9 @@ class OutboxSettings(_Section):
     batch_max_ms: int = Field(
         50, ge=0, description="group commit: commit at least this often while data streams in"
     )
+    commit_interval_ms: float = Field(
+        5.0, ge=0, description="group commit: at most one commit per this many ms when the stream pauses"
+    )
 
 
 class ApiSettings(_Section):

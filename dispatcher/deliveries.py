@@ -1,8 +1,10 @@
 """The dispatcher's SQLite adapter: claim due deliveries, record attempts, endpoint health.
 
-All methods are synchronous and run on one thread of their own (see
-:class:`dispatcher.worker.Dispatcher`), so the dispatcher is the single owner of its
-writes; the capture writer uses another connection and SQLite serialises the two.
+All methods are synchronous.  The dispatcher calls the reads (``changed``, ``claim``,
+``next_due``) on one thread and everything else on another (see
+:class:`dispatcher.worker.Dispatcher`), so claims never wait behind a commit's fsync and
+one thread owns the dispatcher's writes; the capture writer uses another connection and
+SQLite serialises the two writers.
 """
 
 from __future__ import annotations
@@ -52,19 +54,21 @@ class EndpointState:
 
 class DeliveryStore:
     def __init__(self, path: str | Path) -> None:
-        self.conn = store.open_outbox(path)
+        self.conn = store.open_outbox(path)  # writes: attempts, delivery and endpoint state
         self.conn.execute("PRAGMA busy_timeout=60000")  # capture may hold the lock a while
+        # Claims read on a connection of their own, so they never queue behind an fsync.
+        self.reader = store.connect(path)
         self._data_version = -1
 
     def changed(self) -> bool:
         """Whether another connection committed since the last call (cheap to poll)."""
-        version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        version = int(self.reader.execute("PRAGMA data_version").fetchone()[0])
         changed = version != self._data_version
         self._data_version = version
         return changed
 
     def claim(self, endpoint: str, now: float, limit: int, skip: set[int]) -> list[Due]:
-        rows = self.conn.execute(
+        rows = self.reader.execute(
             D["claim"], {"endpoint": endpoint, "now": now, "limit": limit + len(skip)}
         ).fetchall()
         due = []
@@ -76,7 +80,7 @@ class DeliveryStore:
         return due[:limit]
 
     def next_due(self, endpoint: str) -> float | None:
-        row = self.conn.execute(D["next_due"], (endpoint,)).fetchone()
+        row = self.reader.execute(D["next_due"], (endpoint,)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
     def finish_many(self, results: list[Finished]) -> None:
@@ -134,6 +138,7 @@ class DeliveryStore:
             )
 
     def close(self) -> None:
+        self.reader.close()
         self.conn.close()
 
 

@@ -79,7 +79,8 @@ class Dispatcher:
         self.version = version()
         for endpoint in settings.endpoints:
             check_url(endpoint.name, endpoint.url, self.cfg.require_https, self.cfg.refuse_private_networks)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dispatch-db")
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="dispatch-write")
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="dispatch-read")
         self._loop: asyncio.AbstractEventLoop | None = None
         self.runtimes: dict[str, Runtime] = {}
         self._global = asyncio.Semaphore(self.cfg.concurrency)
@@ -99,8 +100,14 @@ class Dispatcher:
             runtime.wake.set()
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a write (or anything touching the write connection) on the write thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        return await loop.run_in_executor(self._writes, lambda: fn(*args, **kwargs))
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a read of the claim connection on the read thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reads, lambda: fn(*args))
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
@@ -131,8 +138,9 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*tasks, *inflight, return_exceptions=True)
             await sender.close()
+            self._reads.shutdown(wait=True)
             await self._db(store.close)
-            self._executor.shutdown(wait=True)
+            self._writes.shutdown(wait=True)
             self._loop = None
 
     async def _runtime(self, store: DeliveryStore, cfg: EndpointSettings) -> Runtime | None:
@@ -154,7 +162,7 @@ class Dispatcher:
     async def _poll(self, store: DeliveryStore) -> None:
         """Notice commits by another process (capture running apart) within tens of ms."""
         while True:
-            if await self._db(store.changed):
+            if await self._read(store.changed):
                 self._wake_all()
             await asyncio.sleep(POLL_SECONDS)
 
@@ -187,9 +195,9 @@ class Dispatcher:
                 await self._sleep_on(rt.freed, STATE_REFRESH_SECONDS)
                 continue
             rt.wake.clear()
-            due = await self._db(store.claim, rt.cfg.name, now, capacity, set(rt.inflight))
+            due = await self._read(store.claim, rt.cfg.name, now, capacity, set(rt.inflight))
             if not due:
-                next_at = await self._db(store.next_due, rt.cfg.name)
+                next_at = await self._read(store.next_due, rt.cfg.name)
                 wait = 1.0 if next_at is None else min(1.0, max(0.0, next_at - now))
                 await self._sleep(rt, wait if wait > 0 else POLL_SECONDS)
                 continue
