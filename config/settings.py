@@ -105,7 +105,7 @@ DEFAULT_RETRY_SCHEDULE: list[float] = [
 
 
 class DispatcherSettings(_Section):
-    concurrency: int = Field(32, ge=1, le=1024, description="deliveries in flight at once")
+    concurrency: int = Field(64, ge=1, le=1024, description="deliveries in flight at once")
     timeout_seconds: float = Field(15.0, gt=0, description="request timeout of one delivery")
     retry_schedule: list[float] = Field(
         default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE),
@@ -114,7 +114,7 @@ class DispatcherSettings(_Section):
     )
     require_https: bool = Field(True, description="refuse http:// endpoints except on loopback")
     endpoint_concurrency: int = Field(
-        8, ge=1, le=1024, description="deliveries in flight at once to one endpoint"
+        32, ge=1, le=1024, description="deliveries in flight at once to one endpoint"
     )
     pause_after_failures: int = Field(
         10, ge=1, description="consecutive failures after which an endpoint pauses and is probed"

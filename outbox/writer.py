@@ -24,6 +24,7 @@ import orjson
 from outbox.store import Q, Router, dumps
 
 CHUNK = 1000
+SHADOW_BUFFER = 10_000  # shadow rows kept in memory before they go to SQLite
 
 
 class OutboxWriter:
@@ -38,6 +39,7 @@ class OutboxWriter:
         self.last_event_id = 0  # id of the last event committed or written
         self.pending = 0  # events added since the last commit
         self._events: list[tuple[Any, ...]] = []
+        self._shadow: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._in_txn = False
         now = time.time()
         conn.executemany(Q["register_endpoint"], [(name, now) for name in router.names])
@@ -64,24 +66,43 @@ class OutboxWriter:
 
     # -- the shadow of watched columns (tables without REPLICA IDENTITY FULL) ----------------
 
+    # Shadow changes wait in memory until the group commit (or until there are many), so
+    # the write lock is held only while committing and the dispatcher is not kept waiting.
+
     def shadow_get(self, table: str, key: str) -> dict[str, Any] | None:
-        self._begin()
+        if (table, key) in self._shadow:
+            return self._shadow[(table, key)]
         row = self.conn.execute(Q["get_shadow"], (table, key)).fetchone()
         return None if row is None else dict(orjson.loads(row[0]))
 
     def shadow_put(self, table: str, key: str, values: dict[str, Any]) -> None:
-        self._begin()
-        self.conn.execute(Q["put_shadow"], (table, key, dumps(values)))
+        self._shadow[(table, key)] = values
+        if len(self._shadow) >= SHADOW_BUFFER:
+            self._flush_shadow()
 
     def shadow_delete(self, table: str, key: str) -> None:
+        self._shadow[(table, key)] = None
+        if len(self._shadow) >= SHADOW_BUFFER:
+            self._flush_shadow()
+
+    def _flush_shadow(self) -> None:
+        if not self._shadow:
+            return
         self._begin()
-        self.conn.execute(Q["delete_shadow"], (table, key))
+        puts = [(t, k, dumps(v)) for (t, k), v in self._shadow.items() if v is not None]
+        deletes = [(t, k) for (t, k), v in self._shadow.items() if v is None]
+        if puts:
+            self.conn.executemany(Q["put_shadow"], puts)
+        if deletes:
+            self.conn.executemany(Q["delete_shadow"], deletes)
+        self._shadow.clear()
 
     # -- transaction boundaries ----------------------------------------------------------------
 
     def commit(self, slot: str, lsn: int) -> None:
         """Make everything added so far durable together with the checkpoint ``lsn``."""
         self._flush()
+        self._flush_shadow()
         self._begin()
         self.conn.execute(Q["set_checkpoint"], (slot, lsn, time.time()))
         self.conn.execute("COMMIT")
@@ -91,6 +112,7 @@ class OutboxWriter:
 
     def rollback(self) -> None:
         self._events.clear()
+        self._shadow.clear()
         self.pending = 0
         if self._in_txn:
             self._in_txn = False
@@ -112,7 +134,7 @@ class OutboxWriter:
     @property
     def in_transaction(self) -> bool:
         """Whether anything was added since the last commit."""
-        return self._in_txn or bool(self._events)
+        return self._in_txn or bool(self._events) or bool(self._shadow)
 
     # -- internals -------------------------------------------------------------------------------
 
