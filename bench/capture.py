@@ -175,18 +175,9 @@ def main() -> None:
     work.chmod(0o711)
     cluster = create_cluster(work / "pg", settings={"max_wal_size": "'4GB'"})
     try:
-        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
-            admin.execute("CREATE DATABASE bench")
-        dsn = cluster.dsn("bench")
+        small = sample.Volume(customers=100, sellers=2, products=50, orders=10, reviews=10, views=10, carts=5)
+        dsn, _ = cluster.sample_database("bench", small)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            sample.create_schema(conn)
-            sample.generate(
-                conn,
-                seed=1,
-                volume=sample.Volume(
-                    customers=100, sellers=2, products=50, orders=10, reviews=10, views=10, carts=5
-                ),
-            )
             conn.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
             for r in range(args.rounds):
                 for tool in ("recv", "ct1"):

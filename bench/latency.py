@@ -116,18 +116,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     run = recv = None
     try:
-        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
-            admin.execute("CREATE DATABASE bench")
-        dsn = cluster.dsn("bench")
+        small = sample.Volume(customers=20, sellers=2, products=10, orders=5, reviews=5, views=5, carts=2)
+        dsn, _ = cluster.sample_database("bench", small)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            sample.create_schema(conn)
-            sample.generate(
-                conn,
-                seed=1,
-                volume=sample.Volume(
-                    customers=20, sellers=2, products=10, orders=5, reviews=5, views=5, carts=2
-                ),
-            )
             conn.execute("SELECT pg_create_logical_replication_slot('baseline', 'wal2json')")
         config = work / "sidecar.toml"
         config.write_text(

@@ -141,12 +141,7 @@ def run_demo(
     echo(f"==> starting a throwaway Postgres with wal_level=logical in {root}")
     cluster = create_cluster(root / "pg")
     try:
-        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
-            admin.execute("CREATE DATABASE marketplace")
-        dsn = cluster.dsn("marketplace")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            sample.create_schema(conn)
-            counts = sample.generate(conn, seed=1)
+        dsn, counts = cluster.sample_database("marketplace")
         echo(f"==> sample marketplace loaded: {counts}")
         result = asyncio.run(_flow(dsn, root, duration, rate, echo))
         if keep:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cdc.errors import SetupError
 
@@ -62,6 +63,20 @@ class Cluster:
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
+
+    def sample_database(self, dbname: str, volume: Any = None, seed: int = 1) -> tuple[str, dict[str, int]]:
+        """Create ``dbname`` holding the sample marketplace; its DSN and the row counts."""
+        import psycopg
+
+        from config import sample
+
+        with psycopg.connect(self.dsn(), autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{dbname}"')
+        dsn = self.dsn(dbname)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            sample.create_schema(conn)
+            counts = sample.generate(conn, seed=seed, volume=volume)
+        return dsn, counts
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bin / args[0]), *args[1:]]
