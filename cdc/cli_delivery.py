@@ -6,6 +6,7 @@ Registered on the groups of :mod:`cdc.cli` when that module is imported.
 from __future__ import annotations
 
 import sqlite3
+import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -136,6 +137,60 @@ def outbox_replay(
         emit_json({"replayed": count})
     else:
         click.echo(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
+
+
+@outbox.command("prune")
+@click.option(
+    "--older-than-days", type=click.FloatRange(min=0), default=None, help="default: outbox.retention_days"
+)
+@click.option("--dry-run", is_flag=True, help="count what would go, change nothing")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def outbox_prune(ctx: click.Context, older_than_days: float | None, dry_run: bool, as_json: bool) -> None:
+    """Delete settled events (every delivery delivered or dead) older than the retention,
+    with their deliveries and attempts.  Pending deliveries are never pruned; event ids
+    are never reused."""
+    settings = settings_of(ctx)
+    days = settings.outbox.retention_days if older_than_days is None else older_than_days
+    cutoff = time.time() - days * 86400
+    conn = _writer_conn(ctx)
+    removed = 0
+    show = sys.stderr.isatty() and not as_json
+    while True:
+        ids = [r[0] for r in conn.execute(D["prune_candidates"], {"cutoff": cutoff, "batch": 5000})]
+        if not ids:
+            break
+        if dry_run:
+            removed = int(
+                conn.execute(
+                    "SELECT count(*) FROM events WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM"
+                    " deliveries d WHERE d.event_id = events.id AND d.status = 'pending')",
+                    (cutoff,),
+                ).fetchone()[0]
+            )
+            break
+        payload = store.dumps(ids)
+        with conn:
+            for name in ("prune_attempts", "prune_deliveries", "prune_events"):
+                conn.execute(D[name], {"ids": payload})
+        removed += len(ids)
+        if show:
+            click.echo(f"\rpruned {removed} events ...", nl=False, err=True)
+    conn.close()
+    if show and removed and not dry_run:
+        click.echo("", err=True)
+    if as_json:
+        emit_json(
+            {
+                "pruned": 0 if dry_run else removed,
+                "would_prune": removed if dry_run else None,
+                "older_than_days": days,
+            }
+        )
+    else:
+        verb = "would prune" if dry_run else "pruned"
+        click.echo(f"{verb} {removed} events older than {days:g} days")
 
 
 @endpoints.command("list")

@@ -71,3 +71,20 @@ WHERE event_id = :event_id AND (:endpoint IS NULL OR endpoint = :endpoint)
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now
 WHERE status = 'dead' AND (:endpoint IS NULL OR endpoint = :endpoint)
   AND event_id IN (SELECT id FROM events WHERE created_at >= :since)
+
+-- name: prune_candidates
+-- Events older than the cutoff whose every delivery is settled (delivered or dead).
+SELECT id FROM events
+WHERE created_at < :cutoff
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND d.status = 'pending')
+ORDER BY id
+LIMIT :batch
+
+-- name: prune_attempts
+DELETE FROM attempts WHERE event_id IN (SELECT value FROM json_each(:ids))
+
+-- name: prune_deliveries
+DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(:ids))
+
+-- name: prune_events
+DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids))

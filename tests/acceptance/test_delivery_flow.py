@@ -95,3 +95,52 @@ def test_demo_shows_events_reaching_both_receivers_verified():
     assert "[signature ok]" in out and "REJECTED" not in out
     summary = out.strip().splitlines()[-1]
     assert "'delivered'" in summary and "'pending'" not in summary and "'dead'" not in summary
+
+
+def test_prune_removes_only_settled_old_events(tmp_path):
+    import sqlite3
+
+    from outbox import store
+    from outbox.store import Route, Router
+    from outbox.writer import OutboxWriter
+
+    path = tmp_path / "o.db"
+    writer = OutboxWriter(store.open_outbox(path), Router([Route("ct2", ("*",))]))
+    for i in range(6):
+        writer.add(
+            type="order.created",
+            object="order",
+            entity_id=i,
+            data={"i": i},
+            occurred_at="2026-01-01T00:00:00.000000Z",
+            table="public.orders",
+            op="insert",
+            lsn="0/1",
+            xid=1,
+        )
+    writer.commit("s", 1)
+    writer.close()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE events SET created_at = created_at - 30 * 86400 WHERE id <= 4")
+        conn.execute("UPDATE deliveries SET status = 'delivered' WHERE event_id IN (1, 2, 5)")
+        conn.execute("UPDATE deliveries SET status = 'dead' WHERE event_id = 3")
+        conn.execute(
+            "INSERT INTO attempts (endpoint, event_id, attempted_at, status, duration_ms)"
+            " VALUES ('ct2', 1, 0, 200, 1)"
+        )
+    conn.close()
+    config = tmp_path / "c.toml"
+    config.write_text(f"[outbox]\npath = {str(path)!r}\nretention_days = 7\n")
+    dry = cli("outbox", "prune", "--dry-run", "--json", config=config)
+    assert json.loads(dry.stdout)["would_prune"] == 3
+    done = cli("outbox", "prune", "--json", config=config)
+    assert json.loads(done.stdout)["pruned"] == 3
+    conn = sqlite3.connect(path)
+    remaining = [r[0] for r in conn.execute("SELECT id FROM events ORDER BY id")]
+    attempts = conn.execute("SELECT count(*) FROM attempts").fetchone()[0]
+    conn.close()
+    # 1-3 were old and settled; 4 is old but pending; 5-6 are recent
+    assert remaining == [4, 5, 6] and attempts == 0
+    listed = [json.loads(x)["id"] for x in cli("outbox", "list", "--json", config=config).stdout.splitlines()]
+    assert listed == [4, 5, 6]
