@@ -163,14 +163,22 @@ def setup(
         try:
             created = ensure_slot(conn, settings.source.dsn, settings.source.slot, mapping, writer)
             secrets = store_secrets(writer.conn, settings)
+            first_key = first_api_key(writer.conn)
         finally:
             writer.close()
+        if first_key is not None:
+            click.echo(
+                f"created the first API key {first_key.id} (all permissions): {first_key.key}"
+                " (shown once; more with `ct1-cdc keys create`)",
+                err=True,
+            )
         for name, secret in secrets.items():
             click.echo(
                 f"endpoint {name}: generated signing secret {secret} (shown once: give it to the receiver)",
                 err=True,
             )
     summary = {
+        "api_key": None if first_key is None else {"id": first_key.id, "key": first_key.key},
         "generated_secrets": secrets,
         "slot": settings.source.slot,
         "slot_created": created,
@@ -182,6 +190,15 @@ def setup(
     else:
         state = "created" if created else "already present"
         click.echo(f"slot {settings.source.slot}: {state}; outbox {settings.outbox.path} ready")
+
+
+def first_api_key(conn: Any) -> Any:
+    """An API key with every permission when none is active yet (shown once by setup)."""
+    from api import keys as api_keys
+
+    if api_keys.active_count(conn):
+        return None
+    return api_keys.create(conn, "first key (setup)", list(api_keys.PERMISSIONS), [])
 
 
 def store_secrets(conn: Any, settings: Settings) -> dict[str, str]:
@@ -325,6 +342,11 @@ def endpoints() -> None:
     """List, enable or disable webhook endpoints."""
 
 
+@main.group()
+def keys() -> None:
+    """Create, list or revoke API keys."""
+
+
 # -- slot -----------------------------------------------------------------------------------
 
 
@@ -412,7 +434,7 @@ def entry() -> None:
 
 
 # The delivery commands live in their own module and attach to the groups above.
-from cdc import cli_delivery  # noqa: E402, F401
+from cdc import cli_delivery, cli_keys  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     entry()

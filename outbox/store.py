@@ -60,15 +60,27 @@ def migrate(conn: sqlite3.Connection) -> int:
     for version in range(current + 1, SCHEMA_VERSION + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[str(version)].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in _statements(MIGRATIONS[str(version)]):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version={version}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
     return SCHEMA_VERSION
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements (semicolons in comments and strings do not count)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer)
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer + ";")
+    return [s for s in statements if s.strip().strip(";").strip()]
 
 
 def open_outbox(path: str | Path) -> sqlite3.Connection:

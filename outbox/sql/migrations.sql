@@ -70,3 +70,17 @@ ALTER TABLE endpoints ADD COLUMN paused_until REAL NOT NULL DEFAULT 0;
 ALTER TABLE endpoints ADD COLUMN secret TEXT;
 ALTER TABLE deliveries ADD COLUMN last_status INTEGER;
 ALTER TABLE deliveries ADD COLUMN last_error TEXT
+
+-- name: 3
+-- API keys: only a hash of each key is kept.
+CREATE TABLE api_keys (
+    id           TEXT PRIMARY KEY,           -- public identifier, e.g. key_3f9a1c2b
+    name         TEXT NOT NULL,
+    key_hash     TEXT NOT NULL UNIQUE,       -- sha256 hex of the whole key
+    prefix       TEXT NOT NULL,              -- first characters, to recognise a key in lists
+    permissions  TEXT NOT NULL,              -- JSON list
+    allow_ips    TEXT NOT NULL DEFAULT '[]', -- JSON list of CIDRs; empty = anywhere
+    created_at   REAL NOT NULL,
+    revoked_at   REAL,
+    last_used_at REAL
+)

@@ -36,8 +36,11 @@ def test_setup_run_and_inspect_the_outbox(source_db, tmp_path):
         "wal2json",
     }
     assert checks[-1]["slot_created"] is True
+    first_key = checks[-1]["api_key"]
+    assert first_key["key"].startswith("ct1_") and first_key["key"] in setup.stderr
     again = cli("setup", "--json", config=config)
-    assert json.loads(again.stdout.splitlines()[-1])["slot_created"] is False
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert summary["slot_created"] is False and summary["api_key"] is None  # shown once
 
     log = tmp_path / "run.log"
     run = spawn("run", "--role", "capture", config=config, log=log)

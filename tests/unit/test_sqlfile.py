@@ -18,3 +18,15 @@ def test_duplicate_names_are_refused():
 
 def test_shipped_sql_files_parse():
     assert "insert_event" in Q and "1" in MIGRATIONS
+
+
+def test_migration_scripts_split_on_real_semicolons_only():
+    from outbox.store import _statements
+
+    script = (
+        "CREATE TABLE a (x TEXT); -- one; two\nINSERT INTO a VALUES ('p;q');\n-- trailing; comment\nSELECT 1"
+    )
+    parts = [p.strip() for p in _statements(script)]
+    assert parts[0].startswith("CREATE TABLE a (x TEXT);")
+    assert parts[1].endswith("INSERT INTO a VALUES ('p;q');")
+    assert parts[-1].endswith("SELECT 1;")

@@ -1,0 +1,117 @@
+"""API keys: made here, shown once, stored as a SHA-256 hash with permissions and an
+optional IP/CIDR allow-list.  Keys carry 256 random bits, so a plain hash is enough to
+make a stolen outbox file useless for calling the API."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from cdc.errors import ConfigError
+from outbox import sqlfile
+
+K = sqlfile.load(Path(__file__).resolve().parent.parent / "outbox" / "sql" / "keys.sql")
+
+EXPORT = "core_transaction_1_export"
+WEBHOOKS = "core_transaction_1_webhooks"
+PERMISSIONS = (EXPORT, WEBHOOKS)
+KEY_PREFIX = "ct1_"
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    id: str
+    name: str
+    key: str
+    permissions: list[str]
+    allow_ips: list[str]
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def parse_permissions(values: list[str]) -> list[str]:
+    chosen = []
+    for value in values:
+        for item in value.split(","):
+            name = item.strip()
+            if not name:
+                continue
+            if name not in PERMISSIONS:
+                raise ConfigError(f"unknown permission {name!r}: use {', '.join(PERMISSIONS)}")
+            if name not in chosen:
+                chosen.append(name)
+    if not chosen:
+        raise ConfigError(f"give at least one permission: {', '.join(PERMISSIONS)}")
+    return chosen
+
+
+def parse_networks(values: list[str]) -> list[str]:
+    networks = []
+    for value in values:
+        try:
+            networks.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"--allow-ip {value!r} is not an IP address or CIDR") from None
+    return networks
+
+
+def create(conn: sqlite3.Connection, name: str, permissions: list[str], allow_ips: list[str]) -> NewKey:
+    if not name.strip():
+        raise ConfigError("--name must not be empty")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    key_id = "key_" + secrets.token_hex(4)
+    with conn:
+        conn.execute(
+            K["insert_key"],
+            (
+                key_id,
+                name.strip(),
+                hash_key(key),
+                key[:10],
+                orjson.dumps(permissions).decode(),
+                orjson.dumps(allow_ips).decode(),
+                time.time(),
+            ),
+        )
+    return NewKey(key_id, name.strip(), key, permissions, allow_ips)
+
+
+def listing(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    rows = conn.execute(K["list_keys"]).fetchall()
+    return [
+        {
+            "id": i,
+            "name": n,
+            "prefix": p,
+            "permissions": orjson.loads(perm),
+            "allow_ips": orjson.loads(ips),
+            "created_at": c,
+            "revoked_at": r,
+            "last_used_at": u,
+        }
+        for i, n, p, perm, ips, c, r, u in rows
+    ]
+
+
+def revoke(conn: sqlite3.Connection, key_id: str) -> None:
+    row = conn.execute(K["key_exists"], (key_id,)).fetchone()
+    if row is None:
+        raise ConfigError(f"no API key {key_id!r} (see `ct1-cdc keys list`)")
+    if row[0] is not None:
+        raise ConfigError(f"API key {key_id} is already revoked")
+    with conn:
+        conn.execute(K["revoke_key"], (time.time(), key_id))
+
+
+def active_count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute(K["count_keys"]).fetchone()[0])

@@ -1,0 +1,102 @@
+"""``ct1-cdc keys create|list|revoke``: API keys, shown once and stored hashed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import click
+
+from api import keys as api_keys
+from cdc.cli import emit_json, handled, keys, settings_of
+from outbox import store
+
+
+def _when(value: float | None) -> str | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="who or what uses the key")
+@click.option(
+    "--permissions",
+    "permissions",
+    required=True,
+    multiple=True,
+    help=f"comma list of {', '.join(api_keys.PERMISSIONS)}",
+)
+@click.option(
+    "--allow-ip",
+    "allow_ips",
+    multiple=True,
+    metavar="CIDR",
+    help="only from these addresses or networks (repeat); default anywhere",
+)
+@click.option("--json", "as_json", is_flag=True, help='print {"id", "name", "key", "permissions"}')
+@click.pass_context
+@handled
+def keys_create(
+    ctx: click.Context, name: str, permissions: tuple[str, ...], allow_ips: tuple[str, ...], as_json: bool
+) -> None:
+    """Create an API key; the key is shown this once and only its hash is kept."""
+    chosen = api_keys.parse_permissions(list(permissions))
+    networks = api_keys.parse_networks(list(allow_ips))
+    conn = store.open_outbox(settings_of(ctx).outbox.path)
+    try:
+        made = api_keys.create(conn, name, chosen, networks)
+    finally:
+        conn.close()
+    if as_json:
+        emit_json(
+            {
+                "id": made.id,
+                "name": made.name,
+                "key": made.key,
+                "permissions": made.permissions,
+                "allow_ips": made.allow_ips,
+            }
+        )
+    else:
+        click.echo(f"created API key {made.id} ({made.name}): {made.key}")
+        click.echo("  shown once: store it now; only its hash is kept", err=True)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def keys_list(ctx: click.Context, as_json: bool) -> None:
+    """API keys without their secrets."""
+    conn = store.connect(settings_of(ctx).outbox.path, readonly=True)
+    try:
+        rows = api_keys.listing(conn)
+    finally:
+        conn.close()
+    for row in rows:
+        item = {
+            **row,
+            "created_at": _when(row["created_at"]),
+            "revoked_at": _when(row["revoked_at"]),
+            "last_used_at": _when(row["last_used_at"]),
+        }
+        if as_json:
+            emit_json(item)
+        else:
+            state = "revoked" if row["revoked_at"] else "active"
+            click.echo(
+                f"{row['id']}  {state:<7} {row['name']:<20} {row['prefix']}…  "
+                f"{','.join(row['permissions'])}  {' '.join(row['allow_ips']) or 'any address'}"
+            )
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_context
+@handled
+def keys_revoke(ctx: click.Context, key_id: str) -> None:
+    """Revoke a key at once: requests with it then get 401."""
+    conn = store.open_outbox(settings_of(ctx).outbox.path)
+    try:
+        api_keys.revoke(conn, key_id)
+    finally:
+        conn.close()
+    click.echo(f"API key {key_id} revoked")
