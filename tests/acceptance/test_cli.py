@@ -96,6 +96,36 @@ def test_setup_run_and_inspect_the_outbox(source_db, tmp_path):
     assert "ct1-cdc setup" in one_line_error(gone)
 
 
+def test_setup_can_set_replica_identity_full_and_load_sample_data(pg_server, tmp_path):
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = with_db(pg_server, name)
+    config = write_config(tmp_path / "c.toml", dsn, f"s_{name}", tmp_path / "o.db")
+    try:
+        result = cli("setup", "--sample-data", "--replica-identity-full", config=config)
+        assert result.returncode == 0, result.stderr
+        assert "created the sample marketplace schema" in result.stderr
+        assert "set REPLICA IDENTITY FULL on public.orders" in result.stderr
+        with psycopg.connect(dsn) as conn:
+            ident = conn.execute(
+                "SELECT relreplident FROM pg_class WHERE oid = 'public.orders'::regclass"
+            ).fetchone()
+            orders = conn.execute("SELECT count(*) FROM orders").fetchone()
+        assert ident == ("f",) and orders[0] > 0
+    finally:
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+                (name,),
+            )
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
 def test_bad_configuration_fails_in_one_line_naming_the_key(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("[source]\nheartbeat_seconds = -1\n")

@@ -353,3 +353,24 @@ async def test_retry_after_is_honoured_and_429_slows_the_endpoint(tmp_path):
         await run_until(dispatcher, lambda: len(rx.received) == 1)
         assert dispatcher.runtimes["ct2"].limit == 3  # halved by the 429, +1 after the success
     assert times[1] - times[0] >= 0.95  # waited for Retry-After, not the 10 ms schedule
+
+
+async def test_events_committed_by_another_connection_are_picked_up_without_a_wake_up(tmp_path):
+    """Capture running in another process only commits to SQLite: the dispatcher must
+    notice by itself (it polls SQLite's data_version)."""
+    async with Receiver() as rx:
+        settings = settings_for(tmp_path, rx.url)
+        append(settings, [])  # the outbox exists, empty
+        dispatcher = Dispatcher(settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatcher.run(stop))
+        try:
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(append, settings, [("order.created", "order", 42)])
+            async with asyncio.timeout(10):
+                while not rx.received:
+                    await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            await task
+    assert rx.received[0]["envelope"]["data"]["id"] == 42
