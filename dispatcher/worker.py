@@ -33,6 +33,7 @@ T = TypeVar("T")
 
 POLL_SECONDS = 0.02  # how often another process's commits are looked for
 STATE_REFRESH_SECONDS = 1.0  # how often endpoint state set by the CLI is re-read
+CLAIM_FRACTION = 0.25  # claim again once this share of the slots is free
 
 
 def version() -> str:
@@ -190,7 +191,7 @@ class Dispatcher:
             busy = len(rt.inflight) if paused else rt.sending
             capacity = limit - busy
             # claim in batches: wait for a quarter of the slots unless none is busy
-            if capacity <= 0 or (busy and capacity < max(1, limit // 4)):
+            if capacity <= 0 or (busy and capacity < max(1, int(limit * CLAIM_FRACTION))):
                 rt.freed.clear()
                 await self._sleep_on(rt.freed, STATE_REFRESH_SECONDS)
                 continue
