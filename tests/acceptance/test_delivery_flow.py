@@ -100,26 +100,10 @@ def test_demo_shows_events_reaching_both_receivers_verified():
 def test_prune_removes_only_settled_old_events(tmp_path):
     import sqlite3
 
-    from outbox import store
-    from outbox.store import Route, Router
-    from outbox.writer import OutboxWriter
+    from tests.outbox_helpers import append_events
 
     path = tmp_path / "o.db"
-    writer = OutboxWriter(store.open_outbox(path), Router([Route("ct2", ("*",))]))
-    for i in range(6):
-        writer.add(
-            type="order.created",
-            object="order",
-            entity_id=i,
-            data={"i": i},
-            occurred_at="2026-01-01T00:00:00.000000Z",
-            table="public.orders",
-            op="insert",
-            lsn="0/1",
-            xid=1,
-        )
-    writer.commit("s", 1)
-    writer.close()
+    append_events(path, ["ct2"], [("order.created", "order", i) for i in range(6)])
     conn = sqlite3.connect(path)
     with conn:
         conn.execute("UPDATE events SET created_at = created_at - 30 * 86400 WHERE id <= 4")

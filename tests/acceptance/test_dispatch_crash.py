@@ -12,30 +12,14 @@ import time
 import pytest
 
 from dispatcher.signing import generate_secret
-from outbox import store
-from outbox.store import Route, Router
-from outbox.writer import OutboxWriter
 from tests.acceptance.helpers import ThreadReceiver, spawn
+from tests.outbox_helpers import append_events
 
 EVENTS = 10_000
 
 
 def fill(path, n: int) -> None:
-    writer = OutboxWriter(store.open_outbox(path), Router([Route("ct2", ("*",)), Route("ct3", ("*",))]))
-    for i in range(n):
-        writer.add(
-            type="order.updated",
-            object="order",
-            entity_id=i % 200,
-            data={"object": "order", "id": i % 200, "record": {"n": i}, "previous": None},
-            occurred_at="2026-11-25T00:00:00.000000Z",
-            table="public.orders",
-            op="update",
-            lsn="0/1",
-            xid=1,
-        )
-    writer.commit("burst", 1)
-    writer.close()
+    append_events(path, ["ct2", "ct3"], (("order.updated", "order", i % 200) for i in range(n)))
 
 
 def undelivered(path) -> int:

@@ -18,8 +18,7 @@ from dispatcher.deliveries import DeliveryStore
 from dispatcher.signing import generate_secret
 from dispatcher.worker import Dispatcher
 from outbox import store
-from outbox.store import Route, Router
-from outbox.writer import OutboxWriter
+from tests.outbox_helpers import append_events
 
 SECRET = generate_secret()
 FAST = [0, 0.05, 0.05, 0.05, 0.05]
@@ -75,22 +74,7 @@ def settings_for(tmp_path: Path, url: str, **dispatcher: Any) -> Settings:
 
 def append(settings: Settings, events: list[tuple[str, str, Any]]) -> None:
     """Append (type, object, entity id) events the way capture does."""
-    conn = store.open_outbox(settings.outbox.path)
-    writer = OutboxWriter(conn, Router([Route(e.name, tuple(e.events)) for e in settings.endpoints]))
-    for n, (etype, obj, key) in enumerate(events):
-        writer.add(
-            type=etype,
-            object=obj,
-            entity_id=key,
-            data={"object": obj, "id": key, "record": {"id": key, "n": n}, "previous": None},
-            occurred_at="2026-11-25T00:00:00.000000Z",
-            table="public.t",
-            op="insert",
-            lsn="0/1",
-            xid=1,
-        )
-    writer.commit("test", 1)
-    writer.close()
+    append_events(settings.outbox.path, [e.name for e in settings.endpoints], events)
 
 
 def deliveries(settings: Settings) -> dict[int, tuple[str, int]]:

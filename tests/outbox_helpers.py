@@ -1,0 +1,33 @@
+"""Putting events straight into an outbox, the way capture's writer does, for tests
+that start at the dispatcher or the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from outbox import store
+from outbox.store import Route, Router
+from outbox.writer import OutboxWriter
+
+
+def append_events(path: str | Path, endpoints: Sequence[str], events: Iterable[tuple[str, str, Any]]) -> None:
+    """Append (type, object, entity id) events routed to ``endpoints`` and commit."""
+    writer = OutboxWriter(store.open_outbox(path), Router([Route(e, ("*",)) for e in endpoints]))
+    try:
+        for n, (etype, obj, key) in enumerate(events):
+            writer.add(
+                type=etype,
+                object=obj,
+                entity_id=key,
+                data={"object": obj, "id": key, "record": {"id": key, "n": n}, "previous": None},
+                occurred_at="2026-11-25T00:00:00.000000Z",
+                table="public.t",
+                op="insert",
+                lsn="0/1",
+                xid=1,
+            )
+        writer.commit("test", 1)
+    finally:
+        writer.close()
