@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg
 import psycopg.sql
@@ -307,23 +306,24 @@ class Capture:
                 shadow_key = str(row[key_col])
                 if change.op == "update":
                     shadow = self.writer.shadow_get(table, shadow_key)
+        add = self.writer.add
         for draft in apply(self.mapping, table, change, shadow):
-            data: dict[str, Any] = {
+            data = {
                 "object": draft.object,
                 "id": draft.entity_id,
                 "record": draft.record,
                 "previous": draft.previous,
             }
-            self.writer.add(
-                type=draft.type,
-                object=draft.object,
-                entity_id=draft.entity_id,
-                data=data,
-                occurred_at=txn.commit_time,
-                table=table,
-                op=draft.op,
-                lsn=change.lsn,
-                xid=change.xid,
+            add(
+                draft.type,
+                draft.object,
+                draft.entity_id,
+                data,
+                txn.commit_time,
+                table,
+                draft.op,
+                change.lsn,
+                change.xid,
             )
             self.stats.events += 1
         if shadow_key is not None:

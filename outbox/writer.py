@@ -46,7 +46,6 @@ class OutboxWriter:
 
     def add(
         self,
-        *,
         type: str,
         object: str,
         entity_id: Any,
@@ -57,11 +56,15 @@ class OutboxWriter:
         lsn: str | None,
         xid: int | None,
     ) -> None:
-        """Buffer one event; its id and deliveries are assigned when the chunk is written."""
+        """Buffer one event; its id and deliveries are assigned when the chunk is written.
+        (Capture calls it positionally: it is the hot path.)"""
+        events = self._events
         key = None if entity_id is None else str(entity_id)
-        self._events.append((type, object, key, occurred_at, dumps(data), table, op, lsn, xid, time.time()))
+        events.append(
+            (type, object, key, occurred_at, orjson.dumps(data).decode(), table, op, lsn, xid, time.time())
+        )
         self.pending += 1
-        if len(self._events) >= CHUNK:
+        if len(events) >= CHUNK:
             self._flush()
 
     # -- the shadow of watched columns (tables without REPLICA IDENTITY FULL) ----------------
