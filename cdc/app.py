@@ -19,7 +19,7 @@ from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.run")
 
-ROLES = ("capture", "dispatch")
+ROLES = ("capture", "dispatch", "api")
 
 
 def parse_roles(text: str | None) -> list[str]:
@@ -60,6 +60,16 @@ async def run(settings: Settings, roles: Sequence[str]) -> None:
         tasks.append(asyncio.ensure_future(asyncio.to_thread(capture.run)))
     if dispatcher is not None:
         tasks.append(asyncio.ensure_future(dispatcher.run(stop)))
+    runner = None
+    if "api" in roles:
+        from aiohttp import web
+
+        from api.app import create_app
+
+        runner = web.AppRunner(create_app(settings), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.api.host, settings.api.port).start()
+        log.info("api_listening", host=settings.api.host, port=settings.api.port)
     log.info("run_started", roles=list(roles))
     waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     try:
@@ -72,6 +82,8 @@ async def run(settings: Settings, roles: Sequence[str]) -> None:
         results = await asyncio.gather(*tasks, return_exceptions=True)
         if capture is not None:
             capture.writer.close()
+        if runner is not None:
+            await runner.cleanup()
     for result in results:
         if isinstance(result, BaseException):
             raise result

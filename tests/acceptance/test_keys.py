@@ -103,3 +103,60 @@ def test_revoking_an_unknown_key_names_the_list_command(config):
     cli("keys", "create", "--name", "a", "--permissions", "core_transaction_1_export", config=config)
     result = cli("keys", "revoke", "key_nope", config=config)
     assert result.returncode == 1 and "ct1-cdc keys list" in result.stderr
+
+
+def test_run_serves_the_events_cursor_with_a_created_key(tmp_path):
+    import signal
+    import time
+    import urllib.error
+    import urllib.request
+
+    from cdc.throwaway import free_port
+    from tests.acceptance.helpers import spawn
+    from tests.outbox_helpers import append_events
+
+    port = free_port()
+    path = tmp_path / "o.db"
+    append_events(path, ["ct2"], [("order.created", "order", 7)])
+    config = tmp_path / "c.toml"
+    config.write_text(f"[outbox]\npath = {str(path)!r}\n[api]\nport = {port}\n")
+    made = json.loads(
+        cli(
+            "keys",
+            "create",
+            "--name",
+            "ct3",
+            "--permissions",
+            "core_transaction_1_export",
+            "--json",
+            config=config,
+        ).stdout
+    )
+    proc = spawn("run", "--role", "api", config=config, log=tmp_path / "run.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as resp:
+                    assert json.loads(resp.read()) == {"status": "ok"}
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
+                time.sleep(0.1)
+        request = urllib.request.Request(
+            f"{base}/api/core-transaction-1/events?limit=10",
+            headers={"Authorization": f"Bearer {made['key']}"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            body = json.loads(resp.read())
+        assert [e["data"]["id"] for e in body["data"]] == [7] and body["meta"]["last_event_id"] == 1
+        try:
+            urllib.request.urlopen(f"{base}/api/core-transaction-1/events", timeout=5)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 401 and json.loads(exc.read())["error"]["code"] == "unauthorized"
+        else:
+            raise AssertionError("a request without a key must be refused")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

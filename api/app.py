@@ -1,0 +1,156 @@
+"""The HTTP API (first slice): key authentication, the events cursor, health.
+
+One middleware turns every error into the JSON error body; handlers raise
+:class:`ApiError` (or aiohttp's HTTP exceptions) and never format errors themselves.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from api.keys import EXPORT, K, hash_key
+from config.settings import Settings
+from outbox import store
+
+BASE = "/api/core-transaction-1"
+MAX_LIMIT = 1000
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    key_id: str
+    permissions: frozenset[str]
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _error_body(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    return _json({"success": False, "error": error}, status)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error_body(exc.status, exc.code, exc.message, exc.field)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status, "bad_request"
+        )
+        return _error_body(exc.status, code, exc.reason)
+    except Exception:  # a bug: logged by aiohttp, never a stack trace in the response
+        request.app.logger.exception("unhandled error")
+        return _error_body(500, "internal_error", "internal error")
+
+
+class Api:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.conn: sqlite3.Connection | None = None
+
+    def db(self) -> sqlite3.Connection:
+        if self.conn is None:
+            self.conn = store.connect(self.settings.outbox.path, readonly=True)
+        return self.conn
+
+    # -- auth --------------------------------------------------------------------------------
+
+    def authenticate(self, request: web.Request, permission: str) -> Caller:
+        header = request.headers.get("Authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("X-API-Key")
+        if not key:
+            raise ApiError(401, "unauthorized", "an API key is required (Authorization: Bearer <key>)")
+        row = self.db().execute(K["find_key"], (hash_key(key),)).fetchone()
+        if row is None or row[4] is not None:
+            raise ApiError(401, "unauthorized", "unknown or revoked API key")
+        key_id, _name, permissions, allow_ips, _revoked = row
+        granted = frozenset(orjson.loads(permissions))
+        if permission not in granted:
+            raise ApiError(403, "forbidden", f"this key lacks the {permission} permission")
+        networks = orjson.loads(allow_ips)
+        if networks:
+            peer = request.remote or ""
+            try:
+                address = ipaddress.ip_address(peer)
+            except ValueError:
+                raise ApiError(403, "forbidden", "client address not allowed for this key") from None
+            if not any(address in ipaddress.ip_network(n) for n in networks):
+                raise ApiError(403, "forbidden", "client address not allowed for this key")
+        return Caller(key_id, granted)
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def events(self, request: web.Request) -> web.Response:
+        self.authenticate(request, EXPORT)
+        after = _int(request, "last_event_id", 0, minimum=0)
+        limit = _int(request, "limit", 100, minimum=1, maximum=MAX_LIMIT)
+        types = [
+            t.strip() for v in request.query.getall("event_types", []) for t in v.split(",") if t.strip()
+        ]
+        for t in types:
+            if not all(c.isalnum() or c in "._*?[]-" for c in t):
+                raise ApiError(422, "invalid_parameter", f"event type {t!r} is not valid", "event_types")
+        rows = list(store.iter_events(self.db(), after=after, types=types, limit=limit))
+        last = rows[-1][0] if rows else after
+        body = (
+            b'{"success":true,"data":['
+            + b",".join(store.envelope_json(r).encode() for r in rows)
+            + b'],"meta":'
+            + orjson.dumps({"last_event_id": last, "count": len(rows), "limit": limit})
+            + b"}"
+        )
+        return web.Response(body=body, content_type="application/json")
+
+
+def _int(request: web.Request, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, "invalid_parameter", f"{name} must be an integer", name) from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ApiError(422, "invalid_parameter", f"{name} must be {bound}", name)
+    return value
+
+
+def create_app(settings: Settings) -> web.Application:
+    api = Api(settings)
+    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get(f"{BASE}/events", api.events)
+
+    async def close(_: web.Application) -> None:
+        if api.conn is not None:
+            api.conn.close()
+
+    app.on_cleanup.append(close)
+    return app
