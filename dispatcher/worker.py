@@ -33,6 +33,7 @@ T = TypeVar("T")
 
 POLL_SECONDS = 0.02  # how often another process's commits are looked for
 STATE_REFRESH_SECONDS = 1.0  # how often endpoint state set by the CLI is re-read
+SHUTDOWN_GRACE_SECONDS = 5.0  # on stop, how long deliveries in flight may finish
 CLAIM_FRACTION = 0.25  # claim again once this share of the slots is free
 
 
@@ -132,9 +133,13 @@ class Dispatcher:
             log.info("dispatch_started", endpoints=sorted(self.runtimes))
             await stop.wait()
         finally:
-            for task in tasks:
+            for task in tasks:  # no new claims
                 task.cancel()
+            # let deliveries in flight finish and be recorded; what does not finish in
+            # the grace period stays pending and is sent again (same webhook-id)
             inflight = [t for r in self.runtimes.values() for t in r.inflight.values()]
+            if inflight:
+                await asyncio.wait(inflight, timeout=SHUTDOWN_GRACE_SECONDS)
             for task in inflight:
                 task.cancel()
             await asyncio.gather(*tasks, *inflight, return_exceptions=True)

@@ -334,8 +334,11 @@ async def test_retry_after_is_honoured_and_429_slows_the_endpoint(tmp_path):
         settings = settings_for(tmp_path, rx.url, retry_schedule=[0, 0.01], endpoint_concurrency=4)
         append(settings, [("order.created", "order", 1)])
         dispatcher = Dispatcher(settings)
-        await run_until(dispatcher, lambda: len(rx.received) == 1)
-        assert dispatcher.runtimes["ct2"].limit == 3  # halved by the 429, +1 after the success
+        # halved by the 429 (4 -> 2), then +1 once the success is recorded
+        await run_until(
+            dispatcher,
+            lambda: len(rx.received) == 1 and dispatcher.runtimes["ct2"].limit == 3,
+        )
     assert times[1] - times[0] >= 0.95  # waited for Retry-After, not the 10 ms schedule
 
 
