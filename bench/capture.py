@@ -119,32 +119,7 @@ def recvlogical_cmd(
 ) -> list[str]:
     from cdc.decode import format_lsn
 
-    cmd = [
-        str(cluster.bin / "pg_recvlogical"),
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(cluster.port),
-        "-U",
-        "postgres",
-        "-d",
-        dbname,
-        "--slot",
-        slot,
-        "--start",
-        "--endpos",
-        format_lsn(endpos),
-        "-f",
-        "/dev/null",
-        "--fsync-interval",
-        "10",
-        "--status-interval",
-        "10",
-        "--no-loop",
-    ]
-    for key, value in options.items():
-        cmd += ["-o", f"{key}={value}"]
-    return cmd
+    return cluster.recvlogical(dbname, slot, options, endpos=format_lsn(endpos))
 
 
 def ct1_env(dsn: str, slot: str, outbox: Path) -> dict[str, str]:

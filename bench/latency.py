@@ -138,25 +138,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         )
         options = wal2json_options(Settings(source={"dsn": dsn}))
         recv = subprocess.Popen(
-            [
-                str(cluster.bin / "pg_recvlogical"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(cluster.port),
-                "-U",
-                "postgres",
-                "-d",
-                "bench",
-                "--slot",
-                "baseline",
-                "--start",
-                "-f",
-                "-",
-                "--fsync-interval",
-                "0",
-                *[x for k, v in options.items() for x in ("-o", f"{k}={v}")],
-            ],
+            cluster.recvlogical("bench", "baseline", options, output="-", fsync_interval=0),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )

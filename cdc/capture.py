@@ -56,19 +56,28 @@ def shadow_tables(conn: source.Conn, mapping: Mapping) -> set[str]:
     return source.existing_tables(conn, watched) - source.replica_identity_full(conn, watched)
 
 
-def ensure_slot(conn: source.Conn, dsn: str, slot: str, mapping: Mapping, writer: OutboxWriter) -> bool:
+def ensure_slot(
+    conn: source.Conn,
+    dsn: str,
+    slot: str,
+    mapping: Mapping,
+    writer: OutboxWriter,
+    shadowed: set[str] | None = None,
+) -> bool:
     """Create the slot if missing, seeding the shadow from the slot's own snapshot.
 
     The shadow then holds the watched columns of every existing row exactly as of the
     first change the slot will stream, so the first update of an old row still knows
     what changed.  Returns True when the slot was created now.
     """
-    shadowed = shadow_tables(conn, mapping)
+    if shadowed is None:
+        shadowed = shadow_tables(conn, mapping)
+    tables = shadowed
 
     def seed(snapshot: str) -> None:
         rows = 0
         try:
-            for table in sorted(shadowed):
+            for table in sorted(tables):
                 key = mapping.by_table[table][0].key
                 cols = mapping.watched(table)
                 query = psycopg.sql.SQL("SELECT {}, {} FROM {}").format(
@@ -84,7 +93,7 @@ def ensure_slot(conn: source.Conn, dsn: str, slot: str, mapping: Mapping, writer
         except BaseException:
             writer.rollback()
             raise
-        log.info("shadow_seeded", tables=sorted(shadowed), rows=rows)
+        log.info("shadow_seeded", tables=sorted(tables), rows=rows)
 
     return source.create_slot(conn, dsn, slot, seed)
 
@@ -183,7 +192,7 @@ class Capture:
         self._shadowed = shadow_tables(conn, self.mapping)
         if self._shadowed:
             log.info("shadow_tables", tables=sorted(self._shadowed))
-        if ensure_slot(conn, self.settings.source.dsn, self.slot, self.mapping, self.writer):
+        if ensure_slot(conn, self.settings.source.dsn, self.slot, self.mapping, self.writer, self._shadowed):
             log.info("slot_created", slot=self.slot)
 
     def _stream_loop(self, conn: source.Conn, stream: ReplicationStream) -> None:

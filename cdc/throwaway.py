@@ -64,6 +64,44 @@ class Cluster:
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
 
+    def recvlogical(
+        self,
+        dbname: str,
+        slot: str,
+        options: dict[str, str],
+        *,
+        output: str = "/dev/null",
+        endpos: str | None = None,
+        fsync_interval: int = 10,
+    ) -> list[str]:
+        """A ``pg_recvlogical --start`` command for ``slot`` (the benchmarks' baseline)."""
+        cmd = [
+            str(self.bin / "pg_recvlogical"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-d",
+            dbname,
+            "--slot",
+            slot,
+            "--start",
+            "-f",
+            output,
+            "--fsync-interval",
+            str(fsync_interval),
+            "--status-interval",
+            "10",
+            "--no-loop",
+        ]
+        if endpos is not None:
+            cmd += ["--endpos", endpos]
+        for key, value in options.items():
+            cmd += ["-o", f"{key}={value}"]
+        return cmd
+
     def sample_database(self, dbname: str, volume: Any = None, seed: int = 1) -> tuple[str, dict[str, int]]:
         """Create ``dbname`` holding the sample marketplace; its DSN and the row counts."""
         import psycopg
