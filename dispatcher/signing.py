@@ -8,7 +8,6 @@ follows, space-separated, so receivers verify with either during a rotation.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
@@ -42,8 +41,8 @@ def message_id(event_id: int) -> str:
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     """One ``v1,<base64>`` signature."""
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256)
-    return "v1," + base64.b64encode(mac.digest()).decode("ascii")
+    mac = hmac.digest(key, b"%s.%d.%s" % (msg_id.encode(), timestamp, body), "sha256")
+    return "v1," + base64.b64encode(mac).decode("ascii")
 
 
 def headers(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes, version: str) -> dict[str, str]:
@@ -51,7 +50,11 @@ def headers(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes, ver
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": " ".join(sign(k, msg_id, timestamp, body) for k in keys),
+        "webhook-signature": (
+            sign(keys[0], msg_id, timestamp, body)
+            if len(keys) == 1
+            else " ".join([sign(k, msg_id, timestamp, body) for k in keys])
+        ),
         "content-type": "application/json",
         "user-agent": f"{USER_AGENT_PRODUCT}/{version}",
     }

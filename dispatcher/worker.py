@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import random
 import time
 from collections.abc import Callable
@@ -57,10 +56,11 @@ class Runtime:
     limit: int
     max_limit: int
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    # deliveries started and not yet recorded (never claimed twice) ...
-    inflight: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    # deliveries claimed and not yet recorded (never claimed twice) ...
+    inflight: set[int] = field(default_factory=set)
     # ... of which this many are waiting for the receiver (what the limit counts)
     sending: int = 0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
     freed: asyncio.Event = field(default_factory=asyncio.Event)
     delivered: int = 0
     failed: int = 0
@@ -86,7 +86,7 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.runtimes: dict[str, Runtime] = {}
         self._global = asyncio.Semaphore(self.cfg.concurrency)
-        self._results: list[tuple[Finished, asyncio.Future[None]]] = []
+        self._results: list[tuple[Finished, Runtime]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     # -- wiring -------------------------------------------------------------------------------
@@ -137,12 +137,14 @@ class Dispatcher:
                 task.cancel()
             # let deliveries in flight finish and be recorded; what does not finish in
             # the grace period stays pending and is sent again (same webhook-id)
-            inflight = [t for r in self.runtimes.values() for t in r.inflight.values()]
+            inflight = [t for r in self.runtimes.values() for t in r.tasks]
             if inflight:
                 await asyncio.wait(inflight, timeout=SHUTDOWN_GRACE_SECONDS)
             for task in inflight:
                 task.cancel()
             await asyncio.gather(*tasks, *inflight, return_exceptions=True)
+            if self._flusher is not None:  # what finished is recorded before we close
+                await asyncio.gather(self._flusher, return_exceptions=True)
             await sender.close()
             self._reads.shutdown(wait=True)
             await self._db(store.close)
@@ -201,16 +203,17 @@ class Dispatcher:
                 await self._sleep_on(rt.freed, STATE_REFRESH_SECONDS)
                 continue
             rt.wake.clear()
-            due = await self._read(store.claim, rt.cfg.name, now, capacity, set(rt.inflight))
+            due = await self._read(store.claim, rt.cfg.name, now, capacity, frozenset(rt.inflight))
             if not due:
                 next_at = await self._read(store.next_due, rt.cfg.name)
                 wait = 1.0 if next_at is None else min(1.0, max(0.0, next_at - now))
                 await self._sleep(rt, wait if wait > 0 else POLL_SECONDS)
                 continue
             for item in due:
+                rt.inflight.add(item.event_id)
                 task = asyncio.create_task(self._deliver(store, sender, rt, item))
-                rt.inflight[item.event_id] = task
-                task.add_done_callback(functools.partial(_forget, rt, item.event_id))
+                rt.tasks.add(task)
+                task.add_done_callback(rt.tasks.discard)
 
     async def _sleep(self, rt: Runtime, seconds: float) -> None:
         await self._sleep_on(rt.wake, seconds)
@@ -242,8 +245,9 @@ class Dispatcher:
         )
         status = {"delivered": "delivered", "dead": "dead"}.get(decision.action, "pending")
         next_at = decision.next_attempt_at or now
-        await self._record(
+        self._record(
             store,
+            rt,
             Finished(
                 rt.cfg.name,
                 item.event_id,
@@ -256,29 +260,31 @@ class Dispatcher:
                 next_at,
             ),
         )
-        fields = {
-            "endpoint": rt.cfg.name,
-            "event_id": item.event_id,
-            "attempt": number,
-            "status": attempt.status,
-            "duration_ms": attempt.duration_ms,
-        }
         if decision.action == "delivered":
             rt.delivered += 1
-            log.debug("webhook_delivered", **fields)
+            log.debug("webhook_delivered", endpoint=rt.cfg.name, event_id=item.event_id, attempt=number)
         else:
             rt.failed += 1
-            log.info("webhook_failed", error=attempt.error, outcome=decision.action, **fields)
-        await self._health(store, rt, decision, now)
+            log.info(
+                "webhook_failed",
+                endpoint=rt.cfg.name,
+                event_id=item.event_id,
+                attempt=number,
+                status=attempt.status,
+                duration_ms=attempt.duration_ms,
+                error=attempt.error,
+                outcome=decision.action,
+            )
+        if self._update_health(rt, decision, now):
+            rt.state.updated_at = time.time()
+            await self._db(store.save_endpoint, rt.state)
 
-    async def _record(self, store: DeliveryStore, result: Finished) -> None:
-        """Queue a finished attempt and wait until it is committed.  The delivery stays
-        in flight (never claimed again) until then."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._results.append((result, done))
+    def _record(self, store: DeliveryStore, rt: Runtime, result: Finished) -> None:
+        """Queue a finished attempt for the next group commit.  The delivery stays in
+        flight (never claimed again) until it is committed."""
+        self._results.append((result, rt))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(store))
-        await done
 
     async def _flush(self, store: DeliveryStore) -> None:
         while self._results:
@@ -287,24 +293,24 @@ class Dispatcher:
                 await self._db(store.finish_many, [result for result, _ in batch])
             except Exception as exc:  # the deliveries stay pending and are sent again
                 log.error("attempt_log_failed", error=str(exc), deliveries=len(batch))
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                continue
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
+            for result, rt in batch:
+                rt.inflight.discard(result.event_id)
+                rt.freed.set()
 
-    async def _health(self, store: DeliveryStore, rt: Runtime, decision: retry.Decision, now: float) -> None:
+    def _update_health(self, rt: Runtime, decision: retry.Decision, now: float) -> bool:
+        """Apply one outcome to the endpoint's health; whether its stored state changed."""
         state = rt.state
-        before = (state.state, state.failures, state.paused_until)
         if decision.action == "delivered":
-            state.failures = 0
             rt.limit = min(rt.max_limit, rt.limit + 1)
+            if state.failures == 0 and state.state != "paused":
+                return False  # the common case: nothing to store
+            state.failures = 0
             if state.state == "paused":
                 state.state = "active"
                 log.info("endpoint_resumed", endpoint=state.name)
-        elif decision.action == "disable":
+            return True
+        before = (state.state, state.failures, state.paused_until)
+        if decision.action == "disable":
             state.state = "disabled"
             log.warning("endpoint_disabled", endpoint=state.name, reason="410 Gone")
         else:
@@ -318,11 +324,4 @@ class Dispatcher:
                 state.state = "paused"
                 state.paused_until = now + probe
                 log.warning("endpoint_paused", endpoint=state.name, failures=state.failures, probe_in=probe)
-        if (state.state, state.failures, state.paused_until) != before:
-            state.updated_at = time.time()
-            await self._db(store.save_endpoint, state)
-
-
-def _forget(rt: Runtime, event_id: int, _task: asyncio.Task[None]) -> None:
-    rt.inflight.pop(event_id, None)
-    rt.freed.set()
+        return (state.state, state.failures, state.paused_until) != before

@@ -2,34 +2,54 @@
 
 -- name: claim
 -- Due deliveries of one endpoint, only the oldest pending one of each entity, so one
--- entity's events go out strictly in order while other entities proceed.
-SELECT d.event_id, d.attempts, e.type, e.occurred_at, e.data, e.source_table, e.op, e.lsn, e.xid
-FROM deliveries d INDEXED BY deliveries_pending
-JOIN events e ON e.id = d.event_id
-WHERE d.endpoint = :endpoint
-  AND d.status = 'pending'
-  AND d.next_attempt_at <= :now
-  AND NOT EXISTS (
-      SELECT 1 FROM deliveries p INDEXED BY deliveries_entity
-      WHERE p.endpoint = d.endpoint AND p.status = 'pending'
-        AND p.entity = d.entity AND p.event_id < d.event_id
-  )
-ORDER BY d.event_id
-LIMIT :limit
+-- entity's events go out strictly in order while other entities proceed.  Deliveries in
+-- flight (:skip, a JSON array of event ids) are left out.  The whole batch comes back as
+-- one JSON array in one row: one step of SQLite, so the claim thread takes the GIL once
+-- instead of once per row.
+SELECT json_group_array(json_array(event_id, attempts, type, occurred_at, data, source_table, op, lsn, xid))
+FROM (
+    SELECT d.event_id, d.attempts, e.type, e.occurred_at, e.data, e.source_table, e.op, e.lsn, e.xid
+    FROM deliveries d INDEXED BY deliveries_pending
+    JOIN events e ON e.id = d.event_id
+    WHERE d.endpoint = :endpoint
+      AND d.status = 'pending'
+      AND d.next_attempt_at <= :now
+      AND d.event_id NOT IN (SELECT value FROM json_each(:skip))
+      AND NOT EXISTS (
+          SELECT 1 FROM deliveries p INDEXED BY deliveries_entity
+          WHERE p.endpoint = d.endpoint AND p.status = 'pending'
+            AND p.entity = d.entity AND p.event_id < d.event_id
+      )
+    ORDER BY d.event_id
+    LIMIT :limit
+)
 
 -- name: next_due
 SELECT min(next_attempt_at) FROM deliveries INDEXED BY deliveries_pending
 WHERE endpoint = ? AND status = 'pending'
 
--- name: record_attempt
+-- name: record_attempts
+-- A batch of attempts as one JSON array of
+-- [endpoint, event_id, attempted_at, status, duration_ms, error, response]:
+-- one statement per group commit, not one per attempt.
 INSERT INTO attempts (endpoint, event_id, attempted_at, status, duration_ms, error, response)
-VALUES (?, ?, ?, ?, ?, ?, ?)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'),
+       json_extract(value, '$[6]')
+FROM json_each(:batch)
 
--- name: finish_delivery
+-- name: finish_deliveries
+-- The same batch: each delivery's new state ([.., status, next_attempt_at] at 7 and 8).
 UPDATE deliveries
-SET status = :status, attempts = attempts + 1, next_attempt_at = :next_attempt_at,
-    last_status = :last_status, last_error = :last_error
-WHERE endpoint = :endpoint AND event_id = :event_id
+SET status = f.status, attempts = attempts + 1, next_attempt_at = f.next_attempt_at,
+    last_status = f.http_status, last_error = f.error
+FROM (
+    SELECT json_extract(value, '$[0]') AS endpoint, json_extract(value, '$[1]') AS event_id,
+           json_extract(value, '$[3]') AS http_status, json_extract(value, '$[5]') AS error,
+           json_extract(value, '$[7]') AS status, json_extract(value, '$[8]') AS next_attempt_at
+    FROM json_each(:batch)
+) AS f
+WHERE deliveries.endpoint = f.endpoint AND deliveries.event_id = f.event_id
 
 -- name: endpoint_state
 SELECT name, state, failures, paused_until, secret, updated_at FROM endpoints WHERE name = ?

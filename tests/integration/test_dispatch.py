@@ -18,6 +18,8 @@ from dispatcher.deliveries import DeliveryStore
 from dispatcher.signing import generate_secret
 from dispatcher.worker import Dispatcher
 from outbox import store
+from outbox.store import Route, Router
+from outbox.writer import OutboxWriter
 from tests.outbox_helpers import append_events
 
 SECRET = generate_secret()
@@ -294,12 +296,42 @@ async def test_dead_deliveries_are_replayed_with_the_same_webhook_id(tmp_path):
     assert deliveries(settings) == {1: ("delivered", 1), 2: ("delivered", 1), 3: ("delivered", 1)}
 
 
-def test_envelope_body_matches_the_outbox(tmp_path):
+def test_claimed_body_is_the_outbox_envelope_byte_for_byte(tmp_path):
     settings = settings_for(tmp_path, "http://127.0.0.1:1/hook")
-    append(settings, [("order.created", "order", 5)])
+    path = settings.outbox.path
+    writer = OutboxWriter(store.open_outbox(path), Router([Route("ct2", ("*",))]))
+    awkward = {"name": 'Zoë "the" \\ \n\t\u0001 ✓ 🚀', "total": "59.90", "none": None, "n": [1, 2.5]}
+    writer.add(
+        "order.created",
+        "order",
+        5,
+        {"object": "order", "id": 5, "record": awkward, "previous": None},
+        "2026-11-25T00:00:00.000000Z",
+        "public.orders",
+        "insert",
+        "0/1",
+        2**40,
+    )
+    writer.commit("test", 1)
+    writer.close()
+    store_ = DeliveryStore(path)
+    (due,) = store_.claim("ct2", 1e12, 10, ())
+    conn = store.connect(path, readonly=True)
+    row = store.get_event(conn, 1)
+    assert row is not None
+    assert due.body == store.envelope_json(row).encode("utf-8")
+    assert json.loads(due.body)["data"]["record"] == awkward
+    store_.close()
+    conn.close()
+
+
+def test_claim_leaves_out_deliveries_in_flight_and_later_events_of_their_entity(tmp_path):
+    settings = settings_for(tmp_path, "http://127.0.0.1:1/hook")
+    append(settings, [("order.created", "order", k) for k in (1, 2, 3, 1)])
     store_ = DeliveryStore(settings.outbox.path)
-    (due,) = store_.claim("ct2", 1e12, 10, set())
-    assert json.loads(due.body)["data"]["id"] == 5
+    assert [d.event_id for d in store_.claim("ct2", 1e12, 10, ())] == [1, 2, 3]
+    assert [d.event_id for d in store_.claim("ct2", 1e12, 10, {1, 3})] == [2]
+    assert [d.event_id for d in store_.claim("ct2", 1e12, 1, {1})] == [2]
     store_.close()
 
 
