@@ -6,6 +6,7 @@ One middleware turns every error into the JSON error body; handlers raise
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from api.errors import ApiError
+from api.exports import LISTS, Exports
 from api.keys import EXPORT, K, hash_key
+from cdc.mapping import Mapping, load_mapping
 from config.settings import Settings
 from outbox import store
 
@@ -23,12 +27,6 @@ BASE = "/api/core-transaction-1"
 MAX_LIMIT = 1000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,15 +140,40 @@ def _int(request: web.Request, name: str, default: int, *, minimum: int, maximum
     return value
 
 
-def create_app(settings: Settings) -> web.Application:
+def excluded_columns(mapping: Mapping) -> frozenset[str]:
+    """Every column any rule excludes: none of them appears in any export, at any depth."""
+    return frozenset().union(*(rule.exclude for rule in mapping.rules))
+
+
+def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Application:
     api = Api(settings)
+    exports = Exports(settings, excluded_columns(mapping or load_mapping(settings.mapping.file)))
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get(f"{BASE}/events", api.events)
 
+    def guarded(handler: Handler, permission: str) -> Handler:
+        async def checked(request: web.Request) -> web.StreamResponse:
+            api.authenticate(request, permission)
+            return await handler(request)
+
+        return checked
+
+    for name, spec in LISTS.items():
+        app.router.add_get(f"{BASE}/{name}", guarded(functools.partial(exports.listing, spec=spec), EXPORT))
+    app.router.add_get(f"{BASE}/customers/{{id}}", guarded(exports.customer, EXPORT))
+    app.router.add_get(f"{BASE}/orders/{{id}}", guarded(exports.order, EXPORT))
+    app.router.add_get(f"{BASE}/products/{{id}}", guarded(exports.product, EXPORT))
+    app.router.add_get(f"{BASE}/analytics", guarded(exports.analytics, EXPORT))
+
+    async def start(_: web.Application) -> None:
+        await exports.open()
+
     async def close(_: web.Application) -> None:
+        await exports.close()
         if api.conn is not None:
             api.conn.close()
 
+    app.on_startup.append(start)
     app.on_cleanup.append(close)
     return app

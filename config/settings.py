@@ -86,6 +86,15 @@ class ApiSettings(_Section):
     cache_ttl_customers: int = Field(3600, ge=0, description="seconds a customers export is cached")
     cache_ttl_products: int = Field(1800, ge=0, description="seconds a products export is cached")
     cache_ttl_analytics: int = Field(3600, ge=0, description="seconds analytics are cached")
+    export_dsn: str | None = Field(
+        None, description="marketplace database for exports (empty: source.dsn; env:NAME allowed)"
+    )
+    sql_dir: str | None = Field(None, description="folder holding exports.sql (empty: the built-in one)")
+    statement_timeout_ms: int = Field(15000, ge=100, description="statement timeout of every export query")
+    pool_size: int = Field(4, ge=1, le=100, description="connections to the marketplace database for exports")
+    pool_timeout_seconds: float = Field(5.0, gt=0, description="how long a request waits for a connection")
+
+    _secret = field_validator("export_dsn")(lambda v: resolve_secret(v))
 
 
 DEFAULT_RETRY_SCHEDULE: list[float] = [

@@ -1,0 +1,579 @@
+"""Exports: customers, orders, products, reviews and analytics, read straight from the
+marketplace database.
+
+Every read runs on a psycopg 3 async pool whose sessions are read-only
+(``default_transaction_read_only``) with a statement timeout; the SQL lives in
+``api/sql/exports.sql`` (or the folder of ``api.sql_dir``).  Lists page by keyset: the
+opaque ``cursor`` carries the last id, so paging to the end while rows are inserted
+never skips or repeats one.  ``format=ndjson`` or ``csv`` streams a whole export page by
+page in constant memory.  Columns the mapping excludes never appear, at any depth.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import functools
+import io
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import psycopg_pool
+from aiohttp import web
+from psycopg.rows import dict_row
+
+from api.errors import ApiError
+from cdc.decode import normalize
+from cdc.errors import ConfigError
+from config.settings import Settings
+from outbox import sqlfile
+
+DEFAULT_SQL_DIR = Path(__file__).resolve().parent / "sql"
+MAX_PER_PAGE = 500
+DEFAULT_PER_PAGE = 50
+STREAM_PAGE = 1000  # rows per query while streaming a whole export
+
+ORDER_STATUSES = ("pending", "processing", "shipped", "delivered", "cancelled", "refunded")
+PAYMENT_STATUSES = ("pending", "paid", "failed", "refunded")
+PRODUCT_STATUSES = ("draft", "active", "inactive", "archived")
+REVIEW_STATUSES = ("pending", "approved", "rejected")
+LOW_STOCK = 5  # at or below: "low_stock"
+CENT = Decimal("0.01")
+
+
+# -- parameters -------------------------------------------------------------------------------
+
+
+class Query:
+    """Validated query parameters: each accessor raises a 422 naming the parameter."""
+
+    def __init__(self, params: Mapping[str, str]) -> None:
+        self.params = params
+
+    def _raw(self, name: str) -> str | None:
+        value = self.params.get(name)
+        return None if value is None or value == "" else value
+
+    def integer(self, name: str, *, minimum: int = 1, maximum: int | None = None) -> int | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ApiError(422, "invalid_parameter", f"{name} must be an integer", name) from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise ApiError(422, "invalid_parameter", f"{name} must be {bound}", name)
+        return value
+
+    def boolean(self, name: str) -> bool | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes"):
+            return True
+        if lowered in ("0", "false", "no"):
+            return False
+        raise ApiError(422, "invalid_parameter", f"{name} must be true or false", name)
+
+    def choice(self, name: str, allowed: tuple[str, ...]) -> str | None:
+        raw = self._raw(name)
+        if raw is not None and raw not in allowed:
+            raise ApiError(422, "invalid_parameter", f"{name} must be one of {', '.join(allowed)}", name)
+        return raw
+
+    def text(self, name: str, *, max_length: int = 200) -> str | None:
+        raw = self._raw(name)
+        if raw is not None and (len(raw) > max_length or "\x00" in raw):
+            raise ApiError(422, "invalid_parameter", f"{name} must be at most {max_length} characters", name)
+        return raw
+
+    def moment(self, name: str, *, end: bool = False) -> datetime | None:
+        """A date (``2026-11-25``) or an ISO 8601 time.  As the end of a range a date
+        means the whole day: the bound returned is exclusive."""
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        try:
+            if len(raw) == 10:
+                day = date.fromisoformat(raw)
+                start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+                return start + timedelta(days=1) if end else start
+            value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise ApiError(
+                422, "invalid_parameter", f"{name} must be a date (YYYY-MM-DD) or an ISO 8601 time", name
+            ) from None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value + timedelta(microseconds=1) if end else value
+
+    def date_range(self) -> tuple[datetime | None, datetime | None]:
+        start, end = self.moment("date_from"), self.moment("date_to", end=True)
+        if start is not None and end is not None and end <= start:
+            raise ApiError(422, "invalid_parameter", "date_to must not be before date_from", "date_to")
+        return start, end
+
+    def per_page(self) -> int:
+        value = self.integer("per_page", maximum=MAX_PER_PAGE)
+        return DEFAULT_PER_PAGE if value is None else value
+
+    def cursor(self) -> int:
+        raw = self._raw("cursor")
+        if raw is None:
+            return 0
+        return decode_cursor(raw)
+
+    def format(self) -> str:
+        return self.choice("format", ("json", "ndjson", "csv")) or "json"
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps({"after": last_id})).decode("ascii").rstrip("=")
+
+
+def decode_cursor(raw: str) -> int:
+    try:
+        doc = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        after = doc["after"]
+        if isinstance(after, int) and not isinstance(after, bool) and after >= 0:
+            return after
+    except (binascii.Error, ValueError, TypeError, KeyError, orjson.JSONDecodeError):
+        pass
+    raise ApiError(422, "invalid_parameter", "cursor is not one this API returned", "cursor")
+
+
+def path_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not raw.isdigit() or int(raw) < 1 or len(raw) > 18:
+        raise ApiError(422, "invalid_parameter", "id must be a positive integer", "id")
+    return int(raw)
+
+
+# -- values -------------------------------------------------------------------------------------
+
+
+def clean(value: Any, excluded: frozenset[str]) -> Any:
+    """JSON-ready values (numeric as exact text, times as ISO 8601 UTC, as in events)
+    without any excluded column, at any depth."""
+    if isinstance(value, dict):
+        return {k: clean(v, excluded) for k, v in value.items() if k not in excluded}
+    if isinstance(value, list):
+        return [clean(v, excluded) for v in value]
+    return normalize(value)
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value).decode()
+    return value
+
+
+# -- the lists -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListSpec:
+    name: str  # SQL block and path
+    filters: Callable[[Query], dict[str, Any]]
+
+
+def _customer_filters(q: Query) -> dict[str, Any]:
+    start, end = q.date_range()
+    return {"date_from": start, "date_to": end, "has_orders": q.boolean("has_orders")}
+
+
+def _order_filters(q: Query) -> dict[str, Any]:
+    start, end = q.date_range()
+    return {
+        "customer_id": q.integer("customer_id"),
+        "seller_id": q.integer("seller_id"),
+        "status": q.choice("status", ORDER_STATUSES),
+        "payment_status": q.choice("payment_status", PAYMENT_STATUSES),
+        "date_from": start,
+        "date_to": end,
+    }
+
+
+def _like(text: str | None) -> str | None:
+    if text is None:
+        return None
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _product_filters(q: Query) -> dict[str, Any]:
+    return {
+        "seller_id": q.integer("seller_id"),
+        "category": q.text("category", max_length=100),
+        "status": q.choice("status", PRODUCT_STATUSES),
+        "in_stock": q.boolean("in_stock"),
+        "search": _like(q.text("search")),
+    }
+
+
+def _review_filters(q: Query) -> dict[str, Any]:
+    start, end = q.date_range()
+    return {
+        "product_id": q.integer("product_id"),
+        "user_id": q.integer("user_id"),
+        "rating": q.integer("rating", minimum=1, maximum=5),
+        "status": q.choice("status", REVIEW_STATUSES),
+        "date_from": start,
+        "date_to": end,
+    }
+
+
+LISTS = {
+    "customers": ListSpec("customers", _customer_filters),
+    "orders": ListSpec("orders", _order_filters),
+    "products": ListSpec("products", _product_filters),
+    "reviews": ListSpec("reviews", _review_filters),
+}
+
+
+BLOCKS = (
+    *LISTS,
+    "customer",
+    "customer_addresses",
+    "customer_statistics",
+    "order",
+    "order_items",
+    "order_parties",
+    "product",
+    "product_ratings",
+    "analytics_period",
+    "analytics_top_products",
+    "analytics_ratings",
+)
+
+
+def load_sql(path: Path) -> dict[str, str]:
+    """The export queries; a missing file or block is a configuration error at start."""
+    try:
+        blocks = sqlfile.parse_blocks(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"api.sql_dir: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"api.sql_dir: {path}: {exc}") from None
+    missing = [b for b in BLOCKS if b not in blocks]
+    if missing:
+        raise ConfigError(f"api.sql_dir: {path} lacks the SQL block {missing[0]!r} (-- name: {missing[0]})")
+    return blocks
+
+
+class Exports:
+    """The export handlers; one pool on the marketplace database."""
+
+    def __init__(self, settings: Settings, excluded: frozenset[str]) -> None:
+        cfg = settings.api
+        self.excluded = excluded
+        self.sql = load_sql(Path(cfg.sql_dir or DEFAULT_SQL_DIR) / "exports.sql")
+        self.pool_timeout = cfg.pool_timeout_seconds
+        options = (
+            f"-c default_transaction_read_only=on -c statement_timeout={cfg.statement_timeout_ms}"
+            " -c TimeZone=UTC"
+        )
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            cfg.export_dsn or settings.source.dsn,
+            min_size=0,
+            max_size=cfg.pool_size,
+            kwargs={"options": options, "application_name": "ct1-cdc-api"},
+            configure=self._configure,
+            open=False,
+            name="ct1-cdc-exports",
+        )
+
+    @staticmethod
+    async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.set_read_only(True)  # and the session default: nothing here can write
+
+    async def open(self) -> None:
+        await self.pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def _rows(
+        self, conn: psycopg.AsyncConnection[Any], block: str, params: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(self.sql[block], params)
+            rows = await cur.fetchall()
+        return [clean(r, self.excluded) for r in rows]
+
+    async def read(self, reads: Callable[[psycopg.AsyncConnection[Any]], Any]) -> Any:
+        """Run ``reads`` in one read-only transaction; source trouble becomes a clear 503."""
+        try:
+            async with self.pool.connection(timeout=self.pool_timeout) as conn, conn.transaction():
+                return await reads(conn)
+        except psycopg.errors.QueryCanceled:
+            raise ApiError(
+                503,
+                "export_timeout",
+                "the export query ran past api.statement_timeout_ms; narrow the filters",
+            ) from None
+        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
+            raise ApiError(
+                503, "source_unavailable", f"the marketplace database is unavailable: {exc}"
+            ) from None
+        except psycopg.Error as exc:  # e.g. a replaced exports.sql that tries to write
+            message = exc.diag.message_primary or str(exc)
+            raise ApiError(503, "export_failed", f"the export query failed: {message}") from None
+
+    # -- lists --------------------------------------------------------------------------------------
+
+    async def listing(self, request: web.Request, spec: ListSpec) -> web.StreamResponse:
+        q = Query(request.query)
+        filters = spec.filters(q)
+        fmt = q.format()
+        after = q.cursor()
+        if fmt != "json":
+            return await self._stream(request, spec, filters, after, fmt)
+        per_page = q.per_page()
+        params = {**filters, "after": after, "limit": per_page + 1}
+        rows = await self.read(lambda conn: self._rows(conn, spec.name, params))
+        more = len(rows) > per_page
+        rows = rows[:per_page]
+        meta = {
+            "per_page": per_page,
+            "count": len(rows),
+            "next_cursor": encode_cursor(rows[-1]["id"]) if more else None,
+        }
+        return _json_response({"success": True, "data": rows, "meta": meta})
+
+    async def _stream(
+        self, request: web.Request, spec: ListSpec, filters: dict[str, Any], after: int, fmt: str
+    ) -> web.StreamResponse:
+        pages = self._pages(spec, filters, after)
+        first = await anext(pages, None)  # errors before the first byte are still JSON errors
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "application/x-ndjson" if fmt == "ndjson" else "text/csv; charset=utf-8",
+                "Content-Disposition": f'attachment; filename="{spec.name}.{fmt}"',
+            }
+        )
+        await response.prepare(request)
+        header: list[str] | None = None
+        page = first
+        while page:
+            if fmt == "ndjson":
+                await response.write(b"".join(orjson.dumps(r) + b"\n" for r in page))
+            else:
+                buf = io.StringIO()
+                out = csv.writer(buf, lineterminator="\n")
+                if header is None:
+                    header = list(page[0])
+                    out.writerow(header)
+                for row in page:
+                    out.writerow([_csv_cell(row.get(c)) for c in header])
+                await response.write(buf.getvalue().encode("utf-8"))
+            page = await anext(pages, None)
+        await response.write_eof()
+        return response
+
+    async def _pages(
+        self, spec: ListSpec, filters: dict[str, Any], after: int
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Pages of rows, each read in a short transaction of its own (so a long export
+        holds no snapshot open and each query meets the statement timeout easily)."""
+        while True:
+            params = {**filters, "after": after, "limit": STREAM_PAGE}
+            rows: list[dict[str, Any]] = await self.read(
+                functools.partial(self._rows, block=spec.name, params=params)
+            )
+            if not rows:
+                return
+            yield rows
+            if len(rows) < STREAM_PAGE:
+                return
+            after = rows[-1]["id"]
+
+    # -- detail views -------------------------------------------------------------------------------
+
+    async def customer(self, request: web.Request) -> web.Response:
+        ident = {"id": path_id(request)}
+
+        async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
+            rows = await self._rows(conn, "customer", ident)
+            if not rows:
+                return None
+            customer = rows[0]
+            customer["addresses"] = await self._rows(conn, "customer_addresses", ident)
+            (customer["statistics"],) = await self._rows(conn, "customer_statistics", ident)
+            return customer
+
+        return self._found(await self.read(reads), "customer")
+
+    async def order(self, request: web.Request) -> web.Response:
+        ident = {"id": path_id(request)}
+
+        async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
+            rows = await self._rows(conn, "order", ident)
+            if not rows:
+                return None
+            order = rows[0]
+            order["items"] = await self._rows(conn, "order_items", ident)
+            parties = (await self._rows(conn, "order_parties", ident) or [{}])[0]
+            order["customer"] = _prefixed(parties, "customer_")
+            order["seller"] = _prefixed(parties, "seller_")
+            order["shop"] = _prefixed(parties, "shop_")
+            order["payment"] = {
+                "status": order.get("payment_status"),
+                "method": order.get("payment_method"),
+                "currency": order.get("currency"),
+                "subtotal": order.get("subtotal"),
+                "shipping_total": order.get("shipping_total"),
+                "tax_total": order.get("tax_total"),
+                "discount_total": order.get("discount_total"),
+                "total": order.get("total"),
+            }
+            order["shipping"] = {
+                "address": order.get("shipping_address"),
+                "carrier": order.get("shipping_carrier"),
+                "tracking_number": order.get("tracking_number"),
+            }
+            return order
+
+        return self._found(await self.read(reads), "order")
+
+    async def product(self, request: web.Request) -> web.Response:
+        ident = {"id": path_id(request)}
+
+        async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
+            rows = await self._rows(conn, "product", ident)
+            if not rows:
+                return None
+            p = rows[0]
+            ratings = {
+                int(r["rating"]): int(r["reviews"]) for r in await self._rows(conn, "product_ratings", ident)
+            }
+            count = sum(ratings.values())
+            stock = int(p.get("stock") or 0)
+            shop = {
+                "id": p.pop("shop_id", None),
+                "name": p.pop("shop_name", None),
+                "slug": p.pop("shop_slug", None),
+                "seller": {"id": p.pop("seller_id", None), "name": p.pop("seller_name", None)},
+            }
+            category_id = p.pop("category_id", None)
+            category = {
+                "id": category_id,
+                "name": p.pop("category_name", None),
+                "slug": p.pop("category_slug", None),
+            }
+            return {
+                **p,
+                "shop": shop,
+                "category": category if category_id is not None else None,
+                "rating": {
+                    "average": f"{sum(k * v for k, v in ratings.items()) / count:.2f}" if count else None,
+                    "count": count,
+                    "distribution": {str(k): ratings.get(k, 0) for k in range(1, 6)},
+                },
+                "stock_status": "out_of_stock"
+                if stock <= 0
+                else "low_stock"
+                if stock <= LOW_STOCK
+                else "in_stock",
+                "seo": {
+                    "slug": p.get("slug"),
+                    "meta_title": p.get("meta_title"),
+                    "meta_description": p.get("meta_description"),
+                    "meta_keywords": p.get("meta_keywords"),
+                },
+            }
+
+        return self._found(await self.read(reads), "product")
+
+    # -- analytics ----------------------------------------------------------------------------------
+
+    async def analytics(self, request: web.Request) -> web.Response:
+        q = Query(request.query)
+        start, end = q.date_range()
+        if end is None:
+            today = datetime.now(UTC).date()
+            end = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1)
+        if start is None:
+            start = end - timedelta(days=30)
+        if end - start > timedelta(days=3660):
+            raise ApiError(422, "invalid_parameter", "the period may span at most ten years", "date_from")
+        previous = {"start": start - (end - start), "end": start}
+        period = {"start": start, "end": end}
+
+        async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+            (now,) = await self._rows(conn, "analytics_period", period)
+            (before,) = await self._rows(conn, "analytics_period", previous)
+            top = await self._rows(conn, "analytics_top_products", period)
+            ratings = {
+                int(r["rating"]): int(r["reviews"])
+                for r in await self._rows(conn, "analytics_ratings", period)
+            }
+            return {
+                "period": {"date_from": normalize(start), "date_to": normalize(end)},
+                **_figures(now),
+                "top_products": top,
+                "rating_distribution": {str(k): ratings.get(k, 0) for k in range(1, 6)},
+                "previous_period": {
+                    "date_from": normalize(previous["start"]),
+                    "date_to": normalize(previous["end"]),
+                    **_figures(before),
+                },
+                "growth": _growth(_figures(now), _figures(before)),
+            }
+
+        return self._found(await self.read(reads), "analytics")
+
+    def _found(self, data: dict[str, Any] | None, what: str) -> web.Response:
+        """A detail answer; cleaned once more as a whole, since it is composed here."""
+        if data is None:
+            raise ApiError(404, "not_found", f"no such {what}")
+        return _json_response({"success": True, "data": clean(data, self.excluded), "meta": {}})
+
+
+def _figures(row: dict[str, Any]) -> dict[str, Any]:
+    orders = int(row["orders"])
+    gmv = Decimal(row["gmv"])
+    views = int(row["product_views"])
+    return {
+        "gmv": str(gmv.quantize(CENT)),
+        "orders": orders,
+        "average_order_value": str((gmv / orders).quantize(CENT)) if orders else "0.00",
+        "new_customers": int(row["new_customers"]),
+        "returning_customers": int(row["returning_customers"]),
+        "product_views": views,
+        "conversion_rate": round(orders / views, 4) if views else None,
+    }
+
+
+def _growth(now: dict[str, Any], before: dict[str, Any]) -> dict[str, float | None]:
+    """Change against the previous period in percent (None when it had nothing)."""
+    out: dict[str, float | None] = {}
+    for key in ("gmv", "orders", "average_order_value", "new_customers"):
+        old, new = float(before[key]), float(now[key])
+        out[key] = round((new - old) / old * 100, 2) if old else None
+    return out
+
+
+def _prefixed(row: dict[str, Any], prefix: str) -> dict[str, Any] | None:
+    picked = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}
+    return picked if picked.get("id") is not None else None
+
+
+def _json_response(body: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(body), content_type="application/json")

@@ -1,0 +1,394 @@
+"""Exports over HTTP, in-process with aiohttp's test client, against a real Postgres
+holding the sample marketplace; every answer is checked against SQL on the same data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from api import keys
+from api.app import BASE, create_app
+from cdc.errors import ConfigError
+from cdc.mapping import parse_mapping
+from config import sample
+from config.settings import Settings
+from outbox import sqlfile, store
+from tests.conftest import MAPPING, SourceDb, make_settings
+
+VOLUME = sample.Volume(customers=60, sellers=4, products=40, orders=150, reviews=80, views=300, carts=10)
+
+Client = Callable[..., Any]
+
+
+async def start(settings: Settings, mapping_text: str | None = None) -> tuple[TestClient, dict[str, str]]:
+    conn = store.open_outbox(settings.outbox.path)
+    export = keys.create(conn, "export", [keys.EXPORT], [])
+    hooks = keys.create(conn, "hooks", [keys.WEBHOOKS], [])
+    conn.close()
+    mapping = parse_mapping(mapping_text) if mapping_text else None
+    client = TestClient(TestServer(create_app(settings, mapping)))
+    await client.start_server()
+    return client, {"export": export.key, "hooks": hooks.key}
+
+
+@pytest.fixture
+def marketplace(source_db: SourceDb) -> SourceDb:
+    with source_db.connect() as conn:
+        sample.generate(conn, seed=3, volume=VOLUME)
+    return source_db
+
+
+@pytest.fixture
+async def api(marketplace: SourceDb, tmp_path: Path) -> AsyncIterator[tuple[TestClient, Client, SourceDb]]:
+    settings = make_settings(marketplace, tmp_path / "outbox.db")
+    client, k = await start(settings)
+
+    async def get(path: str, _status: int = 200, _key: str = "export", **params: Any) -> Any:
+        resp = await client.get(
+            f"{BASE}{path}", params={n: str(v) for n, v in params.items()}, headers={"X-API-Key": k[_key]}
+        )
+        body = await resp.read()
+        assert resp.status == _status, body[:500]
+        return json.loads(body) if resp.content_type == "application/json" else body
+
+    yield client, get, marketplace
+    await client.close()
+
+
+async def page_all(get: Client, path: str, per_page: int = 7, **params: Any) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        extra = {"cursor": cursor} if cursor else {}
+        body = await get(path, per_page=per_page, **params, **extra)
+        assert body["success"] is True and len(body["data"]) <= per_page
+        rows += body["data"]
+        cursor = body["meta"]["next_cursor"]
+        if cursor is None:
+            return rows
+
+
+def ids(db: SourceDb, query: str, *params: Any) -> list[int]:
+    return [r[0] for r in db.execute(query, *params)]
+
+
+async def test_paging_to_the_end_while_rows_are_inserted_has_no_gap_or_repeat(api):
+    _, get, db = api
+    before = ids(db, "SELECT id FROM users WHERE role = 'customer' ORDER BY id")
+    seen: list[int] = []
+    cursor = None
+    inserted = 0
+    while True:
+        body = await get("/customers", per_page=9, **({"cursor": cursor} if cursor else {}))
+        seen += [r["id"] for r in body["data"]]
+        if inserted < 5:  # a new customer between every page, for the first few pages
+            db.execute(
+                "INSERT INTO users (name, email, password) VALUES (%s, %s, 'x')",
+                "New",
+                f"new{inserted}@x.test",
+            )
+            inserted += 1
+        cursor = body["meta"]["next_cursor"]
+        if cursor is None:
+            break
+    after = ids(db, "SELECT id FROM users WHERE role = 'customer' ORDER BY id")
+    assert len(seen) == len(set(seen)) and seen == sorted(seen)
+    assert set(before) <= set(seen) and seen == after
+
+
+async def test_order_filters_match_sql(api):
+    _, get, db = api
+    assert [r["id"] for r in await page_all(get, "/orders", per_page=50)] == ids(
+        db, "SELECT id FROM orders ORDER BY id"
+    )
+    for status in ("pending", "shipped", "delivered"):
+        got = [r["id"] for r in await page_all(get, "/orders", status=status)]
+        assert got == ids(db, "SELECT id FROM orders WHERE status = %s ORDER BY id", status)
+    got = await page_all(get, "/orders", payment_status="paid")
+    assert {r["payment_status"] for r in got} <= {"paid"}
+    assert [r["id"] for r in got] == ids(
+        db, "SELECT id FROM orders WHERE payment_status = 'paid' ORDER BY id"
+    )
+    customer = db.execute("SELECT user_id FROM orders GROUP BY user_id ORDER BY count(*) DESC LIMIT 1")[0][0]
+    got = [r["id"] for r in await page_all(get, "/orders", customer_id=customer)]
+    assert got and got == ids(db, "SELECT id FROM orders WHERE user_id = %s ORDER BY id", customer)
+    seller = db.execute("SELECT seller_id FROM orders WHERE seller_id IS NOT NULL LIMIT 1")[0][0]
+    got = [r["id"] for r in await page_all(get, "/orders", seller_id=seller)]
+    assert got and got == ids(db, "SELECT id FROM orders WHERE seller_id = %s ORDER BY id", seller)
+    db.execute("UPDATE orders SET created_at = '2026-01-15 10:00:00+00' WHERE id IN (1, 2)")
+    db.execute("UPDATE orders SET created_at = '2026-01-16 00:00:00+00' WHERE id = 3")
+    got = [r["id"] for r in await page_all(get, "/orders", date_from="2026-01-15", date_to="2026-01-15")]
+    assert got == [1, 2]  # date_to is a whole day: the 16th's midnight is out
+    got = [
+        r["id"]
+        for r in await page_all(get, "/orders", date_from="2026-01-15T10:00:00Z", date_to="2026-01-16")
+    ]
+    assert got == [1, 2, 3]
+    order = (await get("/orders", per_page=1))["data"][0]
+    assert order["created_at"].endswith("Z") and isinstance(order["total"], str)
+    assert Decimal(order["total"]) == db.execute("SELECT total FROM orders WHERE id = %s", order["id"])[0][0]
+
+
+async def test_product_review_and_customer_filters_match_sql(api):
+    _, get, db = api
+    seller = db.execute("SELECT user_id FROM shops ORDER BY id LIMIT 1")[0][0]
+    got = [r["id"] for r in await page_all(get, "/products", seller_id=seller)]
+    assert got == ids(
+        db,
+        "SELECT p.id FROM products p JOIN shops s ON s.id = p.shop_id WHERE s.user_id = %s ORDER BY p.id",
+        seller,
+    )
+    slug = db.execute("SELECT c.slug FROM products p JOIN categories c ON c.id = p.category_id LIMIT 1")[0][0]
+    got = await page_all(get, "/products", category=slug)
+    assert got and {r["category"] for r in got} == {slug}
+    db.execute("UPDATE products SET stock = 0, status = 'draft' WHERE id IN (1, 5)")
+    drafts = [r["id"] for r in await page_all(get, "/products", status="draft")]
+    assert drafts == ids(db, "SELECT id FROM products WHERE status = 'draft' ORDER BY id") and 1 in drafts
+    out = [r["id"] for r in await page_all(get, "/products", in_stock="false")]
+    assert out == ids(db, "SELECT id FROM products WHERE stock <= 0 ORDER BY id") and 1 in out
+    db.execute("UPDATE products SET name = 'Zoë 100% wool scarf' WHERE id = 7")
+    assert [r["id"] for r in await page_all(get, "/products", search="100% WOOL")] == [7]
+    assert [r["id"] for r in await page_all(get, "/products", search="%")] == [7]  # literal, not a wildcard
+    for rating in (1, 5):
+        got = [r["id"] for r in await page_all(get, "/reviews", rating=rating)]
+        assert got == ids(db, "SELECT id FROM reviews WHERE rating = %s ORDER BY id", rating)
+    got = [r["id"] for r in await page_all(get, "/reviews", status="approved", per_page=100)]
+    assert got == ids(db, "SELECT id FROM reviews WHERE status = 'approved' ORDER BY id")
+    product = db.execute("SELECT product_id FROM reviews LIMIT 1")[0][0]
+    got = [r["id"] for r in await page_all(get, "/reviews", product_id=product)]
+    assert got == ids(db, "SELECT id FROM reviews WHERE product_id = %s ORDER BY id", product)
+    with_orders = [r["id"] for r in await page_all(get, "/customers", has_orders="true", per_page=100)]
+    assert with_orders == ids(
+        db,
+        "SELECT id FROM users u WHERE role = 'customer' AND EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id)"
+        " ORDER BY id",
+    )
+    without = [r["id"] for r in await page_all(get, "/customers", has_orders="false", per_page=100)]
+    assert set(with_orders).isdisjoint(without) and len(with_orders) + len(without) == VOLUME.customers
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        ("/orders", {"date_from": "2026-13-01"}, "date_from"),
+        ("/orders", {"date_to": "yesterday"}, "date_to"),
+        ("/orders", {"date_from": "2026-02-01", "date_to": "2026-01-01"}, "date_to"),
+        ("/orders", {"customer_id": "-3"}, "customer_id"),
+        ("/orders", {"seller_id": "x"}, "seller_id"),
+        ("/orders", {"status": "lost"}, "status"),
+        ("/orders", {"payment_status": "maybe"}, "payment_status"),
+        ("/orders", {"per_page": "501"}, "per_page"),
+        ("/orders", {"per_page": "0"}, "per_page"),
+        ("/orders", {"cursor": "not-a-cursor"}, "cursor"),
+        ("/orders", {"format": "xml"}, "format"),
+        ("/customers", {"has_orders": "perhaps"}, "has_orders"),
+        ("/products", {"in_stock": "2"}, "in_stock"),
+        ("/products", {"status": "sold"}, "status"),
+        ("/reviews", {"rating": "6"}, "rating"),
+        ("/reviews", {"user_id": "0"}, "user_id"),
+        ("/analytics", {"date_from": "1/2/2026"}, "date_from"),
+        ("/orders/-1", {}, "id"),
+        ("/customers/abc", {}, "id"),
+    ],
+)
+async def test_bad_filters_answer_422_naming_the_field(api, path, params, field):
+    _, get, _ = api
+    body = await get(path, _status=422, **params)
+    assert body["success"] is False and body["error"]["field"] == field
+
+
+async def test_unknown_ids_answer_404_and_keys_need_the_export_permission(api):
+    client, get, _ = api
+    for path in ("/customers/999999", "/orders/999999", "/products/999999"):
+        assert (await get(path, _status=404))["error"]["code"] == "not_found"
+    assert (await get("/orders", _status=403, _key="hooks"))["error"]["code"] == "forbidden"
+    resp = await client.get(f"{BASE}/customers")
+    assert resp.status == 401
+
+
+async def test_detail_views_carry_their_related_data(api):
+    _, get, db = api
+    customer = db.execute(
+        "SELECT user_id FROM orders WHERE status NOT IN ('cancelled', 'refunded') GROUP BY user_id LIMIT 1"
+    )[0][0]
+    data = (await get(f"/customers/{customer}"))["data"]
+    spent, count = db.execute(
+        "SELECT sum(total) FILTER (WHERE status NOT IN ('cancelled', 'refunded')), count(*) FROM orders"
+        " WHERE user_id = %s",
+        customer,
+    )[0]
+    assert data["statistics"]["orders_count"] == count and data["statistics"]["total_spent"] == str(spent)
+    assert data["statistics"]["first_order_at"].endswith("Z")
+    assert [a["id"] for a in data["addresses"]] == ids(
+        db, "SELECT id FROM addresses WHERE user_id = %s", customer
+    )
+    assert "password" not in data and "remember_token" not in data
+
+    order_id = db.execute("SELECT order_id FROM order_items GROUP BY order_id LIMIT 1")[0][0]
+    order = (await get(f"/orders/{order_id}"))["data"]
+    assert [i["id"] for i in order["items"]] == ids(
+        db, "SELECT id FROM order_items WHERE order_id = %s ORDER BY id", order_id
+    )
+    assert order["items"][0]["product_name"]
+    assert order["customer"]["id"] == order["user_id"] and "password" not in order["customer"]
+    assert order["shop"]["id"] == order["shop_id"]
+    assert (
+        order["payment"]["total"] == order["total"] and order["payment"]["status"] == order["payment_status"]
+    )
+    assert set(order["shipping"]) == {"address", "carrier", "tracking_number"}
+
+    product_id = db.execute("SELECT product_id FROM reviews WHERE status = 'approved' LIMIT 1")[0][0]
+    db.execute("UPDATE products SET stock = 3 WHERE id = %s", product_id)
+    product = (await get(f"/products/{product_id}"))["data"]
+    dist = product["rating"]["distribution"]
+    assert set(dist) == {"1", "2", "3", "4", "5"} and sum(dist.values()) == product["rating"]["count"] > 0
+    avg = db.execute(
+        "SELECT round(avg(rating), 2) FROM reviews WHERE product_id = %s AND status = 'approved'", product_id
+    )[0][0]
+    assert product["rating"]["average"] == str(avg)
+    assert product["stock_status"] == "low_stock" and product["shop"]["seller"]["id"]
+    assert set(product["seo"]) == {"slug", "meta_title", "meta_description", "meta_keywords"}
+
+
+async def test_analytics_figures_match_sql_and_compare_with_the_previous_period(api):
+    _, get, db = api
+    db.execute("UPDATE orders SET created_at = '2026-03-10 12:00:00+00' WHERE id <= 20")
+    db.execute("UPDATE orders SET created_at = '2026-02-20 12:00:00+00' WHERE id > 20 AND id <= 30")
+    data = (await get("/analytics", date_from="2026-03-01", date_to="2026-03-31"))["data"]
+    gmv, n = db.execute(
+        "SELECT sum(total) FILTER (WHERE status NOT IN ('cancelled', 'refunded')), count(*) FROM orders"
+        " WHERE created_at >= '2026-03-01' AND created_at < '2026-04-01'"
+    )[0]
+    assert data["orders"] == n == 20 and data["gmv"] == str(gmv)
+    assert data["previous_period"]["orders"] == 10
+    assert data["growth"]["orders"] == 100.0
+    assert len(data["top_products"]) <= 10 and set(data["rating_distribution"]) == {"1", "2", "3", "4", "5"}
+    assert data["period"] == {
+        "date_from": "2026-03-01T00:00:00.000000Z",
+        "date_to": "2026-04-01T00:00:00.000000Z",
+    }
+
+
+async def test_ndjson_and_csv_stream_the_whole_export(api):
+    _, get, db = api
+    body = await get("/orders", format="ndjson")
+    rows = [json.loads(line) for line in body.decode().splitlines()]
+    assert [r["id"] for r in rows] == ids(db, "SELECT id FROM orders ORDER BY id")
+    body = await get("/customers", format="csv")
+    table = list(csv.reader(io.StringIO(body.decode())))
+    assert table[0][:3] == ["id", "name", "email"] and "password" not in table[0]
+    assert [int(r[0]) for r in table[1:]] == ids(
+        db, "SELECT id FROM users WHERE role = 'customer' ORDER BY id"
+    )
+    body = await get("/orders", format="ndjson", status="shipped")
+    assert {json.loads(line)["status"] for line in body.decode().splitlines()} <= {"shipped"}
+
+
+def keys_of(value: Any) -> set[str]:
+    """Every object key at any depth."""
+    if isinstance(value, dict):
+        return set(value).union(*(keys_of(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(keys_of(v) for v in value))
+    return set()
+
+
+async def test_excluded_columns_never_appear_in_any_export(marketplace, tmp_path):
+    extra = (
+        Path(MAPPING)
+        .read_text()
+        .replace(
+            'exclude_columns = ["password", "remember_token"]',
+            'exclude_columns = ["password", "remember_token", "email", "tracking_number"]',
+        )
+    )
+    settings = make_settings(marketplace, tmp_path / "outbox.db")
+    client, k = await start(settings, extra)
+    try:
+        oid = marketplace.execute("SELECT max(order_id) FROM order_items")[0][0]
+        paths = [
+            "/customers",
+            "/orders",
+            "/products",
+            "/reviews",
+            "/analytics",
+            "/customers/11",
+            f"/orders/{oid}",
+        ]
+        for path in paths:
+            for fmt in ("json", "ndjson", "csv"):
+                if fmt != "json" and ("/" in path[1:] or path == "/analytics"):
+                    continue
+                resp = await client.get(
+                    f"{BASE}{path}", params={"format": fmt}, headers={"X-API-Key": k["export"]}
+                )
+                text = await resp.text()
+                assert resp.status == 200, text
+                if fmt == "csv":
+                    names = set(next(csv.reader(io.StringIO(text))))
+                else:
+                    names = set().union(*(keys_of(json.loads(line)) for line in text.splitlines()))
+                assert names and not names & {"password", "remember_token", "email", "tracking_number"}, (
+                    path,
+                    fmt,
+                )
+    finally:
+        await client.close()
+
+
+async def test_exports_are_read_only_and_time_out(marketplace, tmp_path):
+    sql_dir = tmp_path / "sql"
+    sql_dir.mkdir()
+    text = (Path(__file__).resolve().parents[2] / "api" / "sql" / "exports.sql").read_text()
+    blocks = sqlfile.parse_blocks(text)
+    blocks["customers"] = "UPDATE users SET name = 'pwned' WHERE id > %(after)s RETURNING id, %(limit)s"
+    blocks["orders"] = "SELECT pg_sleep(5), %(after)s::bigint AS id, %(limit)s"
+    text = "".join(f"-- name: {name}\n{body}\n\n" for name, body in blocks.items())
+    (sql_dir / "exports.sql").write_text(text)
+    settings = make_settings(
+        marketplace, tmp_path / "outbox.db", api={"sql_dir": str(sql_dir), "statement_timeout_ms": 300}
+    )
+    client, k = await start(settings)
+    try:
+        resp = await client.get(f"{BASE}/customers", headers={"X-API-Key": k["export"]})
+        body = await resp.json()
+        assert resp.status == 503 and body["error"]["code"] == "export_failed"
+        assert "read-only" in body["error"]["message"]
+        assert marketplace.execute("SELECT count(*) FROM users WHERE name = 'pwned'")[0][0] == 0
+        resp = await client.get(f"{BASE}/orders", headers={"X-API-Key": k["export"]})
+        body = await resp.json()
+        assert resp.status == 503 and body["error"]["code"] == "export_timeout"
+    finally:
+        await client.close()
+
+
+async def test_unreachable_marketplace_answers_503_not_a_stack_trace(tmp_path):
+    settings = Settings(
+        outbox={"path": str(tmp_path / "o.db")},
+        source={"dsn": "host=127.0.0.1 port=1 dbname=x connect_timeout=1"},
+        api={"pool_timeout_seconds": 1},
+    )
+    client, k = await start(settings)
+    try:
+        resp = await client.get(f"{BASE}/orders", headers={"X-API-Key": k["export"]})
+        body = await resp.json()
+        assert resp.status == 503 and body["error"]["code"] == "source_unavailable"
+    finally:
+        await client.close()
+
+
+def test_a_replaced_sql_file_missing_a_block_fails_at_start_naming_it(tmp_path):
+    (tmp_path / "exports.sql").write_text("-- name: customers\nSELECT 1\n")
+    settings = Settings(outbox={"path": str(tmp_path / "o.db")}, api={"sql_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="lacks the SQL block 'orders'"):
+        create_app(settings)
+    with pytest.raises(ConfigError, match="cannot read"):
+        create_app(Settings(outbox={"path": str(tmp_path / "o.db")}, api={"sql_dir": str(tmp_path / "nope")}))
