@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from api.errors import ApiError
+from api.events import Events, Feed
 from api.exports import LISTS, Exports
 from api.keys import EXPORT, K, hash_key
 from cdc.mapping import Mapping, load_mapping
@@ -24,7 +25,7 @@ from config.settings import Settings
 from outbox import store
 
 BASE = "/api/core-transaction-1"
-MAX_LIMIT = 1000
+FEED: web.AppKey[Feed] = web.AppKey("feed", Feed)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -104,41 +105,6 @@ class Api:
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
 
-    async def events(self, request: web.Request) -> web.Response:
-        self.authenticate(request, EXPORT)
-        after = _int(request, "last_event_id", 0, minimum=0)
-        limit = _int(request, "limit", 100, minimum=1, maximum=MAX_LIMIT)
-        types = [
-            t.strip() for v in request.query.getall("event_types", []) for t in v.split(",") if t.strip()
-        ]
-        for t in types:
-            if not all(c.isalnum() or c in "._*?[]-" for c in t):
-                raise ApiError(422, "invalid_parameter", f"event type {t!r} is not valid", "event_types")
-        rows = list(store.iter_events(self.db(), after=after, types=types, limit=limit))
-        last = rows[-1][0] if rows else after
-        body = (
-            b'{"success":true,"data":['
-            + b",".join(store.envelope_json(r).encode() for r in rows)
-            + b'],"meta":'
-            + orjson.dumps({"last_event_id": last, "count": len(rows), "limit": limit})
-            + b"}"
-        )
-        return web.Response(body=body, content_type="application/json")
-
-
-def _int(request: web.Request, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(422, "invalid_parameter", f"{name} must be an integer", name) from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        raise ApiError(422, "invalid_parameter", f"{name} must be {bound}", name)
-    return value
-
 
 def excluded_columns(mapping: Mapping) -> frozenset[str]:
     """Every column any rule excludes: none of them appears in any export, at any depth."""
@@ -148,9 +114,10 @@ def excluded_columns(mapping: Mapping) -> frozenset[str]:
 def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Application:
     api = Api(settings)
     exports = Exports(settings, excluded_columns(mapping or load_mapping(settings.mapping.file)))
+    feed = Feed(api.db)
+    events = Events(api.db, feed)
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
-    app.router.add_get("/healthz", api.healthz)
-    app.router.add_get(f"{BASE}/events", api.events)
+    app[FEED] = feed
 
     def guarded(handler: Handler, permission: str) -> Handler:
         async def checked(request: web.Request) -> web.StreamResponse:
@@ -159,6 +126,9 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
 
         return checked
 
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get(f"{BASE}/events", guarded(events.events, EXPORT))
+    app.router.add_get(f"{BASE}/events/stream", guarded(events.stream, EXPORT))
     for name, spec in LISTS.items():
         app.router.add_get(f"{BASE}/{name}", guarded(functools.partial(exports.listing, spec=spec), EXPORT))
     app.router.add_get(f"{BASE}/customers/{{id}}", guarded(exports.customer, EXPORT))
@@ -167,7 +137,11 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
     app.router.add_get(f"{BASE}/analytics", guarded(exports.analytics, EXPORT))
 
     async def start(_: web.Application) -> None:
+        feed.bind()
         await exports.open()
+
+    async def shutdown(_: web.Application) -> None:
+        await feed.close()  # ends long polls and event streams
 
     async def close(_: web.Application) -> None:
         await exports.close()
@@ -175,5 +149,6 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
             api.conn.close()
 
     app.on_startup.append(start)
+    app.on_shutdown.append(shutdown)
     app.on_cleanup.append(close)
     return app

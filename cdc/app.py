@@ -53,20 +53,29 @@ async def run(settings: Settings, roles: Sequence[str]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     dispatcher = Dispatcher(settings) if "dispatch" in roles else None
-    notify = dispatcher.notify if dispatcher is not None else None
-    capture = build_capture(settings, on_commit=notify) if "capture" in roles else None
+    app = None
+    if "api" in roles:
+        from aiohttp import web
+
+        from api.app import FEED, create_app
+
+        app = create_app(settings)
+    # after each outbox commit: wake the dispatcher and the API's waiting requests
+    listeners = [f for f in (dispatcher and dispatcher.notify, app and app[FEED].notify) if f]
+
+    def committed() -> None:
+        for listener in listeners:
+            listener()
+
+    capture = build_capture(settings, on_commit=committed) if "capture" in roles else None
     tasks: list[asyncio.Future[Any]] = []
     if capture is not None:
         tasks.append(asyncio.ensure_future(asyncio.to_thread(capture.run)))
     if dispatcher is not None:
         tasks.append(asyncio.ensure_future(dispatcher.run(stop)))
     runner = None
-    if "api" in roles:
-        from aiohttp import web
-
-        from api.app import create_app
-
-        runner = web.AppRunner(create_app(settings), access_log=None)
+    if app is not None:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
         await runner.setup()
         await web.TCPSite(runner, settings.api.host, settings.api.port).start()
         log.info("api_listening", host=settings.api.host, port=settings.api.port)

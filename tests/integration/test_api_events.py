@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from api import events as events_module
 from api import keys
 from api.app import BASE, create_app
 from config.settings import Settings
@@ -95,6 +101,10 @@ async def test_auth_matrix(setup, key, status, code):
         ({"limit": "many"}, "limit"),
         ({"last_event_id": "-1"}, "last_event_id"),
         ({"event_types": "order;drop"}, "event_types"),
+        ({"wait": "31"}, "wait"),
+        ({"wait": "-1"}, "wait"),
+        ({"wait": "soon"}, "wait"),
+        ({"wait": "nan"}, "wait"),
     ],
 )
 async def test_bad_parameters_are_422_with_the_field(setup, params, field):
@@ -114,3 +124,91 @@ async def test_unknown_paths_and_methods_get_json_errors(setup):
     assert resp.status == 405 and (await resp.json())["success"] is False
     resp = await client.get("/healthz")
     assert resp.status == 200 and (await resp.json()) == {"status": "ok"}
+
+
+def later(seconds: float, fn: Callable[[], None]) -> asyncio.Task[None]:
+    """Run ``fn`` (another writer of the outbox) after ``seconds``, off the loop."""
+
+    async def go() -> None:
+        await asyncio.sleep(seconds)
+        await asyncio.to_thread(fn)
+
+    return asyncio.create_task(go())
+
+
+async def test_long_poll_returns_as_soon_as_a_matching_event_is_committed(setup, tmp_path):
+    client, k = setup
+    auth = {"X-API-Key": k["export"]}
+    path = tmp_path / "o.db"
+    # nothing new: the wait runs out and the answer is an empty page at the same position
+    resp = await client.get(f"{BASE}/events", params={"last_event_id": "4", "wait": "0.2"}, headers=auth)
+    body = await resp.json()
+    assert body["data"] == [] and body["meta"]["last_event_id"] == 4
+    # a non-matching commit does not end the wait; the matching one does, long before 20 s
+    later(0.2, lambda: append_events(path, ["ct2"], [("customer.created", "customer", 9)]))
+    later(0.6, lambda: append_events(path, ["ct2"], [("order.created", "order", 9)]))
+    started = time.monotonic()
+    resp = await client.get(
+        f"{BASE}/events",
+        params={"last_event_id": "4", "wait": "20", "event_types": "order.*"},
+        headers=auth,
+    )
+    body = await resp.json()
+    assert time.monotonic() - started < 10, "the long poll was not woken by the commit"
+    assert [(e["id"], e["type"]) for e in body["data"]] == [(6, "order.created")]
+    assert body["meta"]["last_event_id"] == 6
+
+
+async def read_sse(resp: Any, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` events of a stream, as {id, event, data}; comments skipped."""
+    got: list[dict[str, Any]] = []
+    fields: dict[str, Any] = {}
+    while len(got) < count:
+        line = (await asyncio.wait_for(resp.content.readline(), 10)).decode().rstrip("\n")
+        if not line:
+            if "id" in fields:
+                got.append(fields)
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(": ")
+            fields[name] = json.loads(value) if name == "data" else value
+    return got
+
+
+async def test_event_stream_resumes_without_missing_or_repeating_an_event(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(events_module, "KEEPALIVE_SECONDS", 0.2)
+    client, k = setup
+    auth = {"X-API-Key": k["export"]}
+    path = tmp_path / "o.db"
+    resp = await client.get(f"{BASE}/events/stream", params={"last_event_id": "1"}, headers=auth)
+    assert resp.status == 200 and resp.content_type == "text/event-stream"
+    first = await read_sse(resp, 3)
+    assert [(e["id"], e["event"]) for e in first] == [
+        ("2", "customer.created"),
+        ("3", "order.status_changed"),
+        ("4", "review.created"),
+    ]
+    assert first[0]["data"]["id"] == 2 and first[0]["data"]["type"] == "customer.created"
+    comment = await asyncio.wait_for(resp.content.readline(), 10)  # idle: a keep-alive comment
+    assert comment.startswith(b":")
+    append_events(path, ["ct2"], [("order.created", "order", 7), ("order.updated", "order", 7)])
+    assert [e["id"] for e in await read_sse(resp, 2)] == ["5", "6"]
+    resp.close()  # the client goes away; events keep being committed
+    append_events(path, ["ct2"], [("order.updated", "order", 7), ("review.created", "review", 8)])
+    resp = await client.get(
+        f"{BASE}/events/stream",
+        params={"last_event_id": "1", "event_types": "order.*"},
+        headers={**auth, "Last-Event-ID": "6"},  # the header wins over the query
+    )
+    assert [e["id"] for e in await read_sse(resp, 1)] == ["7"]  # 8 is a review: filtered out
+    append_events(path, ["ct2"], [("order.created", "order", 9)])
+    assert [e["id"] for e in await read_sse(resp, 1)] == ["9"]
+    resp.close()
+
+
+async def test_event_stream_rejects_a_bad_last_event_id(setup):
+    client, k = setup
+    resp = await client.get(
+        f"{BASE}/events/stream", headers={"X-API-Key": k["export"], "Last-Event-ID": "abc"}
+    )
+    assert resp.status == 422 and (await resp.json())["error"]["field"] == "Last-Event-ID"

@@ -1,0 +1,210 @@
+"""The events cursor over HTTP: ``GET /events`` (with long-poll) and ``GET /events/stream``
+(Server-Sent Events).
+
+Both read the outbox in id order, which is commit order.  A waiting request wakes as
+soon as new events are committed: at once when capture runs in this process (it calls
+:meth:`Feed.notify`), within :data:`POLL_SECONDS` when it runs in another (SQLite's
+``data_version`` is polled while anyone waits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from api.errors import ApiError
+from outbox import store
+
+MAX_LIMIT = 1000
+MAX_WAIT_SECONDS = 30.0
+POLL_SECONDS = 0.025  # how often another process's commits are looked for, while waited on
+KEEPALIVE_SECONDS = 15.0  # an SSE comment line this often when nothing happens
+STREAM_BATCH = 500
+_TYPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._*?[]-")
+
+
+class Feed:
+    """New-event notifications for waiting requests."""
+
+    def __init__(self, db: Callable[[], sqlite3.Connection]) -> None:
+        self._db = db
+        self._changed = asyncio.Event()
+        self._waiters = 0
+        self._poller: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closing = asyncio.Event()
+
+    def bind(self) -> None:
+        """Remember the running loop, so :meth:`notify` works before the first wait."""
+        self._loop = asyncio.get_running_loop()
+
+    def notify(self) -> None:
+        """Events were committed (callable from any thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()  # the next wait waits for the next commit
+
+    def _version(self) -> int:
+        return int(self._db().execute("PRAGMA data_version").fetchone()[0])
+
+    def mark(self) -> tuple[asyncio.Event, int]:
+        """Take before reading: :meth:`wait` then returns at once if anything was
+        committed since, so no commit falls between a read and the wait."""
+        self._loop = asyncio.get_running_loop()
+        return self._changed, self._version()
+
+    async def wait(self, mark: tuple[asyncio.Event, int], timeout: float) -> None:
+        """Until something is committed after ``mark``, the server closes, or ``timeout``."""
+        changed, version = mark
+        if changed.is_set() or self._version() != version or self.closing.is_set():
+            return
+        self._waiters += 1
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(version))
+        closing = asyncio.ensure_future(self.closing.wait())
+        woke = asyncio.ensure_future(changed.wait())
+        try:
+            await asyncio.wait([closing, woke], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiters -= 1
+            closing.cancel()
+            woke.cancel()
+
+    async def _poll(self, version: int) -> None:
+        while self._waiters > 0 and not self.closing.is_set():
+            await asyncio.sleep(POLL_SECONDS)
+            now = self._version()
+            if now != version:
+                version = now
+                self._wake()
+
+    async def close(self) -> None:
+        self.closing.set()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+
+
+def event_types(request: web.Request) -> list[str]:
+    types = [t.strip() for v in request.query.getall("event_types", []) for t in v.split(",") if t.strip()]
+    for t in types:
+        if len(t) > 100 or not set(t) <= _TYPE_CHARS:
+            raise ApiError(422, "invalid_parameter", f"event type {t!r} is not valid", "event_types")
+    return types
+
+
+def number(request: web.Request, name: str, default: float, *, minimum: float, maximum: float) -> float:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(422, "invalid_parameter", f"{name} must be a number", name) from None
+    if not minimum <= value <= maximum:  # also refuses nan
+        raise ApiError(422, "invalid_parameter", f"{name} must be between {minimum:g} and {maximum:g}", name)
+    return value
+
+
+def integer(
+    request: web.Request, name: str, default: int, *, minimum: int, maximum: int | None = None
+) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, "invalid_parameter", f"{name} must be an integer", name) from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ApiError(422, "invalid_parameter", f"{name} must be {bound}", name)
+    return value
+
+
+class Events:
+    def __init__(self, db: Callable[[], sqlite3.Connection], feed: Feed) -> None:
+        self.db = db
+        self.feed = feed
+
+    async def events(self, request: web.Request) -> web.Response:
+        after = integer(request, "last_event_id", 0, minimum=0)
+        limit = integer(request, "limit", 100, minimum=1, maximum=MAX_LIMIT)
+        wait = number(request, "wait", 0, minimum=0, maximum=MAX_WAIT_SECONDS)
+        types = event_types(request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            mark = self.feed.mark()
+            rows, scanned = store.scan_events(self.db(), after=after, types=types, limit=limit)
+            remaining = deadline - loop.time()
+            if rows or remaining <= 0 or self.feed.closing.is_set():
+                break
+            after = scanned  # what did not match needs no second look
+            await self.feed.wait(mark, remaining)
+        body = (
+            b'{"success":true,"data":['
+            + b",".join(store.envelope_json(r).encode() for r in rows)
+            + b'],"meta":'
+            + orjson.dumps({"last_event_id": scanned, "count": len(rows), "limit": limit})
+            + b"}"
+        )
+        return web.Response(body=body, content_type="application/json")
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        header = request.headers.get("Last-Event-ID")
+        if header is not None and header.strip():
+            try:
+                after = int(header)
+                if after < 0:
+                    raise ValueError
+            except ValueError:
+                raise ApiError(
+                    422, "invalid_parameter", "Last-Event-ID must be an event id", "Last-Event-ID"
+                ) from None
+        else:
+            after = integer(request, "last_event_id", 0, minimum=0)
+        types = event_types(request)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        await response.write(b"retry: 1000\n\n")
+        try:
+            await self._follow(response, after, types)
+        except ConnectionError:  # the client went away: nothing to answer
+            pass
+        return response
+
+    async def _follow(self, response: web.StreamResponse, after: int, types: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.feed.closing.is_set():
+            mark = self.feed.mark()
+            rows, scanned = store.scan_events(self.db(), after=after, types=types, limit=STREAM_BATCH)
+            if rows:
+                await response.write(b"".join(_sse(r) for r in rows))
+            after = scanned
+            if len(rows) < STREAM_BATCH:
+                before = loop.time()
+                await self.feed.wait(mark, KEEPALIVE_SECONDS)
+                if loop.time() - before >= KEEPALIVE_SECONDS:
+                    await response.write(b": keep-alive\n\n")
+
+
+def _sse(row: tuple[Any, ...]) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (row[0], row[1].encode(), store.envelope_json(row).encode())
