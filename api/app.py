@@ -20,6 +20,7 @@ from api.errors import ApiError
 from api.events import Events, Feed
 from api.exports import LISTS, Exports
 from api.keys import EXPORT, K, hash_key
+from api.limits import RateLimiter, Usage
 from cdc.mapping import Mapping, load_mapping
 from config.settings import Settings
 from outbox import store
@@ -28,6 +29,7 @@ BASE = "/api/core-transaction-1"
 FEED: web.AppKey[Feed] = web.AppKey("feed", Feed)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        return _error_body(exc.status, exc.code, exc.message, exc.field)
+        response = _error_body(exc.status, exc.code, exc.message, exc.field)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -69,6 +74,10 @@ class Api:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.conn: sqlite3.Connection | None = None
+        cfg = settings.api
+        self.limiter = RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst)
+        self.usage = Usage(settings.outbox.path)
+        self.proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies]
 
     def db(self) -> sqlite3.Connection:
         if self.conn is None:
@@ -91,14 +100,36 @@ class Api:
             raise ApiError(403, "forbidden", f"this key lacks the {permission} permission")
         networks = orjson.loads(allow_ips)
         if networks:
-            peer = request.remote or ""
-            try:
-                address = ipaddress.ip_address(peer)
-            except ValueError:
-                raise ApiError(403, "forbidden", "client address not allowed for this key") from None
-            if not any(address in ipaddress.ip_network(n) for n in networks):
+            address = self.client_address(request)
+            if address is None or not any(address in ipaddress.ip_network(n) for n in networks):
                 raise ApiError(403, "forbidden", "client address not allowed for this key")
+        wait = self.limiter.allow(key_id)
+        if wait:
+            raise ApiError(
+                429, "rate_limited", f"rate limit of this key reached; retry in {wait} s", retry_after=wait
+            )
+        resource = request.match_info.route.resource
+        self.usage.count(key_id, resource.canonical if resource is not None else request.path)
         return Caller(key_id, granted)
+
+    def client_address(self, request: web.Request) -> IPAddress | None:
+        """The socket's peer; behind a trusted proxy, the last address in X-Forwarded-For
+        that is not itself a trusted proxy."""
+        try:
+            address: IPAddress = ipaddress.ip_address(request.remote or "")
+        except ValueError:
+            return None
+        if not self.proxies or not any(address in p for p in self.proxies):
+            return address
+        hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", []) for h in v.split(",")]
+        for hop in reversed(hops):
+            try:
+                address = ipaddress.ip_address(hop)
+            except ValueError:
+                return None  # a malformed chain proves nothing
+            if not any(address in p for p in self.proxies):
+                return address
+        return address
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -138,6 +169,7 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
 
     async def start(_: web.Application) -> None:
         feed.bind()
+        api.usage.start()
         await exports.open()
 
     async def shutdown(_: web.Application) -> None:
@@ -145,6 +177,7 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
 
     async def close(_: web.Application) -> None:
         await exports.close()
+        await api.usage.close()
         if api.conn is not None:
             api.conn.close()
 

@@ -185,10 +185,8 @@ class Events:
         )
         await response.prepare(request)
         await response.write(b"retry: 1000\n\n")
-        try:
+        with contextlib.suppress(ConnectionError):  # the client went away: nothing to answer
             await self._follow(response, after, types)
-        except ConnectionError:  # the client went away: nothing to answer
-            pass
         return response
 
     async def _follow(self, response: web.StreamResponse, after: int, types: list[str]) -> None:

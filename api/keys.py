@@ -88,6 +88,7 @@ def create(conn: sqlite3.Connection, name: str, permissions: list[str], allow_ip
 
 def listing(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     rows = conn.execute(K["list_keys"]).fetchall()
+    requests = dict(conn.execute(K["key_requests"]).fetchall())
     return [
         {
             "id": i,
@@ -98,6 +99,7 @@ def listing(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             "created_at": c,
             "revoked_at": r,
             "last_used_at": u,
+            "requests": int(requests.get(i, 0)),
         }
         for i, n, p, perm, ips, c, r, u in rows
     ]

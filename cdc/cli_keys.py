@@ -84,7 +84,8 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
             state = "revoked" if row["revoked_at"] else "active"
             click.echo(
                 f"{row['id']}  {state:<7} {row['name']:<20} {row['prefix']}…  "
-                f"{','.join(row['permissions'])}  {' '.join(row['allow_ips']) or 'any address'}"
+                f"{','.join(row['permissions'])}  {' '.join(row['allow_ips']) or 'any address'}  "
+                f"{row['requests']} requests, last used {_when(row['last_used_at']) or 'never'}"
             )
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -94,7 +95,23 @@ class ApiSettings(_Section):
     pool_size: int = Field(4, ge=1, le=100, description="connections to the marketplace database for exports")
     pool_timeout_seconds: float = Field(5.0, gt=0, description="how long a request waits for a connection")
 
+    rate_limit_per_minute: int = Field(
+        600, ge=0, description="requests a minute per API key (token bucket; 0 turns limits off)"
+    )
+    rate_limit_burst: int = Field(100, ge=1, description="requests a key may make at once before the limit")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="proxy addresses/CIDRs whose X-Forwarded-For names the client (empty: none)",
+    )
+
     _secret = field_validator("export_dsn")(lambda v: resolve_secret(v))
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)  # ValueError names the bad entry
+        return values
 
 
 DEFAULT_RETRY_SCHEDULE: list[float] = [

@@ -84,3 +84,13 @@ CREATE TABLE api_keys (
     revoked_at   REAL,
     last_used_at REAL
 )
+
+-- name: 4
+-- API usage per key and route (flushed from memory every few seconds).
+CREATE TABLE api_usage (
+    key_id       TEXT    NOT NULL,
+    route        TEXT    NOT NULL,
+    requests     INTEGER NOT NULL DEFAULT 0,
+    last_used_at REAL    NOT NULL,
+    PRIMARY KEY (key_id, route)
+) WITHOUT ROWID

@@ -212,3 +212,81 @@ async def test_event_stream_rejects_a_bad_last_event_id(setup):
         f"{BASE}/events/stream", headers={"X-API-Key": k["export"], "Last-Event-ID": "abc"}
     )
     assert resp.status == 422 and (await resp.json())["error"]["field"] == "Last-Event-ID"
+
+
+async def start_app(settings: Settings) -> TestClient:
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    return client
+
+
+async def test_rate_limit_answers_429_with_retry_after_per_key(tmp_path):
+    settings = Settings(
+        outbox={"path": str(tmp_path / "o.db")}, api={"rate_limit_per_minute": 6, "rate_limit_burst": 3}
+    )
+    conn = store.open_outbox(settings.outbox.path)
+    one, two = (keys.create(conn, n, [keys.EXPORT], []) for n in ("one", "two"))
+    conn.close()
+    client = await start_app(settings)
+    try:
+        statuses = []
+        for _ in range(4):
+            resp = await client.get(f"{BASE}/events", headers={"X-API-Key": one.key})
+            statuses.append(resp.status)
+        assert statuses == [200, 200, 200, 429]
+        body = await resp.json()
+        assert body["error"]["code"] == "rate_limited" and resp.headers["Retry-After"] == "10"
+        resp = await client.get(f"{BASE}/events", headers={"X-API-Key": two.key})
+        assert resp.status == 200  # another key has its own bucket
+    finally:
+        await client.close()
+
+
+async def test_usage_is_counted_per_key_and_route_and_last_used_at_kept(setup, tmp_path):
+    client, k = setup
+    auth = {"X-API-Key": k["export"]}
+    for _ in range(3):
+        assert (await client.get(f"{BASE}/events", headers=auth)).status == 200
+    assert (await client.get(f"{BASE}/events/stream", headers={**auth, "Last-Event-ID": "x"})).status == 422
+    await client.close()  # flushes the counters
+    conn = store.connect(tmp_path / "o.db", readonly=True)
+    rows = conn.execute(
+        "SELECT k.name, u.route, u.requests FROM api_usage u JOIN api_keys k ON k.id = u.key_id ORDER BY 2"
+    ).fetchall()
+    used = conn.execute("SELECT name, last_used_at FROM api_keys ORDER BY name").fetchall()
+    conn.close()
+    assert rows == [
+        ("export", f"{BASE}/events", 3),
+        ("export", f"{BASE}/events/stream", 1),
+    ]
+    assert {name: last is not None for name, last in used} == {
+        "export": True,
+        "fenced": False,
+        "hooks": False,
+        "old": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("proxies", "forwarded", "status"),
+    [
+        ([], "10.1.2.3", 403),  # no trusted proxy: the header is ignored
+        (["127.0.0.1"], "10.1.2.3", 200),  # from a trusted proxy: the client is 10.1.2.3
+        (["127.0.0.1"], "10.1.2.3, 192.0.2.9", 403),  # the last untrusted hop counts
+        (["127.0.0.0/8", "192.0.2.0/24"], "10.1.2.3, 192.0.2.9", 200),
+        (["127.0.0.1"], "not-an-address", 403),
+    ],
+)
+async def test_x_forwarded_for_counts_only_from_trusted_proxies(tmp_path, proxies, forwarded, status):
+    settings = Settings(outbox={"path": str(tmp_path / "o.db")}, api={"trusted_proxies": proxies})
+    conn = store.open_outbox(settings.outbox.path)
+    fenced = keys.create(conn, "fenced", [keys.EXPORT], ["10.0.0.0/8"])
+    conn.close()
+    client = await start_app(settings)
+    try:
+        resp = await client.get(
+            f"{BASE}/events", headers={"X-API-Key": fenced.key, "X-Forwarded-For": forwarded}
+        )
+        assert resp.status == status
+    finally:
+        await client.close()
