@@ -19,8 +19,9 @@ from aiohttp import web
 from api.errors import ApiError
 from api.events import Events, Feed
 from api.exports import LISTS, Exports
-from api.keys import EXPORT, K, hash_key
+from api.keys import EXPORT, WEBHOOKS, K, hash_key
 from api.limits import RateLimiter, Usage
+from api.webhooks import Webhooks
 from cdc.mapping import Mapping, load_mapping
 from config.settings import Settings
 from outbox import store
@@ -146,6 +147,7 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
     api = Api(settings)
     exports = Exports(settings, excluded_columns(mapping or load_mapping(settings.mapping.file)))
     feed = Feed(api.db)
+    webhooks = Webhooks(settings, api.db, api.usage, exports)
     events = Events(api.db, feed)
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[FEED] = feed
@@ -166,6 +168,10 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
     app.router.add_get(f"{BASE}/orders/{{id}}", guarded(exports.order, EXPORT))
     app.router.add_get(f"{BASE}/products/{{id}}", guarded(exports.product, EXPORT))
     app.router.add_get(f"{BASE}/analytics", guarded(exports.analytics, EXPORT))
+    app.router.add_post(f"{BASE}/webhooks/test", guarded(webhooks.test, WEBHOOKS))
+    app.router.add_get(f"{BASE}/webhooks/status", guarded(webhooks.status, WEBHOOKS))
+    app.router.add_post(f"{BASE}/webhooks/send", guarded(webhooks.send, WEBHOOKS))
+    app.router.add_get(f"{BASE}/stats", guarded(webhooks.stats, WEBHOOKS))
 
     async def start(_: web.Application) -> None:
         feed.bind()
@@ -176,6 +182,7 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
         await feed.close()  # ends long polls and event streams
 
     async def close(_: web.Application) -> None:
+        await webhooks.close()
         await exports.close()
         await api.usage.close()
         if api.conn is not None:

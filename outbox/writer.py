@@ -102,16 +102,19 @@ class OutboxWriter:
 
     # -- transaction boundaries ----------------------------------------------------------------
 
-    def commit(self, slot: str, lsn: int) -> None:
-        """Make everything added so far durable together with the checkpoint ``lsn``."""
+    def commit(self, slot: str | None, lsn: int = 0) -> None:
+        """Make everything added so far durable together with the checkpoint ``lsn``
+        (no checkpoint without a ``slot``: events appended through the API)."""
         self._flush()
         self._flush_shadow()
         self._begin()
-        self.conn.execute(Q["set_checkpoint"], (slot, lsn, time.time()))
+        if slot is not None:
+            self.conn.execute(Q["set_checkpoint"], (slot, lsn, time.time()))
         self.conn.execute("COMMIT")
         self._in_txn = False
         self.pending = 0
-        self.durable_lsn = lsn
+        if slot is not None:
+            self.durable_lsn = lsn
 
     def rollback(self) -> None:
         self._events.clear()

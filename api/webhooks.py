@@ -1,0 +1,278 @@
+"""Webhook management and statistics: ``POST /webhooks/test``, ``GET /webhooks/status``,
+``POST /webhooks/send`` and ``GET /stats`` (permission ``core_transaction_1_webhooks``)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import psycopg
+from aiohttp import web
+
+from api.errors import ApiError
+from api.exports import Exports
+from api.keys import K
+from api.limits import Usage
+from cdc.errors import ConfigError
+from config.settings import EndpointSettings, Settings
+from dispatcher import signing
+from dispatcher.sender import Sender, check_url
+from dispatcher.worker import version
+from outbox import store
+from outbox.store import Q, Route, Router
+from outbox.writer import OutboxWriter
+
+EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+MAX_SEND_BYTES = 64 * 1024
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()  # over client_max_size: 413 from aiohttp
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "bad_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", "the request body must be a JSON object")
+    return body
+
+
+def _rate(ok: int, total: int) -> float | None:
+    return round(ok / total, 4) if total else None
+
+
+class Webhooks:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Callable[[], sqlite3.Connection],
+        usage: Usage,
+        exports: Exports,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.usage = usage
+        self.exports = exports
+        self.endpoints = {e.name: e for e in settings.endpoints}
+        self.sender: Sender | None = None
+
+    async def close(self) -> None:
+        if self.sender is not None:
+            await self.sender.close()
+
+    def _endpoint(self, name: Any, field: str) -> EndpointSettings:
+        if not isinstance(name, str) or name not in self.endpoints:
+            known = ", ".join(sorted(self.endpoints)) or "none"
+            raise ApiError(
+                422, "invalid_parameter", f"{field} must name a configured endpoint ({known})", field
+            )
+        return self.endpoints[name]
+
+    # -- POST /webhooks/test ---------------------------------------------------------------------
+
+    async def test(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
+        endpoint = self._endpoint(body.get("system"), "system")
+        cfg = self.settings.dispatcher
+        try:
+            check_url(endpoint.name, endpoint.url, cfg.require_https, cfg.refuse_private_networks)
+        except ConfigError as exc:
+            raise ApiError(422, "invalid_endpoint", str(exc), "system") from None
+        secret = endpoint.secret or self._stored_secret(endpoint.name)
+        if not secret:
+            raise ApiError(
+                409, "no_secret", f"endpoint {endpoint.name} has no secret yet: run `ct1-cdc setup`", "system"
+            )
+        keys = [signing.secret_key(secret)]
+        if endpoint.previous_secret:
+            keys.append(signing.secret_key(endpoint.previous_secret))
+        now = time.time()
+        msg_id = f"evt_test_{secrets.token_hex(8)}"
+        payload = orjson.dumps(
+            {
+                "id": None,
+                "type": "webhook.test",
+                "timestamp": iso(now),
+                "data": {
+                    "object": "webhook_test",
+                    "system": endpoint.name,
+                    "message": "ct1-cdc test delivery",
+                },
+                "source": None,
+            }
+        )
+        if self.sender is None:
+            self.sender = Sender(
+                cfg.timeout_seconds, concurrency=4, refuse_private=cfg.refuse_private_networks
+            )
+        attempt = await self.sender.post(
+            endpoint.url, payload, signing.headers(keys, msg_id, int(now), payload, version())
+        )
+        return _ok(
+            {
+                "system": endpoint.name,
+                "webhook_id": msg_id,
+                "delivered": 200 <= attempt.status <= 299,
+                "status": attempt.status,
+                "latency_ms": attempt.duration_ms,
+                "error": attempt.error,
+            }
+        )
+
+    def _stored_secret(self, name: str) -> str | None:
+        row = self.db().execute("SELECT secret FROM endpoints WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row[0]
+
+    # -- GET /webhooks/status --------------------------------------------------------------------
+
+    async def status(self, request: web.Request) -> web.Response:
+        now = time.time()
+        conn = self.db()
+        rows = conn.execute(Q["webhook_status"], {"hour": now - 3600, "day": now - 86400}).fetchall()
+        stored = {r[0]: r for r in rows}
+        data = []
+        for name in sorted(set(self.endpoints) | set(stored)):
+            row = stored.get(name)
+            cfg = self.endpoints.get(name)
+            last = conn.execute(Q["last_attempt"], (name,)).fetchone()
+            if row is None:
+                row = (name, "active", 0, 0.0, 0, 0, 0, 0, 0, 0, 0)
+            _, state, failures, paused_until, pending, dead, delivered, n1, ok1, n24, ok24 = row
+            data.append(
+                {
+                    "system": name,
+                    "url": cfg.url if cfg else None,
+                    "enabled": bool(cfg and cfg.enabled),
+                    "events": cfg.events if cfg else [],
+                    "state": state,
+                    "consecutive_failures": failures,
+                    "paused_until": iso(paused_until) if state == "paused" else None,
+                    "pending": pending,
+                    "dead": dead,
+                    "delivered": delivered,
+                    "success_rate_1h": _rate(ok1, n1),
+                    "success_rate_24h": _rate(ok24, n24),
+                    "attempts_1h": n1,
+                    "attempts_24h": n24,
+                    "last_attempt": None
+                    if last is None
+                    else {
+                        "at": iso(last[0]),
+                        "event_id": last[1],
+                        "status": last[2],
+                        "duration_ms": last[3],
+                        "error": last[4],
+                    },
+                }
+            )
+        return _ok(data)
+
+    # -- POST /webhooks/send ---------------------------------------------------------------------
+
+    async def send(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
+        event_type = body.get("event")
+        if not isinstance(event_type, str) or not EVENT_TYPE.match(event_type) or len(event_type) > 100:
+            raise ApiError(422, "invalid_parameter", "event must be a type like order.note_added", "event")
+        data = body.get("data")
+        if not isinstance(data, dict):
+            raise ApiError(422, "invalid_parameter", "data must be a JSON object", "data")
+        systems = body.get("systems")
+        if systems is None:
+            names = sorted(e.name for e in self.settings.endpoints if e.enabled)
+        elif isinstance(systems, list) and systems:
+            names = sorted({self._endpoint(s, "systems").name for s in systems})
+        else:
+            raise ApiError(
+                422, "invalid_parameter", "systems must be a non-empty list of endpoint names", "systems"
+            )
+        now = time.time()
+        event_id = await asyncio.to_thread(self._append, event_type, data, names, iso(now) or "")
+        return _ok({"id": event_id, "event": event_type, "systems": names}, status=201)
+
+    def _append(self, event_type: str, data: dict[str, Any], names: list[str], occurred_at: str) -> int:
+        writer = OutboxWriter(
+            store.open_outbox(self.settings.outbox.path), Router([Route(n, ("*",)) for n in names])
+        )
+        try:
+            writer.add(event_type, "manual", None, data, occurred_at, None, "manual", None, None)
+            writer.commit(None)
+            return writer.last_event_id
+        finally:
+            writer.close()
+
+    # -- GET /stats ------------------------------------------------------------------------------
+
+    async def stats(self, request: web.Request) -> web.Response:
+        await self.usage.flush()
+        conn = self.db()
+        totals = store.stats(conn)
+        checkpoint = conn.execute(
+            "SELECT lsn, updated_at FROM checkpoint WHERE slot = ?", (self.settings.source.slot,)
+        ).fetchone()
+        usage: dict[str, Any] = {}
+        for key_id, name, route, requests, last in conn.execute(K["usage"]).fetchall():
+            entry = usage.setdefault(key_id, {"name": name, "requests": 0, "routes": {}})
+            entry["requests"] += requests
+            entry["routes"][route] = {"requests": requests, "last_used_at": iso(last)}
+        capture: dict[str, Any] = {
+            "slot": self.settings.source.slot,
+            "checkpoint_lsn": None if checkpoint is None else _lsn(checkpoint[0]),
+            "checkpoint_at": None if checkpoint is None else iso(checkpoint[1]),
+        }
+        capture.update(await self._slot())
+        return _ok(
+            {
+                "events": {
+                    "total": totals["events"],
+                    "last_event_id": totals["last_event_id"],
+                    "by_type": totals["events_by_type"],
+                },
+                "deliveries": totals["deliveries"],
+                "capture": capture,
+                "api_usage": usage,
+            }
+        )
+
+    async def _slot(self) -> dict[str, Any]:
+        """The slot's lag, read on the export pool; unknown when the source is away."""
+
+        async def read(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+            cur = await conn.execute(
+                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, wal_status"
+                " FROM pg_replication_slots WHERE slot_name = %s",
+                (self.settings.source.slot,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return {"lag_bytes": None, "wal_status": None, "error": "slot not found"}
+            return {"lag_bytes": row[0], "wal_status": row[1]}
+
+        try:
+            result: dict[str, Any] = await self.exports.read(read)
+        except ApiError as exc:
+            return {"lag_bytes": None, "wal_status": None, "error": exc.message}
+        return result
+
+
+def _lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def _ok(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps({"success": True, "data": data, "meta": {}}),
+        status=status,
+        content_type="application/json",
+    )

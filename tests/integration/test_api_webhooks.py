@@ -1,0 +1,150 @@
+"""Webhook management and statistics over HTTP, with real receivers on loopback that
+verify every signature with the official standardwebhooks package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from api import keys
+from api.app import BASE, create_app
+from config.settings import Settings
+from dispatcher.worker import Dispatcher
+from outbox import store
+from tests.integration.test_dispatch import FAST, SECRET, Receiver, run_until
+from tests.outbox_helpers import append_events
+
+
+def settings_for(tmp_path: Path, ct2: str, ct3: str) -> Settings:
+    return Settings(
+        outbox={"path": str(tmp_path / "o.db")},
+        source={"dsn": "host=127.0.0.1 port=1 dbname=none connect_timeout=1"},
+        api={"pool_timeout_seconds": 1},
+        dispatcher={"retry_schedule": FAST, "timeout_seconds": 2},
+        endpoints=[
+            {"name": "ct2", "url": ct2, "secret": SECRET, "events": ["*"]},
+            {"name": "ct3", "url": ct3, "secret": SECRET, "events": ["*"]},
+        ],
+    )
+
+
+async def client_for(settings: Settings) -> tuple[TestClient, dict[str, str]]:
+    conn = store.open_outbox(settings.outbox.path)
+    hooks = keys.create(conn, "ops", [keys.WEBHOOKS], [])
+    export = keys.create(conn, "reader", [keys.EXPORT], [])
+    conn.close()
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    return client, {"X-API-Key": hooks.key, "export": export.key}
+
+
+async def failing(_: web.Request, __: int) -> web.StreamResponse:
+    return web.Response(status=500, text="down for maintenance")
+
+
+async def test_test_webhook_reports_the_receivers_answer(tmp_path):
+    async with Receiver() as ok, Receiver(failing) as down:
+        client, auth = await client_for(settings_for(tmp_path, ok.url, down.url))
+        try:
+            resp = await client.post(f"{BASE}/webhooks/test", json={"system": "ct2"}, headers=auth)
+            body = await resp.json()
+            assert resp.status == 200 and body["data"]["delivered"] is True and body["data"]["status"] == 200
+            assert body["data"]["latency_ms"] >= 0
+            (got,) = ok.received  # verified with the standardwebhooks package
+            assert got["envelope"]["type"] == "webhook.test" and got["envelope"]["data"]["system"] == "ct2"
+            assert got["headers"]["webhook-id"] == body["data"]["webhook_id"]
+            resp = await client.post(f"{BASE}/webhooks/test", json={"system": "ct3"}, headers=auth)
+            body = await resp.json()
+            assert body["data"]["delivered"] is False and body["data"]["status"] == 500
+            assert body["data"]["error"] == "HTTP 500"
+        finally:
+            await client.close()
+
+
+async def test_management_input_errors_are_clear_4xx(tmp_path):
+    client, auth = await client_for(settings_for(tmp_path, "http://127.0.0.1:1/a", "http://127.0.0.1:1/b"))
+    api_key = {"X-API-Key": auth["X-API-Key"]}
+    try:
+        cases: list[tuple[str, Any, int, str | None]] = [
+            ("/webhooks/test", b"{not json", 400, None),
+            ("/webhooks/test", b"[1, 2]", 400, None),
+            ("/webhooks/test", {}, 422, "system"),
+            ("/webhooks/test", {"system": "ct9"}, 422, "system"),
+            ("/webhooks/send", {"event": "Bad Type", "data": {}}, 422, "event"),
+            ("/webhooks/send", {"event": "note.added", "data": [1]}, 422, "data"),
+            ("/webhooks/send", {"event": "note.added", "data": {}, "systems": []}, 422, "systems"),
+            ("/webhooks/send", {"event": "note.added", "data": {}, "systems": ["ct9"]}, 422, "systems"),
+        ]
+        for path, payload, status, field in cases:
+            if isinstance(payload, bytes):
+                resp = await client.post(f"{BASE}{path}", data=payload, headers=api_key)
+            else:
+                resp = await client.post(f"{BASE}{path}", json=payload, headers=api_key)
+            body = await resp.json()
+            assert resp.status == status and body["success"] is False, (path, payload, body)
+            assert body["error"].get("field") == field
+        resp = await client.post(
+            f"{BASE}/webhooks/send",
+            json={"event": "note.added", "data": {"blob": "x" * 70_000}},
+            headers=api_key,
+        )
+        assert resp.status == 413 and (await resp.json())["error"]["code"] == "payload_too_large"
+        resp = await client.get(f"{BASE}/webhooks/status", headers={"X-API-Key": auth["export"]})
+        assert resp.status == 403
+        # the source is unreachable: stats still answer, with the slot's lag unknown
+        resp = await client.get(f"{BASE}/stats", headers=api_key)
+        body = await resp.json()
+        assert resp.status == 200 and body["data"]["capture"]["lag_bytes"] is None
+        assert "unavailable" in body["data"]["capture"]["error"]
+    finally:
+        await client.close()
+
+
+async def test_sent_events_are_delivered_and_show_in_status_and_stats(tmp_path):
+    async with Receiver() as ct2, Receiver(failing) as ct3:
+        settings = settings_for(tmp_path, ct2.url, ct3.url)
+        append_events(settings.outbox.path, ["ct2", "ct3"], [("order.created", "order", 1)])
+        client, auth = await client_for(settings)
+        api_key = {"X-API-Key": auth["X-API-Key"]}
+        try:
+            resp = await client.post(
+                f"{BASE}/webhooks/send",
+                json={
+                    "event": "seller.note_added",
+                    "data": {"note": "Zoë ✓", "amount": "1.10"},
+                    "systems": ["ct2"],
+                },
+                headers=api_key,
+            )
+            body = await resp.json()
+            assert resp.status == 201 and body["data"] == {
+                "id": 2,
+                "event": "seller.note_added",
+                "systems": ["ct2"],
+            }
+            await run_until(Dispatcher(settings), lambda: len(ct2.received) == 2 and ct3.calls >= 2)
+            manual = ct2.received[1]["envelope"]
+            assert manual["id"] == 2 and manual["type"] == "seller.note_added"
+            assert manual["data"] == {"note": "Zoë ✓", "amount": "1.10"}
+            assert ct2.received[1]["headers"]["webhook-id"] == "evt_2"
+
+            resp = await client.get(f"{BASE}/webhooks/status", headers=api_key)
+            status = {s["system"]: s for s in (await resp.json())["data"]}
+            assert status["ct2"]["delivered"] == 2 and status["ct2"]["pending"] == 0
+            assert status["ct2"]["success_rate_1h"] == 1.0 and status["ct2"]["last_attempt"]["status"] == 200
+            assert status["ct3"]["pending"] + status["ct3"]["dead"] == 1  # the manual event went to ct2 only
+            assert status["ct3"]["success_rate_24h"] == 0.0 and status["ct3"]["last_attempt"]["status"] == 500
+            assert "secret" not in str(status)
+
+            resp = await client.get(f"{BASE}/stats", headers=api_key)
+            stats = (await resp.json())["data"]
+            assert stats["events"]["by_type"] == {"order.created": 1, "seller.note_added": 1}
+            assert stats["deliveries"]["ct2"] == {"delivered": 2}
+            routes = next(iter(stats["api_usage"].values()))["routes"]
+            assert routes[f"{BASE}/webhooks/send"]["requests"] == 1
+            assert routes[f"{BASE}/webhooks/status"]["requests"] == 1
+        finally:
+            await client.close()
