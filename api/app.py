@@ -6,6 +6,7 @@ One middleware turns every error into the JSON error body; handlers raise
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import sqlite3
@@ -15,6 +16,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from api.errors import ApiError
 from api.events import Events, Feed
@@ -23,6 +25,7 @@ from api.keys import EXPORT, WEBHOOKS, K, hash_key
 from api.limits import RateLimiter, Usage
 from api.webhooks import Webhooks
 from cdc.mapping import Mapping, load_mapping
+from cdc.metrics import API_REQUESTS, CAPTURE_LAG, REGISTRY, OutboxCollector
 from config.settings import Settings
 from outbox import store
 
@@ -52,6 +55,13 @@ def _error_body(status: int, code: str, message: str, field: str | None = None) 
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await _answer(request, handler)
+    resource = request.match_info.route.resource
+    API_REQUESTS.labels(resource.canonical if resource is not None else "unmatched", response.status).inc()
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
@@ -72,13 +82,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 class Api:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, exports: Exports) -> None:
         self.settings = settings
         self.conn: sqlite3.Connection | None = None
         cfg = settings.api
         self.limiter = RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst)
         self.usage = Usage(settings.outbox.path)
         self.proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies]
+        self.exports = exports
+        self.scraped = CollectorRegistry(auto_describe=False)
+        self.scraped.register(OutboxCollector(self.db, settings.source.slot))
 
     def db(self) -> sqlite3.Connection:
         if self.conn is None:
@@ -137,6 +150,36 @@ class Api:
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
 
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready when the source answers, the slot is healthy and the outbox is writable."""
+        checks = {
+            "source": await self.exports.check_source(),
+            "slot": await self.exports.check_slot(self.settings.source.slot),
+            "outbox": await asyncio.to_thread(self._outbox_writable),
+        }
+        ready = all(c["ok"] for c in checks.values())
+        return _json({"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503)
+
+    def _outbox_writable(self) -> dict[str, Any]:
+        try:
+            conn = store.connect(self.settings.outbox.path)
+            try:
+                conn.execute("PRAGMA busy_timeout=2000")
+                conn.execute("BEGIN IMMEDIATE")  # takes the write lock, writes nothing
+                conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+        except Exception as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True}
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        slot = await self.exports.check_slot(self.settings.source.slot)
+        if slot.get("lag_bytes") is not None:
+            CAPTURE_LAG.set(slot["lag_bytes"])
+        body = generate_latest(REGISTRY) + generate_latest(self.scraped)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
 
 def excluded_columns(mapping: Mapping) -> frozenset[str]:
     """Every column any rule excludes: none of them appears in any export, at any depth."""
@@ -144,8 +187,8 @@ def excluded_columns(mapping: Mapping) -> frozenset[str]:
 
 
 def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Application:
-    api = Api(settings)
     exports = Exports(settings, excluded_columns(mapping or load_mapping(settings.mapping.file)))
+    api = Api(settings, exports)
     feed = Feed(api.db)
     webhooks = Webhooks(settings, api.db, api.usage, exports)
     events = Events(api.db, feed)
@@ -160,6 +203,8 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
         return checked
 
     app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics)
     app.router.add_get(f"{BASE}/events", guarded(events.events, EXPORT))
     app.router.add_get(f"{BASE}/events/stream", guarded(events.stream, EXPORT))
     for name, spec in LISTS.items():

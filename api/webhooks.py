@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import psycopg
 from aiohttp import web
 
 from api.errors import ApiError
@@ -247,23 +246,9 @@ class Webhooks:
 
     async def _slot(self) -> dict[str, Any]:
         """The slot's lag, read on the export pool; unknown when the source is away."""
-
-        async def read(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
-            cur = await conn.execute(
-                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, wal_status"
-                " FROM pg_replication_slots WHERE slot_name = %s",
-                (self.settings.source.slot,),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                return {"lag_bytes": None, "wal_status": None, "error": "slot not found"}
-            return {"lag_bytes": row[0], "wal_status": row[1]}
-
-        try:
-            result: dict[str, Any] = await self.exports.read(read)
-        except ApiError as exc:
-            return {"lag_bytes": None, "wal_status": None, "error": exc.message}
-        return result
+        status = await self.exports.check_slot(self.settings.source.slot)
+        status.pop("ok", None)
+        return status
 
 
 def _lsn(value: int) -> str:

@@ -25,6 +25,7 @@ from cdc import source
 from cdc.decode import Begin, Commit, Message, RowChange, Truncate, decode, format_lsn, normalize
 from cdc.errors import SetupError, SourceUnavailable
 from cdc.mapping import Mapping, apply
+from cdc.metrics import CAPTURE_LAG
 from cdc.stream import Keepalive, ReplicationStream, XLogData
 from config.settings import Settings
 from outbox.writer import OutboxWriter
@@ -388,6 +389,7 @@ class Capture:
             "safe_wal_size": status["safe_wal_size"],
         }
         lag = status["lag_bytes"] or 0
+        CAPTURE_LAG.set(lag)
         if lag > self.settings.source.lag_warning_bytes or status["wal_status"] in ("unreserved", "lost"):
             log.warning("slot_lag", **fields)
         else:

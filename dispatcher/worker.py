@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from cdc.metrics import ATTEMPT_SECONDS, ATTEMPTS
 from config.settings import EndpointSettings, Settings
 from dispatcher import retry, signing
 from dispatcher.deliveries import DeliveryStore, Due, EndpointState, Finished
@@ -61,6 +62,7 @@ class Runtime:
     # ... of which this many are waiting for the receiver (what the limit counts)
     sending: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    durations: Any = None  # the attempt-duration histogram of this endpoint
     freed: asyncio.Event = field(default_factory=asyncio.Event)
     delivered: int = 0
     failed: int = 0
@@ -165,7 +167,14 @@ class Dispatcher:
         if cfg.previous_secret:
             keys.append(signing.secret_key(cfg.previous_secret))
         limit = self.cfg.endpoint_concurrency
-        return Runtime(cfg=cfg, keys=keys, state=state, limit=limit, max_limit=limit)
+        return Runtime(
+            cfg=cfg,
+            keys=keys,
+            state=state,
+            limit=limit,
+            max_limit=limit,
+            durations=ATTEMPT_SECONDS.labels(cfg.name),
+        )
 
     async def _poll(self, store: DeliveryStore) -> None:
         """Notice commits by another process (capture running apart) within tens of ms."""
@@ -235,6 +244,7 @@ class Dispatcher:
             rt.sending -= 1
             rt.freed.set()
         now = self.clock()
+        rt.durations.observe(attempt.duration_ms / 1000)
         number = item.attempts + 1
         decision = retry.decide(
             retry.Outcome(attempt.status, attempt.retry_after),
@@ -260,6 +270,7 @@ class Dispatcher:
                 next_at,
             ),
         )
+        ATTEMPTS.labels(rt.cfg.name, decision.action).inc()
         if decision.action == "delivered":
             rt.delivered += 1
             log.debug("webhook_delivered", endpoint=rt.cfg.name, event_id=item.event_id, attempt=number)

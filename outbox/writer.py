@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections import Counter
 from typing import Any
 
 import orjson
 
+from cdc.metrics import EVENTS_APPENDED
 from outbox.store import Q, Router, dumps
 
 CHUNK = 1000
@@ -156,6 +158,8 @@ class OutboxWriter:
         self._begin()
         events, self._events = self._events, []
         self.conn.executemany(Q["insert_event"], events)
+        for event_type, n in Counter(event[0] for event in events).items():
+            EVENTS_APPENDED.labels(event_type).inc(n)
         last = int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0])
         first = last - len(events) + 1
         by_endpoint: dict[str, list[str]] = {}

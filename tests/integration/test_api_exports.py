@@ -392,3 +392,25 @@ def test_a_replaced_sql_file_missing_a_block_fails_at_start_naming_it(tmp_path):
         create_app(settings)
     with pytest.raises(ConfigError, match="cannot read"):
         create_app(Settings(outbox={"path": str(tmp_path / "o.db")}, api={"sql_dir": str(tmp_path / "nope")}))
+
+
+async def test_readyz_checks_source_slot_and_outbox_and_metrics_expose_them(api):
+    client, get, db = api
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 503 and body["status"] == "not_ready"
+    assert body["checks"]["source"]["ok"] is True and body["checks"]["outbox"]["ok"] is True
+    assert "not found" in body["checks"]["slot"]["error"]
+    db.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", db.slot)
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 200 and body["status"] == "ready", body
+    assert body["checks"]["slot"]["lag_bytes"] >= 0
+    await get("/orders", per_page=1)
+    await get("/orders", _status=422, per_page=0)
+    resp = await client.get("/metrics")
+    text = await resp.text()
+    assert resp.status == 200 and resp.content_type == "text/plain"
+    assert f'ct1_cdc_api_requests_total{{route="{BASE}/orders",status="200"}}' in text
+    assert f'ct1_cdc_api_requests_total{{route="{BASE}/orders",status="422"}}' in text
+    assert "ct1_cdc_capture_lag_bytes " in text and "ct1_cdc_last_event_id 0.0" in text

@@ -148,3 +148,36 @@ async def test_sent_events_are_delivered_and_show_in_status_and_stats(tmp_path):
             assert routes[f"{BASE}/webhooks/status"]["requests"] == 1
         finally:
             await client.close()
+
+
+async def test_readyz_names_what_is_not_ready_when_the_source_is_away(tmp_path):
+    client, _ = await client_for(settings_for(tmp_path, "http://127.0.0.1:1/a", "http://127.0.0.1:1/b"))
+    try:
+        resp = await client.get("/readyz")
+        body = await resp.json()
+        assert resp.status == 503 and body["status"] == "not_ready"
+        assert body["checks"]["source"]["ok"] is False and "unavailable" in body["checks"]["source"]["error"]
+        assert body["checks"]["outbox"] == {"ok": True}
+    finally:
+        await client.close()
+
+
+async def test_metrics_count_deliveries_and_attempts(tmp_path):
+    async with Receiver() as ct2, Receiver(failing) as ct3:
+        settings = settings_for(tmp_path, ct2.url, ct3.url)
+        append_events(
+            settings.outbox.path,
+            ["ct2", "ct3"],
+            [("order.created", "order", 1), ("order.updated", "order", 1)],
+        )
+        await run_until(Dispatcher(settings), lambda: len(ct2.received) == 2 and ct3.calls >= 1)
+        client, _ = await client_for(settings)
+        try:
+            text = await (await client.get("/metrics")).text()
+            assert 'ct1_cdc_deliveries{endpoint="ct2",status="delivered"} 2.0' in text
+            assert 'ct1_cdc_outbox_events{type="order.created"} 1.0' in text
+            assert 'ct1_cdc_delivery_attempts_total{endpoint="ct2",outcome="delivered"}' in text
+            assert 'ct1_cdc_delivery_attempt_seconds_bucket{endpoint="ct3"' in text
+            assert 'ct1_cdc_events_appended_total{type="order.updated"}' in text
+        finally:
+            await client.close()
