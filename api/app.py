@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from api import openapi
 from api.errors import ApiError
 from api.events import Events, Feed
 from api.exports import LISTS, Exports
@@ -27,6 +28,7 @@ from api.webhooks import Webhooks
 from cdc.mapping import Mapping, load_mapping
 from cdc.metrics import API_REQUESTS, CAPTURE_LAG, REGISTRY, OutboxCollector
 from config.settings import Settings
+from dispatcher.worker import version
 from outbox import store
 
 BASE = "/api/core-transaction-1"
@@ -205,6 +207,12 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)
+    document = orjson.dumps(openapi.document(version()))
+
+    async def openapi_json(_: web.Request) -> web.Response:
+        return web.Response(body=document, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get(f"{BASE}/events", guarded(events.events, EXPORT))
     app.router.add_get(f"{BASE}/events/stream", guarded(events.stream, EXPORT))
     for name, spec in LISTS.items():
