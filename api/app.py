@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from api import openapi
+from api.cache import ExportCache
 from api.errors import ApiError
 from api.events import Events, Feed
 from api.exports import LISTS, Exports
@@ -191,6 +192,7 @@ def excluded_columns(mapping: Mapping) -> frozenset[str]:
 def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Application:
     exports = Exports(settings, excluded_columns(mapping or load_mapping(settings.mapping.file)))
     api = Api(settings, exports)
+    exports.cache = ExportCache(api.db)
     feed = Feed(api.db)
     webhooks = Webhooks(settings, api.db, api.usage, exports)
     events = Events(api.db, feed)

@@ -16,7 +16,7 @@ import binascii
 import csv
 import functools
 import io
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -29,6 +29,7 @@ import psycopg_pool
 from aiohttp import web
 from psycopg.rows import dict_row
 
+from api.cache import ExportCache
 from api.errors import ApiError
 from cdc.decode import normalize
 from cdc.errors import ConfigError
@@ -275,12 +276,41 @@ def load_sql(path: Path) -> dict[str, str]:
     return blocks
 
 
+# The tables each cached export reads (the built-in SQL).  With a replaced SQL folder any
+# captured change drops every cached answer ("*").
+CACHED_TABLES = {
+    "customers": frozenset({"public.users", "public.orders", "public.addresses"}),
+    "products": frozenset(
+        {"public.products", "public.shops", "public.categories", "public.reviews", "public.users"}
+    ),
+    "analytics": frozenset(
+        {
+            "public.orders",
+            "public.order_items",
+            "public.users",
+            "public.product_views",
+            "public.reviews",
+            "public.products",
+        }
+    ),
+}
+
+
 class Exports:
     """The export handlers; one pool on the marketplace database."""
 
-    def __init__(self, settings: Settings, excluded: frozenset[str]) -> None:
+    def __init__(
+        self, settings: Settings, excluded: frozenset[str], cache: ExportCache | None = None
+    ) -> None:
         cfg = settings.api
         self.excluded = excluded
+        self.cache = cache
+        self.ttls = {
+            "customers": cfg.cache_ttl_customers,
+            "products": cfg.cache_ttl_products,
+            "analytics": cfg.cache_ttl_analytics,
+        }
+        self.any_table = bool(cfg.sql_dir)
         self.sql = load_sql(Path(cfg.sql_dir or DEFAULT_SQL_DIR) / "exports.sql")
         self.pool_timeout = cfg.pool_timeout_seconds
         options = (
@@ -370,6 +400,27 @@ class Exports:
             return {"ok": False, "lag_bytes": None, "wal_status": None, "error": exc.message}
         return result
 
+    # -- caching ------------------------------------------------------------------------------------
+
+    async def cached(
+        self, request: web.Request, group: str, answer: Callable[[], Awaitable[web.Response]]
+    ) -> web.Response:
+        """``answer()``, or the same bytes from the cache while no captured change to the
+        tables of ``group`` has reached the outbox (and the TTL runs)."""
+        ttl = self.ttls.get(group, 0)
+        if self.cache is None or ttl <= 0:
+            return await answer()
+        key = request.path_qs
+        body = self.cache.get(key)
+        if body is not None:
+            return _json_bytes(body, "hit")
+        response = await answer()
+        assert isinstance(response.body, bytes)
+        tables = frozenset({"*"}) if self.any_table else CACHED_TABLES[group]
+        self.cache.put(key, tables, ttl, response.body)
+        response.headers["X-Cache"] = "miss"
+        return response
+
     # -- lists --------------------------------------------------------------------------------------
 
     async def listing(self, request: web.Request, spec: ListSpec) -> web.StreamResponse:
@@ -380,6 +431,9 @@ class Exports:
         if fmt != "json":
             return await self._stream(request, spec, filters, after, fmt)
         per_page = q.per_page()
+        return await self.cached(request, spec.name, lambda: self._page(spec, filters, after, per_page))
+
+    async def _page(self, spec: ListSpec, filters: dict[str, Any], after: int, per_page: int) -> web.Response:
         params = {**filters, "after": after, "limit": per_page + 1}
         rows = await self.read(lambda conn: self._rows(conn, spec.name, params))
         more = len(rows) > per_page
@@ -452,7 +506,7 @@ class Exports:
             (customer["statistics"],) = await self._rows(conn, "customer_statistics", ident)
             return customer
 
-        return self._found(await self.read(reads), "customer")
+        return await self.cached(request, "customers", lambda: self._detail(reads, "customer"))
 
     async def order(self, request: web.Request) -> web.Response:
         ident = {"id": path_id(request)}
@@ -484,7 +538,7 @@ class Exports:
             }
             return order
 
-        return self._found(await self.read(reads), "order")
+        return await self._detail(reads, "order")
 
     async def product(self, request: web.Request) -> web.Response:
         ident = {"id": path_id(request)}
@@ -533,7 +587,7 @@ class Exports:
                 },
             }
 
-        return self._found(await self.read(reads), "product")
+        return await self.cached(request, "products", lambda: self._detail(reads, "product"))
 
     # -- analytics ----------------------------------------------------------------------------------
 
@@ -571,7 +625,10 @@ class Exports:
                 "growth": _growth(_figures(now), _figures(before)),
             }
 
-        return self._found(await self.read(reads), "analytics")
+        return await self.cached(request, "analytics", lambda: self._detail(reads, "analytics"))
+
+    async def _detail(self, reads: Callable[[psycopg.AsyncConnection[Any]], Any], what: str) -> web.Response:
+        return self._found(await self.read(reads), what)
 
     def _found(self, data: dict[str, Any] | None, what: str) -> web.Response:
         """A detail answer; cleaned once more as a whole, since it is composed here."""
@@ -611,3 +668,7 @@ def _prefixed(row: dict[str, Any], prefix: str) -> dict[str, Any] | None:
 
 def _json_response(body: Any) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def _json_bytes(body: bytes, cache: str) -> web.Response:
+    return web.Response(body=body, content_type="application/json", headers={"X-Cache": cache})

@@ -48,7 +48,9 @@ def marketplace(source_db: SourceDb) -> SourceDb:
 
 @pytest.fixture
 async def api(marketplace: SourceDb, tmp_path: Path) -> AsyncIterator[tuple[TestClient, Client, SourceDb]]:
-    settings = make_settings(marketplace, tmp_path / "outbox.db")
+    # no capture runs here: caching off, so direct SQL changes show at once
+    no_cache = {"cache_ttl_customers": 0, "cache_ttl_products": 0, "cache_ttl_analytics": 0}
+    settings = make_settings(marketplace, tmp_path / "outbox.db", api=no_cache)
     client, k = await start(settings)
 
     async def get(path: str, _status: int = 200, _key: str = "export", **params: Any) -> Any:
@@ -414,3 +416,43 @@ async def test_readyz_checks_source_slot_and_outbox_and_metrics_expose_them(api)
     assert f'ct1_cdc_api_requests_total{{route="{BASE}/orders",status="200"}}' in text
     assert f'ct1_cdc_api_requests_total{{route="{BASE}/orders",status="422"}}' in text
     assert "ct1_cdc_capture_lag_bytes " in text and "ct1_cdc_last_event_id 0.0" in text
+
+
+async def test_cached_answers_are_dropped_as_soon_as_capture_commits_a_change(
+    marketplace, tmp_path, run_capture
+):
+    settings = make_settings(marketplace, tmp_path / "outbox.db")
+    capture = run_capture(settings)
+    capture.wait_caught_up()
+    client, k = await start(settings)
+    auth = {"X-API-Key": k["export"]}
+
+    async def fetch(path: str) -> tuple[str, Any]:
+        resp = await client.get(f"{BASE}{path}", headers=auth)
+        assert resp.status == 200
+        return resp.headers["X-Cache"], (await resp.json())["data"]
+
+    try:
+        assert (await fetch("/customers/11"))[0] == "miss"
+        state, data = await fetch("/customers/11")
+        assert state == "hit" and data["name"] != "Renamed Customer"
+        product_state, _ = await fetch("/products/3")
+        assert product_state == "miss" and (await fetch("/products/3"))[0] == "hit"
+        marketplace.execute("UPDATE users SET name = 'Renamed Customer' WHERE id = 11")
+        capture.wait_caught_up()
+        state, data = await fetch("/customers/11")
+        assert state == "miss" and data["name"] == "Renamed Customer"  # never staler than the outbox
+        assert (await fetch("/products/3"))[0] == "miss"  # it shows the seller's name, from users
+        assert (await fetch("/products/3"))[0] == "hit"
+        assert (await fetch("/analytics"))[0] == "miss"
+        marketplace.execute("UPDATE products SET stock = stock + 1 WHERE id = 3")
+        capture.wait_caught_up()
+        # the default mapping captures no products table changes: only the TTL ends this entry
+        assert (await fetch("/products/3"))[0] == "hit"
+        marketplace.execute("INSERT INTO reviews (product_id, user_id, rating) VALUES (3, 11, 5)")
+        capture.wait_caught_up()
+        assert (await fetch("/products/3"))[0] == "miss"  # review.created: the rating may have moved
+        assert (await fetch("/analytics"))[0] == "miss"
+        assert (await fetch("/customers/11"))[0] == "hit"  # customers read no reviews
+    finally:
+        await client.close()
