@@ -10,6 +10,7 @@ import asyncio
 import functools
 import ipaddress
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,8 @@ FEED: web.AppKey[Feed] = web.AppKey("feed", Feed)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+KEY_CACHE_SECONDS = 1.0  # a key is looked up at most this often; revocation takes this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,7 @@ class Api:
         self.limiter = RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst)
         self.usage = Usage(settings.outbox.path)
         self.proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies]
+        self._keys: dict[str, tuple[float, tuple[str, frozenset[str], list[IPNetwork]] | None]] = {}
         self.exports = exports
         self.scraped = CollectorRegistry(auto_describe=False)
         self.scraped.register(OutboxCollector(self.db, settings.source.slot))
@@ -108,17 +112,15 @@ class Api:
         key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("X-API-Key")
         if not key:
             raise ApiError(401, "unauthorized", "an API key is required (Authorization: Bearer <key>)")
-        row = self.db().execute(K["find_key"], (hash_key(key),)).fetchone()
-        if row is None or row[4] is not None:
+        known = self._known_key(key)
+        if known is None:
             raise ApiError(401, "unauthorized", "unknown or revoked API key")
-        key_id, _name, permissions, allow_ips, _revoked = row
-        granted = frozenset(orjson.loads(permissions))
+        key_id, granted, networks = known
         if permission not in granted:
             raise ApiError(403, "forbidden", f"this key lacks the {permission} permission")
-        networks = orjson.loads(allow_ips)
         if networks:
             address = self.client_address(request)
-            if address is None or not any(address in ipaddress.ip_network(n) for n in networks):
+            if address is None or not any(address in n for n in networks):
                 raise ApiError(403, "forbidden", "client address not allowed for this key")
         wait = self.limiter.allow(key_id)
         if wait:
@@ -128,6 +130,25 @@ class Api:
         resource = request.match_info.route.resource
         self.usage.count(key_id, resource.canonical if resource is not None else request.path)
         return Caller(key_id, granted)
+
+    def _known_key(self, key: str) -> tuple[str, frozenset[str], list[IPNetwork]] | None:
+        """The key's id, permissions and networks; None for an unknown or revoked key.
+        Looked up at most once a second per key: a revocation takes effect within
+        :data:`KEY_CACHE_SECONDS`."""
+        now = time.monotonic()
+        hit = self._keys.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        row = self.db().execute(K["find_key"], (hash_key(key),)).fetchone()
+        known = None
+        if row is not None and row[4] is None:
+            key_id, _name, permissions, allow_ips, _revoked = row
+            networks = [ipaddress.ip_network(n, strict=False) for n in orjson.loads(allow_ips)]
+            known = (key_id, frozenset(orjson.loads(permissions)), networks)
+        if len(self._keys) > 10_000:
+            self._keys.clear()
+        self._keys[key] = (now + KEY_CACHE_SECONDS, known)
+        return known
 
     def client_address(self, request: web.Request) -> IPAddress | None:
         """The socket's peer; behind a trusted proxy, the last address in X-Forwarded-For

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +25,7 @@ from outbox import store
 
 MAX_LIMIT = 1000
 MAX_WAIT_SECONDS = 30.0
+PAGE_TTL_SECONDS = 60.0  # how long a full page's answer is reused
 POLL_SECONDS = 0.025  # how often another process's commits are looked for, while waited on
 KEEPALIVE_SECONDS = 15.0  # an SSE comment line this often when nothing happens
 STREAM_BATCH = 500
@@ -133,16 +136,57 @@ def integer(
     return value
 
 
+class PageCache:
+    """Answers of full pages, by (cursor, limit, types).  Events never change once
+    committed and ids only grow, so a page that came back full is the same bytes every
+    time it is asked for (CT2 and CT3 read the same pages).  Entries live
+    :data:`PAGE_TTL_SECONDS` (pruning may remove old events) within a byte budget."""
+
+    def __init__(self, budget: int = 64 << 20, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget = budget
+        self.clock = clock
+        self.size = 0
+        self.entries: OrderedDict[tuple[Any, ...], tuple[float, bytes]] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...]) -> bytes | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self.clock():
+            self._drop(key)
+            return None
+        self.entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: tuple[Any, ...], body: bytes) -> None:
+        if len(body) > self.budget // 8:
+            return
+        if key in self.entries:
+            self._drop(key)
+        self.entries[key] = (self.clock() + PAGE_TTL_SECONDS, body)
+        self.size += len(body)
+        while self.size > self.budget:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: tuple[Any, ...]) -> None:
+        self.size -= len(self.entries.pop(key)[1])
+
+
 class Events:
     def __init__(self, db: Callable[[], sqlite3.Connection], feed: Feed) -> None:
         self.db = db
         self.feed = feed
+        self.pages = PageCache()
 
     async def events(self, request: web.Request) -> web.Response:
         after = integer(request, "last_event_id", 0, minimum=0)
         limit = integer(request, "limit", 100, minimum=1, maximum=MAX_LIMIT)
         wait = number(request, "wait", 0, minimum=0, maximum=MAX_WAIT_SECONDS)
         types = event_types(request)
+        key = (after, limit, *types)
+        cached = self.pages.get(key)
+        if cached is not None:
+            return web.Response(body=cached, content_type="application/json")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
@@ -160,6 +204,8 @@ class Events:
             + orjson.dumps({"last_event_id": scanned, "count": len(rows), "limit": limit})
             + b"}"
         )
+        if len(rows) == limit:  # a full page: the same bytes whenever it is asked for again
+            self.pages.put(key, body)
         return web.Response(body=body, content_type="application/json")
 
     async def stream(self, request: web.Request) -> web.StreamResponse:

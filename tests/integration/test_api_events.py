@@ -290,3 +290,32 @@ async def test_x_forwarded_for_counts_only_from_trusted_proxies(tmp_path, proxie
         assert resp.status == status
     finally:
         await client.close()
+
+
+async def test_full_pages_are_reused_and_the_tail_page_always_grows(setup, tmp_path):
+    client, k = setup
+    auth = {"X-API-Key": k["export"]}
+
+    async def page(**params: str) -> list[int]:
+        resp = await client.get(f"{BASE}/events", params=params, headers=auth)
+        return [e["id"] for e in (await resp.json())["data"]]
+
+    assert await page(limit="2") == [1, 2]
+    assert await page(limit="10") == [1, 2, 3, 4]  # the tail: not full
+    append_events(tmp_path / "o.db", ["ct2"], [("order.created", "order", 5)])
+    assert await page(limit="2") == [1, 2]
+    assert await page(limit="10") == [1, 2, 3, 4, 5]
+    assert await page(limit="10", event_types="order.*") == [1, 3, 5]
+
+
+async def test_a_key_revoked_while_the_api_runs_stops_working_within_a_second(setup, tmp_path):
+    client, k = setup
+    auth = {"X-API-Key": k["export"]}
+    assert (await client.get(f"{BASE}/events", headers=auth)).status == 200
+    conn = store.open_outbox(tmp_path / "o.db")
+    (key_id,) = [r["id"] for r in keys.listing(conn) if r["name"] == "export"]
+    keys.revoke(conn, key_id)
+    conn.close()
+    await asyncio.sleep(1.1)
+    resp = await client.get(f"{BASE}/events", headers=auth)
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
