@@ -7,6 +7,7 @@ full ndjson export of a million orders.
   outbox read, envelope building) served by ct1-cdc's app in its own process, against a
   bare aiohttp app in its own process answering the very same bytes; both loaded by
   ``wrk`` (Debian package ``wrk``) with the same connections and duration, alternating.
+* the same with a random cursor per request (``wrk -s``), mostly past the page cache;
 * ``GET /orders?format=ndjson`` over ``--orders`` orders: rows/s and the API process's
   peak RSS (VmHWM).
 
@@ -92,7 +93,15 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(10)
 
 
-def wrk(port: int, key: str, seconds: int, connections: int) -> float:
+RANDOM_PAGES = """
+math.randomseed(7)
+request = function()
+  return wrk.format("GET", "/api/core-transaction-1/events?limit=100&last_event_id=" .. math.random(0, 19000))
+end
+"""
+
+
+def wrk(port: int, key: str, seconds: int, connections: int, script: Path | None = None) -> float:
     out = subprocess.run(
         [
             "wrk",
@@ -101,6 +110,7 @@ def wrk(port: int, key: str, seconds: int, connections: int) -> float:
             f"-d{seconds}s",
             "-H",
             f"Authorization: Bearer {key}",
+            *(["-s", str(script)] if script else []),
             f"http://127.0.0.1:{port}{EVENTS_URL}",
         ],
         capture_output=True,
@@ -202,6 +212,22 @@ def main() -> None:
                 file=sys.stderr,
             )
 
+        # the same request over and over is answered from the page cache; random cursors
+        # over 19,000 events mostly are not: the cost of reading and building a page
+        script = work / "random_pages.lua"
+        script.write_text(RANDOM_PAGES)
+        uncached: dict[str, float] = {}
+        for kind in ("bare", "ours"):
+            proc, port = start(kind, str(body if kind == "bare" else config))
+            try:
+                uncached[kind] = wrk(port, key, args.seconds, args.connections, script)
+            finally:
+                stop(proc)
+        print(
+            f"random cursors: bare {uncached['bare']:,.0f} req/s, ct1-cdc {uncached['ours']:,.0f} req/s",
+            file=sys.stderr,
+        )
+
         print(f"inserting {args.orders:,} orders ...", file=sys.stderr)
         with psycopg.connect(dsn, autocommit=True) as pg:
             pg.execute(
@@ -231,6 +257,11 @@ def main() -> None:
                     "ct1_cdc_rps": [round(x) for x in rates["ours"]],
                     "bare_median": round(med_bare),
                     "ct1_cdc_median": round(med_ours),
+                    "random_cursors": {
+                        "bare_rps": round(uncached["bare"]),
+                        "ct1_cdc_rps": round(uncached["ours"]),
+                        "ratio": round(uncached["ours"] / uncached["bare"], 3),
+                    },
                     "export_rows": rows,
                     "export_seconds": round(secs, 1),
                     "export_rows_per_s": round(rows / secs),
