@@ -190,12 +190,13 @@ class Events:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            mark = self.feed.mark()
+            mark = self.feed.mark() if wait else None
             rows, scanned = store.scan_events(self.db(), after=after, types=types, limit=limit)
             remaining = deadline - loop.time()
             if rows or remaining <= 0 or self.feed.closing.is_set():
                 break
             after = scanned  # what did not match needs no second look
+            assert mark is not None
             await self.feed.wait(mark, remaining)
         body = (
             b'{"success":true,"data":['

@@ -162,22 +162,28 @@ def iter_events(
 
 
 def scan_events(
-    conn: sqlite3.Connection, *, after: int, types: Sequence[str], limit: int, page: int = 1000
+    conn: sqlite3.Connection,
+    *,
+    after: int,
+    types: Sequence[str],
+    limit: int,
+    page: int = 1000,
 ) -> tuple[list[tuple[Any, ...]], int]:
     """Up to ``limit`` events after ``after`` matching ``types``, and the id the scan got
     to: a reader continuing from there skips the events that did not match, not only the
     ones it was given."""
     found: list[tuple[Any, ...]] = []
     last = after
+    size = page if types else limit  # unfiltered, every row read is one returned
     while len(found) < limit:
-        rows = conn.execute(Q["list_events"], {"after": last, "limit": page}).fetchall()
+        rows = conn.execute(Q["list_events"], {"after": last, "limit": size}).fetchall()
         for row in rows:
             last = row[0]
             if not types or any(fnmatch.fnmatchcase(row[1], t) for t in types):
                 found.append(row)
                 if len(found) == limit:
                     break
-        if len(rows) < page:
+        if len(rows) < size:
             break
     return found, last
 
