@@ -24,6 +24,7 @@ from api.errors import ApiError
 from outbox import store
 
 MAX_LIMIT = 1000
+MAX_ID = 2**63 - 1  # ids are SQLite/Postgres 64-bit integers
 MAX_WAIT_SECONDS = 30.0
 PAGE_TTL_SECONDS = 60.0  # how long a full page's answer is reused
 POLL_SECONDS = 0.025  # how often another process's commits are looked for, while waited on
@@ -179,7 +180,7 @@ class Events:
         self.pages = PageCache()
 
     async def events(self, request: web.Request) -> web.Response:
-        after = integer(request, "last_event_id", 0, minimum=0)
+        after = integer(request, "last_event_id", 0, minimum=0, maximum=MAX_ID)
         limit = integer(request, "limit", 100, minimum=1, maximum=MAX_LIMIT)
         wait = number(request, "wait", 0, minimum=0, maximum=MAX_WAIT_SECONDS)
         types = event_types(request)
@@ -214,14 +215,14 @@ class Events:
         if header is not None and header.strip():
             try:
                 after = int(header)
-                if after < 0:
+                if not 0 <= after <= MAX_ID:
                     raise ValueError
             except ValueError:
                 raise ApiError(
                     422, "invalid_parameter", "Last-Event-ID must be an event id", "Last-Event-ID"
                 ) from None
         else:
-            after = integer(request, "last_event_id", 0, minimum=0)
+            after = integer(request, "last_event_id", 0, minimum=0, maximum=MAX_ID)
         types = event_types(request)
         response = web.StreamResponse(
             headers={

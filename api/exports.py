@@ -38,6 +38,7 @@ from outbox import sqlfile
 
 DEFAULT_SQL_DIR = Path(__file__).resolve().parent / "sql"
 MAX_PER_PAGE = 500
+MAX_ID = 2**63 - 1  # bigint
 DEFAULT_PER_PAGE = 50
 STREAM_PAGE = 1000  # rows per query while streaming a whole export
 
@@ -62,7 +63,7 @@ class Query:
         value = self.params.get(name)
         return None if value is None or value == "" else value
 
-    def integer(self, name: str, *, minimum: int = 1, maximum: int | None = None) -> int | None:
+    def integer(self, name: str, *, minimum: int = 1, maximum: int = MAX_ID) -> int | None:
         raw = self._raw(name)
         if raw is None:
             return None
@@ -70,9 +71,8 @@ class Query:
             value = int(raw)
         except ValueError:
             raise ApiError(422, "invalid_parameter", f"{name} must be an integer", name) from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-            raise ApiError(422, "invalid_parameter", f"{name} must be {bound}", name)
+        if not minimum <= value <= maximum:
+            raise ApiError(422, "invalid_parameter", f"{name} must be between {minimum} and {maximum}", name)
         return value
 
     def boolean(self, name: str) -> bool | None:
@@ -146,7 +146,7 @@ def decode_cursor(raw: str) -> int:
     try:
         doc = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
         after = doc["after"]
-        if isinstance(after, int) and not isinstance(after, bool) and after >= 0:
+        if isinstance(after, int) and not isinstance(after, bool) and 0 <= after <= MAX_ID:
             return after
     except (binascii.Error, ValueError, TypeError, KeyError, orjson.JSONDecodeError):
         pass
@@ -155,7 +155,7 @@ def decode_cursor(raw: str) -> int:
 
 def path_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    if not raw.isdigit() or int(raw) < 1 or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < 1:
         raise ApiError(422, "invalid_parameter", "id must be a positive integer", "id")
     return int(raw)
 

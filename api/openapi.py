@@ -140,7 +140,9 @@ def _post(summary: str, body: Obj, status: str = "200") -> Obj:
 
 def document(version: str) -> Obj:
     events_params = [
-        _param("last_event_id", {"type": "integer", "minimum": 0}, "events after this id"),
+        _param(
+            "last_event_id", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}, "events after this id"
+        ),
         _param(
             "event_types",
             {"type": "string", "pattern": "^[A-Za-z0-9._*?\\[\\],-]*$"},

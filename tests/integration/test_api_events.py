@@ -100,6 +100,7 @@ async def test_auth_matrix(setup, key, status, code):
         ({"limit": "1001"}, "limit"),
         ({"limit": "many"}, "limit"),
         ({"last_event_id": "-1"}, "last_event_id"),
+        ({"last_event_id": str(2**63)}, "last_event_id"),
         ({"event_types": "order;drop"}, "event_types"),
         ({"wait": "31"}, "wait"),
         ({"wait": "-1"}, "wait"),

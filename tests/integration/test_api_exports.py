@@ -184,6 +184,7 @@ async def test_product_review_and_customer_filters_match_sql(api):
         ("/orders", {"date_to": "yesterday"}, "date_to"),
         ("/orders", {"date_from": "2026-02-01", "date_to": "2026-01-01"}, "date_to"),
         ("/orders", {"customer_id": "-3"}, "customer_id"),
+        ("/orders", {"customer_id": str(10**30)}, "customer_id"),
         ("/orders", {"seller_id": "x"}, "seller_id"),
         ("/orders", {"status": "lost"}, "status"),
         ("/orders", {"payment_status": "maybe"}, "payment_status"),
@@ -199,6 +200,8 @@ async def test_product_review_and_customer_filters_match_sql(api):
         ("/analytics", {"date_from": "1/2/2026"}, "date_from"),
         ("/orders/-1", {}, "id"),
         ("/customers/abc", {}, "id"),
+        ("/customers/²", {}, "id"),
+        ("/products/1234567890123456789", {}, "id"),
     ],
 )
 async def test_bad_filters_answer_422_naming_the_field(api, path, params, field):

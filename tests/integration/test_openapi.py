@@ -107,7 +107,7 @@ def test_every_route_is_documented(tmp_path):
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_document(case: Any, served: tuple[str, str]) -> None:
     base, key = served
     if case.query and "wait" in case.query:
