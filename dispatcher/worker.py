@@ -63,6 +63,7 @@ class Runtime:
     sending: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     durations: Any = None  # the attempt-duration histogram of this endpoint
+    delivered_total: Any = None  # its counter of successful attempts
     freed: asyncio.Event = field(default_factory=asyncio.Event)
     delivered: int = 0
     failed: int = 0
@@ -174,6 +175,7 @@ class Dispatcher:
             limit=limit,
             max_limit=limit,
             durations=ATTEMPT_SECONDS.labels(cfg.name),
+            delivered_total=ATTEMPTS.labels(cfg.name, "delivered"),
         )
 
     async def _poll(self, store: DeliveryStore) -> None:
@@ -270,11 +272,12 @@ class Dispatcher:
                 next_at,
             ),
         )
-        ATTEMPTS.labels(rt.cfg.name, decision.action).inc()
         if decision.action == "delivered":
+            rt.delivered_total.inc()
             rt.delivered += 1
             log.debug("webhook_delivered", endpoint=rt.cfg.name, event_id=item.event_id, attempt=number)
         else:
+            ATTEMPTS.labels(rt.cfg.name, decision.action).inc()
             rt.failed += 1
             log.info(
                 "webhook_failed",
