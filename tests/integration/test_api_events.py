@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from api import events as events_module
 from api import keys
-from api.app import BASE, create_app
+from api.app import BASE, FEED, create_app
 from config.settings import Settings
 from outbox import store
 from tests.outbox_helpers import append_events
@@ -320,3 +320,21 @@ async def test_a_key_revoked_while_the_api_runs_stops_working_within_a_second(se
     await asyncio.sleep(1.1)
     resp = await client.get(f"{BASE}/events", headers=auth)
     assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
+
+
+async def test_capture_in_the_same_process_wakes_a_long_poll_without_polling(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(events_module, "POLL_SECONDS", 3600)  # only the commit callback can wake it
+    client, k = setup
+    feed = client.server.app[FEED]
+
+    def commit() -> None:  # what capture's on_commit does in `ct1-cdc run`
+        append_events(tmp_path / "o.db", ["ct2"], [("order.created", "order", 9)])
+        feed.notify()
+
+    later(0.3, commit)
+    started = time.monotonic()
+    resp = await client.get(
+        f"{BASE}/events", params={"last_event_id": "4", "wait": "20"}, headers={"X-API-Key": k["export"]}
+    )
+    assert [e["id"] for e in (await resp.json())["data"]] == [5]
+    assert time.monotonic() - started < 10, "the commit callback did not wake the long poll"
