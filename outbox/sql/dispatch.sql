@@ -94,17 +94,23 @@ WHERE status = 'dead' AND (:endpoint IS NULL OR endpoint = :endpoint)
 
 -- name: prune_candidates
 -- Events older than the cutoff whose every delivery is settled (delivered or dead).
+-- Deliveries are found by their primary key (endpoint, event_id), one probe per endpoint.
 SELECT id FROM events
 WHERE created_at < :cutoff
-  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND d.status = 'pending')
+  AND NOT EXISTS (
+      SELECT 1 FROM deliveries d
+      WHERE d.endpoint IN (SELECT name FROM endpoints) AND d.event_id = events.id AND d.status = 'pending'
+  )
 ORDER BY id
 LIMIT :batch
 
 -- name: prune_attempts
-DELETE FROM attempts WHERE event_id IN (SELECT value FROM json_each(:ids))
+DELETE FROM attempts
+WHERE endpoint IN (SELECT name FROM endpoints) AND event_id IN (SELECT value FROM json_each(:ids))
 
 -- name: prune_deliveries
-DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(:ids))
+DELETE FROM deliveries
+WHERE endpoint IN (SELECT name FROM endpoints) AND event_id IN (SELECT value FROM json_each(:ids))
 
 -- name: prune_events
 DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids))
