@@ -12,8 +12,9 @@ import ipaddress
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -37,6 +38,7 @@ BASE = "/api/core-transaction-1"
 FEED: web.AppKey[Feed] = web.AppKey("feed", Feed)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 KEY_CACHE_SECONDS = 1.0  # a key is looked up at most this often; revocation takes this long
@@ -98,12 +100,36 @@ class Api:
         self._keys: dict[str, tuple[float, tuple[str, frozenset[str], list[IPNetwork]] | None]] = {}
         self.exports = exports
         self.scraped = CollectorRegistry(auto_describe=False)
-        self.scraped.register(OutboxCollector(self.db, settings.source.slot))
+        self.scraped.register(OutboxCollector(self._slow_db, settings.source.slot))
+        # reads that walk whole tables (status, stats, metrics) run here, off the loop
+        self._slow = ThreadPoolExecutor(1, thread_name_prefix="api-read")
+        self._slow_conn: sqlite3.Connection | None = None
 
     def db(self) -> sqlite3.Connection:
         if self.conn is None:
             self.conn = store.connect(self.settings.outbox.path, readonly=True)
         return self.conn
+
+    def _slow_db(self) -> sqlite3.Connection:
+        if self._slow_conn is None:
+            self._slow_conn = store.connect(self.settings.outbox.path, readonly=True)
+        return self._slow_conn
+
+    async def offload(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` with a connection of its own on the API's read thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._slow, lambda: fn(self._slow_db()))
+
+    async def close(self) -> None:
+        def close_slow(_: sqlite3.Connection) -> None:
+            if self._slow_conn is not None:
+                self._slow_conn.close()
+                self._slow_conn = None
+
+        if self._slow_conn is not None:
+            await self.offload(close_slow)
+        self._slow.shutdown(wait=True)
+        if self.conn is not None:
+            self.conn.close()
 
     # -- auth --------------------------------------------------------------------------------
 
@@ -201,7 +227,7 @@ class Api:
         slot = await self.exports.check_slot(self.settings.source.slot)
         if slot.get("lag_bytes") is not None:
             CAPTURE_LAG.set(slot["lag_bytes"])
-        body = generate_latest(REGISTRY) + generate_latest(self.scraped)
+        body = await self.offload(lambda _: generate_latest(REGISTRY) + generate_latest(self.scraped))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -215,7 +241,7 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
     api = Api(settings, exports)
     exports.cache = ExportCache(api.db)
     feed = Feed(api.db)
-    webhooks = Webhooks(settings, api.db, api.usage, exports)
+    webhooks = Webhooks(settings, api.db, api.offload, api.usage, exports)
     events = Events(api.db, feed)
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[FEED] = feed
@@ -261,8 +287,7 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
         await webhooks.close()
         await exports.close()
         await api.usage.close()
-        if api.conn is not None:
-            api.conn.close()
+        await api.close()
 
     app.on_startup.append(start)
     app.on_shutdown.append(shutdown)

@@ -8,7 +8,7 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,11 +56,13 @@ class Webhooks:
         self,
         settings: Settings,
         db: Callable[[], sqlite3.Connection],
+        offload: Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]],
         usage: Usage,
         exports: Exports,
     ) -> None:
         self.settings = settings
         self.db = db
+        self.offload = offload  # runs a read that walks whole tables off the event loop
         self.usage = usage
         self.exports = exports
         self.endpoints = {e.name: e for e in settings.endpoints}
@@ -136,8 +138,10 @@ class Webhooks:
     # -- GET /webhooks/status --------------------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
+        return _ok(await self.offload(self._status))
+
+    def _status(self, conn: sqlite3.Connection) -> list[dict[str, Any]]:
         now = time.time()
-        conn = self.db()
         rows = conn.execute(Q["webhook_status"], {"hour": now - 3600, "day": now - 86400}).fetchall()
         stored = {r[0]: r for r in rows}
         data = []
@@ -175,7 +179,7 @@ class Webhooks:
                     },
                 }
             )
-        return _ok(data)
+        return data
 
     # -- POST /webhooks/send ---------------------------------------------------------------------
 
@@ -215,7 +219,11 @@ class Webhooks:
 
     async def stats(self, request: web.Request) -> web.Response:
         await self.usage.flush()
-        conn = self.db()
+        data = await self.offload(self._stats)
+        data["capture"].update(await self._slot())
+        return _ok(data)
+
+    def _stats(self, conn: sqlite3.Connection) -> dict[str, Any]:
         totals = store.stats(conn)
         checkpoint = conn.execute(
             "SELECT lsn, updated_at FROM checkpoint WHERE slot = ?", (self.settings.source.slot,)
@@ -230,19 +238,16 @@ class Webhooks:
             "checkpoint_lsn": None if checkpoint is None else _lsn(checkpoint[0]),
             "checkpoint_at": None if checkpoint is None else iso(checkpoint[1]),
         }
-        capture.update(await self._slot())
-        return _ok(
-            {
-                "events": {
-                    "total": totals["events"],
-                    "last_event_id": totals["last_event_id"],
-                    "by_type": totals["events_by_type"],
-                },
-                "deliveries": totals["deliveries"],
-                "capture": capture,
-                "api_usage": usage,
-            }
-        )
+        return {
+            "events": {
+                "total": totals["events"],
+                "last_event_id": totals["last_event_id"],
+                "by_type": totals["events_by_type"],
+            },
+            "deliveries": totals["deliveries"],
+            "capture": capture,
+            "api_usage": usage,
+        }
 
     async def _slot(self) -> dict[str, Any]:
         """The slot's lag, read on the export pool; unknown when the source is away."""
