@@ -21,10 +21,10 @@ import orjson
 from aiohttp import web
 
 from api.errors import ApiError
+from api.params import MAX_ID, Query
 from outbox import store
 
 MAX_LIMIT = 1000
-MAX_ID = 2**63 - 1  # ids are SQLite/Postgres 64-bit integers
 MAX_WAIT_SECONDS = 30.0
 PAGE_TTL_SECONDS = 60.0  # how long a full page's answer is reused
 POLL_SECONDS = 0.025  # how often another process's commits are looked for, while waited on
@@ -108,35 +108,6 @@ def event_types(request: web.Request) -> list[str]:
     return types
 
 
-def number(request: web.Request, name: str, default: float, *, minimum: float, maximum: float) -> float:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ApiError(422, "invalid_parameter", f"{name} must be a number", name) from None
-    if not minimum <= value <= maximum:  # also refuses nan
-        raise ApiError(422, "invalid_parameter", f"{name} must be between {minimum:g} and {maximum:g}", name)
-    return value
-
-
-def integer(
-    request: web.Request, name: str, default: int, *, minimum: int, maximum: int | None = None
-) -> int:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(422, "invalid_parameter", f"{name} must be an integer", name) from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        raise ApiError(422, "invalid_parameter", f"{name} must be {bound}", name)
-    return value
-
-
 class PageCache:
     """Answers of full pages, by (cursor, limit, types).  Events never change once
     committed and ids only grow, so a page that came back full is the same bytes every
@@ -180,9 +151,10 @@ class Events:
         self.pages = PageCache()
 
     async def events(self, request: web.Request) -> web.Response:
-        after = integer(request, "last_event_id", 0, minimum=0, maximum=MAX_ID)
-        limit = integer(request, "limit", 100, minimum=1, maximum=MAX_LIMIT)
-        wait = number(request, "wait", 0, minimum=0, maximum=MAX_WAIT_SECONDS)
+        q = Query(request.query)
+        after = q.integer("last_event_id", minimum=0) or 0
+        limit = q.integer("limit", maximum=MAX_LIMIT) or 100
+        wait = q.number("wait", minimum=0, maximum=MAX_WAIT_SECONDS) or 0.0
         types = event_types(request)
         key = (after, limit, *types)
         cached = self.pages.get(key)
@@ -222,7 +194,7 @@ class Events:
                     422, "invalid_parameter", "Last-Event-ID must be an event id", "Last-Event-ID"
                 ) from None
         else:
-            after = integer(request, "last_event_id", 0, minimum=0, maximum=MAX_ID)
+            after = Query(request.query).integer("last_event_id", minimum=0) or 0
         types = event_types(request)
         response = web.StreamResponse(
             headers={

@@ -16,9 +16,9 @@ import binascii
 import csv
 import functools
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from psycopg.rows import dict_row
 
 from api.cache import ExportCache
 from api.errors import ApiError
+from api.params import MAX_ID, Query
 from cdc.decode import normalize
 from cdc.errors import ConfigError
 from config.settings import Settings
@@ -38,7 +39,6 @@ from outbox import sqlfile
 
 DEFAULT_SQL_DIR = Path(__file__).resolve().parent / "sql"
 MAX_PER_PAGE = 500
-MAX_ID = 2**63 - 1  # bigint
 DEFAULT_PER_PAGE = 50
 STREAM_PAGE = 1000  # rows per query while streaming a whole export
 
@@ -53,89 +53,18 @@ CENT = Decimal("0.01")
 # -- parameters -------------------------------------------------------------------------------
 
 
-class Query:
-    """Validated query parameters: each accessor raises a 422 naming the parameter."""
+def per_page(q: Query) -> int:
+    value = q.integer("per_page", maximum=MAX_PER_PAGE)
+    return DEFAULT_PER_PAGE if value is None else value
 
-    def __init__(self, params: Mapping[str, str]) -> None:
-        self.params = params
 
-    def _raw(self, name: str) -> str | None:
-        value = self.params.get(name)
-        return None if value is None or value == "" else value
+def cursor(q: Query) -> int:
+    raw = q.params.get("cursor")
+    return decode_cursor(raw) if raw else 0
 
-    def integer(self, name: str, *, minimum: int = 1, maximum: int = MAX_ID) -> int | None:
-        raw = self._raw(name)
-        if raw is None:
-            return None
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ApiError(422, "invalid_parameter", f"{name} must be an integer", name) from None
-        if not minimum <= value <= maximum:
-            raise ApiError(422, "invalid_parameter", f"{name} must be between {minimum} and {maximum}", name)
-        return value
 
-    def boolean(self, name: str) -> bool | None:
-        raw = self._raw(name)
-        if raw is None:
-            return None
-        lowered = raw.lower()
-        if lowered in ("1", "true", "yes"):
-            return True
-        if lowered in ("0", "false", "no"):
-            return False
-        raise ApiError(422, "invalid_parameter", f"{name} must be true or false", name)
-
-    def choice(self, name: str, allowed: tuple[str, ...]) -> str | None:
-        raw = self._raw(name)
-        if raw is not None and raw not in allowed:
-            raise ApiError(422, "invalid_parameter", f"{name} must be one of {', '.join(allowed)}", name)
-        return raw
-
-    def text(self, name: str, *, max_length: int = 200) -> str | None:
-        raw = self._raw(name)
-        if raw is not None and (len(raw) > max_length or "\x00" in raw):
-            raise ApiError(422, "invalid_parameter", f"{name} must be at most {max_length} characters", name)
-        return raw
-
-    def moment(self, name: str, *, end: bool = False) -> datetime | None:
-        """A date (``2026-11-25``) or an ISO 8601 time.  As the end of a range a date
-        means the whole day: the bound returned is exclusive."""
-        raw = self._raw(name)
-        if raw is None:
-            return None
-        try:
-            if len(raw) == 10:
-                day = date.fromisoformat(raw)
-                start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-                return start + timedelta(days=1) if end else start
-            value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        except ValueError:
-            raise ApiError(
-                422, "invalid_parameter", f"{name} must be a date (YYYY-MM-DD) or an ISO 8601 time", name
-            ) from None
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value + timedelta(microseconds=1) if end else value
-
-    def date_range(self) -> tuple[datetime | None, datetime | None]:
-        start, end = self.moment("date_from"), self.moment("date_to", end=True)
-        if start is not None and end is not None and end <= start:
-            raise ApiError(422, "invalid_parameter", "date_to must not be before date_from", "date_to")
-        return start, end
-
-    def per_page(self) -> int:
-        value = self.integer("per_page", maximum=MAX_PER_PAGE)
-        return DEFAULT_PER_PAGE if value is None else value
-
-    def cursor(self) -> int:
-        raw = self._raw("cursor")
-        if raw is None:
-            return 0
-        return decode_cursor(raw)
-
-    def format(self) -> str:
-        return self.choice("format", ("json", "ndjson", "csv")) or "json"
+def export_format(q: Query) -> str:
+    return q.choice("format", ("json", "ndjson", "csv")) or "json"
 
 
 def encode_cursor(last_id: int) -> str:
@@ -426,12 +355,12 @@ class Exports:
     async def listing(self, request: web.Request, spec: ListSpec) -> web.StreamResponse:
         q = Query(request.query)
         filters = spec.filters(q)
-        fmt = q.format()
-        after = q.cursor()
+        fmt = export_format(q)
+        after = cursor(q)
         if fmt != "json":
             return await self._stream(request, spec, filters, after, fmt)
-        per_page = q.per_page()
-        return await self.cached(request, spec.name, lambda: self._page(spec, filters, after, per_page))
+        size = per_page(q)
+        return await self.cached(request, spec.name, lambda: self._page(spec, filters, after, size))
 
     async def _page(self, spec: ListSpec, filters: dict[str, Any], after: int, per_page: int) -> web.Response:
         params = {**filters, "after": after, "limit": per_page + 1}

@@ -7,6 +7,7 @@ wal2json installed) instead of starting a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -86,6 +87,13 @@ class SourceDb:
 @pytest.fixture
 def source_db(pg_server: str) -> Iterator[SourceDb]:
     """A fresh database holding the sample marketplace schema, and a slot name for it."""
+    with fresh_source_db(pg_server) as db:
+        yield db
+
+
+@contextlib.contextmanager
+def fresh_source_db(pg_server: str) -> Iterator[SourceDb]:
+    """A new database with the sample schema; dropped after, with its slots."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')

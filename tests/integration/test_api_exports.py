@@ -22,6 +22,7 @@ from config import sample
 from config.settings import Settings
 from outbox import sqlfile, store
 from tests.conftest import MAPPING, SourceDb, make_settings
+from tests.unit.test_export_values import keys_of
 
 VOLUME = sample.Volume(customers=60, sellers=4, products=40, orders=150, reviews=80, views=300, carts=10)
 
@@ -295,15 +296,6 @@ async def test_ndjson_and_csv_stream_the_whole_export(api):
     )
     body = await get("/orders", format="ndjson", status="shipped")
     assert {json.loads(line)["status"] for line in body.decode().splitlines()} <= {"shipped"}
-
-
-def keys_of(value: Any) -> set[str]:
-    """Every object key at any depth."""
-    if isinstance(value, dict):
-        return set(value).union(*(keys_of(v) for v in value.values()))
-    if isinstance(value, list):
-        return set().union(*(keys_of(v) for v in value))
-    return set()
 
 
 async def test_excluded_columns_never_appear_in_any_export(marketplace, tmp_path):

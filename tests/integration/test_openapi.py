@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import requests
 import schemathesis
@@ -29,7 +27,7 @@ from api import keys, openapi
 from api.app import create_app
 from config import sample
 from outbox import store
-from tests.conftest import SourceDb, make_settings, with_db
+from tests.conftest import SourceDb, fresh_source_db, make_settings
 
 schema = schemathesis.openapi.from_dict(openapi.document("test")).exclude(
     path_regex=r".*/events/stream$"  # an endless stream: covered by its own tests
@@ -63,14 +61,16 @@ class Server:
 
 @pytest.fixture(scope="module")
 def served(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    db = SourceDb(dsn=with_db(pg_server, name), name=name, slot=f"s_{name}", server_dsn=pg_server)
-    with db.connect() as conn:
-        sample.create_schema(conn)
-        sample.generate(conn, seed=5, volume=sample.Volume(customers=30, products=20, orders=60, reviews=30))
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (db.slot,))
+    with fresh_source_db(pg_server) as db:
+        with db.connect() as conn:
+            sample.generate(
+                conn, seed=5, volume=sample.Volume(customers=30, products=20, orders=60, reviews=30)
+            )
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (db.slot,))
+        yield from serve_api(db, tmp_path_factory)
+
+
+def serve_api(db: SourceDb, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     tmp: Path = tmp_path_factory.mktemp("openapi")
     settings = make_settings(db, tmp / "outbox.db", api={"rate_limit_per_minute": 0})
     conn = store.open_outbox(settings.outbox.path)
@@ -82,9 +82,6 @@ def served(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield f"http://127.0.0.1:{server.port}", key
     finally:
         server.stop()
-        with psycopg.connect(pg_server, autocommit=True) as admin:
-            admin.execute("SELECT pg_drop_replication_slot(%s)", (db.slot,))
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def test_the_served_document_is_the_one_tested(served):
