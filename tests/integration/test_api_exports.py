@@ -451,3 +451,16 @@ async def test_cached_answers_are_dropped_as_soon_as_capture_commits_a_change(
         assert (await fetch("/customers/11"))[0] == "hit"  # customers read no reviews
     finally:
         await client.close()
+
+
+async def test_customer_and_review_date_filters_match_sql(api):
+    _, get, db = api
+    db.execute("UPDATE users SET created_at = '2026-02-10 08:00:00+00' WHERE id IN (11, 12)")
+    db.execute("UPDATE reviews SET created_at = '2026-02-11 23:59:59+00' WHERE id IN (2, 3)")
+    db.execute("UPDATE reviews SET created_at = '2026-02-12 00:00:00+00' WHERE id = 4")
+    got = [r["id"] for r in await page_all(get, "/customers", date_from="2026-02-10", date_to="2026-02-10")]
+    assert got == [11, 12]
+    got = [r["id"] for r in await page_all(get, "/reviews", date_from="2026-02-11", date_to="2026-02-11")]
+    assert got == [2, 3]
+    got = [r["id"] for r in await page_all(get, "/reviews", date_from="2026-02-11T12:00:00Z")]
+    assert got == ids(db, "SELECT id FROM reviews WHERE created_at >= '2026-02-11 12:00:00+00' ORDER BY id")
