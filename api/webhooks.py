@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +20,7 @@ from api.keys import K
 from api.limits import Usage
 from cdc.errors import ConfigError
 from config.settings import EndpointSettings, Settings
-from dispatcher import signing
+from dispatcher.probe import send_test
 from dispatcher.sender import Sender, check_url
 from dispatcher.worker import version
 from outbox import store
@@ -95,41 +94,12 @@ class Webhooks:
             raise ApiError(
                 409, "no_secret", f"endpoint {endpoint.name} has no secret yet: run `ct1-cdc setup`", "system"
             )
-        keys = [signing.secret_key(secret)]
-        if endpoint.previous_secret:
-            keys.append(signing.secret_key(endpoint.previous_secret))
-        now = time.time()
-        msg_id = f"evt_test_{secrets.token_hex(8)}"
-        payload = orjson.dumps(
-            {
-                "id": None,
-                "type": "webhook.test",
-                "timestamp": iso(now),
-                "data": {
-                    "object": "webhook_test",
-                    "system": endpoint.name,
-                    "message": "ct1-cdc test delivery",
-                },
-                "source": None,
-            }
-        )
         if self.sender is None:
             self.sender = Sender(
                 cfg.timeout_seconds, concurrency=4, refuse_private=cfg.refuse_private_networks
             )
-        attempt = await self.sender.post(
-            endpoint.url, payload, signing.headers(keys, msg_id, int(now), payload, version())
-        )
-        return _ok(
-            {
-                "system": endpoint.name,
-                "webhook_id": msg_id,
-                "delivered": 200 <= attempt.status <= 299,
-                "status": attempt.status,
-                "latency_ms": attempt.duration_ms,
-                "error": attempt.error,
-            }
-        )
+        probe = await send_test(self.sender, endpoint, secret, version())
+        return _ok(probe.as_dict())
 
     def _stored_secret(self, name: str) -> str | None:
         row = self.db().execute("SELECT secret FROM endpoints WHERE name = ?", (name,)).fetchone()

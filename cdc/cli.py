@@ -18,7 +18,7 @@ import orjson
 
 from cdc import logs, source
 from cdc.decode import format_lsn
-from cdc.errors import Ct1Error
+from cdc.errors import ConfigError, Ct1Error
 from cdc.mapping import load_mapping
 from config.settings import Settings, load_settings
 from outbox import store
@@ -92,13 +92,21 @@ def main(ctx: click.Context, config_path: str | None, log_level: str) -> None:
 )
 @click.option("--seed", default=1, show_default=True, help="sample data seed")
 @click.option("--scale", default=1.0, show_default=True, help="sample data volume multiplier")
+@click.option("--no-probe", is_flag=True, help="do not send a signed webhook.test to each endpoint")
 @click.option("--json", "as_json", is_flag=True, help="print the checks as JSON Lines")
 @click.pass_context
 @handled
 def setup(
-    ctx: click.Context, replica_identity_full: bool, sample_data: bool, seed: int, scale: float, as_json: bool
+    ctx: click.Context,
+    replica_identity_full: bool,
+    sample_data: bool,
+    seed: int,
+    scale: float,
+    no_probe: bool,
+    as_json: bool,
 ) -> None:
-    """Check the source, create the slot and the outbox, optionally load sample data."""
+    """Check the source, create the slot and the outbox, optionally load sample data,
+    and probe the endpoints with a signed webhook.test."""
     from cdc.app import router_for
     from cdc.capture import ensure_slot
     from config import sample
@@ -164,6 +172,9 @@ def setup(
             created = ensure_slot(conn, settings.source.dsn, settings.source.slot, mapping, writer)
             secrets = store_secrets(writer.conn, settings)
             first_key = first_api_key(writer.conn)
+            signing_secrets = {
+                e.name: e.secret or stored_secret(writer.conn, e.name) for e in settings.endpoints
+            }
         finally:
             writer.close()
         if first_key is not None:
@@ -177,9 +188,11 @@ def setup(
                 f"endpoint {name}: generated signing secret {secret} (shown once: give it to the receiver)",
                 err=True,
             )
+    probes = {} if no_probe else probe_endpoints(settings, signing_secrets)
     summary = {
         "api_key": None if first_key is None else {"id": first_key.id, "key": first_key.key},
         "generated_secrets": secrets,
+        "endpoints": probes,
         "slot": settings.source.slot,
         "slot_created": created,
         "outbox": settings.outbox.path,
@@ -199,6 +212,62 @@ def first_api_key(conn: Any) -> Any:
     if api_keys.active_count(conn):
         return None
     return api_keys.create(conn, "first key (setup)", list(api_keys.PERMISSIONS), [])
+
+
+def stored_secret(conn: Any, name: str) -> str | None:
+    row = conn.execute("SELECT secret FROM endpoints WHERE name = ?", (name,)).fetchone()
+    return None if row is None else row[0]
+
+
+def probe_endpoints(settings: Settings, signing_secrets: dict[str, str | None]) -> dict[str, Any]:
+    """Send each enabled endpoint a signed webhook.test and say how it answered.  A
+    receiver that is not up yet is a warning: deliveries wait and retry for it."""
+    import asyncio
+
+    from dispatcher.probe import send_test
+    from dispatcher.sender import Sender, check_url
+    from dispatcher.worker import version
+
+    cfg = settings.dispatcher
+
+    async def probe_all() -> dict[str, Any]:
+        sender = Sender(
+            min(cfg.timeout_seconds, 5.0), concurrency=4, refuse_private=cfg.refuse_private_networks
+        )
+        results: dict[str, Any] = {}
+        try:
+            for endpoint in settings.endpoints:
+                if not endpoint.enabled:
+                    continue
+                secret = signing_secrets.get(endpoint.name)
+                try:
+                    check_url(endpoint.name, endpoint.url, cfg.require_https, cfg.refuse_private_networks)
+                except ConfigError as exc:
+                    results[endpoint.name] = {"delivered": False, "status": 0, "error": str(exc)}
+                    continue
+                if not secret:
+                    continue
+                probe = await send_test(sender, endpoint, secret, version())
+                results[endpoint.name] = probe.as_dict()
+        finally:
+            await sender.close()
+        return results
+
+    results = asyncio.run(probe_all())
+    for name, result in results.items():
+        if result["delivered"]:
+            click.echo(
+                f"endpoint {name}: webhook.test answered {result['status']} in {result['latency_ms']} ms",
+                err=True,
+            )
+        else:
+            answer = f"HTTP {result['status']}" if result["status"] else result["error"]
+            click.echo(
+                f"warning: endpoint {name}: webhook.test not accepted ({answer}); deliveries will retry"
+                " until it answers 2xx",
+                err=True,
+            )
+    return results
 
 
 def store_secrets(conn: Any, settings: Settings) -> dict[str, str]:

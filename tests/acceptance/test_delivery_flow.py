@@ -32,8 +32,20 @@ def test_setup_run_deliver_disable_enable_replay(source_db, tmp_path):
         summary = json.loads(setup.stdout.splitlines()[-1])
         rx.secret = summary["generated_secrets"]["ct2"]
         assert rx.secret.startswith("whsec_") and rx.secret in setup.stderr
+        # the receiver did not know the secret yet: the probe is refused, setup still succeeds
+        assert summary["endpoints"]["ct2"]["delivered"] is False and rx.rejected == 1
+        assert "warning: endpoint ct2: webhook.test not accepted (HTTP 400)" in setup.stderr
         again = cli("setup", "--json", config=config)
-        assert json.loads(again.stdout.splitlines()[-1])["generated_secrets"] == {}  # shown once
+        summary = json.loads(again.stdout.splitlines()[-1])
+        assert summary["generated_secrets"] == {}  # shown once
+        assert (
+            summary["endpoints"]["ct2"]["delivered"] is True and summary["endpoints"]["ct2"]["status"] == 200
+        )
+        assert [e["type"] for e in rx.received] == ["webhook.test"]
+        assert rx.ids == [summary["endpoints"]["ct2"]["webhook_id"]]  # verified with the secret
+        rx.received.clear()
+        rx.ids.clear()
+        rx.rejected = 0
 
         log = tmp_path / "run.log"
         run = spawn("run", config=config, log=log)
