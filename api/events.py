@@ -30,6 +30,7 @@ PAGE_TTL_SECONDS = 60.0  # how long a full page's answer is reused
 POLL_SECONDS = 0.025  # how often another process's commits are looked for, while waited on
 KEEPALIVE_SECONDS = 15.0  # an SSE comment line this often when nothing happens
 STREAM_BATCH = 500
+SCAN_BUDGET = 10_000  # outbox rows one read may go through before it yields or answers
 _TYPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._*?[]-")
 
 
@@ -164,11 +165,16 @@ class Events:
         deadline = loop.time() + wait
         while True:
             mark = self.feed.mark() if wait else None
-            rows, scanned = store.scan_events(self.db(), after=after, types=types, limit=limit)
+            rows, scanned, more = store.scan_events(
+                self.db(), after=after, types=types, limit=limit, max_scan=SCAN_BUDGET
+            )
             remaining = deadline - loop.time()
             if rows or remaining <= 0 or self.feed.closing.is_set():
-                break
+                break  # with nothing found, meta.last_event_id still moves past what was read
             after = scanned  # what did not match needs no second look
+            if more:
+                await asyncio.sleep(0)  # let other requests run between slices of a long scan
+                continue
             assert mark is not None
             await self.feed.wait(mark, remaining)
         body = (
@@ -213,11 +219,15 @@ class Events:
         loop = asyncio.get_running_loop()
         while not self.feed.closing.is_set():
             mark = self.feed.mark()
-            rows, scanned = store.scan_events(self.db(), after=after, types=types, limit=STREAM_BATCH)
+            rows, scanned, more = store.scan_events(
+                self.db(), after=after, types=types, limit=STREAM_BATCH, max_scan=SCAN_BUDGET
+            )
             if rows:
                 await response.write(b"".join(_sse(r) for r in rows))
             after = scanned
-            if len(rows) < STREAM_BATCH:
+            if more:
+                await asyncio.sleep(0)
+            elif len(rows) < STREAM_BATCH:
                 before = loop.time()
                 await self.feed.wait(mark, KEEPALIVE_SECONDS)
                 if loop.time() - before >= KEEPALIVE_SECONDS:

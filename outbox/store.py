@@ -168,15 +168,23 @@ def scan_events(
     types: Sequence[str],
     limit: int,
     page: int = 1000,
-) -> tuple[list[tuple[Any, ...]], int]:
-    """Up to ``limit`` events after ``after`` matching ``types``, and the id the scan got
-    to: a reader continuing from there skips the events that did not match, not only the
-    ones it was given."""
+    max_scan: int | None = None,
+) -> tuple[list[tuple[Any, ...]], int, bool]:
+    """Up to ``limit`` events after ``after`` matching ``types``; the id the scan got to
+    (a reader continuing from there skips the events that did not match, not only the
+    ones it was given); and whether it stopped after reading ``max_scan`` rows with more
+    to read, so one rare filter never reads a whole outbox in one go."""
     found: list[tuple[Any, ...]] = []
     last = after
     size = page if types else limit  # unfiltered, every row read is one returned
+    if max_scan is not None:
+        size = min(size, max_scan)
+    read = 0
     while len(found) < limit:
+        if max_scan is not None and read >= max_scan:
+            return found, last, True
         rows = conn.execute(Q["list_events"], {"after": last, "limit": size}).fetchall()
+        read += len(rows)
         for row in rows:
             last = row[0]
             if not types or any(fnmatch.fnmatchcase(row[1], t) for t in types):
@@ -185,7 +193,7 @@ def scan_events(
                     break
         if len(rows) < size:
             break
-    return found, last
+    return found, last, False
 
 
 def get_event(conn: sqlite3.Connection, event_id: int) -> tuple[Any, ...] | None:

@@ -338,3 +338,35 @@ async def test_capture_in_the_same_process_wakes_a_long_poll_without_polling(set
     )
     assert [e["id"] for e in (await resp.json())["data"]] == [5]
     assert time.monotonic() - started < 10, "the commit callback did not wake the long poll"
+
+
+async def test_a_rare_filter_reads_the_outbox_in_slices_and_loses_nothing(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(events_module, "SCAN_BUDGET", 3)
+    client, k = setup
+    auth = {"X-API-Key": k["export"]}
+    append_events(tmp_path / "o.db", ["ct2"], [("customer.created", "customer", i) for i in range(10)])
+    append_events(tmp_path / "o.db", ["ct2"], [("order.created", "order", 99)])
+
+    async def get(**params: str) -> dict[str, Any]:
+        resp = await client.get(
+            f"{BASE}/events", params={"event_types": "order.created", **params}, headers=auth
+        )
+        return await resp.json()
+
+    # no wait: an empty answer whose cursor moved past what was read; following it finds the event
+    body = await get(last_event_id="4")
+    assert body["data"] == [] and body["meta"]["last_event_id"] == 7
+    cursor, found = 7, []
+    while not found:
+        body = await get(last_event_id=str(cursor))
+        found, cursor = [e["id"] for e in body["data"]], body["meta"]["last_event_id"]
+    assert found == [15]
+    # a long poll goes through every slice itself
+    body = await get(last_event_id="4", wait="5")
+    assert [e["id"] for e in body["data"]] == [15]
+    # and the stream too
+    resp = await client.get(
+        f"{BASE}/events/stream", params={"last_event_id": "1", "event_types": "order.created"}, headers=auth
+    )
+    assert [e["id"] for e in await read_sse(resp, 1)] == ["15"]
+    resp.close()
