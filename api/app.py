@@ -24,7 +24,8 @@ from api import openapi
 from api.cache import ExportCache
 from api.errors import ApiError
 from api.events import Events, Feed
-from api.exports import LISTS, Exports
+from api.exports import Exports
+from api.filters import LISTS
 from api.keys import EXPORT, WEBHOOKS, K, hash_key
 from api.limits import RateLimiter, Usage
 from api.webhooks import Webhooks

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.exports import (
+from api.filters import (
     MAX_PER_PAGE,
     ORDER_STATUSES,
     PAYMENT_STATUSES,

@@ -9,7 +9,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.exports import clean, decode_cursor, encode_cursor
+from api.exports import clean
+from api.filters import decode_cursor, encode_cursor
 
 names = st.sampled_from(["id", "name", "email", "password", "remember_token", "total", "items", "customer"])
 leaves = (
