@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from cdc.decode import RowChange
 from cdc.errors import ConfigError
@@ -41,8 +41,7 @@ class Rule:
     exclude: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
-class EventDraft:
+class EventDraft(NamedTuple):
     """An event before the outbox gives it an id."""
 
     type: str

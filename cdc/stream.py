@@ -14,6 +14,7 @@ import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import psycopg
 from psycopg import pq
@@ -28,8 +29,7 @@ _STATUS = struct.Struct(">cQQQqB")
 _PG_EPOCH_OFFSET_US = 946_684_800_000_000  # 2000-01-01 in unix microseconds
 
 
-@dataclass(frozen=True, slots=True)
-class XLogData:
+class XLogData(NamedTuple):  # one per row change: a NamedTuple is the cheapest immutable value
     wal_start: int
     wal_end: int
     payload: bytes | memoryview
