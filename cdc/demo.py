@@ -1,5 +1,5 @@
 """``ct1-cdc demo``: a throwaway Postgres, the sample marketplace, capture, dispatch, two
-receivers (CT2, CT3) that verify every signature, and live traffic.
+receivers (CT2, CT3) that verify every signature, the HTTP API, and live traffic.
 
 Everything runs on loopback and stops by itself after ``duration`` seconds; the cluster
 and the outbox are removed at the end unless ``keep`` is set.
@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from aiohttp import web
 
+from api.app import FEED
 from cdc.app import build_capture
 from cdc.capture import ensure_slot
 from cdc.throwaway import create_cluster
@@ -95,10 +96,19 @@ async def _flow(
         ],
     )
     dispatcher = Dispatcher(settings)
-    capture = build_capture(settings, on_commit=dispatcher.notify)
+    api, api_url, key = await _start_api(settings)
+    feed = api.app[FEED]
+
+    def committed() -> None:
+        dispatcher.notify()
+        feed.notify()
+
+    capture = build_capture(settings, on_commit=committed)
     with psycopg.connect(dsn, autocommit=True) as conn:
         ensure_slot(conn, dsn, settings.source.slot, capture.mapping, capture.writer)
     echo(f"==> capture and dispatch running; CT2 at {receivers['ct2'].url}, CT3 at {receivers['ct3'].url}")
+    echo(f"==> HTTP API at {api_url} (demo key {key}), e.g.")
+    echo(f"    curl -H 'Authorization: Bearer {key}' '{api_url}/api/core-transaction-1/events?limit=5'")
     echo(f"==> live marketplace traffic for {duration:.0f} s:")
     stop = asyncio.Event()
     capture_task = asyncio.ensure_future(asyncio.to_thread(capture.run))
@@ -112,11 +122,13 @@ async def _flow(
                 await asyncio.to_thread(traffic.step)
                 await asyncio.sleep(1 / rate)
         await asyncio.sleep(2)  # let the last events arrive
+        await _show_api(api_url, key, echo)
     finally:
         capture.stop()
         stop.set()
         await asyncio.gather(capture_task, dispatch_task, return_exceptions=True)
         capture.writer.close()
+        await api.cleanup()
         for receiver in receivers.values():
             await receiver.stop()
     reader = store.connect(settings.outbox.path, readonly=True)
@@ -128,6 +140,47 @@ async def _flow(
         f"CT3 {receivers['ct3'].count}"
     )
     return {"events": stats["events"], "ct2": receivers["ct2"].count, "ct3": receivers["ct3"].count}
+
+
+async def _start_api(settings: Settings) -> tuple[web.AppRunner, str, str]:
+    """The API on a free loopback port, with a demo key that may do everything."""
+    from api import keys
+    from api.app import create_app
+
+    conn = store.open_outbox(settings.outbox.path)
+    key = keys.create(conn, "demo", [keys.EXPORT, keys.WEBHOOKS], []).key
+    conn.close()
+    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}", key
+
+
+async def _show_api(api_url: str, key: str, echo: Callable[[str], None]) -> None:
+    """What a CT2/CT3 client sees over HTTP after the traffic."""
+    import aiohttp
+
+    base = f"{api_url}/api/core-transaction-1"
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(f"{base}/events", params={"limit": "1000", "event_types": "order.*"}) as resp:
+            events = (await resp.json())["data"]
+        async with http.get(f"{base}/orders", params={"payment_status": "paid", "per_page": "1"}) as resp:
+            orders = (await resp.json())["data"]
+        async with http.get(f"{base}/analytics") as resp:
+            analytics = (await resp.json())["data"]
+    echo(f"==> API: GET /events?event_types=order.* gave {len(events)} events")
+    if orders:
+        order = orders[0]
+        echo(
+            f"==> API: GET /orders?status=shipped, first: order {order['id']} total {order['total']} {order['currency']}"
+        )
+    echo(
+        f"==> API: GET /analytics (last 30 days): GMV {analytics['gmv']}, {analytics['orders']} orders,"
+        f" conversion {analytics['conversion_rate']}"
+    )
 
 
 def run_demo(

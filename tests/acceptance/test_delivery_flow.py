@@ -105,6 +105,10 @@ def test_demo_shows_events_reaching_both_receivers_verified():
     out = result.stdout
     assert "CT2 <- evt_1 " in out and "CT3 <- evt_1 " in out
     assert "[signature ok]" in out and "REJECTED" not in out
+    assert "==> HTTP API at http://127.0.0.1:" in out and "curl -H 'Authorization: Bearer ct1_" in out
+    (events_line,) = [line for line in out.splitlines() if line.startswith("==> API: GET /events")]
+    assert int(events_line.split(" gave ")[1].split()[0]) > 0
+    assert "==> API: GET /analytics (last 30 days): GMV " in out
     summary = out.strip().splitlines()[-1]
     assert "'delivered'" in summary and "'pending'" not in summary and "'dead'" not in summary
 
