@@ -175,7 +175,8 @@ async def _show_api(api_url: str, key: str, echo: Callable[[str], None]) -> None
     if orders:
         order = orders[0]
         echo(
-            f"==> API: GET /orders?status=shipped, first: order {order['id']} total {order['total']} {order['currency']}"
+            f"==> API: GET /orders?payment_status=paid, first: order {order['id']},"
+            f" {order['status']}, total {order['total']} {order['currency']}"
         )
     echo(
         f"==> API: GET /analytics (last 30 days): GMV {analytics['gmv']}, {analytics['orders']} orders,"
