@@ -24,7 +24,7 @@ from dispatcher.probe import send_test
 from dispatcher.sender import Sender, check_url
 from dispatcher.worker import version
 from outbox import store
-from outbox.store import Q, Route, Router
+from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
 
 EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
@@ -111,29 +111,22 @@ class Webhooks:
         return _ok(await self.offload(self._status))
 
     def _status(self, conn: sqlite3.Connection) -> list[dict[str, Any]]:
-        now = time.time()
-        rows = conn.execute(Q["webhook_status"], {"hour": now - 3600, "day": now - 86400}).fetchall()
-        stored = {r[0]: r for r in rows}
         data = []
-        for name in sorted(set(self.endpoints) | set(stored)):
-            row = stored.get(name)
-            cfg = self.endpoints.get(name)
-            last = conn.execute(Q["last_attempt"], (name,)).fetchone()
-            if row is None:
-                row = (name, "active", 0, 0.0, 0, 0, 0, 0, 0, 0, 0)
-            _, state, failures, paused_until, pending, dead, delivered, n1, ok1, n24, ok24 = row
+        for row in store.endpoint_status(conn, self.endpoints, time.time()):
+            cfg = self.endpoints.get(row["name"])
+            (n1, ok1), (n24, ok24), last = row["attempts_1h"], row["attempts_24h"], row["last_attempt"]
             data.append(
                 {
-                    "system": name,
+                    "system": row["name"],
                     "url": cfg.url if cfg else None,
                     "enabled": bool(cfg and cfg.enabled),
                     "events": cfg.events if cfg else [],
-                    "state": state,
-                    "consecutive_failures": failures,
-                    "paused_until": iso(paused_until) if state == "paused" else None,
-                    "pending": pending,
-                    "dead": dead,
-                    "delivered": delivered,
+                    "state": row["state"],
+                    "consecutive_failures": row["failures"],
+                    "paused_until": iso(row["paused_until"]) if row["state"] == "paused" else None,
+                    "pending": row["pending"],
+                    "dead": row["dead"],
+                    "delivered": row["delivered"],
                     "success_rate_1h": _rate(ok1, n1),
                     "success_rate_24h": _rate(ok24, n24),
                     "attempts_1h": n1,

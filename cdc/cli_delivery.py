@@ -205,22 +205,22 @@ def endpoints_list(ctx: click.Context, as_json: bool) -> None:
     settings = settings_of(ctx)
     configured = {e.name: e for e in settings.endpoints}
     conn = store.connect(settings.outbox.path, readonly=True)
-    rows = {r[0]: r for r in conn.execute(D["list_endpoints"]).fetchall()}
-    for name in sorted(set(configured) | set(rows)):
-        _, state, failures, paused_until, pending, dead, last = rows.get(
-            name, (name, "active", 0, 0, 0, 0, None)
-        )
+    rows = store.endpoint_status(conn, configured, time.time())
+    conn.close()
+    for row in rows:
+        name, state, pending, dead = row["name"], row["state"], row["pending"], row["dead"]
+        last = row["last_attempt"]
         cfg = configured.get(name)
         item = {
             "name": name,
             "url": cfg.url if cfg else None,
             "enabled": bool(cfg and cfg.enabled),
             "state": state,
-            "failures": failures,
+            "failures": row["failures"],
             "pending": pending,
             "dead": dead,
-            "paused_until": _when(paused_until) if state == "paused" else None,
-            "last_attempt_at": _when(last),
+            "paused_until": _when(row["paused_until"]) if state == "paused" else None,
+            "last_attempt_at": _when(last[0] if last else None),
             "events": list(cfg.events) if cfg else [],
         }
         if as_json:

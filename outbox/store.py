@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,37 @@ def event_deliveries(conn: sqlite3.Connection, event_id: int) -> list[dict[str, 
     return [
         {"endpoint": e, "status": s, "attempts": a, "next_attempt_at": n} for e, s, a, n in cur.fetchall()
     ]
+
+
+def endpoint_status(conn: sqlite3.Connection, names: Iterable[str], now: float) -> list[dict[str, Any]]:
+    """Every endpoint configured (``names``) or known to the outbox, by name: its stored
+    state, deliveries by status, attempts and 2xx answers over the last hour and day,
+    and its last attempt (``attempted_at, event_id, status, duration_ms, error``)."""
+    states = {r[0]: r[1:] for r in conn.execute(Q["endpoint_states"])}
+    counts: dict[str, dict[str, int]] = {}
+    for endpoint, status, n in conn.execute(Q["stats_deliveries"]):
+        counts.setdefault(endpoint, {})[status] = n
+    hour = {e: (n, ok) for e, n, ok in conn.execute(Q["attempt_counts"], {"since": now - 3600})}
+    day = {e: (n, ok) for e, n, ok in conn.execute(Q["attempt_counts"], {"since": now - 86400})}
+    out = []
+    for name in sorted(set(names) | set(states)):
+        state, failures, paused_until = states.get(name, ("active", 0, 0.0))
+        by_status = counts.get(name, {})
+        out.append(
+            {
+                "name": name,
+                "state": state,
+                "failures": failures,
+                "paused_until": paused_until,
+                "pending": by_status.get("pending", 0),
+                "dead": by_status.get("dead", 0),
+                "delivered": by_status.get("delivered", 0),
+                "attempts_1h": hour.get(name, (0, 0)),
+                "attempts_24h": day.get(name, (0, 0)),
+                "last_attempt": conn.execute(Q["last_attempt"], (name,)).fetchone(),
+            }
+        )
+    return out
 
 
 def stats(conn: sqlite3.Connection) -> dict[str, Any]:

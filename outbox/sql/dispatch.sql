@@ -62,13 +62,6 @@ WHERE name = :name
 -- name: set_endpoint_secret
 UPDATE endpoints SET secret = ? WHERE name = ? AND secret IS NULL
 
--- name: list_endpoints
-SELECT e.name, e.state, e.failures, e.paused_until,
-       (SELECT count(*) FROM deliveries d WHERE d.endpoint = e.name AND d.status = 'pending') AS pending,
-       (SELECT count(*) FROM deliveries d WHERE d.endpoint = e.name AND d.status = 'dead') AS dead,
-       (SELECT max(attempted_at) FROM attempts a WHERE a.endpoint = e.name) AS last_attempt_at
-FROM endpoints e ORDER BY e.name
-
 -- name: list_deliveries
 SELECT d.endpoint, d.event_id, e.type, d.status, d.attempts, d.next_attempt_at, d.last_status, d.last_error
 FROM deliveries d JOIN events e ON e.id = d.event_id

@@ -60,21 +60,15 @@ SELECT endpoint, status, count(*) AS n FROM deliveries GROUP BY endpoint, status
 SELECT count(*) AS events, coalesce(max(id), 0) AS last_id, min(created_at) AS first_at, max(created_at) AS last_at
 FROM events
 
--- name: webhook_status
--- Per endpoint: state, queue sizes, success rates over 1 h and 24 h, the last attempt.
-SELECT e.name, e.state, e.failures, e.paused_until,
-       (SELECT count(*) FROM deliveries d WHERE d.endpoint = e.name AND d.status = 'pending') AS pending,
-       (SELECT count(*) FROM deliveries d WHERE d.endpoint = e.name AND d.status = 'dead') AS dead,
-       (SELECT count(*) FROM deliveries d WHERE d.endpoint = e.name AND d.status = 'delivered') AS delivered,
-       (SELECT count(*) FROM attempts a INDEXED BY attempts_time
-         WHERE a.attempted_at >= :hour AND a.endpoint = e.name) AS attempts_1h,
-       (SELECT count(*) FROM attempts a INDEXED BY attempts_time
-         WHERE a.attempted_at >= :hour AND a.endpoint = e.name AND a.status BETWEEN 200 AND 299) AS ok_1h,
-       (SELECT count(*) FROM attempts a INDEXED BY attempts_time
-         WHERE a.attempted_at >= :day AND a.endpoint = e.name) AS attempts_24h,
-       (SELECT count(*) FROM attempts a INDEXED BY attempts_time
-         WHERE a.attempted_at >= :day AND a.endpoint = e.name AND a.status BETWEEN 200 AND 299) AS ok_24h
-FROM endpoints e ORDER BY e.name
+-- name: endpoint_states
+SELECT name, state, failures, paused_until FROM endpoints ORDER BY name
+
+-- name: attempt_counts
+-- Attempts since :since per endpoint, and how many of them got a 2xx.
+SELECT endpoint, count(*), sum(status BETWEEN 200 AND 299)
+FROM attempts INDEXED BY attempts_time
+WHERE attempted_at >= :since
+GROUP BY endpoint
 
 -- name: last_attempt
 SELECT attempted_at, event_id, status, duration_ms, error
