@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ class Usage:
         self.path = path
         self.pending: dict[tuple[str, str], list[float]] = {}  # (key, route) -> [count, last]
         self._task: asyncio.Task[None] | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._writing = asyncio.Lock()  # one flush at a time uses the connection
 
     def count(self, key_id: str, route: str) -> None:
         entry = self.pending.get((key_id, route))
@@ -87,19 +90,18 @@ class Usage:
         batch, self.pending = self.pending, {}
         rows = [(k, r, int(n), last) for (k, r), (n, last) in batch.items()]
         try:
-            await asyncio.to_thread(self._write, store.dumps(rows))
+            async with self._writing:
+                await asyncio.to_thread(self._write, store.dumps(rows))
         except Exception as exc:  # counters are best effort; requests are never refused for them
             log.warning("api_usage_not_saved", error=str(exc), entries=len(rows))
 
     def _write(self, batch: str) -> None:
-        conn = store.open_outbox(self.path)
-        try:
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(K["add_usage"], {"batch": batch})
-                conn.execute(K["touch_keys"], {"batch": batch})
-        finally:
-            conn.close()
+        if self._conn is None:  # opened (and migrated) once, on the first flush
+            self._conn = store.open_outbox(self.path)
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(K["add_usage"], {"batch": batch})
+            self._conn.execute(K["touch_keys"], {"batch": batch})
 
     async def close(self) -> None:
         if self._task is not None:
@@ -107,3 +109,6 @@ class Usage:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.flush()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
