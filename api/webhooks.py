@@ -8,7 +8,6 @@ import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -18,6 +17,7 @@ from api.errors import ApiError
 from api.exports import Exports
 from api.keys import K
 from api.limits import Usage
+from cdc.decode import unix_to_iso
 from cdc.errors import ConfigError
 from config.settings import EndpointSettings, Settings
 from dispatcher.probe import send_test
@@ -32,7 +32,7 @@ MAX_SEND_BYTES = 64 * 1024
 
 
 def iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return None if ts is None else unix_to_iso(ts)
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:

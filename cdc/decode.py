@@ -227,6 +227,11 @@ _PLAIN_TYPES = frozenset(
 _CONVERTERS = _Converters()
 
 
+def unix_to_iso(seconds: float) -> str:
+    """Unix time as the ISO 8601 UTC text events use."""
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def normalize(value: Any) -> Any:
     """A value read with psycopg, in the form :func:`decode` gives the same column."""
     if value is None or isinstance(value, (bool, int, float, str, dict, list)):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import orjson
 
+from cdc.decode import unix_to_iso
 from config.settings import EndpointSettings
 from dispatcher import signing
 from dispatcher.sender import Sender
@@ -47,7 +47,7 @@ async def send_test(sender: Sender, endpoint: EndpointSettings, secret: str, ver
         {
             "id": None,
             "type": "webhook.test",
-            "timestamp": datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "timestamp": unix_to_iso(now),
             "data": {"object": "webhook_test", "system": endpoint.name, "message": "ct1-cdc test delivery"},
             "source": None,
         }
