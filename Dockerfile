@@ -1,14 +1,21 @@
-FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 ct1
-WORKDIR /app
-COPY pyproject.toml README.md ./
+# Build stage: a compiler for the wal2json row decoder (cdc/_wal2json.c), then a wheel.
+FROM python:3.11-slim AS build
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
 COPY cdc cdc
 COPY outbox outbox
 COPY dispatcher dispatcher
 COPY api api
 COPY config config
 COPY client client
-RUN pip install --no-cache-dir . && mkdir -p /app/var && chown ct1 /app/var
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+FROM python:3.11-slim
+RUN useradd --create-home --uid 10001 ct1
+WORKDIR /app
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels && mkdir -p /app/var && chown ct1 /app/var
 USER ct1
 # Inside a container the API listens on every interface of the container's own network
 # (the default elsewhere is loopback only); publish 8080 to reach it.

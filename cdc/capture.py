@@ -22,7 +22,7 @@ import psycopg.sql
 import structlog
 
 from cdc import source
-from cdc.decode import Begin, Commit, Message, RowChange, Truncate, decode, format_lsn, normalize
+from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, decode, format_lsn, normalize
 from cdc.errors import SetupError, SourceUnavailable
 from cdc.mapping import Mapping, apply
 from cdc.metrics import CAPTURE_LAG
@@ -181,7 +181,12 @@ class Capture:
             self._in_txn = None
             self._skip_txn = False
             stream.start(stored)
-            log.info("capture_started", slot=self.slot, lsn=format_lsn(stored))
+            log.info(
+                "capture_started",
+                slot=self.slot,
+                lsn=format_lsn(stored),
+                decoder="compiled" if COMPILED else "python",  # python: built without a C compiler
+            )
             self._stream_loop(conn, stream)
         except psycopg.OperationalError as exc:
             raise SourceUnavailable(f"source connection lost: {exc}") from exc

@@ -9,11 +9,12 @@ Columns that wal2json leaves out of an update (unchanged TOAST values) stay abse
 from __future__ import annotations
 
 import json
+import operator
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import orjson
 
@@ -103,13 +104,6 @@ _decoder = json.JSONDecoder(parse_float=_number_text)
 # Only messages holding such a column pay for the slower decoder that keeps literal text.
 _FLOAT_SAFE_DIGITS = 15
 _TYPMOD = re.compile(r"^(?:numeric|decimal)\((\d+)(?:,(\d+))?\)$")
-_NEEDS_LITERALS = re.compile(rb'"type":"(?:numeric|decimal)(?:"|\((?:1[6-9]|[2-9]\d|\d{3,})[,)])')
-
-
-def _loads(payload: bytes | memoryview) -> Any:
-    if _NEEDS_LITERALS.search(payload):
-        return _decoder.decode(bytes(payload).decode("utf-8"))
-    return orjson.loads(payload)
 
 
 def iso_utc(pg_timestamp: str) -> str:
@@ -180,10 +174,6 @@ def _float(value: Any) -> Any:
     return float(value) if isinstance(value, _NumberText) else value
 
 
-def _plain(value: Any) -> Any:
-    return str(value) if isinstance(value, _NumberText) else value
-
-
 class _Converters(dict[str, Any]):
     """Column type → converter (None for the many types taken as they are), cached."""
 
@@ -203,7 +193,7 @@ class _Converters(dict[str, Any]):
         elif ctype in _PLAIN_TYPES:
             conv = None
         else:
-            conv = _plain  # unknown types: never leak the literal marker class
+            conv = _float  # unknown types: a number is what orjson makes of it, whichever decoder ran
         self[ctype] = conv
         return conv
 
@@ -247,32 +237,107 @@ def normalize(value: Any) -> Any:
     return str(value)
 
 
-def _columns(items: list[dict[str, Any]] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _loads(payload: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        # orjson refuses a number past a double's range (a numeric of 309 digits or more)
+        return _decoder.decode(bytes(payload).decode("utf-8"))
+
+
+class _Plan(NamedTuple):
+    """What decoding a column list of one type signature takes: the positions whose
+    values need converting, and whether a number literal must be kept as text."""
+
+    steps: tuple[tuple[int, Any], ...]
+    literals: bool
+
+
+def _needs_literals(ctype: str) -> bool:
+    if ctype in ("numeric", "decimal"):
+        return True
+    scaled = _TYPMOD.match(ctype)
+    return scaled is not None and int(scaled.group(1)) > _FLOAT_SAFE_DIGITS
+
+
+class _Plans(dict[tuple[str, ...], _Plan]):
+    """Type signature of a column list → its plan.  A table's messages share one signature
+    (two with its identity), so the per-column work is done once, not once per row."""
+
+    def __missing__(self, types: tuple[str, ...]) -> _Plan:
+        if len(self) >= 4096:  # a schema changing without end: start over rather than grow
+            self.clear()
+        steps = tuple((i, _CONVERTERS[t]) for i, t in enumerate(types) if _CONVERTERS[t] is not None)
+        plan = self[types] = _Plan(steps, any(_needs_literals(t) for t in types))
+        return plan
+
+
+_PLANS = _Plans()
+_NO_PLAN = _Plan((), False)
+_name = operator.itemgetter("name")
+_type = operator.itemgetter("type")
+_value = operator.itemgetter("value")
+
+
+def _plan(items: list[dict[str, Any]] | None) -> _Plan:
+    return _PLANS[tuple(map(_type, items))] if items else _NO_PLAN
+
+
+def _columns(items: list[dict[str, Any]] | None, plan: _Plan) -> dict[str, Any]:
     if not items:
-        return out
-    converters = _CONVERTERS
-    for column in items:
-        conv = converters[column["type"]]
-        out[column["name"]] = column["value"] if conv is None else conv(column["value"])
-    return out
+        return {}
+    values = list(map(_value, items))
+    for i, conv in plan.steps:
+        values[i] = conv(values[i])
+    return dict(zip(map(_name, items), values, strict=True))
+
+
+def _row(action: str, obj: dict[str, Any], payload: bytes | memoryview) -> RowChange:
+    columns = obj.get("columns")
+    identity = obj.get("identity")
+    plan = _plan(columns)
+    old_plan = _plan(identity)
+    if plan.literals or old_plan.literals:
+        # a column a double cannot carry: parse again, keeping number literals as text
+        obj = _decoder.decode(bytes(payload).decode("utf-8"))
+        columns = obj.get("columns")
+        identity = obj.get("identity")
+    return RowChange(
+        _OPS[action],
+        f"{obj['schema']}.{obj['table']}",
+        obj["xid"],
+        obj["lsn"],
+        _columns(columns, plan),
+        _columns(identity, old_plan) if "identity" in obj else None,
+        tuple(map(_name, obj.get("pk") or ())),
+    )
 
 
 def decode(payload: bytes | memoryview | str) -> Decoded:
-    """Decode one wal2json v2 message.  Raises :class:`DecodeError` on anything else."""
+    """Decode one wal2json v2 message.  Raises :class:`DecodeError` on anything else.
+
+    Row changes go through the compiled decoder when it is built; whatever it leaves
+    (other actions, anything unusual or malformed) is decoded here in Python.
+    """
+    if _compiled is not None and not isinstance(payload, str):
+        try:
+            row = _compiled.decode_row(payload)
+        except ValueError:
+            row = None  # the Python path decides, and names what is wrong
+        if row is not None:
+            return cast(RowChange, row)
+    return decode_python(payload)
+
+
+def decode_python(payload: bytes | memoryview | str) -> Decoded:
+    """The reference decoder: every message, in Python."""
     try:
-        obj = _loads(payload.encode("utf-8") if isinstance(payload, str) else payload)
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        obj = _loads(payload)
         action = obj["action"]
         if action in _OPS:
-            return RowChange(
-                op=_OPS[action],
-                table=f"{obj['schema']}.{obj['table']}",
-                xid=obj["xid"],
-                lsn=obj["lsn"],
-                new=_columns(obj.get("columns")),
-                old=_columns(obj["identity"]) if "identity" in obj else None,
-                pk=tuple(p["name"] for p in obj.get("pk") or ()),
-            )
+            return _row(action, obj, payload)
         if action == "B" or action == "C":
             cls = Begin if action == "B" else Commit
             return cls(
@@ -297,3 +362,20 @@ def decode(payload: bytes | memoryview | str) -> Decoded:
     except (ValueError, KeyError, TypeError, UnicodeError, orjson.JSONDecodeError) as exc:
         raise DecodeError(f"malformed wal2json message: {exc}") from None
     raise DecodeError(f"unknown wal2json action {obj.get('action')!r}")
+
+
+def _convert(ctype: str, value: Any) -> Any:
+    """The compiled decoder's way back for the types it leaves to Python."""
+    conv = _CONVERTERS[ctype]
+    return value if conv is None else conv(value)
+
+
+_compiled: Any
+try:
+    from cdc import _wal2json as _compiled
+except ImportError:  # built without a C compiler: Python decodes everything
+    _compiled = None
+else:
+    _compiled.setup(RowChange, _convert)
+
+COMPILED = _compiled is not None  # for logs and tests

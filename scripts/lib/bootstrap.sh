@@ -1,7 +1,7 @@
 # Sourced by scripts/demo and scripts/test: makes a fresh Debian machine ready.
 #  - Debian packages: a PostgreSQL server and its wal2json plugin, when missing
 #  - a virtualenv in .venv with ct1-cdc and its test dependencies, refreshed when
-#    pyproject.toml changes
+#    pyproject.toml, setup.py or the compiled decoder's source changes
 # Nothing here downloads anything but Debian and Python packages.
 
 as_root() {
@@ -44,7 +44,7 @@ ensure_venv() {
     fi
     local stamp=.venv/.ct1-installed
     local want
-    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    want=$(cat pyproject.toml setup.py cdc/_wal2json.c | sha256sum | cut -d' ' -f1)  # the build's inputs
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "==> installing ct1-cdc and its dependencies into .venv" >&2
         .venv/bin/python -m pip install -q --upgrade pip >&2

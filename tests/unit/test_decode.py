@@ -170,6 +170,8 @@ def _numeric_row(ctype: str, literal: str) -> bytes:
         ("numeric(30,10)", "12345678901234567890.0123456789"),
         ("numeric", "0.1000"),
         ("numeric(5)", "12345"),
+        ("numeric", "1" + "0" * 400),  # past a double's range
+        ("numeric(1000,0)", "-" + "9" * 999),
     ],
 )
 def test_numeric_text_is_exact_for_every_precision(ctype, literal):

@@ -1,0 +1,14 @@
+"""Only the compiled part of the build; everything else is in pyproject.toml.
+
+``cdc._wal2json`` decodes wal2json row messages on capture's hot path.  It is optional:
+without a C compiler the install still succeeds and ``cdc.decode`` does the same work in
+Python (slower; ``ct1-cdc run`` logs which one it uses).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension("cdc._wal2json", ["cdc/_wal2json.c"], optional=True, extra_compile_args=["-O2"]),
+    ]
+)
