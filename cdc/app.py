@@ -15,6 +15,7 @@ from cdc.errors import ConfigError
 from cdc.mapping import Mapping, load_mapping
 from config.settings import Settings
 from dispatcher.worker import Dispatcher
+from outbox.checkpointer import Checkpointer
 from outbox.store import Route, Router, open_outbox
 from outbox.writer import OutboxWriter
 
@@ -56,7 +57,8 @@ def build_capture(
 ) -> Capture:
     mapping = mapping or load_mapping(settings.mapping.file)
     conn = open_outbox(settings.outbox.path)
-    return Capture(settings, mapping, OutboxWriter(conn, router_for(settings)), on_commit=on_commit)
+    writer = OutboxWriter(conn, router_for(settings), checkpointer=Checkpointer(settings.outbox.path))
+    return Capture(settings, mapping, writer, on_commit=on_commit)
 
 
 async def run(settings: Settings, roles: Sequence[str]) -> None:

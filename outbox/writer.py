@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from cdc.metrics import EVENTS_APPENDED
+from outbox.checkpointer import Checkpointer
 from outbox.store import Q, Router, dumps
 
 CHUNK = 1000
@@ -34,9 +35,19 @@ class OutboxWriter:
     :meth:`commit` with the end LSN of the last one.  :meth:`rollback` forgets everything
     not yet committed."""
 
-    def __init__(self, conn: sqlite3.Connection, router: Router) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, router: Router, *, checkpointer: Checkpointer | None = None
+    ) -> None:
         self.conn = conn
         self.router = router
+        # Every delivery is inserted from the event row it names, in the same transaction:
+        # the foreign-key lookup per delivery would only check what the INSERT ... SELECT
+        # guarantees.
+        conn.execute("PRAGMA foreign_keys=OFF")
+        self.checkpointer = checkpointer
+        if checkpointer is not None:  # WAL checkpoints on its thread, never inside our commits
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            checkpointer.start()
         self.durable_lsn = 0  # checkpoint of the last commit (what may be confirmed)
         self.last_event_id = 0  # id of the last event committed or written
         self.pending = 0  # events added since the last commit
@@ -137,6 +148,8 @@ class OutboxWriter:
     def close(self) -> None:
         if self._in_txn:
             self.rollback()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         self.conn.close()
 
     @property

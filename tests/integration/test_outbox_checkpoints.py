@@ -1,0 +1,78 @@
+"""Capture's writer leaves WAL checkpoints to the checkpointer thread: its commits never
+copy the WAL back, yet the WAL file stays small and every event reaches the main file."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from outbox import store
+from outbox.checkpointer import Checkpointer
+from outbox.store import Route, Router
+from outbox.writer import OutboxWriter
+
+PAD = "x" * 2000  # ~2 KB per event: 1,000 events are ~500 pages of WAL
+
+
+def _append(writer: OutboxWriter, start: int, n: int) -> None:
+    for i in range(start, start + n):
+        writer.add(
+            "order.created",
+            "order",
+            i,
+            {"object": "order", "id": i, "record": {"id": i, "pad": PAD}, "previous": None},
+            "2026-11-25T00:00:00.000000Z",
+            "public.orders",
+            "insert",
+            "0/1",
+            1,
+        )
+
+
+def _wal_bytes(path) -> int:
+    wal = path.with_name(path.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_checkpoints_run_beside_the_writer_and_keep_the_wal_small(tmp_path):
+    path = tmp_path / "outbox.db"
+    checkpointer = Checkpointer(path, interval=0.01)
+    writer = OutboxWriter(store.open_outbox(path), Router([Route("ct2", ("*",))]), checkpointer=checkpointer)
+    assert writer.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    batches, per = 20, 1000
+    largest_wal = 0
+    try:
+        for b in range(batches):
+            _append(writer, b * per, per)
+            writer.commit("test", b + 1)
+            before = checkpointer.checkpoints
+            deadline = time.monotonic() + 10
+            while checkpointer.checkpoints < before + 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            largest_wal = max(largest_wal, _wal_bytes(path))
+        # the WAL was copied back and reused: it never held more than a few batches,
+        # although 20 batches of ~2 MB went through it
+        total = batches * per * len(PAD)
+        assert checkpointer.checkpoints >= batches
+        assert largest_wal < total / 4, (largest_wal, total)
+        # stopping runs a last checkpoint: then the main file alone holds every event
+        checkpointer.stop()
+        main_only = tmp_path / "copy.db"
+        main_only.write_bytes(path.read_bytes())
+        with sqlite3.connect(main_only) as conn:
+            copied = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        assert copied == batches * per
+    finally:
+        writer.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == batches * per
+        assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == batches * per
+
+
+def test_without_a_checkpointer_sqlite_checkpoints_as_usual(tmp_path):
+    path = tmp_path / "outbox.db"
+    writer = OutboxWriter(store.open_outbox(path), Router([Route("ct2", ("*",))]))
+    try:
+        assert writer.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    finally:
+        writer.close()
