@@ -44,15 +44,20 @@ class Keepalive:
 Frame = XLogData | Keepalive
 
 
+_W = ord("w")
+_K = ord("k")
+_PAYLOAD_AT = 1 + _XLOG.size
+
+
 def parse_frame(buf: bytes | memoryview) -> Frame:
-    kind = bytes(buf[:1])
-    if kind == b"w":
+    kind = buf[0] if len(buf) else -1
+    if kind == _W:
         start, end, _sent = _XLOG.unpack_from(buf, 1)
-        return XLogData(start, end, buf[_XLOG.size + 1 :])  # a view: no copy of the payload
-    if kind == b"k":
+        return XLogData(start, end, buf[_PAYLOAD_AT:])  # a view: no copy of the payload
+    if kind == _K:
         end, _sent, reply = _KEEPALIVE.unpack_from(buf, 1)
         return Keepalive(end, bool(reply))
-    raise SourceUnavailable(f"unexpected replication message type {kind!r}")
+    raise SourceUnavailable(f"unexpected replication message type {bytes(buf[:1])!r}")
 
 
 def status_update(
@@ -110,6 +115,9 @@ class ReplicationStream:
     def read(self, timeout: float) -> Frame | None:
         """The next frame, or None if none arrived within ``timeout`` seconds."""
         pg = self._pg
+        nbytes, data = pg.get_copy_data(1)
+        if nbytes > 0:  # under load the next frame is nearly always buffered already
+            return parse_frame(data)
         deadline = time.monotonic() + timeout
         while True:
             nbytes, data = pg.get_copy_data(1)
