@@ -1,5 +1,6 @@
 # Sourced by scripts/demo and scripts/test: makes a fresh Debian machine ready.
-#  - Debian packages: a PostgreSQL server and its wal2json plugin, when missing
+#  - Debian packages: a PostgreSQL server and its wal2json plugin, when missing; a C
+#    compiler and Python's headers for capture's compiled decoder
 #  - a virtualenv in .venv with ct1-cdc and its test dependencies, refreshed when
 #    pyproject.toml, setup.py or the compiled decoder's source changes
 # Nothing here downloads anything but Debian and Python packages.
@@ -36,6 +37,19 @@ ensure_debian_packages() {
     fi
 }
 
+# A C compiler and Python's headers build cdc/_wal2json.c, capture's compiled decoder
+# (without them the install still works, and capture decodes in Python, ~4x slower).
+ensure_compiler() {
+    local py=${PYTHON:-python3} include
+    if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
+        apt_install gcc libc6-dev || echo "ct1-cdc: no C compiler: capture will decode in Python" >&2
+    fi
+    include=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    if [ ! -f "$include/Python.h" ]; then
+        apt_install python3-dev || echo "ct1-cdc: no Python headers: capture will decode in Python" >&2
+    fi
+}
+
 ensure_venv() {
     local py=${PYTHON:-python3}
     if [ ! -x .venv/bin/python ]; then
@@ -54,4 +68,5 @@ ensure_venv() {
 }
 
 ensure_debian_packages
+ensure_compiler
 ensure_venv

@@ -1,0 +1,166 @@
+"""Where capture's CPU goes, per stage, without the socket: a breakdown to go with
+bench/capture.py.
+
+    .venv/bin/python bench/capture_stages.py [--rows 100000] [--repeat 3]
+
+The backlog of bench/capture.py is written to a throwaway cluster and its wal2json
+messages are read once from a slot into memory.  They are then replayed, in this
+process, through each stage on its own and through the whole capture handler with the
+outbox writer (a fresh SQLite outbox, two endpoints, group commits as `ct1-cdc run` makes
+them), timed with ``time.process_time``; best of ``--repeat``.  The Python reference
+decoder is timed on the same messages as the baseline of the compiled one.  The last line
+is JSON; ``ratio`` = Python decoder time / compiled decoder time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from capture import current_lsn, write_backlog  # noqa: E402
+
+from cdc import decode as decoding  # noqa: E402
+from cdc.app import build_capture, tune_gc  # noqa: E402
+from cdc.capture import wal2json_options  # noqa: E402
+from cdc.decode import RowChange  # noqa: E402
+from cdc.mapping import apply, load_mapping  # noqa: E402
+from cdc.stream import ReplicationStream, XLogData  # noqa: E402
+from cdc.throwaway import create_cluster  # noqa: E402
+from config import sample  # noqa: E402
+from config.settings import Settings  # noqa: E402
+
+
+def capture_messages(rows: int, work: Path) -> list[bytes]:
+    cluster = create_cluster(work / "pg")
+    try:
+        small = sample.Volume(customers=100, sellers=2, products=50, orders=10, reviews=10, views=10, carts=5)
+        dsn, _ = cluster.sample_database("bench", small)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
+            conn.execute("SELECT pg_create_logical_replication_slot('stages', 'wal2json')")
+        print(f"writing a backlog of {rows} row changes ...", file=sys.stderr)
+        write_backlog(dsn, rows)
+        end = current_lsn(dsn)
+        stream = ReplicationStream(dsn, "stages", wal2json_options(Settings(source={"dsn": dsn})))
+        stream.start(0)
+        messages: list[bytes] = []
+        try:
+            while True:
+                frame = stream.read(timeout=5.0)
+                if frame is None:
+                    raise TimeoutError("the slot stopped before the end of the backlog")
+                if isinstance(frame, XLogData):
+                    messages.append(bytes(frame.payload))
+                    if frame.wal_end >= end:
+                        break
+                elif frame.wal_end >= end:
+                    break
+        finally:
+            stream.close()
+        return messages
+    finally:
+        cluster.destroy()
+
+
+def best_of(repeat: int, fn: Callable[[], object]) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.process_time()
+        fn()
+        best = min(best, time.process_time() - started)
+    return best
+
+
+def replay(messages: list[bytes], outbox: Path) -> float:
+    """The capture handler and the outbox writer over every message; CPU seconds."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{outbox}{suffix}").unlink(missing_ok=True)
+    settings = Settings(
+        source={"dsn": "postgresql:///unused", "slot": "stages"},
+        outbox={"path": str(outbox)},
+        mapping={"file": str(ROOT / "config" / "mapping.toml")},
+    )
+    capture = build_capture(settings)
+    batch_s = settings.outbox.batch_max_ms / 1000
+    try:
+        handle, should_commit = capture._handle, capture._should_commit
+        started = time.process_time()
+        for payload in messages:
+            handle(None, XLogData(0, 0, memoryview(payload)))  # type: ignore[arg-type]
+            if should_commit(batch_s):
+                capture._commit()
+        capture._commit()
+        return time.process_time() - started
+    finally:
+        capture.writer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    if not decoding.COMPILED:
+        sys.exit("cdc._wal2json is not built: reinstall with a C compiler (pip install -e .)")
+
+    work = Path(tempfile.mkdtemp(prefix="ct1-stages-"))
+    work.chmod(0o711)
+    try:
+        messages = capture_messages(args.rows, work)
+        n = len(messages)
+        views = [memoryview(m) for m in messages]
+        tune_gc()
+        mapping = load_mapping(str(ROOT / "config" / "mapping.toml"))
+
+        def decode_all(fn: Callable[[memoryview], object]) -> Callable[[], None]:
+            def run() -> None:
+                for view in views:
+                    fn(view)
+
+            return run
+
+        compiled = best_of(args.repeat, decode_all(decoding.decode))
+        python = best_of(args.repeat, decode_all(decoding.decode_python))
+        changes = [c for c in map(decoding.decode, views) if isinstance(c, RowChange)]
+
+        def map_all() -> None:
+            for change in changes:
+                apply(mapping, change.table, change)
+
+        mapped = best_of(args.repeat, map_all)
+        whole = min(replay(messages, work / "outbox.db") for _ in range(args.repeat))
+        us = {
+            "decode_compiled": compiled,
+            "decode_python": python,
+            "mapping": mapped,
+            "handler_and_outbox": whole,
+        }
+        for stage, seconds in us.items():
+            print(f"{stage:20s} {seconds / n * 1e6:6.2f} µs per message", file=sys.stderr)
+        result = {
+            "bench": "capture_stages",
+            "messages": n,
+            **{f"{stage}_us": round(seconds / n * 1e6, 2) for stage, seconds in us.items()},
+            "ratio": round(python / compiled, 2),
+        }
+        print(json.dumps(result))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
