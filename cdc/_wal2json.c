@@ -20,6 +20,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -452,7 +453,7 @@ static PyObject *column_value(Cursor *c, const char *type, Py_ssize_t tlen, int 
             if (text == NULL) return NULL;
             v = PyFloat_FromString(text);
             Py_DECREF(text);
-            if (v != NULL && !Py_IS_FINITE(PyFloat_AS_DOUBLE(v))) {
+            if (v != NULL && !isfinite(PyFloat_AS_DOUBLE(v))) {
                 Py_DECREF(v);
                 fail("number past a double's range");
                 return NULL;

@@ -1,4 +1,8 @@
-"""wal2json v2 decoding: exact numeric text, unicode, TOAST-absent columns, LSNs."""
+"""wal2json v2 decoding: exact numeric text, unicode, TOAST-absent columns, LSNs.
+
+Every test runs twice: with the compiled row decoder (when built) and with the Python
+decoder alone.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cdc import decode as decoding
 from cdc.decode import Begin, Commit, Message, RowChange, Truncate, decode, format_lsn, iso_utc, parse_lsn
 from cdc.errors import DecodeError
+
+
+@pytest.fixture(scope="module", autouse=True, params=["compiled", "python"])
+def decoder(request):
+    if request.param == "compiled" and not decoding.COMPILED:
+        pytest.skip("cdc._wal2json is not built")
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "python":
+            patch.setattr(decoding, "_compiled", None)
+        yield request.param
 
 
 def _row(action: str, columns: list[dict[str, object]] | None, identity=None, pk=("id",)) -> bytes:
