@@ -468,62 +468,90 @@ static PyObject *column_value(Cursor *c, const char *type, Py_ssize_t tlen, int 
 
 #define KEY_IS(k, n, lit) ((n) == (Py_ssize_t)sizeof(lit) - 1 && memcmp((k), (lit), sizeof(lit) - 1) == 0)
 
-/* One {"name":..,"type":..,"value":..} into out[name]. */
-static int parse_column(Cursor *c, PyObject *out) {
-    if (expect(c, '{') < 0) return -1;
-    const char *type = NULL, *value_at = NULL;
-    Py_ssize_t tlen = 0;
-    PyObject *name = NULL;
+/* -- walking objects and arrays ---------------------------------------------------------- */
+
+/* The next member of an object whose '{' is consumed: 1 with its key (the cursor then at
+ * the value), 0 at the closing brace, -1 on error.  *first starts at 1. */
+static int next_key(Cursor *c, int *first, const char **key, Py_ssize_t *klen) {
     skip_ws(c);
     if (c->p < c->end && *c->p == '}') {
         c->p++;
-        return fail("column without a name");
+        return 0;
+    }
+    if (!*first && expect(c, ',') < 0) return -1;
+    *first = 0;
+    int escaped;
+    if (string_span(c, key, klen, &escaped) < 0 || expect(c, ':') < 0) return -1;
+    if (escaped) return fail("escaped key left to the Python decoder");
+    skip_ws(c);
+    return 1;
+}
+
+/* [item, ...] or null, each item parsed by `item` into `acc`. */
+static int parse_array(Cursor *c, int (*item)(Cursor *, PyObject *), PyObject *acc) {
+    skip_ws(c);
+    if (c->end - c->p >= 4 && memcmp(c->p, "null", 4) == 0) {
+        c->p += 4;
+        return 0;
+    }
+    if (expect(c, '[') < 0) return -1;
+    skip_ws(c);
+    if (c->p < c->end && *c->p == ']') {
+        c->p++;
+        return 0;
     }
     for (;;) {
-        const char *k;
-        Py_ssize_t kl;
-        int ke;
-        if (string_span(c, &k, &kl, &ke) < 0 || expect(c, ':') < 0) goto error;
-        if (ke) {
-            fail("escaped key left to the Python decoder");
-            goto error;
+        if (item(c, acc) < 0) return -1;
+        skip_ws(c);
+        if (c->p < c->end && *c->p == ',') {
+            c->p++;
+            continue;
         }
-        if (KEY_IS(k, kl, "name")) {
-            const char *s;
-            Py_ssize_t n;
-            int e;
-            if (string_span(c, &s, &n, &e) < 0) goto error;
-            Py_XDECREF(name);
-            name = cached_string(s, n, e);
-            if (name == NULL) goto error;
-        } else if (KEY_IS(k, kl, "type")) {
+        return expect(c, ']');
+    }
+}
+
+/* -- the parts of a row message ---------------------------------------------------------- */
+
+/* A "name" member's string into *name (replacing one seen before: the last one counts). */
+static int read_name(Cursor *c, PyObject **name) {
+    const char *s;
+    Py_ssize_t n;
+    int escaped;
+    if (string_span(c, &s, &n, &escaped) < 0) return -1;
+    Py_XSETREF(*name, cached_string(s, n, escaped));
+    return *name == NULL ? -1 : 0;
+}
+
+/* One {"name":..,"type":..,"value":..} into out[name]. */
+static int parse_column(Cursor *c, PyObject *out) {
+    const char *type = NULL, *value_at = NULL, *key;
+    Py_ssize_t tlen = 0, klen;
+    PyObject *name = NULL;
+    int first = 1, more;
+    if (expect(c, '{') < 0) return -1;
+    while ((more = next_key(c, &first, &key, &klen)) == 1) {
+        if (KEY_IS(key, klen, "name")) {
+            if (read_name(c, &name) < 0) goto error;
+        } else if (KEY_IS(key, klen, "type")) {
             int e;
             if (string_span(c, &type, &tlen, &e) < 0) goto error;
             if (e) {
                 fail("escaped type left to the Python decoder");
                 goto error;
             }
-        } else if (KEY_IS(k, kl, "value")) {
-            skip_ws(c);
-            value_at = c->p;
+        } else {
+            if (KEY_IS(key, klen, "value")) value_at = c->p;
             if (skip_value(c, 0) < 0) goto error;
-        } else if (skip_value(c, 0) < 0) {
-            goto error;
         }
-        skip_ws(c);
-        if (c->p < c->end && *c->p == ',') {
-            c->p++;
-            continue;
-        }
-        if (expect(c, '}') < 0) goto error;
-        break;
     }
+    if (more < 0) goto error;
     if (name == NULL || type == NULL || value_at == NULL) {
         fail("column without name, type or value");
         goto error;
     }
-    Cursor vc = {value_at, c->end};
-    PyObject *value = column_value(&vc, type, tlen, classify(type, tlen));
+    Cursor at = {value_at, c->end};
+    PyObject *value = column_value(&at, type, tlen, classify(type, tlen));
     if (value == NULL) goto error;
     int rc = PyDict_SetItem(out, name, value);
     Py_DECREF(value);
@@ -534,116 +562,68 @@ error:
     return -1;
 }
 
-/* [column, ...] or null -> a new dict. */
-static PyObject *parse_columns(Cursor *c) {
-    PyObject *out = PyDict_New();
-    if (out == NULL) return NULL;
-    skip_ws(c);
-    if (c->end - c->p >= 4 && memcmp(c->p, "null", 4) == 0) {
-        c->p += 4;
-        return out;
-    }
-    if (expect(c, '[') < 0) goto error;
-    skip_ws(c);
-    if (c->p < c->end && *c->p == ']') {
-        c->p++;
-        return out;
-    }
-    for (;;) {
-        if (parse_column(c, out) < 0) goto error;
-        skip_ws(c);
-        if (c->p < c->end && *c->p == ',') {
-            c->p++;
-            continue;
+/* One {"name":..,"type":..} of "pk": its name appended to `names`. */
+static int parse_pk_column(Cursor *c, PyObject *names) {
+    const char *key;
+    Py_ssize_t klen;
+    PyObject *name = NULL;
+    int first = 1, more;
+    if (expect(c, '{') < 0) return -1;
+    while ((more = next_key(c, &first, &key, &klen)) == 1) {
+        if (KEY_IS(key, klen, "name")) {
+            if (read_name(c, &name) < 0) goto error;
+        } else if (skip_value(c, 0) < 0) {
+            goto error;
         }
-        if (expect(c, ']') < 0) goto error;
-        return out;
     }
+    if (more < 0) goto error;
+    if (name == NULL) {
+        fail("primary key column without a name");
+        goto error;
+    }
+    int rc = PyList_Append(names, name);
+    Py_DECREF(name);
+    return rc;
 error:
-    Py_DECREF(out);
-    return NULL;
+    Py_XDECREF(name);
+    return -1;
 }
 
-/* [{"name":..}, ...] or null -> a tuple of the names. */
+static PyObject *parse_columns(Cursor *c) {
+    PyObject *out = PyDict_New();
+    if (out != NULL && parse_array(c, parse_column, out) < 0) Py_CLEAR(out);
+    return out;
+}
+
 static PyObject *parse_pk(Cursor *c) {
     PyObject *names = PyList_New(0);
     if (names == NULL) return NULL;
-    skip_ws(c);
-    if (c->end - c->p >= 4 && memcmp(c->p, "null", 4) == 0) {
-        c->p += 4;
-        goto done;
-    }
-    if (expect(c, '[') < 0) goto error;
-    skip_ws(c);
-    if (c->p < c->end && *c->p == ']') {
-        c->p++;
-        goto done;
-    }
-    for (;;) {
-        if (expect(c, '{') < 0) goto error;
-        PyObject *name = NULL;
-        for (;;) {
-            const char *k;
-            Py_ssize_t kl;
-            int ke;
-            if (string_span(c, &k, &kl, &ke) < 0 || expect(c, ':') < 0) {
-                Py_XDECREF(name);
-                goto error;
-            }
-            if (ke) {
-                Py_XDECREF(name);
-                fail("escaped key left to the Python decoder");
-                goto error;
-            }
-            if (KEY_IS(k, kl, "name")) {
-                const char *s;
-                Py_ssize_t n;
-                int e;
-                if (string_span(c, &s, &n, &e) < 0) {
-                    Py_XDECREF(name);
-                    goto error;
-                }
-                Py_XDECREF(name);
-                name = cached_string(s, n, e);
-                if (name == NULL) goto error;
-            } else if (skip_value(c, 0) < 0) {
-                Py_XDECREF(name);
-                goto error;
-            }
-            skip_ws(c);
-            if (c->p < c->end && *c->p == ',') {
-                c->p++;
-                continue;
-            }
-            if (expect(c, '}') < 0) {
-                Py_XDECREF(name);
-                goto error;
-            }
-            break;
-        }
-        if (name == NULL) {
-            fail("primary key column without a name");
-            goto error;
-        }
-        int rc = PyList_Append(names, name);
-        Py_DECREF(name);
-        if (rc < 0) goto error;
-        skip_ws(c);
-        if (c->p < c->end && *c->p == ',') {
-            c->p++;
-            continue;
-        }
-        if (expect(c, ']') < 0) goto error;
-        break;
-    }
-done: {
-    PyObject *tuple = PyList_AsTuple(names);
+    PyObject *tuple = parse_array(c, parse_pk_column, names) < 0 ? NULL : PyList_AsTuple(names);
     Py_DECREF(names);
     return tuple;
 }
-error:
-    Py_DECREF(names);
-    return NULL;
+
+/* "schema.table", through the cache when both are short and plain. */
+static PyObject *table_name(const char *schema, Py_ssize_t slen, int sesc, const char *table, Py_ssize_t tlen,
+                            int tesc) {
+    if (!sesc && !tesc && slen + tlen + 1 <= CACHE_MAX_LEN) {
+        char joined[CACHE_MAX_LEN];
+        memcpy(joined, schema, (size_t)slen);
+        joined[slen] = '.';
+        memcpy(joined + slen + 1, table, (size_t)tlen);
+        return cached_string(joined, slen + 1 + tlen, 0);
+    }
+    PyObject *s = string_value(schema, slen, sesc);
+    if (s == NULL) return NULL;
+    PyObject *t = string_value(table, tlen, tesc);
+    if (t == NULL) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    PyObject *joined = PyUnicode_FromFormat("%U.%U", s, t);
+    Py_DECREF(s);
+    Py_DECREF(t);
+    return joined;
 }
 
 static PyObject *decode_row(PyObject *self, PyObject *arg) {
@@ -658,82 +638,62 @@ static PyObject *decode_row(PyObject *self, PyObject *arg) {
     Py_ssize_t size = view.len;
     static const char prefix[] = "{\"action\":\"";
     const Py_ssize_t plen = sizeof(prefix) - 1;
-    if (size < plen + 2 || memcmp(data, prefix, (size_t)plen) != 0 || data[plen + 1] != '"') {
-        PyBuffer_Release(&view);
-        Py_RETURN_NONE;
+    PyObject *op = NULL;
+    if (size >= plen + 2 && memcmp(data, prefix, (size_t)plen) == 0 && data[plen + 1] == '"') {
+        op = data[plen] == 'I' ? OpInsert : data[plen] == 'U' ? OpUpdate : data[plen] == 'D' ? OpDelete : NULL;
     }
-    PyObject *op;
-    switch (data[plen]) {
-    case 'I': op = OpInsert; break;
-    case 'U': op = OpUpdate; break;
-    case 'D': op = OpDelete; break;
-    default:
+    if (op == NULL) { /* not a row change, or not written the way wal2json writes one */
         PyBuffer_Release(&view);
         Py_RETURN_NONE;
     }
     Cursor c = {data + plen + 2, data + size};
-    PyObject *xid = NULL, *lsn = NULL, *schema = NULL, *table = NULL;
-    PyObject *new = NULL, *old = NULL, *pk = NULL, *result = NULL;
-    const char *schema_raw = NULL, *table_raw = NULL;
-    Py_ssize_t schema_len = 0, table_len = 0;
-    int schema_esc = 0, table_esc = 0;
-    for (;;) {
-        skip_ws(&c);
-        if (c.p < c.end && *c.p == '}') {
-            c.p++;
-            break;
-        }
-        if (expect(&c, ',') < 0) goto done;
-        const char *k;
-        Py_ssize_t kl;
-        int ke;
-        if (string_span(&c, &k, &kl, &ke) < 0 || expect(&c, ':') < 0) goto done;
-        if (ke) {
-            fail("escaped key left to the Python decoder");
-            goto done;
-        }
-        skip_ws(&c);
-        if (KEY_IS(k, kl, "xid")) {
+    PyObject *xid = NULL, *lsn = NULL, *table = NULL, *new = NULL, *old = NULL, *pk = NULL, *result = NULL;
+    const char *schema_raw = NULL, *table_raw = NULL, *key;
+    Py_ssize_t schema_len = 0, table_len = 0, klen;
+    int schema_esc = 0, table_esc = 0, first = 0, more;
+    while ((more = next_key(&c, &first, &key, &klen)) == 1) {
+        if (KEY_IS(key, klen, "xid")) {
             const char *s;
             Py_ssize_t n;
             int integral;
+            char buf[24];
             if (number_span(&c, &s, &n, &integral) < 0) goto done;
             if (!integral || n > 20) {
                 fail("xid left to the Python decoder");
                 goto done;
             }
-            char buf[24];
             memcpy(buf, s, (size_t)n);
             buf[n] = '\0';
             Py_XSETREF(xid, PyLong_FromString(buf, NULL, 10));
             if (xid == NULL) goto done;
-        } else if (KEY_IS(k, kl, "lsn")) {
+        } else if (KEY_IS(key, klen, "lsn")) {
             const char *s;
             Py_ssize_t n;
             int e;
             if (string_span(&c, &s, &n, &e) < 0) goto done;
             Py_XSETREF(lsn, string_value(s, n, e));
             if (lsn == NULL) goto done;
-        } else if (KEY_IS(k, kl, "schema")) {
+        } else if (KEY_IS(key, klen, "schema")) {
             if (string_span(&c, &schema_raw, &schema_len, &schema_esc) < 0) goto done;
-        } else if (KEY_IS(k, kl, "table")) {
+        } else if (KEY_IS(key, klen, "table")) {
             if (string_span(&c, &table_raw, &table_len, &table_esc) < 0) goto done;
-        } else if (KEY_IS(k, kl, "columns")) {
+        } else if (KEY_IS(key, klen, "columns")) {
             Py_XSETREF(new, parse_columns(&c));
             if (new == NULL) goto done;
-        } else if (KEY_IS(k, kl, "identity")) {
+        } else if (KEY_IS(key, klen, "identity")) {
             Py_XSETREF(old, parse_columns(&c));
             if (old == NULL) goto done;
-        } else if (KEY_IS(k, kl, "action")) {
-            fail("repeated action left to the Python decoder");
-            goto done;
-        } else if (KEY_IS(k, kl, "pk")) {
+        } else if (KEY_IS(key, klen, "pk")) {
             Py_XSETREF(pk, parse_pk(&c));
             if (pk == NULL) goto done;
+        } else if (KEY_IS(key, klen, "action")) {
+            fail("repeated action left to the Python decoder");
+            goto done;
         } else if (skip_value(&c, 0) < 0) {
             goto done;
         }
     }
+    if (more < 0) goto done;
     skip_ws(&c);
     if (c.p != c.end) {
         fail("trailing data after the message");
@@ -743,38 +703,21 @@ static PyObject *decode_row(PyObject *self, PyObject *arg) {
         fail("row message without xid, lsn, schema or table");
         goto done;
     }
-    /* "schema.table" through the cache, keyed by both raw names */
-    if (!schema_esc && !table_esc && schema_len + table_len + 1 <= CACHE_MAX_LEN) {
-        char joined[CACHE_MAX_LEN];
-        memcpy(joined, schema_raw, (size_t)schema_len);
-        joined[schema_len] = '.';
-        memcpy(joined + schema_len + 1, table_raw, (size_t)table_len);
-        table = cached_string(joined, schema_len + 1 + table_len, 0);
-    } else {
-        schema = string_value(schema_raw, schema_len, schema_esc);
-        if (schema == NULL) goto done;
-        PyObject *name = string_value(table_raw, table_len, table_esc);
-        if (name == NULL) goto done;
-        table = PyUnicode_FromFormat("%U.%U", schema, name);
-        Py_DECREF(name);
-    }
+    table = table_name(schema_raw, schema_len, schema_esc, table_raw, table_len, table_esc);
     if (table == NULL) goto done;
     if (new == NULL && (new = PyDict_New()) == NULL) goto done;
     if (pk == NULL && (pk = PyTuple_New(0)) == NULL) goto done;
-    {
-        PyObject *fields = PyTuple_Pack(7, op, table, xid, lsn, new, old ? old : Py_None, pk);
-        if (fields == NULL) goto done;
-        PyObject *args = PyTuple_Pack(1, fields);
-        Py_DECREF(fields);
-        if (args == NULL) goto done;
-        result = PyTuple_Type.tp_new((PyTypeObject *)RowChangeType, args, NULL);
-        Py_DECREF(args);
-    }
+    PyObject *fields = PyTuple_Pack(7, op, table, xid, lsn, new, old ? old : Py_None, pk);
+    if (fields == NULL) goto done;
+    PyObject *args = PyTuple_Pack(1, fields);
+    Py_DECREF(fields);
+    if (args == NULL) goto done;
+    result = PyTuple_Type.tp_new((PyTypeObject *)RowChangeType, args, NULL); /* RowChange(*fields) */
+    Py_DECREF(args);
 done:
     PyBuffer_Release(&view);
     Py_XDECREF(xid);
     Py_XDECREF(lsn);
-    Py_XDECREF(schema);
     Py_XDECREF(table);
     Py_XDECREF(new);
     Py_XDECREF(old);
