@@ -29,6 +29,9 @@ class OutboxError(Ct1Error):
 
 
 PAGE_SIZE = 16384
+# After a checkpoint has copied everything back, the next write truncates a WAL file larger
+# than this (a million-row source transaction leaves gigabytes otherwise, for good).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -49,6 +52,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
             # docs/benchmarks.md).  An existing file keeps its page size.
             conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=10000")
         conn.execute("PRAGMA foreign_keys=ON")

@@ -29,6 +29,14 @@ def _append(writer: OutboxWriter, start: int, n: int) -> None:
         )
 
 
+def _wait_for_checkpoints(checkpointer: Checkpointer, rounds: int) -> None:
+    target = checkpointer.checkpoints + rounds
+    deadline = time.monotonic() + 10
+    while checkpointer.checkpoints < target:
+        assert time.monotonic() < deadline, "the checkpointer stopped checkpointing"
+        time.sleep(0.005)
+
+
 def _wal_bytes(path) -> int:
     wal = path.with_name(path.name + "-wal")
     return wal.stat().st_size if wal.exists() else 0
@@ -45,10 +53,7 @@ def test_checkpoints_run_beside_the_writer_and_keep_the_wal_small(tmp_path):
         for b in range(batches):
             _append(writer, b * per, per)
             writer.commit("test", b + 1)
-            before = checkpointer.checkpoints
-            deadline = time.monotonic() + 10
-            while checkpointer.checkpoints < before + 2 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            _wait_for_checkpoints(checkpointer, 2)
             largest_wal = max(largest_wal, _wal_bytes(path))
         # the WAL was copied back and reused: it never held more than a few batches,
         # although 20 batches of ~2 MB went through it
@@ -76,3 +81,22 @@ def test_without_a_checkpointer_sqlite_checkpoints_as_usual(tmp_path):
         assert writer.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
     finally:
         writer.close()
+
+
+def test_a_huge_transaction_does_not_leave_a_huge_wal_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "WAL_SIZE_LIMIT", 4 * 1024 * 1024)
+    path = tmp_path / "outbox.db"
+    checkpointer = Checkpointer(path, interval=0.01)
+    writer = OutboxWriter(store.open_outbox(path), Router([Route("ct2", ("*",))]), checkpointer=checkpointer)
+    try:
+        _append(writer, 0, 10_000)  # one source transaction of ~20 MB: one SQLite transaction
+        writer.commit("test", 1)
+        assert _wal_bytes(path) > 16 * 1024 * 1024
+        _wait_for_checkpoints(checkpointer, 2)
+        _append(writer, 10_000, 10)  # the next commit starts the WAL over, cut to the limit
+        writer.commit("test", 2)
+        assert _wal_bytes(path) <= 4 * 1024 * 1024
+    finally:
+        writer.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 10_010
