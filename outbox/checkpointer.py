@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import structlog
@@ -27,7 +28,10 @@ class Checkpointer:
     def __init__(self, path: str | Path, interval: float = 0.2) -> None:
         self.path = Path(path)
         self.interval = interval
-        self.checkpoints = 0  # completed calls (for tests and stats)
+        self.checkpoints = 0  # completed rounds
+        self.failures = 0  # failed rounds (each is retried at the next)
+        self._failing_since: float | None = None
+        self._last_warning = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -37,25 +41,45 @@ class Checkpointer:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop after one last round, so the main file holds everything committed."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
 
     def _run(self) -> None:
-        conn = connect(self.path)
+        conn: sqlite3.Connection | None = None
         try:
             while True:
                 stopping = self._stop.wait(self.interval)
-                self.checkpoint(conn)
+                try:
+                    if conn is None:
+                        conn = connect(self.path)
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except Exception as exc:  # busy, I/O, disk full: this thread must not die
+                    self._failed(exc)
+                else:
+                    self._succeeded()
                 if stopping:
                     return
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
-    def checkpoint(self, conn: sqlite3.Connection) -> None:
-        try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self.checkpoints += 1
-        except sqlite3.Error as exc:  # busy or I/O: the next round tries again
-            log.warning("outbox_checkpoint_failed", error=str(exc))
+    def _succeeded(self) -> None:
+        self.checkpoints += 1
+        if self._failing_since is not None:
+            log.info(
+                "outbox_checkpoint_recovered", failed_seconds=round(time.monotonic() - self._failing_since, 1)
+            )
+            self._failing_since = None
+
+    def _failed(self, exc: Exception) -> None:
+        """Warn at the first failure and then once a minute, not every round."""
+        self.failures += 1
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._last_warning >= 60:
+            self._last_warning = now
+            log.warning("outbox_checkpoint_failed", error=str(exc), failures=self.failures)

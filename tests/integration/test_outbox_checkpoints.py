@@ -100,3 +100,21 @@ def test_a_huge_transaction_does_not_leave_a_huge_wal_file(tmp_path, monkeypatch
         writer.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 10_010
+
+
+def test_a_failing_checkpointer_keeps_trying_and_recovers(tmp_path):
+    blocker = tmp_path / "var"
+    blocker.write_text("a file where the outbox folder should be")
+    checkpointer = Checkpointer(blocker / "outbox.db", interval=0.01)
+    checkpointer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while checkpointer.failures < 3:
+            assert time.monotonic() < deadline, "no failed round reported"
+            time.sleep(0.005)
+        assert checkpointer.checkpoints == 0
+        blocker.unlink()  # the folder can now be made: the next round succeeds
+        _wait_for_checkpoints(checkpointer, 1)
+    finally:
+        checkpointer.stop()
+    assert (blocker / "outbox.db").exists()
