@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdc.capture import wal2json_options  # noqa: E402
-from cdc.decode import parse_lsn  # noqa: E402
+from cdc.decode import COMPILED, parse_lsn  # noqa: E402
 from cdc.throwaway import Cluster, create_cluster  # noqa: E402
 from config import sample  # noqa: E402
 from config.settings import Settings  # noqa: E402
@@ -227,6 +227,7 @@ def main() -> None:
             "big_txn_rows": args.big_rows,
             "big_txn_seconds": None if big_secs is None else round(big_secs, 1),
             "big_txn_peak_rss_mb": big_rss_mb,
+            "decoder": "compiled" if COMPILED else "python",
             "ratio": round(med_ct1 / med_recv, 3),
         }
         print(json.dumps(result))
