@@ -1,6 +1,7 @@
-"""The compiled decoder built with AddressSanitizer and UndefinedBehaviorSanitizer, then
-run on generated and damaged wal2json messages: any out-of-bounds read, use after free or
-undefined behaviour in cdc/_wal2json.c aborts the run."""
+"""The compiled decoder built with AddressSanitizer and UndefinedBehaviorSanitizer (and
+every gcc warning an error), then run on generated and damaged wal2json messages: any
+out-of-bounds read, use after free or undefined behaviour in cdc/_wal2json.c aborts the
+run."""
 
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ def test_the_compiled_decoder_is_clean_under_sanitizers(tmp_path):
             "-fsanitize=address,undefined",
             "-fno-omit-frame-pointer",
             "-fno-sanitize-recover=all",
+            "-Wall",
+            "-Wextra",
+            "-Werror",  # a warning in the C file fails the suite too
             "-fPIC",
             "-shared",
             f"-I{sysconfig.get_paths()['include']}",
