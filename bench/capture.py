@@ -40,6 +40,15 @@ CLI = str(Path(sys.executable).parent / "ct1-cdc")
 BATCH = 50  # row changes per source transaction in the backlog
 
 
+def backlog_source(cluster: Cluster) -> str:
+    """The sample marketplace the backlog is written to (orders under REPLICA IDENTITY FULL)."""
+    small = sample.Volume(customers=100, sellers=2, products=50, orders=10, reviews=10, views=10, carts=5)
+    dsn, _ = cluster.sample_database("bench", small)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
+    return dsn
+
+
 def write_backlog(dsn: str, rows: int) -> int:
     """Row changes: 1/2 product_views inserts, 1/4 order inserts, 1/4 order status updates."""
     txns = rows // BATCH
@@ -150,10 +159,8 @@ def main() -> None:
     work.chmod(0o711)
     cluster = create_cluster(work / "pg", settings={"max_wal_size": "'4GB'"})
     try:
-        small = sample.Volume(customers=100, sellers=2, products=50, orders=10, reviews=10, views=10, carts=5)
-        dsn, _ = cluster.sample_database("bench", small)
+        dsn = backlog_source(cluster)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
             for r in range(args.rounds):
                 for tool in ("recv", "ct1"):
                     conn.execute(

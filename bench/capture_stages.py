@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from capture import current_lsn, write_backlog  # noqa: E402
+from capture import backlog_source, current_lsn, write_backlog  # noqa: E402
 
 from cdc import decode as decoding  # noqa: E402
 from cdc.app import build_capture, tune_gc  # noqa: E402
@@ -38,17 +38,14 @@ from cdc.decode import RowChange  # noqa: E402
 from cdc.mapping import apply, load_mapping  # noqa: E402
 from cdc.stream import ReplicationStream, XLogData  # noqa: E402
 from cdc.throwaway import create_cluster  # noqa: E402
-from config import sample  # noqa: E402
 from config.settings import Settings  # noqa: E402
 
 
 def capture_messages(rows: int, work: Path) -> list[bytes]:
     cluster = create_cluster(work / "pg")
     try:
-        small = sample.Volume(customers=100, sellers=2, products=50, orders=10, reviews=10, views=10, carts=5)
-        dsn, _ = cluster.sample_database("bench", small)
+        dsn = backlog_source(cluster)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
             conn.execute("SELECT pg_create_logical_replication_slot('stages', 'wal2json')")
         print(f"writing a backlog of {rows} row changes ...", file=sys.stderr)
         write_backlog(dsn, rows)
