@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import gc
+import os
 import signal
-from collections.abc import Callable, Sequence
-from typing import Any
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import structlog
+from aiohttp import web
 
+from cdc import source
 from cdc.capture import Capture
-from cdc.errors import ConfigError
+from cdc.errors import ConfigError, Ct1Error, SetupError, SourceUnavailable
 from cdc.mapping import Mapping, load_mapping
 from config.settings import Settings
 from dispatcher.worker import Dispatcher
 from outbox.checkpointer import Checkpointer
-from outbox.store import Route, Router, open_outbox
+from outbox.store import OutboxError, Route, Router, open_outbox
 from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.run")
@@ -61,17 +68,38 @@ def build_capture(
     return Capture(settings, mapping, writer, on_commit=on_commit)
 
 
-async def run(settings: Settings, roles: Sequence[str]) -> None:
-    """Run the chosen roles on one loop until SIGINT/SIGTERM or a stage fails."""
+# How long `run` may take to stop once told to (SIGTERM, SIGINT, a role failing), whatever
+# a socket is doing: past it the process ends anyway (the CLI asks for this).
+STOP_SECONDS = 9.0
+# How long capture may take to notice a stop before its thread is left behind.
+CAPTURE_STOP_SECONDS = 5.0
+
+T = TypeVar("T")
+
+
+async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | None = None) -> None:
+    """Run the chosen roles on one loop until SIGINT/SIGTERM or a role fails.
+
+    Every role starts or none does: the outbox is opened, the API port bound and the
+    source reached before any role runs, so a role that cannot start fails the run with
+    one line naming it, and nothing has been captured.  With ``exit_within``, the process
+    ends at most that many seconds after the run begins to stop, even if a thread hangs.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    deadline = ExitDeadline(exit_within)
+
+    def stop_requested(sig: signal.Signals) -> None:
+        deadline.arm()
+        if not stop.is_set():
+            log.info("stop_requested", signal=sig.name)
+            stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_requested, sig)
     dispatcher = Dispatcher(settings) if "dispatch" in roles else None
     app = None
     if "api" in roles:
-        from aiohttp import web
-
         from api.app import FEED, create_app
 
         app = create_app(settings)
@@ -82,34 +110,184 @@ async def run(settings: Settings, roles: Sequence[str]) -> None:
         for listener in listeners:
             listener()
 
-    capture = build_capture(settings, on_commit=committed) if "capture" in roles else None
-    tasks: list[asyncio.Future[Any]] = []
-    if capture is not None:
-        tasks.append(asyncio.ensure_future(asyncio.to_thread(capture.run)))
-    if dispatcher is not None:
-        tasks.append(asyncio.ensure_future(dispatcher.run(stop)))
-    runner = None
-    if app is not None:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
-        await runner.setup()
-        await web.TCPSite(runner, settings.api.host, settings.api.port).start()
-        log.info("api_listening", host=settings.api.host, port=settings.api.port)
-    tune_gc()  # after startup: what it built stays out of every collection
-    log.info("run_started", roles=list(roles))
-    waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    capture: Capture | None = None
+    runner: web.AppRunner | None = None
+    running: dict[asyncio.Future[Any], str] = {}
+    failed: BaseException | None = None
     try:
-        await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.set()
-        if capture is not None:
-            capture.stop()
+        check_outbox(settings.outbox.path)  # every role writes it
+        if app is not None:
+            runner = await listen(app, settings.api.host, settings.api.port)
+        if "capture" in roles:
+            probe = in_thread(functools.partial(probe_source, settings.source.dsn), "source-probe")
+            if not await until_stopped(stop, probe):
+                return  # stopped while starting: nothing ran
+            capture = build_capture(settings, on_commit=committed)
+            running[in_thread(capture.run, "capture")] = "capture"
+        if dispatcher is not None:
+            running[asyncio.ensure_future(dispatcher.run(stop))] = "dispatch"
+        tune_gc()  # after startup: what it built stays out of every collection
+        log.info("run_started", roles=list(roles))
+        waiter = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait([waiter, *running], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        if capture is not None:
-            capture.writer.close()
-        if runner is not None:
-            await runner.cleanup()
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+        for role in done - {waiter}:
+            failed = role.exception() or Ct1Error(f"{running[role]} stopped on its own")
+            log.error("role_failed", role=running[role], error=str(failed))
+            break
+    finally:
+        deadline.arm()
+        stop.set()
+        await stop_roles(capture, running, runner)
+    for role in running:
+        error = None if not role.done() or role.cancelled() else role.exception()
+        failed = failed or error
+    if failed is not None:
+        raise failed
     log.info("run_stopped")
+
+
+def check_outbox(path: str) -> None:
+    """Open (create, migrate) the outbox for writing, or fail with one line naming it."""
+    try:
+        open_outbox(path).close()
+    except OutboxError as exc:
+        raise OutboxError(f"outbox: cannot open {path}: {exc.__cause__ or exc}") from exc
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):  # mkdir of a parent that is a file
+            reason = f"{exc.filename} is not a directory"
+        else:
+            reason = f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"
+        raise OutboxError(f"outbox: cannot open {path}: {reason}") from exc
+
+
+async def listen(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start the API and bind its port, or fail with one line naming host:port."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        if isinstance(exc, socket.gaierror) or not exc.errno:
+            reason = str(exc.strerror or exc)
+        else:  # asyncio's message repeats the address; the errno is what matters
+            reason = os.strerror(exc.errno)
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise SetupError(f"api: cannot listen on {where}: {reason.lower()}") from exc
+    log.info("api_listening", host=host, port=port)
+    return runner
+
+
+def probe_source(dsn: str) -> None:
+    """Capture's rule at start: the source must accept a connection, or the run fails.
+
+    A source lost after the start is retried with backoff instead (Capture.run): a
+    restarted Postgres must not end the process, a wrong DSN must not keep it waiting.
+    """
+    try:
+        source.connect(dsn).close()
+    except SourceUnavailable as exc:
+        cause = exc.__cause__ or exc
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise SourceUnavailable(
+            f"capture: cannot connect to the source: {reason}: check source.dsn / CT1_SOURCE__DSN"
+        ) from exc
+
+
+def in_thread(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
+    """Run ``fn`` in a daemon thread of its own; the future settles with its outcome.
+
+    Not the loop's default executor: ``asyncio.run`` and the interpreter wait for those
+    threads at exit, so one blocked on a silent socket would keep the process alive.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled: nobody waits any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = fn()
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the run is over
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future
+
+
+async def until_stopped(stop: asyncio.Event, future: asyncio.Future[Any]) -> bool:
+    """Wait for ``future`` (raising its error) unless a stop comes first: then False."""
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([waiter, future], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if not future.done():
+        future.cancel()
+        return False
+    future.result()
+    return True
+
+
+async def stop_roles(
+    capture: Capture | None, running: dict[asyncio.Future[Any], str], runner: web.AppRunner | None
+) -> None:
+    """Stop every role at once; each has its own bound (see STOP_SECONDS)."""
+
+    async def capture_stopped(thread: asyncio.Future[Any]) -> None:
+        assert capture is not None
+        capture.stop()
+        await asyncio.wait([thread], timeout=CAPTURE_STOP_SECONDS)
+        if not thread.done():
+            # Capture is blocked (a source that accepts and never answers, a hung read):
+            # leave its daemon thread behind, it ends with the process.  Nothing is lost:
+            # each group of source transactions is committed to SQLite atomically with its
+            # checkpoint, and only committed positions were confirmed to Postgres, so what
+            # the thread held uncommitted is rolled back by SQLite and sent again by the
+            # slot at the next start, exactly as after kill -9.
+            log.warning("capture_abandoned", waited_seconds=CAPTURE_STOP_SECONDS)
+            return
+        capture.writer.close()
+
+    steps: list[Awaitable[Any]] = []
+    for role, name in running.items():
+        steps.append(capture_stopped(role) if name == "capture" else asyncio.wait([role]))
+    if runner is not None:
+        steps.append(runner.cleanup())
+    for outcome in await asyncio.gather(*steps, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            log.error("role_stop_failed", error=str(outcome))
+
+
+class ExitDeadline:
+    """Ends the process ``seconds`` after :meth:`arm`, unless it has ended by then.
+
+    The last resort once stopping: a thread stuck on a socket or waiting for an SQLite
+    lock that the abandoned capture thread holds would otherwise keep the interpreter
+    from exiting.  With ``seconds`` None it does nothing (the run is not the process).
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        if self.seconds is None or self._timer is not None:
+            return
+        self._timer = threading.Timer(self.seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        stuck = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
+        log.error("stop_forced", seconds=self.seconds, threads=stuck)
+        os._exit(1)

@@ -304,12 +304,15 @@ def store_secrets(conn: Any, settings: Settings) -> dict[str, str]:
 @click.pass_context
 @handled
 def run(ctx: click.Context, roles: str | None) -> None:
-    """Run the sidecar until SIGINT/SIGTERM."""
+    """Run the sidecar until SIGINT/SIGTERM (then gone within 10 s).
+
+    Exits 0 after a requested stop, 1 with one line when a role cannot start or fails.
+    """
     from cdc import app
 
     settings = settings_of(ctx)
     chosen = app.parse_roles(roles)
-    asyncio.run(app.run(settings, chosen))
+    asyncio.run(app.run(settings, chosen, exit_within=app.STOP_SECONDS))
 
 
 # -- outbox ---------------------------------------------------------------------------------

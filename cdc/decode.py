@@ -3,6 +3,9 @@
 One wal2json v2 message is one JSON object: ``B``/``C`` frame a transaction, ``I``/``U``/``D``
 carry one row, ``T`` a truncate and ``M`` a logical message.  Numeric values arrive as JSON
 number literals: we keep the literal's text so money never becomes a binary float.
+``json``/``jsonb`` values arrive as a JSON string holding the value's text: they stay that
+text, as a :class:`~cdc.jsontext.JsonText` that is written out as the JSON itself, so no
+number inside them is rounded and no depth is too deep.
 Columns that wal2json leaves out of an update (unchanged TOAST values) stay absent.
 """
 
@@ -19,6 +22,7 @@ from typing import Any, NamedTuple, cast
 import orjson
 
 from cdc.errors import DecodeError
+from cdc.jsontext import JsonText
 
 # -- LSNs -------------------------------------------------------------------------------
 
@@ -141,12 +145,10 @@ def _timestamptz(value: Any) -> Any:
 
 
 def _json(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
+    # wal2json quotes every json/jsonb value: its text is Postgres's own output, valid JSON.
+    # Kept unparsed: a receiver gets the very JSON Postgres holds (integers past 64 bits,
+    # any depth), and capture never pays for a parse.
+    return JsonText(value) if isinstance(value, str) else value
 
 
 def _numeric(value: Any) -> Any:

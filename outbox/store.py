@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from cdc import jsontext
 from cdc.errors import Ct1Error
 from outbox import sqlfile
 
@@ -130,7 +129,9 @@ class Router:
 
 
 def dumps(value: Any) -> str:
-    return orjson.dumps(value).decode("utf-8")
+    """JSON text of anything the outbox stores: lossless (integers past 64 bits, any
+    depth, json/jsonb columns as the JSON Postgres holds; see cdc.jsontext)."""
+    return jsontext.dumps(value).decode("utf-8")
 
 
 # -- reads ----------------------------------------------------------------------------------

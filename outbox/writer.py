@@ -20,14 +20,18 @@ import time
 from collections import Counter
 from typing import Any
 
-import orjson
-
+from cdc.jsontext import JsonText, loads
+from cdc.jsontext import dumps as json_bytes
 from cdc.metrics import EVENTS_APPENDED
 from outbox.checkpointer import Checkpointer
 from outbox.store import Q, Router, dumps
 
 CHUNK = 1000
 SHADOW_BUFFER = 10_000  # shadow rows kept in memory before they go to SQLite
+# In a stored shadow row: the columns whose values are json/jsonb text (JsonText), stored
+# as strings so that reading the shadow back never parses them (any depth, any number).
+# A column name never holds a NUL, so this key cannot be a column's.
+SHADOW_JSON_COLUMNS = "\x00json"
 
 
 class OutboxWriter:
@@ -74,7 +78,7 @@ class OutboxWriter:
         events = self._events
         key = None if entity_id is None else str(entity_id)
         events.append(
-            (type, object, key, occurred_at, orjson.dumps(data).decode(), table, op, lsn, xid, time.time())
+            (type, object, key, occurred_at, json_bytes(data).decode(), table, op, lsn, xid, time.time())
         )
         self.pending += 1
         if len(events) >= CHUNK:
@@ -89,7 +93,7 @@ class OutboxWriter:
         if (table, key) in self._shadow:
             return self._shadow[(table, key)]
         row = self.conn.execute(Q["get_shadow"], (table, key)).fetchone()
-        return None if row is None else dict(orjson.loads(row[0]))
+        return None if row is None else shadow_values(row[0])
 
     def shadow_put(self, table: str, key: str, values: dict[str, Any]) -> None:
         self._shadow[(table, key)] = values
@@ -105,7 +109,7 @@ class OutboxWriter:
         if not self._shadow:
             return
         self._begin()
-        puts = [(t, k, dumps(v)) for (t, k), v in self._shadow.items() if v is not None]
+        puts = [(t, k, shadow_text(v)) for (t, k), v in self._shadow.items() if v is not None]
         deletes = [(t, k) for (t, k), v in self._shadow.items() if v is None]
         if puts:
             self.conn.executemany(Q["put_shadow"], puts)
@@ -128,6 +132,12 @@ class OutboxWriter:
         self.pending = 0
         if slot is not None:
             self.durable_lsn = lsn
+
+    def execute_in_commit(self, statement: str, params: tuple[Any, ...]) -> None:
+        """Run one outbox statement inside the current group commit: it becomes durable
+        with the events and the checkpoint, or not at all (e.g. recording a skip)."""
+        self._begin()
+        self.conn.execute(statement, params)
 
     def rollback(self) -> None:
         self._events.clear()
@@ -185,3 +195,20 @@ class OutboxWriter:
                 {"endpoint": endpoint, "first": first, "last": last, "types": dumps(types)},
             )
         self.last_event_id = last
+
+
+def shadow_text(values: dict[str, Any]) -> str:
+    """A shadow row as stored: JSON, json/jsonb values as strings of their text."""
+    json_columns = [c for c, v in values.items() if isinstance(v, JsonText)]
+    if json_columns:
+        values = {c: str.__str__(v) if isinstance(v, JsonText) else v for c, v in values.items()}
+        values[SHADOW_JSON_COLUMNS] = json_columns
+    return dumps(values)
+
+
+def shadow_values(text: str) -> dict[str, Any]:
+    """A stored shadow row back as the values capture compares (numbers exact)."""
+    values: dict[str, Any] = loads(text)
+    for column in values.pop(SHADOW_JSON_COLUMNS, ()):
+        values[column] = JsonText(values[column])
+    return values
