@@ -33,7 +33,7 @@ from cdc.mapping import Mapping, load_mapping
 from cdc.metrics import API_REQUESTS, CAPTURE_LAG, REGISTRY, OutboxCollector
 from config.settings import Settings
 from dispatcher.worker import version
-from outbox import store
+from outbox import source_state, store
 
 BASE = "/api/core-transaction-1"
 FEED: web.AppKey[Feed] = web.AppKey("feed", Feed)
@@ -202,14 +202,20 @@ class Api:
         return _json({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """Ready when the source answers, the slot is healthy and the outbox is writable."""
+        """Ready when the source answers, the slot is healthy and the outbox is writable;
+        ``degraded`` (still 200) while capture reports mapping rules broken by DDL."""
         checks = {
             "source": await self.exports.check_source(),
             "slot": await self.exports.check_slot(self.settings.source.slot),
             "outbox": await asyncio.to_thread(self._outbox_writable),
         }
         ready = all(c["ok"] for c in checks.values())
-        return _json({"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503)
+        # Rules that capture found broken (DDL while running): the process still serves and
+        # captures everything else, so it stays ready, but says so ("degraded").
+        problems = await self.offload(source_state.problems_of)
+        checks["mapping"] = {"ok": not problems, "problems": problems}
+        status = "not_ready" if not ready else "degraded" if problems else "ready"
+        return _json({"status": status, "checks": checks}, 200 if ready else 503)
 
     def _outbox_writable(self) -> dict[str, Any]:
         try:

@@ -23,11 +23,13 @@ import structlog
 
 from cdc import source
 from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, decode, format_lsn, normalize
-from cdc.errors import SetupError, SourceUnavailable
-from cdc.mapping import Mapping, apply
+from cdc.errors import CaptureError, Ct1Error, DecodeError, SetupError, SourceUnavailable
+from cdc.mapping import Mapping, apply, truncate_drafts
 from cdc.metrics import CAPTURE_LAG
+from cdc.schema import Problem, check_mapping
 from cdc.stream import Keepalive, ReplicationStream, XLogData
 from config.settings import Settings
+from outbox import source_state
 from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.capture")
@@ -84,7 +86,7 @@ def ensure_slot(
                 query = psycopg.sql.SQL("SELECT {}, {} FROM {}").format(
                     psycopg.sql.Identifier(key),
                     psycopg.sql.SQL(", ").join(psycopg.sql.Identifier(c) for c in cols),
-                    source.table_ident(table),
+                    source.table_ident(*mapping.parts(table)),
                 )
                 for row in source.read_at_snapshot(dsn, snapshot, query):
                     values = {c: normalize(v) for c, v in zip(cols, row[1:], strict=True)}
@@ -134,6 +136,20 @@ class Capture:
         self._parents: dict[str, str] = {}
         self._shadowed: set[str] = set()
         self._warned_no_pk: set[str] = set()
+        self._started = False  # a first session got going: later ones report, never refuse
+        self._problems: dict[tuple[str, str, int | None, str], Problem] = {}
+        self._problems_stored = True  # whether the outbox holds self._problems
+        self._columns: dict[str, frozenset[str]] = {}  # each mapped table's columns, last read
+        self._referenced = {
+            t: frozenset(c for r in rules if r.on != {"truncate"} for _, c in r.columns())
+            for t, rules in mapping.by_table.items()
+        }
+        self._recheck_at = 0.0  # when a change hinted at DDL: re-read the catalog then
+        self._skips: set[int] = set()  # xids an operator asked to skip
+        self._skipping: Begin | None = None  # the requested skip in progress
+        self._skipped_changes = 0
+        self._truncated: dict[str, list[str]] = {}  # root table → relations, of one TRUNCATE
+        self._truncate_lsn = 0
         # per session
         self._resume = 0  # checkpoint stored in the outbox when the session started
         self._position = 0  # end of the last fully processed transaction or message
@@ -180,6 +196,9 @@ class Capture:
             self._resume = self._position = self._submitted = stored
             self._in_txn = None
             self._skip_txn = False
+            self._skipping = None
+            self._truncated = {}
+            self._skips = source_state.pending_skips(self.writer.conn)
             stream.start(stored)
             log.info(
                 "capture_started",
@@ -187,6 +206,7 @@ class Capture:
                 lsn=format_lsn(stored),
                 decoder="compiled" if COMPILED else "python",  # python: built without a C compiler
             )
+            self._started = True
             self._stream_loop(conn, stream)
         except psycopg.OperationalError as exc:
             raise SourceUnavailable(f"source connection lost: {exc}") from exc
@@ -195,6 +215,15 @@ class Capture:
             conn.close()
 
     def _prepare(self, conn: source.Conn) -> None:
+        if not self._started:  # what setup checks, in its order: the source first
+            failed = [c for c in source.run_checks(conn, self.slot) if not c.ok]
+            if failed:
+                raise SetupError(f"{failed[0].name} check failed ({failed[0].detail}); fix: {failed[0].fix}")
+        problems = self._read_schema(conn)
+        if problems and not self._started:
+            more = f" (and {len(problems) - 1} more: `ct1-cdc setup` lists them)" if len(problems) > 1 else ""
+            raise SetupError(f"mapping does not fit the source: {problems[0].line()}{more}")
+        self._report(problems)
         self._shadowed = shadow_tables(conn, self.mapping)
         if self._shadowed:
             log.info("shadow_tables", tables=sorted(self._shadowed))
@@ -243,7 +272,13 @@ class Capture:
                 next_heartbeat = now + cfg.heartbeat_seconds
             if now >= next_slot_check:
                 self._check_slot(conn)
+                self._report(self._read_schema(conn))
                 next_slot_check = now + cfg.slot_check_seconds
+            elif self._recheck_at and now >= self._recheck_at:
+                self._report(self._read_schema(conn))
+            if not self._problems_stored and not self.writer.in_transaction:
+                source_state.set_problems(self.writer.conn, [p.as_dict() for p in self._problems.values()])
+                self._problems_stored = True
         if self._in_txn is None and self._has_uncommitted():
             self._commit()
         self._confirm(stream)
@@ -264,17 +299,37 @@ class Capture:
         return time.monotonic() - self._first_pending >= batch_s
 
     def _handle(self, conn: source.Conn, frame: XLogData) -> None:
-        msg = decode(frame.payload)
+        try:
+            msg = decode(frame.payload)
+        except DecodeError as exc:
+            if self._skip_txn:
+                return  # inside a transaction we pass by anyway
+            raise self._stopped_by(exc, None, frame.wal_start) from exc
+        if self._truncated and not isinstance(msg, Truncate):
+            self._flush_truncates()
         if isinstance(msg, RowChange):
-            if not self._skip_txn:
+            if self._skip_txn:
+                self._skipped_changes += 1
+                return
+            try:
                 self._row(conn, msg)
+            except (Ct1Error, psycopg.Error):
+                raise
+            except Exception as exc:  # a value or a rule we did not foresee: say where, and how past it
+                raise self._stopped_by(exc, msg, frame.wal_start) from exc
         elif isinstance(msg, Begin):
             self._in_txn = msg
             self._skip_txn = msg.end_lsn <= self._resume
+            if not self._skip_txn and msg.xid in self._skips:
+                self._skip_txn = True
+                self._skipping = msg
+                self._skipped_changes = 0
             if not self._has_uncommitted():
                 self._first_pending = time.monotonic()
         elif isinstance(msg, Commit):
-            if self._skip_txn:
+            if self._skipping is not None:
+                self._skip_requested(msg)
+            elif self._skip_txn:
                 self.stats.skipped_transactions += 1
             else:
                 self.stats.transactions += 1
@@ -290,6 +345,85 @@ class Capture:
                 self._idle_lsn = max(self._idle_lsn, msg.lsn)
             else:
                 self._position = max(self._position, msg.lsn)
+
+    def _stopped_by(self, exc: BaseException, change: RowChange | None, lsn: int) -> CaptureError:
+        """The one line capture stops with: where, what, and how to move past it."""
+        txn = self._in_txn
+        where = f"at lsn {format_lsn(lsn)}"
+        if change is not None:
+            table = self._parents.get(change.table, change.table)
+            keys = [r.key for r in self.mapping.by_table.get(table, [])] or list(change.pk)
+            row = change.new or change.old or {}
+            key = next((f"{k}={row[k]!r}" for k in keys if k in row), "key unknown")
+            where = f"in {table} ({key}) at lsn {change.lsn}"
+        hint = (
+            f"; to move past this one transaction (its changes are then not captured): "
+            f"`ct1-cdc slot skip {txn.xid}`, then restart"
+            if txn is not None
+            else ""
+        )
+        log.error("capture_failed", lsn=format_lsn(lsn), xid=txn and txn.xid, error=repr(exc))
+        return CaptureError(
+            f"capture stopped {where}, transaction {txn.xid if txn else '?'}: "
+            f"{type(exc).__name__}: {exc}{hint}"
+        )
+
+    def _skip_requested(self, msg: Commit) -> None:
+        """Pass by a transaction an operator asked to skip; the checkpoint moves past it and
+        the skip is recorded with it, in the same outbox commit."""
+        assert self._skipping is not None
+        self.writer.execute_in_commit(
+            source_state.S["mark_skipped"],
+            (time.time(), format_lsn(msg.end_lsn), self._skipped_changes, msg.xid),
+        )
+        log.warning(
+            "transaction_skipped", xid=msg.xid, lsn=format_lsn(msg.end_lsn), changes=self._skipped_changes
+        )
+        self._skips.discard(msg.xid)
+        self._skipping = None
+        self._position = max(self._position, msg.end_lsn)
+
+    # -- the mapping against the live schema ---------------------------------------------------
+
+    def _read_schema(self, conn: source.Conn) -> list[Problem]:
+        self._recheck_at = 0.0
+        tables = [self.mapping.parts(t) for t in self.mapping.tables]
+        catalog, names = source.read_catalog(conn, tables)
+        self._columns = {t: frozenset(r.columns) for t, r in catalog.items()}
+        return check_mapping(self.mapping, catalog, names)
+
+    def _report(self, problems: list[Problem]) -> None:
+        """Log each new problem once as an error and each one gone once; the outbox holds
+        the current ones for /readyz, /metrics and `ct1-cdc slot status`."""
+        now = {(p.kind, p.table, p.rule, p.message): p for p in problems}
+        for key, problem in now.items():
+            if key not in self._problems:
+                log.error(
+                    "mapping_broken",
+                    table=problem.table,
+                    rule=problem.rule,
+                    problem=problem.message,
+                    fix=problem.fix,
+                )
+        for key, problem in self._problems.items():
+            if key not in now:
+                log.info("mapping_repaired", table=problem.table, rule=problem.rule, problem=problem.message)
+        if now.keys() != self._problems.keys():
+            self._problems_stored = False
+        self._problems = now
+
+    def _schema_hint(self, table: str, change: RowChange) -> None:
+        """A change whose columns the catalog did not show (DDL since it was read): re-read
+        it soon, so a rule broken by a rename or a drop is reported, not silent."""
+        columns = self._columns.get(table)
+        if columns is None:
+            return
+        if self._recheck_at:
+            return
+        if not columns.issuperset(change.new) or (
+            change.op == "insert" and not self._referenced[table].issubset(change.new)
+        ):
+            self._recheck_at = time.monotonic() + 1.0
 
     def _table(self, conn: source.Conn, reported: str) -> str:
         if reported in self.mapping.by_table:
@@ -311,6 +445,8 @@ class Capture:
         if not change.pk and table not in self._warned_no_pk:
             self._warned_no_pk.add(table)
             log.warning("table_without_primary_key", table=table)
+        if change.op != "delete":
+            self._schema_hint(table, change)
         shadow = None
         shadow_key = None
         if table in self._shadowed:
@@ -319,7 +455,7 @@ class Capture:
             row = change.new if change.op != "delete" else (change.old or {})
             if key_col in row:
                 shadow_key = str(row[key_col])
-                if change.op == "update":
+                if change.op != "insert":
                     shadow = self.writer.shadow_get(table, shadow_key)
         add = self.writer.add
         for draft in apply(self.mapping, table, change, shadow):
@@ -350,8 +486,36 @@ class Capture:
                 self.writer.shadow_put(table, shadow_key, merged)
 
     def _truncate(self, conn: source.Conn, msg: Truncate) -> None:
+        """One TRUNCATE statement arrives as one message per relation (a partitioned
+        table's partitions each, too), all at one LSN: gather them, one event per root."""
+        if msg.lsn != self._truncate_lsn:
+            self._flush_truncates()
+        self._truncate_lsn = msg.lsn
         table = self._table(conn, msg.table)
         log.info("truncate_seen", table=table, lsn=format_lsn(msg.lsn), mapped=table in self.mapping.by_table)
+        if self.mapping.truncates(table):
+            self._truncated.setdefault(table, []).append(msg.table)
+
+    def _flush_truncates(self) -> None:
+        txn = self._in_txn
+        truncated, self._truncated = self._truncated, {}
+        if txn is None:
+            return
+        for table, relations in truncated.items():
+            for draft in truncate_drafts(self.mapping, table, relations):
+                data = {"object": draft.object, "id": None, "record": draft.record, "previous": None}
+                self.writer.add(
+                    draft.type,
+                    draft.object,
+                    None,
+                    data,
+                    txn.commit_time,
+                    table,
+                    "truncate",
+                    format_lsn(self._truncate_lsn),
+                    txn.xid,
+                )
+                self.stats.events += 1
 
     # -- commit and feedback -----------------------------------------------------------------
 

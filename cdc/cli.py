@@ -19,9 +19,10 @@ import orjson
 from cdc import logs, source
 from cdc.decode import format_lsn
 from cdc.errors import ConfigError, Ct1Error
-from cdc.mapping import load_mapping
+from cdc.mapping import Mapping, load_mapping
+from cdc.schema import Problem, check_mapping, lacking_identity
 from config.settings import Settings, load_settings
-from outbox import store
+from outbox import source_state, store
 from outbox.writer import OutboxWriter
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -149,26 +150,25 @@ def setup(
                 progress=lambda table, n: click.echo(f"  sample data: {table} {n}", err=True),
             )
             click.echo(f"loaded sample data: {counts}", err=True)
-        present = source.existing_tables(conn, mapping.tables)
-        for table in mapping.tables:
-            if table not in present:
-                click.echo(f"warning: mapped table {table} does not exist in the source", err=True)
-        watched = [t for t in mapping.tables if mapping.watched(t) and t in present]
-        full = source.replica_identity_full(conn, watched) if watched else set()
-        for table in watched:
-            if table in full:
-                continue
-            if replica_identity_full:
-                source.set_replica_identity_full(conn, table)
-                click.echo(f"set REPLICA IDENTITY FULL on {table}", err=True)
-            else:
-                click.echo(
-                    f"note: {table} has when_changed rules; without REPLICA IDENTITY FULL a shadow"
-                    " of its watched columns is kept in the outbox (use --replica-identity-full)",
-                    err=True,
-                )
         writer = OutboxWriter(store.open_outbox(settings.outbox.path), router_for(settings))
         try:
+            problems = check_source_schema(conn, mapping, writer.conn, replica_identity_full)
+            for problem in problems:
+                if as_json:
+                    emit_json(
+                        {"check": "mapping", "ok": False, "detail": problem.message, "fix": problem.fix}
+                    )
+                else:
+                    click.echo(f"[FAIL] mapping: {problem.message} -> fix: {problem.fix}")
+            if problems:
+                more = f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""
+                fail(f"mapping does not fit the source: {problems[0].line()}{more}")
+            if as_json:
+                emit_json(
+                    {"check": "mapping", "ok": True, "detail": f"{len(mapping.tables)} tables", "fix": None}
+                )
+            else:
+                click.echo(f"[ok  ] mapping: {len(mapping.tables)} tables, every column found")
             created = ensure_slot(conn, settings.source.dsn, settings.source.slot, mapping, writer)
             secrets = store_secrets(writer.conn, settings)
             first_key = first_api_key(writer.conn)
@@ -203,6 +203,40 @@ def setup(
     else:
         state = "created" if created else "already present"
         click.echo(f"slot {settings.source.slot}: {state}; outbox {settings.outbox.path} ready")
+
+
+def check_source_schema(
+    conn: source.Conn, mapping: Mapping, outbox: Any, replica_identity_full: bool
+) -> list[Problem]:
+    """The mapping against the live schema.  With ``replica_identity_full``, tables whose
+    updates or deletes would be lost and tables with when_changed rules get REPLICA
+    IDENTITY FULL, each recorded in the outbox first so `ct1-cdc detach` restores it."""
+    tables = [mapping.parts(t) for t in mapping.tables]
+    catalog, names = source.read_catalog(conn, tables)
+    watched = [
+        catalog[t] for t in mapping.tables if mapping.watched(t) and t in catalog and catalog[t].kind == "r"
+    ]
+    to_full = {r.table: r for r in [*lacking_identity(mapping, catalog), *watched] if r.identity != "f"}
+    for relation in to_full.values():
+        if not replica_identity_full:
+            if relation.identifies_rows:
+                click.echo(
+                    f"note: {relation.table} has when_changed rules; without REPLICA IDENTITY FULL a shadow"
+                    " of its watched columns is kept in the outbox (use --replica-identity-full)",
+                    err=True,
+                )
+            continue
+        index = (
+            source.identity_index(conn, relation.schema, relation.name) if relation.identity == "i" else None
+        )
+        source_state.record_identity_change(
+            outbox, relation.table, relation.schema, relation.name, relation.identity, index
+        )
+        source.set_replica_identity(conn, relation.schema, relation.name, "f")
+        click.echo(f"set REPLICA IDENTITY FULL on {relation.table} (`ct1-cdc detach` restores it)", err=True)
+    if replica_identity_full and to_full:
+        catalog, names = source.read_catalog(conn, tables)
+    return check_mapping(mapping, catalog, names)
 
 
 def first_api_key(conn: Any) -> Any:
@@ -367,15 +401,19 @@ def outbox_show(ctx: click.Context, event_id: int, as_json: bool) -> None:
     if row is None:
         fail(f"no event {event_id} in the outbox")
     assert row is not None
+    from cdc import jsontext
     from cdc.cli_delivery import attempts_of
 
-    envelope = orjson.loads(store.envelope_json(row))
+    envelope = store.envelope_json(row)
     deliveries = store.event_deliveries(conn, event_id)
     attempts = attempts_of(conn, event_id)
-    if as_json:
-        emit_json({"event": envelope, "deliveries": deliveries, "attempts": attempts})
+    if as_json:  # the envelope as stored, never parsed: every number exact, any depth
+        emit_json({"event": orjson.Fragment(envelope), "deliveries": deliveries, "attempts": attempts})
         return
-    click.echo(json.dumps(envelope, indent=2, ensure_ascii=False))
+    try:  # exact: an integer past 64 bits stays an integer
+        click.echo(json.dumps(jsontext.loads(envelope), indent=2, ensure_ascii=False))
+    except RecursionError:  # nested too deeply to lay out: shown as stored
+        click.echo(envelope)
     for d in deliveries:
         click.echo(f"delivery to {d['endpoint']}: {d['status']} after {d['attempts']} attempt(s)")
     for a in attempts:
@@ -427,42 +465,6 @@ def slot() -> None:
     """Inspect or drop the replication slot."""
 
 
-@slot.command("status")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-@handled
-def slot_status(ctx: click.Context, as_json: bool) -> None:
-    """Confirmed LSN, lag in bytes, wal_status and safe_wal_size of the slot."""
-    settings = settings_of(ctx)
-    with source.connect(settings.source.dsn) as conn:
-        status = source.slot_status(conn, settings.source.slot)
-    if status is None:
-        fail(f"slot {settings.source.slot} does not exist: run `ct1-cdc setup`")
-    assert status is not None
-    if as_json:
-        emit_json(status)
-        return
-    for key, value in status.items():
-        click.echo(f"{key:<20} {value}")
-
-
-@slot.command("drop")
-@click.option("--yes", is_flag=True, help="do not ask")
-@click.pass_context
-@handled
-def slot_drop(ctx: click.Context, yes: bool) -> None:
-    """Drop the replication slot (capture then starts over from a new slot)."""
-    settings = settings_of(ctx)
-    name = settings.source.slot
-    if not yes:
-        if not sys.stdin.isatty():
-            fail("refusing to drop the slot without --yes")
-        click.confirm(f"drop slot {name}? changes not yet captured are lost", abort=True)
-    with source.connect(settings.source.dsn) as conn:
-        dropped = source.drop_slot(conn, name)
-    click.echo(f"slot {name} {'dropped' if dropped else 'did not exist'}")
-
-
 # -- demo -----------------------------------------------------------------------------------
 
 
@@ -506,7 +508,7 @@ def entry() -> None:
 
 
 # The delivery commands live in their own module and attach to the groups above.
-from cdc import cli_delivery, cli_keys  # noqa: E402, F401
+from cdc import cli_delivery, cli_keys, cli_source  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     entry()

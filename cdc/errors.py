@@ -21,3 +21,8 @@ class SourceUnavailable(Ct1Error):
 
 class DecodeError(Ct1Error):
     """A wal2json message could not be understood (permanent: a bug or a plugin change)."""
+
+
+class CaptureError(Ct1Error):
+    """Capture cannot go past one source transaction; names the table, key, LSN and how to
+    move past it (``ct1-cdc slot skip XID``)."""

@@ -70,6 +70,17 @@ class OutboxCollector(Collector):
         last = GaugeMetricFamily("ct1_cdc_last_event_id", "Id of the newest event in the outbox")
         last.add_metric([], conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
         yield last
+        problems = GaugeMetricFamily(
+            "ct1_cdc_mapping_problems",
+            "Mapping problems capture found in the live schema while running (e.g. a column a rule"
+            " names was renamed); 0 when every rule fits",
+        )
+        try:
+            count = conn.execute("SELECT count(*) FROM mapping_problems").fetchone()[0]
+        except sqlite3.OperationalError:  # an outbox older than the table
+            count = 0
+        problems.add_metric([], count)
+        yield problems
         row = conn.execute("SELECT updated_at FROM checkpoint WHERE slot = ?", (self.slot,)).fetchone()
         if row is not None:
             age = GaugeMetricFamily(

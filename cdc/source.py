@@ -16,6 +16,8 @@ import psycopg
 from psycopg import sql
 
 from cdc.errors import SetupError, SourceUnavailable
+from cdc.mapping import quote_table
+from cdc.schema import Relation
 
 HEARTBEAT_PREFIX = "ct1-cdc"
 
@@ -213,8 +215,7 @@ def read_at_snapshot(
             yield from cur
 
 
-def table_ident(table: str) -> sql.Composable:
-    schema, _, name = table.partition(".")
+def table_ident(schema: str, name: str) -> sql.Composable:
     return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
 
 
@@ -273,17 +274,83 @@ def heartbeat(conn: Conn) -> None:
 
 
 def partition_root(conn: Conn, table: str) -> str:
-    """The top-most parent of a partition, or the table itself."""
-    schema, _, name = table.partition(".")
+    """The top-most parent of a partition, or the table itself (``table`` as wal2json
+    reports it: schema and name joined by a dot, unquoted)."""
     row = conn.execute(
         """
-        SELECT n.nspname || '.' || c.relname
+        SELECT rn.nspname || '.' || r.relname
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.oid = pg_partition_root(to_regclass(format('%%I.%%I', %s::text, %s::text)))
+        JOIN pg_class r ON r.oid = pg_partition_root(c.oid)
+        JOIN pg_namespace rn ON rn.oid = r.relnamespace
+        WHERE n.nspname || '.' || c.relname = %s AND c.relkind IN ('r', 'p')
+        """,
+        (table,),
+    ).fetchone()
+    return str(row[0]) if row and row[0] else table
+
+
+_RELATIONS = """
+    SELECT n.nspname, c.relname, c.relkind::text, c.relreplident::text,
+           EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+           EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident),
+           ARRAY(SELECT a.attname::text FROM pg_attribute a
+                 WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+           c.oid
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+"""
+
+
+def read_catalog(conn: Conn, tables: list[tuple[str, str]]) -> tuple[dict[str, Relation], list[str]]:
+    """What the catalog says of each (schema, name), partitions included, and the name of
+    every table a mapping could name (for did-you-mean)."""
+    catalog: dict[str, Relation] = {}
+    if tables:
+        rows = conn.execute(
+            _RELATIONS + "WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+            " AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
+            ([s for s, _ in tables], [t for _, t in tables]),
+        ).fetchall()
+        for schema, name, kind, ident, pk, ident_index, columns, oid in rows:
+            partitions: tuple[Relation, ...] = ()
+            if kind == "p":
+                leaves = conn.execute(
+                    _RELATIONS + "WHERE c.oid IN (SELECT relid FROM pg_partition_tree(%s) WHERE isleaf)"
+                    " ORDER BY n.nspname, c.relname",
+                    (oid,),
+                ).fetchall()
+                partitions = tuple(
+                    Relation(ls, ln, lk, li, lpk, lii, tuple(lc))
+                    for ls, ln, lk, li, lpk, lii, lc, _ in leaves
+                )
+            catalog[f"{schema}.{name}"] = Relation(
+                schema, name, kind, ident, pk, ident_index, tuple(columns), partitions
+            )
+    names = [
+        r[0]
+        for r in conn.execute(
+            """
+            SELECT n.nspname || '.' || c.relname
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT c.relispartition
+              AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
+            """
+        ).fetchall()
+    ]
+    return catalog, names
+
+
+def identity_index(conn: Conn, schema: str, name: str) -> str | None:
+    """The index a table's REPLICA IDENTITY USING INDEX names, if any."""
+    row = conn.execute(
+        """
+        SELECT ic.relname FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_class ic ON ic.oid = i.indexrelid
+        WHERE n.nspname = %s AND c.relname = %s AND i.indisreplident
         """,
         (schema, name),
     ).fetchone()
-    return str(row[0]) if row and row[0] else table
+    return None if row is None else str(row[0])
 
 
 def replica_identity_full(conn: Conn, tables: list[str]) -> set[str]:
@@ -299,8 +366,24 @@ def replica_identity_full(conn: Conn, tables: list[str]) -> set[str]:
     return {r[0] for r in rows}
 
 
-def set_replica_identity_full(conn: Conn, table: str) -> None:
-    conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(table_ident(table)))
+def set_replica_identity(conn: Conn, schema: str, name: str, identity: str, index: str | None = None) -> None:
+    """``ALTER TABLE ... REPLICA IDENTITY`` FULL (``f``), DEFAULT (``d``), NOTHING (``n``)
+    or USING INDEX ``index`` (``i``).  Needs ownership of the table."""
+    clause = {"f": "FULL", "d": "DEFAULT", "n": "NOTHING"}.get(identity)
+    tail: sql.Composable
+    if identity == "i" and index:
+        tail = sql.SQL("USING INDEX {}").format(sql.Identifier(index))
+    elif clause is not None:
+        tail = sql.SQL(clause)
+    else:
+        raise ValueError(f"unknown replica identity {identity!r}")
+    try:
+        conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(table_ident(schema, name), tail))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise SetupError(
+            f"cannot change the replica identity of {schema}.{name}: only its owner can; run as the owner: "
+            f"ALTER TABLE {quote_table(schema, name)} REPLICA IDENTITY {clause or 'USING INDEX ' + str(index)}"
+        ) from exc
 
 
 def existing_tables(conn: Conn, tables: list[str]) -> set[str]:

@@ -94,3 +94,30 @@ CREATE TABLE api_usage (
     last_used_at REAL    NOT NULL,
     PRIMARY KEY (key_id, route)
 ) WITHOUT ROWID
+
+-- name: 5
+-- What setup changed on the source (restored by `ct1-cdc detach`), what capture found
+-- wrong with the mapping while running, and transactions an operator asked to skip.
+CREATE TABLE source_changes (
+    tbl          TEXT PRIMARY KEY,           -- schema.name as Postgres reports it
+    schema_name  TEXT NOT NULL,
+    table_name   TEXT NOT NULL,
+    identity     TEXT NOT NULL,              -- replica identity before: d, n, i (f never changed)
+    index_name   TEXT,                       -- for i: the identity index
+    changed_at   REAL NOT NULL
+);
+CREATE TABLE mapping_problems (
+    kind         TEXT NOT NULL,
+    tbl          TEXT NOT NULL,
+    rule         INTEGER,
+    message      TEXT NOT NULL,
+    fix          TEXT NOT NULL,
+    since        REAL NOT NULL
+);
+CREATE TABLE skipped_transactions (
+    xid          INTEGER PRIMARY KEY,
+    requested_at REAL NOT NULL,
+    skipped_at   REAL,                        -- when capture passed it by (null: still ahead)
+    lsn          TEXT,                        -- the transaction's commit LSN, once skipped
+    changes      INTEGER                      -- row changes it held
+)

@@ -1,0 +1,163 @@
+"""``ct1-cdc slot status|drop|skip`` and ``ct1-cdc detach``: the source side of a run."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from cdc import source
+from cdc.cli import emit_json, fail, handled, main, settings_of, slot
+from cdc.mapping import load_mapping
+from cdc.schema import check_mapping
+from outbox import source_state, store
+
+
+def _when(value: float | None) -> str | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _confirm(yes: bool, question: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        fail("refusing without --yes")
+    click.confirm(question, abort=True)
+
+
+@slot.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def slot_status(ctx: click.Context, as_json: bool) -> None:
+    """Confirmed LSN, lag in bytes, wal_status and safe_wal_size of the slot; the mapping
+    checked against the live schema; transactions asked to be skipped."""
+    settings = settings_of(ctx)
+    mapping = load_mapping(settings.mapping.file)
+    with source.connect(settings.source.dsn) as conn:
+        status = source.slot_status(conn, settings.source.slot)
+        catalog, names = source.read_catalog(conn, [mapping.parts(t) for t in mapping.tables])
+        problems = [p.as_dict() for p in check_mapping(mapping, catalog, names)]
+    if status is None:
+        fail(f"slot {settings.source.slot} does not exist: run `ct1-cdc setup`")
+    assert status is not None
+    skips: list[dict[str, Any]] = []
+    try:
+        outbox = store.connect(settings.outbox.path, readonly=True)
+    except store.OutboxError:
+        outbox = None
+    if outbox is not None:
+        try:
+            skips = source_state.skips(outbox)
+        except Exception:  # an outbox older than skips: nothing was asked
+            skips = []
+        finally:
+            outbox.close()
+    if as_json:
+        emit_json({**status, "mapping_problems": problems, "skipped_transactions": skips})
+        return
+    for key, value in status.items():
+        click.echo(f"{key:<20} {value}")
+    if not problems:
+        click.echo(f"{'mapping':<20} ok ({len(mapping.tables)} tables)")
+    for problem in problems:
+        click.echo(f"{'mapping':<20} BROKEN: {problem['message']} -> fix: {problem['fix']}")
+    for skip in skips:
+        done = (
+            f"skipped at lsn {skip['lsn']} ({skip['changes']} changes not captured) {_when(skip['skipped_at'])}"
+            if skip["skipped_at"]
+            else "to be skipped when capture reaches it"
+        )
+        click.echo(f"{'skip':<20} transaction {skip['xid']}: {done}")
+
+
+@slot.command("drop")
+@click.option("--yes", is_flag=True, help="do not ask")
+@click.pass_context
+@handled
+def slot_drop(ctx: click.Context, yes: bool) -> None:
+    """Drop the replication slot (capture then starts over from a new slot)."""
+    settings = settings_of(ctx)
+    name = settings.source.slot
+    _confirm(yes, f"drop slot {name}? changes not yet captured are lost")
+    with source.connect(settings.source.dsn) as conn:
+        dropped = source.drop_slot(conn, name)
+    click.echo(f"slot {name} {'dropped' if dropped else 'did not exist'}")
+
+
+@slot.command("skip")
+@click.argument("xid", type=click.IntRange(min=1))
+@click.option("--yes", is_flag=True, help="do not ask")
+@click.pass_context
+@handled
+def slot_skip(ctx: click.Context, xid: int, yes: bool) -> None:
+    """Pass by one source transaction that capture cannot process.
+
+    Capture names the transaction when it stops (`capture_failed`, and its exit line).
+    Its row changes are then not captured; every other transaction is.  The skip is
+    recorded in the outbox with the checkpoint that passes it (`slot status` shows it)."""
+    settings = settings_of(ctx)
+    _confirm(yes, f"skip source transaction {xid}? its changes will not be captured")
+    conn = store.open_outbox(settings.outbox.path)
+    try:
+        source_state.request_skip(conn, xid)
+    finally:
+        conn.close()
+    click.echo(
+        f"transaction {xid} will be skipped when capture reaches it; restart `ct1-cdc run` "
+        "(`ct1-cdc slot status` shows when it was passed)"
+    )
+
+
+@main.command()
+@click.option("--yes", is_flag=True, help="do not ask")
+@click.option("--json", "as_json", is_flag=True, help="one line per action")
+@click.pass_context
+@handled
+def detach(ctx: click.Context, yes: bool, as_json: bool) -> None:
+    """Drop the slot and restore every replica identity setup changed.
+
+    The outbox (events, keys, the endpoints' signing secrets) is left in place."""
+    settings = settings_of(ctx)
+    name = settings.source.slot
+    _confirm(yes, f"detach from the source: drop slot {name} and restore replica identities?")
+    done: list[dict[str, Any]] = []
+
+    def report(action: str, **fields: Any) -> None:
+        done.append({"action": action, **fields})
+        if as_json:
+            emit_json(done[-1])
+        else:
+            click.echo(f"{action}: " + ", ".join(f"{k} {v}" for k, v in fields.items()))
+
+    with source.connect(settings.source.dsn) as conn:
+        dropped = source.drop_slot(conn, name)
+        report("slot_dropped" if dropped else "slot_absent", slot=name)
+        try:
+            outbox = store.open_outbox(settings.outbox.path)
+        except store.OutboxError as exc:
+            fail(f"slot handled, but the outbox cannot be read to restore replica identities: {exc}")
+            return
+        try:
+            names = {"d": "DEFAULT", "n": "NOTHING", "i": "USING INDEX"}
+            for table, schema, rel, identity, index in source_state.identity_changes(outbox):
+                catalog, _ = source.read_catalog(conn, [(schema, rel)])
+                if table not in catalog:
+                    report("table_gone", table=table)
+                else:
+                    source.set_replica_identity(conn, schema, rel, identity, index)
+                    report(
+                        "replica_identity_restored",
+                        table=table,
+                        identity=names[identity] + (f" {index}" if index else ""),
+                    )
+                source_state.forget_identity_change(outbox, table)
+        finally:
+            outbox.close()
+    if not as_json:
+        click.echo(
+            f"detached; the outbox {settings.outbox.path} is kept (events, API keys, signing secrets):"
+            " delete it to remove everything"
+        )

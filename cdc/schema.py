@@ -1,0 +1,159 @@
+"""The mapping checked against the live schema (pure: the catalog is read by
+:func:`cdc.source.read_catalog` and passed in).
+
+A mapping that names a table or a column the source does not have, or that acts on updates
+and deletes Postgres cannot send, loses changes without a word.  :func:`check_mapping`
+finds each such mistake and says how to fix it; ``setup`` and ``run`` refuse to start on
+one, and capture re-checks while it runs so a rule broken by DDL is reported, not silent.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdc.mapping import Mapping, quote_table
+
+# relkind → what the table is, for mapped names that are not plain or partitioned tables
+_NOT_TABLES = {"v": "a view", "m": "a materialized view", "f": "a foreign table"}
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    """What the catalog says of one table (or of one partition of it)."""
+
+    schema: str
+    name: str
+    kind: str  # pg_class.relkind: r table, p partitioned, v view, m matview, f foreign
+    identity: str  # pg_class.relreplident: d default, n nothing, f full, i index
+    has_pk: bool
+    has_identity_index: bool
+    columns: tuple[str, ...] = ()
+    partitions: tuple[Relation, ...] = field(default_factory=tuple)  # leaves of a partitioned table
+
+    @property
+    def table(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def identifies_rows(self) -> bool:
+        """Whether Postgres sends updates and deletes of this table to a logical slot."""
+        return (
+            self.identity == "f"
+            or (self.identity == "d" and self.has_pk)
+            or (self.identity == "i" and self.has_identity_index)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One way the mapping and the source disagree."""
+
+    kind: str  # missing_table | not_a_table | missing_column | no_identity
+    table: str
+    message: str
+    fix: str
+    rule: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "table": self.table,
+            "rule": self.rule,
+            "message": self.message,
+            "fix": self.fix,
+        }
+
+    def line(self) -> str:
+        return f"{self.message}; fix: {self.fix}"
+
+
+def _suggest(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def identity_fix(relation: Relation) -> str:
+    return f"ALTER TABLE {quote_table(relation.schema, relation.name)} REPLICA IDENTITY FULL"
+
+
+def lacking_identity(mapping: Mapping, catalog: dict[str, Relation]) -> list[Relation]:
+    """Tables (partitions one by one) whose updates and deletes some rule needs but
+    Postgres would not send: no primary key under the default replica identity, or none."""
+    lacking = []
+    for table in mapping.tables:
+        relation = catalog.get(table)
+        if relation is None or not mapping.identity_needed(table):
+            continue
+        for one in relation.partitions if relation.kind == "p" else (relation,):
+            if not one.identifies_rows:
+                lacking.append(one)
+    return lacking
+
+
+def check_mapping(mapping: Mapping, catalog: dict[str, Relation], all_tables: Iterable[str]) -> list[Problem]:
+    """Every table, key, when_changed, condition and exclude_columns column of the mapping
+    that the source lacks (with a did-you-mean), and every table whose updates or deletes
+    some rule needs but the WAL will not carry."""
+    problems: list[Problem] = []
+    known = sorted(set(all_tables))
+    for table in mapping.tables:
+        relation = catalog.get(table)
+        rules = mapping.by_table[table]
+        if relation is None:
+            problems.append(
+                Problem(
+                    "missing_table",
+                    table,
+                    f"mapped table {table} does not exist in the source{_suggest(table, known)}",
+                    f"correct table = in rule {', '.join(str(r.number) for r in rules)} of the mapping, "
+                    "or create the table",
+                    rules[0].number,
+                )
+            )
+            continue
+        if relation.kind in _NOT_TABLES:
+            problems.append(
+                Problem(
+                    "not_a_table",
+                    table,
+                    f"mapped table {table} is {_NOT_TABLES[relation.kind]}: its changes are not in the WAL",
+                    "map the table it reads from",
+                    rules[0].number,
+                )
+            )
+            continue
+        columns = set(relation.columns)
+        for rule in rules:
+            if "truncate" in rule.on and rule.on == {"truncate"}:
+                continue  # a truncate has no rows: no column is read
+            for setting, column in rule.columns():
+                if column in columns:
+                    continue
+                problems.append(
+                    Problem(
+                        "missing_column",
+                        table,
+                        f"rule {rule.number} ({rule.emit}): {setting} column {column!r} does not exist "
+                        f"in {table}{_suggest(column, relation.columns)}",
+                        f"correct {setting} in rule {rule.number} of the mapping",
+                        rule.number,
+                    )
+                )
+    for relation in lacking_identity(mapping, catalog):
+        parent = next((t for t in mapping.tables if relation in catalog[t].partitions), None)
+        what = f"partition {relation.table} of {parent}" if parent else relation.table
+        why = "replica identity NOTHING" if relation.identity == "n" else "no primary key"
+        problems.append(
+            Problem(
+                "no_identity",
+                relation.table,
+                f"updates and deletes of {what} would be lost: it has {why}, so Postgres does not"
+                " send them to logical replication",
+                f"{identity_fix(relation)} (or add a primary key; `ct1-cdc setup --replica-identity-full`"
+                " does the former)",
+            )
+        )
+    return problems

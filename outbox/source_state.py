@@ -1,0 +1,100 @@
+"""What the outbox keeps about the source besides events.
+
+* the replica identities ``setup`` changed, so ``detach`` can put them back;
+* the mapping problems capture found while running (a rule broken by DDL), which
+  ``/readyz``, ``/metrics`` and ``ct1-cdc slot status`` show from any process;
+* the transactions an operator asked capture to skip (``ct1-cdc slot skip``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from outbox import sqlfile
+
+S = sqlfile.load(Path(__file__).resolve().parent / "sql" / "source_state.sql")
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on an outbox connection (they run in autocommit mode)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def record_identity_change(
+    conn: sqlite3.Connection, table: str, schema: str, name: str, identity: str, index: str | None
+) -> None:
+    """Remember a table's replica identity before setup changes it (the first one wins)."""
+    with _transaction(conn):
+        conn.execute(S["record_identity_change"], (table, schema, name, identity, index, time.time()))
+
+
+def identity_changes(conn: sqlite3.Connection) -> list[tuple[str, str, str, str, str | None]]:
+    """``(table, schema, name, previous identity, index)`` of every change setup made."""
+    return [tuple(r) for r in conn.execute(S["identity_changes"]).fetchall()]
+
+
+def forget_identity_change(conn: sqlite3.Connection, table: str) -> None:
+    with _transaction(conn):
+        conn.execute(S["forget_identity_change"], (table,))
+
+
+def set_problems(conn: sqlite3.Connection, problems: list[dict[str, Any]]) -> None:
+    """Replace the stored mapping problems; one already stored keeps its ``since``."""
+    old = {(p["kind"], p["table"], p["rule"], p["message"]): p["since"] for p in problems_of(conn)}
+    now = time.time()
+    with _transaction(conn):
+        conn.execute(S["clear_problems"])
+        conn.executemany(
+            S["insert_problem"],
+            [
+                (
+                    p["kind"],
+                    p["table"],
+                    p["rule"],
+                    p["message"],
+                    p["fix"],
+                    old.get((p["kind"], p["table"], p["rule"], p["message"]), now),
+                )
+                for p in problems
+            ],
+        )
+
+
+def problems_of(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    try:
+        rows = conn.execute(S["problems"]).fetchall()
+    except sqlite3.OperationalError:  # an outbox of an older version, opened read-only
+        return []
+    keys = ("kind", "table", "rule", "message", "fix", "since")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def request_skip(conn: sqlite3.Connection, xid: int) -> None:
+    with _transaction(conn):
+        conn.execute(S["request_skip"], (xid, time.time()))
+
+
+def pending_skips(conn: sqlite3.Connection) -> set[int]:
+    return {int(r[0]) for r in conn.execute(S["pending_skips"]).fetchall()}
+
+
+def mark_skipped(conn: sqlite3.Connection, xid: int, lsn: str, changes: int) -> None:
+    """Called by capture inside its own open transaction: commits with the checkpoint."""
+    conn.execute(S["mark_skipped"], (time.time(), lsn, changes, xid))
+
+
+def skips(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    keys = ("xid", "requested_at", "skipped_at", "lsn", "changes")
+    return [dict(zip(keys, row, strict=True)) for row in conn.execute(S["skips"]).fetchall()]
