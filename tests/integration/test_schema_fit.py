@@ -3,7 +3,9 @@ while running reported (never silent), TRUNCATE as an event, value conditions.""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 import structlog
@@ -181,9 +183,9 @@ def test_value_conditions_on_a_real_stream(source_db, tmp_path, run_capture, ide
     user = source_db.execute(
         "INSERT INTO users (name, email, password) VALUES ('u', 'u@x', 'p') RETURNING id"
     )[0][0]
-    order = source_db.execute("INSERT INTO orders (user_id, status) VALUES (%s, 'pending') RETURNING id", user)[
-        0
-    ][0]
+    order = source_db.execute(
+        "INSERT INTO orders (user_id, status) VALUES (%s, 'pending') RETURNING id", user
+    )[0][0]
     settings = mapped(source_db, tmp_path, CONDITIONS)
     capture = run_capture(settings)
     capture.wait_caught_up()
@@ -201,3 +203,54 @@ def test_value_conditions_on_a_real_stream(source_db, tmp_path, run_capture, ide
         ("customer.verified", user),
     ]
     assert events[0]["data"]["previous"]["status"] == "processing"
+
+
+def test_an_unforeseen_error_names_the_change_and_one_transaction_can_be_skipped(
+    source_db, settings, run_capture, monkeypatch
+):
+    """Should a change still break capture, it stops with one line naming table, key, LSN
+    and transaction, stops again at the same place on restart (nothing after it is taken
+    out of order), and `ct1-cdc slot skip XID` passes exactly that transaction."""
+    import cdc.capture
+    from tests.acceptance.helpers import cli, write_config
+
+    real_apply = cdc.capture.apply
+
+    def fragile(mapping, table, change, shadow=None):
+        if change.new.get("name") == "poison":
+            raise TypeError("a value nobody foresaw")
+        return real_apply(mapping, table, change, shadow)
+
+    monkeypatch.setattr(cdc.capture, "apply", fragile)
+    capture = run_capture(settings)
+    capture.wait_caught_up()
+    source_db.execute("INSERT INTO users (name, email, password) VALUES ('before', 'b@x', 'p')")
+    with source_db.connect() as conn, conn.transaction():
+        conn.execute("INSERT INTO users (name, email, password) VALUES ('neighbour', 'n@x', 'p')")
+        conn.execute("INSERT INTO users (name, email, password) VALUES ('poison', 'p@x', 'p')")
+        xid = conn.execute("SELECT txid_current()").fetchone()[0]
+    source_db.execute("INSERT INTO users (name, email, password) VALUES ('after', 'a@x', 'p')")
+    capture.thread.join(30)
+    message = str(capture.error)
+    assert message.startswith("capture stopped in public.users (id=")
+    assert f"transaction {xid}: TypeError: a value nobody foresaw" in message
+    assert f"`ct1-cdc slot skip {xid}`" in message and " at lsn " in message
+
+    again = run_capture(settings)  # the same place again: nothing after it is captured
+    again.thread.join(30)
+    assert f"transaction {xid}" in str(again.error)
+    # nothing past the failing transaction was taken (what shared its group commit waits in the slot)
+    assert "after" not in [e["data"]["record"]["name"] for e in read_events(settings.outbox.path)]
+
+    outbox = Path(settings.outbox.path)
+    config = write_config(outbox.with_suffix(".toml"), source_db.dsn, source_db.slot, outbox)
+    skipped = cli("slot", "skip", str(xid), "--yes", config=config)
+    assert skipped.returncode == 0, skipped.stderr
+    third = run_capture(settings)
+    third.wait_caught_up()
+    third.stop()
+    names = [e["data"]["record"]["name"] for e in read_events(settings.outbox.path)]
+    assert names == ["before", "after"]  # the one transaction (both its rows) passed, nothing else
+    status = json.loads(cli("slot", "status", "--json", config=config).stdout)
+    (skip,) = status["skipped_transactions"]
+    assert skip["xid"] == xid and skip["changes"] == 2 and skip["skipped_at"] is not None
