@@ -120,11 +120,10 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
             runner = await listen(app, settings.api.host, settings.api.port)
         if "capture" in roles:
             probe = in_thread(functools.partial(probe_source, settings.source.dsn), "source-probe")
-            if not await until_stopped(stop, probe):
-                return  # stopped while starting: nothing ran
-            capture = build_capture(settings, on_commit=committed)
-            running[in_thread(capture.run, "capture")] = "capture"
-        if dispatcher is not None:
+            if await until_stopped(stop, probe):  # else stopped while starting: nothing runs
+                capture = build_capture(settings, on_commit=committed)
+                running[in_thread(capture.run, "capture")] = "capture"
+        if dispatcher is not None and not stop.is_set():
             running[asyncio.ensure_future(dispatcher.run(stop))] = "dispatch"
         tune_gc()  # after startup: what it built stays out of every collection
         log.info("run_started", roles=list(roles))

@@ -142,12 +142,22 @@ def test_roles_without_capture_start_without_the_source(tmp_path):
 # -- stopping --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_a_running_process_cleanly(source_db, tmp_path, sig):
+@pytest.mark.parametrize(
+    ("roles", "sig"),
+    [
+        ("capture,dispatch,api", signal.SIGTERM),
+        ("capture,dispatch,api", signal.SIGINT),
+        ("capture", signal.SIGTERM),
+        ("dispatch", signal.SIGTERM),
+        ("api", signal.SIGINT),
+    ],
+)
+def test_signal_stops_a_running_process_cleanly(source_db, tmp_path, roles, sig):
     config = config_for(tmp_path, source_db.dsn, source_db.slot, tmp_path / "o.db", free_port())
     log = tmp_path / "run.log"
-    proc = spawn("run", config=config, log=log)
-    wait_for_log(proc, log, "capture_started")
+    proc = spawn("run", "--role", roles, config=config, log=log)
+    if "capture" in roles:
+        wait_for_log(proc, log, "capture_started")
     wait_for_log(proc, log, "run_started")
     assert stop(proc, log, sig) == 0, log.read_text()
     assert '"event": "run_stopped"' in log.read_text()
@@ -262,5 +272,6 @@ def test_sigterm_stops_a_run_whose_source_never_answers_at_start(source_db, prox
     log = tmp_path / "run.log"
     proc = spawn("run", config=config, log=log)
     time.sleep(2)
-    assert proc.poll() is None, log.read_text()
-    stop(proc, log)
+    assert proc.poll() is None, log.read_text()  # still waiting for the source's answer
+    assert stop(proc, log) == 0, log.read_text()
+    assert "capture_started" not in log.read_text()
