@@ -421,7 +421,7 @@ class Capture:
         if self._recheck_at:
             return
         if not columns.issuperset(change.new) or (
-            change.op == "insert" and not self._referenced[table].issubset(change.new)
+            change.op == "insert" and not change.new.keys() >= self._referenced[table]
         ):
             self._recheck_at = time.monotonic() + 1.0
 
