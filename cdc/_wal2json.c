@@ -15,7 +15,10 @@
  *   numeric / decimal (any typmod)  a number literal stays its exact text (a str)
  *   timestamp with time zone        "YYYY-MM-DD HH:MM:SS[.ffffff]+00" -> ISO 8601 "...Z";
  *                                   anything else goes to the Python converter
- *   json / jsonb                    the Python converter
+ *   json / jsonb                    the Python converter (the text kept as cdc.jsontext.JsonText)
+ *   smallint integer bigint oid     a number or boolean as JSON says; a quoted value (what
+ *   real double precision boolean   wal2json writes for a domain) goes to the Python converter
+ *   bytea                           hex text; "\\x..." (a domain's) goes to the Python converter
  *   every other type                str, int, float, bool or None as JSON says
  */
 #define PY_SSIZE_T_CLEAN
@@ -318,8 +321,11 @@ static int skip_value(Cursor *c, int depth) {
 
 /* -- column values ------------------------------------------------------------------------ */
 
-/* Type kinds; T_NUMERIC + s for numeric(p,s) with p <= 15, whose text always has s decimals */
-enum { T_GENERIC = -5, T_NUMERIC_ODD, T_TIMESTAMPTZ, T_CONVERTED, T_NUMERIC };
+/* Type kinds; T_NUMERIC + s for numeric(p,s) with p <= 15, whose text always has s decimals.
+ * T_UNQUOTED: types wal2json writes as JSON numbers or booleans; a quoted value of one is a
+ * domain's (wal2json quotes by the column's own type, include-domain-data-type names the
+ * base type).  T_BYTEA: hex; a domain's value keeps Postgres's "\x" prefix. */
+enum { T_BYTEA = -7, T_UNQUOTED, T_GENERIC, T_NUMERIC_ODD, T_TIMESTAMPTZ, T_CONVERTED, T_NUMERIC };
 
 static int classify(const char *t, Py_ssize_t n) {
     if (n >= 7 && (memcmp(t, "numeric", 7) == 0 || memcmp(t, "decimal", 7) == 0)) {
@@ -339,11 +345,21 @@ static int classify(const char *t, Py_ssize_t n) {
         if (p != end || precision == 0) return T_NUMERIC_ODD;
         return precision > 15 ? T_NUMERIC : T_NUMERIC + 1 + (int)scale;
     }
-    if (n == 24 && memcmp(t, "timestamp with time zone", 24) == 0)
-        return T_TIMESTAMPTZ;
-    if ((n == 4 && memcmp(t, "json", 4) == 0) || (n == 5 && memcmp(t, "jsonb", 5) == 0))
-        return T_CONVERTED;
-    return T_GENERIC;
+    switch (n) {
+    case 24: return memcmp(t, "timestamp with time zone", 24) == 0 ? T_TIMESTAMPTZ : T_GENERIC;
+    case 4:
+        if (memcmp(t, "json", 4) == 0) return T_CONVERTED;
+        return memcmp(t, "real", 4) == 0 ? T_UNQUOTED : T_GENERIC;
+    case 5:
+        if (memcmp(t, "jsonb", 5) == 0) return T_CONVERTED;
+        return memcmp(t, "bytea", 5) == 0 ? T_BYTEA : T_GENERIC;
+    case 7: return memcmp(t, "integer", 7) == 0 || memcmp(t, "boolean", 7) == 0 ? T_UNQUOTED : T_GENERIC;
+    case 6: return memcmp(t, "bigint", 6) == 0 ? T_UNQUOTED : T_GENERIC;
+    case 8: return memcmp(t, "smallint", 8) == 0 ? T_UNQUOTED : T_GENERIC;
+    case 3: return memcmp(t, "oid", 3) == 0 ? T_UNQUOTED : T_GENERIC;
+    case 16: return memcmp(t, "double precision", 16) == 0 ? T_UNQUOTED : T_GENERIC;
+    default: return T_GENERIC;
+    }
 }
 
 static int all_digits(const char *s, Py_ssize_t n) {
@@ -406,7 +422,8 @@ static PyObject *column_value(Cursor *c, const char *type, Py_ssize_t tlen, int 
         }
         PyObject *text = string_value(s, n, flag);
         if (text == NULL) return NULL;
-        if (kind == T_TIMESTAMPTZ || kind == T_CONVERTED) return fallback(type, tlen, text);
+        if (kind == T_TIMESTAMPTZ || kind == T_CONVERTED || kind == T_UNQUOTED) return fallback(type, tlen, text);
+        if (kind == T_BYTEA && n >= 2 && s[0] == '\\' && s[1] == '\\') return fallback(type, tlen, text);
         return text;
     }
     if (ch == 't' || ch == 'f' || ch == 'n') {

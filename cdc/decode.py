@@ -12,6 +12,7 @@ Columns that wal2json leaves out of an update (unchanged TOAST values) stay abse
 from __future__ import annotations
 
 import json
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ Decoded = Begin | Commit | RowChange | Truncate | Message
 _OPS = {"I": "insert", "U": "update", "D": "delete"}
 
 # Types whose JSON number literal must be kept as text.  Floats are floats on purpose.
-_FLOAT_TYPES = frozenset({"real", "double precision", "float4", "float8"})
+_FLOAT_TYPES = frozenset({"real", "double precision"})
 
 
 class _NumberText(str):
@@ -176,6 +177,41 @@ def _float(value: Any) -> Any:
     return float(value) if isinstance(value, _NumberText) else value
 
 
+# wal2json writes integers, floats and booleans unquoted, but decides by the column's own
+# type: a domain over one arrives quoted ("42", "1.5", "t"), and with
+# include-domain-data-type its type is named by the base type.  These make it the value a
+# column of the base type gives.  Text that is not what the type prints stays text.
+
+
+def _integer(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _double(value: Any) -> Any:
+    if isinstance(value, str):  # a domain's text, or a literal kept as _NumberText
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        # NaN and ±Infinity: null, as wal2json writes them for a column of the base type
+        return number if math.isfinite(number) else None
+    return value
+
+
+def _boolean(value: Any) -> Any:
+    return {"t": True, "f": False}.get(value, value) if isinstance(value, str) else value
+
+
+def _bytea(value: Any) -> Any:
+    # wal2json strips bytea's "\x" itself, but not a domain's
+    return value[2:] if isinstance(value, str) and value.startswith("\\x") else value
+
+
 class _Converters(dict[str, Any]):
     """Column type → converter (None for the many types taken as they are), cached."""
 
@@ -187,7 +223,13 @@ class _Converters(dict[str, Any]):
         elif ctype.startswith(("numeric", "decimal")):
             conv = _numeric
         elif ctype in _FLOAT_TYPES:
-            conv = _float
+            conv = _double
+        elif ctype in _INTEGER_TYPES:
+            conv = _integer
+        elif ctype == "boolean":
+            conv = _boolean
+        elif ctype == "bytea":
+            conv = _bytea
         elif ctype == "timestamp with time zone":
             conv = _timestamptz
         elif ctype in ("json", "jsonb"):
@@ -200,18 +242,14 @@ class _Converters(dict[str, Any]):
         return conv
 
 
+_INTEGER_TYPES = frozenset({"smallint", "integer", "bigint", "oid"})
 _PLAIN_TYPES = frozenset(
     {
-        "bigint",
-        "integer",
-        "smallint",
         "text",
-        "boolean",
         "character varying",
         "uuid",
         "date",
         "timestamp without time zone",
-        "bytea",
         "inet",
         "character",
     }

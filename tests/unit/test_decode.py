@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from cdc import decode as decoding
 from cdc.decode import Begin, Commit, Message, RowChange, Truncate, decode, format_lsn, iso_utc, parse_lsn
 from cdc.errors import DecodeError
+from cdc.jsontext import JsonText, dumps
 
 
 @pytest.fixture(scope="module", autouse=True, params=["compiled", "python"])
@@ -203,3 +204,65 @@ def test_property_numeric_up_to_15_digits_round_trips(scale, data):
     change = decode(_numeric_row(f"numeric(15,{scale})", literal))
     assert isinstance(change, RowChange)
     assert change.new["n"] == literal
+
+
+def test_jsonb_stays_the_text_postgres_wrote():
+    # issue 9: {"big": 12345678901234567890123} stopped capture; no parse, nothing rounded
+    text = '{"big": 12345678901234567890123, "deep": ' + "[" * 3000 + "]" * 3000 + "}"
+    change = decode(_row("I", [{"name": "doc", "type": "jsonb", "value": text}]))
+    assert isinstance(change, RowChange)
+    assert isinstance(change.new["doc"], JsonText) and change.new["doc"] == JsonText(text)
+    assert dumps(change.new) == b'{"doc":' + text.encode() + b"}"
+
+
+@pytest.mark.parametrize(
+    ("ctype", "quoted", "value"),
+    [
+        # a domain's value, as wal2json writes it with include-domain-data-type
+        ("integer", "42", 42),
+        ("smallint", "-32768", -32768),
+        ("bigint", "9223372036854775807", 9223372036854775807),
+        ("oid", "4294967295", 4294967295),
+        ("numeric", "12345678901234567890.000000001", "12345678901234567890.000000001"),
+        ("numeric(10,2)", "59.90", "59.90"),
+        ("numeric(30,10)", "-1.0000000000", "-1.0000000000"),
+        ("double precision", "1.5", 1.5),
+        ("double precision", "1e+100", 1e100),
+        ("real", "0.1", 0.1),
+        ("double precision", "NaN", None),  # null, as for a column of the base type
+        ("real", "-Infinity", None),
+        ("boolean", "t", True),
+        ("boolean", "f", False),
+        ("bytea", "\\x00ff", "00ff"),  # wal2json strips the \x of a bytea, not of a domain's
+        ("jsonb", '{"a": 1}', {"a": 1}),
+        # what the type never prints stays text rather than stop capture
+        ("integer", "forty-two", "forty-two"),
+        ("boolean", "maybe", "maybe"),
+    ],
+)
+def test_a_domain_arrives_as_its_base_type_gives_it(ctype, quoted, value):
+    change = decode(_row("I", [{"name": "d", "type": ctype, "value": quoted}]))
+    assert isinstance(change, RowChange)
+    got = change.new["d"]
+    assert got == value and type(got) is (JsonText if ctype == "jsonb" else type(value))
+
+
+def test_without_include_domain_data_type_a_domain_stays_text():
+    change = decode(_row("I", [{"name": "d", "type": "positive_int", "value": "42"}]))
+    assert isinstance(change, RowChange) and change.new["d"] == "42"
+
+
+def test_plain_bytea_and_numbers_are_untouched():
+    change = decode(
+        _row(
+            "I",
+            [
+                {"name": "b", "type": "bytea", "value": "00ff"},
+                {"name": "i", "type": "integer", "value": 7},
+                {"name": "f", "type": "boolean", "value": True},
+                {"name": "x", "type": "double precision", "value": 0.5},
+            ],
+        )
+    )
+    assert isinstance(change, RowChange)
+    assert change.new == {"b": "00ff", "i": 7, "f": True, "x": 0.5}

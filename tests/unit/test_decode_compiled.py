@@ -80,6 +80,30 @@ _COLUMN_TYPES = [
         "jsonb",
         st.recursive(st.none() | st.integers() | st.text(max_size=5), lambda c: st.lists(c, max_size=3)),
     ),
+    # a domain's value: quoted by wal2json, typed by its base type (include-domain-data-type)
+    ("integer", st.one_of(st.integers(-(2**31), 2**31 - 1).map(str), st.text(max_size=3)).map(json.dumps)),
+    ("bigint", st.integers(-(2**63), 2**63 - 1).map(lambda n: json.dumps(str(n)))),
+    ("smallint", st.integers(-(2**15), 2**15 - 1).map(lambda n: json.dumps(str(n)))),
+    ("oid", st.integers(0, 2**32 - 1).map(lambda n: json.dumps(str(n)))),
+    ("boolean", st.sampled_from(["t", "f", "true", ""]).map(json.dumps)),
+    (
+        "double precision",
+        st.one_of(
+            st.floats(allow_nan=False, allow_infinity=False).map(repr),
+            st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "x"]),
+        ).map(json.dumps),
+    ),
+    ("real", st.floats(width=32, allow_nan=False, allow_infinity=False).map(lambda f: json.dumps(repr(f)))),
+    ("numeric(10,2)", _numeric(10, 2).map(json.dumps)),
+    ("numeric", st.decimals(allow_nan=False, allow_infinity=False).map(lambda d: json.dumps(format(d, "f")))),
+    (
+        "bytea",
+        st.one_of(
+            st.binary(max_size=8).map(lambda b: "\\x" + b.hex()),
+            st.binary(max_size=8).map(bytes.hex),
+            st.sampled_from(["\\", "\\y"]),
+        ).map(json.dumps),
+    ),
 ]
 _STRING_TYPES = {
     "text",
