@@ -17,6 +17,7 @@ from api.errors import ApiError
 from api.exports import Exports
 from api.keys import K
 from api.limits import Usage
+from cdc import jsontext
 from cdc.decode import unix_to_iso
 from cdc.errors import ConfigError
 from config.settings import EndpointSettings, Settings
@@ -36,10 +37,14 @@ def iso(ts: float | None) -> str | None:
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, parsed exactly: an integer of any size stays that integer
+    (orjson would round one past 64 bits to a float) and goes out to receivers as sent."""
     raw = await request.read()  # over client_max_size: 413 from aiohttp
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        body = jsontext.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "bad_json", "the request body is nested too deeply") from None
+    except ValueError:  # also bad UTF-8
         raise ApiError(400, "bad_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "the request body must be a JSON object")
