@@ -277,6 +277,24 @@ def normalize(value: Any) -> Any:
     return str(value)
 
 
+# wal2json writes a type name that format_type() quotes (a type in a schema off the search
+# path, or with capitals or spaces: "Sales Ops".stage) as it is, not as a JSON string, which
+# makes the message invalid JSON.  Such a name is a run of SQL identifiers joined by dots,
+# with an optional typmod and array brackets; it starts with a quote and goes on past the
+# closing one, which a JSON string never does.  Only a message that fails to parse is
+# searched, so valid messages pay nothing.
+_IDENT = rb'(?:"(?:[^"]|"")*"|[A-Za-z_][A-Za-z0-9_$]*)'
+_RAW_TYPE = re.compile(rb'"type":("(?:[^"]|"")*"(?:\.' + _IDENT + rb"|\([0-9, ]*\)|\[\])+)(?=[,}])")
+
+
+def repair_type_names(payload: bytes | memoryview) -> bytes | None:
+    """The message with every unquoted type name made a JSON string; None if it has none."""
+    repaired, n = _RAW_TYPE.subn(
+        lambda m: b'"type":' + json.dumps(m.group(1).decode("utf-8")).encode(), bytes(payload)
+    )
+    return repaired if n else None
+
+
 def _loads(payload: bytes | memoryview) -> Any:
     try:
         return orjson.loads(payload)
@@ -374,7 +392,14 @@ def decode_python(payload: bytes | memoryview | str) -> Decoded:
     try:
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
-        obj = _loads(payload)
+        try:
+            obj = _loads(payload)
+        except ValueError:
+            repaired = repair_type_names(payload)
+            if repaired is None:
+                raise
+            payload = repaired
+            obj = _loads(payload)
         action = obj["action"]
         if action in _OPS:
             return _row(action, obj, payload)
