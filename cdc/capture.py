@@ -44,6 +44,7 @@ def wal2json_options(settings: Settings) -> dict[str, str]:
         "include-pk": "1",
         "include-transaction": "1",
         "include-types": "1",
+        "include-domain-data-type": "1",  # a domain typed by its base type: numbers stay numbers
         "add-msg-prefixes": source.HEARTBEAT_PREFIX,
     }
     if settings.source.tables:
