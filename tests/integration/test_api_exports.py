@@ -411,6 +411,35 @@ async def test_readyz_checks_source_slot_and_outbox_and_metrics_expose_them(api)
     assert f'ct1_cdc_api_requests_total{{route="{BASE}/orders",status="200"}}' in text
     assert f'ct1_cdc_api_requests_total{{route="{BASE}/orders",status="422"}}' in text
     assert "ct1_cdc_capture_lag_bytes " in text and "ct1_cdc_last_event_id 0.0" in text
+    assert "ct1_cdc_mapping_problems 0.0" in text
+
+
+async def test_a_rule_broken_by_ddl_shows_on_readyz_and_in_metrics(api, tmp_path):
+    """What capture stores when DDL breaks a rule: /readyz says degraded (still 200: the API
+    and every other rule work) with the problem and its fix; the metric counts it."""
+    from outbox import source_state
+
+    client, _get, db = api
+    db.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", db.slot)
+    problem = {
+        "kind": "missing_column",
+        "table": "public.orders",
+        "rule": 3,
+        "message": "rule 3 (order.status_changed): when_changed column 'status' does not exist in public.orders",
+        "fix": "correct when_changed in rule 3 of the mapping",
+    }
+    conn = store.open_outbox(tmp_path / "outbox.db")
+    source_state.set_problems(conn, [problem])
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 200 and body["status"] == "degraded"
+    assert body["checks"]["mapping"]["ok"] is False
+    assert [{k: p[k] for k in problem} for p in body["checks"]["mapping"]["problems"]] == [problem]
+    assert "ct1_cdc_mapping_problems 1.0" in await (await client.get("/metrics")).text()
+    source_state.set_problems(conn, [])
+    conn.close()
+    body = await (await client.get("/readyz")).json()
+    assert body["status"] == "ready" and body["checks"]["mapping"] == {"ok": True, "problems": []}
 
 
 async def test_cached_answers_are_dropped_as_soon_as_capture_commits_a_change(
