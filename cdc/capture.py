@@ -175,6 +175,8 @@ class Capture:
                 self._session()
             except SourceUnavailable as exc:
                 self.writer.rollback()
+                if not self._started:
+                    raise  # the first session must get going: a wrong DSN fails the run, not waits
                 self.stats.reconnects += 1
                 if time.monotonic() - started > 30:
                     delay = 0.2

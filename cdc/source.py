@@ -28,7 +28,8 @@ def connect(dsn: str, *, timeout: int = 10) -> Conn:
     try:
         return psycopg.connect(dsn, autocommit=True, connect_timeout=timeout)
     except psycopg.OperationalError as exc:
-        reason = (str(exc).strip().splitlines() or ["unknown error"])[-1]
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        reason = lines[0] if lines else "unknown error"  # libpq's first line says why
         raise SourceUnavailable(
             f"cannot connect to the source ({reason}): check source.dsn / CT1_SOURCE__DSN"
         ) from exc

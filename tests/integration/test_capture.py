@@ -11,6 +11,7 @@ import structlog
 from cdc import source
 from cdc.decode import parse_lsn
 from outbox import store
+from tests.conftest import MAPPING as ROOT_MAPPING
 from tests.conftest import make_settings, read_events
 
 
@@ -297,8 +298,35 @@ def test_source_errors_are_translated(tmp_path):
         source.connect("host=127.0.0.1 port=1 user=postgres connect_timeout=2")
     except Exception as exc:
         assert "cannot connect to the source" in str(exc) and "CT1_SOURCE__DSN" in str(exc)
+        assert "Connection refused" in str(exc)  # libpq's reason, not its hint line
     else:
         raise AssertionError("unreachable source must fail")
+
+
+def test_a_source_unreachable_at_the_first_session_fails_capture_instead_of_waiting(tmp_path):
+    from cdc.capture import Capture
+    from cdc.errors import SourceUnavailable
+    from cdc.mapping import load_mapping
+    from config.settings import Settings
+    from outbox.store import Router
+    from outbox.writer import OutboxWriter
+
+    settings = Settings(
+        source={"dsn": "host=127.0.0.1 port=1 user=postgres connect_timeout=2", "reconnect_max_seconds": 1},
+        outbox={"path": str(tmp_path / "o.db")},
+    )
+    writer = OutboxWriter(store.open_outbox(settings.outbox.path), Router([]))
+    capture = Capture(settings, load_mapping(str(ROOT_MAPPING)), writer)
+    started = time.monotonic()
+    try:
+        capture.run()
+    except SourceUnavailable as exc:
+        assert "Connection refused" in str(exc)
+    else:
+        raise AssertionError("capture must not wait for a source it never reached")
+    finally:
+        writer.close()
+    assert capture.stats.reconnects == 0 and time.monotonic() - started < 30
 
 
 def test_slot_lag_past_the_threshold_is_a_warning(source_db, tmp_path, run_capture):
