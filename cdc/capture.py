@@ -138,6 +138,7 @@ class Capture:
         self._shadowed: set[str] = set()
         self._warned_no_pk: set[str] = set()
         self._started = False  # a first session got going: later ones report, never refuse
+        self._reached = False  # the source accepted a connection once
         self._problems: dict[tuple[str, str, int | None, str], Problem] = {}
         self._problems_stored = True  # whether the outbox holds self._problems
         self._columns: dict[str, frozenset[str]] = {}  # each mapped table's columns, last read
@@ -175,8 +176,8 @@ class Capture:
                 self._session()
             except SourceUnavailable as exc:
                 self.writer.rollback()
-                if not self._started:
-                    raise  # the first session must get going: a wrong DSN fails the run, not waits
+                if not self._reached:
+                    raise  # never reached the source: a wrong DSN fails the run, not waits
                 self.stats.reconnects += 1
                 if time.monotonic() - started > 30:
                     delay = 0.2
@@ -192,6 +193,7 @@ class Capture:
     def _session(self) -> None:
         settings = self.settings
         conn = source.connect(settings.source.dsn)
+        self._reached = True  # from now on a lost source (or a slot still held) is retried
         stream = ReplicationStream(settings.source.dsn, self.slot, wal2json_options(settings))
         try:
             self._prepare(conn)
