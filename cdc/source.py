@@ -14,8 +14,10 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import set_json_loads
 
 from cdc.errors import SetupError, SourceUnavailable
+from cdc.jsontext import JsonText
 from cdc.mapping import quote_table
 from cdc.schema import Relation
 
@@ -214,11 +216,18 @@ def create_slot(conn: Conn, dsn: str, slot: str, on_snapshot: Callable[[str], No
     return True
 
 
+def _json_text(data: str | bytes) -> JsonText:
+    return JsonText(data if isinstance(data, str) else bytes(data).decode("utf-8"))
+
+
 def read_at_snapshot(
     dsn: str, snapshot: str, query: sql.Composed, params: tuple[Any, ...] = ()
 ) -> Iterator[tuple[Any, ...]]:
     """Stream a query's rows as of an exported snapshot (server-side cursor)."""
     with psycopg.connect(dsn, connect_timeout=10) as conn:
+        # json/jsonb as the text Postgres prints, as the WAL gives it: never parsed, so no
+        # depth or number size can fail here
+        set_json_loads(_json_text, conn)
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))

@@ -164,3 +164,27 @@ def test_domains_over_numbers_arrive_as_numbers(source_db, settings, run_capture
     assert record["qty"] == 42 and type(record["qty"]) is int
     assert record["unit"] == "59.90" and record["ratio"] == "1234567890.12345678901234567890"
     assert record["ref"] == 9223372036854775807 and record["gift"] is True
+
+
+def test_the_shadow_seed_reads_any_jsonb_depth_from_the_snapshot(source_db, tmp_path, run_capture):
+    """Seeding the shadow reads the watched columns with psycopg: a deeply nested jsonb
+    stopped the slot's creation there (RecursionError in the JSON parser)."""
+    mapping = tmp_path / "m.toml"
+    mapping.write_text(
+        '[[rule]]\ntable = "public.orders"\non = ["update"]\nwhen_changed = ["extra"]\n'
+        'emit = "order.extra_changed"\nobject = "order"\nkey = "id"\n'
+    )
+    settings = make_settings(source_db, tmp_path / "o.db", mapping={"file": str(mapping)})
+    source_db.execute("ALTER TABLE orders ADD COLUMN extra jsonb")
+    order = _order(source_db)
+    deep_text, deep_value = _deep(DEEP)
+    source_db.execute("UPDATE orders SET extra = %s::jsonb WHERE id = %s", deep_text, order)
+    capture = run_capture(settings)  # seeds the shadow with the deep value
+    capture.wait_caught_up()
+    source_db.execute("UPDATE orders SET notes = 'extra unchanged' WHERE id = %s", order)
+    source_db.execute("UPDATE orders SET extra = '{\"big\": 12345678901234567890123}' WHERE id = %s", order)
+    capture.wait_caught_up()
+    capture.stop()
+    (event,) = _events(settings.outbox.path)  # the notes update changed no watched column
+    assert event["data"]["record"]["extra"] == {"big": BIG}
+    assert _same(event["data"]["previous"]["extra"], deep_value)
