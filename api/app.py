@@ -29,6 +29,7 @@ from api.filters import LISTS
 from api.keys import EXPORT, WEBHOOKS, K, hash_key
 from api.limits import RateLimiter, Usage
 from api.webhooks import Webhooks
+from cdc.jsontext import dumps as json_bytes
 from cdc.mapping import Mapping, load_mapping
 from cdc.metrics import API_REQUESTS, CAPTURE_LAG, REGISTRY, OutboxCollector
 from config.settings import Settings
@@ -52,7 +53,7 @@ class Caller:
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+    return web.Response(body=json_bytes(body), status=status, content_type="application/json")
 
 
 def _error_body(status: int, code: str, message: str, field: str | None = None) -> web.Response:

@@ -20,7 +20,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import orjson
 import psycopg
 import psycopg_pool
 from aiohttp import web
@@ -32,6 +31,7 @@ from api.filters import LISTS, ListSpec, cursor, encode_cursor, export_format, p
 from api.params import Query
 from cdc.decode import normalize
 from cdc.errors import ConfigError
+from cdc.jsontext import dumps as json_bytes
 from config.settings import Settings
 from outbox import sqlfile
 
@@ -68,7 +68,7 @@ def _csv_cell(value: Any) -> Any:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
+        return json_bytes(value).decode()
     return value
 
 
@@ -287,7 +287,7 @@ class Exports:
         page = first
         while page:
             if fmt == "ndjson":
-                await response.write(b"".join(orjson.dumps(r) + b"\n" for r in page))
+                await response.write(b"".join(json_bytes(r) + b"\n" for r in page))
             else:
                 buf = io.StringIO()
                 out = csv.writer(buf, lineterminator="\n")
@@ -493,7 +493,7 @@ def _prefixed(row: dict[str, Any], prefix: str) -> dict[str, Any] | None:
 
 
 def _json_response(body: Any) -> web.Response:
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return web.Response(body=json_bytes(body), content_type="application/json")
 
 
 def _json_bytes(body: bytes, cache: str) -> web.Response:

@@ -493,3 +493,25 @@ async def test_customer_and_review_date_filters_match_sql(api):
     assert got == [2, 3]
     got = [r["id"] for r in await page_all(get, "/reviews", date_from="2026-02-11T12:00:00Z")]
     assert got == ids(db, "SELECT id FROM reviews WHERE created_at >= '2026-02-11 12:00:00+00' ORDER BY id")
+
+
+async def test_a_jsonb_integer_past_64_bits_exports_exactly_in_every_format(api):
+    """An order whose jsonb holds 12345678901234567890123 answered 500 (orjson refuses it)."""
+    _, get, db = api
+    big = 12345678901234567890123
+    (order,) = db.execute("SELECT min(id) FROM orders")[0]
+    db.execute(
+        "UPDATE orders SET shipping_address = %s::jsonb WHERE id = %s", json.dumps({"big": big}), order
+    )
+    detail = await get(f"/orders/{order}")
+    assert detail["data"]["shipping_address"] == {"big": big}  # json.loads keeps big integers
+    body = await get("/orders", format="ndjson")
+    rows = {r["id"]: r for r in map(json.loads, body.decode().splitlines())}
+    assert rows[order]["shipping_address"] == {"big": big}
+    page = await get("/orders", per_page=500)
+    assert {r["id"]: r for r in page["data"]}[order]["shipping_address"] == {"big": big}
+    body = await get("/orders", format="csv")
+    table = list(csv.reader(io.StringIO(body.decode())))
+    column = table[0].index("shipping_address")
+    (cell,) = [r[column] for r in table[1:] if int(r[0]) == order]
+    assert json.loads(cell) == {"big": big}
