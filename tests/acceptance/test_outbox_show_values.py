@@ -52,3 +52,7 @@ def test_outbox_show_keeps_every_value(tmp_path):
         assert json.loads(deep_json.stdout)["event"]["id"] == 2
     finally:
         sys.setrecursionlimit(limit)
+
+    listed = cli("outbox", "list", config=config)  # the readable list parsed each event's data
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[2] for line in listed.stdout.splitlines()] == ["thing.changed"] * 2
