@@ -26,7 +26,7 @@ from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, de
 from cdc.errors import CaptureError, Ct1Error, DecodeError, SetupError, SourceUnavailable
 from cdc.mapping import Mapping, apply, truncate_drafts
 from cdc.metrics import CAPTURE_LAG
-from cdc.schema import Problem, check_mapping
+from cdc.schema import Problem, check_mapping, fully_identified
 from cdc.stream import Keepalive, ReplicationStream, XLogData
 from config.settings import Settings
 from outbox import source_state
@@ -53,11 +53,13 @@ def wal2json_options(settings: Settings) -> dict[str, str]:
 
 
 def shadow_tables(conn: source.Conn, mapping: Mapping) -> set[str]:
-    """Tables with when_changed rules whose old values the WAL will not carry."""
+    """Tables with when_changed rules (or old-value conditions) whose old values the WAL
+    will not carry: not REPLICA IDENTITY FULL, on a partitioned table on every partition."""
     watched = [t for t in mapping.tables if mapping.watched(t)]
     if not watched:
         return set()
-    return source.existing_tables(conn, watched) - source.replica_identity_full(conn, watched)
+    catalog, _ = source.read_catalog(conn, [mapping.parts(t) for t in watched], names=False)
+    return {t for t, relation in catalog.items() if relation.kind in "rp" and not fully_identified(relation)}
 
 
 def ensure_slot(
@@ -140,13 +142,14 @@ class Capture:
         self._started = False  # a first session got going: later ones report, never refuse
         self._reached = False  # the source accepted a connection once
         self._problems: dict[tuple[str, str, int | None, str], Problem] = {}
-        self._problems_stored = True  # whether the outbox holds self._problems
+        self._problems_stored = False  # whether the outbox holds self._problems (clears old ones)
         self._columns: dict[str, frozenset[str]] = {}  # each mapped table's columns, last read
         self._referenced = {
             t: frozenset(c for r in rules if r.on != {"truncate"} for _, c in r.columns())
             for t, rules in mapping.by_table.items()
         }
         self._recheck_at = 0.0  # when a change hinted at DDL: re-read the catalog then
+        self._present: dict[str, frozenset[str]] = {}
         self._skips: set[int] = set()  # xids an operator asked to skip
         self._skipping: Begin | None = None  # the requested skip in progress
         self._skipped_changes = 0
@@ -367,20 +370,23 @@ class Capture:
             if txn is not None
             else ""
         )
-        log.error("capture_failed", lsn=format_lsn(lsn), xid=txn and txn.xid, error=repr(exc))
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]  # one line, never a whole row
+        log.error(
+            "capture_failed",
+            lsn=format_lsn(lsn),
+            xid=txn and txn.xid,
+            error=f"{type(exc).__name__}: {reason}",
+        )
         return CaptureError(
-            f"capture stopped {where}, transaction {txn.xid if txn else '?'}: "
-            f"{type(exc).__name__}: {exc}{hint}"
+            f"capture stopped {where}, transaction {txn.xid if txn else '?'}: {type(exc).__name__}: {reason}{hint}"
         )
 
     def _skip_requested(self, msg: Commit) -> None:
         """Pass by a transaction an operator asked to skip; the checkpoint moves past it and
         the skip is recorded with it, in the same outbox commit."""
         assert self._skipping is not None
-        self.writer.execute_in_commit(
-            source_state.S["mark_skipped"],
-            (time.time(), format_lsn(msg.end_lsn), self._skipped_changes, msg.xid),
-        )
+        lsn, changes = format_lsn(msg.end_lsn), self._skipped_changes
+        self.writer.in_commit(lambda conn: source_state.mark_skipped(conn, msg.xid, lsn, changes))
         log.warning(
             "transaction_skipped", xid=msg.xid, lsn=format_lsn(msg.end_lsn), changes=self._skipped_changes
         )
@@ -395,12 +401,15 @@ class Capture:
         tables = [self.mapping.parts(t) for t in self.mapping.tables]
         catalog, names = source.read_catalog(conn, tables)
         self._columns = {t: frozenset(r.columns) for t, r in catalog.items()}
+        # the columns rules name that exist: an insert without one of them hints at DDL
+        self._present = {t: self._referenced[t] & self._columns.get(t, frozenset()) for t in self._referenced}
+        self._parents.clear()  # a table attached as a partition since: its parent from now on
         return check_mapping(self.mapping, catalog, names)
 
     def _report(self, problems: list[Problem]) -> None:
         """Log each new problem once as an error and each one gone once; the outbox holds
         the current ones for /readyz, /metrics and `ct1-cdc slot status`."""
-        now = {(p.kind, p.table, p.rule, p.message): p for p in problems}
+        now = {p.key: p for p in problems}
         for key, problem in now.items():
             if key not in self._problems:
                 log.error(
@@ -426,7 +435,7 @@ class Capture:
         if self._recheck_at:
             return
         if not columns.issuperset(change.new) or (
-            change.op == "insert" and not change.new.keys() >= self._referenced[table]
+            change.op == "insert" and not change.new.keys() >= self._present[table]
         ):
             self._recheck_at = time.monotonic() + 1.0
 
@@ -435,7 +444,7 @@ class Capture:
             return reported
         parent = self._parents.get(reported)
         if parent is None:
-            parent = source.partition_root(conn, reported)
+            parent = source.partition_parent(conn, reported, self.mapping.by_table)
             self._parents[reported] = parent
         return parent
 

@@ -20,7 +20,7 @@ from cdc import jsontext, logs, source
 from cdc.decode import format_lsn
 from cdc.errors import ConfigError, Ct1Error
 from cdc.mapping import Mapping, load_mapping
-from cdc.schema import Problem, check_mapping, lacking_identity
+from cdc.schema import Problem, check_mapping, fully_identified, lacking_identity, leaves
 from config.settings import Settings, load_settings
 from outbox import source_state, store
 from outbox.writer import OutboxWriter
@@ -213,28 +213,39 @@ def check_source_schema(
     IDENTITY FULL, each recorded in the outbox first so `ct1-cdc detach` restores it."""
     tables = [mapping.parts(t) for t in mapping.tables]
     catalog, names = source.read_catalog(conn, tables)
-    watched = [
-        catalog[t] for t in mapping.tables if mapping.watched(t) and t in catalog and catalog[t].kind == "r"
+    shadowed = [
+        catalog[t]
+        for t in mapping.tables
+        if mapping.watched(t)
+        and t in catalog
+        and catalog[t].kind in "rp"
+        and not fully_identified(catalog[t])
     ]
-    to_full = {r.table: r for r in [*lacking_identity(mapping, catalog), *watched] if r.identity != "f"}
+    if not replica_identity_full:
+        for relation in shadowed:
+            click.echo(
+                f"note: {relation.table} has when_changed rules; without REPLICA IDENTITY FULL a shadow"
+                " of its watched columns is kept in the outbox (use --replica-identity-full)",
+                err=True,
+            )
+        return check_mapping(mapping, catalog, names)
+    relations = [r for _, r in lacking_identity(mapping, catalog)]
+    relations += [one for relation in shadowed for one in leaves(relation)]  # each partition: its own
+    to_full = {r.table: r for r in relations if r.identity != "f"}
     for relation in to_full.values():
-        if not replica_identity_full:
-            if relation.identifies_rows:
-                click.echo(
-                    f"note: {relation.table} has when_changed rules; without REPLICA IDENTITY FULL a shadow"
-                    " of its watched columns is kept in the outbox (use --replica-identity-full)",
-                    err=True,
-                )
-            continue
         index = (
             source.identity_index(conn, relation.schema, relation.name) if relation.identity == "i" else None
         )
         source_state.record_identity_change(
             outbox, relation.table, relation.schema, relation.name, relation.identity, index
         )
-        source.set_replica_identity(conn, relation.schema, relation.name, "f")
+        try:
+            source.set_replica_identity(conn, relation.schema, relation.name, "f")
+        except BaseException:
+            source_state.forget_identity_change(outbox, relation.table)  # nothing for detach to undo
+            raise
         click.echo(f"set REPLICA IDENTITY FULL on {relation.table} (`ct1-cdc detach` restores it)", err=True)
-    if replica_identity_full and to_full:
+    if to_full:
         catalog, names = source.read_catalog(conn, tables)
     return check_mapping(mapping, catalog, names)
 

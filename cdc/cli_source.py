@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
 
 from cdc import source
 from cdc.cli import emit_json, fail, handled, main, settings_of, slot
-from cdc.mapping import load_mapping
+from cdc.errors import ConfigError, SetupError
+from cdc.mapping import Mapping, load_mapping
 from cdc.schema import check_mapping
 from outbox import source_state, store
 
@@ -27,6 +30,13 @@ def _confirm(yes: bool, question: str) -> None:
     click.confirm(question, abort=True)
 
 
+def _existing_outbox(path: str) -> sqlite3.Connection:
+    """The outbox setup made; a missing file is an error here, never a new empty one."""
+    if not Path(path).exists():
+        raise SetupError(f"outbox {path} does not exist: check outbox.path (setup keeps its records there)")
+    return store.open_outbox(path)
+
+
 @slot.command("status")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -35,11 +45,20 @@ def slot_status(ctx: click.Context, as_json: bool) -> None:
     """Confirmed LSN, lag in bytes, wal_status and safe_wal_size of the slot; the mapping
     checked against the live schema; transactions asked to be skipped."""
     settings = settings_of(ctx)
-    mapping = load_mapping(settings.mapping.file)
+    try:
+        mapping: Mapping | None = load_mapping(settings.mapping.file)
+    except ConfigError as exc:  # the slot's health needs no mapping: still shown
+        mapping, mapping_error = None, str(exc)
+    problems: list[dict[str, Any]] = []
     with source.connect(settings.source.dsn) as conn:
         status = source.slot_status(conn, settings.source.slot)
-        catalog, names = source.read_catalog(conn, [mapping.parts(t) for t in mapping.tables])
-        problems = [p.as_dict() for p in check_mapping(mapping, catalog, names)]
+        if mapping is not None:
+            catalog, names = source.read_catalog(conn, [mapping.parts(t) for t in mapping.tables])
+            problems = [p.as_dict() for p in check_mapping(mapping, catalog, names)]
+        else:
+            problems = [
+                {"kind": "mapping_file", "table": None, "rule": None, "message": mapping_error, "fix": ""}
+            ]
     if status is None:
         fail(f"slot {settings.source.slot} does not exist: run `ct1-cdc setup`")
     assert status is not None
@@ -51,7 +70,7 @@ def slot_status(ctx: click.Context, as_json: bool) -> None:
     if outbox is not None:
         try:
             skips = source_state.skips(outbox)
-        except Exception:  # an outbox older than skips: nothing was asked
+        except sqlite3.OperationalError:  # an outbox older than skips: nothing was asked
             skips = []
         finally:
             outbox.close()
@@ -60,7 +79,7 @@ def slot_status(ctx: click.Context, as_json: bool) -> None:
         return
     for key, value in status.items():
         click.echo(f"{key:<20} {value}")
-    if not problems:
+    if not problems and mapping is not None:
         click.echo(f"{'mapping':<20} ok ({len(mapping.tables)} tables)")
     for problem in problems:
         click.echo(f"{'mapping':<20} BROKEN: {problem['message']} -> fix: {problem['fix']}")
@@ -88,7 +107,7 @@ def slot_drop(ctx: click.Context, yes: bool) -> None:
 
 
 @slot.command("skip")
-@click.argument("xid", type=click.IntRange(min=1))
+@click.argument("xid", type=click.IntRange(min=1, max=2**32 - 1))
 @click.option("--yes", is_flag=True, help="do not ask")
 @click.pass_context
 @handled
@@ -100,7 +119,7 @@ def slot_skip(ctx: click.Context, xid: int, yes: bool) -> None:
     recorded in the outbox with the checkpoint that passes it (`slot status` shows it)."""
     settings = settings_of(ctx)
     _confirm(yes, f"skip source transaction {xid}? its changes will not be captured")
-    conn = store.open_outbox(settings.outbox.path)
+    conn = _existing_outbox(settings.outbox.path)
     try:
         source_state.request_skip(conn, xid)
     finally:
@@ -132,14 +151,10 @@ def detach(ctx: click.Context, yes: bool, as_json: bool) -> None:
         else:
             click.echo(f"{action}: " + ", ".join(f"{k} {v}" for k, v in fields.items()))
 
+    outbox = _existing_outbox(settings.outbox.path)  # before anything changes: what to restore
     with source.connect(settings.source.dsn) as conn:
         dropped = source.drop_slot(conn, name)
         report("slot_dropped" if dropped else "slot_absent", slot=name)
-        try:
-            outbox = store.open_outbox(settings.outbox.path)
-        except store.OutboxError as exc:
-            fail(f"slot handled, but the outbox cannot be read to restore replica identities: {exc}")
-            return
         try:
             names = {"d": "DEFAULT", "n": "NOTHING", "i": "USING INDEX"}
             for table, schema, rel, identity, index in source_state.identity_changes(outbox):

@@ -69,6 +69,12 @@ class Problem:
     def line(self) -> str:
         return f"{self.message}; fix: {self.fix}"
 
+    @property
+    def key(self) -> tuple[str, str, int | None, str]:
+        """What identifies the problem: the same while it lasts, whatever a did-you-mean
+        suggests meanwhile."""
+        return (self.kind, self.table, self.rule, self.message.split(" (did you mean")[0])
+
 
 def _suggest(name: str, candidates: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
@@ -79,18 +85,29 @@ def identity_fix(relation: Relation) -> str:
     return f"ALTER TABLE {quote_table(relation.schema, relation.name)} REPLICA IDENTITY FULL"
 
 
-def lacking_identity(mapping: Mapping, catalog: dict[str, Relation]) -> list[Relation]:
-    """Tables (partitions one by one) whose updates and deletes some rule needs but
-    Postgres would not send: no primary key under the default replica identity, or none."""
+def leaves(relation: Relation) -> tuple[Relation, ...]:
+    """The relations that hold a table's rows: its partitions, or the table itself."""
+    return relation.partitions if relation.kind == "p" else (relation,)
+
+
+def lacking_identity(mapping: Mapping, catalog: dict[str, Relation]) -> list[tuple[str, Relation]]:
+    """(mapped table, relation) of every table, partitions one by one, whose updates and
+    deletes some rule needs but Postgres would not send: no primary key under the default
+    replica identity, or none."""
     lacking = []
     for table in mapping.tables:
         relation = catalog.get(table)
         if relation is None or not mapping.identity_needed(table):
             continue
-        for one in relation.partitions if relation.kind == "p" else (relation,):
-            if not one.identifies_rows:
-                lacking.append(one)
+        lacking += [(table, one) for one in leaves(relation) if not one.identifies_rows]
     return lacking
+
+
+def fully_identified(relation: Relation) -> bool:
+    """Whether every update of the table carries all old values (REPLICA IDENTITY FULL on
+    the table, or on every partition: a partitioned parent's own setting reaches none)."""
+    parts = leaves(relation)
+    return bool(parts) and all(one.identity == "f" for one in parts)
 
 
 def check_mapping(mapping: Mapping, catalog: dict[str, Relation], all_tables: Iterable[str]) -> list[Problem]:
@@ -142,9 +159,8 @@ def check_mapping(mapping: Mapping, catalog: dict[str, Relation], all_tables: It
                         rule.number,
                     )
                 )
-    for relation in lacking_identity(mapping, catalog):
-        parent = next((t for t in mapping.tables if relation in catalog[t].partitions), None)
-        what = f"partition {relation.table} of {parent}" if parent else relation.table
+    for table, relation in lacking_identity(mapping, catalog):
+        what = relation.table if relation.table == table else f"partition {relation.table} of {table}"
         why = "replica identity NOTHING" if relation.identity == "n" else "no primary key"
         problems.append(
             Problem(

@@ -8,7 +8,7 @@ something) or :class:`SourceUnavailable` (retry later).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,20 +295,23 @@ def heartbeat(conn: Conn) -> None:
 # -- tables ---------------------------------------------------------------------------------
 
 
-def partition_root(conn: Conn, table: str) -> str:
-    """The top-most parent of a partition, or the table itself (``table`` as wal2json
-    reports it: schema and name joined by a dot, unquoted)."""
-    row = conn.execute(
+def partition_parent(conn: Conn, table: str, mapped: Container[str]) -> str:
+    """The nearest ancestor of a partition that is ``mapped`` (else its top-most parent),
+    or the table itself when it is mapped or no partition (``table`` as wal2json reports
+    it: schema and name joined by a dot, unquoted)."""
+    rows = conn.execute(
         """
-        SELECT rn.nspname || '.' || r.relname
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN pg_class r ON r.oid = pg_partition_root(c.oid)
-        JOIN pg_namespace rn ON rn.oid = r.relnamespace
+        SELECT an.nspname || '.' || a.relname
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+             LATERAL pg_partition_ancestors(c.oid) WITH ORDINALITY AS p(relid, depth)
+        JOIN pg_class a ON a.oid = p.relid JOIN pg_namespace an ON an.oid = a.relnamespace
         WHERE n.nspname || '.' || c.relname = %s AND c.relkind IN ('r', 'p')
+        ORDER BY p.depth
         """,
         (table,),
-    ).fetchone()
-    return str(row[0]) if row and row[0] else table
+    ).fetchall()
+    chain = [str(r[0]) for r in rows]  # the table itself first, then parent, grandparent...
+    return next((t for t in chain if t in mapped), chain[-1] if chain else table)
 
 
 _RELATIONS = """
@@ -322,9 +325,12 @@ _RELATIONS = """
 """
 
 
-def read_catalog(conn: Conn, tables: list[tuple[str, str]]) -> tuple[dict[str, Relation], list[str]]:
-    """What the catalog says of each (schema, name), partitions included, and the name of
-    every table a mapping could name (for did-you-mean)."""
+def read_catalog(
+    conn: Conn, tables: list[tuple[str, str]], *, names: bool = True
+) -> tuple[dict[str, Relation], list[str]]:
+    """What the catalog says of each (schema, name), partitions included, and (``names``,
+    and only when one of ``tables`` is missing) the name of every table a mapping could
+    name, for a did-you-mean."""
     catalog: dict[str, Relation] = {}
     if tables:
         rows = conn.execute(
@@ -347,7 +353,9 @@ def read_catalog(conn: Conn, tables: list[tuple[str, str]]) -> tuple[dict[str, R
             catalog[f"{schema}.{name}"] = Relation(
                 schema, name, kind, ident, pk, ident_index, tuple(columns), partitions
             )
-    names = [
+    if not names or len(catalog) == len(set(tables)):
+        return catalog, []
+    known = [
         r[0]
         for r in conn.execute(
             """
@@ -358,7 +366,7 @@ def read_catalog(conn: Conn, tables: list[tuple[str, str]]) -> tuple[dict[str, R
             """
         ).fetchall()
     ]
-    return catalog, names
+    return catalog, known
 
 
 def identity_index(conn: Conn, schema: str, name: str) -> str | None:
@@ -373,19 +381,6 @@ def identity_index(conn: Conn, schema: str, name: str) -> str | None:
         (schema, name),
     ).fetchone()
     return None if row is None else str(row[0])
-
-
-def replica_identity_full(conn: Conn, tables: list[str]) -> set[str]:
-    """Which of ``tables`` have REPLICA IDENTITY FULL."""
-    rows = conn.execute(
-        """
-        SELECT n.nspname || '.' || c.relname
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relreplident = 'f' AND n.nspname || '.' || c.relname = ANY(%s)
-        """,
-        (tables,),
-    ).fetchall()
-    return {r[0] for r in rows}
 
 
 def set_replica_identity(conn: Conn, schema: str, name: str, identity: str, index: str | None = None) -> None:
@@ -406,15 +401,3 @@ def set_replica_identity(conn: Conn, schema: str, name: str, identity: str, inde
             f"cannot change the replica identity of {schema}.{name}: only its owner can; run as the owner: "
             f"ALTER TABLE {quote_table(schema, name)} REPLICA IDENTITY {clause or 'USING INDEX ' + str(index)}"
         ) from exc
-
-
-def existing_tables(conn: Conn, tables: list[str]) -> set[str]:
-    rows = conn.execute(
-        """
-        SELECT n.nspname || '.' || c.relname
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = ANY(%s)
-        """,
-        (tables,),
-    ).fetchall()
-    return {r[0] for r in rows}

@@ -91,7 +91,8 @@ def pending_skips(conn: sqlite3.Connection) -> set[int]:
 
 
 def mark_skipped(conn: sqlite3.Connection, xid: int, lsn: str, changes: int) -> None:
-    """Called by capture inside its own open transaction: commits with the checkpoint."""
+    """Run inside capture's group commit (``OutboxWriter.in_commit``): durable with the
+    checkpoint that passes the transaction."""
     conn.execute(S["mark_skipped"], (time.time(), lsn, changes, xid))
 
 

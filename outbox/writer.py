@@ -18,6 +18,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from cdc.jsontext import JsonText, loads
@@ -133,11 +134,11 @@ class OutboxWriter:
         if slot is not None:
             self.durable_lsn = lsn
 
-    def execute_in_commit(self, statement: str, params: tuple[Any, ...]) -> None:
-        """Run one outbox statement inside the current group commit: it becomes durable
-        with the events and the checkpoint, or not at all (e.g. recording a skip)."""
+    def in_commit(self, write: Callable[[sqlite3.Connection], None]) -> None:
+        """``write(conn)`` inside the current group commit: durable with the events and the
+        checkpoint, or not at all (e.g. recording a skipped transaction)."""
         self._begin()
-        self.conn.execute(statement, params)
+        write(self.conn)
 
     def rollback(self) -> None:
         self._events.clear()

@@ -116,3 +116,21 @@ def test_setup_names_typos_with_did_you_mean_and_slot_status_shows_ddl_breakage(
         in status.stdout
     )
     assert "did you mean 'state'" in status.stdout
+
+
+def test_detach_and_skip_refuse_a_missing_outbox_before_touching_anything(source_db, tmp_path):
+    config = config_with(
+        tmp_path, source_db, RULES.split("[[rule]]")[0] + "[[rule]]" + RULES.split("[[rule]]")[2]
+    )
+    assert cli("setup", "--no-probe", config=config).returncode == 0
+    (tmp_path / "o.db").rename(tmp_path / "moved.db")
+    refused = cli("detach", "--yes", config=config)
+    assert refused.returncode == 1 and "outbox" in refused.stderr and "does not exist" in refused.stderr
+    slots = source_db.execute(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", source_db.slot
+    )
+    assert slots == [(1,)]  # the slot is still there: nothing was done half
+    assert not (tmp_path / "o.db").exists()  # and no empty outbox was made
+    skip = cli("slot", "skip", "731", "--yes", config=config)
+    assert skip.returncode == 1 and "does not exist" in skip.stderr
+    assert "4294967296" in cli("slot", "skip", "4294967296", "--yes", config=config).stderr

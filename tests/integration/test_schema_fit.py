@@ -254,3 +254,84 @@ def test_an_unforeseen_error_names_the_change_and_one_transaction_can_be_skipped
     status = json.loads(cli("slot", "status", "--json", config=config).stdout)
     (skip,) = status["skipped_transactions"]
     assert skip["xid"] == xid and skip["changes"] == 2 and skip["skipped_at"] is not None
+
+
+def test_problems_stored_by_an_earlier_run_are_cleared_by_a_run_that_fits(source_db, settings, run_capture):
+    """The usual repair: fix the mapping, restart. /readyz must not stay degraded."""
+    conn = store.open_outbox(settings.outbox.path)
+    stale = {"kind": "missing_column", "table": "public.orders", "rule": 1, "message": "old", "fix": "x"}
+    source_state.set_problems(conn, [stale])
+    conn.close()
+    capture = run_capture(settings)
+    capture.wait_caught_up()
+    deadline = time.monotonic() + 20
+    while True:
+        with store.connect(settings.outbox.path, readonly=True) as conn:
+            if source_state.problems_of(conn) == []:
+                break
+        assert time.monotonic() < deadline, "stale mapping problems were never cleared"
+        time.sleep(0.1)
+    capture.stop()
+
+
+def test_a_mapped_sub_partitioned_table_gets_its_own_changes(source_db, tmp_path, run_capture):
+    source_db.execute("CREATE TABLE sales (id bigint, region text, y int) PARTITION BY LIST (region)")
+    source_db.execute("CREATE TABLE sales_eu PARTITION OF sales FOR VALUES IN ('eu') PARTITION BY RANGE (y)")
+    source_db.execute("CREATE TABLE sales_eu_2026 PARTITION OF sales_eu FOR VALUES FROM (2026) TO (2027)")
+    source_db.execute("CREATE TABLE sales_us PARTITION OF sales FOR VALUES IN ('us')")
+    rules = rule(table="public.sales_eu", on='["insert"]') + rule(table="public.sales", on='["insert"]')
+    settings = mapped(source_db, tmp_path, rules.replace('emit = "x.changed"', 'emit = "sale.added"', 1))
+    capture = run_capture(settings)
+    capture.wait_caught_up()
+    source_db.execute("INSERT INTO sales VALUES (1, 'eu', 2026), (2, 'us', 2026)")
+    capture.wait_caught_up()
+    capture.stop()
+    events = read_events(settings.outbox.path)
+    assert [(e["type"], e["source"]["table"], e["data"]["id"]) for e in events] == [
+        ("sale.added", "public.sales_eu", 1),  # the nearest mapped ancestor, not the root
+        ("x.changed", "public.sales", 2),
+    ]
+
+
+def test_full_identity_on_a_partitioned_parent_alone_keeps_the_shadow(source_db, tmp_path, run_capture):
+    """ALTER TABLE parent REPLICA IDENTITY FULL reaches no partition: the old values still
+    come only from the shadow, so an unchanged status must not fire when_changed."""
+    source_db.execute(
+        "CREATE TABLE sales (id bigint PRIMARY KEY, status text, note text) PARTITION BY HASH (id)"
+    )
+    source_db.execute("CREATE TABLE sales_0 PARTITION OF sales FOR VALUES WITH (MODULUS 1, REMAINDER 0)")
+    source_db.execute("ALTER TABLE sales REPLICA IDENTITY FULL")
+    source_db.execute("INSERT INTO sales VALUES (1, 'open', 'a')")
+    settings = mapped(
+        source_db, tmp_path, rule(table="public.sales", on='["update"]', extra='when_changed = ["status"]')
+    )
+    capture = run_capture(settings)
+    capture.wait_caught_up()
+    source_db.execute("UPDATE sales SET note = 'b' WHERE id = 1")
+    source_db.execute("UPDATE sales SET status = 'closed' WHERE id = 1")
+    capture.wait_caught_up()
+    capture.stop()
+    events = read_events(settings.outbox.path)
+    assert [(e["data"]["record"]["status"], e["data"]["previous"]) for e in events] == [
+        ("closed", {"status": "open"})
+    ]
+
+
+def test_one_truncate_of_two_mapped_tables_is_one_event_each(source_db, tmp_path, run_capture):
+    source_db.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    source_db.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    wipe = (
+        '[[rule]]\ntable = "public.{t}"\non = ["truncate"]\nemit = "{t}.wiped"\nobject = "{t}"\nkey = "id"\n'
+    )
+    settings = mapped(source_db, tmp_path, wipe.format(t="a") + wipe.format(t="b"))
+    capture = run_capture(settings)
+    capture.wait_caught_up()
+    source_db.execute("TRUNCATE a, b")
+    capture.wait_caught_up()
+    capture.stop()
+    events = read_events(settings.outbox.path)
+    assert [(e["type"], e["data"]["record"]) for e in events] == [
+        ("a.wiped", {"truncated": ["public.a"]}),
+        ("b.wiped", {"truncated": ["public.b"]}),
+    ]
+    assert events[0]["source"]["lsn"] == events[1]["source"]["lsn"]

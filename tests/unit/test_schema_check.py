@@ -112,7 +112,9 @@ def test_partitions_are_checked_one_by_one():
         kind="p",
         partitions=[table("sales_eu", ["id", "region"]), table("sales_default", ["id", "region"], pk=False)],
     )
-    assert [r.table for r in lacking_identity(MAPPING, catalog)] == ["public.sales_default"]
+    assert [(t, r.table) for t, r in lacking_identity(MAPPING, catalog)] == [
+        ("public.sales", "public.sales_default")
+    ]
     (problem,) = check_mapping(MAPPING, catalog, catalog)
     assert "partition public.sales_default of public.sales" in problem.message
     assert problem.fix.startswith("ALTER TABLE public.sales_default REPLICA IDENTITY FULL")
@@ -123,3 +125,32 @@ def test_views_are_not_tables():
     catalog["public.feed"] = table("feed", ["id"], kind="v")
     (problem,) = check_mapping(MAPPING, catalog, catalog)
     assert problem.kind == "not_a_table" and "is a view" in problem.message
+
+
+def test_a_missing_table_beside_one_without_identity_reports_both():
+    catalog = good_catalog()
+    del catalog["public.orders"]
+    catalog["public.audit"] = table("audit", ["user_id", "action"], pk=False)
+    problems = check_mapping(MAPPING, catalog, catalog)
+    assert [(p.kind, p.table) for p in problems] == [
+        ("missing_table", "public.orders"),
+        ("no_identity", "public.audit"),
+    ]
+
+
+def test_a_problem_keeps_its_identity_whatever_the_suggestion():
+    catalog = good_catalog()
+    catalog["public.audit"] = table("audit", ["userid"], identity="f", pk=False)
+    (first,) = check_mapping(MAPPING, catalog, catalog)
+    catalog["public.audit"] = table("audit", ["userid", "user_idx"], identity="f", pk=False)
+    (second,) = check_mapping(MAPPING, catalog, catalog)
+    assert first.message != second.message and first.key == second.key
+
+
+def test_full_identity_of_a_partitioned_table_means_every_partition():
+    from cdc.schema import fully_identified
+
+    eu, other = table("sales_eu", ["id"], identity="f"), table("sales_other", ["id"])
+    assert not fully_identified(table("sales", ["id"], kind="p", identity="f", partitions=[eu, other]))
+    assert fully_identified(table("sales", ["id"], kind="p", partitions=[eu, eu]))
+    assert fully_identified(table("t", ["id"], identity="f")) and not fully_identified(table("t", ["id"]))
