@@ -32,6 +32,7 @@ class Relation:
     has_identity_index: bool
     columns: tuple[str, ...] = ()
     partitions: tuple[Relation, ...] = field(default_factory=tuple)  # leaves of a partitioned table
+    enums: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (column, labels) of enum-typed columns
 
     @property
     def table(self) -> str:
@@ -159,6 +160,30 @@ def check_mapping(mapping: Mapping, catalog: dict[str, Relation], all_tables: It
                         rule.number,
                     )
                 )
+    for table in mapping.tables:
+        relation = catalog.get(table)
+        if relation is None or not relation.enums:
+            continue
+        labels = dict(relation.enums)
+        for rule in mapping.by_table[table]:
+            for cond in rule.conditions:
+                if cond.column not in labels:
+                    continue
+                named = [cond.old, cond.new, *(cond.old_in or ()), *(cond.new_in or ())]
+                for value in (v for v in named if v is not None):
+                    if str(value) in labels[cond.column]:
+                        continue
+                    problems.append(
+                        Problem(
+                            "unknown_value",
+                            table,
+                            f"rule {rule.number} ({rule.emit}): {value!r} is not a value of the enum column "
+                            f"{cond.column!r} in {table}, so the condition never holds"
+                            f"{_suggest(str(value), labels[cond.column])}",
+                            f"use one of {', '.join(labels[cond.column])} in rule {rule.number} of the mapping",
+                            rule.number,
+                        )
+                    )
     for table, relation in lacking_identity(mapping, catalog):
         what = relation.table if relation.table == table else f"partition {relation.table} of {table}"
         why = "replica identity NOTHING" if relation.identity == "n" else "no primary key"

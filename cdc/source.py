@@ -350,8 +350,25 @@ def read_catalog(
                     Relation(ls, ln, lk, li, lpk, lii, tuple(lc))
                     for ls, ln, lk, li, lpk, lii, lc, _ in leaves
                 )
+            enums = conn.execute(
+                """
+                SELECT a.attname::text, array_agg(e.enumlabel::text ORDER BY e.enumsortorder)
+                FROM pg_attribute a JOIN pg_enum e ON e.enumtypid = a.atttypid
+                WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+                GROUP BY a.attname ORDER BY a.attname
+                """,
+                (oid,),
+            ).fetchall()
             catalog[f"{schema}.{name}"] = Relation(
-                schema, name, kind, ident, pk, ident_index, tuple(columns), partitions
+                schema,
+                name,
+                kind,
+                ident,
+                pk,
+                ident_index,
+                tuple(columns),
+                partitions,
+                tuple((column, tuple(labels)) for column, labels in enums),
             )
     if not names or len(catalog) == len(set(tables)):
         return catalog, []

@@ -154,3 +154,18 @@ def test_full_identity_of_a_partitioned_table_means_every_partition():
     assert not fully_identified(table("sales", ["id"], kind="p", identity="f", partitions=[eu, other]))
     assert fully_identified(table("sales", ["id"], kind="p", partitions=[eu, eu]))
     assert fully_identified(table("t", ["id"], identity="f")) and not fully_identified(table("t", ["id"]))
+
+
+def test_a_condition_value_an_enum_cannot_hold_is_a_problem():
+    mapping = parse_mapping(
+        '[[rule]]\ntable = "public.deals"\non = ["update"]\n'
+        'when = [{ column = "stage", old_in = ["draft"], new = "wonn" }]\n'
+        'emit = "deal.won"\nobject = "deal"\nkey = "id"\n'
+    )
+    deals = Relation(
+        "public", "deals", "r", "d", True, False, ("id", "stage"), (), (("stage", ("draft", "won")),)
+    )
+    (problem,) = check_mapping(mapping, {"public.deals": deals}, ["public.deals"])
+    assert problem.kind == "unknown_value"
+    assert "'wonn' is not a value of the enum column 'stage'" in problem.message
+    assert "did you mean 'won'" in problem.message and problem.fix.startswith("use one of draft, won")
