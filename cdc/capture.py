@@ -150,6 +150,7 @@ class Capture:
         }
         self._recheck_at = 0.0  # when a change hinted at DDL: re-read the catalog then
         self._present: dict[str, frozenset[str]] = {}
+        self._hinted: set[str] = set()  # tables whose columns this transaction already showed
         self._skips: set[int] = set()  # xids an operator asked to skip
         self._skipping: Begin | None = None  # the requested skip in progress
         self._skipped_changes = 0
@@ -327,6 +328,7 @@ class Capture:
                 raise self._stopped_by(exc, msg, frame.wal_start) from exc
         elif isinstance(msg, Begin):
             self._in_txn = msg
+            self._hinted.clear()
             self._skip_txn = msg.end_lsn <= self._resume
             if not self._skip_txn and msg.xid in self._skips:
                 self._skip_txn = True
@@ -459,7 +461,8 @@ class Capture:
         if not change.pk and table not in self._warned_no_pk:
             self._warned_no_pk.add(table)
             log.warning("table_without_primary_key", table=table)
-        if change.op != "delete":
+        if change.op != "delete" and table not in self._hinted:
+            self._hinted.add(table)  # the first row of each table per transaction is enough
             self._schema_hint(table, change)
         shadow = None
         shadow_key = None
