@@ -11,8 +11,17 @@ from typing import Any
 CLI = str(Path(sys.executable).parent / "ct1-cdc")
 
 
-def write_config(path: Path, dsn: str, slot: str, outbox: Path, **extra: Any) -> Path:
+def write_config(
+    path: Path, dsn: str, slot: str, outbox: Path, *, mapping: str | None = None, **extra: Any
+) -> Path:
+    """A config file; ``mapping``, the text of a mapping file written beside it (default:
+    the marketplace's)."""
     from tests.conftest import MAPPING
+
+    mapping_file = MAPPING
+    if mapping is not None:
+        mapping_file = path.with_name(path.stem + ".mapping.toml")
+        mapping_file.write_text(mapping)
 
     lines = [
         "[source]",
@@ -24,7 +33,7 @@ def write_config(path: Path, dsn: str, slot: str, outbox: Path, **extra: Any) ->
         "[outbox]",
         f"path = {str(outbox)!r}",
         "[mapping]",
-        f"file = {str(MAPPING)!r}",
+        f"file = {str(mapping_file)!r}",
     ]
     for key, value in extra.items():
         lines.append(f"{key} = {value!r}")

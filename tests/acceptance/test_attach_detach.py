@@ -34,15 +34,7 @@ def identities(db) -> dict[str, str]:
 
 
 def config_with(tmp_path, db, rules: str):
-    """A config whose [mapping] file holds ``rules``."""
-    mapping = tmp_path / "m.toml"
-    mapping.write_text(rules)
-    config = write_config(tmp_path / "c.toml", db.dsn, db.slot, tmp_path / "o.db")
-    lines = [
-        f"file = {str(mapping)!r}" if x.startswith("file = ") else x for x in config.read_text().splitlines()
-    ]
-    config.write_text("\n".join(lines) + "\n")
-    return config
+    return write_config(tmp_path / "c.toml", db.dsn, db.slot, tmp_path / "o.db", mapping=rules)
 
 
 def test_setup_refuses_lost_deletes_fixes_them_on_request_and_detach_restores(source_db, tmp_path):

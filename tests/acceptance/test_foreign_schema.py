@@ -97,13 +97,9 @@ def wait_events(config, count: int, run, timeout: float = 60) -> list[dict]:
 
 def test_a_foreign_schema_captured_exactly_across_ddl_and_kill_9(source_db, tmp_path):
     source_db.execute(SCHEMA)
-    mapping = tmp_path / "m.toml"
-    mapping.write_text(MAPPING)
-    config = write_config(tmp_path / "c.toml", source_db.dsn, source_db.slot, tmp_path / "o.db")
-    lines = [
-        f"file = {str(mapping)!r}" if x.startswith("file = ") else x for x in config.read_text().splitlines()
-    ]
-    config.write_text("\n".join(lines) + "\n")
+    config = write_config(
+        tmp_path / "c.toml", source_db.dsn, source_db.slot, tmp_path / "o.db", mapping=MAPPING
+    )
 
     setup = cli("setup", "--no-probe", config=config)
     assert setup.returncode == 0, setup.stdout + setup.stderr

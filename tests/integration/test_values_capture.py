@@ -13,6 +13,7 @@ import pytest
 from cdc import capture as capture_module
 from outbox import store
 from tests.conftest import make_settings
+from tests.outbox_helpers import same_json
 
 BIG = 12345678901234567890123
 DEEP = 5000  # levels: past orjson (254 out, 1024 in) and Python's recursion limit
@@ -38,26 +39,6 @@ def _events(path: str | Path, after: int = 0) -> list[dict[str, Any]]:
         conn.close()
 
 
-def _same(got: Any, want: Any) -> bool:
-    """Equal and of the same JSON kind all the way down, without recursion."""
-    stack = [(got, want)]
-    while stack:
-        a, b = stack.pop()
-        if type(a) is not type(b):
-            return False
-        if isinstance(a, dict):
-            if list(a) != list(b):
-                return False
-            stack.extend((a[k], b[k]) for k in a)
-        elif isinstance(a, list):
-            if len(a) != len(b):
-                return False
-            stack.extend(zip(a, b, strict=True))
-        elif a != b:
-            return False
-    return True
-
-
 def _order(db) -> int:
     user = db.execute("INSERT INTO users (name, email, password) VALUES ('u', 'u@x', 'p') RETURNING id")[0][0]
     return int(db.execute("INSERT INTO orders (user_id, total) VALUES (%s, 10) RETURNING id", user)[0][0])
@@ -81,7 +62,7 @@ def test_a_jsonb_integer_past_64_bits_and_deep_nesting_never_stop_capture(source
     updated = [e for e in events if e["type"] == "order.updated"]
     # (an unchanged value stored out of line, TOAST, is absent from later updates)
     extras = [e["data"]["record"].get("extra", "absent") for e in updated]
-    assert _same(extras, [{"big": BIG}, deep_value, "absent"])
+    assert same_json(extras, [{"big": BIG}, deep_value, "absent"])
     assert [e["data"]["record"]["status"] for e in updated] == ["pending", "pending", "shipped"]
     (shipped,) = [e for e in events if e["type"] == "order.status_changed"]
     assert shipped["data"]["previous"] == {"status": "pending"}
@@ -125,8 +106,8 @@ def test_a_watched_jsonb_column_goes_through_the_shadow_exactly(source_db, tmp_p
     again.wait_caught_up()
     again.stop()
     events = _events(settings.outbox.path)
-    assert _same([e["data"]["record"]["extra"] for e in events], [deep_value, [1]])
-    assert _same([e["data"]["previous"]["extra"] for e in events], [{"big": BIG}, deep_value])
+    assert same_json([e["data"]["record"]["extra"] for e in events], [deep_value, [1]])
+    assert same_json([e["data"]["previous"]["extra"] for e in events], [{"big": BIG}, deep_value])
 
 
 @pytest.fixture
@@ -187,4 +168,4 @@ def test_the_shadow_seed_reads_any_jsonb_depth_from_the_snapshot(source_db, tmp_
     capture.stop()
     (event,) = _events(settings.outbox.path)  # the notes update changed no watched column
     assert event["data"]["record"]["extra"] == {"big": BIG}
-    assert _same(event["data"]["previous"]["extra"], deep_value)
+    assert same_json(event["data"]["previous"]["extra"], deep_value)

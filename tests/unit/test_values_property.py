@@ -27,6 +27,7 @@ from cdc.mapping import apply, parse_mapping
 from outbox import store
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
+from tests.outbox_helpers import same_json
 
 MAPPING = parse_mapping(
     """
@@ -251,27 +252,6 @@ def _deep_enough() -> Iterator[None]:
         sys.setrecursionlimit(limit)
 
 
-def _exactly(got: Any, want: Any) -> bool:
-    """Equal and of the same JSON kind all the way down (1, 1.0 and true differ), without
-    recursion."""
-    stack = [(got, want)]
-    while stack:
-        a, b = stack.pop()
-        if type(a) is not type(b):
-            return False
-        if isinstance(a, dict):
-            if list(a) != list(b):
-                return False
-            stack.extend((a[k], b[k]) for k in a)
-        elif isinstance(a, list):
-            if len(a) != len(b):
-                return False
-            stack.extend(zip(a, b, strict=True))
-        elif a != b:
-            return False
-    return True
-
-
 # -- the property ---------------------------------------------------------------------------
 
 
@@ -327,14 +307,14 @@ def test_every_value_reaches_the_receiver_exactly(decoder, writer, new, old):
         data = event["data"]
         want = _record(42, identity if action == "D" else cols)
         assert data["id"] == 42
-        assert _exactly(data["record"], want)
+        assert same_json(data["record"], want)
         if action == "U":  # previous: the old value of every column whose value changed
             previous = data["previous"]
             for n, (before, after) in enumerate(zip(old, new, strict=True)):
-                if _exactly(before.want, after.want) and before.type == after.type:
+                if same_json(before.want, after.want) and before.type == after.type:
                     assert f"c{n}" not in previous
                 elif f"c{n}" in previous:
-                    assert _exactly(previous[f"c{n}"], before.want)
+                    assert same_json(previous[f"c{n}"], before.want)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -381,7 +361,7 @@ def test_lossless_json_helpers():
     assert dumps({"j": JsonText('[1, {"x": 2e400}]')}) == b'{"j":[1, {"x": 2e400}]}'
     text, value = _deep(DEEP, big, as_object=False)
     with _deep_enough():
-        assert _exactly(json.loads(dumps(value)), value)  # any depth, big integers included
+        assert same_json(json.loads(dumps(value)), value)  # any depth, big integers included
     assert dumps(JsonText(text)) == text.encode()
     assert JsonText('{"a": 1}') == {"a": 1} and JsonText('"x"') == "x" and JsonText("null") == None  # noqa: E711
     assert JsonText('{"a": 1}') != JsonText('{"a":1}')  # jsonb prints one text per value
