@@ -22,6 +22,7 @@ import psycopg.sql
 import structlog
 
 from cdc import source
+from cdc.catalog import partition_parent, read_catalog
 from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, decode, format_lsn, normalize
 from cdc.errors import CaptureError, Ct1Error, DecodeError, SetupError, SourceUnavailable
 from cdc.mapping import Mapping, apply, truncate_drafts
@@ -58,7 +59,7 @@ def shadow_tables(conn: source.Conn, mapping: Mapping) -> set[str]:
     watched = [t for t in mapping.tables if mapping.watched(t)]
     if not watched:
         return set()
-    catalog, _ = source.read_catalog(conn, [mapping.parts(t) for t in watched], names=False)
+    catalog, _ = read_catalog(conn, [mapping.parts(t) for t in watched], names=False)
     return {t for t, relation in catalog.items() if relation.kind in "rp" and not fully_identified(relation)}
 
 
@@ -401,7 +402,7 @@ class Capture:
     def _read_schema(self, conn: source.Conn) -> list[Problem]:
         self._recheck_at = 0.0
         tables = [self.mapping.parts(t) for t in self.mapping.tables]
-        catalog, names = source.read_catalog(conn, tables)
+        catalog, names = read_catalog(conn, tables)
         self._columns = {t: frozenset(r.columns) for t, r in catalog.items()}
         # the columns rules name that exist: an insert without one of them hints at DDL
         self._present = {t: self._referenced[t] & self._columns.get(t, frozenset()) for t in self._referenced}
@@ -446,7 +447,7 @@ class Capture:
             return reported
         parent = self._parents.get(reported)
         if parent is None:
-            parent = source.partition_parent(conn, reported, self.mapping.by_table)
+            parent = partition_parent(conn, reported, self.mapping.by_table)
             self._parents[reported] = parent
         return parent
 

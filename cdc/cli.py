@@ -17,6 +17,7 @@ import click
 import orjson
 
 from cdc import jsontext, logs, source
+from cdc.catalog import identity_index, read_catalog
 from cdc.decode import format_lsn
 from cdc.errors import ConfigError, Ct1Error
 from cdc.mapping import Mapping, load_mapping
@@ -212,7 +213,7 @@ def check_source_schema(
     updates or deletes would be lost and tables with when_changed rules get REPLICA
     IDENTITY FULL, each recorded in the outbox first so `ct1-cdc detach` restores it."""
     tables = [mapping.parts(t) for t in mapping.tables]
-    catalog, names = source.read_catalog(conn, tables)
+    catalog, names = read_catalog(conn, tables)
     shadowed = [
         catalog[t]
         for t in mapping.tables
@@ -233,9 +234,7 @@ def check_source_schema(
     relations += [one for relation in shadowed for one in leaves(relation)]  # each partition: its own
     to_full = {r.table: r for r in relations if r.identity != "f"}
     for relation in to_full.values():
-        index = (
-            source.identity_index(conn, relation.schema, relation.name) if relation.identity == "i" else None
-        )
+        index = identity_index(conn, relation.schema, relation.name) if relation.identity == "i" else None
         source_state.record_identity_change(
             outbox, relation.table, relation.schema, relation.name, relation.identity, index
         )
@@ -246,7 +245,7 @@ def check_source_schema(
             raise
         click.echo(f"set REPLICA IDENTITY FULL on {relation.table} (`ct1-cdc detach` restores it)", err=True)
     if to_full:
-        catalog, names = source.read_catalog(conn, tables)
+        catalog, names = read_catalog(conn, tables)
     return check_mapping(mapping, catalog, names)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from cdc import source
+from cdc.catalog import read_catalog
 from cdc.cli import emit_json, fail, handled, main, settings_of, slot
 from cdc.errors import ConfigError, SetupError
 from cdc.mapping import Mapping, load_mapping
@@ -53,7 +54,7 @@ def slot_status(ctx: click.Context, as_json: bool) -> None:
     with source.connect(settings.source.dsn) as conn:
         status = source.slot_status(conn, settings.source.slot)
         if mapping is not None:
-            catalog, names = source.read_catalog(conn, [mapping.parts(t) for t in mapping.tables])
+            catalog, names = read_catalog(conn, [mapping.parts(t) for t in mapping.tables])
             problems = [p.as_dict() for p in check_mapping(mapping, catalog, names)]
         else:
             problems = [
@@ -158,7 +159,7 @@ def detach(ctx: click.Context, yes: bool, as_json: bool) -> None:
         try:
             names = {"d": "DEFAULT", "n": "NOTHING", "i": "USING INDEX"}
             for table, schema, rel, identity, index in source_state.identity_changes(outbox):
-                catalog, _ = source.read_catalog(conn, [(schema, rel)])
+                catalog, _ = read_catalog(conn, [(schema, rel)])
                 if table not in catalog:
                     report("table_gone", table=table)
                 else:

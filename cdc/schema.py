@@ -1,5 +1,5 @@
 """The mapping checked against the live schema (pure: the catalog is read by
-:func:`cdc.source.read_catalog` and passed in).
+:func:`cdc.catalog.read_catalog` and passed in).
 
 A mapping that names a table or a column the source does not have, or that acts on updates
 and deletes Postgres cannot send, loses changes without a word.  :func:`check_mapping`

@@ -8,7 +8,7 @@ something) or :class:`SourceUnavailable` (retry later).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,6 @@ from psycopg.types.json import set_json_loads
 from cdc.errors import SetupError, SourceUnavailable
 from cdc.jsontext import JsonText
 from cdc.mapping import quote_table
-from cdc.schema import Relation
 
 HEARTBEAT_PREFIX = "ct1-cdc"
 
@@ -293,111 +292,6 @@ def heartbeat(conn: Conn) -> None:
 
 
 # -- tables ---------------------------------------------------------------------------------
-
-
-def partition_parent(conn: Conn, table: str, mapped: Container[str]) -> str:
-    """The nearest ancestor of a partition that is ``mapped`` (else its top-most parent),
-    or the table itself when it is mapped or no partition (``table`` as wal2json reports
-    it: schema and name joined by a dot, unquoted)."""
-    rows = conn.execute(
-        """
-        SELECT an.nspname || '.' || a.relname
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
-             LATERAL pg_partition_ancestors(c.oid) WITH ORDINALITY AS p(relid, depth)
-        JOIN pg_class a ON a.oid = p.relid JOIN pg_namespace an ON an.oid = a.relnamespace
-        WHERE n.nspname || '.' || c.relname = %s AND c.relkind IN ('r', 'p')
-        ORDER BY p.depth
-        """,
-        (table,),
-    ).fetchall()
-    chain = [str(r[0]) for r in rows]  # the table itself first, then parent, grandparent...
-    return next((t for t in chain if t in mapped), chain[-1] if chain else table)
-
-
-_RELATIONS = """
-    SELECT n.nspname, c.relname, c.relkind::text, c.relreplident::text,
-           EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
-           EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident),
-           ARRAY(SELECT a.attname::text FROM pg_attribute a
-                 WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
-           c.oid
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-"""
-
-
-def read_catalog(
-    conn: Conn, tables: list[tuple[str, str]], *, names: bool = True
-) -> tuple[dict[str, Relation], list[str]]:
-    """What the catalog says of each (schema, name), partitions included, and (``names``,
-    and only when one of ``tables`` is missing) the name of every table a mapping could
-    name, for a did-you-mean."""
-    catalog: dict[str, Relation] = {}
-    if tables:
-        rows = conn.execute(
-            _RELATIONS + "WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
-            " AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
-            ([s for s, _ in tables], [t for _, t in tables]),
-        ).fetchall()
-        for schema, name, kind, ident, pk, ident_index, columns, oid in rows:
-            partitions: tuple[Relation, ...] = ()
-            if kind == "p":
-                leaves = conn.execute(
-                    _RELATIONS + "WHERE c.oid IN (SELECT relid FROM pg_partition_tree(%s) WHERE isleaf)"
-                    " ORDER BY n.nspname, c.relname",
-                    (oid,),
-                ).fetchall()
-                partitions = tuple(
-                    Relation(ls, ln, lk, li, lpk, lii, tuple(lc))
-                    for ls, ln, lk, li, lpk, lii, lc, _ in leaves
-                )
-            enums = conn.execute(
-                """
-                SELECT a.attname::text, array_agg(e.enumlabel::text ORDER BY e.enumsortorder)
-                FROM pg_attribute a JOIN pg_enum e ON e.enumtypid = a.atttypid
-                WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
-                GROUP BY a.attname ORDER BY a.attname
-                """,
-                (oid,),
-            ).fetchall()
-            catalog[f"{schema}.{name}"] = Relation(
-                schema,
-                name,
-                kind,
-                ident,
-                pk,
-                ident_index,
-                tuple(columns),
-                partitions,
-                tuple((column, tuple(labels)) for column, labels in enums),
-            )
-    if not names or len(catalog) == len(set(tables)):
-        return catalog, []
-    known = [
-        r[0]
-        for r in conn.execute(
-            """
-            SELECT n.nspname || '.' || c.relname
-            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT c.relispartition
-              AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
-            """
-        ).fetchall()
-    ]
-    return catalog, known
-
-
-def identity_index(conn: Conn, schema: str, name: str) -> str | None:
-    """The index a table's REPLICA IDENTITY USING INDEX names, if any."""
-    row = conn.execute(
-        """
-        SELECT ic.relname FROM pg_index i
-        JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN pg_class ic ON ic.oid = i.indexrelid
-        WHERE n.nspname = %s AND c.relname = %s AND i.indisreplident
-        """,
-        (schema, name),
-    ).fetchone()
-    return None if row is None else str(row[0])
 
 
 def set_replica_identity(conn: Conn, schema: str, name: str, identity: str, index: str | None = None) -> None:
