@@ -12,8 +12,7 @@ import ipaddress
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
@@ -28,6 +27,7 @@ from api.exports import Exports
 from api.filters import LISTS
 from api.keys import EXPORT, WEBHOOKS, K, hash_key
 from api.limits import RateLimiter, Usage
+from api.reads import Reads
 from api.webhooks import Webhooks
 from cdc.jsontext import dumps as json_bytes
 from cdc.mapping import Mapping, load_mapping
@@ -43,6 +43,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+EVENT_READ_THREADS = 4
 KEY_CACHE_SECONDS = 1.0  # a key is looked up at most this often; revocation takes this long
 
 
@@ -50,6 +51,12 @@ KEY_CACHE_SECONDS = 1.0  # a key is looked up at most this often; revocation tak
 class Caller:
     key_id: str
     permissions: frozenset[str]
+    key: str = field(repr=False)  # kept to check the key again while a stream is open
+    permission: str  # the one this request needed
+
+
+CALLER: web.RequestKey[Caller] = web.RequestKey("caller", Caller)
+MAX_KEY_LENGTH = 256  # ours are 47 characters
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -57,10 +64,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 
 def _error_body(status: int, code: str, message: str, field: str | None = None) -> web.Response:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if field:
-        error["field"] = field
-    return _json({"success": False, "error": error}, status)
+    return _json(ApiError(status, code, message, field).body(), status)
 
 
 @web.middleware
@@ -97,49 +101,73 @@ class Api:
         self.conn: sqlite3.Connection | None = None
         cfg = settings.api
         self.limiter = RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst)
+        # requests without a valid key, per client address: guessing and log floods end in 429s
+        self.failures = RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst)
         self.usage = Usage(settings.outbox.path)
         self.proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies]
         self._keys: dict[str, tuple[float, tuple[str, frozenset[str], list[IPNetwork]] | None]] = {}
         self.exports = exports
-        self.scraped = CollectorRegistry(auto_describe=False)
-        self.scraped.register(OutboxCollector(self._slow_db, settings.source.slot))
         # reads that walk whole tables (status, stats, metrics) run here, off the loop
-        self._slow = ThreadPoolExecutor(1, thread_name_prefix="api-read")
-        self._slow_conn: sqlite3.Connection | None = None
+        self._slow = Reads(settings.outbox.path, 1, "api-read")
+        # the events cursor's reads: a thread each for a few at once, none on the loop
+        self.event_reads = Reads(settings.outbox.path, EVENT_READ_THREADS, "api-events")
+        self.scraped = CollectorRegistry(auto_describe=False)
+        self.scraped.register(OutboxCollector(self._slow.conn, settings.source.slot))
 
     def db(self) -> sqlite3.Connection:
         if self.conn is None:
             self.conn = store.connect(self.settings.outbox.path, readonly=True)
         return self.conn
 
-    def _slow_db(self) -> sqlite3.Connection:
-        if self._slow_conn is None:
-            self._slow_conn = store.connect(self.settings.outbox.path, readonly=True)
-        return self._slow_conn
-
     async def offload(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` with a connection of its own on the API's read thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._slow, lambda: fn(self._slow_db()))
+        return await self._slow.run(fn)
 
     async def close(self) -> None:
-        def close_slow(_: sqlite3.Connection) -> None:
-            if self._slow_conn is not None:
-                self._slow_conn.close()
-                self._slow_conn = None
-
-        if self._slow_conn is not None:
-            await self.offload(close_slow)
-        self._slow.shutdown(wait=True)
+        await asyncio.to_thread(self._slow.close)
+        await asyncio.to_thread(self.event_reads.close)
         if self.conn is not None:
             self.conn.close()
 
     # -- auth --------------------------------------------------------------------------------
 
     def authenticate(self, request: web.Request, permission: str) -> Caller:
+        """The caller of ``request``, allowed ``permission``, within its rate limit; kept
+        on the request for :meth:`recheck`.  Failed attempts are limited per address."""
         header = request.headers.get("Authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("X-API-Key")
+        try:
+            caller = self._authorize(request, key, permission)
+        except ApiError as exc:
+            if exc.status == 401:
+                wait = self.failures.allow(str(self.client_address(request)))
+                if wait:
+                    raise ApiError(
+                        429, "rate_limited", f"too many failed attempts; retry in {wait} s", retry_after=wait
+                    ) from None
+            raise
+        wait = self.limiter.allow(caller.key_id)
+        if wait:
+            raise ApiError(
+                429, "rate_limited", f"rate limit of this key reached; retry in {wait} s", retry_after=wait
+            )
+        resource = request.match_info.route.resource
+        self.usage.count(caller.key_id, resource.canonical if resource is not None else request.path)
+        request[CALLER] = caller
+        return caller
+
+    def recheck(self, request: web.Request) -> None:
+        """Raise the error a new request of this caller would get now: open streams and
+        long polls end within :data:`KEY_CACHE_SECONDS` of a revocation or a change of the
+        key's permissions or addresses."""
+        caller: Caller = request[CALLER]
+        self._authorize(request, caller.key, caller.permission)
+
+    def _authorize(self, request: web.Request, key: str | None, permission: str) -> Caller:
         if not key:
             raise ApiError(401, "unauthorized", "an API key is required (Authorization: Bearer <key>)")
+        if len(key) > MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
+            raise ApiError(401, "unauthorized", "the API key is malformed")
         known = self._known_key(key)
         if known is None:
             raise ApiError(401, "unauthorized", "unknown or revoked API key")
@@ -150,14 +178,7 @@ class Api:
             address = self.client_address(request)
             if address is None or not any(address in n for n in networks):
                 raise ApiError(403, "forbidden", "client address not allowed for this key")
-        wait = self.limiter.allow(key_id)
-        if wait:
-            raise ApiError(
-                429, "rate_limited", f"rate limit of this key reached; retry in {wait} s", retry_after=wait
-            )
-        resource = request.match_info.route.resource
-        self.usage.count(key_id, resource.canonical if resource is not None else request.path)
-        return Caller(key_id, granted)
+        return Caller(key_id, granted, key, permission)
 
     def _known_key(self, key: str) -> tuple[str, frozenset[str], list[IPNetwork]] | None:
         """The key's id, permissions and networks; None for an unknown or revoked key.
@@ -261,7 +282,7 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
     exports.cache = ExportCache(api.db)
     feed = Feed(api.db)
     webhooks = Webhooks(settings, api.db, api.offload, api.usage, exports)
-    events = Events(api.db, feed)
+    events = Events(api.event_reads, feed, api.recheck)
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[FEED] = feed
 

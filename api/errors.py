@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ApiError(Exception):
     """Answered as ``{"success": false, "error": {"code", "message", "field"}}``."""
@@ -18,3 +20,10 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
         self.retry_after = retry_after  # seconds, sent as Retry-After
+
+    def body(self) -> dict[str, Any]:
+        """The error body: the one place its shape is written."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field:
+            error["field"] = self.field
+        return {"success": False, "error": error}

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from api.errors import ApiError
 from api.params import MAX_ID, Query
+from api.reads import Reads
 from outbox import store
 
 MAX_LIMIT = 1000
@@ -30,8 +31,12 @@ PAGE_TTL_SECONDS = 60.0  # how long a full page's answer is reused
 POLL_SECONDS = 0.025  # how often another process's commits are looked for, while waited on
 KEEPALIVE_SECONDS = 15.0  # an SSE comment line this often when nothing happens
 STREAM_BATCH = 500
-SCAN_BUDGET = 10_000  # outbox rows one read may go through before it yields or answers
+RECHECK_SECONDS = 1.0  # how often a waiting request or an open stream checks its key again
+MAX_TYPES = 50  # patterns in one event_types
 _TYPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._*?[]-")
+
+
+Mark = tuple[asyncio.Event, int]
 
 
 class Feed:
@@ -62,16 +67,20 @@ class Feed:
     def _version(self) -> int:
         return int(self._db().execute("PRAGMA data_version").fetchone()[0])
 
-    def mark(self) -> tuple[asyncio.Event, int]:
+    def mark(self) -> Mark:
         """Take before reading: :meth:`wait` then returns at once if anything was
         committed since, so no commit falls between a read and the wait."""
         self._loop = asyncio.get_running_loop()
         return self._changed, self._version()
 
-    async def wait(self, mark: tuple[asyncio.Event, int], timeout: float) -> None:
+    def changed_since(self, mark: Mark) -> bool:
+        """Whether anything was committed after ``mark`` was taken."""
+        return mark[0].is_set() or self._version() != mark[1]
+
+    async def wait(self, mark: Mark, timeout: float) -> None:
         """Until something is committed after ``mark``, the server closes, or ``timeout``."""
         changed, version = mark
-        if changed.is_set() or self._version() != version or self.closing.is_set():
+        if self.changed_since(mark) or self.closing.is_set():
             return
         self._waiters += 1
         if self._poller is None or self._poller.done():
@@ -103,6 +112,8 @@ class Feed:
 
 def event_types(request: web.Request) -> list[str]:
     types = [t.strip() for v in request.query.getall("event_types", []) for t in v.split(",") if t.strip()]
+    if len(types) > MAX_TYPES:
+        raise ApiError(422, "invalid_parameter", f"at most {MAX_TYPES} event types", "event_types")
     for t in types:
         if len(t) > 100 or not set(t) <= _TYPE_CHARS:
             raise ApiError(422, "invalid_parameter", f"event type {t!r} is not valid", "event_types")
@@ -146,10 +157,24 @@ class PageCache:
 
 
 class Events:
-    def __init__(self, db: Callable[[], sqlite3.Connection], feed: Feed) -> None:
-        self.db = db
+    """The handlers.  Every outbox read runs on :class:`Reads` threads, never on the loop;
+    a waiting request checks its key again every :data:`RECHECK_SECONDS` (``recheck``
+    raises the error a new request would get), so a revocation ends it."""
+
+    def __init__(self, reads: Reads, feed: Feed, recheck: Callable[[web.Request], None]) -> None:
+        self.reads = reads
         self.feed = feed
+        self.recheck = recheck
         self.pages = PageCache()
+
+    async def _read(self, after: int, types: list[str], limit: int, frame: Frame) -> tuple[bytes, int, int]:
+        """The framed events after ``after`` (joined), where the read got to, and how many."""
+
+        def read(conn: sqlite3.Connection) -> tuple[bytes, int, int]:
+            rows, got_to = store.read_events(conn, after=after, types=types, limit=limit)
+            return frame(rows), got_to, len(rows)
+
+        return await self.reads.run(read)
 
     async def events(self, request: web.Request) -> web.Response:
         q = Query(request.query)
@@ -165,28 +190,33 @@ class Events:
         deadline = loop.time() + wait
         while True:
             mark = self.feed.mark() if wait else None
-            rows, scanned, more = store.scan_events(
-                self.db(), after=after, types=types, limit=limit, max_scan=SCAN_BUDGET
-            )
-            remaining = deadline - loop.time()
-            if rows or remaining <= 0 or self.feed.closing.is_set():
+            data, after, count = await self._read(after, types, limit, _json_rows)
+            if count or mark is None or not await self._wait(request, mark, deadline):
                 break  # with nothing found, meta.last_event_id still moves past what was read
-            after = scanned  # what did not match needs no second look
-            if more:
-                await asyncio.sleep(0)  # let other requests run between slices of a long scan
-                continue
-            assert mark is not None
-            await self.feed.wait(mark, remaining)
         body = (
             b'{"success":true,"data":['
-            + b",".join(store.envelope_json(r).encode() for r in rows)
+            + data
             + b'],"meta":'
-            + orjson.dumps({"last_event_id": scanned, "count": len(rows), "limit": limit})
+            + orjson.dumps({"last_event_id": after, "count": count, "limit": limit})
             + b"}"
         )
-        if len(rows) == limit:  # a full page: the same bytes whenever it is asked for again
+        if count == limit:  # a full page: the same bytes whenever it is asked for again
             self.pages.put(key, body)
         return web.Response(body=body, content_type="application/json")
+
+    async def _wait(self, request: web.Request, mark: Mark, deadline: float) -> bool:
+        """Until a commit after ``mark`` (True) or ``deadline`` or shutdown (False),
+        checking the caller's key every :data:`RECHECK_SECONDS` meanwhile."""
+        loop = asyncio.get_running_loop()
+        while not self.feed.closing.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self.recheck(request)
+            await self.feed.wait(mark, min(remaining, RECHECK_SECONDS))
+            if self.feed.changed_since(mark):
+                return True
+        return False
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         header = request.headers.get("Last-Event-ID")
@@ -212,27 +242,45 @@ class Events:
         await response.prepare(request)
         await response.write(b"retry: 1000\n\n")
         with contextlib.suppress(ConnectionError):  # the client went away: nothing to answer
-            await self._follow(response, after, types)
+            try:
+                await self._follow(request, response, after, types)
+            except ApiError as exc:  # the key was revoked or changed: the stream ends
+                await response.write(b"event: error\ndata: %s\n\n" % orjson.dumps(exc.body()))
         return response
 
-    async def _follow(self, response: web.StreamResponse, after: int, types: list[str]) -> None:
+    async def _follow(
+        self, request: web.Request, response: web.StreamResponse, after: int, types: list[str]
+    ) -> None:
         loop = asyncio.get_running_loop()
+        written = loop.time()
         while not self.feed.closing.is_set():
             mark = self.feed.mark()
-            rows, scanned, more = store.scan_events(
-                self.db(), after=after, types=types, limit=STREAM_BATCH, max_scan=SCAN_BUDGET
-            )
-            if rows:
-                await response.write(b"".join(_sse(r) for r in rows))
-            after = scanned
-            if more:
-                await asyncio.sleep(0)
-            elif len(rows) < STREAM_BATCH:
-                before = loop.time()
-                await self.feed.wait(mark, KEEPALIVE_SECONDS)
-                if loop.time() - before >= KEEPALIVE_SECONDS:
+            data, after, count = await self._read(after, types, STREAM_BATCH, _sse_rows)
+            if count:
+                self.recheck(request)  # nothing more reaches a key revoked meanwhile
+                await response.write(data)
+                written = loop.time()
+                if count == STREAM_BATCH:
+                    continue
+            while not self.feed.closing.is_set():
+                await self.feed.wait(mark, RECHECK_SECONDS)
+                if self.feed.changed_since(mark):
+                    break
+                self.recheck(request)
+                if loop.time() - written >= KEEPALIVE_SECONDS:
                     await response.write(b": keep-alive\n\n")
+                    written = loop.time()
 
 
-def _sse(row: tuple[Any, ...]) -> bytes:
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (row[0], row[1].encode(), store.envelope_json(row).encode())
+Frame = Callable[[list[tuple[Any, ...]]], bytes]
+
+
+def _json_rows(rows: list[tuple[Any, ...]]) -> bytes:
+    return b",".join(store.envelope_json(r).encode() for r in rows)
+
+
+def _sse_rows(rows: list[tuple[Any, ...]]) -> bytes:
+    return b"".join(
+        b"id: %d\nevent: %s\ndata: %s\n\n" % (r[0], r[1].encode(), store.envelope_json(r).encode())
+        for r in rows
+    )

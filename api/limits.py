@@ -24,6 +24,7 @@ from outbox import store
 log = structlog.get_logger("ct1_cdc.api")
 
 FLUSH_SECONDS = 5.0
+MAX_BUCKETS = 100_000  # past this many keys or addresses, every bucket starts full again
 
 
 @dataclass
@@ -48,6 +49,8 @@ class RateLimiter:
         rate = self.rate_per_minute / 60.0
         bucket = self.buckets.get(key)
         if bucket is None:
+            if len(self.buckets) >= MAX_BUCKETS:  # e.g. failures from many addresses
+                self.buckets.clear()
             bucket = self.buckets[key] = Bucket(float(self.burst), now)
         bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now

@@ -7,6 +7,8 @@ Readers open their own connections (WAL mode lets them read while it writes).
 from __future__ import annotations
 
 import fnmatch
+import heapq
+import itertools
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -173,39 +175,40 @@ def iter_events(
                     return
 
 
-def scan_events(
-    conn: sqlite3.Connection,
-    *,
-    after: int,
-    types: Sequence[str],
-    limit: int,
-    page: int = 1000,
-    max_scan: int | None = None,
-) -> tuple[list[tuple[Any, ...]], int, bool]:
-    """Up to ``limit`` events after ``after`` matching ``types``; the id the scan got to
-    (a reader continuing from there skips the events that did not match, not only the
-    ones it was given); and whether it stopped after reading ``max_scan`` rows with more
-    to read, so one rare filter never reads a whole outbox in one go."""
-    found: list[tuple[Any, ...]] = []
-    last = after
-    size = page if types else limit  # unfiltered, every row read is one returned
-    if max_scan is not None:
-        size = min(size, max_scan)
-    read = 0
-    while len(found) < limit:
-        if max_scan is not None and read >= max_scan:
-            return found, last, True
-        rows = conn.execute(Q["list_events"], {"after": last, "limit": size}).fetchall()
-        read += len(rows)
-        for row in rows:
-            last = row[0]
-            if not types or any(fnmatch.fnmatchcase(row[1], t) for t in types):
-                found.append(row)
-                if len(found) == limit:
-                    break
-        if len(rows) < size:
-            break
-    return found, last, False
+def read_events(
+    conn: sqlite3.Connection, *, after: int, types: Sequence[str], limit: int
+) -> tuple[list[tuple[Any, ...]], int]:
+    """Up to ``limit`` events after ``after`` whose type matches one of ``types`` (names or
+    globs; none: every event), oldest first, and the id the read got to: the last event
+    returned when the page is full, else the newest event id, so a reader continuing from
+    there skips what did not match and misses nothing.
+
+    Bounded whatever the patterns: the patterns are matched against the outbox's distinct
+    types (one index seek each), then each matching type gives at most ``limit`` ids from
+    ``events_type_id``; the rows read are at most ``limit`` per matching type, never a scan
+    of the events in between.  One read transaction: every figure comes from one snapshot.
+    """
+    conn.execute("BEGIN")
+    try:
+        newest = int(conn.execute(Q["last_event_id"]).fetchone()[0])
+        if not types:
+            rows = conn.execute(Q["list_events"], {"after": after, "limit": limit}).fetchall()
+        else:
+            matched = [
+                t for (t,) in conn.execute(Q["event_types"]) if any(fnmatch.fnmatchcase(t, p) for p in types)
+            ]
+            id_lists = [_ids_of_type(conn, t, after, newest, limit) for t in matched]
+            ids = list(itertools.islice(heapq.merge(*id_lists), limit))
+            rows = conn.execute(Q["events_by_ids"], {"ids": dumps(ids)}).fetchall() if ids else []
+    finally:
+        conn.execute("COMMIT")
+    got_to = rows[-1][0] if len(rows) == limit else max(newest, after)
+    return rows, got_to
+
+
+def _ids_of_type(conn: sqlite3.Connection, type_: str, after: int, upto: int, limit: int) -> list[int]:
+    params = {"type": type_, "after": after, "upto": upto, "limit": limit}
+    return [i for (i,) in conn.execute(Q["type_event_ids"], params)]
 
 
 def get_event(conn: sqlite3.Connection, event_id: int) -> tuple[Any, ...] | None:

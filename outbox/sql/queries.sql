@@ -73,3 +73,23 @@ GROUP BY endpoint
 -- name: last_attempt
 SELECT attempted_at, event_id, status, duration_ms, error
 FROM attempts WHERE endpoint = ? ORDER BY id DESC LIMIT 1
+
+-- name: event_types
+-- Every distinct type in the outbox, by a loose scan of events_type_id: one index seek per
+-- type, however many events each type has.
+WITH RECURSIVE types (type) AS (
+    SELECT min(type) FROM events
+    UNION ALL
+    SELECT (SELECT min(type) FROM events WHERE type > types.type) FROM types WHERE types.type IS NOT NULL
+)
+SELECT type FROM types WHERE type IS NOT NULL
+
+-- name: type_event_ids
+-- The first :limit ids of one type after :after, up to :upto: a range of events_type_id.
+SELECT id FROM events WHERE type = :type AND id > :after AND id <= :upto ORDER BY id LIMIT :limit
+
+-- name: events_by_ids
+SELECT id, type, occurred_at, data, source_table, op, lsn, xid
+FROM events
+WHERE id IN (SELECT value FROM json_each(:ids))
+ORDER BY id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -340,8 +341,7 @@ async def test_capture_in_the_same_process_wakes_a_long_poll_without_polling(set
     assert time.monotonic() - started < 10, "the commit callback did not wake the long poll"
 
 
-async def test_a_rare_filter_reads_the_outbox_in_slices_and_loses_nothing(setup, tmp_path, monkeypatch):
-    monkeypatch.setattr(events_module, "SCAN_BUDGET", 3)
+async def test_a_rare_filter_finds_its_event_in_one_read_and_loses_nothing(setup, tmp_path):
     client, k = setup
     auth = {"X-API-Key": k["export"]}
     append_events(tmp_path / "o.db", ["ct2"], [("customer.created", "customer", i) for i in range(10)])
@@ -353,20 +353,161 @@ async def test_a_rare_filter_reads_the_outbox_in_slices_and_loses_nothing(setup,
         )
         return await resp.json()
 
-    # no wait: an empty answer whose cursor moved past what was read; following it finds the event
     body = await get(last_event_id="4")
-    assert body["data"] == [] and body["meta"]["last_event_id"] == 7
-    cursor, found = 7, []
-    while not found:
-        body = await get(last_event_id=str(cursor))
-        found, cursor = [e["id"] for e in body["data"]], body["meta"]["last_event_id"]
-    assert found == [15]
-    # a long poll goes through every slice itself
+    assert [e["id"] for e in body["data"]] == [15] and body["meta"]["last_event_id"] == 15
+    # nothing after it: the cursor moves to the newest event, matched or not
+    append_events(tmp_path / "o.db", ["ct2"], [("customer.created", "customer", 100)])
+    body = await get(last_event_id="15")
+    assert body["data"] == [] and body["meta"]["last_event_id"] == 16
     body = await get(last_event_id="4", wait="5")
     assert [e["id"] for e in body["data"]] == [15]
-    # and the stream too
     resp = await client.get(
         f"{BASE}/events/stream", params={"last_event_id": "1", "event_types": "order.created"}, headers=auth
     )
     assert [e["id"] for e in await read_sse(resp, 1)] == ["15"]
     resp.close()
+
+
+class ThreadSpy:
+    """``outbox.store`` as the events handlers see it, recording the thread of each call."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls: list[tuple[str, threading.Thread]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.real, name)
+        if not callable(attr) or isinstance(attr, type):
+            return attr
+
+        def spied(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, threading.current_thread()))
+            return attr(*args, **kwargs)
+
+        return spied
+
+
+async def test_event_reads_never_run_on_the_event_loop(setup, tmp_path, monkeypatch):
+    """Issue 10, fault 1: a filtered read ran on the loop the dispatcher shares."""
+    monkeypatch.setattr(events_module, "KEEPALIVE_SECONDS", 0.2)
+    spy = ThreadSpy(store)
+    monkeypatch.setattr(events_module, "store", spy)
+    client, k = setup
+    auth = {"X-API-Key": k["export"]}
+    globs = ",".join(f"nothing{i}.*" for i in range(40)) + ",order.*"
+    resp = await client.get(f"{BASE}/events", params={"event_types": globs}, headers=auth)
+    assert [e["id"] for e in (await resp.json())["data"]] == [1, 3]
+    resp = await client.get(
+        f"{BASE}/events", params={"event_types": globs, "last_event_id": "4", "wait": "0.3"}, headers=auth
+    )
+    assert (await resp.json())["data"] == []
+    resp = await client.get(f"{BASE}/events/stream", params={"event_types": globs}, headers=auth)
+    assert [e["id"] for e in await read_sse(resp, 2)] == ["1", "3"]
+    resp.close()
+    assert spy.calls, "the handlers read nothing through outbox.store"
+    on_loop = sorted({name for name, thread in spy.calls if thread is threading.main_thread()})
+    assert on_loop == [], f"read on the event loop: {on_loop}"
+
+
+async def sse_until_closed(resp: Any, seconds: float) -> list[str]:
+    """Every line of a stream until the server ends it (fails after ``seconds``)."""
+    lines = []
+    async with asyncio.timeout(seconds):
+        while line := await resp.content.readline():
+            lines.append(line.decode().rstrip("\n"))
+    return lines
+
+
+def revoke_key(path: Path, name: str) -> None:
+    conn = store.open_outbox(path)
+    (key_id,) = [r["id"] for r in keys.listing(conn) if r["name"] == name]
+    keys.revoke(conn, key_id)
+    conn.close()
+
+
+async def test_revoking_a_key_ends_its_open_event_stream(setup, tmp_path):
+    """Issue 10, fault 2: the stream went on receiving full records after revocation."""
+    client, k = setup
+    resp = await client.get(f"{BASE}/events/stream", headers={"X-API-Key": k["export"]})
+    assert len(await read_sse(resp, 4)) == 4
+    revoke_key(tmp_path / "o.db", "export")
+    await asyncio.sleep(1.2)  # a key is looked up at most once a second
+    append_events(tmp_path / "o.db", ["ct2"], [("order.created", "order", 50)])
+    lines = await sse_until_closed(resp, 8)
+    assert "event: error" in lines, lines
+    error = json.loads(lines[lines.index("event: error") + 1].removeprefix("data: "))
+    assert error["error"]["code"] == "unauthorized"
+    # nothing of the event committed after the revocation reached the revoked key
+    assert not any(line.startswith("id: 5") for line in lines)
+
+
+async def test_revoking_a_key_ends_its_long_poll(setup, tmp_path):
+    client, k = setup
+    later(0.3, lambda: revoke_key(tmp_path / "o.db", "export"))
+    started = time.monotonic()
+    resp = await client.get(
+        f"{BASE}/events", params={"last_event_id": "4", "wait": "25"}, headers={"X-API-Key": k["export"]}
+    )
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
+    assert time.monotonic() - started < 15, "the long poll ran its whole wait after revocation"
+
+
+async def test_a_permission_taken_away_ends_an_open_stream(setup, tmp_path):
+    client, k = setup
+    resp = await client.get(f"{BASE}/events/stream", headers={"X-API-Key": k["export"]})
+    assert len(await read_sse(resp, 4)) == 4
+    conn = store.open_outbox(tmp_path / "o.db")
+    with conn:
+        conn.execute(
+            "UPDATE api_keys SET permissions = ? WHERE name = 'export'", (json.dumps([keys.WEBHOOKS]),)
+        )
+    conn.close()
+    lines = await sse_until_closed(resp, 8)
+    error = json.loads(lines[lines.index("event: error") + 1].removeprefix("data: "))
+    assert error["error"]["code"] == "forbidden"
+
+
+async def raw_request(client: TestClient, request: bytes) -> tuple[int, bytes, bytes]:
+    """Send bytes as they are (aiohttp's client refuses what an attacker would send)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+@pytest.mark.parametrize("header", [b"Authorization: Bearer \xff\xfe\xfa", b"X-API-Key: ct1_\xc3\x28\x80"])
+async def test_a_key_header_that_is_not_utf8_is_a_401(setup, header, caplog):
+    """Issue 10, fault 4: such a header answered 500 with a traceback logged each time."""
+    client, _ = setup
+    status, _, body = await raw_request(
+        client,
+        b"GET "
+        + BASE.encode()
+        + b"/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        + header
+        + b"\r\n\r\n",
+    )
+    assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized"
+    assert "unhandled error" not in caplog.text
+
+
+async def test_failed_authentication_is_rate_limited_per_address(tmp_path):
+    settings = Settings(
+        outbox={"path": str(tmp_path / "o.db")}, api={"rate_limit_per_minute": 6, "rate_limit_burst": 3}
+    )
+    store.open_outbox(settings.outbox.path).close()
+    client = await start_app(settings)
+    try:
+        statuses = []
+        for n in range(5):
+            resp = await client.get(f"{BASE}/events", headers={"X-API-Key": f"ct1_guess{n}"})
+            statuses.append(resp.status)
+        assert statuses == [401, 401, 401, 429, 429]
+        assert (await resp.json())["error"]["code"] == "rate_limited" and int(
+            resp.headers["Retry-After"]
+        ) >= 1
+    finally:
+        await client.close()
