@@ -2,7 +2,7 @@
 a table they were read from.
 
 Before every lookup the cache reads which source tables the events committed since its
-last look came from (``events.source_table``, by id, so the read is short) and drops
+last look came from (``events.source_table``, by id, at most :data:`SYNC_EVENTS` of them) and drops
 the entries that depend on them: a cached answer is never staler than the outbox.
 """
 
@@ -13,6 +13,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from outbox import store
+
+SYNC_EVENTS = 1000  # new events one lookup looks at; past that, the whole cache is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,19 +43,18 @@ class ExportCache:
         self.misses = 0
 
     def _sync(self) -> None:
+        """Drop what captured changes made stale.  Runs on the loop, so it looks at no more
+        than :data:`SYNC_EVENTS` new events: past that many, every entry goes."""
         conn = self.db()
         if self.seen is None:
-            self.seen = int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+            self.seen = store.newest_event_id(conn)
             return
-        rows = conn.execute(
-            "SELECT source_table, max(id) FROM events WHERE id > ? GROUP BY source_table", (self.seen,)
-        ).fetchall()
-        if not rows:
-            return
-        self.seen = max(int(last) for _, last in rows)
-        changed = {table for table, _ in rows if table}
+        changed, self.seen = store.tables_changed_since(conn, self.seen, SYNC_EVENTS)
         if changed and self.entries:
-            changed.add("*")  # entries that depend on every table
+            if changed is store.EVERY_TABLE:
+                self.entries.clear()
+                return
+            changed = changed | {"*"}  # entries that depend on every table
             for key in [k for k, e in self.entries.items() if not e.tables.isdisjoint(changed)]:
                 del self.entries[key]
 

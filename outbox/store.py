@@ -190,7 +190,7 @@ def read_events(
     """
     conn.execute("BEGIN")
     try:
-        newest = int(conn.execute(Q["last_event_id"]).fetchone()[0])
+        newest = newest_event_id(conn)
         if not types:
             rows = conn.execute(Q["list_events"], {"after": after, "limit": limit}).fetchall()
         else:
@@ -209,6 +209,22 @@ def read_events(
 def _ids_of_type(conn: sqlite3.Connection, type_: str, after: int, upto: int, limit: int) -> list[int]:
     params = {"type": type_, "after": after, "upto": upto, "limit": limit}
     return [i for (i,) in conn.execute(Q["type_event_ids"], params)]
+
+
+EVERY_TABLE: frozenset[str] = frozenset({"*"})
+
+
+def newest_event_id(conn: sqlite3.Connection) -> int:
+    return int(conn.execute(Q["newest_event_id"]).fetchone()[0])
+
+
+def tables_changed_since(conn: sqlite3.Connection, seen: int, limit: int) -> tuple[frozenset[str], int]:
+    """The source tables of the events after ``seen`` and the newest id; when there are
+    more than ``limit`` of them, :data:`EVERY_TABLE` (reading at most ``limit`` + 1 rows)."""
+    rows = conn.execute(Q["tables_since"], {"after": seen, "limit": limit + 1}).fetchall()
+    if len(rows) > limit:
+        return EVERY_TABLE, newest_event_id(conn)
+    return frozenset(t for _, t in rows if t), max((i for i, _ in rows), default=seen)
 
 
 def get_event(conn: sqlite3.Connection, event_id: int) -> tuple[Any, ...] | None:

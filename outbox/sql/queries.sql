@@ -93,3 +93,9 @@ SELECT id, type, occurred_at, data, source_table, op, lsn, xid
 FROM events
 WHERE id IN (SELECT value FROM json_each(:ids))
 ORDER BY id
+
+-- name: tables_since
+SELECT id, source_table FROM events WHERE id > :after ORDER BY id LIMIT :limit
+
+-- name: newest_event_id
+SELECT coalesce(max(id), 0) FROM events

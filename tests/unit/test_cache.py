@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from api.cache import ExportCache
+from api.cache import SYNC_EVENTS, ExportCache
 
 
 class Clock:
@@ -53,3 +53,18 @@ def test_the_least_recently_used_entry_goes_first():
     assert cache.get("a") == b"A"
     cache.put("c", frozenset(), 60, b"C")
     assert cache.get("b") is None and cache.get("a") == b"A" and cache.get("c") == b"C"
+
+
+def test_a_lookup_after_a_burst_of_changes_reads_a_bounded_slice_and_drops_everything():
+    """The lookup runs on the event loop: it never walks a whole backlog of new events."""
+    cache, conn, _ = make()
+    cache.get("warm-up")
+    cache.put("reviews", frozenset({"public.reviews"}), 60, b"R")
+    conn.executemany("INSERT INTO events (source_table) VALUES (?)", [("public.users",)] * (SYNC_EVENTS + 1))
+    read = []
+    conn.set_trace_callback(read.append)
+    assert cache.get("reviews") is None  # unrelated, but past the bound every entry goes
+    assert cache.seen == SYNC_EVENTS + 1
+    cache.put("reviews", frozenset({"public.reviews"}), 60, b"R")
+    assert cache.get("reviews") == b"R"
+    assert all("LIMIT" in q or "max(id)" in q for q in read), read
