@@ -2,24 +2,35 @@
 
     .venv/bin/python bench/latency.py [--rate 1000] [--seconds 30]
 
-A throwaway cluster gets the sample schema; ``ct1-cdc setup`` and ``ct1-cdc run`` (capture
-and dispatch in one process) deliver to a receiver on loopback in this script.  A writer
+A throwaway cluster gets the sample schema; ``ct1-cdc setup`` and ``ct1-cdc run`` (capture,
+dispatch and the API in one process) deliver to a receiver on loopback in this script.  A writer
 commits ``--rate`` orders per second for ``--seconds``; each order's latency is the time
 from its commit returning to its ``order.created`` webhook arriving.  In the same run
 ``pg_recvlogical`` on a second slot gives the baseline: commit → the raw change printed
 by the server's logical decoding.  The last line is JSON with p50/p95/p99 of both and
 ``ratio`` = baseline p50 / ct1-cdc p50.
+
+    .venv/bin/python bench/latency.py --readers 20 [--patterns 40]
+
+measures the same twice in one run: first alone, then while ``--readers`` clients of this
+script, each with a key of its own, ask ``GET /events`` of the same process, each as fast
+as it is answered (and its rate limit allows: a 429 is waited out), with an
+``event_types`` filter of ``--patterns`` globs that match nothing the writer produces
+(from the start of the outbox every time).  The JSON line then also carries the loaded
+figures and ``"loaded_p99_over_unloaded"`` (the issue's bound: at most 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import psycopg
 from aiohttp import web
 
@@ -40,6 +52,7 @@ from config import sample  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from dispatcher.signing import generate_secret  # noqa: E402
 
+EXPORT = "core_transaction_1_export"
 CLI = str(Path(sys.executable).parent / "ct1-cdc")
 
 
@@ -79,6 +92,43 @@ def write_orders(dsn: str, rate: int, seconds: float, out: str) -> None:
     Path(out).write_text(json.dumps(committed))
 
 
+async def read_events(
+    session: aiohttp.ClientSession,
+    url: str,
+    key: str,
+    globs: str,
+    stop: asyncio.Event,
+    answers: list[float],
+    statuses: dict[int, int],
+) -> None:
+    """One client of the API with a key of its own (the default rate limit: a burst of
+    100, then 10 a second): the filtered page from the start, again and again, as fast as
+    it is answered; a 429 is waited out as its Retry-After says."""
+    while not stop.is_set():
+        started = time.monotonic()
+        async with session.get(
+            url, params={"event_types": globs, "limit": "100"}, headers={"X-API-Key": key}
+        ) as resp:
+            await resp.read()
+        answers.append(time.monotonic() - started)
+        statuses[resp.status] = statuses.get(resp.status, 0) + 1
+        if resp.status == 429:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), float(resp.headers["Retry-After"]))
+
+
+def create_key(env: dict[str, str], name: str) -> str:
+    command = [CLI, "keys", "create", "--name", name, "--permissions", EXPORT, "--json"]
+    created = subprocess.run(command, env=env, check=True, capture_output=True)
+    return str(json.loads(created.stdout)["key"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def recvlogical_reader(proc: subprocess.Popen[bytes], seen: dict[int, float]) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -114,6 +164,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    api_port = free_port()
     run = recv = None
     try:
         small = sample.Volume(customers=20, sellers=2, products=10, orders=5, reviews=5, views=5, carts=2)
@@ -125,13 +176,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             f"[source]\ndsn = {dsn!r}\nslot = 'ct1_latency'\n"
             f"[outbox]\npath = {str(work / 'outbox.db')!r}\n"
             f"[dispatcher]\nendpoint_concurrency = {args.endpoint_concurrency}\n"
+            f"[api]\nhost = '127.0.0.1'\nport = {api_port}\n"
             f"[mapping]\nfile = {str(ROOT / 'config' / 'mapping.toml')!r}\n"
             f'[[endpoints]]\nname = "ct2"\nurl = "http://127.0.0.1:{port}/hook"\n'
             f'secret = "{generate_secret()}"\n'
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_")}
         env["CT1_CONFIG"] = str(config)
-        subprocess.run([CLI, "setup"], env=env, check=True, capture_output=True)
+        subprocess.run([CLI, "setup", "--no-probe"], env=env, check=True, capture_output=True)
+        api_keys = [create_key(env, f"reader{n}") for n in range(args.readers)]
         run_log = open(work / "run.log", "wb")  # noqa: SIM115 - closed with the work dir
         run = subprocess.Popen(
             [CLI, "--log-level", "warning", "run"], env=env, stdout=subprocess.DEVNULL, stderr=run_log
@@ -145,34 +198,67 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         baseline_seen: dict[int, float] = {}
         threading.Thread(target=recvlogical_reader, args=(recv, baseline_seen), daemon=True).start()
         await asyncio.sleep(2)  # both readers connected
-        print(f"writing {args.rate} orders/s for {args.seconds} s ...", file=sys.stderr)
-        out = work / "committed.json"
-        writer = multiprocessing.get_context("spawn").Process(
-            target=write_orders, args=(dsn, args.rate, args.seconds, str(out))
-        )
-        writer.start()
-        await asyncio.to_thread(writer.join)
-        committed = {int(k): v for k, v in json.loads(out.read_text()).items()}
-        deadline = time.monotonic() + 30
-        while len(received) < len(committed) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        ours = [received[i] - t for i, t in committed.items() if i in received]
+
+        async def phase(name: str) -> list[float]:
+            print(f"{name}: writing {args.rate} orders/s for {args.seconds} s ...", file=sys.stderr)
+            out = work / f"committed-{name}.json"
+            writer = multiprocessing.get_context("spawn").Process(
+                target=write_orders, args=(dsn, args.rate, args.seconds, str(out))
+            )
+            writer.start()
+            await asyncio.to_thread(writer.join)
+            phase_committed = {int(k): v for k, v in json.loads(out.read_text()).items()}
+            deadline = time.monotonic() + 30
+            while any(i not in received for i in phase_committed) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            committed.update(phase_committed)
+            return [received[i] - t for i, t in phase_committed.items() if i in received]
+
+        committed: dict[int, float] = {}
+        ours = await phase("alone")
         if not ours:
             raise SystemExit(
                 "no order reached the receiver; ct1-cdc run said:\n" + (work / "run.log").read_text()[-3000:]
             )
+        loaded: dict[str, object] = {}
+        if args.readers:
+            stop = asyncio.Event()
+            answers: list[float] = []
+            statuses: dict[int, int] = {}
+            url = f"http://127.0.0.1:{api_port}/api/core-transaction-1/events"
+            globs = ",".join([f"nothing{i}.*" for i in range(args.patterns - 1)] + ["review.*"])
+            async with aiohttp.ClientSession() as session:
+                readers = [
+                    asyncio.create_task(read_events(session, url, key, globs, stop, answers, statuses))
+                    for key in api_keys
+                ]
+                under_load = await phase("loaded")
+                stop.set()
+                await asyncio.gather(*readers)
+            loaded = {
+                "readers": args.readers,
+                "patterns": args.patterns,
+                "reader_requests": len(answers),
+                "reader_statuses": statuses,
+                "reader_answer": summary(answers) if answers else None,
+                "loaded": summary(under_load),
+                "loaded_p99_over_unloaded": round(
+                    summary(under_load)["p99_ms"] / max(summary(ours)["p99_ms"], 0.001), 3
+                ),
+            }
         base = [baseline_seen[i] - t for i, t in committed.items() if i in baseline_seen]
         capture_lag = _capture_lag(work / "outbox.db")
         result: dict[str, object] = {
             "bench": "latency",
             "rate": args.rate,
             "seconds": args.seconds,
-            "orders": len(committed),
+            "orders": len(ours),
             "received": len(ours),
-            "achieved_rate": round(len(committed) / args.seconds),
+            "achieved_rate": round(len(ours) / args.seconds),
             **summary(ours),
             "baseline": summary(base),
             "capture_only": summary(capture_lag),
+            **loaded,
         }
         result["ratio"] = round(summary(base)["p50_ms"] / max(summary(ours)["p50_ms"], 0.001), 3)
         return result
@@ -210,6 +296,8 @@ def main() -> None:
     parser.add_argument(
         "--endpoint-concurrency", type=int, default=8, help="dispatcher.endpoint_concurrency of the run"
     )
+    parser.add_argument("--readers", type=int, default=0, help="concurrent filtered /events clients")
+    parser.add_argument("--patterns", type=int, default=40, help="globs in each reader's event_types")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     print(json.dumps(result))
