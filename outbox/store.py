@@ -7,10 +7,12 @@ Readers open their own connections (WAL mode lets them read while it writes).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import heapq
 import itertools
+import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,9 +196,8 @@ def read_events(
         if not types:
             rows = conn.execute(Q["list_events"], {"after": after, "limit": limit}).fetchall()
         else:
-            matched = [
-                t for (t,) in conn.execute(Q["event_types"]) if any(fnmatch.fnmatchcase(t, p) for p in types)
-            ]
+            match = type_matcher(tuple(types))
+            matched = [t for (t,) in conn.execute(Q["event_types"]) if match(t)]
             id_lists = [_ids_of_type(conn, t, after, newest, limit) for t in matched]
             ids = list(itertools.islice(heapq.merge(*id_lists), limit))
             rows = conn.execute(Q["events_by_ids"], {"ids": dumps(ids)}).fetchall() if ids else []
@@ -204,6 +205,12 @@ def read_events(
         conn.execute("COMMIT")
     got_to = rows[-1][0] if len(rows) == limit else max(newest, after)
     return rows, got_to
+
+
+@functools.lru_cache(maxsize=256)
+def type_matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
+    """One compiled test for a set of names or globs (readers repeat the same filters)."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
 
 
 def _ids_of_type(conn: sqlite3.Connection, type_: str, after: int, upto: int, limit: int) -> list[int]:
