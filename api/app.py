@@ -43,7 +43,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-EVENT_READ_THREADS = 4
+EVENT_READ_THREADS = 2
 KEY_CACHE_SECONDS = 1.0  # a key is looked up at most this often; revocation takes this long
 
 

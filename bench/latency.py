@@ -13,8 +13,8 @@ by the server's logical decoding.  The last line is JSON with p50/p95/p99 of bot
     .venv/bin/python bench/latency.py --readers 20 [--patterns 40]
 
 measures the same twice in one run: first alone, then while ``--readers`` clients of this
-script, each with a key of its own, ask ``GET /events`` of the same process, each as fast
-as it is answered (and its rate limit allows: a 429 is waited out), with an
+script, sharing ``--keys`` API keys (default 1), ask ``GET /events`` of the same process,
+each as fast as it is answered and its key's rate limit allows (a 429 is waited out), with an
 ``event_types`` filter of ``--patterns`` globs that match nothing the writer produces
 (from the start of the outbox every time).  The JSON line then also carries the loaded
 figures and ``"loaded_p99_over_unloaded"`` (the issue's bound: at most 2).
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -101,8 +102,8 @@ async def read_events(
     answers: list[float],
     statuses: dict[int, int],
 ) -> None:
-    """One client of the API with a key of its own (the default rate limit: a burst of
-    100, then 10 a second): the filtered page from the start, again and again, as fast as
+    """One client of the API (its key has the default rate limit: a burst of 100, then 10
+    a second): the filtered page from the start, again and again, as fast as
     it is answered; a 429 is waited out as its Retry-After says."""
     while not stop.is_set():
         started = time.monotonic()
@@ -184,7 +185,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_")}
         env["CT1_CONFIG"] = str(config)
         subprocess.run([CLI, "setup", "--no-probe"], env=env, check=True, capture_output=True)
-        api_keys = [create_key(env, f"reader{n}") for n in range(args.readers)]
+        api_keys = [create_key(env, f"reader{n}") for n in range(min(args.keys, args.readers))]
         run_log = open(work / "run.log", "wb")  # noqa: SIM115 - closed with the work dir
         run = subprocess.Popen(
             [CLI, "--log-level", "warning", "run"], env=env, stdout=subprocess.DEVNULL, stderr=run_log
@@ -230,13 +231,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             async with aiohttp.ClientSession() as session:
                 readers = [
                     asyncio.create_task(read_events(session, url, key, globs, stop, answers, statuses))
-                    for key in api_keys
+                    for key in itertools.islice(itertools.cycle(api_keys), args.readers)
                 ]
                 under_load = await phase("loaded")
                 stop.set()
                 await asyncio.gather(*readers)
             loaded = {
                 "readers": args.readers,
+                "keys": len(api_keys),
                 "patterns": args.patterns,
                 "reader_requests": len(answers),
                 "reader_statuses": statuses,
@@ -297,6 +299,9 @@ def main() -> None:
         "--endpoint-concurrency", type=int, default=8, help="dispatcher.endpoint_concurrency of the run"
     )
     parser.add_argument("--readers", type=int, default=0, help="concurrent filtered /events clients")
+    parser.add_argument(
+        "--keys", type=int, default=1, help="API keys the readers share (each has its own rate limit)"
+    )
     parser.add_argument("--patterns", type=int, default=40, help="globs in each reader's event_types")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
