@@ -77,6 +77,7 @@ BLOCKS = (
     "customer",
     "customer_addresses",
     "customer_statistics",
+    "customer_orders",
     "order",
     "order_items",
     "order_parties",
@@ -321,7 +322,13 @@ class Exports:
     # -- detail views -------------------------------------------------------------------------------
 
     async def customer(self, request: web.Request) -> web.Response:
+        """The customer with addresses; the statistics and the order history (the
+        ``per_page`` most recent orders) cover the orders created in the period."""
         ident = {"id": path_id(request)}
+        q = Query(request.query)
+        start, end = q.date_range()
+        period = {**ident, "date_from": start, "date_to": end}
+        history = {**period, "limit": per_page(q)}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
             rows = await self._rows(conn, "customer", ident)
@@ -329,7 +336,9 @@ class Exports:
                 return None
             customer = rows[0]
             customer["addresses"] = await self._rows(conn, "customer_addresses", ident)
-            (customer["statistics"],) = await self._rows(conn, "customer_statistics", ident)
+            customer["period"] = {"date_from": normalize(start), "date_to": normalize(end)}
+            (customer["statistics"],) = await self._rows(conn, "customer_statistics", period)
+            customer["order_history"] = await self._rows(conn, "customer_orders", history)
             return customer
 
         return await self.cached(request, "customers", lambda: self._detail(reads, "customer"))

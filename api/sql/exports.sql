@@ -29,14 +29,29 @@ SELECT id, type, line1, line2, city, state, postal_code, country, is_default, cr
 FROM addresses WHERE user_id = %(id)s ORDER BY id
 
 -- name: customer_statistics
--- Cancelled and refunded orders count as orders but not as money spent.
+-- The customer's orders created in [date_from, date_to) (NULL: unbounded).  Cancelled and
+-- refunded orders count as orders but not as money spent.
 SELECT count(*) AS orders_count,
        coalesce(sum(total) FILTER (WHERE status NOT IN ('cancelled', 'refunded')), 0) AS total_spent,
        min(created_at) AS first_order_at,
        max(created_at) AS last_order_at,
        coalesce(round(avg(total) FILTER (WHERE status NOT IN ('cancelled', 'refunded')), 2), 0)
            AS average_order_value
-FROM orders WHERE user_id = %(id)s
+FROM orders
+WHERE user_id = %(id)s
+  AND (%(date_from)s::timestamptz IS NULL OR created_at >= %(date_from)s::timestamptz)
+  AND (%(date_to)s::timestamptz IS NULL OR created_at < %(date_to)s::timestamptz)
+
+-- name: customer_orders
+-- The order history: the customer's %(limit)s most recent orders created in
+-- [date_from, date_to), newest first.
+SELECT id, order_number, status, payment_status, total, currency, created_at
+FROM orders
+WHERE user_id = %(id)s
+  AND (%(date_from)s::timestamptz IS NULL OR created_at >= %(date_from)s::timestamptz)
+  AND (%(date_to)s::timestamptz IS NULL OR created_at < %(date_to)s::timestamptz)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
 
 -- name: orders
 SELECT o.id, o.order_number, o.user_id, o.seller_id, o.shop_id, o.status, o.payment_status,

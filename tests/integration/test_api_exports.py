@@ -515,3 +515,42 @@ async def test_a_jsonb_integer_past_64_bits_exports_exactly_in_every_format(api)
     column = table[0].index("shipping_address")
     (cell,) = [r[column] for r in table[1:] if int(r[0]) == order]
     assert json.loads(cell) == {"big": big}
+
+
+async def test_customer_detail_has_its_order_history_within_date_from_and_date_to(api):
+    """date_from/date_to, which the design lists for /customers/{id}, were ignored: the
+    statistics counted every order whatever the period."""
+    _, get, db = api
+    customer = db.execute("SELECT user_id FROM orders GROUP BY user_id HAVING count(*) >= 3 LIMIT 1")[0][0]
+    mine = ids(db, "SELECT id FROM orders WHERE user_id = %s ORDER BY id", customer)
+    db.execute("UPDATE orders SET created_at = '2026-01-05 10:00:00+00' WHERE id = %s", mine[0])
+    db.execute("UPDATE orders SET created_at = '2026-01-06 23:59:59+00' WHERE id = %s", mine[1])
+    db.execute("UPDATE orders SET created_at = '2026-01-07 00:00:00+00' WHERE id = ANY(%s)", mine[2:])
+    data = (await get(f"/customers/{customer}", date_from="2026-01-05", date_to="2026-01-06"))["data"]
+    assert data["statistics"]["orders_count"] == 2
+    assert [o["id"] for o in data["order_history"]] == [mine[1], mine[0]]  # newest first
+    assert data["statistics"]["last_order_at"] == "2026-01-06T23:59:59.000000Z"
+    assert set(data["order_history"][0]) == {
+        "id",
+        "order_number",
+        "status",
+        "payment_status",
+        "total",
+        "currency",
+        "created_at",
+    }
+    assert data["period"] == {
+        "date_from": "2026-01-05T00:00:00.000000Z",
+        "date_to": "2026-01-07T00:00:00.000000Z",
+    }
+    everything = (await get(f"/customers/{customer}"))["data"]
+    assert [o["id"] for o in everything["order_history"]] == ids(
+        db, "SELECT id FROM orders WHERE user_id = %s ORDER BY created_at DESC, id DESC", customer
+    )
+    assert everything["statistics"]["orders_count"] == len(mine)
+    assert everything["period"] == {"date_from": None, "date_to": None}
+    bounded = (await get(f"/customers/{customer}", per_page=2))["data"]
+    assert [o["id"] for o in bounded["order_history"]] == [o["id"] for o in everything["order_history"][:2]]
+    assert bounded["statistics"]["orders_count"] == len(mine)  # statistics cover the period, not the page
+    body = await get(f"/customers/{customer}", _status=422, date_from="2026-02-01", date_to="2026-01-01")
+    assert body["error"]["field"] == "date_to"
