@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -62,6 +63,11 @@ def clean(value: Any, excluded: frozenset[str]) -> Any:
     return normalize(value)
 
 
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV Injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
 def _csv_cell(value: Any) -> Any:
     if value is None:
         return ""
@@ -69,7 +75,17 @@ def _csv_cell(value: Any) -> Any:
         return "true" if value else "false"
     if isinstance(value, (dict, list)):
         return json_bytes(value).decode()
+    if isinstance(value, str):
+        return _spreadsheet_safe(value)
     return value
+
+
+def _spreadsheet_safe(text: str) -> str:
+    """Text a spreadsheet would run as a formula, with a leading ``'`` so it shows as
+    text; a number (numeric values are exact text here: ``-5.00``) stays as it is."""
+    if text.startswith(FORMULA_START) and not NUMBER.fullmatch(text):
+        return "'" + text
+    return text
 
 
 BLOCKS = (
@@ -291,7 +307,7 @@ class Exports:
                 await response.write(b"".join(json_bytes(r) + b"\n" for r in page))
             else:
                 buf = io.StringIO()
-                out = csv.writer(buf, lineterminator="\n")
+                out = csv.writer(buf)  # RFC 4180: CRLF, and a field holding CR or LF is quoted
                 if header is None:
                     header = list(page[0])
                     out.writerow(header)

