@@ -15,6 +15,7 @@ import csv
 import functools
 import io
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -34,12 +35,13 @@ from cdc.decode import normalize
 from cdc.errors import ConfigError
 from cdc.jsontext import dumps as json_bytes
 from config.settings import Settings
-from outbox import sqlfile
+from outbox import sqlfile, store
 
 DEFAULT_SQL_DIR = Path(__file__).resolve().parent / "sql"
 STREAM_PAGE = 1000  # rows per query while streaming a whole export
 
 LOW_STOCK = 5  # at or below: "low_stock"
+STATUS_HISTORY = 100  # the most recent status changes an order answer carries
 CENT = Decimal("0.01")
 
 
@@ -139,8 +141,13 @@ CACHED_TABLES = {
 }
 
 
+Offload = Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]]
+
+
 class Exports:
-    """The export handlers; one pool on the marketplace database."""
+    """The export handlers; one pool on the marketplace database.  Outbox reads (an
+    order's status history) go through ``offload``, which runs them on the API's read
+    thread, never on the event loop (set by :func:`api.app.create_app`)."""
 
     def __init__(
         self, settings: Settings, excluded: frozenset[str], cache: ExportCache | None = None
@@ -148,6 +155,7 @@ class Exports:
         cfg = settings.api
         self.excluded = excluded
         self.cache = cache
+        self.offload: Offload | None = None
         self.ttls = {
             "customers": cfg.cache_ttl_customers,
             "products": cfg.cache_ttl_products,
@@ -389,7 +397,19 @@ class Exports:
             }
             return order
 
-        return await self._detail(reads, "order")
+        order = await self.read(reads)
+        if order is not None:
+            order["status_history"] = await self._status_history(ident["id"])
+        return self._found(order, "order")
+
+    async def _status_history(self, order_id: int) -> list[dict[str, Any]]:
+        """The order's captured status changes, from the outbox (off the event loop)."""
+        if self.offload is None:
+            raise RuntimeError("Exports.offload is not set: create_app wires it")
+        history: list[dict[str, Any]] = await self.offload(
+            functools.partial(store.status_history, order_key=str(order_id), limit=STATUS_HISTORY)
+        )
+        return history
 
     async def product(self, request: web.Request) -> web.Response:
         ident = {"id": path_id(request)}

@@ -73,3 +73,12 @@ GROUP BY endpoint
 -- name: last_attempt
 SELECT attempted_at, event_id, status, duration_ms, error
 FROM attempts WHERE endpoint = ? ORDER BY id DESC LIMIT 1
+
+-- name: status_history
+-- The last :limit captured status changes of one order, newest first (entity_key holds
+-- the key as text: '77').  The new and previous status come from the stored data.
+SELECT id, occurred_at, json_extract(data, '$.record.status'), json_extract(data, '$.previous.status')
+FROM events INDEXED BY events_status_history
+WHERE type = 'order.status_changed' AND entity_key = :key
+ORDER BY id DESC
+LIMIT :limit

@@ -21,7 +21,7 @@ from cdc.mapping import parse_mapping
 from config import sample
 from config.settings import Settings
 from outbox import sqlfile, store
-from tests.conftest import MAPPING, SourceDb, make_settings
+from tests.conftest import MAPPING, SourceDb, make_settings, read_events
 from tests.unit.test_export_values import keys_of
 
 VOLUME = sample.Volume(customers=60, sellers=4, products=40, orders=150, reviews=80, views=300, carts=10)
@@ -584,3 +584,50 @@ async def test_csv_cells_that_a_spreadsheet_would_run_as_formulas_are_neutralise
     assert first["created_at"][0].isdigit()
     rows = [json.loads(line) for line in (await get("/customers", format="ndjson")).decode().splitlines()]
     assert {r["id"]: r["name"] for r in rows}[11] == hostile[11]  # JSON is not a spreadsheet
+
+
+async def test_order_detail_has_its_status_history_from_the_captured_events(
+    marketplace, tmp_path, run_capture
+):
+    """Each status change capture saw, with its time and the status before it: what no
+    polling export can give.  Read from the outbox, not the marketplace."""
+    settings = make_settings(marketplace, tmp_path / "outbox.db")
+    capture = run_capture(settings)
+    capture.wait_caught_up()
+    client, k = await start(settings)
+    auth = {"X-API-Key": k["export"]}
+
+    async def order(order_id: int) -> dict[str, Any]:
+        resp = await client.get(f"{BASE}/orders/{order_id}", headers=auth)
+        assert resp.status == 200
+        data: dict[str, Any] = (await resp.json())["data"]
+        return data
+
+    try:
+        target, other, quiet = (
+            r[0]
+            for r in marketplace.execute("SELECT id FROM orders WHERE status = 'pending' ORDER BY id LIMIT 3")
+        )
+        assert (await order(target))["status_history"] == []
+        marketplace.execute("UPDATE orders SET status = 'processing' WHERE id = %s", target)
+        marketplace.execute("UPDATE orders SET payment_status = 'paid' WHERE id = %s", target)  # not a status
+        marketplace.execute("UPDATE orders SET status = 'cancelled' WHERE id = %s", other)
+        marketplace.execute("UPDATE orders SET status = 'shipped' WHERE id = %s", target)
+        capture.wait_caught_up()
+        history = (await order(target))["status_history"]
+        assert [(h["previous_status"], h["status"]) for h in history] == [
+            ("pending", "processing"),
+            ("processing", "shipped"),
+        ]
+        changes = [
+            e
+            for e in read_events(settings.outbox.path)
+            if e["type"] == "order.status_changed" and e["data"]["id"] == target
+        ]
+        assert [h["event_id"] for h in history] == [e["id"] for e in changes]
+        assert [h["changed_at"] for h in history] == [e["timestamp"] for e in changes]
+        assert history[0]["changed_at"].endswith("Z") and history[0]["changed_at"] <= history[1]["changed_at"]
+        assert [h["status"] for h in (await order(other))["status_history"]] == ["cancelled"]
+        assert (await order(quiet))["status_history"] == []
+    finally:
+        await client.close()
