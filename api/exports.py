@@ -101,6 +101,7 @@ BLOCKS = (
     "order_parties",
     "product",
     "product_ratings",
+    "product_performance",
     "analytics_period",
     "analytics_top_products",
     "analytics_ratings",
@@ -127,6 +128,19 @@ CACHED_TABLES = {
     "customers": frozenset({"public.users", "public.orders", "public.addresses"}),
     "products": frozenset(
         {"public.products", "public.shops", "public.categories", "public.reviews", "public.users"}
+    ),
+    # one product: also its views and the orders holding it (its performance)
+    "product": frozenset(
+        {
+            "public.products",
+            "public.shops",
+            "public.categories",
+            "public.reviews",
+            "public.users",
+            "public.product_views",
+            "public.orders",
+            "public.order_items",
+        }
     ),
     "analytics": frozenset(
         {
@@ -159,6 +173,7 @@ class Exports:
         self.ttls = {
             "customers": cfg.cache_ttl_customers,
             "products": cfg.cache_ttl_products,
+            "product": cfg.cache_ttl_products,
             "analytics": cfg.cache_ttl_analytics,
         }
         self.any_table = bool(cfg.sql_dir)
@@ -412,13 +427,19 @@ class Exports:
         return history
 
     async def product(self, request: web.Request) -> web.Response:
+        """The product with shop, category, ratings and stock; its performance (views,
+        orders, units, revenue, conversion) over the period, by default the last 30 days."""
         ident = {"id": path_id(request)}
+        q = Query(request.query)
+        start, end = q.date_range()
+        period = {**ident, **_period(start, end)}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
             rows = await self._rows(conn, "product", ident)
             if not rows:
                 return None
             p = rows[0]
+            (performance,) = await self._rows(conn, "product_performance", period)
             ratings = {
                 int(r["rating"]): int(r["reviews"]) for r in await self._rows(conn, "product_ratings", ident)
             }
@@ -445,6 +466,7 @@ class Exports:
                     "count": count,
                     "distribution": {str(k): ratings.get(k, 0) for k in range(1, 6)},
                 },
+                "performance": _performance(performance, period),
                 "stock_status": "out_of_stock"
                 if stock <= 0
                 else "low_stock"
@@ -458,22 +480,15 @@ class Exports:
                 },
             }
 
-        return await self.cached(request, "products", lambda: self._detail(reads, "product"))
+        return await self.cached(request, "product", lambda: self._detail(reads, "product"))
 
     # -- analytics ----------------------------------------------------------------------------------
 
     async def analytics(self, request: web.Request) -> web.Response:
         q = Query(request.query)
-        start, end = q.date_range()
-        if end is None:
-            today = datetime.now(UTC).date()
-            end = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1)
-        if start is None:
-            start = end - timedelta(days=30)
-        if end - start > timedelta(days=3660):
-            raise ApiError(422, "invalid_parameter", "the period may span at most ten years", "date_from")
+        period = _period(*q.date_range())
+        start, end = period["start"], period["end"]
         previous = {"start": start - (end - start), "end": start}
-        period = {"start": start, "end": end}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
             (now,) = await self._rows(conn, "analytics_period", period)
@@ -506,6 +521,36 @@ class Exports:
         if data is None:
             raise ApiError(404, "not_found", f"no such {what}")
         return _json_response({"success": True, "data": clean(data, self.excluded), "meta": {}})
+
+
+def _period(start: datetime | None, end: datetime | None) -> dict[str, datetime]:
+    """A reporting period [start, end): by default the 30 days up to the end of today
+    (UTC); at most ten years."""
+    if end is None:
+        today = datetime.now(UTC).date()
+        end = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1)
+    if start is None:
+        start = end - timedelta(days=30)
+    if end <= start:  # date_from alone, after the end of today
+        raise ApiError(
+            422, "invalid_parameter", "date_from must be before date_to (default: today)", "date_from"
+        )
+    if end - start > timedelta(days=3660):
+        raise ApiError(422, "invalid_parameter", "the period may span at most ten years", "date_from")
+    return {"start": start, "end": end}
+
+
+def _performance(row: dict[str, Any], period: dict[str, Any]) -> dict[str, Any]:
+    """A product's figures over a period; conversion is orders per view, as /analytics."""
+    views, orders = int(row["views"]), int(row["orders"])
+    return {
+        "period": {"date_from": normalize(period["start"]), "date_to": normalize(period["end"])},
+        "views": views,
+        "orders": orders,
+        "units_sold": int(row["units_sold"]),
+        "revenue": str(Decimal(row["revenue"]).quantize(CENT)),
+        "conversion_rate": round(orders / views, 4) if views else None,
+    }
 
 
 def _figures(row: dict[str, Any]) -> dict[str, Any]:

@@ -128,6 +128,21 @@ SELECT rating, count(*) AS reviews
 FROM reviews WHERE product_id = %(id)s AND status = 'approved'
 GROUP BY rating
 
+-- name: product_performance
+-- One product over [start, end): its views, and the orders (not cancelled or refunded)
+-- created in the period that hold it, with the units and revenue of its lines in them.
+SELECT
+    (SELECT count(*) FROM product_views
+      WHERE product_id = %(id)s AND viewed_at >= %(start)s AND viewed_at < %(end)s) AS views,
+    count(DISTINCT o.id) AS orders,
+    coalesce(sum(i.quantity), 0) AS units_sold,
+    coalesce(sum(i.total), 0) AS revenue
+FROM order_items i
+JOIN orders o ON o.id = i.order_id
+WHERE i.product_id = %(id)s
+  AND o.created_at >= %(start)s AND o.created_at < %(end)s
+  AND o.status NOT IN ('cancelled', 'refunded')
+
 -- name: reviews
 SELECT r.id, r.product_id, r.user_id, r.order_id, r.rating, r.title, r.comment, r.status,
        r.created_at, r.updated_at

@@ -631,3 +631,45 @@ async def test_order_detail_has_its_status_history_from_the_captured_events(
         assert (await order(quiet))["status_history"] == []
     finally:
         await client.close()
+
+
+async def test_product_detail_has_its_performance_over_a_period(api):
+    _, get, db = api
+    product = db.execute(
+        "SELECT product_id FROM order_items GROUP BY product_id HAVING count(*) >= 3 LIMIT 1"
+    )[0][0]
+    orders = ids(db, "SELECT order_id FROM order_items WHERE product_id = %s ORDER BY order_id", product)
+    db.execute(
+        "UPDATE orders SET created_at = '2020-04-10 12:00:00+00', status = 'delivered' WHERE id = ANY(%s)",
+        orders,
+    )
+    db.execute("UPDATE orders SET status = 'cancelled' WHERE id = %s", orders[0])  # not a sale
+    db.execute("UPDATE orders SET created_at = '2020-05-01 00:00:00+00' WHERE id = %s", orders[1])  # after
+    db.execute("UPDATE product_views SET viewed_at = '2020-01-01 00:00:00+00' WHERE product_id = %s", product)
+    db.execute(
+        "INSERT INTO product_views (product_id, viewed_at)"
+        " SELECT %s, ('2020-04-0' || n || ' 09:00:00+00')::timestamptz FROM generate_series(1, 8) n",
+        product,
+    )
+    sold = orders[2:]
+    units, revenue = db.execute(
+        "SELECT sum(quantity), sum(total) FROM order_items WHERE product_id = %s AND order_id = ANY(%s)",
+        product,
+        sold,
+    )[0]
+    data = (await get(f"/products/{product}", date_from="2020-04-01", date_to="2020-04-30"))["data"]
+    assert data["performance"] == {
+        "period": {"date_from": "2020-04-01T00:00:00.000000Z", "date_to": "2020-05-01T00:00:00.000000Z"},
+        "views": 8,
+        "orders": len(sold),
+        "units_sold": units,
+        "revenue": str(revenue),
+        "conversion_rate": round(len(sold) / 8, 4),
+    }
+    assert data["rating"]["count"] >= 0 and "distribution" in data["rating"]  # alongside, unchanged
+    recent = (await get(f"/products/{product}"))["data"]["performance"]  # default: the last 30 days
+    assert recent["views"] == 0 and recent["orders"] == 0 and recent["revenue"] == "0.00"
+    assert recent["conversion_rate"] is None
+    assert recent["period"]["date_to"] > "2020-05-01"
+    body = await get(f"/products/{product}", _status=422, date_from="9000-01-01")
+    assert body["error"]["field"] == "date_from"  # after the default end: a backwards period
