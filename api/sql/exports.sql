@@ -144,9 +144,21 @@ WHERE i.product_id = %(id)s
   AND o.status NOT IN ('cancelled', 'refunded')
 
 -- name: reviews
+-- With the product and its shop, and the "was this helpful?" votes (new columns last, so
+-- a CSV read by position keeps its columns).
 SELECT r.id, r.product_id, r.user_id, r.order_id, r.rating, r.title, r.comment, r.status,
-       r.created_at, r.updated_at
+       r.created_at, r.updated_at,
+       p.name AS product_name, p.slug AS product_slug,
+       p.shop_id, s.name AS shop_name, s.slug AS shop_slug,
+       v.helpful_votes, v.not_helpful_votes
 FROM reviews r
+LEFT JOIN products p ON p.id = r.product_id
+LEFT JOIN shops s ON s.id = p.shop_id
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE rv.helpful) AS helpful_votes,
+           count(*) FILTER (WHERE NOT rv.helpful) AS not_helpful_votes
+    FROM review_votes rv WHERE rv.review_id = r.id
+) v
 WHERE r.id > %(after)s
   AND (%(product_id)s::bigint IS NULL OR r.product_id = %(product_id)s::bigint)
   AND (%(user_id)s::bigint IS NULL OR r.user_id = %(user_id)s::bigint)

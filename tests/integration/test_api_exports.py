@@ -673,3 +673,58 @@ async def test_product_detail_has_its_performance_over_a_period(api):
     assert recent["period"]["date_to"] > "2020-05-01"
     body = await get(f"/products/{product}", _status=422, date_from="9000-01-01")
     assert body["error"]["field"] == "date_from"  # after the default end: a backwards period
+
+
+async def test_reviews_carry_their_product_shop_and_helpful_votes(api):
+    _, get, db = api
+    assert db.execute("SELECT count(*) FROM review_votes")[0][0] > 0  # the sample has votes
+    db.execute("DELETE FROM review_votes WHERE review_id IN (2, 3)")
+    voters = ids(db, "SELECT id FROM users WHERE role = 'customer' ORDER BY id LIMIT 4")
+    for voter, helpful in zip(voters, (True, True, True, False), strict=True):
+        db.execute(
+            "INSERT INTO review_votes (review_id, user_id, helpful) VALUES (2, %s, %s)", voter, helpful
+        )
+    rows = {r["id"]: r for r in await page_all(get, "/reviews", per_page=30)}
+    assert list(rows) == ids(db, "SELECT id FROM reviews ORDER BY id")  # keyset paging unchanged
+    assert (rows[2]["helpful_votes"], rows[2]["not_helpful_votes"]) == (3, 1)
+    assert (rows[3]["helpful_votes"], rows[3]["not_helpful_votes"]) == (0, 0)
+    expected = db.execute(
+        "SELECT r.id, p.name, p.slug, s.id, s.name, s.slug,"
+        " (SELECT count(*) FROM review_votes v WHERE v.review_id = r.id AND v.helpful),"
+        " (SELECT count(*) FROM review_votes v WHERE v.review_id = r.id AND NOT v.helpful)"
+        " FROM reviews r JOIN products p ON p.id = r.product_id JOIN shops s ON s.id = p.shop_id ORDER BY r.id"
+    )
+    got = [
+        tuple(
+            rows[e[0]][c]
+            for c in (
+                "id",
+                "product_name",
+                "product_slug",
+                "shop_id",
+                "shop_name",
+                "shop_slug",
+                "helpful_votes",
+                "not_helpful_votes",
+            )
+        )
+        for e in expected
+    ]
+    assert got == [tuple(e) for e in expected]
+    product = rows[2]["product_id"]
+    filtered = await page_all(get, "/reviews", product_id=product, rating=rows[2]["rating"])
+    assert 2 in [r["id"] for r in filtered] and {r["product_id"] for r in filtered} == {product}
+    table = list(csv.reader(io.StringIO((await get("/reviews", format="csv")).decode())))
+    assert table[0][:10] == [
+        "id",
+        "product_id",
+        "user_id",
+        "order_id",
+        "rating",
+        "title",
+        "comment",
+        "status",
+        "created_at",
+        "updated_at",
+    ]  # the columns a CSV consumer had keep their places
+    assert {"product_name", "shop_slug", "helpful_votes"} <= set(table[0])
