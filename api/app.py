@@ -280,6 +280,7 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
     exports = Exports(settings, excluded_columns(mapping or load_mapping(settings.mapping.file)))
     api = Api(settings, exports)
     exports.cache = ExportCache(api.db)
+    exports.offload = api.offload  # the status history of an order, read off the loop
     feed = Feed(api.db)
     webhooks = Webhooks(settings, api.db, api.offload, api.usage, exports)
     events = Events(api.event_reads, feed, api.recheck)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import re
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -33,12 +35,13 @@ from cdc.decode import normalize
 from cdc.errors import ConfigError
 from cdc.jsontext import dumps as json_bytes
 from config.settings import Settings
-from outbox import sqlfile
+from outbox import sqlfile, store
 
 DEFAULT_SQL_DIR = Path(__file__).resolve().parent / "sql"
 STREAM_PAGE = 1000  # rows per query while streaming a whole export
 
 LOW_STOCK = 5  # at or below: "low_stock"
+STATUS_HISTORY = 100  # the most recent status changes an order answer carries
 CENT = Decimal("0.01")
 
 
@@ -62,6 +65,11 @@ def clean(value: Any, excluded: frozenset[str]) -> Any:
     return normalize(value)
 
 
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV Injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
 def _csv_cell(value: Any) -> Any:
     if value is None:
         return ""
@@ -69,7 +77,17 @@ def _csv_cell(value: Any) -> Any:
         return "true" if value else "false"
     if isinstance(value, (dict, list)):
         return json_bytes(value).decode()
+    if isinstance(value, str):
+        return _spreadsheet_safe(value)
     return value
+
+
+def _spreadsheet_safe(text: str) -> str:
+    """Text a spreadsheet would run as a formula, with a leading ``'`` so it shows as
+    text; a number (numeric values are exact text here: ``-5.00``) stays as it is."""
+    if text.startswith(FORMULA_START) and not NUMBER.fullmatch(text):
+        return "'" + text
+    return text
 
 
 BLOCKS = (
@@ -77,11 +95,13 @@ BLOCKS = (
     "customer",
     "customer_addresses",
     "customer_statistics",
+    "customer_orders",
     "order",
     "order_items",
     "order_parties",
     "product",
     "product_ratings",
+    "product_performance",
     "analytics_period",
     "analytics_top_products",
     "analytics_ratings",
@@ -109,6 +129,19 @@ CACHED_TABLES = {
     "products": frozenset(
         {"public.products", "public.shops", "public.categories", "public.reviews", "public.users"}
     ),
+    # one product: also its views and the orders holding it (its performance)
+    "product": frozenset(
+        {
+            "public.products",
+            "public.shops",
+            "public.categories",
+            "public.reviews",
+            "public.users",
+            "public.product_views",
+            "public.orders",
+            "public.order_items",
+        }
+    ),
     "analytics": frozenset(
         {
             "public.orders",
@@ -122,8 +155,13 @@ CACHED_TABLES = {
 }
 
 
+Offload = Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]]
+
+
 class Exports:
-    """The export handlers; one pool on the marketplace database."""
+    """The export handlers; one pool on the marketplace database.  Outbox reads (an
+    order's status history) go through ``offload``, which runs them on the API's read
+    thread, never on the event loop (set by :func:`api.app.create_app`)."""
 
     def __init__(
         self, settings: Settings, excluded: frozenset[str], cache: ExportCache | None = None
@@ -131,9 +169,11 @@ class Exports:
         cfg = settings.api
         self.excluded = excluded
         self.cache = cache
+        self.offload: Offload | None = None
         self.ttls = {
             "customers": cfg.cache_ttl_customers,
             "products": cfg.cache_ttl_products,
+            "product": cfg.cache_ttl_products,
             "analytics": cfg.cache_ttl_analytics,
         }
         self.any_table = bool(cfg.sql_dir)
@@ -290,7 +330,7 @@ class Exports:
                 await response.write(b"".join(json_bytes(r) + b"\n" for r in page))
             else:
                 buf = io.StringIO()
-                out = csv.writer(buf, lineterminator="\n")
+                out = csv.writer(buf)  # RFC 4180: CRLF, and a field holding CR or LF is quoted
                 if header is None:
                     header = list(page[0])
                     out.writerow(header)
@@ -321,7 +361,13 @@ class Exports:
     # -- detail views -------------------------------------------------------------------------------
 
     async def customer(self, request: web.Request) -> web.Response:
+        """The customer with addresses; the statistics and the order history (the
+        ``per_page`` most recent orders) cover the orders created in the period."""
         ident = {"id": path_id(request)}
+        q = Query(request.query)
+        start, end = q.date_range()
+        period = {**ident, "date_from": start, "date_to": end}
+        history = {**period, "limit": per_page(q)}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
             rows = await self._rows(conn, "customer", ident)
@@ -329,7 +375,9 @@ class Exports:
                 return None
             customer = rows[0]
             customer["addresses"] = await self._rows(conn, "customer_addresses", ident)
-            (customer["statistics"],) = await self._rows(conn, "customer_statistics", ident)
+            customer["period"] = {"date_from": normalize(start), "date_to": normalize(end)}
+            (customer["statistics"],) = await self._rows(conn, "customer_statistics", period)
+            customer["order_history"] = await self._rows(conn, "customer_orders", history)
             return customer
 
         return await self.cached(request, "customers", lambda: self._detail(reads, "customer"))
@@ -364,16 +412,34 @@ class Exports:
             }
             return order
 
-        return await self._detail(reads, "order")
+        order = await self.read(reads)
+        if order is not None:
+            order["status_history"] = await self._status_history(ident["id"])
+        return self._found(order, "order")
+
+    async def _status_history(self, order_id: int) -> list[dict[str, Any]]:
+        """The order's captured status changes, from the outbox (off the event loop)."""
+        if self.offload is None:
+            raise RuntimeError("Exports.offload is not set: create_app wires it")
+        history: list[dict[str, Any]] = await self.offload(
+            functools.partial(store.status_history, order_key=str(order_id), limit=STATUS_HISTORY)
+        )
+        return history
 
     async def product(self, request: web.Request) -> web.Response:
+        """The product with shop, category, ratings and stock; its performance (views,
+        orders, units, revenue, conversion) over the period, by default the last 30 days."""
         ident = {"id": path_id(request)}
+        q = Query(request.query)
+        start, end = q.date_range()
+        period = {**ident, **_period(start, end)}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
             rows = await self._rows(conn, "product", ident)
             if not rows:
                 return None
             p = rows[0]
+            (performance,) = await self._rows(conn, "product_performance", period)
             ratings = {
                 int(r["rating"]): int(r["reviews"]) for r in await self._rows(conn, "product_ratings", ident)
             }
@@ -400,6 +466,7 @@ class Exports:
                     "count": count,
                     "distribution": {str(k): ratings.get(k, 0) for k in range(1, 6)},
                 },
+                "performance": _performance(performance, period),
                 "stock_status": "out_of_stock"
                 if stock <= 0
                 else "low_stock"
@@ -413,22 +480,15 @@ class Exports:
                 },
             }
 
-        return await self.cached(request, "products", lambda: self._detail(reads, "product"))
+        return await self.cached(request, "product", lambda: self._detail(reads, "product"))
 
     # -- analytics ----------------------------------------------------------------------------------
 
     async def analytics(self, request: web.Request) -> web.Response:
         q = Query(request.query)
-        start, end = q.date_range()
-        if end is None:
-            today = datetime.now(UTC).date()
-            end = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1)
-        if start is None:
-            start = end - timedelta(days=30)
-        if end - start > timedelta(days=3660):
-            raise ApiError(422, "invalid_parameter", "the period may span at most ten years", "date_from")
+        period = _period(*q.date_range())
+        start, end = period["start"], period["end"]
         previous = {"start": start - (end - start), "end": start}
-        period = {"start": start, "end": end}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
             (now,) = await self._rows(conn, "analytics_period", period)
@@ -461,6 +521,36 @@ class Exports:
         if data is None:
             raise ApiError(404, "not_found", f"no such {what}")
         return _json_response({"success": True, "data": clean(data, self.excluded), "meta": {}})
+
+
+def _period(start: datetime | None, end: datetime | None) -> dict[str, datetime]:
+    """A reporting period [start, end): by default the 30 days up to the end of today
+    (UTC); at most ten years."""
+    if end is None:
+        today = datetime.now(UTC).date()
+        end = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1)
+    if start is None:
+        start = end - timedelta(days=30)
+    if end <= start:  # date_from alone, after the end of today
+        raise ApiError(
+            422, "invalid_parameter", "date_from must be before date_to (default: today)", "date_from"
+        )
+    if end - start > timedelta(days=3660):
+        raise ApiError(422, "invalid_parameter", "the period may span at most ten years", "date_from")
+    return {"start": start, "end": end}
+
+
+def _performance(row: dict[str, Any], period: dict[str, Any]) -> dict[str, Any]:
+    """A product's figures over a period; conversion is orders per view, as /analytics."""
+    views, orders = int(row["views"]), int(row["orders"])
+    return {
+        "period": {"date_from": normalize(period["start"]), "date_to": normalize(period["end"])},
+        "views": views,
+        "orders": orders,
+        "units_sold": int(row["units_sold"]),
+        "revenue": str(Decimal(row["revenue"]).quantize(CENT)),
+        "conversion_rate": round(orders / views, 4) if views else None,
+    }
 
 
 def _figures(row: dict[str, Any]) -> dict[str, Any]:

@@ -157,3 +157,14 @@ CREATE INDEX IF NOT EXISTS products_shop_id ON products (shop_id);
 CREATE INDEX IF NOT EXISTS reviews_product_id ON reviews (product_id);
 CREATE INDEX IF NOT EXISTS product_views_product_id ON product_views (product_id);
 CREATE INDEX IF NOT EXISTS cart_items_cart_id ON cart_items (cart_id);
+
+-- "Was this review helpful?": one vote per customer and review, either way.
+CREATE TABLE IF NOT EXISTS review_votes (
+    id         bigserial PRIMARY KEY,
+    review_id  bigint      NOT NULL REFERENCES reviews (id) ON DELETE CASCADE,
+    user_id    bigint      NOT NULL REFERENCES users (id),
+    helpful    boolean     NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (review_id, user_id)
+);

@@ -107,7 +107,11 @@ def create_schema(conn: Conn) -> None:
 
 
 def has_schema(conn: Conn) -> bool:
-    row = conn.execute("SELECT to_regclass('public.orders') IS NOT NULL").fetchone()
+    """Every sample table is there (an older sample database lacks ``review_votes``;
+    :func:`create_schema` adds what is missing)."""
+    row = conn.execute(
+        "SELECT to_regclass('public.orders') IS NOT NULL AND to_regclass('public.review_votes') IS NOT NULL"
+    ).fetchone()
     return bool(row and row[0])
 
 
@@ -223,6 +227,7 @@ def generate(
             insert_order(conn, rng, customer_ids, product_rows, shop_owner)
         counts["orders"] = v.orders
         note("orders", v.orders)
+        review_base = _scalar(conn, "SELECT coalesce(max(id), 0) FROM reviews")
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO reviews (product_id, user_id, rating, comment, status)"
@@ -255,7 +260,26 @@ def generate(
             add_to_cart(conn, rng, customer_ids, product_rows)
         counts["carts"] = v.carts
         note("carts", v.carts)
+        # last, so the rows above stay what they were before votes existed
+        counts["review_votes"] = _vote(conn, rng, review_base, customer_ids)
+        note("review_votes", counts["review_votes"])
     return counts
+
+
+def _vote(conn: Conn, rng: random.Random, review_base: int, customer_ids: list[int]) -> int:
+    """Helpful / not helpful votes on the new reviews: none to a few each, mostly helpful."""
+    reviews = [
+        r[0]
+        for r in conn.execute("SELECT id FROM reviews WHERE id > %s ORDER BY id", (review_base,)).fetchall()
+    ]
+    votes = [
+        (review, voter, rng.random() < 0.75)
+        for review in reviews
+        for voter in rng.sample(customer_ids, min(len(customer_ids), rng.choice([0, 0, 1, 2, 3, 5])))
+    ]
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO review_votes (review_id, user_id, helpful) VALUES (%s, %s, %s)", votes)
+    return len(votes)
 
 
 def _city(rng: random.Random) -> tuple[str, str, str]:

@@ -234,6 +234,17 @@ def tables_changed_since(conn: sqlite3.Connection, seen: int, limit: int) -> tup
     return frozenset(t for _, t in rows if t), max((i for i, _ in rows), default=seen)
 
 
+def status_history(conn: sqlite3.Connection, order_key: str, limit: int = 100) -> list[dict[str, Any]]:
+    """The last ``limit`` captured ``order.status_changed`` events of one order (its key
+    as text, as events store it), oldest first: each with its event id, commit time, new
+    status and previous status (None when capture did not know it)."""
+    rows = conn.execute(Q["status_history"], {"key": order_key, "limit": limit}).fetchall()
+    return [
+        {"event_id": event_id, "changed_at": at, "status": status, "previous_status": previous}
+        for event_id, at, status, previous in reversed(rows)
+    ]
+
+
 def get_event(conn: sqlite3.Connection, event_id: int) -> tuple[Any, ...] | None:
     row: tuple[Any, ...] | None = conn.execute(Q["get_event"], (event_id,)).fetchone()
     return row

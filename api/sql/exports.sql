@@ -29,14 +29,29 @@ SELECT id, type, line1, line2, city, state, postal_code, country, is_default, cr
 FROM addresses WHERE user_id = %(id)s ORDER BY id
 
 -- name: customer_statistics
--- Cancelled and refunded orders count as orders but not as money spent.
+-- The customer's orders created in [date_from, date_to) (NULL: unbounded).  Cancelled and
+-- refunded orders count as orders but not as money spent.
 SELECT count(*) AS orders_count,
        coalesce(sum(total) FILTER (WHERE status NOT IN ('cancelled', 'refunded')), 0) AS total_spent,
        min(created_at) AS first_order_at,
        max(created_at) AS last_order_at,
        coalesce(round(avg(total) FILTER (WHERE status NOT IN ('cancelled', 'refunded')), 2), 0)
            AS average_order_value
-FROM orders WHERE user_id = %(id)s
+FROM orders
+WHERE user_id = %(id)s
+  AND (%(date_from)s::timestamptz IS NULL OR created_at >= %(date_from)s::timestamptz)
+  AND (%(date_to)s::timestamptz IS NULL OR created_at < %(date_to)s::timestamptz)
+
+-- name: customer_orders
+-- The order history: the customer's %(limit)s most recent orders created in
+-- [date_from, date_to), newest first.
+SELECT id, order_number, status, payment_status, total, currency, created_at
+FROM orders
+WHERE user_id = %(id)s
+  AND (%(date_from)s::timestamptz IS NULL OR created_at >= %(date_from)s::timestamptz)
+  AND (%(date_to)s::timestamptz IS NULL OR created_at < %(date_to)s::timestamptz)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
 
 -- name: orders
 SELECT o.id, o.order_number, o.user_id, o.seller_id, o.shop_id, o.status, o.payment_status,
@@ -113,10 +128,37 @@ SELECT rating, count(*) AS reviews
 FROM reviews WHERE product_id = %(id)s AND status = 'approved'
 GROUP BY rating
 
+-- name: product_performance
+-- One product over [start, end): its views, and the orders (not cancelled or refunded)
+-- created in the period that hold it, with the units and revenue of its lines in them.
+SELECT
+    (SELECT count(*) FROM product_views
+      WHERE product_id = %(id)s AND viewed_at >= %(start)s AND viewed_at < %(end)s) AS views,
+    count(DISTINCT o.id) AS orders,
+    coalesce(sum(i.quantity), 0) AS units_sold,
+    coalesce(sum(i.total), 0) AS revenue
+FROM order_items i
+JOIN orders o ON o.id = i.order_id
+WHERE i.product_id = %(id)s
+  AND o.created_at >= %(start)s AND o.created_at < %(end)s
+  AND o.status NOT IN ('cancelled', 'refunded')
+
 -- name: reviews
+-- With the product and its shop, and the "was this helpful?" votes (new columns last, so
+-- a CSV read by position keeps its columns).
 SELECT r.id, r.product_id, r.user_id, r.order_id, r.rating, r.title, r.comment, r.status,
-       r.created_at, r.updated_at
+       r.created_at, r.updated_at,
+       p.name AS product_name, p.slug AS product_slug,
+       p.shop_id, s.name AS shop_name, s.slug AS shop_slug,
+       v.helpful_votes, v.not_helpful_votes
 FROM reviews r
+LEFT JOIN products p ON p.id = r.product_id
+LEFT JOIN shops s ON s.id = p.shop_id
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE rv.helpful) AS helpful_votes,
+           count(*) FILTER (WHERE NOT rv.helpful) AS not_helpful_votes
+    FROM review_votes rv WHERE rv.review_id = r.id
+) v
 WHERE r.id > %(after)s
   AND (%(product_id)s::bigint IS NULL OR r.product_id = %(product_id)s::bigint)
   AND (%(user_id)s::bigint IS NULL OR r.user_id = %(user_id)s::bigint)

