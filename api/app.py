@@ -28,7 +28,7 @@ from api.exports import Exports
 from api.filters import LISTS
 from api.keys import EXPORT, WEBHOOKS, K, hash_key
 from api.limits import RateLimiter, Usage
-from api.webhooks import Webhooks
+from api.webhooks import GRANTED, Webhooks
 from cdc.jsontext import dumps as json_bytes
 from cdc.mapping import Mapping, load_mapping
 from cdc.metrics import API_REQUESTS, CAPTURE_LAG, REGISTRY, OutboxCollector
@@ -256,18 +256,19 @@ def excluded_columns(mapping: Mapping) -> frozenset[str]:
 
 
 def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Application:
-    exports = Exports(settings, excluded_columns(mapping or load_mapping(settings.mapping.file)))
+    mapping = mapping or load_mapping(settings.mapping.file)
+    exports = Exports(settings, excluded_columns(mapping))
     api = Api(settings, exports)
     exports.cache = ExportCache(api.db)
     feed = Feed(api.db)
-    webhooks = Webhooks(settings, api.db, api.offload, api.usage, exports)
+    webhooks = Webhooks(settings, api.db, api.offload, api.usage, exports, mapping.event_types)
     events = Events(api.db, feed)
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[FEED] = feed
 
     def guarded(handler: Handler, permission: str) -> Handler:
         async def checked(request: web.Request) -> web.StreamResponse:
-            api.authenticate(request, permission)
+            request[GRANTED] = api.authenticate(request, permission).permissions
             return await handler(request)
 
         return checked

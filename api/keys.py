@@ -22,7 +22,10 @@ K = sqlfile.load(Path(__file__).resolve().parent.parent / "outbox" / "sql" / "ke
 
 EXPORT = "core_transaction_1_export"
 WEBHOOKS = "core_transaction_1_webhooks"
-PERMISSIONS = (EXPORT, WEBHOOKS)
+# POST /webhooks/send of a type that capture produces (a documented type, webhook.test,
+# ct1.gap or a type the mapping emits): receivers trust those types to mirror the source
+SEND_CAPTURED_TYPES = "core_transaction_1_send_captured_types"
+PERMISSIONS = (EXPORT, WEBHOOKS, SEND_CAPTURED_TYPES)
 KEY_PREFIX = "ct1_"
 
 
