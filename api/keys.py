@@ -80,7 +80,7 @@ def create(conn: sqlite3.Connection, name: str, permissions: list[str], allow_ip
                 key_id,
                 name.strip(),
                 hash_key(key),
-                key[:10],
+                KEY_PREFIX,  # never a character of the secret part
                 orjson.dumps(permissions).decode(),
                 orjson.dumps(allow_ips).decode(),
                 time.time(),
@@ -96,7 +96,7 @@ def listing(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         {
             "id": i,
             "name": n,
-            "prefix": p,
+            "prefix": p[: len(KEY_PREFIX)],  # older rows hold 6 secret characters more
             "permissions": orjson.loads(perm),
             "allow_ips": orjson.loads(ips),
             "created_at": c,
