@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from api.errors import ApiError
-from api.exports import Exports
+from api.health import SourceHealth
 from api.keys import SEND_CAPTURED_TYPES, K
 from api.limits import Usage
 from cdc import jsontext
@@ -88,14 +88,14 @@ class Webhooks:
         db: Callable[[], sqlite3.Connection],
         offload: Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]],
         usage: Usage,
-        exports: Exports,
+        health: SourceHealth,
         mapped_types: Iterable[str] = (),
     ) -> None:
         self.settings = settings
         self.db = db
         self.offload = offload  # runs a read that walks whole tables off the event loop
         self.usage = usage
-        self.exports = exports
+        self.health = health
         self.endpoints = {e.name: e for e in settings.endpoints}
         self.sender: Sender | None = None
         self.captured_types = CAPTURED_TYPES | frozenset(mapped_types)
@@ -296,8 +296,8 @@ class Webhooks:
         }
 
     async def _slot(self) -> dict[str, Any]:
-        """The slot's lag, read on the export pool; unknown when the source is away."""
-        status = await self.exports.check_slot(self.settings.source.slot)
+        """The slot's lag; unknown (with the cause) when the source is away."""
+        status = await self.health.slot_status()
         status.pop("ok", None)
         return status
 

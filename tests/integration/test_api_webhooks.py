@@ -3,10 +3,14 @@ verify every signature with the official standardwebhooks package."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -283,3 +287,47 @@ async def test_sent_events_share_one_outbox_connection(tmp_path, monkeypatch):
         assert [r[0] for r in conn.execute("SELECT id FROM events ORDER BY id")] == [1, 2, 3, 4, 5]
     finally:
         conn.close()
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """A loopback port that accepts TCP connections and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    for writer in held:
+        writer.close()
+    server.close()
+
+
+@pytest.mark.parametrize("how", ["refused", "silent"])
+async def test_health_answers_within_a_second_or_so_while_the_source_is_down(tmp_path, silent_port, how):
+    port = 1 if how == "refused" else silent_port
+    settings = Settings(
+        outbox={"path": str(tmp_path / "o.db")},
+        source={"dsn": f"host=127.0.0.1 port={port} dbname=none user=none"},  # pool_timeout 5 s
+        endpoints=[{"name": "ct2", "url": "http://127.0.0.1:1/a", "secret": SECRET}],
+    )
+    client, auth = await client_for(settings)
+    try:
+        for path in ("/readyz", "/metrics", f"{BASE}/stats", "/readyz"):
+            started = time.monotonic()
+            resp = await client.get(path, headers={"X-API-Key": auth["X-API-Key"]})
+            elapsed = time.monotonic() - started
+            assert elapsed < 3, (path, elapsed)  # 10 s (readyz) and 5 s before: generous bound
+            if path == "/readyz":
+                body = await resp.json()
+                assert resp.status == 503 and body["checks"]["source"]["ok"] is False
+                assert "unavailable" in body["checks"]["source"]["error"]
+                assert body["checks"]["slot"]["ok"] is False and body["checks"]["slot"]["error"]
+            elif path.endswith("/stats"):
+                capture = (await resp.json())["data"]["capture"]
+                assert resp.status == 200 and capture["lag_bytes"] is None and capture["error"]
+            else:
+                assert resp.status == 200
+    finally:
+        await client.close()
