@@ -232,40 +232,6 @@ class Exports:
             message = exc.diag.message_primary or str(exc)
             raise ApiError(503, "export_failed", f"the export query failed: {message}") from None
 
-    # -- health -------------------------------------------------------------------------------------
-
-    async def check_source(self) -> dict[str, Any]:
-        async def ping(conn: psycopg.AsyncConnection[Any]) -> None:
-            await conn.execute("SELECT 1")
-
-        try:
-            await self.read(ping)
-        except ApiError as exc:
-            return {"ok": False, "error": exc.message}
-        return {"ok": True}
-
-    async def check_slot(self, slot: str) -> dict[str, Any]:
-        """The slot exists, is not lost, and how far behind it is."""
-
-        async def read(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
-            cur = await conn.execute(
-                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, wal_status"
-                " FROM pg_replication_slots WHERE slot_name = %s",
-                (slot,),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                return {"ok": False, "lag_bytes": None, "wal_status": None, "error": f"slot {slot} not found"}
-            ok = row[1] != "lost"
-            result = {"ok": ok, "lag_bytes": row[0], "wal_status": row[1]}
-            return result if ok else {**result, "error": "the slot lost WAL it needed: recreate it"}
-
-        try:
-            result: dict[str, Any] = await self.read(read)
-        except ApiError as exc:
-            return {"ok": False, "lag_bytes": None, "wal_status": None, "error": exc.message}
-        return result
-
     # -- caching ------------------------------------------------------------------------------------
 
     async def cached(

@@ -22,7 +22,10 @@ K = sqlfile.load(Path(__file__).resolve().parent.parent / "outbox" / "sql" / "ke
 
 EXPORT = "core_transaction_1_export"
 WEBHOOKS = "core_transaction_1_webhooks"
-PERMISSIONS = (EXPORT, WEBHOOKS)
+# POST /webhooks/send of a type that capture produces (a documented type, webhook.test,
+# ct1.gap or a type the mapping emits): receivers trust those types to mirror the source
+SEND_CAPTURED_TYPES = "core_transaction_1_send_captured_types"
+PERMISSIONS = (EXPORT, WEBHOOKS, SEND_CAPTURED_TYPES)
 KEY_PREFIX = "ct1_"
 
 
@@ -77,7 +80,7 @@ def create(conn: sqlite3.Connection, name: str, permissions: list[str], allow_ip
                 key_id,
                 name.strip(),
                 hash_key(key),
-                key[:10],
+                KEY_PREFIX,  # never a character of the secret part
                 orjson.dumps(permissions).decode(),
                 orjson.dumps(allow_ips).decode(),
                 time.time(),
@@ -93,7 +96,7 @@ def listing(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         {
             "id": i,
             "name": n,
-            "prefix": p,
+            "prefix": p[: len(KEY_PREFIX)],  # older rows hold 6 secret characters more
             "permissions": orjson.loads(perm),
             "allow_ips": orjson.loads(ips),
             "created_at": c,

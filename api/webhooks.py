@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from api.errors import ApiError
-from api.exports import Exports
-from api.keys import K
+from api.health import SourceHealth
+from api.keys import SEND_CAPTURED_TYPES, K
 from api.limits import Usage
 from cdc import jsontext
 from cdc.decode import unix_to_iso
@@ -30,6 +33,29 @@ from outbox.writer import OutboxWriter
 
 EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 MAX_SEND_BYTES = 64 * 1024
+# Types that only the sidecar produces (DESIGN.md "Events"; the loaded mapping's types are
+# added): receivers trust them to mirror the source, so a manual one needs
+# SEND_CAPTURED_TYPES.
+CAPTURED_TYPES = frozenset(
+    {
+        "customer.created",
+        "customer.updated",
+        "order.created",
+        "order.updated",
+        "order.status_changed",
+        "payment.status_changed",
+        "product.viewed",
+        "product.added_to_cart",
+        "review.created",
+        "review.updated",
+        "cart.abandoned",
+        "marketplace.analytics",
+        "webhook.test",
+        "ct1.gap",
+    }
+)
+# The caller's permissions, set by the API's auth guard before a handler runs.
+GRANTED: web.RequestKey[frozenset[str]] = web.RequestKey("granted", frozenset)
 
 
 def iso(ts: float | None) -> str | None:
@@ -62,19 +88,36 @@ class Webhooks:
         db: Callable[[], sqlite3.Connection],
         offload: Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]],
         usage: Usage,
-        exports: Exports,
+        health: SourceHealth,
+        mapped_types: Iterable[str] = (),
     ) -> None:
         self.settings = settings
         self.db = db
         self.offload = offload  # runs a read that walks whole tables off the event loop
         self.usage = usage
-        self.exports = exports
+        self.health = health
         self.endpoints = {e.name: e for e in settings.endpoints}
         self.sender: Sender | None = None
+        self.captured_types = CAPTURED_TYPES | frozenset(mapped_types)
+        # the routing of captured events (cdc.app.router_for): enabled endpoints, their globs
+        self.routes = [Route(e.name, tuple(e.events)) for e in settings.endpoints if e.enabled]
+        self.router = Router(self.routes)
+        # Manual events: one writer for the app's lifetime, opened on the first send, used
+        # only on its own thread (writes serialised, off the loop), closed at cleanup.
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="api-write")
+        self._writer: OutboxWriter | None = None
 
     async def close(self) -> None:
         if self.sender is not None:
             await self.sender.close()
+        await asyncio.get_running_loop().run_in_executor(self._writes, self._close_writer)
+        self._writes.shutdown(wait=True)
+
+    def _close_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(sqlite3.Error):
+                writer.close()
 
     def _endpoint(self, name: Any, field: str) -> EndpointSettings:
         if not isinstance(name, str) or name not in self.endpoints:
@@ -160,28 +203,63 @@ class Webhooks:
         if not isinstance(data, dict):
             raise ApiError(422, "invalid_parameter", "data must be a JSON object", "data")
         systems = body.get("systems")
-        if systems is None:
-            names = sorted(e.name for e in self.settings.endpoints if e.enabled)
-        elif isinstance(systems, list) and systems:
-            names = sorted({self._endpoint(s, "systems").name for s in systems})
-        else:
+        if systems is not None and (not isinstance(systems, list) or not systems):
             raise ApiError(
                 422, "invalid_parameter", "systems must be a non-empty list of endpoint names", "systems"
             )
+        self._may_send(event_type, request.get(GRANTED, frozenset()))
+        names = self._route(event_type, systems)
         now = time.time()
-        event_id = await asyncio.to_thread(self._append, event_type, data, names, iso(now) or "")
+        append = functools.partial(self._append, event_type, data, names, iso(now) or "")
+        event_id = await asyncio.get_running_loop().run_in_executor(self._writes, append)
         return _ok({"id": event_id, "event": event_type, "systems": names}, status=201)
 
+    def _may_send(self, event_type: str, granted: frozenset[str]) -> None:
+        """A type capture produces is sent by hand only with the permission made for it."""
+        if event_type in self.captured_types and SEND_CAPTURED_TYPES not in granted:
+            raise ApiError(
+                403,
+                "forbidden",
+                f"{event_type} is a type capture produces: sending it needs the "
+                f"{SEND_CAPTURED_TYPES} permission",
+                "event",
+            )
+
+    def _route(self, event_type: str, systems: list[Any] | None) -> list[str]:
+        """The endpoints a manual event goes to: the same routing as a captured one (enabled
+        endpoints whose ``events`` globs accept the type); ``systems`` narrows it, and naming
+        an endpoint that would not receive the type is an error, never a silent skip."""
+        accepting = set(self.router.endpoints(event_type))
+        if systems is None:
+            if not accepting:
+                raise ApiError(
+                    422, "invalid_parameter", f"no enabled endpoint receives {event_type}", "event"
+                )
+            return sorted(accepting)
+        names = sorted({self._endpoint(s, "systems").name for s in systems})
+        for name in names:
+            if name not in accepting:
+                why = (
+                    "is disabled"
+                    if not self.endpoints[name].enabled
+                    else f"does not receive {event_type} (its events filter refuses it)"
+                )
+                raise ApiError(422, "invalid_parameter", f"systems: endpoint {name} {why}", "systems")
+        return names
+
     def _append(self, event_type: str, data: dict[str, Any], names: list[str], occurred_at: str) -> int:
-        writer = OutboxWriter(
-            store.open_outbox(self.settings.outbox.path), Router([Route(n, ("*",)) for n in names])
-        )
+        """On the write thread: append one manual event for ``names`` and commit."""
         try:
+            if self._writer is None:
+                self._writer = OutboxWriter(store.open_outbox(self.settings.outbox.path), self.router)
+            writer = self._writer
+            writer.router = Router([r for r in self.routes if r.name in names])
             writer.add(event_type, "manual", None, data, occurred_at, None, "manual", None, None)
             writer.commit(None)
             return writer.last_event_id
-        finally:
-            writer.close()
+        except (sqlite3.Error, store.OutboxError) as exc:
+            self._close_writer()  # rolls back; the next send opens it again
+            raise ApiError(503, "outbox_unavailable", f"the outbox cannot be written now: {exc}") from exc
 
     # -- GET /stats ------------------------------------------------------------------------------
 
@@ -218,8 +296,8 @@ class Webhooks:
         }
 
     async def _slot(self) -> dict[str, Any]:
-        """The slot's lag, read on the export pool; unknown when the source is away."""
-        status = await self.exports.check_slot(self.settings.source.slot)
+        """The slot's lag; unknown (with the cause) when the source is away."""
+        status = await self.health.slot_status()
         status.pop("ok", None)
         return status
 

@@ -162,7 +162,9 @@ def check_outbox(path: str) -> None:
 
 async def listen(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Start the API and bind its port, or fail with one line naming host:port."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    from api.server import ApiRunner  # the JSON error body also for what aiohttp refuses
+
+    runner = ApiRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -146,11 +146,12 @@ async def _start_api(settings: Settings) -> tuple[web.AppRunner, str, str]:
     """The API on a free loopback port, with a demo key that may do everything."""
     from api import keys
     from api.app import create_app
+    from api.server import ApiRunner
 
     conn = store.open_outbox(settings.outbox.path)
     key = keys.create(conn, "demo", [keys.EXPORT, keys.WEBHOOKS], []).key
     conn.close()
-    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=1)
+    runner = ApiRunner(create_app(settings), access_log=None, shutdown_timeout=1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -78,6 +78,30 @@ def test_create_list_revoke(config, tmp_path):
     assert again.returncode == 1 and "already revoked" in again.stderr
 
 
+def test_list_shows_no_secret_characters_of_any_key(config, tmp_path):
+    made = cli(
+        "keys", "create", "--name", "n", "--permissions", "core_transaction_1_export", "--json", config=config
+    )
+    key = json.loads(made.stdout)["key"]
+    conn = sqlite3.connect(tmp_path / "o.db")
+    stored = conn.execute("SELECT prefix FROM api_keys").fetchone()[0]
+    # a key made before this fix stored its first 10 characters, 6 of them secret
+    old = "ct1_Ab3xYz" + "q" * 38
+    conn.execute(
+        "INSERT INTO api_keys (id, name, key_hash, prefix, permissions, allow_ips, created_at)"
+        " VALUES ('key_old', 'old', ?, ?, '[\"core_transaction_1_export\"]', '[]', 0)",
+        (hash_key(old), old[:10]),
+    )
+    conn.commit()
+    conn.close()
+    assert stored == "ct1_"  # nothing secret is stored beside the hash
+    text = cli("keys", "list", config=config).stdout
+    listed = [json.loads(x) for x in cli("keys", "list", "--json", config=config).stdout.splitlines()]
+    assert {k["prefix"] for k in listed} == {"ct1_"}
+    for secret in (key[4:10], old[4:10]):
+        assert secret not in text and secret not in json.dumps(listed)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -3,15 +3,21 @@ verify every signature with the official standardwebhooks package."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from api import keys
 from api.app import BASE, create_app
-from config.settings import Settings
+from cdc.mapping import parse_mapping
+from config.settings import CT2_EVENTS, Settings
 from dispatcher.worker import Dispatcher
 from outbox import store
 from tests.integration.test_dispatch import FAST, SECRET, Receiver, run_until
@@ -181,3 +187,147 @@ async def test_metrics_count_deliveries_and_attempts(tmp_path):
             assert 'ct1_cdc_events_appended_total{type="order.updated"}' in text
         finally:
             await client.close()
+
+
+def routed_settings(tmp_path: Path) -> Settings:
+    """The default routing: ct2 gets every documented type but marketplace.analytics."""
+    return Settings(
+        outbox={"path": str(tmp_path / "o.db")},
+        source={"dsn": "host=127.0.0.1 port=1 dbname=none connect_timeout=1"},
+        endpoints=[
+            {"name": "ct2", "url": "http://127.0.0.1:1/a", "secret": SECRET, "events": CT2_EVENTS},
+            {"name": "ct3", "url": "http://127.0.0.1:1/b", "secret": SECRET, "events": ["*"]},
+            {"name": "off", "url": "http://127.0.0.1:1/c", "secret": SECRET, "enabled": False},
+        ],
+    )
+
+
+async def test_sent_events_obey_the_endpoints_event_filters(tmp_path):
+    settings = routed_settings(tmp_path)
+    conn = store.open_outbox(settings.outbox.path)
+    plain = keys.create(conn, "ops", [keys.WEBHOOKS], [])
+    captured = keys.create(conn, "ops+", [keys.WEBHOOKS, keys.SEND_CAPTURED_TYPES], [])
+    conn.close()
+    mapping = parse_mapping(
+        '[[rule]]\ntable = "public.audit"\non = ["insert"]\nemit = "audit.logged"\nobject = "audit"\nkey = "id"\n'
+    )
+    client = TestClient(TestServer(create_app(settings, mapping)))
+    await client.start_server()
+
+    async def send(key: keys.NewKey, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        resp = await client.post(f"{BASE}/webhooks/send", json=body, headers={"X-API-Key": key.key})
+        return resp.status, await resp.json()
+
+    def routed(event_id: int) -> list[str]:
+        conn = store.connect(settings.outbox.path, readonly=True)
+        try:
+            return sorted(d["endpoint"] for d in store.event_deliveries(conn, event_id))
+        finally:
+            conn.close()
+
+    try:
+        # without systems: every enabled endpoint whose filter accepts the type
+        status, body = await send(plain, {"event": "cart.note_added", "data": {}})
+        assert status == 201 and body["data"]["systems"] == ["ct2", "ct3"]
+        assert routed(body["data"]["id"]) == ["ct2", "ct3"]
+        status, body = await send(plain, {"event": "seller.note_added", "data": {}})
+        assert status == 201 and body["data"]["systems"] == ["ct3"]
+        assert routed(body["data"]["id"]) == ["ct3"]
+        # the fault: marketplace.analytics reached ct2 (with the permission a key may send it)
+        status, body = await send(captured, {"event": "marketplace.analytics", "data": {}})
+        assert status == 201 and body["data"]["systems"] == ["ct3"]
+        assert routed(body["data"]["id"]) == ["ct3"]
+        # naming a system whose filter refuses the type, or a disabled one, is a 422
+        for systems in (["ct2"], ["ct2", "ct3"], ["off"]):
+            status, body = await send(
+                captured, {"event": "marketplace.analytics", "data": {}, "systems": systems}
+            )
+            assert status == 422 and body["error"]["field"] == "systems", systems
+        status, body = await send(plain, {"event": "seller.note_added", "data": {}, "systems": ["ct3"]})
+        assert status == 201 and routed(body["data"]["id"]) == ["ct3"]
+        # types only capture produces need a permission made for it
+        for event in ("order.created", "marketplace.analytics", "webhook.test", "audit.logged"):
+            status, body = await send(plain, {"event": event, "data": {}})
+            assert status == 403 and body["error"]["field"] == "event", event
+            assert keys.SEND_CAPTURED_TYPES in body["error"]["message"]
+        status, body = await send(captured, {"event": "order.created", "data": {}, "systems": ["ct2"]})
+        assert status == 201 and routed(body["data"]["id"]) == ["ct2"]
+        # the envelope tells a manual event apart: source.op is "manual"
+        conn = store.connect(settings.outbox.path, readonly=True)
+        try:
+            row = store.get_event(conn, body["data"]["id"])
+            assert row is not None
+            envelope = json.loads(store.envelope_json(row))
+        finally:
+            conn.close()
+        assert envelope["source"] == {"table": None, "op": "manual", "lsn": None, "xid": None}
+    finally:
+        await client.close()
+
+
+async def test_sent_events_share_one_outbox_connection(tmp_path, monkeypatch):
+    settings = routed_settings(tmp_path)
+    client, auth = await client_for(settings)
+    migrations = []
+    real = store.migrate
+    monkeypatch.setattr(store, "migrate", lambda conn: migrations.append(1) or real(conn))
+    try:
+        for n in range(5):
+            resp = await client.post(
+                f"{BASE}/webhooks/send",
+                json={"event": "seller.note_added", "data": {"n": n}},
+                headers={"X-API-Key": auth["X-API-Key"]},
+            )
+            assert resp.status == 201
+        assert len(migrations) <= 1  # opened (and migrated) once, not per request
+    finally:
+        await client.close()
+    conn = store.connect(settings.outbox.path, readonly=True)
+    try:
+        assert [r[0] for r in conn.execute("SELECT id FROM events ORDER BY id")] == [1, 2, 3, 4, 5]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """A loopback port that accepts TCP connections and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    for writer in held:
+        writer.close()
+    server.close()
+
+
+@pytest.mark.parametrize("how", ["refused", "silent"])
+async def test_health_answers_within_a_second_or_so_while_the_source_is_down(tmp_path, silent_port, how):
+    port = 1 if how == "refused" else silent_port
+    settings = Settings(
+        outbox={"path": str(tmp_path / "o.db")},
+        source={"dsn": f"host=127.0.0.1 port={port} dbname=none user=none"},  # pool_timeout 5 s
+        endpoints=[{"name": "ct2", "url": "http://127.0.0.1:1/a", "secret": SECRET}],
+    )
+    client, auth = await client_for(settings)
+    try:
+        for path in ("/readyz", "/metrics", f"{BASE}/stats", "/readyz"):
+            started = time.monotonic()
+            resp = await client.get(path, headers={"X-API-Key": auth["X-API-Key"]})
+            elapsed = time.monotonic() - started
+            assert elapsed < 3, (path, elapsed)  # 10 s (readyz) and 5 s before: generous bound
+            if path == "/readyz":
+                body = await resp.json()
+                assert resp.status == 503 and body["checks"]["source"]["ok"] is False
+                assert "unavailable" in body["checks"]["source"]["error"]
+                assert body["checks"]["slot"]["ok"] is False and body["checks"]["slot"]["error"]
+            elif path.endswith("/stats"):
+                capture = (await resp.json())["data"]["capture"]
+                assert resp.status == 200 and capture["lag_bytes"] is None and capture["error"]
+            else:
+                assert resp.status == 200
+    finally:
+        await client.close()
