@@ -15,7 +15,7 @@ import csv
 import functools
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,9 @@ from psycopg.rows import dict_row
 
 from api.cache import ExportCache
 from api.errors import ApiError
-from api.filters import LISTS, ListSpec, cursor, encode_cursor, export_format, per_page
-from api.params import Query
+from api.filters import LISTS, ListSpec, encode_cursor
+from api.models import AnalyticsQuery, CustomerQuery, Detail
+from api.params import parse
 from cdc.decode import normalize
 from cdc.errors import ConfigError
 from cdc.jsontext import dumps as json_bytes
@@ -40,13 +41,6 @@ STREAM_PAGE = 1000  # rows per query while streaming a whole export
 
 LOW_STOCK = 5  # at or below: "low_stock"
 CENT = Decimal("0.01")
-
-
-def path_id(request: web.Request) -> int:
-    raw = request.match_info["id"]
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < 1:
-        raise ApiError(422, "invalid_parameter", "id must be a positive integer", "id")
-    return int(raw)
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -250,13 +244,10 @@ class Exports:
     # -- lists --------------------------------------------------------------------------------------
 
     async def listing(self, request: web.Request, spec: ListSpec) -> web.StreamResponse:
-        q = Query(request.query)
-        filters = spec.filters(q)
-        fmt = export_format(q)
-        after = cursor(q)
+        q = parse(spec.model, request)
+        filters, fmt, after, size = q.filters(), q.format, q.after, q.per_page
         if fmt != "json":
             return await self._stream(request, spec, filters, after, fmt)
-        size = per_page(q)
         return await self.cached(request, spec.name, lambda: self._page(spec, filters, after, size))
 
     async def _page(self, spec: ListSpec, filters: dict[str, Any], after: int, per_page: int) -> web.Response:
@@ -321,7 +312,8 @@ class Exports:
     # -- detail views -------------------------------------------------------------------------------
 
     async def customer(self, request: web.Request) -> web.Response:
-        ident = {"id": path_id(request)}
+        q = parse(CustomerQuery, request)  # q.date_from, q.date_to: the period of related data
+        ident = {"id": q.id}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
             rows = await self._rows(conn, "customer", ident)
@@ -335,7 +327,7 @@ class Exports:
         return await self.cached(request, "customers", lambda: self._detail(reads, "customer"))
 
     async def order(self, request: web.Request) -> web.Response:
-        ident = {"id": path_id(request)}
+        ident = {"id": parse(Detail, request).id}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
             rows = await self._rows(conn, "order", ident)
@@ -367,7 +359,7 @@ class Exports:
         return await self._detail(reads, "order")
 
     async def product(self, request: web.Request) -> web.Response:
-        ident = {"id": path_id(request)}
+        ident = {"id": parse(Detail, request).id}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
             rows = await self._rows(conn, "product", ident)
@@ -418,16 +410,8 @@ class Exports:
     # -- analytics ----------------------------------------------------------------------------------
 
     async def analytics(self, request: web.Request) -> web.Response:
-        q = Query(request.query)
-        start, end = q.date_range()
-        if end is None:
-            today = datetime.now(UTC).date()
-            end = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1)
-        if start is None:
-            start = end - timedelta(days=30)
-        if end - start > timedelta(days=3660):
-            raise ApiError(422, "invalid_parameter", "the period may span at most ten years", "date_from")
-        previous = {"start": start - (end - start), "end": start}
+        before_start, start, end = parse(AnalyticsQuery, request).period(datetime.now(UTC).date())
+        previous = {"start": before_start, "end": start}
         period = {"start": start, "end": end}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:

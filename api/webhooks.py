@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,8 @@ from api.errors import ApiError
 from api.exports import Exports
 from api.keys import K
 from api.limits import Usage
+from api.models import WebhookSend, WebhookTest
+from api.params import validate
 from cdc import jsontext
 from cdc.decode import unix_to_iso
 from cdc.errors import ConfigError
@@ -28,7 +29,6 @@ from outbox import store
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
 
-EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 MAX_SEND_BYTES = 64 * 1024
 
 
@@ -87,8 +87,8 @@ class Webhooks:
     # -- POST /webhooks/test ---------------------------------------------------------------------
 
     async def test(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
-        endpoint = self._endpoint(body.get("system"), "system")
+        body = validate(WebhookTest, await json_body(request))
+        endpoint = self._endpoint(body.system, "system")
         cfg = self.settings.dispatcher
         try:
             check_url(endpoint.name, endpoint.url, cfg.require_https, cfg.refuse_private_networks)
@@ -152,22 +152,12 @@ class Webhooks:
     # -- POST /webhooks/send ---------------------------------------------------------------------
 
     async def send(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
-        event_type = body.get("event")
-        if not isinstance(event_type, str) or not EVENT_TYPE.match(event_type) or len(event_type) > 100:
-            raise ApiError(422, "invalid_parameter", "event must be a type like order.note_added", "event")
-        data = body.get("data")
-        if not isinstance(data, dict):
-            raise ApiError(422, "invalid_parameter", "data must be a JSON object", "data")
-        systems = body.get("systems")
+        body = validate(WebhookSend, await json_body(request))
+        event_type, data, systems = body.event, body.data, body.systems
         if systems is None:
             names = sorted(e.name for e in self.settings.endpoints if e.enabled)
-        elif isinstance(systems, list) and systems:
-            names = sorted({self._endpoint(s, "systems").name for s in systems})
         else:
-            raise ApiError(
-                422, "invalid_parameter", "systems must be a non-empty list of endpoint names", "systems"
-            )
+            names = sorted({self._endpoint(s, "systems").name for s in systems})
         now = time.time()
         event_id = await asyncio.to_thread(self._append, event_type, data, names, iso(now) or "")
         return _ok({"id": event_id, "event": event_type, "systems": names}, status=201)
