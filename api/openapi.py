@@ -93,13 +93,29 @@ def _detail(what: str, model: type[BaseModel]) -> Obj:
     return _get(f"one {what} with its related data", responses, model)
 
 
+# The model of each operation's parameters (or body), by path.
+MODELS: dict[str, type[BaseModel]] = {
+    f"{BASE}/events": models.EventsQuery,
+    f"{BASE}/events/stream": models.StreamQuery,
+    **{f"{BASE}/{name}": spec.model for name, spec in LISTS.items()},
+    f"{BASE}/customers/{{id}}": models.CustomerQuery,
+    f"{BASE}/orders/{{id}}": models.Detail,
+    f"{BASE}/products/{{id}}": models.Detail,
+    f"{BASE}/analytics": models.AnalyticsQuery,
+    f"{BASE}/webhooks/test": models.WebhookTest,
+    f"{BASE}/webhooks/send": models.WebhookSend,
+}
+
+
 def paths() -> Obj:
     status = {"type": "object", "properties": {"status": {"type": "string"}}}
     lists = {
         f"{BASE}/{name}": _get(
-            f"{name} export, keyset-paged", {"200": _ok(ROWS, STREAMED), **SOURCE_ERRORS}, spec.model
+            f"{name} export, keyset-paged",
+            {"200": _ok(ROWS, STREAMED), **SOURCE_ERRORS},
+            MODELS[f"{BASE}/{name}"],
         )
-        for name, spec in LISTS.items()
+        for name in LISTS
     }
     return {
         "/healthz": _open("alive", {"200": _plain("ok", status)}),
@@ -114,28 +130,32 @@ def paths() -> Obj:
         f"{BASE}/events": _get(
             "events after a cursor, oldest first; wait long-polls",
             {"200": _ok({"type": "array", "items": _ref("Event")})},
-            models.EventsQuery,
+            MODELS[f"{BASE}/events"],
         ),
         f"{BASE}/events/stream": _get(
             "Server-Sent Events from last_event_id or Last-Event-ID",
             {"200": _plain("event stream", {"type": "string"}, "text/event-stream")},
-            models.StreamQuery,
+            MODELS[f"{BASE}/events/stream"],
         ),
         **lists,
-        f"{BASE}/customers/{{id}}": _detail("customer", models.CustomerQuery),
-        f"{BASE}/orders/{{id}}": _detail("order", models.Detail),
-        f"{BASE}/products/{{id}}": _detail("product", models.Detail),
+        f"{BASE}/customers/{{id}}": _detail("customer", MODELS[f"{BASE}/customers/{{id}}"]),
+        f"{BASE}/orders/{{id}}": _detail("order", MODELS[f"{BASE}/orders/{{id}}"]),
+        f"{BASE}/products/{{id}}": _detail("product", MODELS[f"{BASE}/products/{{id}}"]),
         f"{BASE}/analytics": _get(
             "GMV, orders, customers, conversion, top products, growth (default: last 30 days)",
             {"200": _ok(OBJECT), **SOURCE_ERRORS},
-            models.AnalyticsQuery,
+            MODELS[f"{BASE}/analytics"],
         ),
-        f"{BASE}/webhooks/test": _post("send webhook.test to one endpoint now", models.WebhookTest),
+        f"{BASE}/webhooks/test": _post(
+            "send webhook.test to one endpoint now", MODELS[f"{BASE}/webhooks/test"]
+        ),
         f"{BASE}/webhooks/status": _get(
             "per endpoint: state, pending, dead, success rates, last attempt", {"200": _ok(ROWS)}
         ),
         f"{BASE}/webhooks/send": _post(
-            "append an event to the outbox for the dispatcher to deliver", models.WebhookSend, "201"
+            "append an event to the outbox for the dispatcher to deliver",
+            MODELS[f"{BASE}/webhooks/send"],
+            "201",
         ),
         f"{BASE}/stats": _get("events by type, deliveries, capture lag, API usage", {"200": _ok(OBJECT)}),
     }

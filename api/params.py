@@ -189,10 +189,10 @@ def refusal(model: type[BaseModel], exc: ValidationError) -> ApiError:
     name = str(ctx.get("parameter") or (error["loc"][0] if error["loc"] else "body"))
     kind = error["type"]
     schema = schema_of(model, name)
-    if kind == "invalid_parameter":
-        predicate = error["msg"]
-    elif "explain" in schema:
+    if "explain" in schema:  # the field says what it must be, whatever was wrong
         predicate = schema["explain"]
+    elif kind == "invalid_parameter":
+        predicate = error["msg"]
     elif kind == "missing":
         predicate = "is required"
     elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
