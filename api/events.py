@@ -21,19 +21,16 @@ import orjson
 from aiohttp import web
 
 from api.errors import ApiError
-from api.params import MAX_ID, Query
+from api.models import EventsQuery, StreamQuery
+from api.params import parse
 from api.reads import Reads
 from outbox import store
 
-MAX_LIMIT = 1000
-MAX_WAIT_SECONDS = 30.0
 PAGE_TTL_SECONDS = 60.0  # how long a full page's answer is reused
 POLL_SECONDS = 0.025  # how often another process's commits are looked for, while waited on
 KEEPALIVE_SECONDS = 15.0  # an SSE comment line this often when nothing happens
 STREAM_BATCH = 500
 RECHECK_SECONDS = 1.0  # how often a waiting request or an open stream checks its key again
-MAX_TYPES = 50  # patterns in one event_types
-_TYPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._*?[]-")
 
 
 Mark = tuple[asyncio.Event, int]
@@ -110,16 +107,6 @@ class Feed:
                 await self._poller
 
 
-def event_types(request: web.Request) -> list[str]:
-    types = [t.strip() for v in request.query.getall("event_types", []) for t in v.split(",") if t.strip()]
-    if len(types) > MAX_TYPES:
-        raise ApiError(422, "invalid_parameter", f"at most {MAX_TYPES} event types", "event_types")
-    for t in types:
-        if len(t) > 100 or not set(t) <= _TYPE_CHARS:
-            raise ApiError(422, "invalid_parameter", f"event type {t!r} is not valid", "event_types")
-    return types
-
-
 class PageCache:
     """Answers of full pages, by (cursor, limit, types).  Events never change once
     committed and ids only grow, so a page that came back full is the same bytes every
@@ -177,11 +164,8 @@ class Events:
         return await self.reads.run(read)
 
     async def events(self, request: web.Request) -> web.Response:
-        q = Query(request.query)
-        after = q.integer("last_event_id", minimum=0) or 0
-        limit = q.integer("limit", maximum=MAX_LIMIT) or 100
-        wait = q.number("wait", minimum=0, maximum=MAX_WAIT_SECONDS) or 0.0
-        types = event_types(request)
+        q = parse(EventsQuery, request)
+        after, limit, wait, types = q.last_event_id, q.limit, q.wait, q.types()
         key = (after, limit, *types)
         cached = self.pages.get(key)
         if cached is not None:
@@ -219,19 +203,8 @@ class Events:
         return False
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
-        header = request.headers.get("Last-Event-ID")
-        if header is not None and header.strip():
-            try:
-                after = int(header)
-                if not 0 <= after <= MAX_ID:
-                    raise ValueError
-            except ValueError:
-                raise ApiError(
-                    422, "invalid_parameter", "Last-Event-ID must be an event id", "Last-Event-ID"
-                ) from None
-        else:
-            after = Query(request.query).integer("last_event_id", minimum=0) or 0
-        types = event_types(request)
+        q = parse(StreamQuery, request)
+        after, types = q.after, q.types()
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",

@@ -17,7 +17,7 @@ import io
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,9 @@ from psycopg.rows import dict_row
 
 from api.cache import ExportCache
 from api.errors import ApiError
-from api.filters import LISTS, ListSpec, cursor, encode_cursor, export_format, per_page
-from api.params import Query
+from api.filters import LISTS, ListSpec, encode_cursor
+from api.models import AnalyticsQuery, CustomerQuery, Detail, ProductQuery
+from api.params import parse
 from cdc.decode import normalize
 from cdc.errors import ConfigError
 from cdc.jsontext import dumps as json_bytes
@@ -43,13 +44,6 @@ STREAM_PAGE = 1000  # rows per query while streaming a whole export
 LOW_STOCK = 5  # at or below: "low_stock"
 STATUS_HISTORY = 100  # the most recent status changes an order answer carries
 CENT = Decimal("0.01")
-
-
-def path_id(request: web.Request) -> int:
-    raw = request.match_info["id"]
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < 1:
-        raise ApiError(422, "invalid_parameter", "id must be a positive integer", "id")
-    return int(raw)
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -256,13 +250,10 @@ class Exports:
     # -- lists --------------------------------------------------------------------------------------
 
     async def listing(self, request: web.Request, spec: ListSpec) -> web.StreamResponse:
-        q = Query(request.query)
-        filters = spec.filters(q)
-        fmt = export_format(q)
-        after = cursor(q)
+        q = parse(spec.model, request)
+        filters, fmt, after, size = q.filters(), q.format, q.after, q.per_page
         if fmt != "json":
             return await self._stream(request, spec, filters, after, fmt)
-        size = per_page(q)
         return await self.cached(request, spec.name, lambda: self._page(spec, filters, after, size))
 
     async def _page(self, spec: ListSpec, filters: dict[str, Any], after: int, per_page: int) -> web.Response:
@@ -329,11 +320,10 @@ class Exports:
     async def customer(self, request: web.Request) -> web.Response:
         """The customer with addresses; the statistics and the order history (the
         ``per_page`` most recent orders) cover the orders created in the period."""
-        ident = {"id": path_id(request)}
-        q = Query(request.query)
-        start, end = q.date_range()
-        period = {**ident, "date_from": start, "date_to": end}
-        history = {**period, "limit": per_page(q)}
+        q = parse(CustomerQuery, request)
+        ident = {"id": q.id}
+        period = {**ident, "date_from": q.date_from, "date_to": q.date_to}
+        history = {**period, "limit": q.per_page}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
             rows = await self._rows(conn, "customer", ident)
@@ -341,7 +331,7 @@ class Exports:
                 return None
             customer = rows[0]
             customer["addresses"] = await self._rows(conn, "customer_addresses", ident)
-            customer["period"] = {"date_from": normalize(start), "date_to": normalize(end)}
+            customer["period"] = {"date_from": normalize(q.date_from), "date_to": normalize(q.date_to)}
             (customer["statistics"],) = await self._rows(conn, "customer_statistics", period)
             customer["order_history"] = await self._rows(conn, "customer_orders", history)
             return customer
@@ -349,7 +339,7 @@ class Exports:
         return await self.cached(request, "customers", lambda: self._detail(reads, "customer"))
 
     async def order(self, request: web.Request) -> web.Response:
-        ident = {"id": path_id(request)}
+        ident = {"id": parse(Detail, request).id}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
             rows = await self._rows(conn, "order", ident)
@@ -395,10 +385,10 @@ class Exports:
     async def product(self, request: web.Request) -> web.Response:
         """The product with shop, category, ratings and stock; its performance (views,
         orders, units, revenue, conversion) over the period, by default the last 30 days."""
-        ident = {"id": path_id(request)}
-        q = Query(request.query)
-        start, end = q.date_range()
-        period = {**ident, **_period(start, end)}
+        q = parse(ProductQuery, request)
+        ident = {"id": q.id}
+        _, start, end = q.period(datetime.now(UTC).date())
+        period = {**ident, "start": start, "end": end}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any] | None:
             rows = await self._rows(conn, "product", ident)
@@ -451,10 +441,9 @@ class Exports:
     # -- analytics ----------------------------------------------------------------------------------
 
     async def analytics(self, request: web.Request) -> web.Response:
-        q = Query(request.query)
-        period = _period(*q.date_range())
-        start, end = period["start"], period["end"]
-        previous = {"start": start - (end - start), "end": start}
+        before_start, start, end = parse(AnalyticsQuery, request).period(datetime.now(UTC).date())
+        previous = {"start": before_start, "end": start}
+        period = {"start": start, "end": end}
 
         async def reads(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
             (now,) = await self._rows(conn, "analytics_period", period)
@@ -487,23 +476,6 @@ class Exports:
         if data is None:
             raise ApiError(404, "not_found", f"no such {what}")
         return _json_response({"success": True, "data": clean(data, self.excluded), "meta": {}})
-
-
-def _period(start: datetime | None, end: datetime | None) -> dict[str, datetime]:
-    """A reporting period [start, end): by default the 30 days up to the end of today
-    (UTC); at most ten years."""
-    if end is None:
-        today = datetime.now(UTC).date()
-        end = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1)
-    if start is None:
-        start = end - timedelta(days=30)
-    if end <= start:  # date_from alone, after the end of today
-        raise ApiError(
-            422, "invalid_parameter", "date_from must be before date_to (default: today)", "date_from"
-        )
-    if end - start > timedelta(days=3660):
-        raise ApiError(422, "invalid_parameter", "the period may span at most ten years", "date_from")
-    return {"start": start, "end": end}
 
 
 def _performance(row: dict[str, Any], period: dict[str, Any]) -> dict[str, Any]:

@@ -1,55 +1,29 @@
 """The OpenAPI 3.0 document served at ``/openapi.json`` (pure: built from plain values).
 
-It describes what the server does, parameter by parameter; a schemathesis test drives
-the running API with it and checks every answer against it.
+Parameters and request bodies are derived from the models of :mod:`api.models` (see
+:mod:`api.params`); what is stated here is only what cannot be: the paths, their
+summaries and their answers.  A schemathesis test drives the running API with it and
+checks every answer against it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from api.filters import (
-    MAX_PER_PAGE,
-    ORDER_STATUSES,
-    PAYMENT_STATUSES,
-    PRODUCT_STATUSES,
-    REVIEW_STATUSES,
-)
+from pydantic import BaseModel
+
+from api import models
+from api.filters import LISTS
+from api.params import body, parameters
 
 BASE = "/api/core-transaction-1"
-DATE = "^\\d{4}-\\d{2}-\\d{2}$"
 
 Obj = dict[str, Any]
+SECURITY: list[Obj] = [{"bearer": []}, {"apiKey": []}]
 
 
 def _ref(name: str) -> Obj:
     return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _param(name: str, schema: Obj, description: str, where: str = "query", required: bool = False) -> Obj:
-    return {"name": name, "in": where, "required": required, "description": description, "schema": schema}
-
-
-def _id(name: str, description: str) -> Obj:
-    return _param(name, {"type": "integer", "minimum": 1, "maximum": 999_999_999_999}, description)
-
-
-def _enum(name: str, values: tuple[str, ...], description: str) -> Obj:
-    return _param(name, {"type": "string", "enum": list(values)}, description)
-
-
-DATE_FROM = _param(
-    "date_from", {"type": "string", "pattern": DATE}, "from this day (YYYY-MM-DD; ISO 8601 times too)"
-)
-DATE_TO = _param("date_to", {"type": "string", "pattern": DATE}, "up to and including this day")
-PER_PAGE = _param(
-    "per_page", {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE}, "rows per page (50)"
-)
-CURSOR = _param("cursor", {"type": "string"}, "meta.next_cursor of the previous page")
-FORMAT = _param(
-    "format", {"type": "string", "enum": ["json", "ndjson", "csv"]}, "ndjson/csv stream the whole export"
-)
-PATH_ID = _param("id", {"type": "integer", "minimum": 1, "maximum": 999_999_999_999}, "id", "path", True)
 
 
 def _error(description: str) -> Obj:
@@ -66,90 +40,148 @@ ERRORS: Obj = {
     },
 }
 SOURCE_ERRORS: Obj = {"503": _error("the marketplace database is unavailable or the query timed out")}
+BODY_ERRORS: Obj = {
+    "400": _error("the body is not a JSON object"),
+    "409": _error("the endpoint has no secret yet"),
+    "413": _error("the body is over 64 KiB"),
+}
+OBJECT: Obj = {"type": "object"}
+ROWS: Obj = {"type": "array", "items": OBJECT}
+STREAMED: Obj = {
+    "application/x-ndjson": {"schema": {"type": "string"}},
+    "text/csv": {"schema": {"type": "string"}},
+}
 
 
-def _ok(data: Obj, description: str = "success", extra: Obj | None = None) -> Obj:
+def _ok(data: Obj, extra: Obj | None = None) -> Obj:
     schema = {
         "type": "object",
         "required": ["success", "data", "meta"],
-        "properties": {
-            "success": {"type": "boolean", "enum": [True]},
-            "data": data,
-            "meta": {"type": "object"},
-        },
+        "properties": {"success": {"type": "boolean", "enum": [True]}, "data": data, "meta": OBJECT},
     }
-    content: Obj = {"application/json": {"schema": schema}}
-    if extra:
-        content.update(extra)
-    return {"description": description, "content": content}
+    return {"description": "success", "content": {"application/json": {"schema": schema}, **(extra or {})}}
 
 
-def _list(row: str, params: list[Obj]) -> Obj:
-    return {
-        "get": {
-            "summary": f"{row} export, keyset-paged",
-            "security": [{"bearer": []}, {"apiKey": []}],
-            "parameters": [*params, PER_PAGE, CURSOR, FORMAT],
-            "responses": {
-                "200": _ok(
-                    {"type": "array", "items": {"type": "object"}},
-                    extra={
-                        "application/x-ndjson": {"schema": {"type": "string"}},
-                        "text/csv": {"schema": {"type": "string"}},
-                    },
-                ),
-                **ERRORS,
-                **SOURCE_ERRORS,
-            },
-        }
-    }
+def _plain(description: str, schema: Obj, media: str = "application/json") -> Obj:
+    return {"description": description, "content": {media: {"schema": schema}}}
 
 
-def _detail(what: str) -> Obj:
-    return {
-        "get": {
-            "summary": f"one {what} with its related data",
-            "security": [{"bearer": []}, {"apiKey": []}],
-            "parameters": [PATH_ID],
-            "responses": {
-                "200": _ok({"type": "object"}),
-                "404": _error(f"no such {what}"),
-                **ERRORS,
-                **SOURCE_ERRORS,
-            },
-        }
-    }
+def _get(summary: str, responses: Obj, params: type[BaseModel] | None = None) -> Obj:
+    op: Obj = {"summary": summary, "security": SECURITY, "responses": {**responses, **ERRORS}}
+    if params is not None:
+        op["parameters"] = parameters(params)
+    return {"get": op}
 
 
-def _post(summary: str, body: Obj, status: str = "200") -> Obj:
+def _post(summary: str, model: type[BaseModel], status: str = "200") -> Obj:
     return {
         "post": {
             "summary": summary,
-            "security": [{"bearer": []}, {"apiKey": []}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-            "responses": {
-                status: _ok({"type": "object"}),
-                "400": _error("the body is not a JSON object"),
-                "409": _error("the endpoint has no secret yet"),
-                "413": _error("the body is over 64 KiB"),
-                **ERRORS,
-            },
+            "security": SECURITY,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body(model)}}},
+            "responses": {status: _ok(OBJECT), **BODY_ERRORS, **ERRORS},
         }
+    }
+
+
+def _open(summary: str, responses: Obj) -> Obj:
+    return {"get": {"summary": summary, "responses": responses}}
+
+
+def _detail(what: str, model: type[BaseModel]) -> Obj:
+    responses = {"200": _ok(OBJECT), "404": _error(f"no such {what}"), **SOURCE_ERRORS}
+    return _get(f"one {what} with its related data", responses, model)
+
+
+# The model of each operation's parameters (or body), by path.
+MODELS: dict[str, type[BaseModel]] = {
+    f"{BASE}/events": models.EventsQuery,
+    f"{BASE}/events/stream": models.StreamQuery,
+    **{f"{BASE}/{name}": spec.model for name, spec in LISTS.items()},
+    f"{BASE}/customers/{{id}}": models.CustomerQuery,
+    f"{BASE}/orders/{{id}}": models.Detail,
+    f"{BASE}/products/{{id}}": models.Detail,
+    f"{BASE}/analytics": models.AnalyticsQuery,
+    f"{BASE}/webhooks/test": models.WebhookTest,
+    f"{BASE}/webhooks/send": models.WebhookSend,
+}
+
+
+def paths() -> Obj:
+    status = {"type": "object", "properties": {"status": {"type": "string"}}}
+    lists = {
+        f"{BASE}/{name}": _get(
+            f"{name} export, keyset-paged",
+            {"200": _ok(ROWS, STREAMED), **SOURCE_ERRORS},
+            MODELS[f"{BASE}/{name}"],
+        )
+        for name in LISTS
+    }
+    return {
+        "/healthz": _open("alive", {"200": _plain("ok", status)}),
+        "/readyz": _open(
+            "source reachable, slot healthy, outbox writable",
+            {"200": _plain("ready", status), "503": _plain("not ready", status)},
+        ),
+        "/metrics": _open(
+            "Prometheus metrics", {"200": _plain("text exposition", {"type": "string"}, "text/plain")}
+        ),
+        "/openapi.json": _open("this document", {"200": _plain("OpenAPI 3.0", OBJECT)}),
+        f"{BASE}/events": _get(
+            "events after a cursor, oldest first; wait long-polls",
+            {"200": _ok({"type": "array", "items": _ref("Event")})},
+            MODELS[f"{BASE}/events"],
+        ),
+        f"{BASE}/events/stream": _get(
+            "Server-Sent Events from last_event_id or Last-Event-ID",
+            {"200": _plain("event stream", {"type": "string"}, "text/event-stream")},
+            MODELS[f"{BASE}/events/stream"],
+        ),
+        **lists,
+        f"{BASE}/customers/{{id}}": _detail("customer", MODELS[f"{BASE}/customers/{{id}}"]),
+        f"{BASE}/orders/{{id}}": _detail("order", MODELS[f"{BASE}/orders/{{id}}"]),
+        f"{BASE}/products/{{id}}": _detail("product", MODELS[f"{BASE}/products/{{id}}"]),
+        f"{BASE}/analytics": _get(
+            "GMV, orders, customers, conversion, top products, growth (default: last 30 days)",
+            {"200": _ok(OBJECT), **SOURCE_ERRORS},
+            MODELS[f"{BASE}/analytics"],
+        ),
+        f"{BASE}/webhooks/test": _post(
+            "send webhook.test to one endpoint now", MODELS[f"{BASE}/webhooks/test"]
+        ),
+        f"{BASE}/webhooks/status": _get(
+            "per endpoint: state, pending, dead, success rates, last attempt", {"200": _ok(ROWS)}
+        ),
+        f"{BASE}/webhooks/send": _post(
+            "append an event to the outbox for the dispatcher to deliver",
+            MODELS[f"{BASE}/webhooks/send"],
+            "201",
+        ),
+        f"{BASE}/stats": _get("events by type, deliveries, capture lag, API usage", {"200": _ok(OBJECT)}),
     }
 
 
 def document(version: str) -> Obj:
-    events_params = [
-        _param(
-            "last_event_id", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}, "events after this id"
-        ),
-        _param(
-            "event_types",
-            {"type": "string", "pattern": "^[A-Za-z0-9._*?\\[\\],-]*$"},
-            "comma list of types or globs (order.*); may repeat",
-        ),
-    ]
-    plain = {"type": "object", "properties": {"status": {"type": "string"}}}
+    error = {
+        "type": "object",
+        "required": ["code", "message"],
+        "properties": {
+            "code": {"type": "string"},
+            "message": {"type": "string"},
+            "field": {"type": "string"},
+        },
+    }
+    event = {
+        "type": "object",
+        "required": ["id", "type", "timestamp", "data", "source"],
+        "properties": {
+            "id": {"type": "integer"},
+            "type": {"type": "string"},
+            "timestamp": {"type": "string"},
+            "data": OBJECT,
+            "source": OBJECT,
+        },
+    }
     return {
         "openapi": "3.0.3",
         "info": {
@@ -166,194 +198,10 @@ def document(version: str) -> Obj:
                 "Error": {
                     "type": "object",
                     "required": ["success", "error"],
-                    "properties": {
-                        "success": {"type": "boolean", "enum": [False]},
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"},
-                                "field": {"type": "string"},
-                            },
-                        },
-                    },
+                    "properties": {"success": {"type": "boolean", "enum": [False]}, "error": error},
                 },
-                "Event": {
-                    "type": "object",
-                    "required": ["id", "type", "timestamp", "data", "source"],
-                    "properties": {
-                        "id": {"type": "integer"},
-                        "type": {"type": "string"},
-                        "timestamp": {"type": "string"},
-                        "data": {"type": "object"},
-                        "source": {"type": "object"},
-                    },
-                },
+                "Event": event,
             },
         },
-        "paths": {
-            "/healthz": {
-                "get": {
-                    "summary": "alive",
-                    "responses": {
-                        "200": {"description": "ok", "content": {"application/json": {"schema": plain}}}
-                    },
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "source reachable, slot healthy, outbox writable",
-                    "responses": {
-                        "200": {"description": "ready", "content": {"application/json": {"schema": plain}}},
-                        "503": {
-                            "description": "not ready",
-                            "content": {"application/json": {"schema": plain}},
-                        },
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "responses": {
-                        "200": {
-                            "description": "text exposition",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "this document",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.0",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
-            f"{BASE}/events": {
-                "get": {
-                    "summary": "events after a cursor, oldest first; wait long-polls",
-                    "security": [{"bearer": []}, {"apiKey": []}],
-                    "parameters": [
-                        *events_params,
-                        _param(
-                            "limit",
-                            {"type": "integer", "minimum": 1, "maximum": 1000},
-                            "events per page (100)",
-                        ),
-                        _param(
-                            "wait",
-                            {"type": "number", "minimum": 0, "maximum": 30},
-                            "seconds to wait for a match",
-                        ),
-                    ],
-                    "responses": {"200": _ok({"type": "array", "items": _ref("Event")}), **ERRORS},
-                }
-            },
-            f"{BASE}/events/stream": {
-                "get": {
-                    "summary": "Server-Sent Events from last_event_id or Last-Event-ID",
-                    "security": [{"bearer": []}, {"apiKey": []}],
-                    "parameters": [
-                        *events_params,
-                        _param(
-                            "Last-Event-ID",
-                            {"type": "string", "pattern": "^[0-9]{1,15}$"},
-                            "resume after",
-                            "header",
-                        ),
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "event stream",
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                        },
-                        **ERRORS,
-                    },
-                }
-            },
-            f"{BASE}/customers": _list(
-                "customers",
-                [DATE_FROM, DATE_TO, _param("has_orders", {"type": "boolean"}, "with or without orders")],
-            ),
-            f"{BASE}/customers/{{id}}": _detail("customer"),
-            f"{BASE}/orders": _list(
-                "orders",
-                [
-                    _id("customer_id", "orders of this customer"),
-                    _enum("status", ORDER_STATUSES, "order status"),
-                    _enum("payment_status", PAYMENT_STATUSES, "payment status"),
-                    DATE_FROM,
-                    DATE_TO,
-                    _id("seller_id", "orders of this seller"),
-                ],
-            ),
-            f"{BASE}/orders/{{id}}": _detail("order"),
-            f"{BASE}/products": _list(
-                "products",
-                [
-                    _id("seller_id", "products of this seller"),
-                    _param("category", {"type": "string", "maxLength": 100}, "category slug or id"),
-                    _enum("status", PRODUCT_STATUSES, "product status"),
-                    _param("in_stock", {"type": "boolean"}, "stock above zero"),
-                    _param("search", {"type": "string", "maxLength": 200}, "in name, SKU and description"),
-                ],
-            ),
-            f"{BASE}/products/{{id}}": _detail("product"),
-            f"{BASE}/reviews": _list(
-                "reviews",
-                [
-                    _id("product_id", "reviews of this product"),
-                    _id("user_id", "reviews by this customer"),
-                    _param("rating", {"type": "integer", "minimum": 1, "maximum": 5}, "stars"),
-                    _enum("status", REVIEW_STATUSES, "moderation status"),
-                    DATE_FROM,
-                    DATE_TO,
-                ],
-            ),
-            f"{BASE}/analytics": {
-                "get": {
-                    "summary": "GMV, orders, customers, conversion, top products, growth (default: last 30 days)",
-                    "security": [{"bearer": []}, {"apiKey": []}],
-                    "parameters": [DATE_FROM, DATE_TO],
-                    "responses": {"200": _ok({"type": "object"}), **ERRORS, **SOURCE_ERRORS},
-                }
-            },
-            f"{BASE}/webhooks/test": _post(
-                "send webhook.test to one endpoint now",
-                {"type": "object", "required": ["system"], "properties": {"system": {"type": "string"}}},
-            ),
-            f"{BASE}/webhooks/status": {
-                "get": {
-                    "summary": "per endpoint: state, pending, dead, success rates, last attempt",
-                    "security": [{"bearer": []}, {"apiKey": []}],
-                    "responses": {"200": _ok({"type": "array", "items": {"type": "object"}}), **ERRORS},
-                }
-            },
-            f"{BASE}/webhooks/send": _post(
-                "append an event to the outbox for the dispatcher to deliver",
-                {
-                    "type": "object",
-                    "required": ["event", "data"],
-                    "properties": {
-                        "event": {"type": "string"},
-                        "data": {"type": "object"},
-                        "systems": {"type": "array", "items": {"type": "string"}},
-                    },
-                },
-                status="201",
-            ),
-            f"{BASE}/stats": {
-                "get": {
-                    "summary": "events by type, deliveries, capture lag, API usage",
-                    "security": [{"bearer": []}, {"apiKey": []}],
-                    "responses": {"200": _ok({"type": "object"}), **ERRORS},
-                }
-            },
-        },
+        "paths": paths(),
     }

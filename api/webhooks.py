@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -20,6 +19,8 @@ from api.errors import ApiError
 from api.health import SourceHealth
 from api.keys import SEND_CAPTURED_TYPES, K
 from api.limits import Usage
+from api.models import WebhookSend, WebhookTest
+from api.params import validate
 from cdc import jsontext
 from cdc.decode import unix_to_iso
 from cdc.errors import ConfigError
@@ -31,7 +32,6 @@ from outbox import store
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
 
-EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 MAX_SEND_BYTES = 64 * 1024
 # Types that only the sidecar produces (DESIGN.md "Events"; the loaded mapping's types are
 # added): receivers trust them to mirror the source, so a manual one needs
@@ -130,8 +130,8 @@ class Webhooks:
     # -- POST /webhooks/test ---------------------------------------------------------------------
 
     async def test(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
-        endpoint = self._endpoint(body.get("system"), "system")
+        body = validate(WebhookTest, await json_body(request))
+        endpoint = self._endpoint(body.system, "system")
         cfg = self.settings.dispatcher
         try:
             check_url(endpoint.name, endpoint.url, cfg.require_https, cfg.refuse_private_networks)
@@ -195,18 +195,8 @@ class Webhooks:
     # -- POST /webhooks/send ---------------------------------------------------------------------
 
     async def send(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
-        event_type = body.get("event")
-        if not isinstance(event_type, str) or not EVENT_TYPE.match(event_type) or len(event_type) > 100:
-            raise ApiError(422, "invalid_parameter", "event must be a type like order.note_added", "event")
-        data = body.get("data")
-        if not isinstance(data, dict):
-            raise ApiError(422, "invalid_parameter", "data must be a JSON object", "data")
-        systems = body.get("systems")
-        if systems is not None and (not isinstance(systems, list) or not systems):
-            raise ApiError(
-                422, "invalid_parameter", "systems must be a non-empty list of endpoint names", "systems"
-            )
+        body = validate(WebhookSend, await json_body(request))
+        event_type, data, systems = body.event, body.data, body.systems
         self._may_send(event_type, request.get(GRANTED, frozenset()))
         names = self._route(event_type, systems)
         now = time.time()

@@ -107,6 +107,18 @@ async def test_auth_matrix(setup, key, status, code):
         ({"wait": "-1"}, "wait"),
         ({"wait": "soon"}, "wait"),
         ({"wait": "nan"}, "wait"),
+        # only ASCII digits: no sign, no spaces, no underscores, no other scripts' digits
+        ({"limit": "+5"}, "limit"),
+        ({"limit": " 5"}, "limit"),
+        ({"limit": "1_0"}, "limit"),
+        ({"limit": "５"}, "limit"),
+        ({"last_event_id": "١"}, "last_event_id"),
+        ({"last_event_id": "-0"}, "last_event_id"),
+        ({"wait": "+1"}, "wait"),
+        ({"wait": "١"}, "wait"),
+        ({"wait": "1_0"}, "wait"),
+        ({"wait": " 1"}, "wait"),
+        ({"wait": "1e1"}, "wait"),
     ],
 )
 async def test_bad_parameters_are_422_with_the_field(setup, params, field):
