@@ -287,7 +287,7 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
     exports.offload = api.offload  # the status history of an order, read off the loop
     feed = Feed(api.db)
     webhooks = Webhooks(settings, api.db, api.offload, api.usage, api.health, mapping.event_types)
-    events = Events(api.event_reads, feed, api.recheck)
+    events = Events(api.db, api.event_reads, feed, api.recheck)
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[FEED] = feed
 
