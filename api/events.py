@@ -30,6 +30,7 @@ PAGE_TTL_SECONDS = 60.0  # how long a full page's answer is reused
 POLL_SECONDS = 0.025  # how often another process's commits are looked for, while waited on
 KEEPALIVE_SECONDS = 15.0  # an SSE comment line this often when nothing happens
 STREAM_BATCH = 500
+MAX_QUERIES = 10_000  # parsed parameter sets kept by query string
 INLINE_ROWS = 100  # an unfiltered page up to this many events is read on the loop
 RECHECK_SECONDS = 1.0  # how often a waiting request or an open stream checks its key again
 
@@ -163,6 +164,7 @@ class Events:
         self.feed = feed
         self.recheck = recheck
         self.pages = PageCache()
+        self.queries: dict[str, EventsQuery] = {}
 
     async def _read(self, after: int, types: list[str], limit: int, frame: Frame) -> tuple[bytes, int, int]:
         """The framed events after ``after`` (joined), where the read got to, and how many."""
@@ -176,7 +178,12 @@ class Events:
         return await self.reads.run(read)
 
     async def events(self, request: web.Request) -> web.Response:
-        q = parse(EventsQuery, request)
+        q = self.queries.get(request.query_string)
+        if q is None:  # readers repeat the same parameters: each set is validated once
+            q = parse(EventsQuery, request)
+            if len(self.queries) >= MAX_QUERIES:
+                self.queries.clear()
+            self.queries[request.query_string] = q
         after, limit, wait, types = q.last_event_id, q.limit, q.wait, q.types()
         key = (after, limit, *types)
         cached = self.pages.get(key)
