@@ -25,13 +25,15 @@ from schemathesis.specs.openapi.checks import (
 
 from api import keys, openapi
 from api.app import create_app
+from api.server import ApiRunner
 from config import sample
 from outbox import store
 from tests.conftest import SourceDb, fresh_source_db, make_settings
 
-schema = schemathesis.openapi.from_dict(openapi.document("test")).exclude(
-    path_regex=r".*/events/stream$"  # an endless stream: covered by its own tests
-)
+STREAM = r".*/events/stream$"  # endless: driven by its own test, which reads its first bytes
+whole = schemathesis.openapi.from_dict(openapi.document("test"))
+schema = whole.exclude(path_regex=STREAM)
+stream_schema = whole.include(path_regex=STREAM)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -42,7 +44,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(app, shutdown_timeout=1)
+        self.runner = ApiRunner(app, shutdown_timeout=1)  # as `ct1-cdc run` serves it
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def start(self) -> None:
@@ -110,3 +112,96 @@ def test_api_conforms_to_its_document(case: Any, served: tuple[str, str]) -> Non
     if case.query and "wait" in case.query:
         case.query["wait"] = 0  # a long poll is covered elsewhere; here only its answer
     case.call_and_validate(base_url=base, headers={"X-API-Key": key}, checks=CHECKS, timeout=30)
+
+
+@stream_schema.parametrize()
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_event_stream_answers_every_generated_request(case: Any, served: tuple[str, str]) -> None:
+    """The SSE stream under generated parameters: never a 5xx; a 200 is an event stream
+    that opens with its retry hint; anything else is the documented JSON error."""
+    base, key = served
+    kwargs = case.as_transport_kwargs(base_url=base, headers={"X-API-Key": key})
+    with requests.request(**kwargs, stream=True, timeout=30) as response:
+        assert response.status_code < 500, response.text
+        if response.status_code == 200:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            assert response.raw.read(6) == b"retry:"
+        else:
+            assert response.json()["error"]["code"]
+
+
+def operations() -> list[tuple[str, str]]:
+    return [(m.upper(), p) for p, ops in openapi.document("x")["paths"].items() for m in ops]
+
+
+def labels(s: Any) -> set[str]:
+    return {result.ok().label for result in s.get_all_operations()}
+
+
+def test_every_documented_operation_is_driven():
+    """No operation escapes generated requests: each is in the conformance run or the
+    stream run, and the hostile-header run walks the same list."""
+    documented = {f"{m} {p}" for m, p in operations()}
+    assert len(documented) >= 18
+    assert labels(schema) | labels(stream_schema) == documented
+    assert not labels(schema) & labels(stream_schema)
+
+
+# Headers a scanner or a broken proxy sends. Raw bytes, since an HTTP library would refuse
+# most of them; each is sent alone and beside a valid key, so both the unauthenticated
+# path and the handlers behind authentication see it.
+HOSTILE: list[tuple[str, list[bytes]]] = [
+    ("non-UTF-8 Authorization", [b"Authorization: Bearer \xff\xfe\xc3\x28"]),
+    ("non-UTF-8 X-API-Key", [b"X-API-Key: ct1_\xff\xfe\x80"]),
+    ("8 KB X-API-Key", [b"X-API-Key: " + b"k" * 8192]),
+    ("8 KB Authorization", [b"Authorization: Bearer " + b"a" * 8192]),
+    ("control characters", [b"X-API-Key: ct1\x01\x02\x1b[31m\x7f", b"Authorization: \x00\x08Bearer"]),
+    ("50 X-API-Key headers", [b"X-API-Key: ct1_" + str(i).encode() for i in range(50)]),
+    ("garbage X-Forwarded-For", [b"X-Forwarded-For: ::::, 999.1.1.1, \xff, <script>, , 127.0.0.1\x00"]),
+    ("8 KB X-Forwarded-For", [b"X-Forwarded-For: " + b"1.2.3.4, " * 900]),
+    ("negative Last-Event-ID", [b"Last-Event-ID: -1"]),
+    ("huge Last-Event-ID", [b"Last-Event-ID: " + b"9" * 60]),
+    ("non-UTF-8 Last-Event-ID", [b"Last-Event-ID: \xff\xfe"]),
+    ("text Last-Event-ID", [b"Last-Event-ID: 1; DROP TABLE events --"]),
+    ("8 KB Last-Event-ID", [b"Last-Event-ID: " + b"1" * 8192]),
+]
+
+
+def raw_request(port: int, method: str, path: str, headers: list[bytes], body: bytes) -> tuple[int, bytes]:
+    """One request over a plain socket; the status and the first bytes of the body (an
+    open stream is cut after its first chunk)."""
+    head = [f"{method} {path} HTTP/1.1".encode(), f"Host: 127.0.0.1:{port}".encode(), b"Connection: close"]
+    if body:
+        head += [b"Content-Type: application/json", f"Content-Length: {len(body)}".encode()]
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(b"\r\n".join(head + headers) + b"\r\n\r\n" + body)
+        received = b""
+        while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < 6:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1."), received[:200]  # 1.0 for what aiohttp refuses
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("name,headers", HOSTILE, ids=[name for name, _ in HOSTILE])
+def test_hostile_headers_never_answer_5xx(served, name, headers):
+    base, key = served
+    port = int(base.rsplit(":", 1)[1])
+    seen: dict[str, int] = {}
+    for method, path in operations():
+        target = path.replace("{id}", "1")
+        body = b'{"event_type": "order.created", "data": {}}' if method == "POST" else b""
+        for extra in ([], [f"X-API-Key: {key}".encode()]):
+            if extra and any(h.lower().startswith((b"x-api-key", b"authorization")) for h in headers):
+                extra = []  # the hostile header is itself the credential
+            status, first = raw_request(port, method, target, extra + headers, body)
+            assert status < 500, (name, method, path, status, first[:300])
+            if status >= 400:
+                assert first.lstrip().startswith(b"{"), (name, method, path, status, first[:300])
+            seen[f"{method} {path}"] = status
+    assert len(seen) == len(operations())
+    status, _ = raw_request(port, "GET", "/healthz", [], b"")
+    assert status == 200
