@@ -28,16 +28,16 @@ from api.filters import LISTS
 from api.health import SourceHealth
 from api.keys import EXPORT, WEBHOOKS, K, hash_key
 from api.limits import RateLimiter, Usage
+from api.openapi import BASE
 from api.reads import Reads
 from api.webhooks import GRANTED, Webhooks
-from cdc.jsontext import dumps as json_bytes
 from cdc.mapping import Mapping, load_mapping
-from cdc.metrics import API_REQUESTS, CAPTURE_LAG, REGISTRY, OutboxCollector
+from common.jsontext import dumps as json_bytes
+from common.metrics import API_REQUESTS, CAPTURE_LAG, REGISTRY, OutboxCollector
+from common.version import version
 from config.settings import Settings
-from dispatcher.worker import version
 from outbox import source_state, store
 
-BASE = "/api/core-transaction-1"
 FEED: web.AppKey[Feed] = web.AppKey("feed", Feed)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

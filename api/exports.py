@@ -33,10 +33,11 @@ from api.filters import LISTS, ListSpec, encode_cursor
 from api.models import AnalyticsQuery, CustomerQuery, Detail, ProductQuery
 from api.params import parse
 from cdc.decode import normalize
-from cdc.errors import ConfigError
-from cdc.jsontext import dumps as json_bytes
+from common import sqlfile
+from common.errors import ConfigError
+from common.jsontext import dumps as json_bytes
 from config.settings import Settings
-from outbox import sqlfile, store
+from outbox import store
 
 DEFAULT_SQL_DIR = Path(__file__).resolve().parent / "sql"
 STREAM_PAGE = 1000  # rows per query while streaming a whole export

@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from cdc.errors import ConfigError
-from outbox import sqlfile
+from common import sqlfile
+from common.errors import ConfigError
 
 K = sqlfile.load(Path(__file__).resolve().parent.parent / "outbox" / "sql" / "keys.sql")
 

@@ -37,6 +37,7 @@ from api.params import (
     date_range,
     refuse,
 )
+from common.formats import EVENT_TYPE
 
 MAX_LIMIT = 1000
 MAX_WAIT_SECONDS = 30.0
@@ -56,7 +57,6 @@ MAX_TYPES = 50  # patterns in one event_types, read by index each (outbox.store.
 # One value of event_types: types or globs (order.*), comma-separated, spaces around them.
 _TYPE = r"[A-Za-z0-9._*?\[\]-]{1,100}"
 EVENT_TYPES = rf"^ *(?:{_TYPE})? *(?:, *(?:{_TYPE})? *)*$"
-EVENT_TYPE = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$"  # a type /webhooks/send may append
 
 
 class Params(BaseModel):

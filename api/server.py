@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from cdc.jsontext import dumps as json_bytes
+from common.jsontext import dumps as json_bytes
 
 log = structlog.get_logger("ct1_cdc.api")
 

@@ -21,13 +21,13 @@ from api.keys import SEND_CAPTURED_TYPES, K
 from api.limits import Usage
 from api.models import WebhookSend, WebhookTest
 from api.params import validate
-from cdc import jsontext
-from cdc.decode import unix_to_iso
-from cdc.errors import ConfigError
+from common import jsontext
+from common.errors import ConfigError
+from common.formats import format_lsn, optional_iso, unix_to_iso
+from common.version import version
 from config.settings import EndpointSettings, Settings
 from dispatcher.probe import send_test
 from dispatcher.sender import Sender, check_url
-from dispatcher.worker import version
 from outbox import store
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
@@ -56,10 +56,6 @@ CAPTURED_TYPES = frozenset(
 )
 # The caller's permissions, set by the API's auth guard before a handler runs.
 GRANTED: web.RequestKey[frozenset[str]] = web.RequestKey("granted", frozenset)
-
-
-def iso(ts: float | None) -> str | None:
-    return None if ts is None else unix_to_iso(ts)
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -99,7 +95,7 @@ class Webhooks:
         self.endpoints = {e.name: e for e in settings.endpoints}
         self.sender: Sender | None = None
         self.captured_types = CAPTURED_TYPES | frozenset(mapped_types)
-        # the routing of captured events (cdc.app.router_for): enabled endpoints, their globs
+        # the routing of captured events (sidecar.runner.router_for): enabled endpoints, their globs
         self.routes = [Route(e.name, tuple(e.events)) for e in settings.endpoints if e.enabled]
         self.router = Router(self.routes)
         # Manual events: one writer for the app's lifetime, opened on the first send, used
@@ -171,7 +167,7 @@ class Webhooks:
                     "events": cfg.events if cfg else [],
                     "state": row["state"],
                     "consecutive_failures": row["failures"],
-                    "paused_until": iso(row["paused_until"]) if row["state"] == "paused" else None,
+                    "paused_until": optional_iso(row["paused_until"]) if row["state"] == "paused" else None,
                     "pending": row["pending"],
                     "dead": row["dead"],
                     "delivered": row["delivered"],
@@ -182,7 +178,7 @@ class Webhooks:
                     "last_attempt": None
                     if last is None
                     else {
-                        "at": iso(last[0]),
+                        "at": optional_iso(last[0]),
                         "event_id": last[1],
                         "status": last[2],
                         "duration_ms": last[3],
@@ -200,7 +196,7 @@ class Webhooks:
         self._may_send(event_type, request.get(GRANTED, frozenset()))
         names = self._route(event_type, systems)
         now = time.time()
-        append = functools.partial(self._append, event_type, data, names, iso(now) or "")
+        append = functools.partial(self._append, event_type, data, names, unix_to_iso(now))
         event_id = await asyncio.get_running_loop().run_in_executor(self._writes, append)
         return _ok({"id": event_id, "event": event_type, "systems": names}, status=201)
 
@@ -268,11 +264,11 @@ class Webhooks:
         for key_id, name, route, requests, last in conn.execute(K["usage"]).fetchall():
             entry = usage.setdefault(key_id, {"name": name, "requests": 0, "routes": {}})
             entry["requests"] += requests
-            entry["routes"][route] = {"requests": requests, "last_used_at": iso(last)}
+            entry["routes"][route] = {"requests": requests, "last_used_at": optional_iso(last)}
         capture: dict[str, Any] = {
             "slot": self.settings.source.slot,
-            "checkpoint_lsn": None if checkpoint is None else _lsn(checkpoint[0]),
-            "checkpoint_at": None if checkpoint is None else iso(checkpoint[1]),
+            "checkpoint_lsn": None if checkpoint is None else format_lsn(checkpoint[0]),
+            "checkpoint_at": None if checkpoint is None else optional_iso(checkpoint[1]),
         }
         return {
             "events": {
@@ -290,10 +286,6 @@ class Webhooks:
         status = await self.health.slot_status()
         status.pop("ok", None)
         return status
-
-
-def _lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 def _ok(data: Any, status: int = 200) -> web.Response:

@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from api import keys  # noqa: E402
-from cdc.throwaway import create_cluster  # noqa: E402
-from config import sample  # noqa: E402
 from outbox import store  # noqa: E402
+from sidecar import sample  # noqa: E402
+from sidecar.throwaway import create_cluster  # noqa: E402
 from tests.outbox_helpers import append_events  # noqa: E402
 
 EVENTS_URL = "/api/core-transaction-1/events?limit=100&last_event_id=1000"

@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from cdc.capture import wal2json_options  # noqa: E402
 from cdc.decode import COMPILED, parse_lsn  # noqa: E402
-from cdc.throwaway import Cluster, create_cluster  # noqa: E402
-from config import sample  # noqa: E402
 from config.settings import Settings  # noqa: E402
+from sidecar import sample  # noqa: E402
+from sidecar.throwaway import Cluster, create_cluster  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "ct1-cdc")
 BATCH = 50  # row changes per source transaction in the backlog
@@ -126,7 +126,7 @@ def drain(
 def recvlogical_cmd(
     cluster: Cluster, dbname: str, slot: str, endpos: int, options: dict[str, str]
 ) -> list[str]:
-    from cdc.decode import format_lsn
+    from common.formats import format_lsn
 
     return cluster.recvlogical(dbname, slot, options, endpos=format_lsn(endpos))
 

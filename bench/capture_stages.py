@@ -32,13 +32,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from capture import backlog_source, current_lsn, write_backlog  # noqa: E402
 
 from cdc import decode as decoding  # noqa: E402
-from cdc.app import build_capture, tune_gc  # noqa: E402
 from cdc.capture import wal2json_options  # noqa: E402
 from cdc.decode import RowChange  # noqa: E402
 from cdc.mapping import apply, load_mapping  # noqa: E402
 from cdc.stream import ReplicationStream, XLogData  # noqa: E402
-from cdc.throwaway import create_cluster  # noqa: E402
 from config.settings import Settings  # noqa: E402
+from sidecar.runner import build_capture, tune_gc  # noqa: E402
+from sidecar.throwaway import create_cluster  # noqa: E402
 
 
 def capture_messages(rows: int, work: Path) -> list[bytes]:

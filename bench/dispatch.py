@@ -8,7 +8,7 @@ outbox with ``--events`` events for one endpoint, then times
   * ct1-cdc's dispatcher: signing, per-entity ordering, and every attempt recorded
     durably in SQLite, with the same concurrency,
 alternating.  ct1-cdc runs with the garbage-collector setting of ``ct1-cdc run``
-(``cdc.app.tune_gc``); the bare loop runs once with the interpreter's defaults (the
+(``sidecar.runner.tune_gc``); the bare loop runs once with the interpreter's defaults (the
 baseline of ``ratio``) and once with the same setting (``ratio_to_gc_tuned_baseline``,
 the like-for-like figure).  The last line is JSON with deliveries/s and both ratios
 (medians).
@@ -37,14 +37,14 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cdc import logs  # noqa: E402
-from cdc.app import tune_gc  # noqa: E402
+from common import logs  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from dispatcher.signing import generate_secret  # noqa: E402
 from dispatcher.worker import Dispatcher  # noqa: E402
 from outbox import store  # noqa: E402
 from outbox.store import Route, Router  # noqa: E402
 from outbox.writer import OutboxWriter  # noqa: E402
+from sidecar.runner import tune_gc  # noqa: E402
 
 
 def serve(port: int) -> None:
@@ -135,7 +135,7 @@ async def ours(url: str, path: Path, n: int, concurrency: int) -> float:
 
 @contextlib.contextmanager
 def gc_tuned() -> Iterator[None]:
-    """The garbage-collector setting of `ct1-cdc run` (cdc.app.tune_gc), undone after."""
+    """The garbage-collector setting of `ct1-cdc run` (sidecar.runner.tune_gc), undone after."""
     previous = tune_gc()
     try:
         yield

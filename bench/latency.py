@@ -48,10 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdc.capture import wal2json_options  # noqa: E402
-from cdc.throwaway import create_cluster  # noqa: E402
-from config import sample  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from dispatcher.signing import generate_secret  # noqa: E402
+from sidecar import sample  # noqa: E402
+from sidecar.throwaway import create_cluster  # noqa: E402
 
 EXPORT = "core_transaction_1_export"
 CLI = str(Path(sys.executable).parent / "ct1-cdc")

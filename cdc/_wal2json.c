@@ -15,7 +15,7 @@
  *   numeric / decimal (any typmod)  a number literal stays its exact text (a str)
  *   timestamp with time zone        "YYYY-MM-DD HH:MM:SS[.ffffff]+00" -> ISO 8601 "...Z";
  *                                   anything else goes to the Python converter
- *   json / jsonb                    the Python converter (the text kept as cdc.jsontext.JsonText)
+ *   json / jsonb                    the Python converter (the text kept as common.jsontext.JsonText)
  *   smallint integer bigint oid     a number or boolean as JSON says; a quoted value (what
  *   real double precision boolean   wal2json writes for a domain) goes to the Python converter
  *   bytea                           hex text; "\\x..." (a domain's) goes to the Python converter

@@ -23,12 +23,13 @@ import structlog
 
 from cdc import source
 from cdc.catalog import partition_parent, read_catalog
-from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, decode, format_lsn, normalize
-from cdc.errors import CaptureError, Ct1Error, DecodeError, SetupError, SourceUnavailable
+from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, decode, normalize
 from cdc.mapping import Mapping, apply, truncate_drafts
-from cdc.metrics import CAPTURE_LAG
 from cdc.schema import Problem, check_mapping, fully_identified
 from cdc.stream import Keepalive, ReplicationStream, XLogData
+from common.errors import CaptureError, Ct1Error, DecodeError, SetupError, SourceUnavailable
+from common.formats import format_lsn
+from common.metrics import CAPTURE_LAG
 from config.settings import Settings
 from outbox import source_state
 from outbox.writer import OutboxWriter

@@ -12,7 +12,7 @@ from typing import Any
 
 from cdc.schema import Relation
 from cdc.source import Conn
-from outbox import sqlfile
+from common import sqlfile
 
 C = sqlfile.load(Path(__file__).resolve().parent / "sql" / "catalog.sql")
 

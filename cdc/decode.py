@@ -4,7 +4,7 @@ One wal2json v2 message is one JSON object: ``B``/``C`` frame a transaction, ``I
 carry one row, ``T`` a truncate and ``M`` a logical message.  Numeric values arrive as JSON
 number literals: we keep the literal's text so money never becomes a binary float.
 ``json``/``jsonb`` values arrive as a JSON string holding the value's text: they stay that
-text, as a :class:`~cdc.jsontext.JsonText` that is written out as the JSON itself, so no
+text, as a :class:`~common.jsontext.JsonText` that is written out as the JSON itself, so no
 number inside them is rounded and no depth is too deep.
 Columns that wal2json leaves out of an update (unchanged TOAST values) stay absent.
 """
@@ -22,24 +22,9 @@ from typing import Any, NamedTuple, cast
 
 import orjson
 
-from cdc.errors import DecodeError
-from cdc.jsontext import JsonText
-
-# -- LSNs -------------------------------------------------------------------------------
-
-
-def parse_lsn(text: str) -> int:
-    """``"16/B374D848"`` → integer position."""
-    try:
-        hi, lo = text.split("/")
-        return (int(hi, 16) << 32) | int(lo, 16)
-    except (ValueError, AttributeError):
-        raise DecodeError(f"not an LSN: {text!r}") from None
-
-
-def format_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
-
+from common.errors import DecodeError
+from common.formats import parse_lsn
+from common.jsontext import JsonText
 
 # -- message values ---------------------------------------------------------------------
 
@@ -255,11 +240,6 @@ _PLAIN_TYPES = frozenset(
     }
 )
 _CONVERTERS = _Converters()
-
-
-def unix_to_iso(seconds: float) -> str:
-    """Unix time as the ISO 8601 UTC text events use."""
-    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def normalize(value: Any) -> Any:

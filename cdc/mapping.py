@@ -24,11 +24,11 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
 
 from cdc.decode import RowChange
-from cdc.errors import ConfigError
+from common.errors import ConfigError
+from common.formats import is_event_type
 
 ROW_OPS = ("insert", "update", "delete")
 OPS = (*ROW_OPS, "truncate")
-_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 _PLAIN_PART = r'[^."\s]+'
 _QUOTED_PART = r'"(?:[^"]|"")+"'
 _TABLE_RE = re.compile(rf"^({_QUOTED_PART}|{_PLAIN_PART})\.({_QUOTED_PART}|{_PLAIN_PART})$")
@@ -249,7 +249,7 @@ def parse_mapping(text: str, source: str = "mapping") -> Mapping:
                 f"{source}: {where}.on: {bad[0]!r} is not one of insert, update, delete, truncate"
             )
         emit = raw["emit"]
-        if not isinstance(emit, str) or not _TYPE_RE.match(emit):
+        if not isinstance(emit, str) or not is_event_type(emit):
             raise ConfigError(f"{source}: {where}.emit: {emit!r} is not an event type like order.created")
         for k in ("object", "key"):
             if not isinstance(raw[k], str) or not raw[k]:

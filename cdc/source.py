@@ -16,9 +16,9 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import set_json_loads
 
-from cdc.errors import SetupError, SourceUnavailable
-from cdc.jsontext import JsonText
 from cdc.mapping import quote_table
+from common.errors import SetupError, SourceUnavailable
+from common.jsontext import JsonText
 
 HEARTBEAT_PREFIX = "ct1-cdc"
 

@@ -20,8 +20,8 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from cdc.decode import format_lsn
-from cdc.errors import SetupError, SourceUnavailable
+from common.errors import SetupError, SourceUnavailable
+from common.formats import format_lsn
 
 _XLOG = struct.Struct(">QQq")
 _KEEPALIVE = struct.Struct(">QqB")

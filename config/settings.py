@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from cdc.errors import ConfigError
+from common.errors import ConfigError
 
 DEFAULT_CONFIG = "config/sidecar.toml"
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-from outbox import sqlfile, store
+from common import sqlfile
+from outbox import store
 
 D = sqlfile.load(Path(store.__file__).resolve().parent / "sql" / "dispatch.sql")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from cdc.decode import unix_to_iso
+from common.formats import unix_to_iso
 from config.settings import EndpointSettings
 from dispatcher import signing
 from dispatcher.sender import Sender

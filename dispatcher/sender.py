@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from cdc.errors import ConfigError
+from common.errors import ConfigError
 
 RESPONSE_BYTES = 1024
 

@@ -12,7 +12,7 @@ import hmac
 import secrets
 from collections.abc import Sequence
 
-from cdc.errors import ConfigError
+from common.errors import ConfigError
 
 PREFIX = "whsec_"
 USER_AGENT_PRODUCT = "ct1-cdc"

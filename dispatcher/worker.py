@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from cdc.metrics import ATTEMPT_SECONDS, ATTEMPTS
+from common.metrics import ATTEMPT_SECONDS, ATTEMPTS
+from common.version import version
 from config.settings import EndpointSettings, Settings
 from dispatcher import retry, signing
 from dispatcher.deliveries import DeliveryStore, Due, EndpointState, Finished
@@ -35,16 +36,6 @@ POLL_SECONDS = 0.02  # how often another process's commits are looked for
 STATE_REFRESH_SECONDS = 1.0  # how often endpoint state set by the CLI is re-read
 SHUTDOWN_GRACE_SECONDS = 5.0  # on stop, how long deliveries in flight may finish
 CLAIM_FRACTION = 0.25  # claim again once this share of the slots is free
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as package_version
-
-    try:
-        return package_version("ct1-cdc")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "0"
 
 
 @dataclass

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from outbox import sqlfile
+from common import sqlfile
 
 S = sqlfile.load(Path(__file__).resolve().parent / "sql" / "source_state.sql")
 

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdc import jsontext
-from cdc.errors import Ct1Error
-from outbox import sqlfile
+from common import jsontext, sqlfile
+from common.errors import Ct1Error
 
 _SQL_DIR = Path(__file__).resolve().parent / "sql"
 Q = sqlfile.load(_SQL_DIR / "queries.sql")
@@ -134,7 +133,7 @@ class Router:
 
 def dumps(value: Any) -> str:
     """JSON text of anything the outbox stores: lossless (integers past 64 bits, any
-    depth, json/jsonb columns as the JSON Postgres holds; see cdc.jsontext)."""
+    depth, json/jsonb columns as the JSON Postgres holds; see common.jsontext)."""
     return jsontext.dumps(value).decode("utf-8")
 
 

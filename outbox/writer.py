@@ -21,9 +21,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from cdc.jsontext import JsonText, loads
-from cdc.jsontext import dumps as json_bytes
-from cdc.metrics import EVENTS_APPENDED
+from common.jsontext import JsonText, loads
+from common.jsontext import dumps as json_bytes
+from common.metrics import EVENTS_APPENDED
 from outbox.checkpointer import Checkpointer
 from outbox.store import Q, Router, dumps
 

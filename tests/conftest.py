@@ -23,11 +23,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc.capture import Capture
 from cdc.mapping import load_mapping
-from cdc.throwaway import Cluster, create_cluster
-from config import sample
 from config.settings import Settings
 from outbox import store
 from outbox.writer import OutboxWriter
+from sidecar import sample
+from sidecar.throwaway import Cluster, create_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPPING = ROOT / "config" / "mapping.toml"
@@ -79,7 +79,7 @@ class SourceDb:
             return cur.fetchall() if cur.description else []
 
     def current_lsn(self) -> int:
-        from cdc.decode import parse_lsn
+        from common.formats import parse_lsn
 
         return parse_lsn(self.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
 
@@ -146,7 +146,7 @@ class RunningCapture:
         self.settings = settings
         self.db = db
         conn = store.open_outbox(settings.outbox.path)
-        from cdc.app import router_for
+        from sidecar.runner import router_for
 
         self.capture = Capture(
             settings, load_mapping(settings.mapping.file), OutboxWriter(conn, router_for(settings))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cdc.throwaway import create_cluster
+from sidecar.throwaway import create_cluster
 from tests.acceptance.helpers import cli, spawn, write_config
 from tests.conftest import with_db
 

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from cdc import source
-from cdc.decode import parse_lsn
+from common.formats import parse_lsn
 from outbox import store
 from tests.acceptance.helpers import cli, spawn, write_config
 from tests.conftest import read_events

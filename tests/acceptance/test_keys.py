@@ -135,7 +135,7 @@ def test_run_serves_the_events_cursor_with_a_created_key(tmp_path):
     import urllib.error
     import urllib.request
 
-    from cdc.throwaway import free_port
+    from sidecar.throwaway import free_port
     from tests.acceptance.helpers import spawn
     from tests.outbox_helpers import append_events
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from cdc.jsontext import JsonText
+from common.jsontext import JsonText
 from outbox import store
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter

@@ -12,10 +12,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from cdc.throwaway import free_port
+from api.openapi import BASE
+from sidecar.throwaway import free_port
 from tests.acceptance.helpers import cli, spawn, write_config
-
-BASE = "/api/core-transaction-1"
 
 
 def get(url: str, key: str, timeout: float = 30) -> Any:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from cdc.throwaway import free_port
+from sidecar.throwaway import free_port
 from tests.acceptance.helpers import cli, spawn, write_config
 
 START_FAILS_WITHIN = 20  # "within seconds": the run must not hang, and must not retry forever

@@ -16,11 +16,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from api import keys
 from api.app import BASE, create_app
-from cdc.errors import ConfigError
 from cdc.mapping import parse_mapping
-from config import sample
+from common import sqlfile
+from common.errors import ConfigError
 from config.settings import Settings
-from outbox import sqlfile, store
+from outbox import store
+from sidecar import sample
 from tests.conftest import MAPPING, SourceDb, make_settings, read_events
 from tests.unit.test_export_values import keys_of
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from api.app import create_app
-from cdc.app import listen
 from config.settings import Settings
+from sidecar.runner import listen
 
 CASES = {
     "long request line": b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",

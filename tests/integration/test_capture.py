@@ -9,7 +9,7 @@ from pathlib import Path
 import structlog
 
 from cdc import source
-from cdc.decode import parse_lsn
+from common.formats import parse_lsn
 from outbox import store
 from tests.conftest import MAPPING as ROOT_MAPPING
 from tests.conftest import make_settings, read_events
@@ -305,8 +305,8 @@ def test_source_errors_are_translated(tmp_path):
 
 def test_a_source_unreachable_at_the_first_session_fails_capture_instead_of_waiting(tmp_path):
     from cdc.capture import Capture
-    from cdc.errors import SourceUnavailable
     from cdc.mapping import load_mapping
+    from common.errors import SourceUnavailable
     from config.settings import Settings
     from outbox.store import Router
     from outbox.writer import OutboxWriter

@@ -246,7 +246,7 @@ async def test_redirects_hangs_and_dropped_connections_are_failures(tmp_path, be
 
 
 def test_plain_http_off_loopback_is_refused(tmp_path):
-    from cdc.errors import ConfigError
+    from common.errors import ConfigError
 
     settings = settings_for(tmp_path, "http://example.invalid/hook")
     with pytest.raises(ConfigError, match="https"):
@@ -256,7 +256,7 @@ def test_plain_http_off_loopback_is_refused(tmp_path):
 
 
 def test_private_addresses_are_refused_when_asked(tmp_path):
-    from cdc.errors import ConfigError
+    from common.errors import ConfigError
 
     for url in ("http://10.1.2.3/hook", "https://192.168.0.9/hook", "http://[fd00::1]/hook"):
         settings = settings_for(tmp_path, url, require_https=False, refuse_private_networks=True)

@@ -14,7 +14,7 @@ PROGRAM = textwrap.dedent(
     import asyncio, threading, warnings
     import aiohttp, psycopg_pool, structlog
     from aiohttp import web
-    from cdc import logs
+    from common import logs
 
     logs.configure("info", json=True)
 

@@ -26,8 +26,8 @@ from schemathesis.specs.openapi.checks import (
 from api import keys, openapi
 from api.app import create_app
 from api.server import ApiRunner
-from config import sample
 from outbox import store
+from sidecar import sample
 from tests.conftest import SourceDb, fresh_source_db, make_settings
 
 STREAM = r".*/events/stream$"  # endless: driven by its own test, which reads its first bytes

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from common.sqlfile import load
 from outbox import store
-from outbox.sqlfile import load
 from outbox.store import Path
 
 D = load(Path(store.__file__).resolve().parent / "sql" / "dispatch.sql")

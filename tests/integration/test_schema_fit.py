@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from cdc.errors import SetupError
+from common.errors import SetupError
 from outbox import source_state, store
 from tests.conftest import make_settings, read_events
 

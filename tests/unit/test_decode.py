@@ -14,9 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cdc import decode as decoding
-from cdc.decode import Begin, Commit, Message, RowChange, Truncate, decode, format_lsn, iso_utc, parse_lsn
-from cdc.errors import DecodeError
-from cdc.jsontext import JsonText, dumps
+from cdc.decode import Begin, Commit, Message, RowChange, Truncate, decode, iso_utc
+from common.errors import DecodeError
+from common.formats import format_lsn, parse_lsn
+from common.jsontext import JsonText, dumps
 
 
 @pytest.fixture(scope="module", autouse=True, params=["compiled", "python"])

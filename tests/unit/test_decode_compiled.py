@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cdc import decode as decoding
 from cdc.decode import RowChange, decode, decode_python
-from cdc.errors import DecodeError
+from common.errors import DecodeError
 
 compiled_only = pytest.mark.skipif(
     not decoding.COMPILED, reason="cdc._wal2json is not built (no C compiler at install)"

@@ -41,7 +41,7 @@ def test_only_raw_names_are_rewritten():
 
 
 def test_a_message_broken_otherwise_still_fails_with_a_clear_error():
-    from cdc.errors import DecodeError
+    from common.errors import DecodeError
 
     with pytest.raises(DecodeError, match="malformed wal2json message"):
         decode_python(b'{"action":"I","schema":"s","table":"t","columns":[{"name":"a","type":"x" y}]}')

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cdc.decode import RowChange
-from cdc.errors import ConfigError
 from cdc.mapping import apply, load_mapping, parse_mapping
+from common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 MAPPING = load_mapping(str(ROOT / "config" / "mapping.toml"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cdc.decode import RowChange
-from cdc.errors import ConfigError
 from cdc.mapping import apply, parse_mapping, parse_table, quote_table, same_value, truncate_drafts
+from common.errors import ConfigError
 
 RULES = """
 [[rule]]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cdc.errors import ConfigError
+from common.errors import ConfigError
 from config.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]

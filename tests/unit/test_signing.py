@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from cdc.errors import ConfigError
+from common.errors import ConfigError
 from dispatcher.signing import generate_secret, headers, message_id, secret_key, sign, verify
 
 

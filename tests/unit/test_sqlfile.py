@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from outbox.sqlfile import parse_blocks
+from common.sqlfile import parse_blocks
 from outbox.store import MIGRATIONS, Q
 
 

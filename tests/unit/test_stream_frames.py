@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc.errors import SourceUnavailable
 from cdc.stream import Keepalive, XLogData, parse_frame, plugin_options, status_update
+from common.errors import SourceUnavailable
 
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 

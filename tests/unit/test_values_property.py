@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from cdc import decode as decoding
 from cdc.decode import RowChange, decode, decode_python
-from cdc.jsontext import JsonText, dumps, loads
 from cdc.mapping import apply, parse_mapping
+from common.jsontext import JsonText, dumps, loads
 from outbox import store
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdc.errors import SetupError
+from common.errors import SetupError
 
 
 def find_pg_bin() -> Path:
@@ -106,7 +106,7 @@ class Cluster:
         """Create ``dbname`` holding the sample marketplace; its DSN and the row counts."""
         import psycopg
 
-        from config import sample
+        from sidecar import sample
 
         with psycopg.connect(self.dsn(), autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{dbname}"')

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import click
 
 from api import keys as api_keys
-from cdc.cli import emit_json, handled, keys, settings_of
+from common.formats import unix_to_text
 from outbox import store
+from sidecar.console import emit_json, handled, keys, settings_of
 
 
 def _when(value: float | None) -> str | None:
-    return None if value is None else datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return unix_to_text(value)
 
 
 @keys.command("create")

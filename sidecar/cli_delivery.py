@@ -1,6 +1,6 @@
 """Delivery commands: ``outbox deliveries``, ``outbox replay``, ``endpoints …``.
 
-Registered on the groups of :mod:`cdc.cli` when that module is imported.
+Registered on the groups of :mod:`sidecar.console`; :mod:`sidecar.cli` imports this module.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any
 
 import click
 
-from cdc.cli import emit_json, endpoints, fail, handled, outbox, settings_of
+from common.formats import unix_to_text
 from dispatcher.deliveries import D
 from outbox import store
+from sidecar.console import emit_json, endpoints, fail, handled, outbox, settings_of
 
 
 def _writer_conn(ctx: click.Context) -> sqlite3.Connection:
@@ -25,9 +26,7 @@ def _writer_conn(ctx: click.Context) -> sqlite3.Connection:
 
 
 def _when(value: float | None) -> str | None:
-    if not value:
-        return None
-    return datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return unix_to_text(value or None)  # 0: never
 
 
 def _since(text: str | None) -> float:

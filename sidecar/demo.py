@@ -18,15 +18,15 @@ import psycopg
 from aiohttp import web
 
 from api.app import FEED
-from cdc.app import build_capture
 from cdc.capture import ensure_slot
-from cdc.throwaway import create_cluster
 from client.webhooks import InvalidWebhook, WebhookVerifier
-from config import sample
 from config.settings import PACKAGE_DIR, Settings
 from dispatcher.signing import generate_secret
 from dispatcher.worker import Dispatcher
 from outbox import store
+from sidecar import sample
+from sidecar.runner import build_capture
+from sidecar.throwaway import create_cluster
 
 
 def describe(envelope: dict[str, Any]) -> str:

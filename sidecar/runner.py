@@ -18,8 +18,8 @@ from aiohttp import web
 
 from cdc import source
 from cdc.capture import Capture
-from cdc.errors import ConfigError, Ct1Error, SetupError, SourceUnavailable
 from cdc.mapping import Mapping, load_mapping
+from common.errors import ConfigError, Ct1Error, SetupError, SourceUnavailable
 from config.settings import Settings
 from dispatcher.worker import Dispatcher
 from outbox.checkpointer import Checkpointer

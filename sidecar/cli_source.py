@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +11,16 @@ import click
 
 from cdc import source
 from cdc.catalog import read_catalog
-from cdc.cli import emit_json, fail, handled, main, settings_of, slot
-from cdc.errors import ConfigError, SetupError
 from cdc.mapping import Mapping, load_mapping
 from cdc.schema import check_mapping
+from common.errors import ConfigError, SetupError
+from common.formats import unix_to_text
 from outbox import source_state, store
+from sidecar.console import emit_json, fail, handled, main, settings_of, slot
 
 
 def _when(value: float | None) -> str | None:
-    return None if value is None else datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return unix_to_text(value)
 
 
 def _confirm(yes: bool, question: str) -> None:
