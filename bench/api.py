@@ -40,16 +40,10 @@ sys.path.insert(0, str(ROOT))
 from api import keys  # noqa: E402
 from outbox import store  # noqa: E402
 from sidecar import sample  # noqa: E402
-from sidecar.throwaway import create_cluster  # noqa: E402
+from sidecar.throwaway import create_cluster, free_port  # noqa: E402
 from tests.outbox_helpers import append_events  # noqa: E402
 
 EVENTS_URL = "/api/core-transaction-1/events?limit=100&last_event_id=1000"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve(kind: str, port: int, config: str) -> None:

@@ -45,6 +45,7 @@ from outbox import store  # noqa: E402
 from outbox.store import Route, Router  # noqa: E402
 from outbox.writer import OutboxWriter  # noqa: E402
 from sidecar.runner import tune_gc  # noqa: E402
+from sidecar.throwaway import free_port  # noqa: E402
 
 
 def serve(port: int) -> None:
@@ -55,12 +56,6 @@ def serve(port: int) -> None:
     app = web.Application()
     app.router.add_post("/hook", ok)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fill(path: Path, n: int) -> list[bytes]:

@@ -31,7 +31,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ from cdc.capture import wal2json_options  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from dispatcher.signing import generate_secret  # noqa: E402
 from sidecar import sample  # noqa: E402
-from sidecar.throwaway import create_cluster  # noqa: E402
+from sidecar.throwaway import create_cluster, free_port  # noqa: E402
 
 EXPORT = "core_transaction_1_export"
 CLI = str(Path(sys.executable).parent / "ct1-cdc")
@@ -122,12 +121,6 @@ def create_key(env: dict[str, str], name: str) -> str:
     command = [CLI, "keys", "create", "--name", name, "--permissions", EXPORT, "--json"]
     created = subprocess.run(command, env=env, check=True, capture_output=True)
     return str(json.loads(created.stdout)["key"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def recvlogical_reader(proc: subprocess.Popen[bytes], seen: dict[int, float]) -> None:

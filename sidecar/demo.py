@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ import psycopg
 from aiohttp import web
 
 from api.app import FEED
+from api.openapi import BASE
 from cdc.capture import ensure_slot
-from client.webhooks import InvalidWebhook, WebhookVerifier
+from client.receiver import Receiver
+from client.webhooks import WebhookVerifier
 from config.settings import PACKAGE_DIR, Settings
 from dispatcher.signing import generate_secret
 from dispatcher.worker import Dispatcher
@@ -41,48 +43,23 @@ def describe(envelope: dict[str, Any]) -> str:
     return f"{envelope['type']:<24} {data.get('object')}:{data.get('id')}  " + " ".join(details[:3])
 
 
-class DemoReceiver:
-    """CT2 or CT3 as the demo shows them: verify, print, answer 200."""
+def demo_receiver(name: str, secret: str, echo: Callable[[str], None]) -> Receiver:
+    """CT2 or CT3 as the demo shows them: verify with the client kit, print, answer 200."""
 
-    def __init__(self, name: str, secret: str, echo: Callable[[str], None]) -> None:
-        self.name = name
-        self.verifier = WebhookVerifier(secret)
-        self.echo = echo
-        self.count = 0
-        self.runner: web.AppRunner | None = None
-        self.url = ""
+    def shown(envelope: dict[str, Any], headers: Mapping[str, str]) -> None:
+        echo(f"{name} <- {headers['webhook-id']:<9} {describe(envelope)}  [signature ok]")
 
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        try:
-            envelope = self.verifier.verify(body, request.headers)
-        except InvalidWebhook as exc:
-            self.echo(f"{self.name} REJECTED {request.headers.get('webhook-id')}: {exc}")
-            return web.Response(status=401)
-        self.count += 1
-        self.echo(f"{self.name} <- {request.headers['webhook-id']:<9} {describe(envelope)}  [signature ok]")
-        return web.Response(text="ok")
+    def refused(headers: Mapping[str, str], exc: Exception) -> None:
+        echo(f"{name} REJECTED {headers.get('webhook-id')}: {exc}")
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/webhooks/ct1", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/webhooks/ct1"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+    return Receiver(WebhookVerifier(secret).verify, shown, on_rejected=refused, path="/webhooks/ct1")
 
 
 async def _flow(
     dsn: str, root: Path, duration: float, rate: float, echo: Callable[[str], None]
 ) -> dict[str, int]:
     secrets = {"ct2": generate_secret(), "ct3": generate_secret()}
-    receivers = {name: DemoReceiver(name.upper(), secret, echo) for name, secret in secrets.items()}
+    receivers = {name: demo_receiver(name.upper(), secret, echo) for name, secret in secrets.items()}
     for receiver in receivers.values():
         await receiver.start()
     base = Settings()
@@ -136,10 +113,14 @@ async def _flow(
     reader.close()
     echo(f"==> {stats['events']} events captured: {stats['events_by_type']}")
     echo(
-        f"==> deliveries: {stats['deliveries']}; received and verified: CT2 {receivers['ct2'].count}, "
-        f"CT3 {receivers['ct3'].count}"
+        f"==> deliveries: {stats['deliveries']}; received and verified: CT2 {len(receivers['ct2'].received)}, "
+        f"CT3 {len(receivers['ct3'].received)}"
     )
-    return {"events": stats["events"], "ct2": receivers["ct2"].count, "ct3": receivers["ct3"].count}
+    return {
+        "events": stats["events"],
+        "ct2": len(receivers["ct2"].received),
+        "ct3": len(receivers["ct3"].received),
+    }
 
 
 async def _start_api(settings: Settings) -> tuple[web.AppRunner, str, str]:
@@ -163,7 +144,7 @@ async def _show_api(api_url: str, key: str, echo: Callable[[str], None]) -> None
     """What a CT2/CT3 client sees over HTTP after the traffic."""
     import aiohttp
 
-    base = f"{api_url}/api/core-transaction-1"
+    base = f"{api_url}{BASE}"
     headers = {"Authorization": f"Bearer {key}"}
     async with aiohttp.ClientSession(headers=headers) as http:
         async with http.get(f"{base}/events", params={"limit": "1000", "event_types": "order.*"}) as resp:

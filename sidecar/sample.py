@@ -98,7 +98,6 @@ CITIES = [
     ("Toronto", "CA"),
 ]
 CARRIERS = ["UPS", "DHL", "FedEx", "USPS"]
-ORDER_FLOW = ["pending", "processing", "shipped", "delivered"]
 
 
 def create_schema(conn: Conn) -> None:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from standardwebhooks import Webhook
+
+from client.receiver import Receiver, ThreadedReceiver
 
 CLI = str(Path(sys.executable).parent / "ct1-cdc")
 
@@ -77,68 +82,42 @@ def spawn(*args: str, log: Path, config: Path | None = None, **env: str) -> subp
 class ThreadReceiver:
     """A webhook receiver on loopback, served from a thread, for subprocess tests.
 
-    It verifies every request with the official standardwebhooks package (once the
-    secret is known) and records the verified envelopes and the webhook-id headers.
+    It verifies every request with the official standardwebhooks package (once
+    ``secret`` is set) and records the verified envelopes and their webhook-id headers.
     """
 
     def __init__(self) -> None:
-        import asyncio
-        import threading
-
         self.secret: str | None = None
-        self.received: list[dict[str, Any]] = []
-        self.ids: list[str] = []
-        self.rejected = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self.port = 0
+        self.receiver = Receiver(self._verify)
+        self._served = ThreadedReceiver(self.receiver)
 
-    def _serve(self) -> None:
-        import asyncio
-
-        from aiohttp import web
-
-        async def handle(request: web.Request) -> web.Response:
-            from standardwebhooks import Webhook
-
-            body = await request.read()
-            try:
-                assert self.secret is not None
-                envelope = Webhook(self.secret).verify(body, dict(request.headers))
-            except Exception:
-                self.rejected += 1
-                return web.Response(status=400)
-            self.received.append(envelope)
-            self.ids.append(request.headers["webhook-id"])
-            return web.Response(text="ok")
-
-        async def start() -> web.AppRunner:
-            app = web.Application()
-            app.router.add_post("/hook", handle)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            return runner
-
-        asyncio.set_event_loop(self._loop)
-        self._runner = self._loop.run_until_complete(start())
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._runner.cleanup())
-        self._loop.close()
+    def _verify(self, body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
+        assert self.secret is not None, "no secret yet"
+        envelope: dict[str, Any] = Webhook(self.secret).verify(body, dict(headers))
+        return envelope
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return self.receiver.url
+
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        return [r.envelope for r in self.receiver.received]
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.webhook_id for r in self.receiver.received]
+
+    @property
+    def rejected(self) -> int:
+        return self.receiver.rejected
+
+    def forget(self) -> None:
+        self.receiver.forget()
 
     def __enter__(self) -> ThreadReceiver:
-        self._thread.start()
-        self._ready.wait(10)
+        self._served.__enter__()
         return self
 
-    def __exit__(self, *_: Any) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+    def __exit__(self, *exc: object) -> None:
+        self._served.__exit__(*exc)

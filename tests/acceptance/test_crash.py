@@ -19,6 +19,7 @@ from common.formats import parse_lsn
 from outbox import store
 from tests.acceptance.helpers import cli, spawn, write_config
 from tests.conftest import read_events
+from tests.waiting import wait_until
 
 KILLS = 12
 
@@ -75,8 +76,8 @@ class Writer(threading.Thread):
 
 def wait_for_outbox(path: Path, db, expected: int, timeout: float = 60) -> list[dict]:
     target = db.current_lsn()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def caught_up() -> list[dict] | None:
         try:
             conn = store.connect(path, readonly=True)
             try:
@@ -91,8 +92,9 @@ def wait_for_outbox(path: Path, db, expected: int, timeout: float = 60) -> list[
             events = read_events(path)
             if len(events) >= expected:
                 return events
-        time.sleep(0.1)
-    return read_events(path)
+        return None
+
+    return wait_until(caught_up, timeout, interval=0.1, last=True) or read_events(path)
 
 
 def user_names(events: list[dict]) -> list[str]:

@@ -9,13 +9,7 @@ import signal
 import time
 
 from tests.acceptance.helpers import ThreadReceiver, cli, spawn
-
-
-def wait_for(predicate, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+from tests.waiting import wait_until
 
 
 def test_setup_run_deliver_disable_enable_replay(source_db, tmp_path):
@@ -34,7 +28,7 @@ def test_setup_run_deliver_disable_enable_replay(source_db, tmp_path):
         assert rx.secret.startswith("whsec_") and rx.secret in setup.stderr
         # the receiver did not know the secret yet: the probe is refused, setup still succeeds
         assert summary["endpoints"]["ct2"]["delivered"] is False and rx.rejected == 1
-        assert "warning: endpoint ct2: webhook.test not accepted (HTTP 400)" in setup.stderr
+        assert "warning: endpoint ct2: webhook.test not accepted (HTTP 401)" in setup.stderr
         again = cli("setup", "--json", config=config)
         summary = json.loads(again.stdout.splitlines()[-1])
         assert summary["generated_secrets"] == {}  # shown once
@@ -43,9 +37,7 @@ def test_setup_run_deliver_disable_enable_replay(source_db, tmp_path):
         )
         assert [e["type"] for e in rx.received] == ["webhook.test"]
         assert rx.ids == [summary["endpoints"]["ct2"]["webhook_id"]]  # verified with the secret
-        rx.received.clear()
-        rx.ids.clear()
-        rx.rejected = 0
+        rx.forget()
 
         log = tmp_path / "run.log"
         run = spawn("run", config=config, log=log)
@@ -55,7 +47,7 @@ def test_setup_run_deliver_disable_enable_replay(source_db, tmp_path):
                     "INSERT INTO users (name, email, password) VALUES (%s, %s, 'pw')", f"u{i}", f"u{i}@x"
                 )
             source_db.execute("UPDATE users SET phone = '1' WHERE name = 'u0'")
-            wait_for(lambda: len(rx.received) == 6)
+            wait_until(lambda: len(rx.received) == 6)
             assert rx.rejected == 0
             assert [e["type"] for e in rx.received].count("customer.created") == 5
             assert rx.ids == [f"evt_{e['id']}" for e in rx.received]
@@ -76,11 +68,11 @@ def test_setup_run_deliver_disable_enable_replay(source_db, tmp_path):
             pending = cli("outbox", "deliveries", "--json", "--status", "pending", config=config)
             assert len(pending.stdout.splitlines()) == 1
             assert cli("endpoints", "enable", "ct2", config=config).returncode == 0
-            wait_for(lambda: len(rx.received) == 7)
+            wait_until(lambda: len(rx.received) == 7)
 
             replay = cli("outbox", "replay", "--event", "1", "--json", config=config)
             assert json.loads(replay.stdout) == {"replayed": 1}
-            wait_for(lambda: len(rx.received) == 8)
+            wait_until(lambda: len(rx.received) == 8)
             assert rx.ids[-1] == "evt_1" and rx.received[-1] == rx.received[0]
 
             shown = json.loads(cli("outbox", "show", "1", "--json", config=config).stdout)

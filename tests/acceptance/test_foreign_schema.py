@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 from tests.acceptance.helpers import cli, spawn, write_config
+from tests.waiting import wait_until
 
 SCHEMA = """
 CREATE SCHEMA "Sales Ops";
@@ -86,13 +86,16 @@ NOTES = "".join(f"{i:08x}" for i in range(4000))  # 32 kB, stored out of line
 
 def wait_events(config, count: int, run, timeout: float = 60) -> list[dict]:
     """The outbox once it holds ``count`` events (or the run ended, or time ran out)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        listed = cli("outbox", "list", "--json", config=config)
-        events = [json.loads(line) for line in listed.stdout.splitlines()]
-        if len(events) >= count or run.poll() is not None or time.monotonic() > deadline:
-            return events
-        time.sleep(0.2)
+    events: list[dict] = []
+
+    def listed() -> bool:
+        events[:] = [
+            json.loads(line) for line in cli("outbox", "list", "--json", config=config).stdout.splitlines()
+        ]
+        return len(events) >= count or run.poll() is not None
+
+    wait_until(listed, timeout, interval=0.2, last=True)
+    return events
 
 
 def test_a_foreign_schema_captured_exactly_across_ddl_and_kill_9(source_db, tmp_path):

@@ -26,6 +26,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from sidecar.throwaway import free_port
 from tests.acceptance.helpers import cli, spawn, write_config
+from tests.waiting import wait_until
 
 START_FAILS_WITHIN = 20  # "within seconds": the run must not hang, and must not retry forever
 STOPS_WITHIN = 15  # "SIGTERM ends `ct1-cdc run` within 10 s", plus interpreter start-up slack
@@ -49,11 +50,11 @@ def run_expecting_failure(config: Path, *args: str) -> subprocess.CompletedProce
 
 
 def wait_for_log(proc: subprocess.Popen[bytes], log: Path, event: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while f'"event": "{event}"' not in log.read_text():
+    def logged() -> bool:
         assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
+        return f'"event": "{event}"' in log.read_text()
+
+    wait_until(logged, timeout, interval=0.1, what=f"{event} in {log}")
 
 
 def stop(proc: subprocess.Popen[bytes], log: Path, sig: signal.Signals = signal.SIGTERM) -> int:

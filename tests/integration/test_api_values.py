@@ -39,7 +39,7 @@ async def test_an_integer_past_64_bits_is_sent_as_it_was_given(tmp_path):
             assert event["source"]["op"] == "manual" and event["data"] == want
 
             await run_until(Dispatcher(settings), lambda: len(ct2.received) == 1)
-            assert ct2.received[0]["envelope"]["data"] == want  # parsed by standardwebhooks
+            assert ct2.received[0].envelope["data"] == want  # parsed by standardwebhooks
         finally:
             await client.close()
 

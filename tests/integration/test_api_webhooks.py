@@ -60,8 +60,8 @@ async def test_test_webhook_reports_the_receivers_answer(tmp_path):
             assert resp.status == 200 and body["data"]["delivered"] is True and body["data"]["status"] == 200
             assert body["data"]["latency_ms"] >= 0
             (got,) = ok.received  # verified with the standardwebhooks package
-            assert got["envelope"]["type"] == "webhook.test" and got["envelope"]["data"]["system"] == "ct2"
-            assert got["headers"]["webhook-id"] == body["data"]["webhook_id"]
+            assert got.envelope["type"] == "webhook.test" and got.envelope["data"]["system"] == "ct2"
+            assert got.headers["webhook-id"] == body["data"]["webhook_id"]
             resp = await client.post(f"{BASE}/webhooks/test", json={"system": "ct3"}, headers=auth)
             body = await resp.json()
             assert body["data"]["delivered"] is False and body["data"]["status"] == 500
@@ -132,10 +132,10 @@ async def test_sent_events_are_delivered_and_show_in_status_and_stats(tmp_path):
                 "systems": ["ct2"],
             }
             await run_until(Dispatcher(settings), lambda: len(ct2.received) == 2 and ct3.calls >= 2)
-            manual = ct2.received[1]["envelope"]
+            manual = ct2.received[1].envelope
             assert manual["id"] == 2 and manual["type"] == "seller.note_added"
             assert manual["data"] == {"note": "Zoë ✓", "amount": "1.10"}
-            assert ct2.received[1]["headers"]["webhook-id"] == "evt_2"
+            assert ct2.received[1].headers["webhook-id"] == "evt_2"
 
             resp = await client.get(f"{BASE}/webhooks/status", headers=api_key)
             status = {s["system"]: s for s in (await resp.json())["data"]}
