@@ -1,6 +1,6 @@
 """Mapping rules: row changes → business events (pure: no I/O).
 
-The rule format is part of the contract (see DESIGN "Events")::
+The rule format is part of the contract (docs/mapping.md)::
 
     [defaults]
     exclude_columns = ["password", "remember_token"]
