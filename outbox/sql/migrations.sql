@@ -126,3 +126,18 @@ CREATE TABLE skipped_transactions (
 -- The status history of one order (GET /orders/{id}) reads that order's captured status
 -- changes by entity key.  Partial: appending any other event type costs nothing more.
 CREATE INDEX events_status_history ON events (entity_key, id) WHERE type = 'order.status_changed'
+
+-- name: 7
+-- The state of derived events (cart.abandoned timers, analytics periods): a JSON value by
+-- (kind, key), filed under a ref (a cart's customer, an item's cart) and a due time.  It is
+-- written by capture in the same transaction as the events and the checkpoint.
+CREATE TABLE derived_state (
+    kind  TEXT NOT NULL,
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    ref   TEXT,
+    due   REAL,
+    PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
+CREATE INDEX derived_state_ref ON derived_state (kind, ref) WHERE ref IS NOT NULL;
+CREATE INDEX derived_state_due ON derived_state (kind, due) WHERE due IS NOT NULL

@@ -1,0 +1,26 @@
+-- Derived events' state (outbox/state.py).
+
+-- name: get
+SELECT value FROM derived_state WHERE kind = :kind AND key = :key
+
+-- name: put
+INSERT INTO derived_state (kind, key, value, ref, due) VALUES (:kind, :key, :value, :ref, :due)
+ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value, ref = excluded.ref, due = excluded.due
+
+-- name: delete
+DELETE FROM derived_state WHERE kind = :kind AND key = :key
+
+-- name: by_ref
+SELECT value FROM derived_state WHERE kind = :kind AND ref = :ref ORDER BY key
+
+-- name: due
+SELECT value FROM derived_state
+WHERE kind = :kind AND due IS NOT NULL AND due <= :until
+ORDER BY due, key
+LIMIT :limit
+
+-- name: next_due
+SELECT min(due) FROM derived_state WHERE kind = :kind AND due IS NOT NULL
+
+-- name: count
+SELECT count(*), count(due) FROM derived_state WHERE kind = :kind

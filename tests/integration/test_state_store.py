@@ -1,0 +1,90 @@
+"""The derived-state store: the outbox's SQLite one and the in-memory one pass the same
+contract, and on SQLite a timer and what it fired share the transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cdc.carts import CartRule, CartStore, CartTracker
+from cdc.decode import RowChange
+from outbox import store
+from outbox.state import MemoryState, SqliteState
+
+
+def sqlite_state(path: Path) -> tuple[SqliteState, sqlite3.Connection]:
+    conn = store.open_outbox(path)
+
+    def begin() -> None:
+        if not conn.in_transaction:
+            conn.execute("BEGIN IMMEDIATE")
+
+    return SqliteState(conn, begin), conn
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def state(request, tmp_path) -> Iterator[MemoryState | SqliteState]:
+    if request.param == "memory":
+        yield MemoryState()
+        return
+    state, conn = sqlite_state(tmp_path / "outbox.db")
+    yield state
+    conn.close()
+
+
+def test_values_by_kind_and_key_lossless(state):
+    big = 2**70
+    state.state_put("cart", "n:1", [1, "19.90", big, None, True], None, None)
+    state.state_put("item", "n:1", {"x": [1, {"y": "z"}]}, None, None)
+    assert state.state_get("cart", "n:1") == [1, "19.90", big, None, True]
+    assert state.state_get("item", "n:1") == {"x": [1, {"y": "z"}]}
+    assert state.state_get("cart", "n:2") is None
+    state.state_put("cart", "n:1", "replaced", None, None)
+    assert state.state_get("cart", "n:1") == "replaced"
+    state.state_delete("cart", "n:1")
+    state.state_delete("cart", "n:1")  # twice: no error
+    assert state.state_get("cart", "n:1") is None and state.state_get("item", "n:1") is not None
+
+
+def test_refs_and_due_times(state):
+    for n, (ref, due) in enumerate([("a", 30.0), ("b", 10.0), ("a", None), (None, 20.0), ("a", 10.0)]):
+        state.state_put("cart", f"k{n}", n, ref, due)
+    state.state_put("other", "k9", 9, "a", 1.0)
+    assert state.state_by_ref("cart", "a") == [0, 2, 4]  # by key
+    assert state.state_by_ref("cart", "zzz") == []
+    assert state.state_due("cart", 20.0, 10) == [1, 4, 3]  # by due time, then key
+    assert state.state_due("cart", 20.0, 2) == [1, 4]
+    assert state.state_due("cart", 5.0, 10) == []
+    assert state.state_next_due("cart") == 10.0
+    assert state.state_next_due("none") is None
+    assert state.state_count("cart") == (5, 4)
+    state.state_put("cart", "k1", 1, "b", None)  # disarmed
+    assert state.state_due("cart", 100.0, 10) == [4, 3, 0]
+
+
+RULE = CartRule(carts="public.carts", items="public.cart_items", orders=None, abandon_after=60.0)
+
+
+def row(table: str, **new: object) -> RowChange:
+    return RowChange("insert", table, 1, "0/1", dict(new), None, ("id",))
+
+
+def test_a_fired_timer_rolled_back_fires_again(tmp_path):
+    state, conn = sqlite_state(tmp_path / "outbox.db")
+    tracker = CartTracker(RULE, CartStore(state))
+    tracker.change("public.carts", row("public.carts", id=1, customer_id=5), 0.0)
+    tracker.change("public.cart_items", row("public.cart_items", id=1, cart_id=1, price="1.00"), 0.0)
+    conn.execute("COMMIT")
+    assert len(tracker.due(100.0)) == 1
+    conn.execute("ROLLBACK")  # the commit holding the event did not happen (a crash)
+    tracker.forget()
+    assert len(tracker.due(100.0)) == 1
+    conn.execute("COMMIT")
+    assert tracker.due(1000.0) == []
+    reopened, conn2 = sqlite_state(tmp_path / "outbox.db")
+    assert CartTracker(RULE, CartStore(reopened)).due(1000.0) == []  # fired, and that is stored
+    conn.close()
+    conn2.close()
