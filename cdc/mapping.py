@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
 
+from cdc.carts import CartRule, parse_cart_rule
 from cdc.decode import RowChange
 from common.errors import ConfigError
 from common.formats import is_event_type
@@ -121,6 +122,7 @@ class EventDraft(NamedTuple):
 @dataclass(slots=True)
 class Mapping:
     rules: list[Rule]
+    carts: CartRule | None = None  # [cart_abandoned]: the derived cart.abandoned
     by_table: dict[str, list[Rule]] = field(default_factory=dict)
     _watched: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _parts: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -161,7 +163,7 @@ class Mapping:
 
     @property
     def event_types(self) -> list[str]:
-        return sorted({r.emit for r in self.rules})
+        return sorted({r.emit for r in self.rules} | ({self.carts.emit} if self.carts else set()))
 
 
 def _split(table: str) -> tuple[str, str]:
@@ -214,9 +216,11 @@ def parse_mapping(text: str, source: str = "mapping") -> Mapping:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    unknown = set(doc) - {"defaults", "rule"}
+    unknown = set(doc) - {"defaults", "rule", "cart_abandoned"}
     if unknown:
-        raise ConfigError(f"{source}: unknown section {sorted(unknown)[0]!r} (expected defaults, rule)")
+        raise ConfigError(
+            f"{source}: unknown section {sorted(unknown)[0]!r} (expected defaults, rule, cart_abandoned)"
+        )
     defaults = doc.get("defaults", {})
     if set(defaults) - {"exclude_columns"}:
         raise ConfigError(f"{source}: [defaults] accepts only exclude_columns")
@@ -286,7 +290,15 @@ def parse_mapping(text: str, source: str = "mapping") -> Mapping:
                 name=name,
             )
         )
-    return Mapping(rules)
+    carts = None
+    if "cart_abandoned" in doc:
+
+        def table(text: Any) -> str:
+            schema, name = parse_table(text if isinstance(text, str) else "")
+            return f"{schema}.{name}"
+
+        carts = parse_cart_rule(doc["cart_abandoned"], source, table)
+    return Mapping(rules, carts)
 
 
 def load_mapping(path: str) -> Mapping:

@@ -214,3 +214,31 @@ def test_the_rule_parses_with_defaults_and_durations():
 def test_a_wrong_rule_is_refused_with_what_to_write(raw, message):
     with pytest.raises(ConfigError, match=message):
         parse_cart_rule(raw, "m", table)
+
+
+def test_the_mapping_file_declares_it():
+    from cdc.mapping import parse_mapping
+
+    text = """
+[[rule]]
+table = "public.orders"
+on = ["insert"]
+emit = "order.created"
+object = "order"
+key = "id"
+
+[cart_abandoned]
+carts = "public.carts"
+items = "public.cart_items"
+orders = "public.orders"
+customer = "user_id"
+order_customer = "user_id"
+abandon_after = "30m"
+"""
+    mapping = parse_mapping(text)
+    assert mapping.carts is not None and mapping.carts.abandon_after == 1800
+    assert mapping.event_types == ["cart.abandoned", "order.created"]
+    with pytest.raises(ConfigError, match=r"\[cart_abandoned\]\.abandon_after"):
+        parse_mapping(text.replace('"30m"', '"later"'))
+    with pytest.raises(ConfigError, match="expected defaults, rule, cart_abandoned"):
+        parse_mapping(text.replace("[cart_abandoned]", "[cart_abandon]"))
