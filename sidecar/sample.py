@@ -360,6 +360,7 @@ class Traffic:
                 "view",
                 "view",
                 "cart",
+                "checkout",
                 "review",
                 "customer",
                 "moderate",
@@ -390,6 +391,13 @@ class Traffic:
                 )
             elif action == "cart":
                 add_to_cart(conn, rng, self.customers, self.products)
+            elif action == "checkout":  # a cart becomes an order: not abandoned
+                cart = conn.execute(
+                    "UPDATE carts SET status = 'converted', updated_at = now() WHERE id ="
+                    " (SELECT id FROM carts WHERE status = 'active' ORDER BY random() LIMIT 1) RETURNING user_id"
+                ).fetchone()
+                if cart is not None and cart[0] is not None:
+                    insert_order(conn, rng, [cart[0]], self.products, self.shop_owner)
             elif action == "review":
                 conn.execute(
                     "INSERT INTO reviews (product_id, user_id, rating, comment) VALUES (%s, %s, %s, %s)",
