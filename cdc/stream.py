@@ -76,7 +76,9 @@ def plugin_options(options: Mapping[str, str]) -> str:
 
 
 class ReplicationStream:
-    """One START_REPLICATION session.  Not thread-safe: owned by the capture loop."""
+    """START_REPLICATION sessions of one slot (a :class:`cdc.ports.FrameSource`): each
+    :meth:`start` opens one, :meth:`close` ends it.  Not thread-safe: owned by the
+    capture loop."""
 
     def __init__(self, dsn: str, slot: str, options: Mapping[str, str]) -> None:
         self.dsn = dsn
@@ -115,9 +117,18 @@ class ReplicationStream:
     def read(self, timeout: float) -> Frame | None:
         """The next frame, or None if none arrived within ``timeout`` seconds."""
         pg = self._pg
-        nbytes, data = pg.get_copy_data(1)
+        try:
+            nbytes, data = pg.get_copy_data(1)
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailable(f"replication connection lost: {_first_line(exc)}") from exc
         if nbytes > 0:  # under load the next frame is nearly always buffered already
             return parse_frame(data)
+        try:
+            return self._wait(pg, timeout)
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailable(f"replication connection lost: {_first_line(exc)}") from exc
+
+    def _wait(self, pg: pq.abc.PGconn, timeout: float) -> Frame | None:
         deadline = time.monotonic() + timeout
         while True:
             nbytes, data = pg.get_copy_data(1)
@@ -127,10 +138,7 @@ class ReplicationStream:
                 remaining = max(0.0, deadline - time.monotonic())
                 ready, _, _ = select.select([pg.socket], [], [], remaining)
                 if ready:
-                    try:
-                        pg.consume_input()
-                    except psycopg.OperationalError as exc:
-                        raise SourceUnavailable(f"replication connection lost: {_first_line(exc)}") from exc
+                    pg.consume_input()
                     if pg.status == pq.ConnStatus.BAD:
                         raise SourceUnavailable("replication connection lost")
                     continue
