@@ -5,10 +5,16 @@ This is the only module that knows the wire format ("Streaming Replication Proto
 (``w``: start LSN, end LSN, send time, payload) and keepalives (``k``: end LSN, send time,
 reply-requested); we answer with standby status updates (``r``: write, flush, apply LSN,
 client time, reply-requested).
+
+The replication session runs with ``TimeZone=UTC`` whatever the server's or the
+database's setting, so wal2json prints every timestamptz (and each commit time) as
+``...+00``: the decoders turn that into ISO 8601 UTC by rearranging text, never by
+parsing a date, and capture's timestamps never depend on the source's TimeZone.
 """
 
 from __future__ import annotations
 
+import os
 import select
 import struct
 import time
@@ -88,7 +94,9 @@ class ReplicationStream:
 
     def start(self, lsn: int) -> None:
         try:
-            conn = psycopg.connect(self.dsn, replication="database", autocommit=True, connect_timeout=10)
+            conn = psycopg.connect(
+                utc_conninfo(self.dsn), replication="database", autocommit=True, connect_timeout=10
+            )
         except psycopg.OperationalError as exc:
             raise SourceUnavailable(f"cannot open replication connection: {_first_line(exc)}") from exc
         command = (
@@ -168,10 +176,11 @@ class ReplicationStream:
 
 
 def utc_conninfo(dsn: str) -> str:
-    """The DSN with ``TimeZone=UTC`` added to its options: wal2json then prints every
-    timestamptz as ``...+00``, which the decoder normalises without parsing dates."""
+    """The DSN with ``TimeZone=UTC`` added to its options (after any the user gave, so it
+    wins): wal2json then prints every timestamptz as ``...+00``."""
     params = conninfo_to_dict(dsn)
-    options = str(params.get("options") or "")
+    # libpq reads PGOPTIONS only when the connection string has no options of its own
+    options = str(params.get("options") or os.environ.get("PGOPTIONS", ""))
     params["options"] = f"{options} -c TimeZone=UTC".strip()
     return make_conninfo(**params)  # type: ignore[arg-type]
 
