@@ -37,7 +37,7 @@ from cdc.decode import RowChange  # noqa: E402
 from cdc.mapping import apply, load_mapping  # noqa: E402
 from cdc.stream import ReplicationStream, XLogData  # noqa: E402
 from config.settings import Settings  # noqa: E402
-from sidecar.runner import build_capture, tune_gc  # noqa: E402
+from sidecar.runner import build_capture, open_writer, tune_gc  # noqa: E402
 from sidecar.throwaway import create_cluster  # noqa: E402
 
 
@@ -89,19 +89,20 @@ def replay(messages: list[bytes], outbox: Path) -> float:
         outbox={"path": str(outbox)},
         mapping={"file": str(ROOT / "config" / "mapping.toml")},
     )
-    capture = build_capture(settings)
+    writer = open_writer(settings)
+    capture = build_capture(settings, writer)
     batch_s = settings.outbox.batch_max_ms / 1000
     try:
         handle, should_commit = capture._handle, capture._should_commit
         started = time.process_time()
         for payload in messages:
-            handle(None, XLogData(0, 0, memoryview(payload)))  # type: ignore[arg-type]
+            handle(XLogData(0, 0, memoryview(payload)))
             if should_commit(batch_s):
                 capture._commit()
         capture._commit()
         return time.process_time() - started
     finally:
-        capture.writer.close()
+        writer.close()
 
 
 def main() -> None:

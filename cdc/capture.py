@@ -1,13 +1,16 @@
-"""The capture loop: replication stream → decode → map → outbox, with feedback.
+"""The capture loop: frames of the slot → decode → map → the sink, with feedback.
 
-It runs in its own thread (it owns the outbox writer and the replication socket).
-Positions:
+Capture is given its adapters (:mod:`cdc.ports`): the frames and the channel back to
+Postgres (a :class:`~cdc.ports.FrameSource`, the replication stream in a run), the source
+database beside them (a :class:`~cdc.ports.SourceDatabase`) and where the events go (a
+:class:`~cdc.ports.Sink`, the outbox writer in a run).  It runs in its own thread and
+is the only user of all three.  Positions:
 
 * ``committed`` — end LSN of the last source transaction whose events are committed in
-  the outbox (stored there as the checkpoint).  Only this, or a position past which we
+  the sink (stored there as the checkpoint).  Only this, or a position past which we
   hold nothing uncommitted, is ever confirmed to Postgres as flushed.
 * A transaction whose commit end LSN is not past the stored checkpoint was already
-  appended before a crash: it is skipped, so the outbox never holds it twice.
+  appended before a crash: it is skipped, so the sink never holds it twice.
 """
 
 from __future__ import annotations
@@ -17,22 +20,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import psycopg
-import psycopg.sql
 import structlog
 
-from cdc import source
-from cdc.catalog import partition_parent, read_catalog
-from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, decode, normalize
+from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, decode
 from cdc.mapping import Mapping, apply, truncate_drafts
-from cdc.schema import Problem, check_mapping, fully_identified
-from cdc.stream import Keepalive, ReplicationStream, XLogData
+from cdc.ports import FrameSource, Sink, SourceDatabase
+from cdc.schema import Problem, Relation, check_mapping, tables_to_shadow
+from cdc.source import HEARTBEAT_PREFIX
+from cdc.stream import Keepalive, XLogData
 from common.errors import CaptureError, Ct1Error, DecodeError, SetupError, SourceUnavailable
 from common.formats import format_lsn
 from common.metrics import CAPTURE_LAG
 from config.settings import Settings
-from outbox import source_state
-from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.capture")
 
@@ -47,63 +46,11 @@ def wal2json_options(settings: Settings) -> dict[str, str]:
         "include-transaction": "1",
         "include-types": "1",
         "include-domain-data-type": "1",  # a domain typed by its base type: numbers stay numbers
-        "add-msg-prefixes": source.HEARTBEAT_PREFIX,
+        "add-msg-prefixes": HEARTBEAT_PREFIX,
     }
     if settings.source.tables:
         options["add-tables"] = ",".join(t.replace(",", r"\,") for t in settings.source.tables)
     return options
-
-
-def shadow_tables(conn: source.Conn, mapping: Mapping) -> set[str]:
-    """Tables with when_changed rules (or old-value conditions) whose old values the WAL
-    will not carry: not REPLICA IDENTITY FULL, on a partitioned table on every partition."""
-    watched = [t for t in mapping.tables if mapping.watched(t)]
-    if not watched:
-        return set()
-    catalog, _ = read_catalog(conn, [mapping.parts(t) for t in watched], names=False)
-    return {t for t, relation in catalog.items() if relation.kind in "rp" and not fully_identified(relation)}
-
-
-def ensure_slot(
-    conn: source.Conn,
-    dsn: str,
-    slot: str,
-    mapping: Mapping,
-    writer: OutboxWriter,
-    shadowed: set[str] | None = None,
-) -> bool:
-    """Create the slot if missing, seeding the shadow from the slot's own snapshot.
-
-    The shadow then holds the watched columns of every existing row exactly as of the
-    first change the slot will stream, so the first update of an old row still knows
-    what changed.  Returns True when the slot was created now.
-    """
-    if shadowed is None:
-        shadowed = shadow_tables(conn, mapping)
-    tables = shadowed
-
-    def seed(snapshot: str) -> None:
-        rows = 0
-        try:
-            for table in sorted(tables):
-                key = mapping.by_table[table][0].key
-                cols = mapping.watched(table)
-                query = psycopg.sql.SQL("SELECT {}, {} FROM {}").format(
-                    psycopg.sql.Identifier(key),
-                    psycopg.sql.SQL(", ").join(psycopg.sql.Identifier(c) for c in cols),
-                    source.table_ident(*mapping.parts(table)),
-                )
-                for row in source.read_at_snapshot(dsn, snapshot, query):
-                    values = {c: normalize(v) for c, v in zip(cols, row[1:], strict=True)}
-                    writer.shadow_put(table, str(normalize(row[0])), values)
-                    rows += 1
-            writer.commit(slot, 0)
-        except BaseException:
-            writer.rollback()
-            raise
-        log.info("shadow_seeded", tables=sorted(tables), rows=rows)
-
-    return source.create_slot(conn, dsn, slot, seed)
 
 
 @dataclass
@@ -121,20 +68,27 @@ class CaptureStats:
 
 
 class Capture:
-    """Capture from ``settings.source`` into ``writer``; call :meth:`run` in a thread."""
+    """Capture ``frames`` of ``settings.source.slot`` into ``sink``; call :meth:`run` in a
+    thread.  ``clock`` (monotonic seconds) times group commits and housekeeping."""
 
     def __init__(
         self,
         settings: Settings,
         mapping: Mapping,
-        writer: OutboxWriter,
         *,
+        sink: Sink,
+        frames: FrameSource,
+        source: SourceDatabase,
         on_commit: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.on_commit = on_commit  # called after each outbox commit (wakes the dispatcher)
+        self.on_commit = on_commit  # called after each commit in the sink (wakes the dispatcher)
         self.settings = settings
         self.mapping = mapping
-        self.writer = writer
+        self.sink = sink
+        self.frames = frames
+        self.source = source
+        self.clock = clock
         self.slot = settings.source.slot
         self.stats = CaptureStats()
         self.stopping = threading.Event()
@@ -144,8 +98,9 @@ class Capture:
         self._started = False  # a first session got going: later ones report, never refuse
         self._reached = False  # the source accepted a connection once
         self._problems: dict[tuple[str, str, int | None, str], Problem] = {}
-        self._problems_stored = False  # whether the outbox holds self._problems (clears old ones)
+        self._problems_stored = False  # whether the sink holds self._problems (clears old ones)
         self._columns: dict[str, frozenset[str]] = {}  # each mapped table's columns, last read
+        self._catalog: dict[str, Relation] = {}  # the mapped tables, last read
         self._referenced = {
             t: frozenset(c for r in rules if r.on != {"truncate"} for _, c in r.columns())
             for t, rules in mapping.by_table.items()
@@ -159,9 +114,9 @@ class Capture:
         self._truncated: dict[str, list[str]] = {}  # root table → relations, of one TRUNCATE
         self._truncate_lsn = 0
         # per session
-        self._resume = 0  # checkpoint stored in the outbox when the session started
+        self._resume = 0  # checkpoint stored in the sink when the session started
         self._position = 0  # end of the last fully processed transaction or message
-        self._submitted = 0  # position handed to the writer with a commit request
+        self._submitted = 0  # position handed to the sink with a commit request
         self._idle_lsn = 0  # a position past which nothing is owed, with all else durable
         self._confirmed = 0  # last flush position sent to Postgres
         self._in_txn: Begin | None = None
@@ -177,40 +132,38 @@ class Capture:
     def run(self) -> None:
         delay = 0.2
         while not self.stopping.is_set():
-            started = time.monotonic()
+            started = self.clock()
             try:
                 self._session()
             except SourceUnavailable as exc:
-                self.writer.rollback()
+                self.sink.rollback()
                 if not self._reached:
                     raise  # never reached the source: a wrong DSN fails the run, not waits
                 self.stats.reconnects += 1
-                if time.monotonic() - started > 30:
+                if self.clock() - started > 30:
                     delay = 0.2
                 log.warning("source_unavailable", error=str(exc), retry_in=round(delay, 2))
                 self.stopping.wait(delay)
                 delay = min(delay * 2, self.settings.source.reconnect_max_seconds)
             except BaseException:
-                self.writer.rollback()
+                self.sink.rollback()
                 raise
 
     # -- one replication session -------------------------------------------------------------
 
     def _session(self) -> None:
-        settings = self.settings
-        conn = source.connect(settings.source.dsn)
+        self.source.open()
         self._reached = True  # from now on a lost source (or a slot still held) is retried
-        stream = ReplicationStream(settings.source.dsn, self.slot, wal2json_options(settings))
         try:
-            self._prepare(conn)
-            stored = self.writer.checkpoint(self.slot) or 0
+            self._prepare()
+            stored = self.sink.checkpoint(self.slot) or 0
             self._resume = self._position = self._submitted = stored
             self._in_txn = None
             self._skip_txn = False
             self._skipping = None
             self._truncated = {}
-            self._skips = source_state.pending_skips(self.writer.conn)
-            stream.start(stored)
+            self._skips = self.sink.pending_skips()
+            self.frames.start(stored)
             log.info(
                 "capture_started",
                 slot=self.slot,
@@ -218,98 +171,97 @@ class Capture:
                 decoder="compiled" if COMPILED else "python",  # python: built without a C compiler
             )
             self._started = True
-            self._stream_loop(conn, stream)
-        except psycopg.OperationalError as exc:
-            raise SourceUnavailable(f"source connection lost: {exc}") from exc
+            self._stream_loop()
         finally:
-            stream.close()
-            conn.close()
+            self.frames.close()
+            self.source.close()
 
-    def _prepare(self, conn: source.Conn) -> None:
+    def _prepare(self) -> None:
         if not self._started:  # what setup checks, in its order: the source first
-            failed = [c for c in source.run_checks(conn, self.slot) if not c.ok]
+            failed = [c for c in self.source.checks() if not c.ok]
             if failed:
                 raise SetupError(f"{failed[0].name} check failed ({failed[0].detail}); fix: {failed[0].fix}")
-        problems = self._read_schema(conn)
+        problems = self._read_schema()
         if problems and not self._started:
             more = f" (and {len(problems) - 1} more: `ct1-cdc setup` lists them)" if len(problems) > 1 else ""
             raise SetupError(f"mapping does not fit the source: {problems[0].line()}{more}")
         self._report(problems)
-        self._shadowed = shadow_tables(conn, self.mapping)
+        self._shadowed = tables_to_shadow(self.mapping, self._catalog)
         if self._shadowed:
             log.info("shadow_tables", tables=sorted(self._shadowed))
-        if ensure_slot(conn, self.settings.source.dsn, self.slot, self.mapping, self.writer, self._shadowed):
+        if self.source.ensure_slot(self.mapping, self.sink, self._shadowed):
             log.info("slot_created", slot=self.slot)
 
-    def _stream_loop(self, conn: source.Conn, stream: ReplicationStream) -> None:
+    def _stream_loop(self) -> None:
         cfg = self.settings.source
+        clock = self.clock
         batch_s = self.settings.outbox.batch_max_ms / 1000
         commit_interval = self.settings.outbox.commit_interval_ms / 1000
-        next_status = time.monotonic() + cfg.status_interval_seconds
-        next_heartbeat = time.monotonic() + cfg.heartbeat_seconds
-        next_slot_check = time.monotonic()
+        next_status = clock() + cfg.status_interval_seconds
+        next_heartbeat = clock() + cfg.heartbeat_seconds
+        next_slot_check = clock()
         next_housekeeping = 0.0  # status, heartbeat and slot checks run even under load
         while not self.stopping.is_set():
             # commit as soon as the stream pauses, but not more often than commit_interval
             timeout = 0.5
             if self._in_txn is None and self._has_uncommitted():
-                timeout = max(0.0, self._last_commit + commit_interval - time.monotonic())
-            frame = stream.read(timeout=timeout)
+                timeout = max(0.0, self._last_commit + commit_interval - clock())
+            frame = self.frames.read(timeout=timeout)
             if isinstance(frame, XLogData):
-                self._handle(conn, frame)
+                self._handle(frame)
                 if self._should_commit(batch_s):
                     self._commit()
             elif isinstance(frame, Keepalive):
                 if self._in_txn is None and self._all_durable():
                     self._idle_lsn = max(self._idle_lsn, frame.wal_end)
-                self._confirm(stream, reply=frame.reply_requested, force=frame.reply_requested)
+                self._confirm(reply=frame.reply_requested, force=frame.reply_requested)
                 continue
             elif (
                 self._in_txn is None
                 and self._has_uncommitted()
-                and time.monotonic() >= self._last_commit + commit_interval
+                and clock() >= self._last_commit + commit_interval
             ):
                 self._commit()  # nothing buffered: a good moment for a group commit
-            self._confirm(stream)
-            now = time.monotonic()
+            self._confirm()
+            now = clock()
             if now < next_housekeeping:
                 continue
             next_housekeeping = now + 0.1
             if now >= next_status:
-                self._confirm(stream, force=True)
+                self._confirm(force=True)
                 next_status = now + cfg.status_interval_seconds
             if now >= next_heartbeat:
-                self._heartbeat(conn)
+                self.source.heartbeat()
                 next_heartbeat = now + cfg.heartbeat_seconds
             if now >= next_slot_check:
-                self._check_slot(conn)
-                self._report(self._read_schema(conn))
+                self._check_slot()
+                self._report(self._read_schema())
                 next_slot_check = now + cfg.slot_check_seconds
             elif self._recheck_at and now >= self._recheck_at:
-                self._report(self._read_schema(conn))
-            if not self._problems_stored and not self.writer.in_transaction:
-                source_state.set_problems(self.writer.conn, [p.as_dict() for p in self._problems.values()])
+                self._report(self._read_schema())
+            if not self._problems_stored and not self.sink.in_transaction:
+                self.sink.set_problems([p.as_dict() for p in self._problems.values()])
                 self._problems_stored = True
         if self._in_txn is None and self._has_uncommitted():
             self._commit()
-        self._confirm(stream)
+        self._confirm()
 
     # -- frames ------------------------------------------------------------------------------
 
     def _has_uncommitted(self) -> bool:
-        return self._position > self._submitted or self.writer.in_transaction
+        return self._position > self._submitted or self.sink.in_transaction
 
     def _all_durable(self) -> bool:
-        return not self._has_uncommitted() and self.writer.durable_lsn >= self._submitted
+        return not self._has_uncommitted() and self.sink.durable_lsn >= self._submitted
 
     def _should_commit(self, batch_s: float) -> bool:
         if self._in_txn is not None or not self._has_uncommitted():
             return False
-        if self.writer.pending >= self.settings.outbox.batch_max_events:
+        if self.sink.pending >= self.settings.outbox.batch_max_events:
             return True
-        return time.monotonic() - self._first_pending >= batch_s
+        return self.clock() - self._first_pending >= batch_s
 
-    def _handle(self, conn: source.Conn, frame: XLogData) -> None:
+    def _handle(self, frame: XLogData) -> None:
         try:
             msg = decode(frame.payload)
         except DecodeError as exc:
@@ -322,9 +274,10 @@ class Capture:
             if self._skip_txn:
                 self._skipped_changes += 1
                 return
+            table = self._table(msg.table)  # the source's own errors stay what they are
             try:
-                self._row(conn, msg)
-            except (Ct1Error, psycopg.Error):
+                self._row(table, msg)
+            except Ct1Error:
                 raise
             except Exception as exc:  # a value or a rule we did not foresee: say where, and how past it
                 raise self._stopped_by(exc, msg, frame.wal_start) from exc
@@ -337,7 +290,7 @@ class Capture:
                 self._skipping = msg
                 self._skipped_changes = 0
             if not self._has_uncommitted():
-                self._first_pending = time.monotonic()
+                self._first_pending = self.clock()
         elif isinstance(msg, Commit):
             if self._skipping is not None:
                 self._skip_requested(msg)
@@ -350,7 +303,7 @@ class Capture:
             self._skip_txn = False
         elif isinstance(msg, Truncate):
             if not self._skip_txn:
-                self._truncate(conn, msg)
+                self._truncate(msg)
         elif isinstance(msg, Message) and self._in_txn is None and not msg.transactional:
             # Our heartbeat.  Outside a transaction nothing before it is still owed to us.
             if self._all_durable():
@@ -387,10 +340,9 @@ class Capture:
 
     def _skip_requested(self, msg: Commit) -> None:
         """Pass by a transaction an operator asked to skip; the checkpoint moves past it and
-        the skip is recorded with it, in the same outbox commit."""
+        the skip is recorded with it, in the same commit of the sink."""
         assert self._skipping is not None
-        lsn, changes = format_lsn(msg.end_lsn), self._skipped_changes
-        self.writer.in_commit(lambda conn: source_state.mark_skipped(conn, msg.xid, lsn, changes))
+        self.sink.mark_skipped(msg.xid, format_lsn(msg.end_lsn), self._skipped_changes)
         log.warning(
             "transaction_skipped", xid=msg.xid, lsn=format_lsn(msg.end_lsn), changes=self._skipped_changes
         )
@@ -400,10 +352,11 @@ class Capture:
 
     # -- the mapping against the live schema ---------------------------------------------------
 
-    def _read_schema(self, conn: source.Conn) -> list[Problem]:
+    def _read_schema(self) -> list[Problem]:
         self._recheck_at = 0.0
         tables = [self.mapping.parts(t) for t in self.mapping.tables]
-        catalog, names = read_catalog(conn, tables)
+        catalog, names = self.source.catalog(tables)
+        self._catalog = catalog
         self._columns = {t: frozenset(r.columns) for t, r in catalog.items()}
         # the columns rules name that exist: an insert without one of them hints at DDL
         self._present = {t: self._referenced[t] & self._columns.get(t, frozenset()) for t in self._referenced}
@@ -411,7 +364,7 @@ class Capture:
         return check_mapping(self.mapping, catalog, names)
 
     def _report(self, problems: list[Problem]) -> None:
-        """Log each new problem once as an error and each one gone once; the outbox holds
+        """Log each new problem once as an error and each one gone once; the sink holds
         the current ones for /readyz, /metrics and `ct1-cdc slot status`."""
         now = {p.key: p for p in problems}
         for key, problem in now.items():
@@ -441,19 +394,19 @@ class Capture:
         if not columns.issuperset(change.new) or (
             change.op == "insert" and not change.new.keys() >= self._present[table]
         ):
-            self._recheck_at = time.monotonic() + 1.0
+            self._recheck_at = self.clock() + 1.0
 
-    def _table(self, conn: source.Conn, reported: str) -> str:
+    def _table(self, reported: str) -> str:
         if reported in self.mapping.by_table:
             return reported
         parent = self._parents.get(reported)
         if parent is None:
-            parent = partition_parent(conn, reported, self.mapping.by_table)
+            parent = self.source.partition_parent(reported, self.mapping.by_table)
             self._parents[reported] = parent
         return parent
 
-    def _row(self, conn: source.Conn, change: RowChange) -> None:
-        table = self._table(conn, change.table)
+    def _row(self, table: str, change: RowChange) -> None:
+        """One row change of ``table`` (a partition's changes: of its mapped parent)."""
         rules = self.mapping.by_table.get(table)
         if not rules:
             return
@@ -475,8 +428,8 @@ class Capture:
             if key_col in row:
                 shadow_key = str(row[key_col])
                 if change.op != "insert":
-                    shadow = self.writer.shadow_get(table, shadow_key)
-        add = self.writer.add
+                    shadow = self.sink.shadow_get(table, shadow_key)
+        add = self.sink.add
         for draft in apply(self.mapping, table, change, shadow):
             data = {
                 "object": draft.object,
@@ -498,19 +451,19 @@ class Capture:
             self.stats.events += 1
         if shadow_key is not None:
             if change.op == "delete":
-                self.writer.shadow_delete(table, shadow_key)
+                self.sink.shadow_delete(table, shadow_key)
             else:
                 merged = dict(shadow or {})
                 merged.update({c: change.new[c] for c in watched if c in change.new})
-                self.writer.shadow_put(table, shadow_key, merged)
+                self.sink.shadow_put(table, shadow_key, merged)
 
-    def _truncate(self, conn: source.Conn, msg: Truncate) -> None:
+    def _truncate(self, msg: Truncate) -> None:
         """One TRUNCATE statement arrives as one message per relation (a partitioned
         table's partitions each, too), all at one LSN: gather them, one event per root."""
         if msg.lsn != self._truncate_lsn:
             self._flush_truncates()
         self._truncate_lsn = msg.lsn
-        table = self._table(conn, msg.table)
+        table = self._table(msg.table)
         log.info("truncate_seen", table=table, lsn=format_lsn(msg.lsn), mapped=table in self.mapping.by_table)
         if self.mapping.truncates(table):
             self._truncated.setdefault(table, []).append(msg.table)
@@ -523,7 +476,7 @@ class Capture:
         for table, relations in truncated.items():
             for draft in truncate_drafts(self.mapping, table, relations):
                 data = {"object": draft.object, "id": None, "record": draft.record, "previous": None}
-                self.writer.add(
+                self.sink.add(
                     draft.type,
                     draft.object,
                     None,
@@ -539,32 +492,26 @@ class Capture:
     # -- commit and feedback -----------------------------------------------------------------
 
     def _commit(self) -> None:
-        """Commit the group in the outbox; :meth:`_confirm` then reports it to Postgres."""
-        events = self.writer.pending
-        self.writer.commit(self.slot, self._position)
-        self._last_commit = time.monotonic()
+        """Commit the group in the sink; :meth:`_confirm` then reports it to Postgres."""
+        events = self.sink.pending
+        self.sink.commit(self.slot, self._position)
+        self._last_commit = self.clock()
         self._submitted = self._position
         self.stats.commits += 1
         if events and self.on_commit is not None:
             self.on_commit()
 
-    def _confirm(self, stream: ReplicationStream, *, reply: bool = False, force: bool = False) -> None:
-        durable = self.writer.durable_lsn
+    def _confirm(self, *, reply: bool = False, force: bool = False) -> None:
+        durable = self.sink.durable_lsn
         target = max(durable, self._idle_lsn) if durable >= self._submitted else durable
         if target > self._confirmed or force:
             self._confirmed = max(self._confirmed, target)
             self.stats.confirmed_lsn = self._confirmed
-            self.stats.last_event_id = self.writer.last_event_id
-            stream.send_status(self._confirmed, self._confirmed, self._confirmed, reply=reply)
+            self.stats.last_event_id = self.sink.last_event_id
+            self.frames.send_status(self._confirmed, self._confirmed, self._confirmed, reply=reply)
 
-    def _heartbeat(self, conn: source.Conn) -> None:
-        try:
-            source.heartbeat(conn)
-        except psycopg.errors.InsufficientPrivilege:
-            log.warning("heartbeat_not_permitted", fix="GRANT EXECUTE ON FUNCTION pg_logical_emit_message")
-
-    def _check_slot(self, conn: source.Conn) -> None:
-        status = source.slot_status(conn, self.slot)
+    def _check_slot(self) -> None:
+        status = self.source.slot_status()
         if status is None:
             raise SetupError(f"replication slot {self.slot} disappeared")
         self.stats.lag_bytes = status["lag_bytes"]

@@ -98,7 +98,8 @@ _TYPMOD = re.compile(r"^(?:numeric|decimal)\((\d+)(?:,(\d+))?\)$")
 
 def iso_utc(pg_timestamp: str) -> str:
     """wal2json's ``2026-11-25 15:07:53.877066+00`` → ``2026-11-25T15:07:53.877066Z``."""
-    # Fast path: the replication session runs with TimeZone=UTC, so values end in "+00".
+    # Fast path: the replication session runs with TimeZone=UTC (cdc/stream.py), so values
+    # end in "+00"; anything else (a message of another session) is parsed.
     if len(pg_timestamp) >= 22 and pg_timestamp.endswith("+00") and pg_timestamp[10] == " ":
         body = pg_timestamp[:-3]
         if len(body) == 19:

@@ -111,6 +111,20 @@ def fully_identified(relation: Relation) -> bool:
     return bool(parts) and all(one.identity == "f" for one in parts)
 
 
+def tables_to_shadow(mapping: Mapping, catalog: dict[str, Relation]) -> set[str]:
+    """Tables with when_changed rules (or old-value conditions) whose old values the WAL
+    will not carry: not REPLICA IDENTITY FULL (a partitioned table on every partition).
+    Capture keeps a shadow of their watched columns instead."""
+    return {
+        table
+        for table in mapping.tables
+        if mapping.watched(table)
+        and (relation := catalog.get(table)) is not None
+        and relation.kind in "rp"
+        and not fully_identified(relation)
+    }
+
+
 def check_mapping(mapping: Mapping, catalog: dict[str, Relation], all_tables: Iterable[str]) -> list[Problem]:
     """Every table, key, when_changed, condition and exclude_columns column of the mapping
     that the source lacks (with a did-you-mean), and every table whose updates or deletes

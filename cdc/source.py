@@ -1,8 +1,10 @@
 """Plain (non-replication) SQL against the source: setup checks, slot management,
-slot health, heartbeats, partition parents and replica identities.
+slot health, heartbeats and replica identities.
 
-Every driver error leaves this module as a :class:`SetupError` (the user must change
-something) or :class:`SourceUnavailable` (retry later).
+Connecting and creating or dropping a slot turn driver errors into a :class:`SetupError`
+(the user must change something) or :class:`SourceUnavailable` (retry later); capture
+runs the other queries through :class:`cdc.postgres.PostgresSource`, which turns a lost
+connection into :class:`SourceUnavailable`.
 """
 
 from __future__ import annotations

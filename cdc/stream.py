@@ -5,10 +5,16 @@ This is the only module that knows the wire format ("Streaming Replication Proto
 (``w``: start LSN, end LSN, send time, payload) and keepalives (``k``: end LSN, send time,
 reply-requested); we answer with standby status updates (``r``: write, flush, apply LSN,
 client time, reply-requested).
+
+The replication session runs with ``TimeZone=UTC`` whatever the server's or the
+database's setting, so wal2json prints every timestamptz (and each commit time) as
+``...+00``: the decoders turn that into ISO 8601 UTC by rearranging text, never by
+parsing a date, and capture's timestamps never depend on the source's TimeZone.
 """
 
 from __future__ import annotations
 
+import os
 import select
 import struct
 import time
@@ -76,7 +82,9 @@ def plugin_options(options: Mapping[str, str]) -> str:
 
 
 class ReplicationStream:
-    """One START_REPLICATION session.  Not thread-safe: owned by the capture loop."""
+    """START_REPLICATION sessions of one slot (a :class:`cdc.ports.FrameSource`): each
+    :meth:`start` opens one, :meth:`close` ends it.  Not thread-safe: owned by the
+    capture loop."""
 
     def __init__(self, dsn: str, slot: str, options: Mapping[str, str]) -> None:
         self.dsn = dsn
@@ -86,7 +94,9 @@ class ReplicationStream:
 
     def start(self, lsn: int) -> None:
         try:
-            conn = psycopg.connect(self.dsn, replication="database", autocommit=True, connect_timeout=10)
+            conn = psycopg.connect(
+                utc_conninfo(self.dsn), replication="database", autocommit=True, connect_timeout=10
+            )
         except psycopg.OperationalError as exc:
             raise SourceUnavailable(f"cannot open replication connection: {_first_line(exc)}") from exc
         command = (
@@ -115,9 +125,18 @@ class ReplicationStream:
     def read(self, timeout: float) -> Frame | None:
         """The next frame, or None if none arrived within ``timeout`` seconds."""
         pg = self._pg
-        nbytes, data = pg.get_copy_data(1)
+        try:
+            nbytes, data = pg.get_copy_data(1)
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailable(f"replication connection lost: {_first_line(exc)}") from exc
         if nbytes > 0:  # under load the next frame is nearly always buffered already
             return parse_frame(data)
+        try:
+            return self._wait(pg, timeout)
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailable(f"replication connection lost: {_first_line(exc)}") from exc
+
+    def _wait(self, pg: pq.abc.PGconn, timeout: float) -> Frame | None:
         deadline = time.monotonic() + timeout
         while True:
             nbytes, data = pg.get_copy_data(1)
@@ -127,10 +146,7 @@ class ReplicationStream:
                 remaining = max(0.0, deadline - time.monotonic())
                 ready, _, _ = select.select([pg.socket], [], [], remaining)
                 if ready:
-                    try:
-                        pg.consume_input()
-                    except psycopg.OperationalError as exc:
-                        raise SourceUnavailable(f"replication connection lost: {_first_line(exc)}") from exc
+                    pg.consume_input()
                     if pg.status == pq.ConnStatus.BAD:
                         raise SourceUnavailable("replication connection lost")
                     continue
@@ -160,10 +176,11 @@ class ReplicationStream:
 
 
 def utc_conninfo(dsn: str) -> str:
-    """The DSN with ``TimeZone=UTC`` added to its options: wal2json then prints every
-    timestamptz as ``...+00``, which the decoder normalises without parsing dates."""
+    """The DSN with ``TimeZone=UTC`` added to its options (after any the user gave, so it
+    wins): wal2json then prints every timestamptz as ``...+00``."""
     params = conninfo_to_dict(dsn)
-    options = str(params.get("options") or "")
+    # libpq reads PGOPTIONS only when the connection string has no options of its own
+    options = str(params.get("options") or os.environ.get("PGOPTIONS", ""))
     params["options"] = f"{options} -c TimeZone=UTC".strip()
     return make_conninfo(**params)  # type: ignore[arg-type]
 

@@ -91,8 +91,8 @@ def pending_skips(conn: sqlite3.Connection) -> set[int]:
 
 
 def mark_skipped(conn: sqlite3.Connection, xid: int, lsn: str, changes: int) -> None:
-    """Run inside capture's group commit (``OutboxWriter.in_commit``): durable with the
-    checkpoint that passes the transaction."""
+    """Run inside capture's group commit (``OutboxWriter.mark_skipped``): durable with
+    the checkpoint that passes the transaction."""
     conn.execute(S["mark_skipped"], (time.time(), lsn, changes, xid))
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from common.jsontext import JsonText, loads
 from common.jsontext import dumps as json_bytes
 from common.metrics import EVENTS_APPENDED
+from outbox import source_state
 from outbox.checkpointer import Checkpointer
 from outbox.store import Q, Router, dumps
 
@@ -139,6 +140,22 @@ class OutboxWriter:
         checkpoint, or not at all (e.g. recording a skipped transaction)."""
         self._begin()
         write(self.conn)
+
+    # -- what capture keeps about the source besides events (outbox/source_state.py) -------
+
+    def pending_skips(self) -> set[int]:
+        """Transactions an operator asked capture to skip, not yet skipped."""
+        return source_state.pending_skips(self.conn)
+
+    def mark_skipped(self, xid: int, lsn: str, changes: int) -> None:
+        """Record transaction ``xid`` as skipped in the current group commit: durable with
+        the checkpoint that passes it, or not at all."""
+        self.in_commit(lambda conn: source_state.mark_skipped(conn, xid, lsn, changes))
+
+    def set_problems(self, problems: list[dict[str, Any]]) -> None:
+        """Replace the stored mapping problems, in a write transaction of their own (so
+        between group commits)."""
+        source_state.set_problems(self.conn, problems)
 
     def rollback(self) -> None:
         self._events.clear()

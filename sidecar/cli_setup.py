@@ -47,7 +47,7 @@ def setup(
 ) -> None:
     """Check the source, create the slot and the outbox, optionally load sample data,
     and probe the endpoints with a signed webhook.test."""
-    from cdc.capture import ensure_slot
+    from cdc.postgres import ensure_slot
     from sidecar import sample
     from sidecar.runner import router_for
 

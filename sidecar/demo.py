@@ -19,7 +19,7 @@ from aiohttp import web
 
 from api.app import FEED
 from api.openapi import BASE
-from cdc.capture import ensure_slot
+from cdc.postgres import ensure_slot
 from client.receiver import Receiver
 from client.webhooks import WebhookVerifier
 from config.settings import PACKAGE_DIR, Settings
@@ -27,7 +27,7 @@ from dispatcher.signing import generate_secret
 from dispatcher.worker import Dispatcher
 from outbox import store
 from sidecar import sample
-from sidecar.runner import build_capture
+from sidecar.runner import build_capture, open_writer
 from sidecar.throwaway import create_cluster
 
 
@@ -80,9 +80,10 @@ async def _flow(
         dispatcher.notify()
         feed.notify()
 
-    capture = build_capture(settings, on_commit=committed)
+    writer = open_writer(settings)
+    capture = build_capture(settings, writer, on_commit=committed)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        ensure_slot(conn, dsn, settings.source.slot, capture.mapping, capture.writer)
+        ensure_slot(conn, dsn, settings.source.slot, capture.mapping, writer)
     echo(f"==> capture and dispatch running; CT2 at {receivers['ct2'].url}, CT3 at {receivers['ct3'].url}")
     echo(f"==> HTTP API at {api_url} (demo key {key}), e.g.")
     echo(f"    curl -H 'Authorization: Bearer {key}' '{api_url}/api/core-transaction-1/events?limit=5'")
@@ -104,7 +105,7 @@ async def _flow(
         capture.stop()
         stop.set()
         await asyncio.gather(capture_task, dispatch_task, return_exceptions=True)
-        capture.writer.close()
+        writer.close()
         await api.cleanup()
         for receiver in receivers.values():
             await receiver.stop()

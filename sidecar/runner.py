@@ -17,8 +17,10 @@ import structlog
 from aiohttp import web
 
 from cdc import source
-from cdc.capture import Capture
+from cdc.capture import Capture, wal2json_options
 from cdc.mapping import Mapping, load_mapping
+from cdc.postgres import PostgresSource
+from cdc.stream import ReplicationStream
 from common.errors import ConfigError, Ct1Error, SetupError, SourceUnavailable
 from config.settings import Settings
 from dispatcher.worker import Dispatcher
@@ -57,15 +59,29 @@ def router_for(settings: Settings) -> Router:
     return Router([Route(e.name, tuple(e.events)) for e in settings.endpoints if e.enabled])
 
 
+def open_writer(settings: Settings) -> OutboxWriter:
+    """The outbox's single writer, for capture (the caller closes it)."""
+    conn = open_outbox(settings.outbox.path)
+    return OutboxWriter(conn, router_for(settings), checkpointer=Checkpointer(settings.outbox.path))
+
+
 def build_capture(
     settings: Settings,
+    writer: OutboxWriter,
     mapping: Mapping | None = None,
     on_commit: Callable[[], None] | None = None,
 ) -> Capture:
-    mapping = mapping or load_mapping(settings.mapping.file)
-    conn = open_outbox(settings.outbox.path)
-    writer = OutboxWriter(conn, router_for(settings), checkpointer=Checkpointer(settings.outbox.path))
-    return Capture(settings, mapping, writer, on_commit=on_commit)
+    """Capture of ``settings.source`` into ``writer``: the slot's replication stream, the
+    source database beside it, and the outbox writer as its sink."""
+    dsn, slot = settings.source.dsn, settings.source.slot
+    return Capture(
+        settings,
+        mapping or load_mapping(settings.mapping.file),
+        sink=writer,
+        frames=ReplicationStream(dsn, slot, wal2json_options(settings)),
+        source=PostgresSource(dsn, slot),
+        on_commit=on_commit,
+    )
 
 
 # How long `run` may take to stop once told to (SIGTERM, SIGINT, a role failing), whatever
@@ -111,6 +127,7 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
             listener()
 
     capture: Capture | None = None
+    writer: OutboxWriter | None = None
     runner: web.AppRunner | None = None
     running: dict[asyncio.Future[Any], str] = {}
     failed: BaseException | None = None
@@ -121,7 +138,9 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
         if "capture" in roles:
             probe = in_thread(functools.partial(probe_source, settings.source.dsn), "source-probe")
             if await until_stopped(stop, probe):  # else stopped while starting: nothing runs
-                capture = build_capture(settings, on_commit=committed)
+                mapping = load_mapping(settings.mapping.file)  # a wrong mapping fails before the outbox opens
+                writer = open_writer(settings)
+                capture = build_capture(settings, writer, mapping, on_commit=committed)
                 running[in_thread(capture.run, "capture")] = "capture"
         if dispatcher is not None and not stop.is_set():
             running[asyncio.ensure_future(dispatcher.run(stop))] = "dispatch"
@@ -137,7 +156,7 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
     finally:
         deadline.arm()
         stop.set()
-        await stop_roles(capture, running, runner)
+        await stop_roles(capture, writer, running, runner)
     for role in running:
         error = None if not role.done() or role.cancelled() else role.exception()
         failed = failed or error
@@ -240,12 +259,15 @@ async def until_stopped(stop: asyncio.Event, future: asyncio.Future[Any]) -> boo
 
 
 async def stop_roles(
-    capture: Capture | None, running: dict[asyncio.Future[Any], str], runner: web.AppRunner | None
+    capture: Capture | None,
+    writer: OutboxWriter | None,
+    running: dict[asyncio.Future[Any], str],
+    runner: web.AppRunner | None,
 ) -> None:
     """Stop every role at once; each has its own bound (see STOP_SECONDS)."""
 
     async def capture_stopped(thread: asyncio.Future[Any]) -> None:
-        assert capture is not None
+        assert capture is not None and writer is not None
         capture.stop()
         await asyncio.wait([thread], timeout=CAPTURE_STOP_SECONDS)
         if not thread.done():
@@ -257,7 +279,7 @@ async def stop_roles(
             # slot at the next start, exactly as after kill -9.
             log.warning("capture_abandoned", waited_seconds=CAPTURE_STOP_SECONDS)
             return
-        capture.writer.close()
+        writer.close()
 
     steps: list[Awaitable[Any]] = []
     for role, name in running.items():

@@ -21,8 +21,6 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from cdc.capture import Capture
-from cdc.mapping import load_mapping
 from config.settings import Settings
 from outbox import store
 from outbox.writer import OutboxWriter
@@ -145,12 +143,10 @@ class RunningCapture:
     def __init__(self, settings: Settings, db: SourceDb) -> None:
         self.settings = settings
         self.db = db
-        conn = store.open_outbox(settings.outbox.path)
-        from sidecar.runner import router_for
+        from sidecar.runner import build_capture, router_for
 
-        self.capture = Capture(
-            settings, load_mapping(settings.mapping.file), OutboxWriter(conn, router_for(settings))
-        )
+        self.writer = OutboxWriter(store.open_outbox(settings.outbox.path), router_for(settings))
+        self.capture = build_capture(settings, self.writer)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -180,7 +176,7 @@ class RunningCapture:
     def stop(self) -> None:
         self.capture.stop()
         self.thread.join(timeout=30)
-        self.capture.writer.close()
+        self.writer.close()
         if self.error is not None:
             raise self.error
 

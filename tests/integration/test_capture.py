@@ -304,19 +304,19 @@ def test_source_errors_are_translated(tmp_path):
 
 
 def test_a_source_unreachable_at_the_first_session_fails_capture_instead_of_waiting(tmp_path):
-    from cdc.capture import Capture
     from cdc.mapping import load_mapping
     from common.errors import SourceUnavailable
     from config.settings import Settings
     from outbox.store import Router
     from outbox.writer import OutboxWriter
+    from sidecar.runner import build_capture
 
     settings = Settings(
         source={"dsn": "host=127.0.0.1 port=1 user=postgres connect_timeout=2", "reconnect_max_seconds": 1},
         outbox={"path": str(tmp_path / "o.db")},
     )
     writer = OutboxWriter(store.open_outbox(settings.outbox.path), Router([]))
-    capture = Capture(settings, load_mapping(str(ROOT_MAPPING)), writer)
+    capture = build_capture(settings, writer, load_mapping(str(ROOT_MAPPING)))
     started = time.monotonic()
     try:
         capture.run()

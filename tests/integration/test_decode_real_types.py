@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cdc.capture import wal2json_options
 from cdc.decode import RowChange, decode, decode_python
-from cdc.stream import ReplicationStream, XLogData, utc_conninfo
+from cdc.stream import ReplicationStream, XLogData
 from config.settings import Settings
 
 TABLE = """
@@ -63,9 +63,7 @@ COLUMNS = (
 
 
 def _messages(db, end_lsn: int) -> list[bytes]:
-    stream = ReplicationStream(
-        utc_conninfo(db.dsn), db.slot, wal2json_options(Settings(source={"dsn": db.dsn}))
-    )
+    stream = ReplicationStream(db.dsn, db.slot, wal2json_options(Settings(source={"dsn": db.dsn})))
     stream.start(0)
     out: list[bytes] = []
     try:
@@ -160,7 +158,7 @@ def test_domains_arrive_as_their_base_type_with_include_domain_data_type(source_
             " (1, 0, -9223372036854775808, 0, 'NaN', 'NaN', false, '\\x', 'null', '', 'infinity', 1)"
         )
     options = {**wal2json_options(Settings(source={"dsn": source_db.dsn})), "include-domain-data-type": "1"}
-    stream = ReplicationStream(utc_conninfo(source_db.dsn), source_db.slot, options)
+    stream = ReplicationStream(source_db.dsn, source_db.slot, options)
     stream.start(0)
     messages: list[bytes] = []
     try:

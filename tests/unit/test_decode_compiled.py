@@ -208,3 +208,111 @@ def test_a_numeric_text_postgres_would_not_write_goes_to_python():
     with pytest.raises(ValueError):
         decoding._compiled.decode_row(raw)
     assert decode(raw).new == {"n": "1.50"}
+
+
+# -- ordinary rows take the compiled path ---------------------------------------------------
+#
+# Every test above compares the compiled decoder with the Python one through decode(), which
+# falls back to Python whenever the compiled decoder declines: a compiled decoder that
+# declined every row would pass them all.  These show it decodes ordinary rows itself.
+
+
+def _row(action: str, table: str, columns: str | None, identity: str | None = None) -> bytes:
+    parts = [
+        f'"action":"{action}","xid":48213,"timestamp":"2026-11-25 15:07:53.877066+00","lsn":"0/1A2B3C4"',
+        f'"schema":"public","table":"{table}"',
+    ]
+    if columns is not None:
+        parts.append(f'"columns":[{columns}]')
+    if identity is not None:
+        parts.append(f'"identity":[{identity}]')
+    parts.append('"pk":[{"name":"id","type":"bigint"}]')
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+# As wal2json 2.5 writes them for the sample marketplace, in capture's UTC session.
+ORDINARY_ROWS = {
+    "users insert": _row(
+        "I",
+        "users",
+        '{"name":"id","type":"bigint","value":42},{"name":"name","type":"text","value":"Zoë \\"Z\\" Ñandú"},'
+        '{"name":"email","type":"text","value":"zoe@example.com"},{"name":"password","type":"text","value":"x"},'
+        '{"name":"remember_token","type":"text","value":null},{"name":"role","type":"text","value":"customer"},'
+        '{"name":"email_verified_at","type":"timestamp with time zone","value":null},'
+        '{"name":"created_at","type":"timestamp with time zone","value":"2026-11-25 15:07:53.877066+00"},'
+        '{"name":"updated_at","type":"timestamp with time zone","value":"2026-11-25 15:07:53+00"}',
+    ),
+    "orders status update": _row(
+        "U",
+        "orders",
+        '{"name":"id","type":"bigint","value":77},{"name":"user_id","type":"bigint","value":42},'
+        '{"name":"status","type":"character varying(32)","value":"shipped"},'
+        '{"name":"total","type":"numeric(12,2)","value":59.90},{"name":"paid","type":"boolean","value":true},'
+        '{"name":"items","type":"integer","value":3},{"name":"weight","type":"double precision","value":1.25},'
+        '{"name":"updated_at","type":"timestamp with time zone","value":"2026-11-25 15:07:53.1+00"}',
+        '{"name":"id","type":"bigint","value":77},{"name":"status","type":"character varying(32)","value":"paid"}',
+    ),
+    "reviews delete": _row("D", "reviews", None, '{"name":"id","type":"bigint","value":9}'),
+    "products insert": _row(
+        "I",
+        "products",
+        '{"name":"id","type":"bigint","value":5},{"name":"price","type":"numeric(10,2)","value":1234.00},'
+        '{"name":"cost","type":"numeric","value":0.3333333333333333333333},'
+        '{"name":"uid","type":"uuid","value":"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"},'
+        '{"name":"day","type":"date","value":"2026-11-25"},'
+        '{"name":"attrs","type":"jsonb","value":"{\\"color\\": \\"red\\", \\"sizes\\": [38, 39]}"}',
+    ),
+}
+
+
+def _decodes_without_python(payload: bytes) -> RowChange:
+    """``decode`` of a row message, failing if it falls back to the Python decoder."""
+
+    def python_path(payload: object) -> object:
+        raise AssertionError("the row fell back to the Python decoder")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decoding, "decode_python", python_path)
+        row = decode(memoryview(payload))
+    assert isinstance(row, RowChange)
+    return row
+
+
+@compiled_only
+@pytest.mark.parametrize("payload", ORDINARY_ROWS.values(), ids=ORDINARY_ROWS.keys())
+def test_the_compiled_decoder_itself_decodes_ordinary_rows(payload):
+    row = decoding._compiled.decode_row(payload)  # None or ValueError: declined
+    assert isinstance(row, RowChange)
+    _same(row, decode_python(payload))
+    _same(_decodes_without_python(payload), row)
+
+
+@compiled_only
+def test_ordinary_values_need_no_python_converter():
+    """Per value, the compiled decoder calls back into Python only for json/jsonb (kept as
+    their text); timestamptz in a UTC session, numbers, booleans and text are its own."""
+    called: list[str] = []
+
+    def convert(ctype: str, value: object) -> object:
+        called.append(ctype)
+        return decoding._convert(ctype, value)
+
+    decoding._compiled.setup(RowChange, convert)
+    try:
+        for payload in ORDINARY_ROWS.values():
+            _decodes_without_python(payload)
+    finally:
+        decoding._compiled.setup(RowChange, decoding._convert)
+    assert called == ["jsonb"]
+
+
+def test_the_check_catches_a_compiled_decoder_that_declines_every_row(monkeypatch):
+    class Declining:
+        @staticmethod
+        def decode_row(payload: object) -> None:
+            raise ValueError("declined")
+
+    monkeypatch.setattr(decoding, "_compiled", Declining)
+    assert decode(ORDINARY_ROWS["users insert"]).new["id"] == 42  # the fallback hides it ...
+    with pytest.raises(AssertionError, match="fell back to the Python decoder"):
+        _decodes_without_python(ORDINARY_ROWS["users insert"])  # ... this does not

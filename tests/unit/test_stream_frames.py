@@ -7,8 +7,9 @@ import struct
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from psycopg.conninfo import conninfo_to_dict
 
-from cdc.stream import Keepalive, XLogData, parse_frame, plugin_options, status_update
+from cdc.stream import Keepalive, XLogData, parse_frame, plugin_options, status_update, utc_conninfo
 from common.errors import SourceUnavailable
 
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
@@ -43,3 +44,15 @@ def test_plugin_options_quote_names_and_escape_values():
         plugin_options({"format-version": "2", "add-tables": "public.o'x"})
         == "\"format-version\" '2', \"add-tables\" 'public.o''x'"
     )
+
+
+def test_the_replication_session_is_utc_after_whatever_options_the_user_gave(monkeypatch):
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    dsn = "host=db user=cdc options='-c statement_timeout=5s -c TimeZone=Europe/Berlin'"
+    params = conninfo_to_dict(utc_conninfo(dsn))
+    assert params["options"] == "-c statement_timeout=5s -c TimeZone=Europe/Berlin -c TimeZone=UTC"
+    assert (params["host"], params["user"]) == ("db", "cdc")
+    assert conninfo_to_dict(utc_conninfo("postgresql://cdc@db/shop"))["options"] == "-c TimeZone=UTC"
+    # libpq's PGOPTIONS counts only without options in the DSN: keep it, UTC after it
+    monkeypatch.setenv("PGOPTIONS", "-c work_mem=64MB")
+    assert conninfo_to_dict(utc_conninfo("host=db"))["options"] == "-c work_mem=64MB -c TimeZone=UTC"

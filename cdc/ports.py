@@ -1,0 +1,143 @@
+"""What capture is given: where its frames come from, the source database beside them,
+and where its events go.
+
+:class:`cdc.capture.Capture` knows its adapters only by these Protocols; the shell builds
+the real ones and passes them in:
+
+* :class:`FrameSource` — :class:`cdc.stream.ReplicationStream` (frames of a logical slot
+  over a replication connection, and standby status updates back);
+* :class:`SourceDatabase` — :class:`cdc.postgres.PostgresSource` (plain SQL against the
+  source: checks, catalog, partitions, slot creation, heartbeats, slot health);
+* :class:`Sink` — ``outbox.writer.OutboxWriter`` (the SQLite outbox), which satisfies it
+  structurally: capture and the outbox know nothing of each other.
+
+Tests drive the same loop with fakes of each (``tests/fakes.py``) that pass the same
+contract tests as the real ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from typing import Any, Protocol
+
+from cdc.mapping import Mapping
+from cdc.schema import Relation
+from cdc.source import Check
+from cdc.stream import Frame
+
+
+class FrameSource(Protocol):
+    """A logical slot, one session at a time: frames in, the confirmed position out."""
+
+    def start(self, lsn: int) -> None:
+        """Start a session streaming the slot from ``lsn`` (capture's stored checkpoint)."""
+
+    def read(self, timeout: float) -> Frame | None:
+        """The next XLogData or keepalive, or None if none came within ``timeout`` seconds."""
+
+    def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
+        """Tell the server what is received and durable: it may drop WAL up to ``flush``."""
+
+    def close(self) -> None:
+        """End the session (a later :meth:`start` begins another)."""
+
+
+class SourceDatabase(Protocol):
+    """The source database beside the stream, over a connection per session.
+
+    Errors leave it as ``SourceUnavailable`` (the connection is gone: retry) or
+    ``SetupError`` (the user must change something)."""
+
+    def open(self) -> None:
+        """Connect for a session."""
+
+    def close(self) -> None: ...
+
+    def checks(self) -> list[Check]:
+        """What the source needs for capture (as ``ct1-cdc setup`` checks it)."""
+
+    def catalog(self, tables: list[tuple[str, str]]) -> tuple[dict[str, Relation], list[str]]:
+        """What the catalog says of each (schema, name), and every table name when one
+        of them is missing (for a did-you-mean)."""
+
+    def partition_parent(self, table: str, mapped: Container[str]) -> str:
+        """The mapped ancestor of a partition (else ``table`` itself)."""
+
+    def ensure_slot(self, mapping: Mapping, sink: Sink, shadowed: set[str]) -> bool:
+        """Create the slot if it is missing, seeding ``sink``'s shadow of the ``shadowed``
+        tables from the slot's snapshot; True when it was created now."""
+
+    def heartbeat(self) -> None:
+        """Emit a logical message that comes back through the stream, so an idle slot
+        advances."""
+
+    def slot_status(self) -> dict[str, Any] | None:
+        """The slot's lag and ``wal_status`` (see ``cdc.source.slot_status``); None if
+        the slot is gone."""
+
+
+class Sink(Protocol):
+    """Where capture's events go, with the checkpoint that says how far they reach.
+
+    Everything added since the last :meth:`commit` becomes durable together with that
+    commit's checkpoint, or not at all (:meth:`rollback`, a crash).  Capture confirms to
+    Postgres only what :attr:`durable_lsn` says is durable.
+    """
+
+    @property
+    def durable_lsn(self) -> int:
+        """The checkpoint of the last commit (or the one read by :meth:`checkpoint`)."""
+
+    @property
+    def pending(self) -> int:
+        """Events added since the last commit."""
+
+    @property
+    def last_event_id(self) -> int:
+        """Id of the last event committed or written."""
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether anything was added since the last commit."""
+
+    def add(
+        self,
+        type: str,
+        object: str,
+        entity_id: Any,
+        data: dict[str, Any],
+        occurred_at: str,
+        table: str | None,
+        op: str | None,
+        lsn: str | None,
+        xid: int | None,
+    ) -> None:
+        """Append one event (called positionally: it is the hot path)."""
+
+    def commit(self, slot: str, lsn: int) -> None:
+        """Make everything added so far durable together with the checkpoint ``lsn``."""
+
+    def rollback(self) -> None:
+        """Forget everything not yet committed."""
+
+    def checkpoint(self, slot: str) -> int | None:
+        """The stored checkpoint of ``slot``, None if there is none."""
+
+    def shadow_get(self, table: str, key: str) -> dict[str, Any] | None:
+        """The watched columns of a row as last seen (a table without full identity)."""
+
+    def shadow_put(self, table: str, key: str, values: dict[str, Any]) -> None: ...
+
+    def shadow_delete(self, table: str, key: str) -> None: ...
+
+    def pending_skips(self) -> set[int]:
+        """Transactions an operator asked capture to skip (``ct1-cdc slot skip``) and
+        that are not yet skipped."""
+
+    def mark_skipped(self, xid: int, lsn: str, changes: int) -> None:
+        """Record a requested transaction as skipped, in the current group commit: durable
+        with the checkpoint that passes it, or not at all."""
+
+    def set_problems(self, problems: list[dict[str, Any]]) -> None:
+        """Replace the stored mapping problems (shown by /readyz, /metrics, ``slot
+        status``); runs in a write transaction of its own, so only between commits."""
