@@ -19,9 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import structlog
 
+from cdc.carts import CartStore, CartTracker
 from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, decode
 from cdc.mapping import Mapping, apply, truncate_drafts
 from cdc.ports import FrameSource, Sink, SourceDatabase
@@ -29,7 +31,7 @@ from cdc.schema import Problem, Relation, check_mapping, tables_to_shadow
 from cdc.source import HEARTBEAT_PREFIX
 from cdc.stream import Keepalive, XLogData
 from common.errors import CaptureError, Ct1Error, DecodeError, SetupError, SourceUnavailable
-from common.formats import format_lsn
+from common.formats import format_lsn, unix_to_iso
 from common.metrics import CAPTURE_LAG
 from config.settings import Settings
 
@@ -58,6 +60,7 @@ class CaptureStats:
     transactions: int = 0
     events: int = 0
     commits: int = 0
+    derived: int = 0  # events derived from the stream (cart.abandoned)
     skipped_transactions: int = 0
     reconnects: int = 0
     last_event_id: int = 0
@@ -123,6 +126,11 @@ class Capture:
         self._skip_txn = False
         self._first_pending = 0.0
         self._last_commit = 0.0
+        # derived events: cart.abandoned, judged by the stream's clock (source commit times
+        # and heartbeat times, as read), never by the wall clock
+        self._carts = CartTracker(mapping.carts, CartStore(sink.state)) if mapping.carts else None
+        self._stream_clock = 0.0
+        self._txn_clock = 0.0
 
     # -- the outer loop: reconnect with backoff ----------------------------------------------
 
@@ -163,6 +171,8 @@ class Capture:
             self._skipping = None
             self._truncated = {}
             self._skips = self.sink.pending_skips()
+            if self._carts is not None:
+                self._carts.forget()  # a rollback may have undone what it knew
             self.frames.start(stored)
             log.info(
                 "capture_started",
@@ -291,6 +301,9 @@ class Capture:
                 self._skipped_changes = 0
             if not self._has_uncommitted():
                 self._first_pending = self.clock()
+            if self._carts is not None and not self._skip_txn:
+                self._txn_clock = _epoch(msg.commit_time)
+                self._advance(self._txn_clock, msg.lsn)  # what fell due before this transaction
         elif isinstance(msg, Commit):
             if self._skipping is not None:
                 self._skip_requested(msg)
@@ -306,6 +319,10 @@ class Capture:
                 self._truncate(msg)
         elif isinstance(msg, Message) and self._in_txn is None and not msg.transactional:
             # Our heartbeat.  Outside a transaction nothing before it is still owed to us.
+            if self._carts is not None and msg.prefix == HEARTBEAT_PREFIX:
+                emitted = _heartbeat_time(msg.content)
+                if emitted is not None:
+                    self._advance(emitted, msg.lsn)  # every commit before it has been read
             if self._all_durable():
                 self._idle_lsn = max(self._idle_lsn, msg.lsn)
             else:
@@ -407,6 +424,8 @@ class Capture:
 
     def _row(self, table: str, change: RowChange) -> None:
         """One row change of ``table`` (a partition's changes: of its mapped parent)."""
+        if self._carts is not None and self._carts.watches(table):
+            self._carts.change(table, change, self._txn_clock)
         rules = self.mapping.by_table.get(table)
         if not rules:
             return
@@ -489,6 +508,27 @@ class Capture:
                 )
                 self.stats.events += 1
 
+    # -- derived events ----------------------------------------------------------------------
+
+    def _advance(self, clock: float, lsn: int) -> None:
+        """The stream's clock reads ``clock`` at ``lsn``: carts idle past their deadline
+        fire now, in the group commit that holds this position."""
+        assert self._carts is not None
+        if clock <= self._stream_clock:
+            return
+        self._stream_clock = clock
+        rule = self._carts.rule
+        at = unix_to_iso(clock)
+        position = format_lsn(lsn)
+        for abandoned in self._carts.due(clock):
+            record = abandoned.record(unix_to_iso)
+            data = {"object": "cart", "id": abandoned.cart.id, "record": record, "previous": None}
+            self.sink.add(
+                rule.emit, "cart", abandoned.cart.id, data, at, rule.carts, "derived", position, None
+            )
+            self.stats.events += 1
+            self.stats.derived += 1
+
     # -- commit and feedback -----------------------------------------------------------------
 
     def _commit(self) -> None:
@@ -529,3 +569,17 @@ class Capture:
             log.warning("slot_lag", **fields)
         else:
             log.debug("slot_lag", **fields)
+
+
+def _epoch(iso: str) -> float:
+    """A commit time as events write it (``...Z``) → Unix seconds."""
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def _heartbeat_time(content: str) -> float | None:
+    """When a heartbeat was emitted, by the server's clock (None for one without it)."""
+    _, _, stamp = content.partition(" ")
+    try:
+        return float(stamp)
+    except ValueError:
+        return None

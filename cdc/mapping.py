@@ -144,7 +144,8 @@ class Mapping:
 
     @property
     def tables(self) -> list[str]:
-        return sorted(self.by_table)
+        """Every table capture reads: those of the rules and those of [cart_abandoned]."""
+        return sorted(set(self.by_table) | set(self.carts.tables if self.carts else ()))
 
     def parts(self, table: str) -> tuple[str, str]:
         """(schema, name) of a mapped table."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import Any, Protocol
 
+from cdc.carts import StateStore
 from cdc.mapping import Mapping
 from cdc.schema import Relation
 from cdc.source import Check
@@ -137,6 +138,10 @@ class Sink(Protocol):
     def mark_skipped(self, xid: int, lsn: str, changes: int) -> None:
         """Record a requested transaction as skipped, in the current group commit: durable
         with the checkpoint that passes it, or not at all."""
+
+    @property
+    def state(self) -> StateStore:
+        """Derived events' state (cart timers), written in the current group commit."""
 
     def set_problems(self, problems: list[dict[str, Any]]) -> None:
         """Replace the stored mapping problems (shown by /readyz, /metrics, ``slot

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdc.carts import CartRule
 from cdc.mapping import Mapping, quote_table
 
 # relkind → what the table is, for mapped names that are not plain or partitioned tables
@@ -131,7 +132,7 @@ def check_mapping(mapping: Mapping, catalog: dict[str, Relation], all_tables: It
     some rule needs but the WAL will not carry."""
     problems: list[Problem] = []
     known = sorted(set(all_tables))
-    for table in mapping.tables:
+    for table in sorted(mapping.by_table):
         relation = catalog.get(table)
         rules = mapping.by_table[table]
         if relation is None:
@@ -174,7 +175,7 @@ def check_mapping(mapping: Mapping, catalog: dict[str, Relation], all_tables: It
                         rule.number,
                     )
                 )
-    for table in mapping.tables:
+    for table in sorted(mapping.by_table):
         relation = catalog.get(table)
         if relation is None or not relation.enums:
             continue
@@ -198,6 +199,8 @@ def check_mapping(mapping: Mapping, catalog: dict[str, Relation], all_tables: It
                             rule.number,
                         )
                     )
+    if mapping.carts is not None:
+        problems += _check_carts(mapping.carts, catalog, known)
     for table, relation in lacking_identity(mapping, catalog):
         what = relation.table if relation.table == table else f"partition {relation.table} of {table}"
         why = "replica identity NOTHING" if relation.identity == "n" else "no primary key"
@@ -209,6 +212,50 @@ def check_mapping(mapping: Mapping, catalog: dict[str, Relation], all_tables: It
                 " send them to logical replication",
                 f"{identity_fix(relation)} (or add a primary key; `ct1-cdc setup --replica-identity-full`"
                 " does the former)",
+            )
+        )
+    return problems
+
+
+def _check_carts(rule: CartRule, catalog: dict[str, Relation], known: list[str]) -> list[Problem]:
+    """The [cart_abandoned] section against the source: its tables and columns exist."""
+    problems = []
+    for setting, table in (("carts", rule.carts), ("items", rule.items), ("orders", rule.orders)):
+        if table is None:
+            continue
+        relation = catalog.get(table)
+        if relation is None:
+            problems.append(
+                Problem(
+                    "missing_table",
+                    table,
+                    f"[cart_abandoned] {setting} table {table} does not exist in the source{_suggest(table, known)}",
+                    f"correct {setting} in [cart_abandoned] of the mapping",
+                )
+            )
+        elif relation.kind in _NOT_TABLES:
+            problems.append(
+                Problem(
+                    "not_a_table",
+                    table,
+                    f"[cart_abandoned] {setting} table {table} is {_NOT_TABLES[relation.kind]}: "
+                    "its changes are not in the WAL",
+                    "name the table it reads from",
+                )
+            )
+    for table, setting, column in rule.columns():
+        relation = catalog.get(table)
+        if relation is None or relation.kind in _NOT_TABLES or column in relation.columns:
+            continue
+        problems.append(
+            Problem(
+                "missing_column",
+                table,
+                f"[cart_abandoned] {setting} column {column!r} does not exist in {table}"
+                f"{_suggest(column, relation.columns)}",
+                f'correct {setting} in [cart_abandoned] of the mapping (or set it to "" if there is none)'
+                if setting in ("customer", "session", "status", "order_customer")
+                else f"correct {setting} in [cart_abandoned] of the mapping",
             )
         )
     return problems

@@ -289,8 +289,13 @@ def slot_status(conn: Conn, slot: str) -> dict[str, Any] | None:
 
 
 def heartbeat(conn: Conn) -> None:
-    """A non-transactional logical message: decoded, sent to us, lets the slot advance."""
-    conn.execute("SELECT pg_logical_emit_message(false, %s, 'heartbeat')", (HEARTBEAT_PREFIX,))
+    """A non-transactional logical message: decoded, sent to us, lets the slot advance.
+    It carries the server's time when emitted: every transaction committed before then
+    comes before it in the stream, so it moves the stream's clock (cart.abandoned)."""
+    conn.execute(
+        "SELECT pg_logical_emit_message(false, %s, 'heartbeat ' || extract(epoch FROM clock_timestamp()))",
+        (HEARTBEAT_PREFIX,),
+    )
 
 
 # -- tables ---------------------------------------------------------------------------------

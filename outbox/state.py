@@ -20,41 +20,86 @@ from common.jsontext import dumps, loads
 S = sqlfile.load(Path(__file__).resolve().parent / "sql" / "state.sql")
 
 
+Row = tuple[str, str | None, float | None]  # value (JSON text), ref, due
+
+
 class SqliteState:
-    """On the writer's connection; ``begin`` opens its transaction if none is open."""
+    """On the writer's connection.  Changes wait in memory until the writer's group commit
+    calls :meth:`flush` (as the shadow does), so the write lock is taken only while
+    committing; reads see them.  ``begin`` opens the writer's transaction."""
 
     def __init__(self, conn: sqlite3.Connection, begin: Callable[[], None]) -> None:
         self.conn = conn
         self.begin = begin
+        self._changed: dict[tuple[str, str], Row | None] = {}  # None: deleted
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._changed)
 
     def state_get(self, kind: str, key: str) -> Any | None:
-        row = self.conn.execute(S["get"], {"kind": kind, "key": key}).fetchone()
-        return None if row is None else loads(row[0])
+        if (kind, key) in self._changed:
+            row = self._changed[(kind, key)]
+            return None if row is None else loads(row[0])
+        found = self.conn.execute(S["get"], {"kind": kind, "key": key}).fetchone()
+        return None if found is None else loads(found[0])
 
     def state_put(self, kind: str, key: str, value: Any, ref: str | None, due: float | None) -> None:
-        self.begin()
-        text = dumps(value).decode()
-        self.conn.execute(S["put"], {"kind": kind, "key": key, "value": text, "ref": ref, "due": due})
+        self._changed[(kind, key)] = (dumps(value).decode(), ref, due)
 
     def state_delete(self, kind: str, key: str) -> None:
-        self.begin()
-        self.conn.execute(S["delete"], {"kind": kind, "key": key})
+        self._changed[(kind, key)] = None
+
+    def _mine(self, kind: str) -> dict[str, Row | None]:
+        return {k: row for (kd, k), row in self._changed.items() if kd == kind}
 
     def state_by_ref(self, kind: str, ref: str) -> list[Any]:
-        return [loads(v) for (v,) in self.conn.execute(S["by_ref"], {"kind": kind, "ref": ref})]
+        mine = self._mine(kind)
+        found = {k: v for k, v in self.conn.execute(S["by_ref"], {"kind": kind, "ref": ref}) if k not in mine}
+        found.update({k: row[0] for k, row in mine.items() if row is not None and row[1] == ref})
+        return [loads(found[k]) for k in sorted(found)]
 
     def state_due(self, kind: str, until: float, limit: int) -> list[Any]:
-        rows = self.conn.execute(S["due"], {"kind": kind, "until": until, "limit": limit})
-        return [loads(v) for (v,) in rows]
+        mine = self._mine(kind)
+        rows = self.conn.execute(S["due"], {"kind": kind, "until": until, "limit": limit + len(mine)})
+        found = [(d, k, v) for k, v, d in rows if k not in mine]
+        found += [
+            (r[2], k, r[0]) for k, r in mine.items() if r is not None and r[2] is not None and r[2] <= until
+        ]
+        return [loads(v) for _, _, v in sorted(found)[:limit]]
 
     def state_next_due(self, kind: str) -> float | None:
-        due = self.conn.execute(S["next_due"], {"kind": kind}).fetchone()[0]
-        return None if due is None else float(due)
+        mine = self._mine(kind)
+        rows = self.conn.execute(S["next_due"], {"kind": kind, "limit": len(mine) + 1})
+        dues = [d for k, d in rows if k not in mine][:1]
+        dues += [r[2] for r in mine.values() if r is not None and r[2] is not None]
+        return min(dues) if dues else None
 
     def state_count(self, kind: str) -> tuple[int, int]:
-        """(values, of which due) of one kind."""
+        """(values, of which due) of one kind, as last committed."""
         total, due = self.conn.execute(S["count"], {"kind": kind}).fetchone()
         return int(total), int(due)
+
+    def flush(self) -> None:
+        """Write the changes, inside the writer's transaction (its commit calls this)."""
+        if not self._changed:
+            return
+        self.begin()
+        puts = [
+            {"kind": kind, "key": key, "value": row[0], "ref": row[1], "due": row[2]}
+            for (kind, key), row in self._changed.items()
+            if row is not None
+        ]
+        deletes = [{"kind": kind, "key": key} for (kind, key), row in self._changed.items() if row is None]
+        if puts:
+            self.conn.executemany(S["put"], puts)
+        if deletes:
+            self.conn.executemany(S["delete"], deletes)
+        self._changed.clear()
+
+    def forget(self) -> None:
+        """Drop the changes not yet flushed (the writer rolled back)."""
+        self._changed.clear()
 
 
 class MemoryState:

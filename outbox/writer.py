@@ -26,6 +26,7 @@ from common.jsontext import dumps as json_bytes
 from common.metrics import EVENTS_APPENDED
 from outbox import source_state
 from outbox.checkpointer import Checkpointer
+from outbox.state import SqliteState
 from outbox.store import Q, Router, dumps
 
 CHUNK = 1000
@@ -60,6 +61,7 @@ class OutboxWriter:
         self._events: list[tuple[Any, ...]] = []
         self._shadow: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._in_txn = False
+        self._state: SqliteState | None = None
         now = time.time()
         conn.executemany(Q["register_endpoint"], [(name, now) for name in router.names])
 
@@ -126,6 +128,8 @@ class OutboxWriter:
         (no checkpoint without a ``slot``: events appended through the API)."""
         self._flush()
         self._flush_shadow()
+        if self._state is not None:
+            self._state.flush()
         self._begin()
         if slot is not None:
             self.conn.execute(Q["set_checkpoint"], (slot, lsn, time.time()))
@@ -152,6 +156,13 @@ class OutboxWriter:
         the checkpoint that passes it, or not at all."""
         self.in_commit(lambda conn: source_state.mark_skipped(conn, xid, lsn, changes))
 
+    @property
+    def state(self) -> SqliteState:
+        """Derived events' state (cart timers), written in the current group commit."""
+        if self._state is None:
+            self._state = SqliteState(self.conn, self._begin)
+        return self._state
+
     def set_problems(self, problems: list[dict[str, Any]]) -> None:
         """Replace the stored mapping problems, in a write transaction of their own (so
         between group commits)."""
@@ -160,6 +171,8 @@ class OutboxWriter:
     def rollback(self) -> None:
         self._events.clear()
         self._shadow.clear()
+        if self._state is not None:
+            self._state.forget()
         self.pending = 0
         if self._in_txn:
             self._in_txn = False
@@ -183,7 +196,12 @@ class OutboxWriter:
     @property
     def in_transaction(self) -> bool:
         """Whether anything was added since the last commit."""
-        return self._in_txn or bool(self._events) or bool(self._shadow)
+        return (
+            self._in_txn
+            or bool(self._events)
+            or bool(self._shadow)
+            or bool(self._state and self._state.pending)
+        )
 
     # -- internals -------------------------------------------------------------------------------
 

@@ -11,16 +11,17 @@ ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value, ref = excluded.ref
 DELETE FROM derived_state WHERE kind = :kind AND key = :key
 
 -- name: by_ref
-SELECT value FROM derived_state WHERE kind = :kind AND ref = :ref ORDER BY key
+SELECT key, value FROM derived_state WHERE kind = :kind AND ref = :ref ORDER BY key
 
 -- name: due
-SELECT value FROM derived_state
+SELECT key, value, due FROM derived_state
 WHERE kind = :kind AND due IS NOT NULL AND due <= :until
 ORDER BY due, key
 LIMIT :limit
 
 -- name: next_due
-SELECT min(due) FROM derived_state WHERE kind = :kind AND due IS NOT NULL
+-- The earliest few: the caller passes over those it holds newer values of.
+SELECT key, due FROM derived_state WHERE kind = :kind AND due IS NOT NULL ORDER BY due, key LIMIT :limit
 
 -- name: count
 SELECT count(*), count(due) FROM derived_state WHERE kind = :kind

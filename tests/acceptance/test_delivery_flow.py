@@ -8,6 +8,7 @@ import json
 import signal
 import time
 
+from sidecar.throwaway import free_port
 from tests.acceptance.helpers import ThreadReceiver, cli, spawn
 from tests.waiting import wait_until
 
@@ -19,6 +20,7 @@ def test_setup_run_deliver_disable_enable_replay(source_db, tmp_path):
             f"[source]\ndsn = {source_db.dsn!r}\nslot = {source_db.slot!r}\nheartbeat_seconds = 0.5\n"
             f"[outbox]\npath = {str(tmp_path / 'o.db')!r}\n"
             f"[dispatcher]\nretry_schedule = [0, 0.2, 0.2]\n"
+            f"[api]\nport = {free_port()}\n"  # never the default 8080, which another run may hold
             f'[[endpoints]]\nname = "ct2"\nurl = "{rx.url}"\n'
         )
         setup = cli("setup", "--json", config=config)
