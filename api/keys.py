@@ -10,7 +10,6 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,7 +17,7 @@ import orjson
 from common import sqlfile
 from common.errors import ConfigError
 
-K = sqlfile.load(Path(__file__).resolve().parent.parent / "outbox" / "sql" / "keys.sql")
+K = sqlfile.load("outbox", "keys.sql")
 
 EXPORT = "core_transaction_1_export"
 WEBHOOKS = "core_transaction_1_webhooks"

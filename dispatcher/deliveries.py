@@ -21,7 +21,7 @@ import orjson
 from common import sqlfile
 from outbox import store
 
-D = sqlfile.load(Path(store.__file__).resolve().parent / "sql" / "dispatch.sql")
+D = sqlfile.load("outbox", "dispatch.sql")
 
 
 @dataclass(frozen=True, slots=True)

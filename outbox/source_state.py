@@ -12,12 +12,11 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from common import sqlfile
 
-S = sqlfile.load(Path(__file__).resolve().parent / "sql" / "source_state.sql")
+S = sqlfile.load("outbox", "source_state.sql")
 
 
 @contextmanager

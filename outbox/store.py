@@ -20,9 +20,8 @@ from typing import Any
 from common import jsontext, sqlfile
 from common.errors import Ct1Error
 
-_SQL_DIR = Path(__file__).resolve().parent / "sql"
-Q = sqlfile.load(_SQL_DIR / "queries.sql")
-MIGRATIONS = sqlfile.load(_SQL_DIR / "migrations.sql")
+Q = sqlfile.load("outbox", "queries.sql")
+MIGRATIONS = sqlfile.load("outbox", "migrations.sql")
 SCHEMA_VERSION = max(int(n) for n in MIGRATIONS)
 
 

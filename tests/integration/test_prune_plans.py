@@ -8,9 +8,8 @@ import pytest
 
 from common.sqlfile import load
 from outbox import store
-from outbox.store import Path
 
-D = load(Path(store.__file__).resolve().parent / "sql" / "dispatch.sql")
+D = load("outbox", "dispatch.sql")
 
 
 @pytest.mark.parametrize("name", ["prune_candidates", "prune_attempts", "prune_deliveries", "prune_events"])
