@@ -13,6 +13,7 @@ import itertools
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,23 @@ def open_outbox(path: str | Path) -> sqlite3.Connection:
     conn = connect(path)
     migrate(conn)
     return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on an outbox connection (they run in autocommit mode)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def data_version(conn: sqlite3.Connection) -> int:
+    """A number that changes when another connection commits (cheap to poll)."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
 @dataclass(frozen=True, slots=True)
