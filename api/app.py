@@ -37,6 +37,7 @@ from common.metrics import API_REQUESTS, CAPTURE_LAG, REGISTRY, OutboxCollector
 from common.version import version
 from config.settings import Settings
 from outbox import source_state, store
+from outbox.figures import figures
 
 FEED: web.AppKey[Feed] = web.AppKey("feed", Feed)
 
@@ -114,7 +115,8 @@ class Api:
         # the events cursor's reads: a thread each for a few at once, none on the loop
         self.event_reads = Reads(settings.outbox.path, EVENT_READ_THREADS, "api-events")
         self.scraped = CollectorRegistry(auto_describe=False)
-        self.scraped.register(OutboxCollector(self._slow.conn, settings.source.slot))
+        slot = settings.source.slot
+        self.scraped.register(OutboxCollector(lambda: figures(self._slow.conn(), slot)))
 
     def db(self) -> sqlite3.Connection:
         if self.conn is None:

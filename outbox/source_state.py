@@ -67,6 +67,13 @@ def problems_of(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
+def problem_count(conn: sqlite3.Connection) -> int:
+    try:
+        return int(conn.execute(S["count_problems"]).fetchone()[0])
+    except sqlite3.OperationalError:  # an outbox older than the table
+        return 0
+
+
 def request_skip(conn: sqlite3.Connection, xid: int) -> None:
     with transaction(conn):
         conn.execute(S["request_skip"], (xid, time.time()))

@@ -1,7 +1,8 @@
-"""The SQLite outbox: schema, the capture writer, and reads.
+"""The SQLite outbox: connections, schema and migrations, routing, and reads.
 
-Appends go through :class:`outbox.writer.OutboxWriter`, the single writer thread.
-Readers open their own connections (WAL mode lets them read while it writes).
+Events are appended through :class:`outbox.writer.OutboxWriter` (capture's, and the
+API's for manual events); readers open their own connections (WAL mode lets them read
+while a writer writes).
 """
 
 from __future__ import annotations
@@ -259,6 +260,12 @@ def status_history(conn: sqlite3.Connection, order_key: str, limit: int = 100) -
         {"event_id": event_id, "changed_at": at, "status": status, "previous_status": previous}
         for event_id, at, status, previous in reversed(rows)
     ]
+
+
+def checkpoint_of(conn: sqlite3.Connection, slot: str) -> tuple[int, float] | None:
+    """The slot's checkpoint LSN and when capture committed it, if it has one."""
+    row = conn.execute(Q["checkpoint_of"], (slot,)).fetchone()
+    return None if row is None else (int(row[0]), float(row[1]))
 
 
 def get_event(conn: sqlite3.Connection, event_id: int) -> tuple[Any, ...] | None:
