@@ -115,6 +115,18 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
+def check_writable(conn: sqlite3.Connection, busy_ms: int = 2000) -> None:
+    """Take the write lock and give it back, writing nothing; raises when the outbox
+    cannot be written within ``busy_ms`` (``/readyz``).  Not inside a transaction."""
+    busy = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+    conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={busy}")
+
+
 def data_version(conn: sqlite3.Connection) -> int:
     """A number that changes when another connection commits (cheap to poll)."""
     return int(conn.execute("PRAGMA data_version").fetchone()[0])

@@ -190,8 +190,9 @@ def check_source_schema(
 def first_api_key(conn: Any) -> Any:
     """An API key with every permission when none is active yet (shown once by setup)."""
     from api import keys as api_keys
+    from outbox.keys import active_count
 
-    if api_keys.active_count(conn):
+    if active_count(conn):
         return None
     return api_keys.create(conn, "first key (setup)", list(api_keys.PERMISSIONS), [])
 
