@@ -1,6 +1,7 @@
 """Mapping rules: row changes → business events (pure: no I/O).
 
-The rule format is part of the contract (see DESIGN "Events")::
+The rule format is part of the contract: users write their own, and docs/mapping.md is
+its reference::
 
     [defaults]
     exclude_columns = ["password", "remember_token"]
