@@ -30,7 +30,7 @@ from outbox.endpoints import stored_secret
 from outbox.keys import usage_per_route
 from outbox.store import Router
 
-# Types that only the sidecar produces (the twelve documented in docs/events.md, the test
+# Types that only the sidecar produces (the twelve documented event types, the test
 # message and the gap marker; the loaded mapping's types are added): receivers trust them
 # to mirror the source, so a manual one needs SEND_CAPTURED_TYPES.
 CAPTURED_TYPES = frozenset(
