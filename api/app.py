@@ -1,4 +1,6 @@
-"""The HTTP API (first slice): key authentication, the events cursor, health.
+"""The HTTP API: key authentication and limits, the routes (events, exports, webhooks,
+stats), health and metrics, and what the app owns while it runs (the outbox readers, its
+one outbox writer, the source health check).
 
 One middleware turns every error into the JSON error body; handlers raise
 :class:`ApiError` (or aiohttp's HTTP exceptions) and never format errors themselves.
@@ -26,17 +28,19 @@ from api.events import Events, Feed
 from api.exports import Exports
 from api.filters import LISTS
 from api.health import SourceHealth
-from api.keys import EXPORT, WEBHOOKS, K, hash_key
+from api.keys import EXPORT, WEBHOOKS, hash_key
 from api.limits import RateLimiter, Usage
 from api.openapi import BASE
 from api.reads import Reads
 from api.webhooks import GRANTED, Webhooks
+from api.writer import ApiWriter
 from cdc.mapping import Mapping, load_mapping
 from common.jsontext import dumps as json_bytes
 from common.metrics import API_REQUESTS, CAPTURE_LAG, REGISTRY, OutboxCollector
 from common.version import version
 from config.settings import Settings
-from outbox import source_state, store
+from outbox import keys, source_state, store
+from outbox.figures import figures
 
 FEED: web.AppKey[Feed] = web.AppKey("feed", Feed)
 
@@ -104,7 +108,8 @@ class Api:
         self.limiter = RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst)
         # requests without a valid key, per client address: guessing and log floods end in 429s
         self.failures = RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst)
-        self.usage = Usage(settings.outbox.path)
+        self.writer = ApiWriter(settings)  # the process's one outbox writer
+        self.usage = Usage(self.writer.record_usage)
         self.proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies]
         self._keys: dict[str, tuple[float, tuple[str, frozenset[str], list[IPNetwork]] | None]] = {}
         self.exports = exports
@@ -114,7 +119,8 @@ class Api:
         # the events cursor's reads: a thread each for a few at once, none on the loop
         self.event_reads = Reads(settings.outbox.path, EVENT_READ_THREADS, "api-events")
         self.scraped = CollectorRegistry(auto_describe=False)
-        self.scraped.register(OutboxCollector(self._slow.conn, settings.source.slot))
+        slot = settings.source.slot
+        self.scraped.register(OutboxCollector(lambda: figures(self._slow.conn(), slot)))
 
     def db(self) -> sqlite3.Connection:
         if self.conn is None:
@@ -191,12 +197,11 @@ class Api:
         hit = self._keys.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        row = self.db().execute(K["find_key"], (hash_key(key),)).fetchone()
+        stored = keys.find(self.db(), hash_key(key))
         known = None
-        if row is not None and row[4] is None:
-            key_id, _name, permissions, allow_ips, _revoked = row
-            networks = [ipaddress.ip_network(n, strict=False) for n in orjson.loads(allow_ips)]
-            known = (key_id, frozenset(orjson.loads(permissions)), networks)
+        if stored is not None and stored.revoked_at is None:
+            networks = [ipaddress.ip_network(n, strict=False) for n in stored.allow_ips]
+            known = (stored.id, frozenset(stored.permissions), networks)
         if len(self._keys) > 10_000:
             self._keys.clear()
         self._keys[key] = (now + KEY_CACHE_SECONDS, known)
@@ -230,9 +235,7 @@ class Api:
         """Ready when the source answers, the slot is healthy and the outbox is writable;
         ``degraded`` (still 200) while capture reports mapping rules broken by DDL.
         Answers within about a second whatever the source does (:mod:`api.health`)."""
-        (source, slot), outbox = await asyncio.gather(
-            self.health.check(), asyncio.to_thread(self._outbox_writable)
-        )
+        (source, slot), outbox = await asyncio.gather(self.health.check(), self.writer.check())
         checks = {"source": dict(source), "slot": dict(slot), "outbox": outbox}
         ready = all(c["ok"] for c in checks.values())
         # Rules that capture found broken (DDL while running): the process still serves and
@@ -252,19 +255,6 @@ class Api:
             return source_state.problems_of(conn)
         finally:
             conn.close()
-
-    def _outbox_writable(self) -> dict[str, Any]:
-        try:
-            conn = store.connect(self.settings.outbox.path)
-            try:
-                conn.execute("PRAGMA busy_timeout=2000")
-                conn.execute("BEGIN IMMEDIATE")  # takes the write lock, writes nothing
-                conn.execute("ROLLBACK")
-            finally:
-                conn.close()
-        except Exception as exc:
-            return {"ok": False, "error": str(exc)}
-        return {"ok": True}
 
     async def metrics(self, request: web.Request) -> web.Response:
         slot = await self.health.slot_status()
@@ -286,7 +276,7 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
     exports.cache = ExportCache(api.db)
     exports.offload = api.offload  # the status history of an order, read off the loop
     feed = Feed(api.db)
-    webhooks = Webhooks(settings, api.db, api.offload, api.usage, api.health, mapping.event_types)
+    webhooks = Webhooks(settings, api.db, api.offload, api.writer, api.usage, api.health, mapping.event_types)
     events = Events(api.db, api.event_reads, feed, api.recheck)
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[FEED] = feed
@@ -322,6 +312,7 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
 
     async def start(_: web.Application) -> None:
         feed.bind()
+        await api.writer.open()
         api.usage.start()
         await exports.open()
 
@@ -331,7 +322,8 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
     async def close(_: web.Application) -> None:
         await webhooks.close()
         await exports.close()
-        await api.usage.close()
+        await api.usage.close()  # the last counters, through the writer
+        await api.writer.close()
         await api.close()
 
     app.on_startup.append(start)

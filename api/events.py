@@ -64,7 +64,7 @@ class Feed:
         self._changed = asyncio.Event()  # the next wait waits for the next commit
 
     def _version(self) -> int:
-        return int(self._db().execute("PRAGMA data_version").fetchone()[0])
+        return store.data_version(self._db())
 
     def mark(self) -> Mark:
         """Take before reading: :meth:`wait` then returns at once if anything was

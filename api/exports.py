@@ -39,7 +39,6 @@ from common.jsontext import dumps as json_bytes
 from config.settings import Settings
 from outbox import store
 
-DEFAULT_SQL_DIR = Path(__file__).resolve().parent / "sql"
 STREAM_PAGE = 1000  # rows per query while streaming a whole export
 
 LOW_STOCK = 5  # at or below: "low_stock"
@@ -103,17 +102,23 @@ BLOCKS = (
 )
 
 
-def load_sql(path: Path) -> dict[str, str]:
-    """The export queries; a missing file or block is a configuration error at start."""
-    try:
-        blocks = sqlfile.parse_blocks(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"api.sql_dir: cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ConfigError(f"api.sql_dir: {path}: {exc}") from None
+def load_sql(sql_dir: str | None) -> dict[str, str]:
+    """The export queries: ``exports.sql`` of ``api.sql_dir``, or the built-in one (a
+    resource of this package); a missing file or block is a configuration error at start."""
+    if not sql_dir:
+        blocks, where = sqlfile.load("api", "exports.sql"), "the built-in exports.sql"
+    else:
+        path = Path(sql_dir) / "exports.sql"
+        where = f"api.sql_dir: {path}"
+        try:
+            blocks = sqlfile.parse_blocks(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"api.sql_dir: cannot read {path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     missing = [b for b in BLOCKS if b not in blocks]
     if missing:
-        raise ConfigError(f"api.sql_dir: {path} lacks the SQL block {missing[0]!r} (-- name: {missing[0]})")
+        raise ConfigError(f"{where} lacks the SQL block {missing[0]!r} (-- name: {missing[0]})")
     return blocks
 
 
@@ -172,7 +177,7 @@ class Exports:
             "analytics": cfg.cache_ttl_analytics,
         }
         self.any_table = bool(cfg.sql_dir)
-        self.sql = load_sql(Path(cfg.sql_dir or DEFAULT_SQL_DIR) / "exports.sql")
+        self.sql = load_sql(cfg.sql_dir)
         self.pool_timeout = cfg.pool_timeout_seconds
         options = (
             f"-c default_transaction_read_only=on -c statement_timeout={cfg.statement_timeout_ms}"

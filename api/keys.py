@@ -1,6 +1,6 @@
-"""API keys: made here, shown once, stored as a SHA-256 hash with permissions and an
-optional IP/CIDR allow-list.  Keys carry 256 random bits, so a plain hash is enough to
-make a stolen outbox file useless for calling the API."""
+"""API keys: made here, shown once, stored (by :mod:`outbox.keys`) as a SHA-256 hash with
+permissions and an optional IP/CIDR allow-list.  Keys carry 256 random bits, so a plain
+hash is enough to make a stolen outbox file useless for calling the API."""
 
 from __future__ import annotations
 
@@ -10,15 +10,10 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import orjson
-
-from common import sqlfile
 from common.errors import ConfigError
-
-K = sqlfile.load(Path(__file__).resolve().parent.parent / "outbox" / "sql" / "keys.sql")
+from outbox import keys as stored_keys
 
 EXPORT = "core_transaction_1_export"
 WEBHOOKS = "core_transaction_1_webhooks"
@@ -73,50 +68,29 @@ def create(conn: sqlite3.Connection, name: str, permissions: list[str], allow_ip
         raise ConfigError("--name must not be empty")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     key_id = "key_" + secrets.token_hex(4)
-    with conn:
-        conn.execute(
-            K["insert_key"],
-            (
-                key_id,
-                name.strip(),
-                hash_key(key),
-                KEY_PREFIX,  # never a character of the secret part
-                orjson.dumps(permissions).decode(),
-                orjson.dumps(allow_ips).decode(),
-                time.time(),
-            ),
-        )
+    stored_keys.insert(
+        conn,
+        key_id=key_id,
+        name=name.strip(),
+        key_hash=hash_key(key),
+        prefix=KEY_PREFIX,  # never a character of the secret part
+        permissions=permissions,
+        allow_ips=allow_ips,
+        created_at=time.time(),
+    )
     return NewKey(key_id, name.strip(), key, permissions, allow_ips)
 
 
 def listing(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    rows = conn.execute(K["list_keys"]).fetchall()
-    requests = dict(conn.execute(K["key_requests"]).fetchall())
     return [
-        {
-            "id": i,
-            "name": n,
-            "prefix": p[: len(KEY_PREFIX)],  # older rows hold 6 secret characters more
-            "permissions": orjson.loads(perm),
-            "allow_ips": orjson.loads(ips),
-            "created_at": c,
-            "revoked_at": r,
-            "last_used_at": u,
-            "requests": int(requests.get(i, 0)),
-        }
-        for i, n, p, perm, ips, c, r, u in rows
+        {**row, "prefix": row["prefix"][: len(KEY_PREFIX)]}  # older rows hold 6 secret characters more
+        for row in stored_keys.listing(conn)
     ]
 
 
 def revoke(conn: sqlite3.Connection, key_id: str) -> None:
-    row = conn.execute(K["key_exists"], (key_id,)).fetchone()
-    if row is None:
+    outcome = stored_keys.revoke(conn, key_id, time.time())
+    if outcome == "unknown":
         raise ConfigError(f"no API key {key_id!r} (see `ct1-cdc keys list`)")
-    if row[0] is not None:
+    if outcome == "already":
         raise ConfigError(f"API key {key_id} is already revoked")
-    with conn:
-        conn.execute(K["revoke_key"], (time.time(), key_id))
-
-
-def active_count(conn: sqlite3.Connection) -> int:
-    return int(conn.execute(K["count_keys"]).fetchone()[0])

@@ -1,7 +1,8 @@
 """Per-key rate limits (token buckets) and usage counters.
 
-Both live in memory on the request path; counters go to the outbox (``api_usage`` and
-``api_keys.last_used_at``) every :data:`FLUSH_SECONDS` and at shutdown, off the loop.
+Both live in memory on the request path; counters go to the outbox (usage per key and
+route, each key's last use) every :data:`FLUSH_SECONDS` and at shutdown, through the
+API's writer, off the loop.
 Limits are per process: a key may make ``rate_per_minute`` requests a minute with bursts
 of ``burst``.
 """
@@ -11,15 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
-
-from api.keys import K
-from outbox import store
 
 log = structlog.get_logger("ct1_cdc.api")
 
@@ -61,14 +58,13 @@ class RateLimiter:
 
 
 class Usage:
-    """Requests per (key, route), kept in memory and flushed to the outbox."""
+    """Requests per (key, route), kept in memory and flushed to the outbox by ``record``
+    (the API's writer)."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, record: Callable[[list[tuple[str, str, int, float]]], Awaitable[None]]) -> None:
+        self.record = record
         self.pending: dict[tuple[str, str], list[float]] = {}  # (key, route) -> [count, last]
         self._task: asyncio.Task[None] | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._writing = asyncio.Lock()  # one flush at a time uses the connection
 
     def count(self, key_id: str, route: str) -> None:
         entry = self.pending.get((key_id, route))
@@ -93,25 +89,14 @@ class Usage:
         batch, self.pending = self.pending, {}
         rows = [(k, r, int(n), last) for (k, r), (n, last) in batch.items()]
         try:
-            async with self._writing:
-                await asyncio.to_thread(self._write, store.dumps(rows))
+            await self.record(rows)
         except Exception as exc:  # counters are best effort; requests are never refused for them
             log.warning("api_usage_not_saved", error=str(exc), entries=len(rows))
 
-    def _write(self, batch: str) -> None:
-        if self._conn is None:  # opened (and migrated) once, on the first flush
-            self._conn = store.open_outbox(self.path)
-        with self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute(K["add_usage"], {"batch": batch})
-            self._conn.execute(K["touch_keys"], {"batch": batch})
-
     async def close(self) -> None:
+        """Stop flushing every few seconds, and flush what is counted."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.flush()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None

@@ -1,6 +1,6 @@
 """The parameters of every endpoint, declared once: :func:`api.params.parse` validates a
 request into these models and :mod:`api.openapi` documents them from the same fields.
-Names are the public ones documented in docs/api.md."""
+Names are the public ones documented in docs/api.md: clients depend on them."""
 
 from __future__ import annotations
 

@@ -3,13 +3,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -17,10 +13,11 @@ from aiohttp import web
 
 from api.errors import ApiError
 from api.health import SourceHealth
-from api.keys import SEND_CAPTURED_TYPES, K
+from api.keys import SEND_CAPTURED_TYPES
 from api.limits import Usage
 from api.models import WebhookSend, WebhookTest
 from api.params import validate
+from api.writer import ApiWriter
 from common import jsontext
 from common.errors import ConfigError
 from common.formats import format_lsn, optional_iso, unix_to_iso
@@ -29,13 +26,13 @@ from config.settings import EndpointSettings, Settings
 from dispatcher.probe import send_test
 from dispatcher.sender import Sender, check_url
 from outbox import store
-from outbox.store import Route, Router
-from outbox.writer import OutboxWriter
+from outbox.endpoints import stored_secret
+from outbox.keys import usage_per_route
+from outbox.store import Router
 
-MAX_SEND_BYTES = 64 * 1024
-# Types that only the sidecar produces (DESIGN.md "Events"; the loaded mapping's types are
-# added): receivers trust them to mirror the source, so a manual one needs
-# SEND_CAPTURED_TYPES.
+# Types that only the sidecar produces (the twelve documented event types, the test
+# message and the gap marker; the loaded mapping's types are added): receivers trust them
+# to mirror the source, so a manual one needs SEND_CAPTURED_TYPES.
 CAPTURED_TYPES = frozenset(
     {
         "customer.created",
@@ -83,6 +80,7 @@ class Webhooks:
         settings: Settings,
         db: Callable[[], sqlite3.Connection],
         offload: Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]],
+        writer: ApiWriter,
         usage: Usage,
         health: SourceHealth,
         mapped_types: Iterable[str] = (),
@@ -90,30 +88,17 @@ class Webhooks:
         self.settings = settings
         self.db = db
         self.offload = offload  # runs a read that walks whole tables off the event loop
+        self.writer = writer  # the app's one outbox writer: manual events
         self.usage = usage
         self.health = health
         self.endpoints = {e.name: e for e in settings.endpoints}
         self.sender: Sender | None = None
         self.captured_types = CAPTURED_TYPES | frozenset(mapped_types)
-        # the routing of captured events (sidecar.runner.router_for): enabled endpoints, their globs
-        self.routes = [Route(e.name, tuple(e.events)) for e in settings.endpoints if e.enabled]
-        self.router = Router(self.routes)
-        # Manual events: one writer for the app's lifetime, opened on the first send, used
-        # only on its own thread (writes serialised, off the loop), closed at cleanup.
-        self._writes = ThreadPoolExecutor(1, thread_name_prefix="api-write")
-        self._writer: OutboxWriter | None = None
+        self.router = Router(writer.routes)  # a manual event is routed as a captured one
 
     async def close(self) -> None:
         if self.sender is not None:
             await self.sender.close()
-        await asyncio.get_running_loop().run_in_executor(self._writes, self._close_writer)
-        self._writes.shutdown(wait=True)
-
-    def _close_writer(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            with contextlib.suppress(sqlite3.Error):
-                writer.close()
 
     def _endpoint(self, name: Any, field: str) -> EndpointSettings:
         if not isinstance(name, str) or name not in self.endpoints:
@@ -133,7 +118,7 @@ class Webhooks:
             check_url(endpoint.name, endpoint.url, cfg.require_https, cfg.refuse_private_networks)
         except ConfigError as exc:
             raise ApiError(422, "invalid_endpoint", str(exc), "system") from None
-        secret = endpoint.secret or self._stored_secret(endpoint.name)
+        secret = endpoint.secret or stored_secret(self.db(), endpoint.name)
         if not secret:
             raise ApiError(
                 409, "no_secret", f"endpoint {endpoint.name} has no secret yet: run `ct1-cdc setup`", "system"
@@ -144,10 +129,6 @@ class Webhooks:
             )
         probe = await send_test(self.sender, endpoint, secret, version())
         return _ok(probe.as_dict())
-
-    def _stored_secret(self, name: str) -> str | None:
-        row = self.db().execute("SELECT secret FROM endpoints WHERE name = ?", (name,)).fetchone()
-        return None if row is None else row[0]
 
     # -- GET /webhooks/status --------------------------------------------------------------------
 
@@ -195,9 +176,10 @@ class Webhooks:
         event_type, data, systems = body.event, body.data, body.systems
         self._may_send(event_type, request.get(GRANTED, frozenset()))
         names = self._route(event_type, systems)
-        now = time.time()
-        append = functools.partial(self._append, event_type, data, names, unix_to_iso(now))
-        event_id = await asyncio.get_running_loop().run_in_executor(self._writes, append)
+        try:
+            event_id = await self.writer.append(event_type, data, names, unix_to_iso(time.time()))
+        except (sqlite3.Error, store.OutboxError) as exc:
+            raise ApiError(503, "outbox_unavailable", f"the outbox cannot be written now: {exc}") from exc
         return _ok({"id": event_id, "event": event_type, "systems": names}, status=201)
 
     def _may_send(self, event_type: str, granted: frozenset[str]) -> None:
@@ -233,20 +215,6 @@ class Webhooks:
                 raise ApiError(422, "invalid_parameter", f"systems: endpoint {name} {why}", "systems")
         return names
 
-    def _append(self, event_type: str, data: dict[str, Any], names: list[str], occurred_at: str) -> int:
-        """On the write thread: append one manual event for ``names`` and commit."""
-        try:
-            if self._writer is None:
-                self._writer = OutboxWriter(store.open_outbox(self.settings.outbox.path), self.router)
-            writer = self._writer
-            writer.router = Router([r for r in self.routes if r.name in names])
-            writer.add(event_type, "manual", None, data, occurred_at, None, "manual", None, None)
-            writer.commit(None)
-            return writer.last_event_id
-        except (sqlite3.Error, store.OutboxError) as exc:
-            self._close_writer()  # rolls back; the next send opens it again
-            raise ApiError(503, "outbox_unavailable", f"the outbox cannot be written now: {exc}") from exc
-
     # -- GET /stats ------------------------------------------------------------------------------
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -257,14 +225,15 @@ class Webhooks:
 
     def _stats(self, conn: sqlite3.Connection) -> dict[str, Any]:
         totals = store.stats(conn)
-        checkpoint = conn.execute(
-            "SELECT lsn, updated_at FROM checkpoint WHERE slot = ?", (self.settings.source.slot,)
-        ).fetchone()
+        checkpoint = store.checkpoint_of(conn, self.settings.source.slot)
         usage: dict[str, Any] = {}
-        for key_id, name, route, requests, last in conn.execute(K["usage"]).fetchall():
-            entry = usage.setdefault(key_id, {"name": name, "requests": 0, "routes": {}})
-            entry["requests"] += requests
-            entry["routes"][route] = {"requests": requests, "last_used_at": optional_iso(last)}
+        for row in usage_per_route(conn):
+            entry = usage.setdefault(row["key_id"], {"name": row["name"], "requests": 0, "routes": {}})
+            entry["requests"] += row["requests"]
+            entry["routes"][row["route"]] = {
+                "requests": row["requests"],
+                "last_used_at": optional_iso(row["last_used_at"]),
+            }
         capture: dict[str, Any] = {
             "slot": self.settings.source.slot,
             "checkpoint_lsn": None if checkpoint is None else format_lsn(checkpoint[0]),

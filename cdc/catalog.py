@@ -7,14 +7,13 @@ What to make of it lives in :mod:`cdc.schema` (pure).
 from __future__ import annotations
 
 from collections.abc import Container
-from pathlib import Path
 from typing import Any
 
 from cdc.schema import Relation
 from cdc.source import Conn
 from common import sqlfile
 
-C = sqlfile.load(Path(__file__).resolve().parent / "sql" / "catalog.sql")
+C = sqlfile.load("cdc", "catalog.sql")
 
 
 def _relation(conn: Conn, row: tuple[Any, ...], partitions: tuple[Relation, ...] = ()) -> Relation:

@@ -1,7 +1,7 @@
 """Mapping rules: row changes → business events (pure: no I/O).
 
-The rule format is part of the contract (users write their own; docs/mapping.md is its
-reference)::
+The rule format is part of the contract: users write their own, and docs/mapping.md is
+its reference::
 
     [defaults]
     exclude_columns = ["password", "remember_token"]

@@ -3,14 +3,15 @@
 Counters and histograms are fed by the stage that runs in this process (capture counts
 appended events, the dispatcher times attempts, the API counts requests); what every
 process can read from the outbox (deliveries by endpoint and status, events by type,
-the checkpoint's age) is collected from SQLite at scrape time.
+the checkpoint's age) is read at scrape time: :class:`OutboxCollector` turns the figures
+the outbox gives (``outbox.figures``) into gauges.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -44,47 +45,51 @@ API_REQUESTS = Counter(
 )
 
 
-class OutboxCollector(Collector):
-    """Reads the outbox at scrape time (a read-only connection of the API)."""
+@dataclass(frozen=True, slots=True)
+class OutboxFigures:
+    """What any process can read from the outbox at scrape time (``outbox.figures``)."""
 
-    def __init__(self, db: Callable[[], sqlite3.Connection], slot: str) -> None:
-        self.db = db
-        self.slot = slot
+    deliveries: dict[tuple[str, str], int]  # (endpoint, status) -> deliveries
+    events_by_type: dict[str, int]
+    last_event_id: int
+    mapping_problems: int
+    checkpoint_updated_at: float | None  # when capture last committed a checkpoint of the slot
+
+
+class OutboxCollector(Collector):
+    """Gauges of the outbox, from figures ``read`` at scrape time."""
+
+    def __init__(self, read: Callable[[], OutboxFigures], clock: Callable[[], float] = time.time) -> None:
+        self.read = read
+        self.clock = clock
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        conn = self.db()
+        figures = self.read()
         deliveries = GaugeMetricFamily(
             "ct1_cdc_deliveries",
             "Deliveries in the outbox by endpoint and status",
             labels=["endpoint", "status"],
         )
-        for endpoint, status, n in conn.execute(
-            "SELECT endpoint, status, count(*) FROM deliveries GROUP BY endpoint, status"
-        ):
+        for (endpoint, status), n in figures.deliveries.items():
             deliveries.add_metric([endpoint, status], n)
         yield deliveries
         events = GaugeMetricFamily("ct1_cdc_outbox_events", "Events in the outbox by type", labels=["type"])
-        for event_type, n in conn.execute("SELECT type, count(*) FROM events GROUP BY type"):
+        for event_type, n in figures.events_by_type.items():
             events.add_metric([event_type], n)
         yield events
         last = GaugeMetricFamily("ct1_cdc_last_event_id", "Id of the newest event in the outbox")
-        last.add_metric([], conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+        last.add_metric([], figures.last_event_id)
         yield last
         problems = GaugeMetricFamily(
             "ct1_cdc_mapping_problems",
             "Mapping problems capture found in the live schema while running (e.g. a column a rule"
             " names was renamed); 0 when every rule fits",
         )
-        try:
-            count = conn.execute("SELECT count(*) FROM mapping_problems").fetchone()[0]
-        except sqlite3.OperationalError:  # an outbox older than the table
-            count = 0
-        problems.add_metric([], count)
+        problems.add_metric([], figures.mapping_problems)
         yield problems
-        row = conn.execute("SELECT updated_at FROM checkpoint WHERE slot = ?", (self.slot,)).fetchone()
-        if row is not None:
+        if figures.checkpoint_updated_at is not None:
             age = GaugeMetricFamily(
                 "ct1_cdc_checkpoint_age_seconds", "Seconds since capture last committed a checkpoint"
             )
-            age.add_metric([], max(0.0, time.time() - row[0]))
+            age.add_metric([], max(0.0, self.clock() - figures.checkpoint_updated_at))
             yield age

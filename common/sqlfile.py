@@ -1,16 +1,20 @@
-"""Named SQL blocks in ``.sql`` files, loaded once.
+"""Named SQL blocks in ``.sql`` files, loaded once, as package resources.
 
-A file holds blocks that each start with a ``-- name: NAME`` line::
+A package keeps its files in ``sql/``; each holds blocks that start with a
+``-- name: NAME`` line::
 
     -- name: append_event
     INSERT INTO events ...
+
+``load("outbox", "deliveries.sql")`` reads ``outbox/sql/deliveries.sql`` through
+:mod:`importlib.resources`, so it works wherever the package is installed from.
 """
 
 from __future__ import annotations
 
 import re
 from functools import cache
-from pathlib import Path
+from importlib.resources import files
 
 _NAME = re.compile(r"^--\s*name:\s*(\S+)\s*$", re.MULTILINE)
 
@@ -26,6 +30,12 @@ def parse_blocks(text: str) -> dict[str, str]:
     return blocks
 
 
+def text(package: str, name: str) -> str:
+    """The text of ``sql/NAME`` in ``package``."""
+    return (files(package) / "sql" / name).read_text(encoding="utf-8")
+
+
 @cache
-def load(path: str | Path) -> dict[str, str]:
-    return parse_blocks(Path(path).read_text(encoding="utf-8"))
+def load(package: str, name: str) -> dict[str, str]:
+    """The blocks of ``sql/NAME`` in ``package`` (read once)."""
+    return parse_blocks(text(package, name))

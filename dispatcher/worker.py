@@ -26,8 +26,9 @@ from common.metrics import ATTEMPT_SECONDS, ATTEMPTS
 from common.version import version
 from config.settings import EndpointSettings, Settings
 from dispatcher import retry, signing
-from dispatcher.deliveries import DeliveryStore, Due, EndpointState, Finished
 from dispatcher.sender import Sender, check_url
+from outbox.deliveries import DeliveryStore, Due, Finished
+from outbox.endpoints import EndpointState
 
 log = structlog.get_logger("ct1_cdc.dispatch")
 T = TypeVar("T")

@@ -10,33 +10,19 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from common import sqlfile
+from outbox.store import transaction
 
-S = sqlfile.load(Path(__file__).resolve().parent / "sql" / "source_state.sql")
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction on an outbox connection (they run in autocommit mode)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+S = sqlfile.load("outbox", "source_state.sql")
 
 
 def record_identity_change(
     conn: sqlite3.Connection, table: str, schema: str, name: str, identity: str, index: str | None
 ) -> None:
     """Remember a table's replica identity before setup changes it (the first one wins)."""
-    with _transaction(conn):
+    with transaction(conn):
         conn.execute(S["record_identity_change"], (table, schema, name, identity, index, time.time()))
 
 
@@ -46,7 +32,7 @@ def identity_changes(conn: sqlite3.Connection) -> list[tuple[str, str, str, str,
 
 
 def forget_identity_change(conn: sqlite3.Connection, table: str) -> None:
-    with _transaction(conn):
+    with transaction(conn):
         conn.execute(S["forget_identity_change"], (table,))
 
 
@@ -54,7 +40,7 @@ def set_problems(conn: sqlite3.Connection, problems: list[dict[str, Any]]) -> No
     """Replace the stored mapping problems; one already stored keeps its ``since``."""
     old = {(p["kind"], p["table"], p["rule"], p["message"]): p["since"] for p in problems_of(conn)}
     now = time.time()
-    with _transaction(conn):
+    with transaction(conn):
         conn.execute(S["clear_problems"])
         conn.executemany(
             S["insert_problem"],
@@ -81,8 +67,15 @@ def problems_of(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
+def problem_count(conn: sqlite3.Connection) -> int:
+    try:
+        return int(conn.execute(S["count_problems"]).fetchone()[0])
+    except sqlite3.OperationalError:  # an outbox older than the table
+        return 0
+
+
 def request_skip(conn: sqlite3.Connection, xid: int) -> None:
-    with _transaction(conn):
+    with transaction(conn):
         conn.execute(S["request_skip"], (xid, time.time()))
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from common import sqlfile
 from common.jsontext import dumps, loads
 
-S = sqlfile.load(Path(__file__).resolve().parent / "sql" / "state.sql")
+S = sqlfile.load("outbox", "state.sql")
 
 
 Row = tuple[str, str | None, float | None]  # value (JSON text), ref, due

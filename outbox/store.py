@@ -1,7 +1,8 @@
-"""The SQLite outbox: schema, the capture writer, and reads.
+"""The SQLite outbox: connections, schema and migrations, routing, and reads.
 
-Appends go through :class:`outbox.writer.OutboxWriter`, the single writer thread.
-Readers open their own connections (WAL mode lets them read while it writes).
+Events are appended through :class:`outbox.writer.OutboxWriter` (capture's, and the
+API's for manual events); readers open their own connections (WAL mode lets them read
+while a writer writes).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,8 @@ from typing import Any
 from common import jsontext, sqlfile
 from common.errors import Ct1Error
 
-_SQL_DIR = Path(__file__).resolve().parent / "sql"
-Q = sqlfile.load(_SQL_DIR / "queries.sql")
-MIGRATIONS = sqlfile.load(_SQL_DIR / "migrations.sql")
+Q = sqlfile.load("outbox", "queries.sql")
+MIGRATIONS = sqlfile.load("outbox", "migrations.sql")
 SCHEMA_VERSION = max(int(n) for n in MIGRATIONS)
 
 
@@ -100,6 +101,35 @@ def open_outbox(path: str | Path) -> sqlite3.Connection:
     conn = connect(path)
     migrate(conn)
     return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on an outbox connection (they run in autocommit mode)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def check_writable(conn: sqlite3.Connection, busy_ms: int = 2000) -> None:
+    """Take the write lock and give it back, writing nothing; raises when the outbox
+    cannot be written within ``busy_ms`` (``/readyz``).  Not inside a transaction."""
+    busy = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+    conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={busy}")
+
+
+def data_version(conn: sqlite3.Connection) -> int:
+    """A number that changes when another connection commits (cheap to poll)."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +272,12 @@ def status_history(conn: sqlite3.Connection, order_key: str, limit: int = 100) -
         {"event_id": event_id, "changed_at": at, "status": status, "previous_status": previous}
         for event_id, at, status, previous in reversed(rows)
     ]
+
+
+def checkpoint_of(conn: sqlite3.Connection, slot: str) -> tuple[int, float] | None:
+    """The slot's checkpoint LSN and when capture committed it, if it has one."""
+    row = conn.execute(Q["checkpoint_of"], (slot,)).fetchone()
+    return None if row is None else (int(row[0]), float(row[1]))
 
 
 def get_event(conn: sqlite3.Connection, event_id: int) -> tuple[Any, ...] | None:

@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from common.formats import unix_to_text
-from dispatcher.deliveries import D
-from outbox import store
+from outbox import deliveries, retention, store
+from outbox.endpoints import set_state as set_endpoint_state
 from sidecar.console import emit_json, endpoints, fail, handled, outbox, settings_of
 
 
@@ -62,41 +62,37 @@ def outbox_deliveries(
 ) -> None:
     """Deliveries with their state, last HTTP status and error."""
     conn = store.connect(settings_of(ctx).outbox.path, readonly=True)
-    rows = conn.execute(
-        D["list_deliveries"],
-        {
-            "status": status,
-            "endpoint": endpoint,
-            "event_id": event_id,
-            "after": after,
-            "limit": limit,
-        },
-    ).fetchall()
-    for endpoint_, event, etype, state, attempts, next_at, last_status, last_error in rows:
+    rows = deliveries.list_deliveries(
+        conn, status=status, endpoint=endpoint, event_id=event_id, after=after, limit=limit
+    )
+    conn.close()
+    for row in rows:
         item = {
-            "endpoint": endpoint_,
-            "event_id": event,
-            "type": etype,
-            "status": state,
-            "attempts": attempts,
-            "next_attempt_at": _when(next_at) if state == "pending" else None,
-            "last_status": last_status,
-            "last_error": last_error,
+            **row,
+            "next_attempt_at": _when(row["next_attempt_at"]) if row["status"] == "pending" else None,
         }
         if as_json:
             emit_json(item)
         else:
+            last_status, last_error = row["last_status"], row["last_error"]
             click.echo(
-                f"{event:>8}  {endpoint_:<8} {state:<9} attempts={attempts} "
-                f"last={last_status if last_status is not None else '-'} {etype}"
+                f"{row['event_id']:>8}  {row['endpoint']:<8} {row['status']:<9} attempts={row['attempts']} "
+                f"last={last_status if last_status is not None else '-'} {row['type']}"
                 + (f"  ({last_error})" if last_error else "")
             )
 
 
 def attempts_of(conn: sqlite3.Connection, event_id: int) -> list[dict[str, Any]]:
     return [
-        {"endpoint": e, "at": _when(at), "status": s, "duration_ms": d, "error": err, "response": r}
-        for e, at, s, d, err, r in conn.execute(D["delivery_attempts"], (event_id,)).fetchall()
+        {
+            "endpoint": a["endpoint"],
+            "at": _when(a["attempted_at"]),
+            "status": a["status"],
+            "duration_ms": a["duration_ms"],
+            "error": a["error"],
+            "response": a["response"],
+        }
+        for a in deliveries.attempts_of(conn, event_id)
     ]
 
 
@@ -123,15 +119,15 @@ def outbox_replay(
         fail("--since goes with --dead")
     conn = _writer_conn(ctx)
     now = time.time()
-    with conn:
+    try:
         if event_id is not None:
             if store.get_event(conn, event_id) is None:
                 fail(f"no event {event_id} in the outbox")
-            cur = conn.execute(D["replay_event"], {"event_id": event_id, "endpoint": endpoint, "now": now})
+            count = deliveries.replay_event(conn, event_id, endpoint=endpoint, now=now)
         else:
-            cur = conn.execute(D["replay_dead"], {"endpoint": endpoint, "since": _since(since), "now": now})
-    count = cur.rowcount
-    conn.close()
+            count = deliveries.replay_dead(conn, endpoint=endpoint, since=_since(since), now=now)
+    finally:
+        conn.close()
     if as_json:
         emit_json({"replayed": count})
     else:
@@ -153,33 +149,18 @@ def outbox_prune(ctx: click.Context, older_than_days: float | None, dry_run: boo
     settings = settings_of(ctx)
     days = settings.outbox.retention_days if older_than_days is None else older_than_days
     cutoff = time.time() - days * 86400
-    conn = _writer_conn(ctx)
-    # deliveries go before their events in the same transaction; checking the foreign key
-    # on each deleted event would scan every delivery (no index leads with event_id)
-    conn.execute("PRAGMA foreign_keys=OFF")
-    removed = 0
     show = sys.stderr.isatty() and not as_json
-    while True:
-        ids = [r[0] for r in conn.execute(D["prune_candidates"], {"cutoff": cutoff, "batch": 5000})]
-        if not ids:
-            break
+    conn = _writer_conn(ctx)
+    try:
         if dry_run:
-            removed = int(
-                conn.execute(
-                    "SELECT count(*) FROM events WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM"
-                    " deliveries d WHERE d.event_id = events.id AND d.status = 'pending')",
-                    (cutoff,),
-                ).fetchone()[0]
+            removed = retention.prunable(conn, cutoff)
+        else:
+            progress = (
+                (lambda n: click.echo(f"\rpruned {n} events ...", nl=False, err=True)) if show else None
             )
-            break
-        payload = store.dumps(ids)
-        with conn:
-            for name in ("prune_attempts", "prune_deliveries", "prune_events"):
-                conn.execute(D[name], {"ids": payload})
-        removed += len(ids)
-        if show:
-            click.echo(f"\rpruned {removed} events ...", nl=False, err=True)
-    conn.close()
+            removed = retention.prune(conn, cutoff, progress=progress)
+    finally:
+        conn.close()
     if show and removed and not dry_run:
         click.echo("", err=True)
     if as_json:
@@ -232,13 +213,11 @@ def endpoints_list(ctx: click.Context, as_json: bool) -> None:
 
 def _set_state(ctx: click.Context, name: str, state: str) -> None:
     conn = _writer_conn(ctx)
-    with conn:
-        cur = conn.execute(
-            "UPDATE endpoints SET state = ?, failures = 0, paused_until = 0, updated_at = ? WHERE name = ?",
-            (state, time.time(), name),
-        )
-    conn.close()
-    if cur.rowcount == 0:
+    try:
+        known = set_endpoint_state(conn, name, state, time.time())
+    finally:
+        conn.close()
+    if not known:
         fail(f"no endpoint {name!r} in the outbox (see `ct1-cdc endpoints list`)")
     click.echo(f"endpoint {name} {'enabled' if state == 'active' else 'disabled'}")
 

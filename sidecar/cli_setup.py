@@ -14,7 +14,7 @@ from cdc.mapping import Mapping, load_mapping
 from cdc.schema import Problem, check_mapping, fully_identified, lacking_identity, leaves
 from common.errors import ConfigError
 from config.settings import Settings
-from outbox import source_state, store
+from outbox import endpoints, source_state, store
 from outbox.writer import OutboxWriter
 from sidecar.console import emit_json, fail, handled, main, settings_of
 
@@ -112,7 +112,7 @@ def setup(
             secrets = store_secrets(writer.conn, settings)
             first_key = first_api_key(writer.conn)
             signing_secrets = {
-                e.name: e.secret or stored_secret(writer.conn, e.name) for e in settings.endpoints
+                e.name: e.secret or endpoints.stored_secret(writer.conn, e.name) for e in settings.endpoints
             }
         finally:
             writer.close()
@@ -190,15 +190,11 @@ def check_source_schema(
 def first_api_key(conn: Any) -> Any:
     """An API key with every permission when none is active yet (shown once by setup)."""
     from api import keys as api_keys
+    from outbox.keys import active_count
 
-    if api_keys.active_count(conn):
+    if active_count(conn):
         return None
     return api_keys.create(conn, "first key (setup)", list(api_keys.PERMISSIONS), [])
-
-
-def stored_secret(conn: Any, name: str) -> str | None:
-    row = conn.execute("SELECT secret FROM endpoints WHERE name = ?", (name,)).fetchone()
-    return None if row is None else row[0]
 
 
 def probe_endpoints(settings: Settings, signing_secrets: dict[str, str | None]) -> dict[str, Any]:
@@ -253,19 +249,13 @@ def probe_endpoints(settings: Settings, signing_secrets: dict[str, str | None]) 
 
 def store_secrets(conn: Any, settings: Settings) -> dict[str, str]:
     """A whsec_ secret for every configured endpoint that has none, kept in the outbox."""
-    from dispatcher.deliveries import D
     from dispatcher.signing import generate_secret
 
     made: dict[str, str] = {}
     for endpoint in settings.endpoints:
-        if endpoint.secret:
-            continue
-        row = conn.execute("SELECT secret FROM endpoints WHERE name = ?", (endpoint.name,)).fetchone()
-        if row and row[0]:
+        if endpoint.secret or endpoints.stored_secret(conn, endpoint.name):
             continue
         secret = generate_secret()
-        with conn:
-            conn.execute(store.Q["register_endpoint"], (endpoint.name, 0))
-            conn.execute(D["set_endpoint_secret"], (secret, endpoint.name))
+        endpoints.store_secret(conn, endpoint.name, secret)
         made[endpoint.name] = secret
     return made

@@ -18,6 +18,9 @@ SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)
 -- name: get_checkpoint
 SELECT lsn FROM checkpoint WHERE slot = ?
 
+-- name: checkpoint_of
+SELECT lsn, updated_at FROM checkpoint WHERE slot = ?
+
 -- name: set_checkpoint
 INSERT INTO checkpoint (slot, lsn, updated_at) VALUES (?, ?, ?)
 ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, updated_at = excluded.updated_at

@@ -22,6 +22,9 @@ INSERT INTO mapping_problems (kind, tbl, rule, message, fix, since) VALUES (?, ?
 -- name: problems
 SELECT kind, tbl, rule, message, fix, since FROM mapping_problems ORDER BY since, tbl, rule
 
+-- name: count_problems
+SELECT count(*) FROM mapping_problems
+
 -- name: request_skip
 INSERT INTO skipped_transactions (xid, requested_at) VALUES (?, ?)
 ON CONFLICT (xid) DO NOTHING

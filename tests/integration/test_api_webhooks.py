@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -154,6 +155,40 @@ async def test_sent_events_are_delivered_and_show_in_status_and_stats(tmp_path):
             assert routes[f"{BASE}/webhooks/status"]["requests"] == 1
         finally:
             await client.close()
+
+
+async def test_the_api_writes_through_one_connection(tmp_path, monkeypatch):
+    """Manual events, usage counters and the readiness check share the app's one outbox
+    writer: one write connection for the API's life, opened at start, closed at cleanup."""
+    settings = settings_for(tmp_path, "http://127.0.0.1:1/a", "http://127.0.0.1:1/b")
+    client, api_key = await client_for(settings)  # the keys are made before the spy
+    opened: list[Any] = []
+    real_connect = store.connect
+
+    def connect(path: Any, *, readonly: bool = False) -> Any:
+        conn = real_connect(path, readonly=readonly)
+        if not readonly:
+            opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(store, "connect", connect)
+    await client.close()
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    try:
+        assert len(opened) == 1  # opened when the app starts
+        for n in (1, 2):
+            body = {"event": "seller.note_added", "data": {"n": n}, "systems": ["ct2"]}
+            resp = await client.post(f"{BASE}/webhooks/send", json=body, headers=api_key)
+            assert resp.status == 201 and (await resp.json())["data"]["id"] == n
+        assert (await (await client.get("/readyz")).json())["checks"]["outbox"] == {"ok": True}
+        stats = (await (await client.get(f"{BASE}/stats", headers=api_key)).json())["data"]
+        assert next(iter(stats["api_usage"].values()))["routes"][f"{BASE}/webhooks/send"]["requests"] == 2
+    finally:
+        await client.close()
+    assert len(opened) == 1
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        opened[0].execute("SELECT 1")  # closed at cleanup
 
 
 async def test_readyz_names_what_is_not_ready_when_the_source_is_away(tmp_path):

@@ -15,10 +15,10 @@ from standardwebhooks import Webhook
 
 from client import receiver
 from config.settings import Settings
-from dispatcher.deliveries import DeliveryStore
 from dispatcher.signing import generate_secret
 from dispatcher.worker import Dispatcher
 from outbox import store
+from outbox.deliveries import DeliveryStore
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
 from tests.outbox_helpers import append_events

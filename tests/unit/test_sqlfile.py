@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from common import sqlfile
 from common.sqlfile import parse_blocks
 from outbox.store import MIGRATIONS, Q
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_named_blocks():
@@ -18,6 +23,13 @@ def test_duplicate_names_are_refused():
 
 def test_shipped_sql_files_parse():
     assert "insert_event" in Q and "1" in MIGRATIONS
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("*/sql/*.sql")), ids=lambda p: f"{p.parts[-3]}/{p.name}")
+def test_every_sql_file_loads_as_a_resource_of_its_package(path):
+    blocks = sqlfile.load(path.parts[-3], path.name)
+    assert blocks and blocks == parse_blocks(path.read_text(encoding="utf-8"))
+    assert sqlfile.load(path.parts[-3], path.name) is blocks  # read once
 
 
 def test_migration_scripts_split_on_real_semicolons_only():

@@ -1,4 +1,4 @@
--- Queries of the dispatcher.
+-- Deliveries: the dispatcher's claims and attempt log, and what operators list and replay.
 
 -- name: claim
 -- Due deliveries of one endpoint, only the oldest pending one of each entity, so one
@@ -51,17 +51,6 @@ FROM (
 ) AS f
 WHERE deliveries.endpoint = f.endpoint AND deliveries.event_id = f.event_id
 
--- name: endpoint_state
-SELECT name, state, failures, paused_until, secret, updated_at FROM endpoints WHERE name = ?
-
--- name: set_endpoint_state
-UPDATE endpoints SET state = :state, failures = :failures, paused_until = :paused_until,
-    updated_at = :now
-WHERE name = :name
-
--- name: set_endpoint_secret
-UPDATE endpoints SET secret = ? WHERE name = ? AND secret IS NULL
-
 -- name: list_deliveries
 SELECT d.endpoint, d.event_id, e.type, d.status, d.attempts, d.next_attempt_at, d.last_status, d.last_error
 FROM deliveries d JOIN events e ON e.id = d.event_id
@@ -84,26 +73,3 @@ WHERE event_id = :event_id AND (:endpoint IS NULL OR endpoint = :endpoint)
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now
 WHERE status = 'dead' AND (:endpoint IS NULL OR endpoint = :endpoint)
   AND event_id IN (SELECT id FROM events WHERE created_at >= :since)
-
--- name: prune_candidates
--- Events older than the cutoff whose every delivery is settled (delivered or dead).
--- Deliveries are found by their primary key (endpoint, event_id), one probe per endpoint.
-SELECT id FROM events
-WHERE created_at < :cutoff
-  AND NOT EXISTS (
-      SELECT 1 FROM deliveries d
-      WHERE d.endpoint IN (SELECT name FROM endpoints) AND d.event_id = events.id AND d.status = 'pending'
-  )
-ORDER BY id
-LIMIT :batch
-
--- name: prune_attempts
-DELETE FROM attempts
-WHERE endpoint IN (SELECT name FROM endpoints) AND event_id IN (SELECT value FROM json_each(:ids))
-
--- name: prune_deliveries
-DELETE FROM deliveries
-WHERE endpoint IN (SELECT name FROM endpoints) AND event_id IN (SELECT value FROM json_each(:ids))
-
--- name: prune_events
-DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids))

@@ -1,16 +1,16 @@
-"""The dispatcher's SQLite adapter: claim due deliveries, record attempts, endpoint health.
+"""Deliveries: the dispatcher's claims and attempt log, and what an operator lists and
+replays (``ct1-cdc outbox deliveries|show|replay``).
 
-All methods are synchronous.  The dispatcher calls the reads (``changed``, ``claim``,
-``next_due``) on one thread and everything else on another (see
-:class:`dispatcher.worker.Dispatcher`), so claims never wait behind a commit's fsync and
-one thread owns the dispatcher's writes; the capture writer uses another connection and
-SQLite serialises the two writers.
+:class:`DeliveryStore` is the dispatcher's adapter.  All its methods are synchronous:
+the dispatcher calls the reads (``changed``, ``claim``, ``next_due``) on one thread and
+everything else on another (see :class:`dispatcher.worker.Dispatcher`), so claims never
+wait behind a commit's fsync and one thread owns the dispatcher's writes; capture's
+writer uses another connection and SQLite serialises the two writers.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +19,10 @@ from typing import Any
 import orjson
 
 from common import sqlfile
-from outbox import store
+from outbox import endpoints, store
+from outbox.endpoints import EndpointState
 
-D = sqlfile.load(Path(store.__file__).resolve().parent / "sql" / "dispatch.sql")
+D = sqlfile.load("outbox", "deliveries.sql")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,16 +48,6 @@ class Finished:
     next_attempt_at: float
 
 
-@dataclass(slots=True)
-class EndpointState:
-    name: str
-    state: str  # active | paused | disabled
-    failures: int
-    paused_until: float
-    secret: str | None
-    updated_at: float  # when this state was last written (by us or by the CLI)
-
-
 class DeliveryStore:
     def __init__(self, path: str | Path) -> None:
         self.conn = store.open_outbox(path)  # writes: attempts, delivery and endpoint state
@@ -67,7 +58,7 @@ class DeliveryStore:
 
     def changed(self) -> bool:
         """Whether another connection committed since the last call (cheap to poll)."""
-        version = int(self.reader.execute("PRAGMA data_version").fetchone()[0])
+        version = store.data_version(self.reader)
         changed = version != self._data_version
         self._data_version = version
         return changed
@@ -109,41 +100,64 @@ class DeliveryStore:
                 for r in results
             ]
         )
-        with _txn(self.conn):
+        with store.transaction(self.conn):
             self.conn.execute(D["record_attempts"], {"batch": batch})
             self.conn.execute(D["finish_deliveries"], {"batch": batch})
 
     def endpoint(self, name: str) -> EndpointState:
-        row = self.conn.execute(D["endpoint_state"], (name,)).fetchone()
-        if row is None:
-            self.conn.execute(store.Q["register_endpoint"], (name, time.time()))
-            return EndpointState(name, "active", 0, 0.0, None, 0.0)
-        return EndpointState(*row)
+        return endpoints.state_of(self.conn, name)
 
     def save_endpoint(self, state: EndpointState) -> None:
-        with _txn(self.conn):
-            self.conn.execute(
-                D["set_endpoint_state"],
-                {
-                    "name": state.name,
-                    "state": state.state,
-                    "failures": state.failures,
-                    "paused_until": state.paused_until,
-                    "now": state.updated_at,
-                },
-            )
+        endpoints.save_state(self.conn, state)
 
     def close(self) -> None:
         self.reader.close()
         self.conn.close()
 
 
-class _txn:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+# -- what an operator sees and does ---------------------------------------------------------
 
-    def __enter__(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+def list_deliveries(
+    conn: sqlite3.Connection,
+    *,
+    status: str | None = None,
+    endpoint: str | None = None,
+    event_id: int | None = None,
+    after: int = 0,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """Deliveries by event id then endpoint, with their state, last HTTP status and error."""
+    params = {"status": status, "endpoint": endpoint, "event_id": event_id, "after": after, "limit": limit}
+    keys = (
+        "endpoint",
+        "event_id",
+        "type",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "last_status",
+        "last_error",
+    )
+    return [dict(zip(keys, row, strict=True)) for row in conn.execute(D["list_deliveries"], params)]
+
+
+def attempts_of(conn: sqlite3.Connection, event_id: int) -> list[dict[str, Any]]:
+    """Every recorded attempt to deliver one event, oldest first."""
+    keys = ("endpoint", "attempted_at", "status", "duration_ms", "error", "response")
+    return [dict(zip(keys, row, strict=True)) for row in conn.execute(D["delivery_attempts"], (event_id,))]
+
+
+def replay_event(conn: sqlite3.Connection, event_id: int, *, endpoint: str | None, now: float) -> int:
+    """Make an event's deliveries (to ``endpoint``, or every one) due again at ``now`` with
+    a fresh retry schedule; how many."""
+    with store.transaction(conn):
+        cur = conn.execute(D["replay_event"], {"event_id": event_id, "endpoint": endpoint, "now": now})
+    return cur.rowcount
+
+
+def replay_dead(conn: sqlite3.Connection, *, endpoint: str | None, since: float, now: float) -> int:
+    """Make every dead delivery of events stored since ``since`` due again; how many."""
+    with store.transaction(conn):
+        cur = conn.execute(D["replay_dead"], {"endpoint": endpoint, "since": since, "now": now})
+    return cur.rowcount

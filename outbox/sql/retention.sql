@@ -1,0 +1,33 @@
+-- Retention: settled events past the cutoff go, with their deliveries and attempts.
+
+-- name: prune_candidates
+-- Events older than the cutoff whose every delivery is settled (delivered or dead).
+-- Deliveries are found by their primary key (endpoint, event_id), one probe per endpoint.
+SELECT id FROM events
+WHERE created_at < :cutoff
+  AND NOT EXISTS (
+      SELECT 1 FROM deliveries d
+      WHERE d.endpoint IN (SELECT name FROM endpoints) AND d.event_id = events.id AND d.status = 'pending'
+  )
+ORDER BY id
+LIMIT :batch
+
+-- name: prune_count
+-- How many events prune_candidates would find, without a limit (`outbox prune --dry-run`).
+SELECT count(*) FROM events
+WHERE created_at < :cutoff
+  AND NOT EXISTS (
+      SELECT 1 FROM deliveries d
+      WHERE d.endpoint IN (SELECT name FROM endpoints) AND d.event_id = events.id AND d.status = 'pending'
+  )
+
+-- name: prune_attempts
+DELETE FROM attempts
+WHERE endpoint IN (SELECT name FROM endpoints) AND event_id IN (SELECT value FROM json_each(:ids))
+
+-- name: prune_deliveries
+DELETE FROM deliveries
+WHERE endpoint IN (SELECT name FROM endpoints) AND event_id IN (SELECT value FROM json_each(:ids))
+
+-- name: prune_events
+DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids))
