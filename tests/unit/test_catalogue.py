@@ -1,10 +1,11 @@
 """The event catalogue (cdc/catalogue.py, cdc/schemas) agrees with itself, with DESIGN's
-list of types, and with the default endpoints and mapping."""
+list of types, with the default endpoints and mapping, and with docs/events.md."""
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,42 @@ def test_a_misfit_is_named_and_recorded():
     watch.check(bad)
     with pytest.raises(AssertionError, match="3 schema failures in 2 events"):
         watch.assert_clean()
+
+
+# -- docs/events.md --------------------------------------------------------------------------------
+
+EVENTS_MD = (ROOT / "docs" / "events.md").read_text(encoding="utf-8")
+
+
+def sections() -> dict[str, str]:
+    """The text under each ``### `type``` heading of docs/events.md."""
+    parts = re.split(r"^### `([a-z0-9_.]+)`.*$", EVENTS_MD, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def example(name: str) -> dict[str, Any]:
+    (block,) = re.findall(r"```json\n(.*?)```", sections()[name], flags=re.DOTALL)
+    parsed: dict[str, Any] = json.loads(block)
+    return parsed
+
+
+def test_events_md_has_a_section_for_every_type_and_each_example_fits_its_schema():
+    assert list(sections()) == [*catalogue.TYPES, catalogue.MANUAL]
+    for name, text in sections().items():
+        envelope = example(name)
+        assert problems(envelope) == [], name
+        if name in catalogue.BY_TYPE:
+            assert envelope["type"] == name
+            entry = catalogue.BY_TYPE[name]
+            for endpoint in entry.endpoints:
+                assert f"`{endpoint}`" in text.split("```")[0], (name, endpoint)
+        else:
+            assert envelope["source"]["op"] == "manual"
+
+
+def test_events_md_names_every_documented_record_column():
+    for entry in catalogue.CATALOGUE:
+        definitions = catalogue.schema(entry.type)["$defs"]
+        record = definitions.get(entry.object, {})
+        for column in record.get("properties", {}):
+            assert f"`{column}`" in EVENTS_MD, (entry.type, column)
