@@ -32,6 +32,7 @@ from api.keys import EXPORT, WEBHOOKS, hash_key
 from api.limits import RateLimiter, Usage
 from api.openapi import BASE
 from api.reads import Reads
+from api.schemas import Schemas
 from api.webhooks import GRANTED, Webhooks
 from api.writer import ApiWriter
 from cdc.mapping import Mapping, load_mapping
@@ -299,6 +300,9 @@ def create_app(settings: Settings, mapping: Mapping | None = None) -> web.Applic
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get(f"{BASE}/events", guarded(events.events, EXPORT))
     app.router.add_get(f"{BASE}/events/stream", guarded(events.stream, EXPORT))
+    schemas = Schemas()
+    app.router.add_get(f"{BASE}/events/schemas", guarded(schemas.listing, EXPORT))
+    app.router.add_get(f"{BASE}/events/schemas/{{type}}", guarded(schemas.one, EXPORT))
     for name, spec in LISTS.items():
         app.router.add_get(f"{BASE}/{name}", guarded(functools.partial(exports.listing, spec=spec), EXPORT))
     app.router.add_get(f"{BASE}/customers/{{id}}", guarded(exports.customer, EXPORT))

@@ -112,6 +112,15 @@ class StreamQuery(EventsFrom):
         return self.last_event_id if self.resume_after is None else self.resume_after
 
 
+class SchemaPath(Params):
+    """``/events/schemas/{type}``: a type of the event catalogue, ``manual`` or ``envelope``."""
+
+    type: Annotated[str, PATH] = Field(
+        description="an event type of GET /events/schemas, or manual, or envelope",
+        json_schema_extra={"example": "order.created"},
+    )
+
+
 # -- exports ---------------------------------------------------------------------------------------
 
 

@@ -47,6 +47,18 @@ BODY_ERRORS: Obj = {
 }
 OBJECT: Obj = {"type": "object"}
 ROWS: Obj = {"type": "array", "items": OBJECT}
+EVENT_TYPE: Obj = {
+    "type": "object",
+    "required": ["type", "object", "description", "trigger", "default_endpoints", "url"],
+    "properties": {
+        "type": {"type": "string"},
+        "object": {"type": "string"},
+        "description": {"type": "string"},
+        "trigger": {"type": "string"},
+        "default_endpoints": {"type": "array", "items": {"type": "string"}},
+        "url": {"type": "string"},
+    },
+}
 STREAMED: Obj = {
     "application/x-ndjson": {"schema": {"type": "string"}},
     "text/csv": {"schema": {"type": "string"}},
@@ -97,6 +109,7 @@ def _detail(what: str, model: type[BaseModel]) -> Obj:
 MODELS: dict[str, type[BaseModel]] = {
     f"{BASE}/events": models.EventsQuery,
     f"{BASE}/events/stream": models.StreamQuery,
+    f"{BASE}/events/schemas/{{type}}": models.SchemaPath,
     **{f"{BASE}/{name}": spec.model for name, spec in LISTS.items()},
     f"{BASE}/customers/{{id}}": models.CustomerQuery,
     f"{BASE}/orders/{{id}}": models.Detail,
@@ -136,6 +149,15 @@ def paths() -> Obj:
             "Server-Sent Events from last_event_id or Last-Event-ID",
             {"200": _plain("event stream", {"type": "string"}, "text/event-stream")},
             MODELS[f"{BASE}/events/stream"],
+        ),
+        f"{BASE}/events/schemas": _get(
+            "the event catalogue: every documented type, what makes it, who gets it, its JSON Schema",
+            {"200": _ok({"type": "array", "items": EVENT_TYPE})},
+        ),
+        f"{BASE}/events/schemas/{{type}}": _get(
+            "the JSON Schema (draft 2020-12) of one event type, or of manual events, or any envelope",
+            {"200": _plain("the schema", OBJECT), "404": _error("no such event type")},
+            MODELS[f"{BASE}/events/schemas/{{type}}"],
         ),
         **lists,
         f"{BASE}/customers/{{id}}": _detail("customer", MODELS[f"{BASE}/customers/{{id}}"]),

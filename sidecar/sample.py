@@ -363,6 +363,7 @@ class Traffic:
                 "checkout",
                 "review",
                 "customer",
+                "profile",
                 "moderate",
             ]
         )
@@ -407,6 +408,12 @@ class Traffic:
                         rng.randint(1, 5),
                         rng.choice(["Love it", "Meh", "Arrived broken", "5 stars ★★★★★"]),
                     ),
+                )
+            elif action == "profile":
+                conn.execute(
+                    "UPDATE users SET phone = %s, email_verified_at = coalesce(email_verified_at, now()),"
+                    " updated_at = now() WHERE id = %s",
+                    (f"+1555{rng.randint(0, 9999999):07d}", rng.choice(self.customers)),
                 )
             elif action == "moderate":
                 conn.execute(

@@ -7,24 +7,29 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cdc import catalogue
 from outbox import store
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
 
 
 def append_events(path: str | Path, endpoints: Sequence[str], events: Iterable[tuple[str, str, Any]]) -> None:
-    """Append (type, object, entity id) events routed to ``endpoints`` and commit."""
+    """Append (type, object, entity id) events routed to ``endpoints`` and commit; each has
+    the ``source.op`` of its type in the catalogue (an update's ``previous`` is ``{}``)."""
     writer = OutboxWriter(store.open_outbox(path), Router([Route(e, ("*",)) for e in endpoints]))
     try:
         for n, (etype, obj, key) in enumerate(events):
+            known = catalogue.BY_TYPE.get(etype)
+            op = known.op if known is not None and known.op else "insert"
+            previous = {} if op == "update" else None
             writer.add(
                 type=etype,
                 object=obj,
                 entity_id=key,
-                data={"object": obj, "id": key, "record": {"id": key, "n": n}, "previous": None},
+                data={"object": obj, "id": key, "record": {"id": key, "n": n}, "previous": previous},
                 occurred_at="2026-11-25T00:00:00.000000Z",
                 table="public.t",
-                op="insert",
+                op=op,
                 lsn="0/1",
                 xid=1,
             )

@@ -12,6 +12,7 @@ from typing import Any
 from standardwebhooks import Webhook
 
 from client.receiver import Receiver, ThreadedReceiver
+from tests.catalogue_check import SchemaWatch
 
 CLI = str(Path(sys.executable).parent / "ct1-cdc")
 
@@ -84,16 +85,20 @@ class ThreadReceiver:
 
     It verifies every request with the official standardwebhooks package (once
     ``secret`` is set) and records the verified envelopes and their webhook-id headers.
+    Each verified envelope is checked against its schema (cdc/schemas): a misfit fails
+    the test when the receiver closes.
     """
 
     def __init__(self) -> None:
         self.secret: str | None = None
+        self.schemas = SchemaWatch()
         self.receiver = Receiver(self._verify)
         self._served = ThreadedReceiver(self.receiver)
 
     def _verify(self, body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
         assert self.secret is not None, "no secret yet"
         envelope: dict[str, Any] = Webhook(self.secret).verify(body, dict(headers))
+        self.schemas.check(envelope)
         return envelope
 
     @property
@@ -121,3 +126,5 @@ class ThreadReceiver:
 
     def __exit__(self, *exc: object) -> None:
         self._served.__exit__(*exc)
+        if exc[0] is None:
+            self.schemas.assert_clean()

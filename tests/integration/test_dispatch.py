@@ -21,6 +21,7 @@ from outbox import store
 from outbox.deliveries import DeliveryStore
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
+from tests.catalogue_check import CheckedReceiver
 from tests.outbox_helpers import append_events
 
 SECRET = generate_secret()
@@ -31,15 +32,16 @@ Handler = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
 
 def Receiver(handler: Handler | None = None, secret: str = SECRET) -> receiver.Receiver:
     """A webhook receiver on loopback that verifies every signature with the official
-    standardwebhooks package; ``handler`` may answer a request first (anything but a 200
-    is returned as it is, a 200 goes on to verification)."""
+    standardwebhooks package and checks every envelope against its schema (a misfit fails
+    the test at exit); ``handler`` may answer a request first (anything but a 200 is
+    returned as it is, a 200 goes on to verification)."""
 
     async def before(request: web.Request, call: int) -> web.StreamResponse | None:
         assert handler is not None
         response = await handler(request, call)
         return None if response.status == 200 else response
 
-    return receiver.Receiver(Webhook(secret).verify, before=before if handler else None)
+    return CheckedReceiver(Webhook(secret).verify, before=before if handler else None)
 
 
 def settings_for(tmp_path: Path, url: str, **dispatcher: Any) -> Settings:

@@ -1,0 +1,122 @@
+"""The event catalogue: every documented event type, declared once (pure: no I/O but
+reading this package's own files).
+
+Each type's JSON Schema (draft 2020-12) is a file of this package,
+``cdc/schemas/<type>.json``; the API serves them (``GET /events/schemas``), docs/events.md
+describes them, and the tests validate every event they see against them.  Two schemas
+belong to no one type: ``manual`` (any event sent through ``POST /webhooks/send``, which
+carries ``source.op`` ``"manual"`` and whatever ``data`` the sender gave) and
+``envelope`` (a captured event of a type outside the catalogue, as a mapping of one's own
+emits).  :func:`schema_name` picks the one an envelope answers to.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MANUAL = "manual"  # the schema of manual events, whatever their type
+ENVELOPE = "envelope"  # the schema of a captured event of a type outside the catalogue
+BOTH = ("ct2", "ct3")
+
+
+@dataclass(frozen=True, slots=True)
+class EventType:
+    type: str
+    object: str  # data.object
+    op: str | None  # source.op of its events (None: it has no source)
+    trigger: str  # what makes it, with the default mapping (config/mapping.toml)
+    endpoints: tuple[str, ...]  # the default endpoints that receive it
+    routed: bool = True  # False: not routed by the endpoints' events globs
+
+    @property
+    def derived(self) -> bool:
+        return self.op == "derived"
+
+
+CATALOGUE: tuple[EventType, ...] = (
+    EventType("customer.created", "customer", "insert", "a row inserted into public.users", BOTH),
+    EventType("customer.updated", "customer", "update", "a row of public.users updated", BOTH),
+    EventType("order.created", "order", "insert", "a row inserted into public.orders", BOTH),
+    EventType("order.updated", "order", "update", "a row of public.orders updated (any column)", BOTH),
+    EventType(
+        "order.status_changed", "order", "update", "an update of public.orders that changed status", BOTH
+    ),
+    EventType(
+        "payment.status_changed",
+        "order",
+        "update",
+        "an update of public.orders that changed payment_status",
+        BOTH,
+    ),
+    EventType("product.viewed", "product_view", "insert", "a row inserted into public.product_views", BOTH),
+    EventType("product.added_to_cart", "cart_item", "insert", "a row inserted into public.cart_items", BOTH),
+    EventType("review.created", "review", "insert", "a row inserted into public.reviews", BOTH),
+    EventType("review.updated", "review", "update", "a row of public.reviews updated", BOTH),
+    EventType(
+        "cart.abandoned",
+        "cart",
+        "derived",
+        "a cart with items, idle past abandon_after, with no order since",
+        BOTH,
+    ),
+    EventType(
+        "marketplace.analytics",
+        "analytics",
+        "derived",
+        "a periodic snapshot of the marketplace's figures (those of GET /analytics)",
+        ("ct3",),
+    ),
+    EventType(
+        "webhook.test",
+        "webhook_test",
+        None,
+        "POST /webhooks/test (and ct1-cdc setup's probe): sent at once, never stored in the outbox",
+        (),
+        routed=False,
+    ),
+)
+BY_TYPE: dict[str, EventType] = {e.type: e for e in CATALOGUE}
+TYPES: tuple[str, ...] = tuple(BY_TYPE)
+SCHEMAS: tuple[str, ...] = (*TYPES, MANUAL, ENVELOPE)  # every schema there is, by name
+
+
+@functools.cache
+def schema_text(name: str) -> bytes:
+    """The schema file of ``name`` (a type of the catalogue, :data:`MANUAL` or
+    :data:`ENVELOPE`) as published; KeyError for any other name."""
+    if name not in SCHEMAS:
+        raise KeyError(name)
+    return importlib.resources.files("cdc").joinpath("schemas", f"{name}.json").read_bytes()
+
+
+@functools.cache
+def _schema(name: str) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads(schema_text(name))
+    return parsed
+
+
+def schema(name: str) -> dict[str, Any]:
+    """The schema of ``name`` as a JSON value (a copy: callers may change it)."""
+    copied: dict[str, Any] = json.loads(json.dumps(_schema(name)))
+    return copied
+
+
+def description(name: str) -> str:
+    return str(_schema(name)["description"])
+
+
+def schema_name(envelope: Mapping[str, Any]) -> str:
+    """The schema an envelope answers to: :data:`MANUAL` for a manual event (whatever its
+    type), the type's own for a type of the catalogue, else :data:`ENVELOPE`."""
+    source = envelope.get("source")
+    if isinstance(source, Mapping) and source.get("op") == "manual":
+        return MANUAL
+    event_type = envelope.get("type")
+    if isinstance(event_type, str) and event_type in BY_TYPE:
+        return event_type
+    return ENVELOPE
