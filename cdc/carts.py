@@ -20,6 +20,7 @@ once; new activity arms it again.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
@@ -269,12 +270,9 @@ class Abandonment:
     def record(self, iso: Any) -> dict[str, Any]:
         """The event's ``data.record``; ``iso`` formats a Unix time."""
         value = Decimal(0)
-        exact = True
         for item in self.items:
-            try:
+            with contextlib.suppress(InvalidOperation, ValueError):  # a missing price counts as nothing
                 value += Decimal(str(item.price)) * Decimal(str(item.quantity))
-            except (InvalidOperation, ValueError):
-                exact = False
         count = 0
         for item in self.items:
             count += (
@@ -288,7 +286,7 @@ class Abandonment:
             "items": [
                 {"product_id": i.product, "quantity": i.quantity, "price": _text(i.price)} for i in self.items
             ],
-            "value": str(value) if exact else None,
+            "value": str(value),
             "item_count": count,
             "last_activity_at": iso(self.cart.last_activity),
             "idle_seconds": round(self.at - self.cart.last_activity, 3),

@@ -20,9 +20,12 @@ def change(op: str, new: dict, old: dict | None = None, table: str = "public.ord
     return RowChange(op=op, table=table, xid=1, lsn="0/1", new=new, old=old, pk=("id",))
 
 
-def test_default_mapping_covers_the_ten_row_driven_event_types():
+def test_default_mapping_covers_the_ten_row_driven_event_types_and_cart_abandoned():
+    assert MAPPING.carts is not None and MAPPING.carts.abandon_after == 3600
+    assert [r.emit for r in MAPPING.rules if r.emit == "cart.abandoned"] == []  # derived, not a row rule
     assert MAPPING.event_types == sorted(
         [
+            "cart.abandoned",
             "customer.created",
             "customer.updated",
             "order.created",
