@@ -448,6 +448,15 @@ class Exports:
 
     async def analytics(self, request: web.Request) -> web.Response:
         before_start, start, end = parse(AnalyticsQuery, request).period(datetime.now(UTC).date())
+
+        async def answer() -> web.Response:
+            return self._found(await self.analytics_figures(start, end, before_start), "analytics")
+
+        return await self.cached(request, "analytics", answer)
+
+    async def analytics_figures(self, start: Any, end: Any, before_start: Any) -> dict[str, Any]:
+        """The figures of ``GET /analytics`` for the period [start, end), compared with
+        [before_start, start): also what a ``marketplace.analytics`` event carries."""
         previous = {"start": before_start, "end": start}
         period = {"start": start, "end": end}
 
@@ -472,7 +481,8 @@ class Exports:
                 "growth": _growth(_figures(now), _figures(before)),
             }
 
-        return await self.cached(request, "analytics", lambda: self._detail(reads, "analytics"))
+        figures: dict[str, Any] = clean(await self.read(reads), self.excluded)
+        return figures
 
     async def _detail(self, reads: Callable[[psycopg.AsyncConnection[Any]], Any], what: str) -> web.Response:
         return self._found(await self.read(reads), what)

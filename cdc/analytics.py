@@ -72,7 +72,8 @@ def moment(seconds: float) -> datetime:
 def data(schedule: Schedule, index: int, figures: dict[str, Any]) -> dict[str, Any]:
     """The event's ``data``: the period and the figures of ``GET /analytics`` for it."""
     start, end = schedule.bounds(index)
-    record = {"period_start": unix_to_iso(start), "period_end": unix_to_iso(end), **figures}
+    shown = {k: v for k, v in figures.items() if k != "period"}  # /analytics's own dates: these are exact
+    record = {"period_start": unix_to_iso(start), "period_end": unix_to_iso(end), **shown}
     return {"object": "analytics", "id": unix_to_iso(start), "record": record, "previous": None}
 
 
@@ -131,7 +132,19 @@ class AnalyticsEmitter:
         return max(0.0, schedule.next_at(self.clock()) - self.clock())
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            wait = await self.tick()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=wait)
+        """Tick until ``stop``; a stop also ends a tick that waits on a slow source."""
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                tick = asyncio.ensure_future(self.tick())
+                await asyncio.wait([tick, stopped], return_when=asyncio.FIRST_COMPLETED)
+                if not tick.done():
+                    tick.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await tick
+                    return
+                wait = tick.result()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stopped), timeout=wait)
+        finally:
+            stopped.cancel()

@@ -157,6 +157,22 @@ class MappingSettings(_Section):
     file: str = Field("config/mapping.toml", description="mapping rules file")
 
 
+class AnalyticsSettings(_Section):
+    enabled: bool = Field(
+        True, description="emit marketplace.analytics once per period (with the capture role)"
+    )
+    period_seconds: float = Field(
+        3600.0, ge=1, description="length of a period, aligned to the epoch (3600: every hour on the hour)"
+    )
+    catch_up_periods: int = Field(
+        24, ge=0, description="periods missed while stopped that are emitted on start, newest first kept"
+    )
+    settle_seconds: float = Field(
+        5.0, ge=0, description="wait this long after a period ends before its figures are read"
+    )
+    retry_seconds: float = Field(30.0, gt=0, description="after a failed read, try again this much later")
+
+
 class EndpointSettings(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="endpoint name")
     url: str = Field(description="webhook URL")
@@ -189,6 +205,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     mapping: MappingSettings = Field(default_factory=MappingSettings)
+    analytics: AnalyticsSettings = Field(default_factory=AnalyticsSettings)
     endpoints: list[EndpointSettings] = Field(default_factory=default_endpoints)
 
     @classmethod

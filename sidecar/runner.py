@@ -142,6 +142,12 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
                 writer = open_writer(settings)
                 capture = build_capture(settings, writer, mapping, on_commit=committed)
                 running[in_thread(capture.run, "capture")] = "capture"
+                if settings.analytics.enabled:
+                    from api.app import excluded_columns
+                    from sidecar.derived import AnalyticsRole
+
+                    analytics = AnalyticsRole(settings, router_for(settings), excluded_columns(mapping))
+                    running[asyncio.ensure_future(analytics.run(stop))] = "analytics"
         if dispatcher is not None and not stop.is_set():
             running[asyncio.ensure_future(dispatcher.run(stop))] = "dispatch"
         tune_gc()  # after startup: what it built stays out of every collection

@@ -49,6 +49,9 @@ def write_config(
 
 def env_for(config: Path | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_")}
+    # marketplace.analytics appends an event of its own when a run starts: off unless a
+    # test asks for it (CT1_ANALYTICS__ENABLED="true"), so outboxes hold what tests wrote
+    env["CT1_ANALYTICS__ENABLED"] = "false"
     if config is not None:
         env["CT1_CONFIG"] = str(config)
     env.update(extra)

@@ -122,3 +122,21 @@ async def test_the_emitter_stops_when_asked():
 def test_consecutive_periods_tile_time(period):
     s = Schedule(period=period)
     assert s.bounds(7)[1] == s.bounds(8)[0]
+
+
+async def test_a_stop_ends_a_tick_that_waits_on_a_slow_source():
+    outbox = Outbox()
+    started = asyncio.Event()
+
+    async def compute(start: datetime, end: datetime, before: datetime) -> dict[str, Any]:
+        started.set()
+        await asyncio.sleep(3600)  # a source that never answers
+        return {}
+
+    stop = asyncio.Event()
+    emitter = AnalyticsEmitter(Schedule(period=3600), compute, outbox.emit_once, outbox.last)
+    task = asyncio.create_task(emitter.run(stop))
+    await asyncio.wait_for(started.wait(), 5)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert outbox.events == []
