@@ -98,6 +98,7 @@ class AnalyticsEmitter:
         self.last_emitted = last_emitted
         self.clock = clock
         self.emitted = 0
+        self.delayed = 0  # ticks that could not read the figures or append them
 
     async def tick(self) -> float:
         """Emit whatever is due; the number of seconds until it is worth looking again."""
@@ -115,6 +116,7 @@ class AnalyticsEmitter:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self.delayed += 1
                 log.warning(
                     "analytics_delayed",
                     period_start=unix_to_iso(start),

@@ -13,6 +13,7 @@ import heapq
 import itertools
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,11 +51,14 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         else:
             p.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(p, isolation_level=None, check_same_thread=False)
+            # first: two processes opening a new outbox at once wait for each other's
+            # journal-mode switch instead of failing with "database is locked"
+            conn.execute("PRAGMA busy_timeout=10000")
             # A new outbox gets 16 KiB pages: events of ~1 KB and the delivery indexes take
             # fewer page splits and b-tree levels per append (capture's SQLite time −10 %,
             # docs/benchmarks.md).  An existing file keeps its page size.
             conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal_mode(conn)
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=10000")
@@ -62,6 +66,20 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise OutboxError(f"cannot open outbox {p}: {exc}") from exc
     return conn
+
+
+def _wal_mode(conn: sqlite3.Connection, within: float = 10.0) -> None:
+    """Switch to WAL.  On a new file another connection may be switching it at the same
+    moment, and SQLite then answers "locked" at once instead of waiting: try again."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -74,6 +92,10 @@ def migrate(conn: sqlite3.Connection) -> int:
     for version in range(current + 1, SCHEMA_VERSION + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # another process may have applied it while this one waited for the lock
+            if int(conn.execute("PRAGMA user_version").fetchone()[0]) >= version:
+                conn.execute("ROLLBACK")
+                continue
             for statement in _statements(MIGRATIONS[str(version)]):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={version}")
