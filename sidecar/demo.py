@@ -8,6 +8,7 @@ and the outbox are removed at the end unless ``keep`` is set.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -17,7 +18,7 @@ from typing import Any
 import psycopg
 from aiohttp import web
 
-from api.app import FEED
+from api.app import FEED, excluded_columns
 from api.openapi import BASE
 from cdc.postgres import ensure_slot
 from client.receiver import Receiver
@@ -27,8 +28,12 @@ from dispatcher.signing import generate_secret
 from dispatcher.worker import Dispatcher
 from outbox import store
 from sidecar import sample
-from sidecar.runner import build_capture, open_writer
+from sidecar.derived import AnalyticsRole
+from sidecar.runner import build_capture, open_writer, router_for
 from sidecar.throwaway import create_cluster
+
+ABANDON_AFTER = 5  # seconds a cart may sit idle in the demo before it is abandoned
+ANALYTICS_PERIOD = 10  # seconds per marketplace.analytics period in the demo
 
 
 def describe(envelope: dict[str, Any]) -> str:
@@ -36,7 +41,8 @@ def describe(envelope: dict[str, Any]) -> str:
     record = data.get("record") or {}
     previous = data.get("previous") or {}
     details = []
-    for col in ("status", "payment_status", "total", "rating", "name", "product_id", "quantity"):
+    shown = ("status", "payment_status", "total", "rating", "name", "product_id", "quantity")
+    for col in (*shown, "value", "item_count", "gmv", "orders"):
         if col in record:
             before = f"{previous[col]} -> " if col in previous else ""
             details.append(f"{col}={before}{record[col]}")
@@ -63,10 +69,20 @@ async def _flow(
     for receiver in receivers.values():
         await receiver.start()
     base = Settings()
+    # the marketplace's mapping with carts abandoned after a few seconds, not an hour
+    mapping_file = root / "mapping.toml"
+    default = (PACKAGE_DIR / "mapping.toml").read_text(encoding="utf-8")
+    mapping_file.write_text(re.sub(r"(?m)^abandon_after = .*$", f"abandon_after = {ABANDON_AFTER}", default))
     settings = Settings(
-        source={"dsn": dsn, "slot": "ct1_demo", "heartbeat_seconds": 2},
+        source={"dsn": dsn, "slot": "ct1_demo", "heartbeat_seconds": 1},
         outbox={"path": str(root / "outbox.db")},
-        mapping={"file": str(PACKAGE_DIR / "mapping.toml")},
+        mapping={"file": str(mapping_file)},
+        analytics={
+            "enabled": True,
+            "period_seconds": ANALYTICS_PERIOD,
+            "settle_seconds": 1,
+            "retry_seconds": 2,
+        },
         endpoints=[
             {"name": e.name, "url": receivers[e.name].url, "secret": secrets[e.name], "events": e.events}
             for e in base.endpoints
@@ -88,9 +104,15 @@ async def _flow(
     echo(f"==> HTTP API at {api_url} (demo key {key}), e.g.")
     echo(f"    curl -H 'Authorization: Bearer {key}' '{api_url}/api/core-transaction-1/events?limit=5'")
     echo(f"==> live marketplace traffic for {duration:.0f} s:")
+    echo(
+        f"    carts idle for {ABANDON_AFTER} s are abandoned (cart.abandoned); "
+        f"marketplace.analytics every {ANALYTICS_PERIOD} s, to CT3 only"
+    )
     stop = asyncio.Event()
     capture_task = asyncio.ensure_future(asyncio.to_thread(capture.run))
     dispatch_task = asyncio.ensure_future(dispatcher.run(stop))
+    analytics = AnalyticsRole(settings, router_for(settings), excluded_columns(capture.mapping))
+    analytics_task = asyncio.ensure_future(analytics.run(stop))
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             traffic = sample.Traffic(conn)
@@ -104,7 +126,7 @@ async def _flow(
     finally:
         capture.stop()
         stop.set()
-        await asyncio.gather(capture_task, dispatch_task, return_exceptions=True)
+        await asyncio.gather(capture_task, dispatch_task, analytics_task, return_exceptions=True)
         writer.close()
         await api.cleanup()
         for receiver in receivers.values():
