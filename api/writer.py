@@ -21,7 +21,7 @@ import structlog
 
 from config.settings import Settings
 from outbox import keys, store
-from outbox.store import Route, Router
+from outbox.store import Router, routes_of
 from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.api")
@@ -32,7 +32,7 @@ class ApiWriter:
     def __init__(self, settings: Settings) -> None:
         self.path = settings.outbox.path
         # the routing of captured events (sidecar.runner.router_for): enabled endpoints, their globs
-        self.routes = [Route(e.name, tuple(e.events)) for e in settings.endpoints if e.enabled]
+        self.routes = routes_of(settings.endpoints)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="api-write")
         self._writer: OutboxWriter | None = None
 

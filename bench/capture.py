@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdc.capture import wal2json_options  # noqa: E402
-from cdc.decode import COMPILED, parse_lsn  # noqa: E402
+from cdc.decode import COMPILED  # noqa: E402
+from common.formats import parse_lsn  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from sidecar import sample  # noqa: E402
 from sidecar.throwaway import Cluster, create_cluster  # noqa: E402
@@ -140,10 +141,42 @@ def ct1_env(dsn: str, slot: str, outbox: Path) -> dict[str, str]:
             "CT1_SOURCE__HEARTBEAT_SECONDS": "1",
             "CT1_SOURCE__STATUS_INTERVAL_SECONDS": "1",
             "CT1_OUTBOX__PATH": str(outbox),
-            "CT1_MAPPING__FILE": str(ROOT / "config" / "mapping.toml"),
+            "CT1_MAPPING__FILE": str(MAPPING),
+            "CT1_ANALYTICS__ENABLED": "false",  # a periodic query of its own, not capture's work
         }
     )
     return env
+
+
+MAPPING = ROOT / "config" / "mapping.toml"
+
+
+def without_carts(work: Path) -> Path:
+    """The marketplace's mapping without its [cart_abandoned] section."""
+    text = MAPPING.read_text(encoding="utf-8")
+    lines = text.partition("[cart_abandoned]")[0].rstrip().splitlines()
+    while lines and lines[-1].startswith("#"):  # its comment
+        lines.pop()
+    path = work / "mapping-without-carts.toml"
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+def write_open_carts(dsn: str, carts: int) -> int:
+    """``carts`` carts with one item each, never converted: open timers for capture to keep
+    (an hour away, so none falls due during the run).  Row changes written."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for start in range(0, carts, 500):
+            n = min(500, carts - start)
+            conn.execute(
+                f"""
+                WITH c AS (
+                  INSERT INTO carts (user_id) SELECT 1 + (i % 100) FROM generate_series(1, {n}) i RETURNING id
+                )
+                INSERT INTO cart_items (cart_id, product_id, quantity, price) SELECT id, 1, 1, 9.99 FROM c
+                """
+            )
+    return 2 * carts
 
 
 def main() -> None:
@@ -153,7 +186,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000, help="row changes in the backlog")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="rows of the one big transaction")
+    parser.add_argument(
+        "--open-carts",
+        type=int,
+        default=0,
+        help="carts left open at the start of the backlog (cart.abandoned timers)",
+    )
+    parser.add_argument(
+        "--without-carts", action="store_true", help="capture with a mapping without [cart_abandoned]"
+    )
     args = parser.parse_args()
+    global MAPPING
 
     work = Path(tempfile.mkdtemp(prefix="ct1-bench-"))
     work.chmod(0o711)
@@ -166,8 +209,14 @@ def main() -> None:
                     conn.execute(
                         "SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (f"{tool}_{r}",)
                     )
+        if args.without_carts:
+            MAPPING = without_carts(work)
+        rows = 0
+        if args.open_carts:
+            print(f"writing {args.open_carts} open carts ...", file=sys.stderr)
+            rows += write_open_carts(dsn, args.open_carts)
         print(f"writing a backlog of {args.rows} row changes ...", file=sys.stderr)
-        rows = write_backlog(dsn, args.rows)
+        rows += write_backlog(dsn, args.rows)
         endpos = current_lsn(dsn)
         options = wal2json_options(Settings(source={"dsn": dsn}))
         rates: dict[str, list[float]] = {"pg_recvlogical": [], "ct1_cdc": []}
@@ -235,6 +284,8 @@ def main() -> None:
             "big_txn_seconds": None if big_secs is None else round(big_secs, 1),
             "big_txn_peak_rss_mb": big_rss_mb,
             "decoder": "compiled" if COMPILED else "python",
+            "open_carts": args.open_carts,
+            "cart_rule": not args.without_carts,
             "ratio": round(med_ct1 / med_recv, 3),
         }
         print(json.dumps(result))

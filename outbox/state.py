@@ -30,48 +30,63 @@ class SqliteState:
     def __init__(self, conn: sqlite3.Connection, begin: Callable[[], None]) -> None:
         self.conn = conn
         self.begin = begin
-        self._changed: dict[tuple[str, str], Row | None] = {}  # None: deleted
+        self._changed: dict[str, dict[str, Row | None]] = {}  # kind -> key -> row (None: deleted)
+        self._refs: dict[tuple[str, str], set[str]] = {}  # (kind, ref) -> keys changed under it
 
     @property
     def pending(self) -> bool:
-        return bool(self._changed)
+        return any(self._changed.values())
 
     def state_get(self, kind: str, key: str) -> Any | None:
-        if (kind, key) in self._changed:
-            row = self._changed[(kind, key)]
+        mine = self._changed.get(kind)
+        if mine is not None and key in mine:
+            row = mine[key]
             return None if row is None else loads(row[0])
         found = self.conn.execute(S["get"], {"kind": kind, "key": key}).fetchone()
         return None if found is None else loads(found[0])
 
     def state_put(self, kind: str, key: str, value: Any, ref: str | None, due: float | None) -> None:
-        self._changed[(kind, key)] = (dumps(value).decode(), ref, due)
+        self._changed.setdefault(kind, {})[key] = (dumps(value).decode(), ref, due)
+        if ref is not None:
+            self._refs.setdefault((kind, ref), set()).add(key)
 
     def state_delete(self, kind: str, key: str) -> None:
-        self._changed[(kind, key)] = None
-
-    def _mine(self, kind: str) -> dict[str, Row | None]:
-        return {k: row for (kd, k), row in self._changed.items() if kd == kind}
+        self._changed.setdefault(kind, {})[key] = None
 
     def state_by_ref(self, kind: str, ref: str) -> list[Any]:
-        mine = self._mine(kind)
+        mine = self._changed.get(kind, {})
         found = {k: v for k, v in self.conn.execute(S["by_ref"], {"kind": kind, "ref": ref}) if k not in mine}
-        found.update({k: row[0] for k, row in mine.items() if row is not None and row[1] == ref})
+        for key in self._refs.get((kind, ref), ()):
+            row = mine.get(key)
+            if row is not None and row[1] == ref:
+                found[key] = row[0]
         return [loads(found[k]) for k in sorted(found)]
 
+    def _stored_due(self, kind: str, until: float | None, limit: int) -> list[tuple[float, str, str]]:
+        """Up to ``limit`` stored rows by due time, passing over those changed since."""
+        mine = self._changed.get(kind, {})
+        rows = self.conn.execute(
+            S["due"], {"kind": kind, "until": until if until is not None else float("inf")}
+        )
+        found = []
+        for key, value, due in rows:  # read lazily: only as far as needed
+            if key in mine:
+                continue
+            found.append((float(due), key, value))
+            if len(found) >= limit:
+                break
+        return found
+
     def state_due(self, kind: str, until: float, limit: int) -> list[Any]:
-        mine = self._mine(kind)
-        rows = self.conn.execute(S["due"], {"kind": kind, "until": until, "limit": limit + len(mine)})
-        found = [(d, k, v) for k, v, d in rows if k not in mine]
-        found += [
-            (r[2], k, r[0]) for k, r in mine.items() if r is not None and r[2] is not None and r[2] <= until
-        ]
+        found = self._stored_due(kind, until, limit)
+        for key, row in self._changed.get(kind, {}).items():
+            if row is not None and row[2] is not None and row[2] <= until:
+                found.append((row[2], key, row[0]))
         return [loads(v) for _, _, v in sorted(found)[:limit]]
 
     def state_next_due(self, kind: str) -> float | None:
-        mine = self._mine(kind)
-        rows = self.conn.execute(S["next_due"], {"kind": kind, "limit": len(mine) + 1})
-        dues = [d for k, d in rows if k not in mine][:1]
-        dues += [r[2] for r in mine.values() if r is not None and r[2] is not None]
+        dues = [d for d, _, _ in self._stored_due(kind, None, 1)]
+        dues += [r[2] for r in self._changed.get(kind, {}).values() if r is not None and r[2] is not None]
         return min(dues) if dues else None
 
     def state_count(self, kind: str) -> tuple[int, int]:
@@ -81,24 +96,26 @@ class SqliteState:
 
     def flush(self) -> None:
         """Write the changes, inside the writer's transaction (its commit calls this)."""
-        if not self._changed:
+        if not self.pending:
             return
         self.begin()
-        puts = [
-            {"kind": kind, "key": key, "value": row[0], "ref": row[1], "due": row[2]}
-            for (kind, key), row in self._changed.items()
-            if row is not None
-        ]
-        deletes = [{"kind": kind, "key": key} for (kind, key), row in self._changed.items() if row is None]
+        puts, deletes = [], []
+        for kind, rows in self._changed.items():
+            for key, row in rows.items():
+                if row is None:
+                    deletes.append({"kind": kind, "key": key})
+                else:
+                    puts.append({"kind": kind, "key": key, "value": row[0], "ref": row[1], "due": row[2]})
         if puts:
             self.conn.executemany(S["put"], puts)
         if deletes:
             self.conn.executemany(S["delete"], deletes)
-        self._changed.clear()
+        self.forget()
 
     def forget(self) -> None:
-        """Drop the changes not yet flushed (the writer rolled back)."""
+        """Drop the changes not yet flushed (the writer rolled back, or they are written)."""
         self._changed.clear()
+        self._refs.clear()
 
 
 class MemoryState:

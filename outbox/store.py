@@ -162,6 +162,11 @@ class Route:
     globs: tuple[str, ...]
 
 
+def routes_of(endpoints: Iterable[Any]) -> list[Route]:
+    """The enabled endpoints of the settings (``name``, ``events``, ``enabled``) as routes."""
+    return [Route(e.name, tuple(e.events)) for e in endpoints if e.enabled]
+
+
 class Router:
     """Which endpoints receive an event type (cached: types are few)."""
 

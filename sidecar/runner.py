@@ -25,7 +25,7 @@ from common.errors import ConfigError, Ct1Error, SetupError, SourceUnavailable
 from config.settings import Settings
 from dispatcher.worker import Dispatcher
 from outbox.checkpointer import Checkpointer
-from outbox.store import OutboxError, Route, Router, open_outbox
+from outbox.store import OutboxError, Router, open_outbox, routes_of
 from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.run")
@@ -56,7 +56,7 @@ def parse_roles(text: str | None) -> list[str]:
 
 
 def router_for(settings: Settings) -> Router:
-    return Router([Route(e.name, tuple(e.events)) for e in settings.endpoints if e.enabled])
+    return Router(routes_of(settings.endpoints))
 
 
 def open_writer(settings: Settings) -> OutboxWriter:

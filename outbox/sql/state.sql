@@ -14,14 +14,10 @@ DELETE FROM derived_state WHERE kind = :kind AND key = :key
 SELECT key, value FROM derived_state WHERE kind = :kind AND ref = :ref ORDER BY key
 
 -- name: due
+-- Read lazily, as far as the caller needs (it passes over rows it holds newer values of).
 SELECT key, value, due FROM derived_state
 WHERE kind = :kind AND due IS NOT NULL AND due <= :until
 ORDER BY due, key
-LIMIT :limit
-
--- name: next_due
--- The earliest few: the caller passes over those it holds newer values of.
-SELECT key, due FROM derived_state WHERE kind = :kind AND due IS NOT NULL ORDER BY due, key LIMIT :limit
 
 -- name: count
 SELECT count(*), count(due) FROM derived_state WHERE kind = :kind
