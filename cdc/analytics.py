@@ -41,6 +41,7 @@ class Schedule:
     catch_up: int = 24
     settle: float = 5.0
     retry: float = 30.0  # after a failure, try again this much later (at most a period)
+    timeout: float = 120.0  # a period's figures taking longer than this count as a failure
 
     def bounds(self, index: int) -> tuple[float, float]:
         return index * self.period, (index + 1) * self.period
@@ -49,13 +50,15 @@ class Schedule:
         """The index of the newest period that has ended and settled at ``now``."""
         return math.floor((now - self.settle) / self.period) - 1
 
-    def due(self, now: float, last: int | None) -> tuple[list[int], int]:
+    def due(self, now: float, last_start: float | None) -> tuple[list[int], int]:
         """The periods to emit now, oldest first, and how many missed ones are skipped
-        (beyond ``catch_up``).  Without any emitted yet, only the newest complete one."""
+        (beyond ``catch_up``), given the start of the last period emitted (of whatever
+        length: the period holding it counts as done).  Without any emitted yet, only the
+        newest complete one."""
         newest = self.newest_complete(now)
-        if last is None:
+        if last_start is None:
             return [newest], 0
-        missed = list(range(last + 1, newest + 1))
+        missed = list(range(math.floor(last_start / self.period) + 1, newest + 1))
         if len(missed) > self.catch_up:
             return missed[-self.catch_up :], len(missed) - self.catch_up
         return missed, 0
@@ -79,8 +82,9 @@ def data(schedule: Schedule, index: int, figures: dict[str, Any]) -> dict[str, A
 
 # (start, end, start of the previous period of the same length) -> the figures
 Compute = Callable[[datetime, datetime, datetime], Awaitable[dict[str, Any]]]
-# (period index, its data, its end as ISO text) -> whether it was appended now (False: already there)
-EmitOnce = Callable[[int, dict[str, Any], str], Awaitable[bool]]
+# (period start, period length, its data, its end as ISO text) -> whether it was appended
+# now (False: already there); also records the start as the newest emitted, in the same commit
+EmitOnce = Callable[[float, float, dict[str, Any], str], Awaitable[bool]]
 
 
 class AnalyticsEmitter:
@@ -89,7 +93,7 @@ class AnalyticsEmitter:
         schedule: Schedule,
         compute: Compute,
         emit_once: EmitOnce,
-        last_emitted: Callable[[], Awaitable[int | None]],
+        last_emitted: Callable[[], Awaitable[float | None]],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.schedule = schedule
@@ -101,36 +105,44 @@ class AnalyticsEmitter:
         self.delayed = 0  # ticks that could not read the figures or append them
 
     async def tick(self) -> float:
-        """Emit whatever is due; the number of seconds until it is worth looking again."""
+        """Emit whatever is due; the number of seconds until it is worth looking again.
+        Nothing raises out of it: a failure is logged and tried again later."""
         schedule = self.schedule
-        now = self.clock()
-        indexes, skipped = schedule.due(now, await self.last_emitted())
-        if skipped:
-            log.warning("analytics_periods_skipped", periods=skipped, catch_up=schedule.catch_up)
-        for index in indexes:
-            start, end = schedule.bounds(index)
-            started = time.monotonic()
-            try:
-                figures = await self.compute(moment(start), moment(end), moment(start - schedule.period))
-                appended = await self.emit_once(index, data(schedule, index, figures), unix_to_iso(end))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.delayed += 1
-                log.warning(
-                    "analytics_delayed",
-                    period_start=unix_to_iso(start),
-                    error=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}",
-                    retry_in=min(schedule.retry, schedule.period),
+        retry = min(schedule.retry, schedule.period)
+        start = 0.0
+        try:
+            indexes, skipped = schedule.due(self.clock(), await self.last_emitted())
+            if skipped:
+                log.warning("analytics_periods_skipped", periods=skipped, catch_up=schedule.catch_up)
+            for index in indexes:
+                start, end = schedule.bounds(index)
+                began = self.clock()
+                figures = await asyncio.wait_for(
+                    self.compute(moment(start), moment(end), moment(start - schedule.period)),
+                    schedule.timeout,
                 )
-                return min(schedule.retry, schedule.period)
-            if appended:
-                self.emitted += 1
-                log.info(
-                    "analytics_emitted",
-                    period_start=unix_to_iso(start),
-                    seconds=round(time.monotonic() - started, 3),
+                appended = await self.emit_once(
+                    start, schedule.period, data(schedule, index, figures), unix_to_iso(end)
                 )
+                if appended:
+                    self.emitted += 1
+                    log.info(
+                        "analytics_emitted",
+                        period_start=unix_to_iso(start),
+                        seconds=round(self.clock() - began, 3),
+                    )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.delayed += 1
+            reason = "took longer than the timeout" if isinstance(exc, TimeoutError) else str(exc)
+            log.warning(
+                "analytics_delayed",
+                period_start=unix_to_iso(start) if start else None,
+                error=f"{type(exc).__name__}: {(reason.splitlines() or [''])[0][:200]}",
+                retry_in=retry,
+            )
+            return retry
         return max(0.0, schedule.next_at(self.clock()) - self.clock())
 
     async def run(self, stop: asyncio.Event) -> None:

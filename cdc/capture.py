@@ -15,6 +15,7 @@ is the only user of all three.  Positions:
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -129,8 +130,10 @@ class Capture:
         # derived events: cart.abandoned, judged by the stream's clock (source commit times
         # and heartbeat times, as read), never by the wall clock
         self._carts = CartTracker(mapping.carts, CartStore(sink.state)) if mapping.carts else None
+        self._cart_tables = frozenset(mapping.carts.tables if mapping.carts else ())  # per row: a set
         self._stream_clock = 0.0
         self._txn_clock = 0.0
+        self._warned_heartbeat = False
 
     # -- the outer loop: reconnect with backoff ----------------------------------------------
 
@@ -173,6 +176,7 @@ class Capture:
             self._skips = self.sink.pending_skips()
             if self._carts is not None:
                 self._carts.forget()  # a rollback may have undone what it knew
+                self._stream_clock = 0.0  # the replay sweeps again where the first reading did
             self.frames.start(stored)
             log.info(
                 "capture_started",
@@ -320,9 +324,12 @@ class Capture:
         elif isinstance(msg, Message) and self._in_txn is None and not msg.transactional:
             # Our heartbeat.  Outside a transaction nothing before it is still owed to us.
             if self._carts is not None and msg.prefix == HEARTBEAT_PREFIX:
-                emitted = _heartbeat_time(msg.content)
+                emitted = _heartbeat_time(msg.content, time.time())
                 if emitted is not None:
                     self._advance(emitted, msg.lsn)  # every commit before it has been read
+                elif msg.content != "heartbeat" and not self._warned_heartbeat:  # (older ones carry no time)
+                    self._warned_heartbeat = True
+                    log.warning("heartbeat_ignored", lsn=format_lsn(msg.lsn), content=msg.content[:80])
             if self._all_durable():
                 self._idle_lsn = max(self._idle_lsn, msg.lsn)
             else:
@@ -424,7 +431,8 @@ class Capture:
 
     def _row(self, table: str, change: RowChange) -> None:
         """One row change of ``table`` (a partition's changes: of its mapped parent)."""
-        if self._carts is not None and self._carts.watches(table):
+        if table in self._cart_tables:
+            assert self._carts is not None
             self._carts.change(table, change, self._txn_clock)
         rules = self.mapping.by_table.get(table)
         if not rules:
@@ -576,10 +584,21 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-def _heartbeat_time(content: str) -> float | None:
-    """When a heartbeat was emitted, by the server's clock (None for one without it)."""
-    _, _, stamp = content.partition(" ")
+HEARTBEAT_AHEAD = 3600.0  # a heartbeat time further ahead of our clock than this is not believed
+
+
+def _heartbeat_time(content: str, now: float) -> float | None:
+    """When a heartbeat was emitted, by the server's clock: ``heartbeat <Unix seconds>``.
+    None for anything else (an older heartbeat without a time, or a message someone else
+    emitted with our prefix: a time that is not finite, not positive, or more than
+    :data:`HEARTBEAT_AHEAD` ahead of ``now``, would fire every timer at once)."""
+    word, _, stamp = content.partition(" ")
+    if word != "heartbeat" or not stamp or len(stamp) > 40:
+        return None
     try:
-        return float(stamp)
+        seconds = float(stamp)
     except ValueError:
         return None
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > now + HEARTBEAT_AHEAD:
+        return None
+    return seconds

@@ -2,8 +2,9 @@
 
 Nothing in the WAL says "abandoned"; the tracker derives it from the row changes of three
 tables — carts, their items, orders — as capture reads them, with the stream's own clock:
-the commit time of the transactions read (and the server's time in a keepalive once
-capture has caught up), never the sidecar's wall clock.  So a cart whose conversion
+the commit time of the transactions read, and the server's time inside capture's own
+heartbeats (which come through the stream in order with everything else), never the
+sidecar's wall clock.  So a cart whose conversion
 committed before its deadline never fires, even while that conversion still sits in an
 unread backlog.
 
@@ -176,6 +177,8 @@ class Cart:
     converted: bool = False
     last_activity: float | None = None  # source commit time (Unix seconds)
     deadline: float | None = None  # armed when set
+    ordered_at: float | None = None  # when an order of its customer last converted it
+    seen: bool = False  # its own row came through the stream (else: known only from an item)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,10 +215,13 @@ class CartStore:
 
     def cart(self, key: str) -> Cart | None:
         value = self.state.state_get(CART, key)
-        return None if value is None else _cart(value)
+        return None if value is None else _stored_cart(value)
 
     def put_cart(self, cart: Cart) -> None:
-        ref = None if cart.customer is None else key_of(cart.customer)  # orders find carts by it
+        # orders find the armed carts of their customer by it: only armed ones, so a
+        # customer's hundredth order does not read the carts the first one converted
+        armed = cart.deadline is not None and cart.customer is not None
+        ref = key_of(cart.customer) if armed else None
         value = [
             cart.key,
             cart.id,
@@ -224,6 +230,8 @@ class CartStore:
             cart.converted,
             cart.last_activity,
             cart.deadline,
+            cart.ordered_at,
+            cart.seen,
         ]
         self.state.state_put(CART, cart.key, value, ref, cart.deadline)
 
@@ -247,16 +255,18 @@ class CartStore:
         return sorted((Item(*v) for v in self.state.state_by_ref(ITEM, cart)), key=lambda i: i.key)
 
     def armed_carts_of(self, customer: str) -> list[Cart]:
-        return [c for c in map(_cart, self.state.state_by_ref(CART, customer)) if c.deadline is not None]
+        return [
+            c for c in map(_stored_cart, self.state.state_by_ref(CART, customer)) if c.deadline is not None
+        ]
 
     def due(self, until: float, limit: int) -> list[Cart]:
-        return [_cart(v) for v in self.state.state_due(CART, until, limit)]
+        return [_stored_cart(v) for v in self.state.state_due(CART, until, limit)]
 
     def next_deadline(self) -> float | None:
         return self.state.state_next_due(CART)
 
 
-def _cart(value: list[Any]) -> Cart:
+def _stored_cart(value: list[Any]) -> Cart:
     return Cart(*value)
 
 
@@ -337,7 +347,7 @@ class CartTracker:
         if change.op == "delete":
             self.store.delete_cart(key)
             return
-        cart = self.store.cart(key) or Cart(key, row[rule.cart_key])
+        cart = replace(self.store.cart(key) or Cart(key, row[rule.cart_key]), seen=True)
         if rule.customer and rule.customer in row:
             cart = replace(cart, customer=row[rule.customer])
         if rule.session and rule.session in row:
@@ -387,12 +397,15 @@ class CartTracker:
             return
         for cart in self.store.armed_carts_of(key_of(change.new[column])):
             assert cart.deadline is not None and cart.last_activity is not None
-            if cart.last_activity <= at < cart.deadline:
-                self.store.put_cart(replace(cart, deadline=None))  # ordered in time: converted
+            if cart.last_activity <= at < cart.deadline:  # ordered in time: converted
+                self.store.put_cart(replace(cart, deadline=None, ordered_at=at))
 
     def _touch(self, cart: Cart, at: float) -> None:
-        """Activity on ``cart`` at ``at``: armed again if it has items and is not converted."""
-        armed = not cart.converted and bool(self.store.items(cart.key))
+        """Activity on ``cart`` at ``at``: armed again if its own row was seen, it has items
+        and it is not converted (by its status, or by an order in this same transaction:
+        a checkout that writes the order and then the cart)."""
+        ordered_now = cart.ordered_at is not None and cart.ordered_at >= at
+        armed = cart.seen and not cart.converted and not ordered_now and bool(self.store.items(cart.key))
         deadline = at + self.rule.abandon_after if armed else None
         self.store.put_cart(replace(cart, last_activity=at, deadline=deadline))
         if deadline is not None and self._known and (self._next is None or deadline < self._next):

@@ -158,6 +158,8 @@ class Mapping:
     def identity_needed(self, table: str) -> bool:
         """Whether some rule of ``table`` acts on updates or deletes, which Postgres can
         only send for a table with a primary key or a replica identity."""
+        if self.carts is not None and table in (self.carts.carts, self.carts.items):
+            return True  # cart.abandoned follows their updates and deletes
         return any(rule.on & {"update", "delete"} for rule in self.by_table.get(table, ()))
 
     def truncates(self, table: str) -> list[Rule]:

@@ -165,7 +165,7 @@ class AnalyticsSettings(_Section):
         3600.0, ge=1, description="length of a period, aligned to the epoch (3600: every hour on the hour)"
     )
     catch_up_periods: int = Field(
-        24, ge=0, description="periods missed while stopped that are emitted on start, newest first kept"
+        24, ge=1, description="periods missed while stopped that are emitted on start, newest first kept"
     )
     settle_seconds: float = Field(
         5.0, ge=0, description="wait this long after a period ends before its figures are read"

@@ -20,6 +20,7 @@ S = sqlfile.load("outbox", "state.sql")
 
 
 Row = tuple[str, str | None, float | None]  # value (JSON text), ref, due
+HELD = 10_000  # changes held in memory at most: past this they go into the open transaction
 
 
 class SqliteState:
@@ -46,12 +47,18 @@ class SqliteState:
         return None if found is None else loads(found[0])
 
     def state_put(self, kind: str, key: str, value: Any, ref: str | None, due: float | None) -> None:
-        self._changed.setdefault(kind, {})[key] = (dumps(value).decode(), ref, due)
+        rows = self._changed.setdefault(kind, {})
+        rows[key] = (dumps(value).decode(), ref, due)
         if ref is not None:
             self._refs.setdefault((kind, ref), set()).add(key)
+        if len(rows) > HELD:
+            self.flush()  # a transaction touching a million carts: memory stays bounded
 
     def state_delete(self, kind: str, key: str) -> None:
-        self._changed.setdefault(kind, {})[key] = None
+        rows = self._changed.setdefault(kind, {})
+        rows[key] = None
+        if len(rows) > HELD:
+            self.flush()
 
     def state_by_ref(self, kind: str, ref: str) -> list[Any]:
         mine = self._changed.get(kind, {})

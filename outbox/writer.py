@@ -163,25 +163,33 @@ class OutboxWriter:
             self._state = SqliteState(self.conn, self._begin)
         return self._state
 
-    def add_once(self, kind: str, key: str, *event: Any) -> bool:
+    def add_once(
+        self, kind: str, key: str, event: tuple[Any, ...], newest: tuple[str, float] | None = None
+    ) -> bool:
         """Append one event (the arguments of :meth:`add`) and commit it, unless the mark
         (``kind``, ``key``) is already in the outbox; the mark commits with the event.
         ``BEGIN IMMEDIATE`` serialises racing writers, in this process or another, so the
-        event is appended once.  Not inside a group commit: it makes its own."""
+        event is appended once.  ``newest`` (a key of ``kind`` and a number) is raised to
+        that number in the same commit, appended now or not.  Not inside a group commit:
+        it makes its own."""
         if self.in_transaction:
             raise RuntimeError("add_once inside a group commit")
         self._begin()
         try:
-            if self.state.state_get(kind, key) is not None:
-                self.rollback()
-                return False
-            self.add(*event)
-            self.state.state_put(kind, key, True, None, None)
+            appended = self.state.state_get(kind, key) is None
+            if appended:
+                self.add(*event)
+                self.state.state_put(kind, key, True, None, None)
+            if newest is not None:
+                name, value = newest
+                current = self.state.state_get(kind, name)
+                if current is None or value > current:
+                    self.state.state_put(kind, name, value, None, None)
             self.commit(None)
         except BaseException:
             self.rollback()
             raise
-        return True
+        return appended
 
     def set_problems(self, problems: list[dict[str, Any]]) -> None:
         """Replace the stored mapping problems, in a write transaction of their own (so

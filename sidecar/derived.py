@@ -31,6 +31,7 @@ class AnalyticsRole:
             cfg.period_seconds, cfg.catch_up_periods, cfg.settle_seconds, cfg.retry_seconds
         )
         self.writer: OutboxWriter | None = None
+        self._appending: asyncio.Future[bool] | None = None
         self.emitter = AnalyticsEmitter(self.schedule, self._figures, self._emit_once, self._last)
 
     async def _figures(self, start: datetime, end: datetime, before: datetime) -> dict[str, Any]:
@@ -41,23 +42,22 @@ class AnalyticsRole:
             self.writer = OutboxWriter(open_outbox(self.settings.outbox.path), self.router)
         return self.writer
 
-    async def _emit_once(self, index: int, data: dict[str, Any], at: str) -> bool:
+    async def _emit_once(self, start: float, period: float, data: dict[str, Any], at: str) -> bool:
         def append() -> bool:
-            writer = self._writer()
             event = (EVENT_TYPE, "analytics", data["id"], data, at, None, "derived", None, None)
-            appended = writer.add_once(KIND, f"period:{index}", *event)
-            last = writer.state.state_get(KIND, LAST)
-            if last is None or index > last:  # also when another process appended it
-                writer.state.state_put(KIND, LAST, index, None, None)
-                writer.commit(None)
-            return appended
+            mark = (
+                f"period:{start:.3f}:{period:.3f}"  # by start and length: a new period_seconds starts afresh
+            )
+            return self._writer().add_once(KIND, mark, event, newest=(LAST, start))
 
-        return await asyncio.to_thread(append)
+        # a stop does not cut the append short: run() waits for it before closing the writer
+        self._appending = asyncio.ensure_future(asyncio.to_thread(append))
+        return await asyncio.shield(self._appending)
 
-    async def _last(self) -> int | None:
-        def read() -> int | None:
+    async def _last(self) -> float | None:
+        def read() -> float | None:
             value = self._writer().state.state_get(KIND, LAST)
-            return None if value is None else int(value)
+            return None if value is None else float(value)
 
         return await asyncio.to_thread(read)
 
@@ -66,6 +66,8 @@ class AnalyticsRole:
         try:
             await self.emitter.run(stop)
         finally:
+            if self._appending is not None and not self._appending.done():
+                await asyncio.wait([self._appending], timeout=30)
             await self.exports.close()
             if self.writer is not None:
                 self.writer.close()

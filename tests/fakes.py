@@ -19,6 +19,7 @@ from cdc.source import Check
 from cdc.stream import Frame, Keepalive, XLogData
 from common.errors import SourceUnavailable
 from common.formats import format_lsn
+from outbox.state import MemoryState
 
 COMMIT_TIME = "2026-11-25 15:07:53.877066+00"  # as wal2json prints it in a UTC session
 
@@ -80,6 +81,7 @@ class Wal:
         *rows: tuple[str, str, dict[str, Any]],
         xid: int | None = None,
         between: Callable[[int], None] | None = None,
+        commit_time: str = COMMIT_TIME,
     ) -> Txn:
         """One source transaction of ``(op, table, columns)`` rows; ``between(i)`` runs
         before row ``i`` (e.g. to put a keepalive or a dropped connection there)."""
@@ -90,7 +92,7 @@ class Wal:
         end = commit_lsn + 0x30
         frame = {
             "xid": xid,
-            "timestamp": COMMIT_TIME,
+            "timestamp": commit_time,
             "lsn": format_lsn(commit_lsn),
             "nextlsn": format_lsn(end),
         }
@@ -104,7 +106,7 @@ class Wal:
                 {
                     "action": {"insert": "I", "update": "U", "delete": "D"}[op],
                     "xid": xid,
-                    "timestamp": COMMIT_TIME,
+                    "timestamp": commit_time,
                     "lsn": format_lsn(self.lsn),
                     "schema": schema,
                     "table": name,
@@ -126,10 +128,11 @@ class Wal:
         self.units.append(_Unit(Keepalive(self.lsn, reply), self.lsn))
         return self.lsn
 
-    def heartbeat(self) -> int:
-        """Capture's own heartbeat (``pg_logical_emit_message(false, 'ct1-cdc', ...)``)."""
+    def heartbeat(self, content: str = "heartbeat") -> int:
+        """Capture's own heartbeat (``pg_logical_emit_message(false, 'ct1-cdc', ...)``),
+        e.g. ``"heartbeat 1764083273.5"`` with the server's time."""
         self.lsn += 0x38
-        message = {"action": "M", "transactional": False, "prefix": "ct1-cdc", "content": "heartbeat"}
+        message = {"action": "M", "transactional": False, "prefix": "ct1-cdc", "content": content}
         self._message({**message, "lsn": format_lsn(self.lsn)}, self.lsn)
         return self.lsn
 
@@ -313,6 +316,7 @@ class MemoryOutbox:
     )  # xid -> (lsn, changes) once skipped
     problems: list[dict[str, Any]] = field(default_factory=list)
     commits: list[StoredCommit] = field(default_factory=list)
+    state: dict[tuple[str, str], Any] = field(default_factory=dict)  # derived state, as committed
 
     def request_skip(self, xid: int) -> None:
         self.skips.setdefault(xid, None)
@@ -335,6 +339,8 @@ class MemorySink:
         self._events: list[tuple[Any, ...]] = []
         self._shadow: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._skipped: dict[int, tuple[str, int]] = {}
+        self.state = MemoryState()  # derived state: what the outbox holds, plus this commit's changes
+        self.state.rows = dict(self.outbox.state)
 
     @property
     def pending(self) -> int:
@@ -342,7 +348,7 @@ class MemorySink:
 
     @property
     def in_transaction(self) -> bool:
-        return bool(self._events or self._shadow or self._skipped)
+        return bool(self._events or self._shadow or self._skipped or self.state.rows != self.outbox.state)
 
     def add(
         self,
@@ -373,6 +379,7 @@ class MemorySink:
             else:
                 outbox.shadow[key] = values
         outbox.skips.update(self._skipped)
+        outbox.state = dict(self.state.rows)
         if slot is not None:
             outbox.checkpoints[slot] = lsn
             outbox.commits.append(StoredCommit(slot, lsn, len(self._events), tuple(self._skipped)))
@@ -383,6 +390,7 @@ class MemorySink:
 
     def rollback(self) -> None:
         self._events, self._shadow, self._skipped = [], {}, {}
+        self.state.rows = dict(self.outbox.state)
         self.last_event_id = self.outbox.events[-1].id if self.outbox.events else 0
 
     def checkpoint(self, slot: str) -> int | None:

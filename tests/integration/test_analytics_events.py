@@ -56,6 +56,9 @@ async def test_two_processes_racing_emit_each_period_once(source_db, tmp_path):
     for event in events:
         assert problems(event) == []
         assert event["source"] == {"table": None, "op": "derived", "lsn": None, "xid": None}
+    newest = max(e["data"]["record"]["period_start"] for e in events)
+    marker = role(source_db, tmp_path)._writer().state.state_get(KIND, LAST)  # what a restart goes on from
+    assert unix_to_iso(marker) == newest
     deliveries = store_deliveries(tmp_path / "outbox.db")
     assert deliveries and {endpoint for _, endpoint in deliveries} == {"ct3"}  # CT3 only by default
 
@@ -75,7 +78,7 @@ async def test_missed_periods_are_emitted_on_start_up_to_the_bound(source_db, tm
     first = role(source_db, tmp_path, catch_up_periods=3)
     now = int(time.time() // PERIOD)
     writer = first._writer()
-    writer.state.state_put(KIND, LAST, now - 10, None, None)  # last emitted ten periods ago
+    writer.state.state_put(KIND, LAST, (now - 10) * PERIOD, None, None)  # last emitted ten periods ago
     writer.commit(None)
     await run_for(0.5, first)
     emitted = [e["data"]["record"]["period_start"] for e in analytics(tmp_path / "outbox.db")]

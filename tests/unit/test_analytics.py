@@ -16,17 +16,24 @@ HOUR = Schedule(period=3600, catch_up=3, settle=5)
 
 def test_a_period_is_due_once_it_ended_and_settled():
     t = 10 * 3600.0  # 10:00:00
-    assert HOUR.due(t + 4, last=8) == ([], 0)  # 09:00-10:00 not settled yet
-    assert HOUR.due(t + 5, last=8) == ([9], 0)
-    assert HOUR.due(t + 3000, last=9) == ([], 0)
+    assert HOUR.due(t + 4, last_start=8 * 3600) == ([], 0)  # 09:00-10:00 not settled yet
+    assert HOUR.due(t + 5, last_start=8 * 3600) == ([9], 0)
+    assert HOUR.due(t + 3000, last_start=9 * 3600) == ([], 0)
     assert HOUR.next_at(t + 3000) == 11 * 3600 + 5
 
 
 def test_missed_periods_are_caught_up_up_to_a_bound():
     t = 20 * 3600.0 + 10
-    assert HOUR.due(t, last=17) == ([18, 19], 0)
-    assert HOUR.due(t, last=10) == ([17, 18, 19], 6)  # 11..16 skipped
-    assert HOUR.due(t, last=None) == ([19], 0)  # a fresh outbox: the newest one only
+    assert HOUR.due(t, last_start=17 * 3600) == ([18, 19], 0)
+    assert HOUR.due(t, last_start=10 * 3600) == ([17, 18, 19], 6)  # 11..16 skipped
+    assert HOUR.due(t, last_start=None) == ([19], 0)  # a fresh outbox: the newest one only
+
+
+def test_a_new_period_length_goes_on_from_the_last_period_emitted():
+    t = 20 * 3600.0 + 10
+    assert HOUR.due(t, last_start=18.5 * 3600) == ([19], 0)  # was half-hourly: 18:30-19:00 done
+    half = Schedule(period=1800, catch_up=3, settle=5)
+    assert half.due(t, last_start=18 * 3600) == ([37, 38, 39], 0)  # was hourly: 18:00-19:00 done
 
 
 def test_the_event_data_names_its_period():
@@ -45,21 +52,24 @@ def test_the_event_data_names_its_period():
 
 
 class Outbox:
-    """The exactly-once append, as the outbox gives it: a marker per period."""
+    """The exactly-once append, as the outbox gives it: a mark per period and the newest
+    start emitted, raised in the same commit."""
 
     def __init__(self) -> None:
         self.events: list[tuple[int, dict[str, Any], str]] = []
-        self.markers: set[int] = set()
+        self.markers: set[tuple[float, float]] = set()
+        self.newest: float | None = None
 
-    async def emit_once(self, index: int, data: dict[str, Any], at: str) -> bool:
-        if index in self.markers:
+    async def emit_once(self, start: float, period: float, data: dict[str, Any], at: str) -> bool:
+        self.newest = start if self.newest is None else max(self.newest, start)
+        if (start, period) in self.markers:
             return False
-        self.markers.add(index)
-        self.events.append((index, data, at))
+        self.markers.add((start, period))
+        self.events.append((int(start // period), data, at))
         return True
 
-    async def last(self) -> int | None:
-        return max(self.markers, default=None)
+    async def last(self) -> float | None:
+        return self.newest
 
 
 async def test_two_emitters_racing_emit_each_period_once():
@@ -98,6 +108,7 @@ async def test_a_failing_source_delays_the_event_and_is_tried_again(caplog):
         Schedule(period=60, settle=1, retry=7), compute, outbox.emit_once, outbox.last, lambda: 121.0
     )
     assert await emitter.tick() == 7  # delayed, to be tried again in 7 s
+    assert emitter.delayed == 1
     assert outbox.events == []
     wait = await emitter.tick()
     assert [i for i, _, _ in outbox.events] == [1] and 0 < wait <= 60
@@ -140,3 +151,30 @@ async def test_a_stop_ends_a_tick_that_waits_on_a_slow_source():
     stop.set()
     await asyncio.wait_for(task, 5)
     assert outbox.events == []
+
+
+async def test_nothing_raises_out_of_a_tick():
+    outbox = Outbox()
+
+    async def broken_last() -> float | None:
+        raise OSError("outbox locked")
+
+    async def compute(start: datetime, end: datetime, before: datetime) -> dict[str, Any]:
+        return {}
+
+    emitter = AnalyticsEmitter(
+        Schedule(period=60, retry=3), compute, outbox.emit_once, broken_last, lambda: 500.0
+    )
+    assert await emitter.tick() == 3 and emitter.delayed == 1
+
+
+async def test_a_source_that_hangs_is_given_up_after_the_timeout():
+    outbox = Outbox()
+
+    async def compute(start: datetime, end: datetime, before: datetime) -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {}
+
+    schedule = Schedule(period=60, retry=3, timeout=0.05)
+    emitter = AnalyticsEmitter(schedule, compute, outbox.emit_once, outbox.last, lambda: 500.0)
+    assert await asyncio.wait_for(emitter.tick(), 5) == 3 and emitter.delayed == 1 and outbox.events == []

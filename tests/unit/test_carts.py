@@ -242,3 +242,34 @@ abandon_after = "30m"
         parse_mapping(text.replace('"30m"', '"later"'))
     with pytest.raises(ConfigError, match="expected defaults, rule, cart_abandoned"):
         parse_mapping(text.replace("[cart_abandoned]", "[cart_abandon]"))
+
+
+def test_a_checkout_writing_the_order_then_the_cart_in_one_transaction_converts_it(tracker):
+    cart(tracker, 0.0)
+    item(tracker, 0.0)
+    order(tracker, 100.0)
+    cart(tracker, 100.0, op="update", status="checked_out")  # not a converted status: activity
+    assert fired(tracker, 10 * IDLE) == []
+    item(tracker, 5000.0, id=11)  # the customer shops again later: a new idle spell
+    assert len(fired(tracker, 5000.0 + IDLE + 5)) == 1
+
+
+def test_a_cart_known_only_from_its_items_is_not_judged(tracker):
+    """Its own row never came through the stream (it is older than the slot): whose it is
+    and whether it was converted are unknown, so it never fires, until its row changes."""
+    item(tracker, 0.0, id=1, cart=42)
+    assert fired(tracker, 10 * IDLE) == []
+    cart(tracker, 20 * IDLE, id=42, op="update")
+    assert len(fired(tracker, 21 * IDLE + 5)) == 1
+
+
+def test_an_order_reads_only_the_armed_carts_of_its_customer():
+    store = CartStore(MemoryState())
+    tracker = CartTracker(RULE, store)
+    for n in range(50):
+        cart(tracker, 0.0, id=n)
+        item(tracker, 0.0, id=n, cart=n)
+    assert len(store.armed_carts_of("n:5")) == 50
+    order(tracker, 10.0)
+    assert store.armed_carts_of("n:5") == []  # a second order has nothing to read
+    assert fired(tracker, 10 * IDLE) == []
