@@ -105,7 +105,8 @@ def baseline_round(path: Path, carts: int) -> tuple[float, float]:
             break
         for key, _ in found:  # what a sweep does per cart: its items, then disarm it
             conn.execute(
-                "SELECT key, value FROM derived_state WHERE kind = 'cart_item' AND ref = ?", (key,)
+                "SELECT key, value FROM derived_state INDEXED BY derived_state_ref WHERE kind = 'cart_item' AND ref = ?",
+                (key,),
             ).fetchall()
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(

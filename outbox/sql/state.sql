@@ -11,7 +11,9 @@ ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value, ref = excluded.ref
 DELETE FROM derived_state WHERE kind = :kind AND key = :key
 
 -- name: by_ref
-SELECT key, value FROM derived_state WHERE kind = :kind AND ref = :ref ORDER BY key
+-- INDEXED BY: SQLite does not see that ref = :ref implies the partial index's ref IS NOT
+-- NULL, and would scan every row of the kind (the caller sorts).
+SELECT key, value FROM derived_state INDEXED BY derived_state_ref WHERE kind = :kind AND ref = :ref
 
 -- name: due
 -- Read lazily, as far as the caller needs (it passes over rows it holds newer values of).
