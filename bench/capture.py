@@ -9,6 +9,10 @@ slot with ``pg_recvlogical`` (same wal2json options, output to /dev/null) and on
 ``ct1-cdc run --role capture`` into a fresh outbox, alternating; both run as subprocesses
 and are timed from start until the slot's confirmed position reaches the backlog's end.
 The last line is JSON with both rates, their medians and ``ratio`` = ct1-cdc / pg_recvlogical.
+
+``--open-carts N`` starts each ct1-cdc round with N open carts in its outbox (the timers of
+cart.abandoned, as capture leaves them); ``--without-carts`` captures with a mapping that
+has no ``[cart_abandoned]`` section.  Together: what holding the timers costs capture.
 """
 
 from __future__ import annotations
@@ -162,21 +166,31 @@ def without_carts(work: Path) -> Path:
     return path
 
 
-def write_open_carts(dsn: str, carts: int) -> int:
-    """``carts`` carts with one item each, never converted: open timers for capture to keep
-    (an hour away, so none falls due during the run).  Row changes written."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for start in range(0, carts, 500):
-            n = min(500, carts - start)
-            conn.execute(
-                f"""
-                WITH c AS (
-                  INSERT INTO carts (user_id) SELECT 1 + (i % 100) FROM generate_series(1, {n}) i RETURNING id
-                )
-                INSERT INTO cart_items (cart_id, product_id, quantity, price) SELECT id, 1, 1, 9.99 FROM c
-                """
-            )
-    return 2 * carts
+def seed_open_carts(outbox: Path, carts: int) -> None:
+    """``carts`` open carts (one item each, an hour from their deadline) in a new outbox,
+    as capture would have left them: the timers held while it reads the backlog.  Their
+    customers place no order in the backlog, so the run measures capture with that many
+    timers held, not the work of converting them."""
+    from cdc.carts import CartStore, CartTracker
+    from cdc.decode import RowChange
+    from cdc.mapping import load_mapping
+    from outbox.store import Route, Router, open_outbox
+    from outbox.writer import OutboxWriter
+
+    rule = load_mapping(str(ROOT / "config" / "mapping.toml")).carts
+    assert rule is not None
+    writer = OutboxWriter(open_outbox(outbox), Router([Route("ct2", ("*",)), Route("ct3", ("*",))]))
+    tracker = CartTracker(rule, CartStore(writer.state))
+    now = time.time()
+    for n in range(carts):
+        cart = {"id": 10_000_000 + n, "user_id": 10_000_000 + n, "session_id": None, "status": "active"}
+        item = {"id": 10_000_000 + n, "cart_id": cart["id"], "product_id": 1, "quantity": 1, "price": "9.99"}
+        tracker.change(rule.carts, RowChange("insert", rule.carts, 1, "0/1", cart, None, ("id",)), now)
+        tracker.change(rule.items, RowChange("insert", rule.items, 1, "0/1", item, None, ("id",)), now)
+        if n % 5000 == 4999:
+            writer.commit(None)
+    writer.commit(None)
+    writer.close()
 
 
 def main() -> None:
@@ -211,12 +225,8 @@ def main() -> None:
                     )
         if args.without_carts:
             MAPPING = without_carts(work)
-        rows = 0
-        if args.open_carts:
-            print(f"writing {args.open_carts} open carts ...", file=sys.stderr)
-            rows += write_open_carts(dsn, args.open_carts)
         print(f"writing a backlog of {args.rows} row changes ...", file=sys.stderr)
-        rows += write_backlog(dsn, args.rows)
+        rows = write_backlog(dsn, args.rows)
         endpos = current_lsn(dsn)
         options = wal2json_options(Settings(source={"dsn": dsn}))
         rates: dict[str, list[float]] = {"pg_recvlogical": [], "ct1_cdc": []}
@@ -226,6 +236,8 @@ def main() -> None:
             )
             rates["pg_recvlogical"].append(rows / secs)
             outbox = work / f"outbox_{r}.db"
+            if args.open_carts:
+                seed_open_carts(outbox, args.open_carts)
             secs, rss = drain(
                 [CLI, "run", "--role", "capture"],
                 dsn,
