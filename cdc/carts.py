@@ -33,6 +33,7 @@ EVENT_TYPE = "cart.abandoned"
 CLOCK_MARGIN = 1.0  # seconds the stream's clock must be past a deadline before it fires
 DEFAULT_ABANDON_AFTER = 3600.0
 SWEEP_LIMIT = 1000  # carts fired per sweep at most (the rest fire at the next one)
+CUSTOMERS_KEPT = 1_000_000  # customers with armed carts known in memory, at most (then: ask)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,8 @@ class StateStore(Protocol):
     def state_by_ref(self, kind: str, ref: str) -> list[Any]: ...
     def state_due(self, kind: str, until: float, limit: int) -> list[Any]: ...
     def state_next_due(self, kind: str) -> float | None: ...
+    def state_refs(self, kind: str, limit: int) -> set[str] | None:
+        """Every ref of ``kind`` in use, or None if there are more than ``limit``."""
 
 
 CART, ITEM = "cart", "cart_item"
@@ -253,6 +256,10 @@ class CartStore:
 
     def items(self, cart: str) -> list[Item]:
         return sorted((Item(*v) for v in self.state.state_by_ref(ITEM, cart)), key=lambda i: i.key)
+
+    def armed_customers(self, limit: int) -> set[str] | None:
+        """The customers with an armed cart (None: more than ``limit`` of them)."""
+        return self.state.state_refs(CART, limit)
 
     def armed_carts_of(self, customer: str) -> list[Cart]:
         return [
@@ -323,6 +330,10 @@ class CartTracker:
     store: CartStore
     _next: float | None = field(default=None, init=False)  # earliest deadline, once known
     _known: bool = field(default=False, init=False)
+    # customers with an armed cart (a superset): an order of anyone else reads nothing.
+    # None: not read yet, or too many to keep
+    _customers: set[str] | None = field(default=None, init=False)
+    _customers_read: bool = field(default=False, init=False)
 
     def watches(self, table: str) -> bool:
         return table in self.rule.tables
@@ -395,7 +406,12 @@ class CartTracker:
         column = self.rule.order_customer
         if not column or change.new.get(column) is None:
             return
-        for cart in self.store.armed_carts_of(key_of(change.new[column])):
+        customer = key_of(change.new[column])
+        if not self._customers_read:
+            self._customers, self._customers_read = self.store.armed_customers(CUSTOMERS_KEPT), True
+        if self._customers is not None and customer not in self._customers:
+            return  # the common case: no open cart of this customer, known without a query
+        for cart in self.store.armed_carts_of(customer):
             assert cart.deadline is not None and cart.last_activity is not None
             if cart.last_activity <= at < cart.deadline:  # ordered in time: converted
                 self.store.put_cart(replace(cart, deadline=None, ordered_at=at))
@@ -408,6 +424,10 @@ class CartTracker:
         armed = cart.seen and not cart.converted and not ordered_now and bool(self.store.items(cart.key))
         deadline = at + self.rule.abandon_after if armed else None
         self.store.put_cart(replace(cart, last_activity=at, deadline=deadline))
+        if deadline is not None and cart.customer is not None and self._customers is not None:
+            self._customers.add(key_of(cart.customer))
+            if len(self._customers) > CUSTOMERS_KEPT:
+                self._customers = None  # too many to keep: ask the store each time
         if deadline is not None and self._known and (self._next is None or deadline < self._next):
             self._next = deadline  # a disarmed cart leaves _next early: one needless look, no harm
 
@@ -430,3 +450,4 @@ class CartTracker:
     def forget(self) -> None:
         """The store changed under the tracker (a rollback): ask it again."""
         self._known = False
+        self._customers, self._customers_read = None, False

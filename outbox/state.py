@@ -101,6 +101,13 @@ class SqliteState:
         total, due = self.conn.execute(S["count"], {"kind": kind}).fetchone()
         return int(total), int(due)
 
+    def state_refs(self, kind: str, limit: int) -> set[str] | None:
+        """Every ref of ``kind`` in use (stored or held), or None past ``limit``.  A stored
+        ref whose row was changed since still counts: a superset is what callers need."""
+        refs = {r for (r,) in self.conn.execute(S["refs"], {"kind": kind, "limit": limit + 1})}
+        refs |= {ref for (kd, ref), keys in self._refs.items() if kd == kind and keys}
+        return None if len(refs) > limit else refs
+
     def flush(self) -> None:
         """Write the changes, inside the writer's transaction (its commit calls this)."""
         if not self.pending:
@@ -156,6 +163,10 @@ class MemoryState:
     def state_next_due(self, kind: str) -> float | None:
         dues = [d for (kd, _), (_, _, d) in self.rows.items() if kd == kind and d is not None]
         return min(dues) if dues else None
+
+    def state_refs(self, kind: str, limit: int) -> set[str] | None:
+        refs = {r for (kd, _), (_, r, _) in self.rows.items() if kd == kind and r is not None}
+        return None if len(refs) > limit else refs
 
     def state_count(self, kind: str) -> tuple[int, int]:
         rows = [d for (kd, _), (_, _, d) in self.rows.items() if kd == kind]

@@ -21,5 +21,9 @@ SELECT key, value, due FROM derived_state
 WHERE kind = :kind AND due IS NOT NULL AND due <= :until
 ORDER BY due, key
 
+-- name: refs
+SELECT DISTINCT ref FROM derived_state INDEXED BY derived_state_ref WHERE kind = :kind AND ref IS NOT NULL
+LIMIT :limit
+
 -- name: count
 SELECT count(*), count(due) FROM derived_state WHERE kind = :kind

@@ -153,3 +153,13 @@ def test_held_changes_do_not_take_the_write_lock(tmp_path):
     other.close()
     w.commit("slot", 1)
     w.close()
+
+
+def test_the_refs_in_use(state):
+    state.state_put("cart", "k1", 1, "a", 5.0)
+    state.state_put("cart", "k2", 2, "b", None)
+    state.state_put("cart", "k3", 3, None, 1.0)
+    state.state_put("other", "k4", 4, "z", None)
+    assert state.state_refs("cart", 10) == {"a", "b"}
+    assert state.state_refs("cart", 1) is None  # more than asked for
+    assert state.state_refs("none", 10) == set()

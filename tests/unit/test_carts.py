@@ -273,3 +273,22 @@ def test_an_order_reads_only_the_armed_carts_of_its_customer():
     order(tracker, 10.0)
     assert store.armed_carts_of("n:5") == []  # a second order has nothing to read
     assert fired(tracker, 10 * IDLE) == []
+
+
+def test_orders_of_customers_without_an_open_cart_ask_the_store_nothing():
+    class Counting(MemoryState):
+        asked = 0
+
+        def state_by_ref(self, kind: str, ref: str) -> list[Any]:
+            if kind == "cart":
+                Counting.asked += 1
+            return super().state_by_ref(kind, ref)
+
+    tracker = CartTracker(RULE, CartStore(Counting()))
+    cart(tracker, 0.0)  # customer 5
+    item(tracker, 0.0)
+    for user in range(100, 200):
+        order(tracker, 10.0, user=user)
+    assert Counting.asked == 0
+    order(tracker, 20.0)  # customer 5's order: read, and it converts
+    assert Counting.asked == 1 and fired(tracker, 10 * IDLE) == []
