@@ -18,6 +18,7 @@ from api.limits import Usage
 from api.models import WebhookSend, WebhookTest
 from api.params import validate
 from api.writer import ApiWriter
+from cdc import catalogue
 from common import jsontext
 from common.errors import ConfigError
 from common.formats import format_lsn, optional_iso, unix_to_iso
@@ -33,24 +34,7 @@ from outbox.store import Router
 # Types that only the sidecar produces (the twelve documented event types, the test
 # message and the gap marker; the loaded mapping's types are added): receivers trust them
 # to mirror the source, so a manual one needs SEND_CAPTURED_TYPES.
-CAPTURED_TYPES = frozenset(
-    {
-        "customer.created",
-        "customer.updated",
-        "order.created",
-        "order.updated",
-        "order.status_changed",
-        "payment.status_changed",
-        "product.viewed",
-        "product.added_to_cart",
-        "review.created",
-        "review.updated",
-        "cart.abandoned",
-        "marketplace.analytics",
-        "webhook.test",
-        "ct1.gap",
-    }
-)
+CAPTURED_TYPES = frozenset(catalogue.TYPES) | {"ct1.gap"}
 # The caller's permissions, set by the API's auth guard before a handler runs.
 GRANTED: web.RequestKey[frozenset[str]] = web.RequestKey("granted", frozenset)
 

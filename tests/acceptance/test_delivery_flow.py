@@ -10,6 +10,7 @@ import time
 
 from sidecar.throwaway import free_port
 from tests.acceptance.helpers import ThreadReceiver, cli, spawn
+from tests.contract import TWELVE
 from tests.waiting import wait_until
 
 
@@ -91,22 +92,6 @@ def test_replay_needs_exactly_one_selection(tmp_path):
     result = cli("outbox", "replay", config=config)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("ct1-cdc: error:")
-
-
-TWELVE = {
-    "customer.created",
-    "customer.updated",
-    "order.created",
-    "order.updated",
-    "order.status_changed",
-    "payment.status_changed",
-    "product.viewed",
-    "product.added_to_cart",
-    "review.created",
-    "review.updated",
-    "cart.abandoned",
-    "marketplace.analytics",
-}
 
 
 def test_demo_shows_all_twelve_types_reaching_their_receivers_verified():
