@@ -31,7 +31,7 @@ from cdc.ports import FrameSource, Sink, SourceDatabase
 from cdc.schema import Problem, Relation, check_mapping, tables_to_shadow
 from cdc.source import HEARTBEAT_PREFIX
 from cdc.stream import Keepalive, XLogData
-from common.errors import CaptureError, Ct1Error, DecodeError, SetupError, SourceUnavailable
+from common.errors import CaptureError, Ct1Error, DecodeError, SetupError, SlotLost, SourceUnavailable
 from common.formats import format_lsn, unix_to_iso
 from common.metrics import CAPTURE_LAG
 from config.settings import Settings
@@ -177,7 +177,10 @@ class Capture:
             if self._carts is not None:
                 self._carts.forget()  # a rollback may have undone what it knew
                 self._stream_clock = 0.0  # the replay sweeps again where the first reading did
-            self.frames.start(stored)
+            try:
+                self.frames.start(stored)
+            except SlotLost as exc:
+                raise self._lost(stored, str(exc)) from exc
             log.info(
                 "capture_started",
                 slot=self.slot,
@@ -558,10 +561,23 @@ class Capture:
             self.stats.last_event_id = self.sink.last_event_id
             self.frames.send_status(self._confirmed, self._confirmed, self._confirmed, reply=reply)
 
+    def _lost(self, lsn: int, reason: str) -> SlotLost:
+        """The one line capture stops with when its slot is gone: what was lost from
+        where, and how to capture again."""
+        log.error("slot_lost", slot=self.slot, lsn=format_lsn(lsn), reason=reason)
+        return SlotLost(
+            f"replication slot {self.slot} was lost ({reason}): the outbox holds every change up to "
+            f"LSN {format_lsn(lsn)}, and what changed after it is no longer in the WAL. To capture "
+            "again from now: `ct1-cdc slot drop --yes`, then `ct1-cdc setup` (the changes in "
+            "between are not captured)"
+        )
+
     def _check_slot(self) -> None:
         status = self.source.slot_status()
         if status is None:
-            raise SetupError(f"replication slot {self.slot} disappeared")
+            raise self._lost(self._confirmed, "it was dropped while capture ran")
+        if status["wal_status"] == "lost":
+            raise self._lost(self._confirmed, "Postgres removed the WAL it held (max_slot_wal_keep_size)")
         self.stats.lag_bytes = status["lag_bytes"]
         self.stats.wal_status = status["wal_status"]
         fields = {

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from common.errors import SetupError, SourceUnavailable
+from common.errors import SetupError, SlotLost, SourceUnavailable
 from common.formats import format_lsn
 
 _XLOG = struct.Struct(">QQq")
@@ -111,6 +111,9 @@ class ReplicationStream:
                 raise SetupError(f"replication slot {self.slot} does not exist: run `ct1-cdc setup`") from exc
             if "wal2json" in message or "output plugin" in message:
                 raise SetupError(f"wal2json cannot be used: {message}") from exc
+            detail = getattr(getattr(exc, "diag", None), "message_detail", None) or ""
+            if isinstance(exc, psycopg.errors.ObjectNotInPrerequisiteState) and "invalidated" in detail:
+                raise SlotLost(detail.split(".")[0]) from exc
             if "is active for PID" in message:
                 raise SourceUnavailable(f"slot {self.slot} is in use by another reader: {message}") from exc
             raise SourceUnavailable(f"START_REPLICATION failed: {message}") from exc

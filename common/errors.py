@@ -26,3 +26,9 @@ class DecodeError(Ct1Error):
 class CaptureError(Ct1Error):
     """Capture cannot go past one source transaction; names the table, key, LSN and how to
     move past it (``ct1-cdc slot skip XID``)."""
+
+
+class SlotLost(SetupError):
+    """The replication slot can no longer give the changes capture needs (invalidated, or
+    dropped): the history after the checkpoint is gone; capture stops rather than resume
+    from "now" without a word."""
