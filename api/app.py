@@ -37,7 +37,7 @@ from api.webhooks import GRANTED, Webhooks
 from api.writer import ApiWriter
 from cdc.mapping import Mapping, load_mapping
 from common.jsontext import dumps as json_bytes
-from common.metrics import API_REQUESTS, CAPTURE_LAG, REGISTRY, OutboxCollector
+from common.metrics import API_REQUESTS, CAPTURE_LAG, REGISTRY, SLOT_LOST, OutboxCollector
 from common.version import version
 from config.settings import Settings
 from outbox import keys, source_state, store
@@ -261,6 +261,7 @@ class Api:
         slot = await self.health.slot_status()
         if slot.get("lag_bytes") is not None:
             CAPTURE_LAG.set(slot["lag_bytes"])
+        SLOT_LOST.set(1 if slot.get("wal_status") == "lost" else 0)
         body = await self.offload(lambda _: generate_latest(REGISTRY) + generate_latest(self.scraped))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

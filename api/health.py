@@ -87,7 +87,10 @@ class SourceHealth:
         else:
             slot = {"ok": row[1] != "lost", "lag_bytes": row[0], "wal_status": row[1]}
             if not slot["ok"]:
-                slot["error"] = "the slot lost WAL it needed: recreate it"
+                slot["error"] = (
+                    "the slot was invalidated (its WAL went past max_slot_wal_keep_size): changes after "
+                    "capture's checkpoint are gone; to capture again: `ct1-cdc slot drop --yes`, then `ct1-cdc setup`"
+                )
         return {"ok": True}, slot
 
     async def _drop(self) -> None:

@@ -27,6 +27,11 @@ CAPTURE_LAG = Gauge(
     "WAL bytes between the server's position and the slot's confirmed one",
     registry=REGISTRY,
 )
+SLOT_LOST = Gauge(
+    "ct1_cdc_slot_lost",
+    "1 when Postgres has invalidated the replication slot (wal_status lost): capture cannot go on",
+    registry=REGISTRY,
+)
 ATTEMPT_SECONDS = Histogram(
     "ct1_cdc_delivery_attempt_seconds",
     "Duration of webhook delivery attempts",

@@ -58,3 +58,24 @@ def test_capture_stops_with_one_line_when_its_slot_was_invalidated(
     assert "the outbox holds every change up to LSN " in line
     assert "`ct1-cdc slot drop --yes`, then `ct1-cdc setup`" in line
     again.error = None  # seen: the fixture need not raise it again
+
+
+async def test_readyz_and_metrics_show_a_lost_slot(source_db, settings, small_wal_keep):
+    from tests.integration.test_api_exports import start
+
+    source_db.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", source_db.slot)
+    client, _ = await start(settings)
+    try:
+        assert (await client.get("/readyz")).status == 200
+        assert "ct1_cdc_slot_lost 0.0" in await (await client.get("/metrics")).text()
+        invalidate(source_db)
+        resp = await client.get("/readyz")
+        body = await resp.json()
+        assert resp.status == 503 and body["checks"]["slot"]["wal_status"] == "lost"
+        assert (
+            "invalidated" in body["checks"]["slot"]["error"]
+            and "ct1-cdc slot drop" in body["checks"]["slot"]["error"]
+        )
+        assert "ct1_cdc_slot_lost 1.0" in await (await client.get("/metrics")).text()
+    finally:
+        await client.close()
