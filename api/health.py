@@ -89,7 +89,7 @@ class SourceHealth:
             if not slot["ok"]:
                 slot["error"] = (
                     "the slot was invalidated (its WAL went past max_slot_wal_keep_size): changes after "
-                    "capture's checkpoint are gone; to capture again: `ct1-cdc slot drop --yes`, then `ct1-cdc setup`"
+                    "capture's checkpoint are gone; to capture again: `ct1-cdc recover`"
                 )
         return {"ok": True}, slot
 

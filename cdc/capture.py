@@ -568,8 +568,8 @@ class Capture:
         return SlotLost(
             f"replication slot {self.slot} was lost ({reason}): the outbox holds every change up to "
             f"LSN {format_lsn(lsn)}, and what changed after it is no longer in the WAL. To capture "
-            "again from now: `ct1-cdc slot drop --yes`, then `ct1-cdc setup` (the changes in "
-            "between are not captured)"
+            "again from now: `ct1-cdc recover` (a new slot, and a ct1.gap event that tells every "
+            "receiver of the hole)"
         )
 
     def _check_slot(self) -> None:

@@ -79,6 +79,14 @@ CATALOGUE: tuple[EventType, ...] = (
         (),
         routed=False,
     ),
+    EventType(
+        "ct1.gap",
+        "gap",
+        "derived",
+        "ct1-cdc recover, after the slot was lost: the changes between the two positions were not captured",
+        BOTH,
+        routed=False,
+    ),
 )
 BY_TYPE: dict[str, EventType] = {e.type: e for e in CATALOGUE}
 TYPES: tuple[str, ...] = tuple(BY_TYPE)

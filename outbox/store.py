@@ -162,6 +162,11 @@ class Route:
     globs: tuple[str, ...]
 
 
+# Types every endpoint receives, whatever its events globs: history lost with a slot
+# concerns every receiver.
+TO_EVERY_ENDPOINT = frozenset({"ct1.gap"})
+
+
 def routes_of(endpoints: Iterable[Any]) -> list[Route]:
     """The enabled endpoints of the settings (``name``, ``events``, ``enabled``) as routes."""
     return [Route(e.name, tuple(e.events)) for e in endpoints if e.enabled]
@@ -180,6 +185,8 @@ class Router:
 
     def endpoints(self, event_type: str) -> tuple[str, ...]:
         hit = self._cache.get(event_type)
+        if hit is None and event_type in TO_EVERY_ENDPOINT:
+            hit = self._cache[event_type] = tuple(r.name for r in self._routes)
         if hit is None:
             hit = tuple(
                 r.name for r in self._routes if any(fnmatch.fnmatchcase(event_type, g) for g in r.globs)

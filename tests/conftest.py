@@ -26,6 +26,7 @@ from outbox import store
 from outbox.writer import OutboxWriter
 from sidecar import sample
 from sidecar.throwaway import Cluster, create_cluster
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPPING = ROOT / "config" / "mapping.toml"
@@ -204,3 +205,31 @@ def read_events(path: str | Path, after: int = 0) -> list[dict[str, Any]]:
         return [orjson.loads(store.envelope_json(r)) for r in store.iter_events(conn, after=after)]
     finally:
         conn.close()
+
+
+@pytest.fixture
+def small_wal_keep(pg_cluster, pg_server):
+    if pg_cluster is None:
+        pytest.skip("needs the suite's own throwaway cluster (CT1_TEST_DSN is set)")
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        conn.execute("SELECT pg_reload_conf()")
+    yield
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def invalidate(db) -> None:
+    """Write and checkpoint more WAL than the slot may keep, until Postgres gives it up."""
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS filler (x text)")
+
+        def lost() -> bool:
+            conn.execute("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 20000)")
+            conn.execute("SELECT pg_switch_wal()")
+            conn.execute("CHECKPOINT")
+            row = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (db.slot,))
+            return row.fetchone()[0] == "lost"
+
+        wait_until(lost, timeout=60, interval=0, what="the slot invalidated")
