@@ -26,13 +26,14 @@ import structlog
 
 from cdc.carts import CartStore, CartTracker
 from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, decode
+from cdc.gap import GAP, gap_data
 from cdc.mapping import Mapping, apply, truncate_drafts
 from cdc.ports import FrameSource, Sink, SourceDatabase
 from cdc.schema import Problem, Relation, check_mapping, tables_to_shadow
 from cdc.source import HEARTBEAT_PREFIX
 from cdc.stream import Keepalive, XLogData
 from common.errors import CaptureError, Ct1Error, DecodeError, SetupError, SlotLost, SourceUnavailable
-from common.formats import format_lsn, unix_to_iso
+from common.formats import format_lsn, parse_lsn, unix_to_iso
 from common.metrics import CAPTURE_LAG
 from config.settings import Settings
 
@@ -179,16 +180,22 @@ class Capture:
                 self._stream_clock = 0.0  # the replay sweeps again where the first reading did
             try:
                 self.frames.start(stored)
+                log.info(
+                    "capture_started",
+                    slot=self.slot,
+                    lsn=format_lsn(stored),
+                    decoder="compiled" if COMPILED else "python",  # python: built without a C compiler
+                )
+                self._started = True
+                self._stream_loop()
             except SlotLost as exc:
-                raise self._lost(stored, str(exc)) from exc
-            log.info(
-                "capture_started",
-                slot=self.slot,
-                lsn=format_lsn(stored),
-                decoder="compiled" if COMPILED else "python",  # python: built without a C compiler
-            )
-            self._started = True
-            self._stream_loop()
+                held = self.sink.durable_lsn or stored
+                lost = self._lost(held, str(exc))
+                if self.settings.source.on_slot_lost != "recover":
+                    raise lost from exc
+                self.sink.rollback()
+                self.frames.close()
+                self._recover(held, "dropped" if "dropped" in str(exc) else "invalidated")
         finally:
             self.frames.close()
             self.source.close()
@@ -561,6 +568,23 @@ class Capture:
             self.stats.last_event_id = self.sink.last_event_id
             self.frames.send_status(self._confirmed, self._confirmed, self._confirmed, reply=reply)
 
+    def _recover(self, held: int, reason: str) -> None:
+        """``on_slot_lost = "recover"``: a new slot, and the gap recorded in the commit that
+        moves the checkpoint to its start; the next session reads from there."""
+        self.source.drop_slot()
+        self.source.ensure_slot(self.mapping, self.sink, self._shadowed)
+        status = self.source.slot_status()
+        if status is None:
+            raise SlotLost("the new slot is gone too")
+        start = parse_lsn(status["confirmed_flush_lsn"])
+        now = time.time()
+        data = gap_data(self.slot, reason, held, None, start, now)
+        self.sink.add(GAP, "gap", None, data, unix_to_iso(now), None, "derived", format_lsn(start), None)
+        self.sink.commit(self.slot, start)
+        self._confirmed = start
+        self.stats.events += 1
+        log.warning("slot_recovered", slot=self.slot, from_lsn=format_lsn(held), to_lsn=format_lsn(start))
+
     def _lost(self, lsn: int, reason: str) -> SlotLost:
         """The one line capture stops with when its slot is gone: what was lost from
         where, and how to capture again."""
@@ -575,9 +599,9 @@ class Capture:
     def _check_slot(self) -> None:
         status = self.source.slot_status()
         if status is None:
-            raise self._lost(self._confirmed, "it was dropped while capture ran")
+            raise SlotLost("it was dropped while capture ran")
         if status["wal_status"] == "lost":
-            raise self._lost(self._confirmed, "Postgres removed the WAL it held (max_slot_wal_keep_size)")
+            raise SlotLost("Postgres invalidated it: its WAL went past max_slot_wal_keep_size")
         self.stats.lag_bytes = status["lag_bytes"]
         self.stats.wal_status = status["wal_status"]
         fields = {

@@ -68,6 +68,10 @@ class SourceDatabase(Protocol):
         """Create the slot if it is missing, seeding ``sink``'s shadow of the ``shadowed``
         tables from the slot's snapshot; True when it was created now."""
 
+    def drop_slot(self) -> bool:
+        """Drop the slot (a lost one, before :meth:`ensure_slot` makes it anew); True if
+        there was one."""
+
     def heartbeat(self) -> None:
         """Emit a logical message that comes back through the stream, so an idle slot
         advances."""

@@ -126,6 +126,10 @@ class PostgresSource:
         with _lost_is_unavailable():
             return ensure_slot(self._live, self.dsn, self.slot, mapping, sink, shadowed)
 
+    def drop_slot(self) -> bool:
+        with _lost_is_unavailable():
+            return source.drop_slot(self._live, self.slot)
+
     def heartbeat(self) -> None:
         with _lost_is_unavailable():
             try:

@@ -10,7 +10,7 @@ import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -63,6 +63,11 @@ class SourceSettings(_Section):
         1 << 30, gt=0, description="log slot_lag as a warning when the slot retains more WAL"
     )
     reconnect_max_seconds: float = Field(30.0, gt=0, description="upper bound of the reconnect backoff")
+    on_slot_lost: Literal["stop", "recover"] = Field(
+        "stop",
+        description="when Postgres invalidates or someone drops the slot: stop with one line, or "
+        "recover (a new slot and a ct1.gap event, as `ct1-cdc recover` does)",
+    )
 
     _secret = field_validator("dsn")(lambda v: resolve_secret(v))
 

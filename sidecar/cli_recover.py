@@ -13,6 +13,7 @@ import time
 import click
 
 from cdc import source
+from cdc.gap import GAP, gap_data
 from cdc.mapping import load_mapping
 from cdc.postgres import ensure_slot
 from common.errors import SetupError
@@ -20,8 +21,6 @@ from common.formats import format_lsn, parse_lsn, unix_to_iso
 from outbox import store
 from sidecar.console import emit_json, handled, main, settings_of
 from sidecar.runner import open_writer
-
-GAP = "ct1.gap"
 
 
 @main.command()
@@ -59,15 +58,9 @@ def recover(ctx: click.Context, yes: bool, as_json: bool) -> None:
             assert created is not None
             start = parse_lsn(created["confirmed_flush_lsn"])
             now = time.time()
-            record = {
-                "slot": name,
-                "reason": "dropped" if status is None else "invalidated",
-                "from_lsn": None if held is None else format_lsn(held[0]),
-                "from_time": None if held is None else unix_to_iso(held[1]),
-                "to_lsn": format_lsn(start),
-                "to_time": unix_to_iso(now),
-            }
-            data = {"object": "gap", "id": None, "record": record, "previous": None}
+            reason = "dropped" if status is None else "invalidated"
+            data = gap_data(name, reason, held and held[0], held and held[1], start, now)
+            record = data["record"]
             writer.add(GAP, "gap", None, data, unix_to_iso(now), None, "derived", format_lsn(start), None)
             writer.commit(name, start)
         finally:

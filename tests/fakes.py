@@ -269,6 +269,10 @@ class FakeSource:
         created, self.slot_created = not self.slot_created, True
         return created
 
+    def drop_slot(self) -> bool:
+        dropped, self.slot_created = self.slot_created, False
+        return dropped
+
     def heartbeat(self) -> None:
         self.heartbeats += 1
         if self.on_heartbeat is not None:

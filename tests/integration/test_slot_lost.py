@@ -49,3 +49,33 @@ async def test_readyz_and_metrics_show_a_lost_slot(source_db, settings, small_wa
         assert "ct1_cdc_slot_lost 1.0" in await (await client.get("/metrics")).text()
     finally:
         await client.close()
+
+
+def test_with_on_slot_lost_recover_capture_records_the_gap_and_goes_on(
+    source_db, tmp_path, run_capture, small_wal_keep
+):
+    from tests.catalogue_check import problems
+    from tests.conftest import make_settings, read_events
+
+    settings = make_settings(source_db, tmp_path / "outbox.db", source={"on_slot_lost": "recover"})
+    first = run_capture(settings)
+    first.wait_caught_up()
+    source_db.execute("INSERT INTO users (name, email, password) VALUES ('before', 'b@x', 'p')")
+    first.wait_caught_up()
+    first.stop()
+    source_db.execute("INSERT INTO users (name, email, password) VALUES ('lost', 'l@x', 'p')")
+    invalidate(source_db)
+    again = run_capture(settings)
+    [gap] = wait_until(
+        lambda: [e for e in read_events(settings.outbox.path) if e["type"] == "ct1.gap"], timeout=60
+    )
+    assert problems(gap) == [] and gap["data"]["record"]["reason"] == "invalidated"
+    assert gap["data"]["record"]["from_lsn"] and gap["data"]["record"]["to_lsn"]
+    source_db.execute("INSERT INTO users (name, email, password) VALUES ('after', 'a@x', 'p')")
+    again.wait_caught_up()
+    names = [
+        e["data"]["record"]["name"]
+        for e in read_events(settings.outbox.path)
+        if e["type"] == "customer.created"
+    ]
+    assert names == ["before", "after"] and again.error is None and again.thread.is_alive()
