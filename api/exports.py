@@ -32,9 +32,9 @@ from api.errors import ApiError
 from api.filters import LISTS, ListSpec, encode_cursor
 from api.models import AnalyticsQuery, CustomerQuery, Detail, ProductQuery
 from api.params import parse
-from cdc.decode import normalize
 from common import sqlfile
 from common.errors import ConfigError
+from common.formats import normalize
 from common.jsontext import dumps as json_bytes
 from config.settings import Settings
 from outbox import store

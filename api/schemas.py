@@ -3,7 +3,7 @@
 * ``GET /events/schemas`` — every documented type: what makes it, its ``data.object``,
   the default endpoints that receive it, and where its JSON Schema is;
 * ``GET /events/schemas/{type}`` — that JSON Schema (draft 2020-12) exactly as shipped in
-  ``cdc/schemas``; also ``manual`` (any event sent through ``POST /webhooks/send``) and
+  ``config/schemas``; also ``manual`` (any event sent through ``POST /webhooks/send``) and
   ``envelope`` (a captured event of a type outside the catalogue).
 """
 
@@ -17,8 +17,8 @@ from api.errors import ApiError
 from api.models import SchemaPath
 from api.openapi import BASE
 from api.params import parse
-from cdc import catalogue
 from common.jsontext import dumps as json_bytes
+from config import catalogue
 
 SCHEMAS_PATH = f"{BASE}/events/schemas"
 

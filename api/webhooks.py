@@ -18,11 +18,11 @@ from api.limits import Usage
 from api.models import WebhookSend, WebhookTest
 from api.params import validate
 from api.writer import ApiWriter
-from cdc import catalogue
 from common import jsontext
 from common.errors import ConfigError
 from common.formats import format_lsn, optional_iso, unix_to_iso
 from common.version import version
+from config import catalogue
 from config.settings import EndpointSettings, Settings
 from dispatcher.probe import send_test
 from dispatcher.sender import Sender, check_url

@@ -16,8 +16,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, cast
 
 import orjson
@@ -241,21 +240,6 @@ _PLAIN_TYPES = frozenset(
     }
 )
 _CONVERTERS = _Converters()
-
-
-def normalize(value: Any) -> Any:
-    """A value read with psycopg, in the form :func:`decode` gives the same column."""
-    if value is None or isinstance(value, (bool, int, float, str, dict, list)):
-        return value
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            return value.isoformat(sep=" ")
-        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    if isinstance(value, date):
-        return value.isoformat()
-    return str(value)
 
 
 # wal2json writes a type name that format_type() quotes (a type in a schema off the search

@@ -18,12 +18,12 @@ import structlog
 
 from cdc import source
 from cdc.catalog import partition_parent, read_catalog
-from cdc.decode import normalize
 from cdc.mapping import Mapping
 from cdc.ports import Sink
 from cdc.schema import Relation, tables_to_shadow
 from cdc.source import Check
 from common.errors import SourceUnavailable
+from common.formats import normalize
 
 log = structlog.get_logger("ct1_cdc.capture")
 

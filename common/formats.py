@@ -7,7 +7,9 @@ microseconds in events and API answers, to the second in the CLI's tables.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
 
 from common.errors import DecodeError
 
@@ -42,3 +44,18 @@ def unix_to_text(seconds: float | None) -> str | None:
     if seconds is None:
         return None
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def normalize(value: Any) -> Any:
+    """A value read with psycopg, in the form capture's decoder gives the same column."""
+    if value is None or isinstance(value, (bool, int, float, str, dict, list)):
+        return value
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            return value.isoformat(sep=" ")
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)

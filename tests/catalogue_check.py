@@ -1,4 +1,4 @@
-"""Every event a test sees, checked against the catalogue's JSON Schemas (cdc/schemas), so
+"""Every event a test sees, checked against the catalogue's JSON Schemas (config/schemas), so
 that the published catalogue cannot drift from what ct1-cdc sends.
 
 Receivers record each envelope that does not fit and fail the test when they close:
@@ -13,8 +13,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from cdc import catalogue
 from client import receiver
+from config import catalogue
 
 
 @functools.cache

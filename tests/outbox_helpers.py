@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cdc import catalogue
+from config import catalogue
 from outbox import store
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter

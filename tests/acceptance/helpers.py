@@ -88,7 +88,7 @@ class ThreadReceiver:
 
     It verifies every request with the official standardwebhooks package (once
     ``secret`` is set) and records the verified envelopes and their webhook-id headers.
-    Each verified envelope is checked against its schema (cdc/schemas): a misfit fails
+    Each verified envelope is checked against its schema (config/schemas): a misfit fails
     the test when the receiver closes.
     """
 

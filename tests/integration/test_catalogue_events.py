@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from api import keys
 from api.app import BASE, create_app
-from cdc import catalogue
+from config import catalogue
 from config.settings import Settings
 from outbox import store
 from sidecar import sample

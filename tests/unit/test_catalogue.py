@@ -1,4 +1,4 @@
-"""The event catalogue (cdc/catalogue.py, cdc/schemas) agrees with itself, with DESIGN's
+"""The event catalogue (config/catalogue.py, config/schemas) agrees with itself, with DESIGN's
 list of types, with the default endpoints and mapping, and with docs/events.md."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from api.webhooks import CAPTURED_TYPES
-from cdc import catalogue
 from cdc.mapping import load_mapping
+from config import catalogue
 from config.settings import default_endpoints
 from tests.catalogue_check import SchemaWatch, problems
 from tests.contract import TWELVE
@@ -31,7 +31,7 @@ def test_the_catalogue_is_designs_twelve_types_webhook_test_and_the_gap_marker()
 
 
 def test_every_schema_is_a_valid_draft_2020_12_schema_of_its_own_type():
-    shipped = {p.stem for p in (ROOT / "cdc" / "schemas").glob("*.json")}
+    shipped = {p.stem for p in (ROOT / "config" / "schemas").glob("*.json")}
     assert shipped == set(catalogue.SCHEMAS)
     for name in catalogue.SCHEMAS:
         schema = catalogue.schema(name)

@@ -23,11 +23,14 @@ MAY_IMPORT: dict[str, set[str]] = {
     "cdc": {"common", "config"},
     "outbox": {"common", "config"},
     "dispatcher": {"common", "config", "outbox"},
-    "api": {"common", "config", "cdc", "outbox", "dispatcher"},
+    "api": {"common", "config", "outbox", "dispatcher"},
     "sidecar": {"common", "config", "cdc", "outbox", "dispatcher", "api", "client"},
     "client": {"common", "dispatcher"},
 }
 PACKAGES = set(MAY_IMPORT)
+# The one reach back into capture: the API reads the same mapping file to know which
+# columns never leave the sidecar (and which types capture produces).
+ALLOWED = {"api.app imports cdc", "api.app imports cdc.mapping"}
 
 
 def modules() -> dict[str, Path]:
@@ -74,6 +77,7 @@ def test_imports_run_along_the_flow(package):
         for target in targets
         if target.split(".")[0] not in MAY_IMPORT[package] | {package}
     )
+    against = [line for line in against if line not in ALLOWED]
     assert not against, "\n".join(against)
 
 

@@ -2,7 +2,7 @@
 reading this package's own files).
 
 Each type's JSON Schema (draft 2020-12) is a file of this package,
-``cdc/schemas/<type>.json``; the API serves them (``GET /events/schemas``), docs/events.md
+``config/schemas/<type>.json``; the API serves them (``GET /events/schemas``), docs/events.md
 describes them, and the tests validate every event they see against them.  Two schemas
 belong to no one type: ``manual`` (any event sent through ``POST /webhooks/send``, which
 carries ``source.op`` ``"manual"`` and whatever ``data`` the sender gave) and
@@ -99,7 +99,7 @@ def schema_text(name: str) -> bytes:
     :data:`ENVELOPE`) as published; KeyError for any other name."""
     if name not in SCHEMAS:
         raise KeyError(name)
-    return importlib.resources.files("cdc").joinpath("schemas", f"{name}.json").read_bytes()
+    return importlib.resources.files("config").joinpath("schemas", f"{name}.json").read_bytes()
 
 
 @functools.cache
