@@ -535,10 +535,13 @@ class Capture:
         if clock <= self._stream_clock:
             return
         self._stream_clock = clock
+        due = self._carts.due(clock)
+        if not due:
+            return  # nearly every transaction: nothing more to do
         rule = self._carts.rule
         at = unix_to_iso(clock)
         position = format_lsn(lsn)
-        for abandoned in self._carts.due(clock):
+        for abandoned in due:
             record = abandoned.record(unix_to_iso)
             data = {"object": "cart", "id": abandoned.cart.id, "record": record, "previous": None}
             self.sink.add(
