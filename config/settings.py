@@ -99,6 +99,13 @@ class ApiSettings(_Section):
     statement_timeout_ms: int = Field(15000, ge=100, description="statement timeout of every export query")
     pool_size: int = Field(4, ge=1, le=100, description="connections to the marketplace database for exports")
     pool_timeout_seconds: float = Field(5.0, gt=0, description="how long a request waits for a connection")
+    resume_wait_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=60,
+        description="how long an export waits for capture to pass its snapshot before answering "
+        "resume_event_id null",
+    )
 
     rate_limit_per_minute: int = Field(
         600, ge=0, description="requests a minute per API key (token bucket; 0 turns limits off)"
