@@ -24,6 +24,7 @@ from datetime import datetime
 
 import structlog
 
+from cdc.backfill import WATERMARK_PREFIX, Backfiller
 from cdc.carts import CartStore, CartTracker
 from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, decode
 from cdc.gap import GAP, gap_data
@@ -50,7 +51,7 @@ def wal2json_options(settings: Settings) -> dict[str, str]:
         "include-transaction": "1",
         "include-types": "1",
         "include-domain-data-type": "1",  # a domain typed by its base type: numbers stay numbers
-        "add-msg-prefixes": HEARTBEAT_PREFIX,
+        "add-msg-prefixes": f"{HEARTBEAT_PREFIX},{WATERMARK_PREFIX}",
     }
     if settings.source.tables:
         options["add-tables"] = ",".join(t.replace(",", r"\,") for t in settings.source.tables)
@@ -135,6 +136,10 @@ class Capture:
         self._stream_clock = 0.0
         self._txn_clock = 0.0
         self._warned_heartbeat = False
+        # backfill: existing rows read in chunks between transactions (cdc/backfill.py)
+        self._backfill = Backfiller(
+            mapping, sink, source, chunk_size=settings.backfill.chunk_size, clock=clock
+        )
 
     # -- the outer loop: reconnect with backoff ----------------------------------------------
 
@@ -175,6 +180,7 @@ class Capture:
             self._skipping = None
             self._truncated = {}
             self._skips = self.sink.pending_skips()
+            self._backfill.forget()
             if self._carts is not None:
                 self._carts.forget()  # a rollback may have undone what it knew
                 self._stream_clock = 0.0  # the replay sweeps again where the first reading did
@@ -225,7 +231,10 @@ class Capture:
         next_heartbeat = clock() + cfg.heartbeat_seconds
         next_slot_check = clock()
         next_housekeeping = 0.0  # status, heartbeat and slot checks run even under load
+        backfill = self._backfill
         while not self.stopping.is_set():
+            if self._in_txn is None and backfill.next_at <= clock():
+                backfill.step()  # between transactions: the next chunk of a backfill, if due
             # commit as soon as the stream pauses, but not more often than commit_interval
             timeout = 0.5
             if self._in_txn is None and self._has_uncommitted():
@@ -326,11 +335,15 @@ class Capture:
             else:
                 self.stats.transactions += 1
                 self._position = max(self._position, msg.end_lsn)
+            self._backfill.committed(msg.xid)
             self._in_txn = None
             self._skip_txn = False
         elif isinstance(msg, Truncate):
             if not self._skip_txn:
                 self._truncate(msg)
+        elif isinstance(msg, Message) and msg.prefix == WATERMARK_PREFIX:
+            if not self._skip_txn:  # a backfill chunk's watermark: its rows go out here
+                self._backfill.watermark(msg.content, format_lsn(msg.lsn))
         elif isinstance(msg, Message) and self._in_txn is None and not msg.transactional:
             # Our heartbeat.  Outside a transaction nothing before it is still owed to us.
             if self._carts is not None and msg.prefix == HEARTBEAT_PREFIX:
@@ -467,7 +480,8 @@ class Capture:
                 if change.op != "insert":
                     shadow = self.sink.shadow_get(table, shadow_key)
         add = self.sink.add
-        for draft in apply(self.mapping, table, change, shadow):
+        drafts = apply(self.mapping, table, change, shadow)
+        for draft in drafts:
             data = {
                 "object": draft.object,
                 "id": draft.entity_id,
@@ -486,6 +500,8 @@ class Capture:
                 change.xid,
             )
             self.stats.events += 1
+        if self._backfill.pending is not None:
+            self._backfill.change(table, change, txn.xid, bool(drafts))
         if shadow_key is not None:
             if change.op == "delete":
                 self.sink.shadow_delete(table, shadow_key)
@@ -501,6 +517,8 @@ class Capture:
             self._flush_truncates()
         self._truncate_lsn = msg.lsn
         table = self._table(msg.table)
+        if self._backfill.pending is not None and self._in_txn is not None:
+            self._backfill.truncated(table, self._in_txn.xid)
         log.info("truncate_seen", table=table, lsn=format_lsn(msg.lsn), mapped=table in self.mapping.by_table)
         if self.mapping.truncates(table):
             self._truncated.setdefault(table, []).append(msg.table)
@@ -583,6 +601,7 @@ class Capture:
         now = time.time()
         data = gap_data(self.slot, reason, held, None, start, now)
         self.sink.add(GAP, "gap", None, data, unix_to_iso(now), None, "derived", format_lsn(start), None)
+        self.sink.backfill_request(sorted(self.mapping.snapshots), "recover")  # converge past the hole
         self.sink.commit(self.slot, start)
         self._confirmed = start
         self.stats.events += 1

@@ -108,6 +108,28 @@ class Rule:
         return named
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotRule:
+    """How the existing rows of one table become events (``ct1-cdc backfill``): a row
+    goes out as one ``emit`` event (``source.op`` ``read``) when one of the table's rules
+    would emit for it were it inserted now; the columns any of them excludes stay out."""
+
+    table: str
+    emit: str
+    object: str
+    key: str
+    exclude: frozenset[str]
+    rules: tuple[Rule, ...]
+
+    def draft(self, row: dict[str, Any]) -> EventDraft | None:
+        for rule in self.rules:
+            op = "insert" if "insert" in rule.on else "update"  # an update's old values: unknown
+            if not rule.conditions or conditions_hold(rule, op, row, {}):
+                record = _strip(row, self.exclude)
+                return EventDraft(self.emit, self.object, row.get(self.key), record, None, self.table, "read")
+        return None
+
+
 class EventDraft(NamedTuple):
     """An event before the outbox gives it an id."""
 
@@ -124,7 +146,9 @@ class EventDraft(NamedTuple):
 class Mapping:
     rules: list[Rule]
     carts: CartRule | None = None  # [cart_abandoned]: the derived cart.abandoned
+    snapshot_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # [[snapshot]] by table
     by_table: dict[str, list[Rule]] = field(default_factory=dict)
+    snapshots: dict[str, SnapshotRule] = field(default_factory=dict)  # backfilled tables
     _watched: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _parts: dict[str, tuple[str, str]] = field(default_factory=dict)
 
@@ -141,6 +165,24 @@ class Mapping:
                 cols.update(dict.fromkeys(rule.when_changed))
                 cols.update(dict.fromkeys(c.column for c in rule.conditions if c.needs_old))
             self._watched[table] = tuple(cols)
+        self.snapshots = {}
+        for table, rules in self.by_table.items():
+            rows = tuple(r for r in rules if r.on - {"truncate"})
+            given = self.snapshot_settings.get(table, {})
+            if not rows or not given.get("enabled", True):
+                continue
+            first = next((r for r in rows if "insert" in r.on), rows[0])
+            obj = given.get("object", first.object)
+            self.snapshots[table] = SnapshotRule(
+                table=table,
+                emit=given.get("emit", f"{obj}.snapshot"),
+                object=obj,
+                key=given.get("key", first.key),
+                exclude=frozenset()
+                .union(*(r.exclude for r in rules))
+                .union(given.get("exclude_columns", ())),
+                rules=rows,
+            )
 
     @property
     def tables(self) -> list[str]:
@@ -167,6 +209,7 @@ class Mapping:
 
     @property
     def event_types(self) -> list[str]:
+        """Every type the mapping emits from the stream (backfill's types: :attr:`snapshots`)."""
         return sorted({r.emit for r in self.rules} | ({self.carts.emit} if self.carts else set()))
 
 
@@ -220,10 +263,11 @@ def parse_mapping(text: str, source: str = "mapping") -> Mapping:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    unknown = set(doc) - {"defaults", "rule", "cart_abandoned"}
+    unknown = set(doc) - {"defaults", "rule", "cart_abandoned", "snapshot"}
     if unknown:
         raise ConfigError(
-            f"{source}: unknown section {sorted(unknown)[0]!r} (expected defaults, rule, cart_abandoned)"
+            f"{source}: unknown section {sorted(unknown)[0]!r} "
+            "(expected defaults, rule, snapshot, cart_abandoned)"
         )
     defaults = doc.get("defaults", {})
     if set(defaults) - {"exclude_columns"}:
@@ -302,7 +346,44 @@ def parse_mapping(text: str, source: str = "mapping") -> Mapping:
             return f"{schema}.{name}"
 
         carts = parse_cart_rule(doc["cart_abandoned"], source, table)
-    return Mapping(rules, carts)
+    return Mapping(rules, carts, _snapshot_settings(doc.get("snapshot", []), rules, source))
+
+
+def _snapshot_settings(raw: Any, rules: list[Rule], source: str) -> dict[str, dict[str, Any]]:
+    """``[[snapshot]]``: per table, what backfill emits (``emit``, ``object``, ``key``,
+    ``exclude_columns``) or ``enabled = false``; a table named must have rules."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: snapshot must be a list of [[snapshot]] tables")
+    mapped = {r.table for r in rules if r.on - {"truncate"}}
+    settings: dict[str, dict[str, Any]] = {}
+    for n, entry in enumerate(raw, start=1):
+        where = f"{source}: snapshot {n}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a table")
+        extra = set(entry) - {"table", "emit", "object", "key", "exclude_columns", "enabled"}
+        if extra:
+            raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r}")
+        try:
+            schema, name = parse_table(entry.get("table", ""))
+        except (ValueError, TypeError):
+            raise ConfigError(f"{where}: table must be schema-qualified, like public.orders") from None
+        table = f"{schema}.{name}"
+        if table not in mapped:
+            raise ConfigError(f"{where}: {table} has no insert, update or delete rule to snapshot")
+        if table in settings:
+            raise ConfigError(f"{where}: {table} is named twice")
+        given = {k: v for k, v in entry.items() if k != "table"}
+        if "emit" in given and not (isinstance(given["emit"], str) and is_event_type(given["emit"])):
+            raise ConfigError(f"{where}.emit: {given['emit']!r} is not an event type like order.snapshot")
+        for k in ("object", "key"):
+            if k in given and not (isinstance(given[k], str) and given[k]):
+                raise ConfigError(f"{where}.{k} must be a non-empty string")
+        if "exclude_columns" in given:
+            given["exclude_columns"] = _strings(given["exclude_columns"], f"snapshot {n}.exclude_columns")
+        if "enabled" in given and not isinstance(given["enabled"], bool):
+            raise ConfigError(f"{where}.enabled must be true or false")
+        settings[table] = given
+    return settings
 
 
 def load_mapping(path: str) -> Mapping:

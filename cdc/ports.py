@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import Any, Protocol
 
+from cdc.backfill import ChunkRead
 from cdc.carts import StateStore
 from cdc.mapping import Mapping
 from cdc.schema import Relation
@@ -79,6 +80,28 @@ class SourceDatabase(Protocol):
     def slot_status(self) -> dict[str, Any] | None:
         """The slot's lag and ``wal_status`` (see ``cdc.source.slot_status``); None if
         the slot is gone."""
+
+    def key_columns(self, schema: str, name: str) -> list[tuple[str, str]]:
+        """(column, type) of the key a backfill reads the table in order of (its primary
+        key, else its replica identity index); empty without one."""
+
+    def count_rows(self, table: str, condition: str | None) -> int | None:
+        """Rows of a mapped table a backfill will read (None if counting takes too long);
+        ``BackfillError`` for a condition Postgres refuses."""
+
+    def read_chunk(
+        self,
+        table: str,
+        keys: list[tuple[str, str]],
+        after: list[Any] | None,
+        condition: str | None,
+        limit: int,
+        reread: list[list[Any]],
+        label: str,
+    ) -> ChunkRead:
+        """The next ``limit`` rows of a mapped table after the key ``after`` (and the rows
+        of the keys in ``reread``) in one snapshot, then the watermark ``label`` (see
+        :mod:`cdc.backfill`); ``BackfillError`` when the read fails for good."""
 
 
 class Sink(Protocol):
@@ -146,6 +169,17 @@ class Sink(Protocol):
     @property
     def state(self) -> StateStore:
         """Derived events' state (cart timers), written in the current group commit."""
+
+    def backfills(self) -> list[dict[str, Any]]:
+        """Backfill jobs queued or running, oldest first (``outbox.backfills`` rows)."""
+
+    def backfill_update(self, job: int, **progress: Any) -> None:
+        """A job's progress (state, after, reread, rows, events, total, error), in the
+        current group commit: durable with the events of the chunk, or not at all."""
+
+    def backfill_request(self, tables: list[str], reason: str) -> None:
+        """Queue a backfill of ``tables`` in the current group commit, in place of any
+        job still active (after a lost slot, every table is read again)."""
 
     def set_problems(self, problems: list[dict[str, Any]]) -> None:
         """Replace the stored mapping problems (shown by /readyz, /metrics, ``slot

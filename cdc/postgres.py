@@ -16,7 +16,8 @@ import psycopg
 import psycopg.sql
 import structlog
 
-from cdc import source
+from cdc import chunks, source
+from cdc.backfill import ChunkRead
 from cdc.catalog import partition_parent, read_catalog
 from cdc.mapping import Mapping
 from cdc.ports import Sink
@@ -88,9 +89,10 @@ def _lost_is_unavailable() -> Iterator[None]:
 class PostgresSource:
     """The source database of ``dsn`` for the capture of ``slot``."""
 
-    def __init__(self, dsn: str, slot: str) -> None:
+    def __init__(self, dsn: str, slot: str, mapping: Mapping) -> None:
         self.dsn = dsn
         self.slot = slot
+        self.mapping = mapping
         self._conn: source.Conn | None = None
 
     @property
@@ -142,3 +144,26 @@ class PostgresSource:
     def slot_status(self) -> dict[str, Any] | None:
         with _lost_is_unavailable():
             return source.slot_status(self._live, self.slot)
+
+    def key_columns(self, schema: str, name: str) -> list[tuple[str, str]]:
+        with _lost_is_unavailable():
+            return chunks.key_columns(self._live, schema, name)
+
+    def count_rows(self, table: str, condition: str | None) -> int | None:
+        with _lost_is_unavailable():
+            return chunks.count_rows(self._live, self.mapping, table, condition)
+
+    def read_chunk(
+        self,
+        table: str,
+        keys: list[tuple[str, str]],
+        after: list[Any] | None,
+        condition: str | None,
+        limit: int,
+        reread: list[list[Any]],
+        label: str,
+    ) -> ChunkRead:
+        with _lost_is_unavailable():
+            return chunks.read_chunk(
+                self._live, self.mapping, table, keys, after, condition, limit, reread, label
+            )

@@ -217,7 +217,7 @@ def create_slot(conn: Conn, dsn: str, slot: str, on_snapshot: Callable[[str], No
     return True
 
 
-def _json_text(data: str | bytes) -> JsonText:
+def json_text(data: str | bytes) -> JsonText:
     return JsonText(data if isinstance(data, str) else bytes(data).decode("utf-8"))
 
 
@@ -228,7 +228,7 @@ def read_at_snapshot(
     with psycopg.connect(dsn, connect_timeout=10) as conn:
         # json/jsonb as the text Postgres prints, as the WAL gives it: never parsed, so no
         # depth or number size can fail here
-        set_json_loads(_json_text, conn)
+        set_json_loads(json_text, conn)
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))

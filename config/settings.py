@@ -86,6 +86,17 @@ class OutboxSettings(_Section):
     )
 
 
+class BackfillSettings(_Section):
+    chunk_size: int = Field(
+        2000, ge=1, le=100_000, description="backfill: rows read per chunk (one short transaction each)"
+    )
+    rate: float = Field(
+        0.0,
+        ge=0,
+        description="backfill: rows a second at most when the command gives no --rate (0: no limit)",
+    )
+
+
 class ApiSettings(_Section):
     host: str = Field("127.0.0.1", description="address the HTTP API listens on")
     port: int = Field(8080, ge=0, le=65535, description="port the HTTP API listens on")
@@ -218,6 +229,7 @@ class Settings(BaseSettings):
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     mapping: MappingSettings = Field(default_factory=MappingSettings)
     analytics: AnalyticsSettings = Field(default_factory=AnalyticsSettings)
+    backfill: BackfillSettings = Field(default_factory=BackfillSettings)
     endpoints: list[EndpointSettings] = Field(default_factory=default_endpoints)
 
     @classmethod

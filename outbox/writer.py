@@ -24,7 +24,7 @@ from typing import Any
 from common.jsontext import JsonText, loads
 from common.jsontext import dumps as json_bytes
 from common.metrics import EVENTS_APPENDED
-from outbox import source_state
+from outbox import backfills, source_state
 from outbox.checkpointer import Checkpointer
 from outbox.state import SqliteState
 from outbox.store import Q, Router, dumps
@@ -190,6 +190,26 @@ class OutboxWriter:
             self.rollback()
             raise
         return appended
+
+    # -- backfill jobs (outbox/backfills.py) ------------------------------------------------------
+
+    def backfills(self) -> list[dict[str, Any]]:
+        """Backfill jobs queued or running, oldest first."""
+        return backfills.active(self.conn)
+
+    def backfill_update(self, job: int, **progress: Any) -> None:
+        """A job's progress, in the current group commit (with the chunk's events)."""
+        self.in_commit(lambda conn: backfills.update(conn, job, **progress))
+
+    def backfill_request(self, tables: list[str], reason: str) -> None:
+        """Queue a backfill of ``tables`` in the current group commit, cancelling any
+        job still active."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            backfills.stop_active(conn, "cancelled", f"replaced by a {reason} backfill")
+            backfills.add(conn, tables, None, 0, reason)
+
+        self.in_commit(write)
 
     def set_problems(self, problems: list[dict[str, Any]]) -> None:
         """Replace the stored mapping problems, in a write transaction of their own (so

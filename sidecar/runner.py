@@ -74,12 +74,13 @@ def build_capture(
     """Capture of ``settings.source`` into ``writer``: the slot's replication stream, the
     source database beside it, and the outbox writer as its sink."""
     dsn, slot = settings.source.dsn, settings.source.slot
+    mapping = mapping or load_mapping(settings.mapping.file)
     return Capture(
         settings,
-        mapping or load_mapping(settings.mapping.file),
+        mapping,
         sink=writer,
         frames=ReplicationStream(dsn, slot, wal2json_options(settings)),
-        source=PostgresSource(dsn, slot),
+        source=PostgresSource(dsn, slot, mapping),
         on_commit=on_commit,
     )
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdc.backfill import ChunkRead
 from cdc.mapping import Mapping
 from cdc.schema import Relation
 from cdc.source import Check
@@ -136,6 +137,29 @@ class Wal:
         self._message({**message, "lsn": format_lsn(self.lsn)}, self.lsn)
         return self.lsn
 
+    def watermark(self, label: str, xid: int | None = None) -> Txn:
+        """A backfill chunk's watermark: a transaction holding one transactional logical
+        message (``pg_logical_emit_message(true, 'ct1-cdc.watermark', label)``)."""
+        if xid is None:
+            self._xid += 1
+            xid = self._xid
+        commit_lsn = self.lsn + 0x50
+        end = commit_lsn + 0x30
+        frame = {
+            "xid": xid,
+            "timestamp": COMMIT_TIME,
+            "lsn": format_lsn(commit_lsn),
+            "nextlsn": format_lsn(end),
+        }
+        self._message({"action": "B", **frame}, end)
+        self.lsn += 0x28
+        message = {"action": "M", "transactional": True, "prefix": "ct1-cdc.watermark", "content": label}
+        self._message({**message, "xid": xid, "lsn": format_lsn(self.lsn)}, end)
+        self.lsn = commit_lsn
+        self._message({"action": "C", **frame}, end)
+        self.lsn = end
+        return Txn(xid, end, 0)
+
     def pause(self) -> None:
         self.units.append(_Unit(None, 0, "pause"))
 
@@ -191,9 +215,13 @@ class FakeSlot:
             or (unit.marker is None and unit.end > self.confirmed)
         ]
         self._queue.reverse()
+        self._known = len(self.wal.units)
 
     def read(self, timeout: float) -> Frame | None:
         assert self._open, "read outside a session"
+        if not self._queue and len(self.wal.units) > self._known:  # written while streaming
+            self._queue = [(i, u) for i, u in enumerate(self.wal.units) if i >= self._known][::-1]
+            self._known = len(self.wal.units)
         if not self._queue:
             self._idle_reads += 1
             assert self._idle_reads < 1000, "capture did not stop at the end of the stream"
@@ -242,6 +270,12 @@ class FakeSource:
         self.sessions = 0
         self.heartbeats = 0
         self.slot_created = False
+        # backfill: each table's rows (by "id"), the snapshot a chunk reads at, and what
+        # happens when a chunk was read (a test writes its watermark, and what raced it)
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.snapshot = "1:1:"
+        self.on_chunk: Callable[[str], None] | None = None
+        self.chunks: list[tuple[str, list[Any] | None, int]] = []  # (table, after, rows) read
 
     def open(self) -> None:
         if not self.reachable:
@@ -280,6 +314,30 @@ class FakeSource:
 
     def slot_status(self) -> dict[str, Any] | None:
         return {"lag_bytes": 0, "confirmed_flush_lsn": "0/0", "wal_status": "reserved", "safe_wal_size": None}
+
+    def key_columns(self, schema: str, name: str) -> list[tuple[str, str]]:
+        return [("id", "bigint")] if f"{schema}.{name}" in self.tables else []
+
+    def count_rows(self, table: str, condition: str | None) -> int | None:
+        return len(self.rows.get(table, []))
+
+    def read_chunk(
+        self,
+        table: str,
+        keys: list[tuple[str, str]],
+        after: list[Any] | None,
+        condition: str | None,
+        limit: int,
+        reread: list[list[Any]],
+        label: str,
+    ) -> ChunkRead:
+        ordered = sorted(self.rows.get(table, []), key=lambda r: r["id"])
+        rows = [dict(r) for r in ordered if after is None or r["id"] > after[0]][:limit]
+        again = [dict(r) for r in ordered if [r["id"]] in reread]
+        self.chunks.append((table, after, len(rows)))
+        if self.on_chunk is not None:
+            self.on_chunk(label)
+        return ChunkRead(self.snapshot, "2026-11-25T14:00:00.000000Z", rows, again, 0)
 
 
 # -- a sink in memory -----------------------------------------------------------------------
@@ -321,12 +379,51 @@ class MemoryOutbox:
     problems: list[dict[str, Any]] = field(default_factory=list)
     commits: list[StoredCommit] = field(default_factory=list)
     state: dict[tuple[str, str], Any] = field(default_factory=dict)  # derived state, as committed
+    backfills: list[dict[str, Any]] = field(default_factory=list)  # backfill jobs, as committed
+
+    def request_backfill(self, *tables: str, rate: float = 0.0) -> None:
+        first = len(self.backfills) + 1
+        for n, table in enumerate(tables):
+            self.backfills.append(
+                {
+                    "id": first + n,
+                    "request": first,
+                    "table": table,
+                    "condition": None,
+                    "rate": rate,
+                    "reason": "cli",
+                    "state": "queued",
+                    "after": None,
+                    "reread": [],
+                    "rows_done": 0,
+                    "events": 0,
+                    "total": None,
+                    "error": None,
+                    "cancel_requested_at": None,
+                }
+            )
 
     def request_skip(self, xid: int) -> None:
         self.skips.setdefault(xid, None)
 
     def xids(self) -> list[int | None]:
         return [e.xid for e in self.events]
+
+
+def _applied(jobs: list[dict[str, Any]], changes: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Backfill jobs with a commit's changes applied (job 0: a request)."""
+    renamed = {"rows": "rows_done"}
+    for job, progress in changes:
+        if job == 0:
+            for stored in jobs:
+                if stored["state"] in ("queued", "running"):
+                    stored["state"] = "cancelled"
+            holder = MemoryOutbox(backfills=jobs)
+            holder.request_backfill(*progress["tables"])
+            continue
+        stored = next(j for j in jobs if j["id"] == job)
+        stored.update({renamed.get(k, k): v for k, v in progress.items() if v is not None})
+    return jobs
 
 
 class MemorySink:
@@ -343,6 +440,7 @@ class MemorySink:
         self._events: list[tuple[Any, ...]] = []
         self._shadow: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._skipped: dict[int, tuple[str, int]] = {}
+        self._backfills: list[tuple[int, dict[str, Any]]] = []  # (job, progress) of this commit
         self.state = MemoryState()  # derived state: what the outbox holds, plus this commit's changes
         self.state.rows = dict(self.outbox.state)
 
@@ -352,7 +450,13 @@ class MemorySink:
 
     @property
     def in_transaction(self) -> bool:
-        return bool(self._events or self._shadow or self._skipped or self.state.rows != self.outbox.state)
+        return bool(
+            self._events
+            or self._shadow
+            or self._skipped
+            or self._backfills
+            or self.state.rows != self.outbox.state
+        )
 
     def add(
         self,
@@ -384,6 +488,8 @@ class MemorySink:
                 outbox.shadow[key] = values
         outbox.skips.update(self._skipped)
         outbox.state = dict(self.state.rows)
+        outbox.backfills = _applied(outbox.backfills, self._backfills)
+        self._backfills = []
         if slot is not None:
             outbox.checkpoints[slot] = lsn
             outbox.commits.append(StoredCommit(slot, lsn, len(self._events), tuple(self._skipped)))
@@ -394,6 +500,7 @@ class MemorySink:
 
     def rollback(self) -> None:
         self._events, self._shadow, self._skipped = [], {}, {}
+        self._backfills = []
         self.state.rows = dict(self.outbox.state)
         self.last_event_id = self.outbox.events[-1].id if self.outbox.events else 0
 
@@ -423,6 +530,17 @@ class MemorySink:
 
     def set_problems(self, problems: list[dict[str, Any]]) -> None:
         self.outbox.problems = [dict(p) for p in problems]
+
+    def backfills(self) -> list[dict[str, Any]]:
+        """As the writer's connection reads them: this commit's changes included."""
+        jobs = _applied(json.loads(json.dumps(self.outbox.backfills)), self._backfills)
+        return [j for j in jobs if j["state"] in ("queued", "running")]
+
+    def backfill_update(self, job: int, **progress: Any) -> None:
+        self._backfills.append((job, progress))
+
+    def backfill_request(self, tables: list[str], reason: str) -> None:
+        self._backfills.append((0, {"tables": tables, "reason": reason}))
 
     def close(self) -> None:
         self.rollback()

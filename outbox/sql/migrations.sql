@@ -141,3 +141,29 @@ CREATE TABLE derived_state (
 ) WITHOUT ROWID;
 CREATE INDEX derived_state_ref ON derived_state (kind, ref) WHERE ref IS NOT NULL;
 CREATE INDEX derived_state_due ON derived_state (kind, due) WHERE due IS NOT NULL
+
+-- name: 8
+-- Backfills (ct1-cdc backfill, setup --backfill, recover): one row per table to read.
+-- Capture writes a job's progress in the same commit as the chunk's events, so a restart
+-- goes on after the last chunk it committed; other processes request and cancel.
+CREATE TABLE backfills (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    request      INTEGER NOT NULL,            -- the id of the first job of the same request
+    tbl          TEXT    NOT NULL,            -- schema.name as the mapping names it
+    condition    TEXT,                        -- --where: an SQL condition on the table's rows
+    rate         REAL    NOT NULL DEFAULT 0,  -- rows a second at most (0: as fast as it goes)
+    reason       TEXT    NOT NULL,            -- cli | setup | recover
+    state        TEXT    NOT NULL DEFAULT 'queued',  -- queued | running | done | cancelled | failed
+    after_key    TEXT,                        -- JSON list: the key of the last row sent
+    reread       TEXT,                        -- JSON list of keys to read again (changed unseen)
+    rows_done    INTEGER NOT NULL DEFAULT 0,  -- rows read so far
+    events       INTEGER NOT NULL DEFAULT 0,  -- events they gave (rows the rules pass)
+    total        INTEGER,                     -- rows to read, when counted
+    error        TEXT,
+    cancel_requested_at REAL,
+    created_at   REAL    NOT NULL,
+    started_at   REAL,
+    updated_at   REAL    NOT NULL,
+    finished_at  REAL
+);
+CREATE INDEX backfills_active ON backfills (id) WHERE state IN ('queued', 'running')

@@ -240,7 +240,7 @@ abandon_after = "30m"
     assert mapping.event_types == ["cart.abandoned", "order.created"]
     with pytest.raises(ConfigError, match=r"\[cart_abandoned\]\.abandon_after"):
         parse_mapping(text.replace('"30m"', '"later"'))
-    with pytest.raises(ConfigError, match="expected defaults, rule, cart_abandoned"):
+    with pytest.raises(ConfigError, match="expected defaults, rule, snapshot, cart_abandoned"):
         parse_mapping(text.replace("[cart_abandoned]", "[cart_abandon]"))
 
 

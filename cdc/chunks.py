@@ -1,0 +1,137 @@
+"""Reading a table's existing rows for backfill, one chunk at a time (SQL against the
+source; what to make of the rows lives in :mod:`cdc.backfill`).
+
+Each chunk is one short ``REPEATABLE READ READ ONLY`` transaction: its snapshot, the next
+rows by key (and the rows of keys asked again), then the chunk's watermark, a logical
+message written after the snapshot so that every transaction the snapshot sees comes
+before it in the stream.  Rows are read as capture's decoder gives them (numeric as exact
+text, json as its text, times in ISO 8601 UTC).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import set_json_loads
+
+from cdc import source
+from cdc.backfill import WATERMARK_PREFIX, BackfillError, ChunkRead
+from cdc.catalog import C
+from cdc.mapping import Mapping
+from common.formats import normalize, parse_lsn
+
+STATEMENT_TIMEOUT_MS = 30_000
+
+
+def key_columns(conn: source.Conn, schema: str, name: str) -> list[tuple[str, str]]:
+    """(column, type) of the key a table is read in order of; empty without one."""
+    rows = conn.execute(C["key_columns"], {"schema": schema, "name": name}).fetchall()
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def _condition(condition: str | None) -> sql.Composable:
+    if not condition:
+        return sql.SQL("true")
+    if ";" in condition:
+        raise BackfillError("the backfill condition must be one SQL expression (no ';')")
+    # an operator's own expression, run read-only: as an SQL text of theirs, not a value
+    return sql.SQL("({})").format(sql.SQL(condition))
+
+
+def _failed(table: str, exc: psycopg.Error) -> BackfillError:
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return BackfillError(
+            f"reading {table} ran past {STATEMENT_TIMEOUT_MS} ms: lower [backfill] chunk_size or add an index"
+        )
+    message = exc.diag.message_primary or str(exc)
+    return BackfillError(f"reading {table} failed: {message}")
+
+
+def count_rows(conn: source.Conn, mapping: Mapping, table: str, condition: str | None) -> int | None:
+    """Rows to read (None when counting takes too long: the planner's estimate is not
+    worth showing as a total)."""
+    query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+        source.table_ident(*mapping.parts(table)), _condition(condition)
+    )
+    try:
+        with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = 10000")
+            row = conn.execute(query).fetchone()
+    except psycopg.errors.QueryCanceled:
+        return None
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        raise _failed(table, exc) from exc
+    return int(row[0]) if row else None
+
+
+def read_chunk(
+    conn: source.Conn,
+    mapping: Mapping,
+    table: str,
+    keys: list[tuple[str, str]],
+    after: list[Any] | None,
+    condition: str | None,
+    limit: int,
+    reread: list[list[Any]],
+    label: str,
+) -> ChunkRead:
+    ident = source.table_ident(*mapping.parts(table))
+    cols = sql.SQL(", ").join(sql.Identifier(k) for k, _ in keys)
+
+    def typed(values: list[Any]) -> sql.Composable:
+        return sql.SQL(", ").join(
+            sql.SQL("CAST({} AS {})").format(sql.Literal(v if v is None else str(v)), sql.SQL(t))
+            for v, (_, t) in zip(values, keys, strict=True)
+        )
+
+    where = _condition(condition)
+    if after is not None:
+        where = sql.SQL("({}) > ({}) AND {}").format(cols, typed(after), where)
+    page = sql.SQL("SELECT * FROM {} WHERE {} ORDER BY {} LIMIT {}").format(
+        ident, where, cols, sql.Literal(limit)
+    )
+    again = None
+    if reread:
+        again = sql.SQL("SELECT * FROM {} WHERE ({}) IN ({}) AND {}").format(
+            ident,
+            cols,
+            sql.SQL(", ").join(sql.SQL("({})").format(typed(k)) for k in reread),
+            _condition(condition),
+        )
+    try:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            conn.execute(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
+            snap = conn.execute("SELECT pg_current_snapshot()::text, now()").fetchone()
+            assert snap is not None
+            with conn.cursor() as cur:
+                set_json_loads(source.json_text, cur)  # json as its text, as the WAL gives it
+                cur.execute(page)
+                rows = _dicts(cur)
+                rereads = []
+                if again is not None:
+                    cur.execute(again)
+                    rereads = _dicts(cur)
+        finally:
+            conn.execute("ROLLBACK")  # read only: nothing to keep
+        # The watermark: a transaction of its own, after the snapshot, so its commit (and
+        # a commit is flushed at once, which a lone logical message is not) comes after
+        # every transaction the snapshot sees.
+        mark = conn.execute(
+            "SELECT pg_logical_emit_message(true, %s, %s)::text", (WATERMARK_PREFIX, label)
+        ).fetchone()
+        assert mark is not None
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        raise _failed(table, exc) from exc
+    return ChunkRead(str(snap[0]), str(normalize(snap[1])), rows, rereads, parse_lsn(str(mark[0])))
+
+
+def _dicts(cur: psycopg.Cursor[Any]) -> list[dict[str, Any]]:
+    names = [d.name for d in cur.description or ()]
+    return [{n: normalize(v) for n, v in zip(names, row, strict=True)} for row in cur.fetchall()]
