@@ -88,6 +88,24 @@ CATALOGUE: tuple[EventType, ...] = (
         routed=False,
     ),
 )
+# Backfill's types (source.op "read"): an existing row as its insert type carries one, so
+# each one's schema is derived from that type's (see :func:`schema_text`).
+SNAPSHOTS: dict[str, str] = {
+    "customer.snapshot": "customer.created",
+    "order.snapshot": "order.created",
+    "cart_item.snapshot": "product.added_to_cart",
+    "review.snapshot": "review.created",
+}
+CATALOGUE += tuple(
+    EventType(
+        snapshot,
+        snapshot.split(".")[0],
+        "read",
+        f"ct1-cdc backfill (or setup --backfill, recover): an existing row, as {created} carries a new one",
+        BOTH,
+    )
+    for snapshot, created in SNAPSHOTS.items()
+)
 BY_TYPE: dict[str, EventType] = {e.type: e for e in CATALOGUE}
 TYPES: tuple[str, ...] = tuple(BY_TYPE)
 SCHEMAS: tuple[str, ...] = (*TYPES, MANUAL, ENVELOPE)  # every schema there is, by name
@@ -99,7 +117,37 @@ def schema_text(name: str) -> bytes:
     :data:`ENVELOPE`) as published; KeyError for any other name."""
     if name not in SCHEMAS:
         raise KeyError(name)
+    if name in SNAPSHOTS:
+        return _snapshot_schema(name, SNAPSHOTS[name])
     return importlib.resources.files("config").joinpath("schemas", f"{name}.json").read_bytes()
+
+
+def _snapshot_schema(name: str, created: str) -> bytes:
+    """A backfill type's schema: its insert type's, read at a snapshot (``source.op``
+    ``read``, no source transaction, the timestamp of the chunk's read)."""
+    doc = json.loads(schema_text(created))
+    doc["$id"] = f"urn:ct1-cdc:event:{name}"
+    doc["title"] = name
+    doc["description"] = (
+        f"An existing row, sent by a backfill (ct1-cdc backfill, setup --backfill, recover): "
+        f"the record {created} would carry for it, read at a snapshot."
+    )
+    props = doc["properties"]
+    props["type"] = {"const": name}
+    props["timestamp"] = {
+        "$ref": "#/$defs/timestamp",
+        "description": "when the chunk holding the row was read",
+    }
+    props["data"]["properties"]["record"]["description"] = "the row as read, minus excluded columns"
+    props["data"]["properties"]["previous"] = {
+        "type": "null",
+        "description": "null: a read has no old values",
+    }
+    source = props["source"]["properties"]
+    source["op"] = {"const": "read"}
+    source["lsn"] = {"$ref": "#/$defs/lsn", "description": "the position of the chunk's watermark in the WAL"}
+    source["xid"] = {"type": "null", "description": "null: a read belongs to no source transaction"}
+    return json.dumps(doc, indent=2).encode()
 
 
 @functools.cache

@@ -208,7 +208,7 @@ class EndpointSettings(_Section):
     _secrets = field_validator("secret", "previous_secret")(lambda v: resolve_secret(v) or None)
 
 
-CT2_EVENTS = ["customer.*", "order.*", "payment.*", "product.*", "review.*", "cart.*"]
+CT2_EVENTS = ["customer.*", "order.*", "payment.*", "product.*", "review.*", "cart.*", "cart_item.*"]
 
 
 def default_endpoints() -> list[EndpointSettings]:

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTED = TWELVE
 
 
-def test_the_catalogue_is_designs_twelve_types_webhook_test_and_the_gap_marker():
-    assert set(catalogue.TYPES) == DOCUMENTED | {"webhook.test", "ct1.gap"}
+def test_the_catalogue_is_designs_twelve_types_webhook_test_the_gap_marker_and_the_snapshots():
+    assert set(catalogue.TYPES) == DOCUMENTED | {"webhook.test", "ct1.gap"} | set(catalogue.SNAPSHOTS)
     assert len(catalogue.TYPES) == len(catalogue.CATALOGUE)
     # a key needs the captured-types permission to send any of them by hand
     assert set(catalogue.TYPES) <= CAPTURED_TYPES
@@ -32,7 +32,7 @@ def test_the_catalogue_is_designs_twelve_types_webhook_test_and_the_gap_marker()
 
 def test_every_schema_is_a_valid_draft_2020_12_schema_of_its_own_type():
     shipped = {p.stem for p in (ROOT / "config" / "schemas").glob("*.json")}
-    assert shipped == set(catalogue.SCHEMAS)
+    assert shipped == set(catalogue.SCHEMAS) - set(catalogue.SNAPSHOTS)  # derived, not shipped
     for name in catalogue.SCHEMAS:
         schema = catalogue.schema(name)
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -175,3 +175,15 @@ def test_events_md_names_every_documented_record_column():
         record = definitions.get(entry.object, {})
         for column in record.get("properties", {}):
             assert f"`{column}`" in EVENTS_MD, (entry.type, column)
+
+
+def test_the_default_mapping_backfills_exactly_the_snapshot_types_of_the_catalogue():
+    mapping = load_mapping(str(ROOT / "config" / "mapping.toml"))
+    assert {r.emit for r in mapping.snapshots.values()} == set(catalogue.SNAPSHOTS)
+    for snapshot, created in catalogue.SNAPSHOTS.items():
+        schema = catalogue.schema(snapshot)
+        assert schema["$defs"] == catalogue.schema(created)["$defs"]  # the same record
+        assert schema["properties"]["source"]["properties"]["xid"] == {
+            "type": "null",
+            "description": "null: a read belongs to no source transaction",
+        }
