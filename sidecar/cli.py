@@ -179,7 +179,7 @@ def entry() -> None:
 
 
 # The other commands live in their own modules and attach to the groups of console.
-from sidecar import cli_delivery, cli_keys, cli_recover, cli_setup, cli_source  # noqa: E402, F401
+from sidecar import cli_backfill, cli_delivery, cli_keys, cli_recover, cli_setup, cli_source  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     entry()

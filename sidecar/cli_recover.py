@@ -1,9 +1,12 @@
-"""``ct1-cdc recover``: after the slot was lost, a new slot and a ``ct1.gap`` event.
+"""``ct1-cdc recover``: after the slot was lost, a new slot, a ``ct1.gap`` event and a
+backfill of every mapped table.
 
 The changes between capture's last checkpoint and the new slot's start are gone from the
 WAL; receivers are told so by a ``ct1.gap`` event (sent to every endpoint, whatever its
 ``events``) with both positions and times, appended in the same outbox commit as the new
-checkpoint.  Capture then goes on from the new slot.
+checkpoint and a backfill request for every table the mapping snapshots (replacing any
+backfill still active), so every receiver converges on the current rows.  Capture then goes
+on from the new slot and runs the backfill.
 """
 
 from __future__ import annotations
@@ -62,13 +65,16 @@ def recover(ctx: click.Context, yes: bool, as_json: bool) -> None:
             data = gap_data(name, reason, held and held[0], held and held[1], start, now)
             record = data["record"]
             writer.add(GAP, "gap", None, data, unix_to_iso(now), None, "derived", format_lsn(start), None)
+            tables = sorted(mapping.snapshots)
+            writer.backfill_request(tables, "recover")  # every receiver converges past the hole
             writer.commit(name, start)
         finally:
             writer.close()
     if as_json:
-        emit_json(record)
+        emit_json({**record, "backfill": tables})
     else:
         click.echo(
             f"slot {name} created anew at {record['to_lsn']}; ct1.gap recorded: changes from "
-            f"{record['from_lsn'] or 'the start'} to {record['to_lsn']} were not captured"
+            f"{record['from_lsn'] or 'the start'} to {record['to_lsn']} were not captured; a backfill "
+            f"of {len(tables)} tables is queued and runs in `ct1-cdc run` (`ct1-cdc backfill status`)"
         )

@@ -33,6 +33,12 @@ from sidecar.console import emit_json, fail, handled, main, settings_of
 @click.option("--seed", default=1, show_default=True, help="sample data seed")
 @click.option("--scale", default=1.0, show_default=True, help="sample data volume multiplier")
 @click.option("--no-probe", is_flag=True, help="do not send a signed webhook.test to each endpoint")
+@click.option(
+    "--backfill",
+    "with_backfill",
+    is_flag=True,
+    help="queue a backfill of every table the mapping snapshots: existing rows go out once `run` starts",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the checks as JSON Lines")
 @click.pass_context
 @handled
@@ -43,6 +49,7 @@ def setup(
     seed: int,
     scale: float,
     no_probe: bool,
+    with_backfill: bool,
     as_json: bool,
 ) -> None:
     """Check the source, create the slot and the outbox, optionally load sample data,
@@ -109,6 +116,7 @@ def setup(
             else:
                 click.echo(f"[ok  ] mapping: {len(mapping.tables)} tables, every column found")
             created = ensure_slot(conn, settings.source.dsn, settings.source.slot, mapping, writer)
+            queued = queue_backfill(writer.conn, settings, mapping) if with_backfill else []
             secrets = store_secrets(writer.conn, settings)
             first_key = first_api_key(writer.conn)
             signing_secrets = {
@@ -136,12 +144,27 @@ def setup(
         "slot_created": created,
         "outbox": settings.outbox.path,
         "mapped_tables": len(mapping.tables),
+        "backfill": [j["table"] for j in queued],
     }
     if as_json:
         emit_json(summary)
     else:
         state = "created" if created else "already present"
         click.echo(f"slot {settings.source.slot}: {state}; outbox {settings.outbox.path} ready")
+        if queued:
+            click.echo(
+                f"backfill queued for {len(queued)} tables: their rows go out once `ct1-cdc run` "
+                "starts (`ct1-cdc backfill status` shows the progress)"
+            )
+
+
+def queue_backfill(conn: Any, settings: Settings, mapping: Mapping) -> list[dict[str, Any]]:
+    """``setup --backfill``: every table the mapping snapshots, unless one is active."""
+    from outbox import backfills
+
+    active = {j["table"] for j in backfills.active(conn)}
+    tables = [t for t in sorted(mapping.snapshots) if t not in active]
+    return backfills.add(conn, tables, None, settings.backfill.rate, "setup") if tables else []
 
 
 def check_source_schema(
