@@ -1,5 +1,6 @@
 """``ct1-cdc recover`` after Postgres invalidated the slot: a new slot, a ``ct1.gap`` event
-for every endpoint naming the hole, and capture going on from the new slot."""
+for every endpoint naming the hole, capture going on from the new slot, and a backfill that
+sends every row as it is now, so receivers converge past the hole."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def test_recover_makes_a_new_slot_records_the_gap_and_capture_goes_on(source_db,
     done = cli("recover", "--yes", "--json", config=config)
     assert done.returncode == 0, done.stderr
     gap = json.loads(done.stdout)
+    assert gap.pop("backfill") == ["public.cart_items", "public.orders", "public.reviews", "public.users"]
     assert gap["reason"] == "invalidated" and gap["from_lsn"] and gap["to_lsn"] and gap["from_time"]
     [event] = [e for e in read_events(outbox) if e["type"] == "ct1.gap"]
     assert event["data"]["record"] == gap and problems(event) == []
@@ -56,6 +58,15 @@ def test_recover_makes_a_new_slot_records_the_gap_and_capture_goes_on(source_db,
                 else None
             ),
             timeout=60,
+        )
+        # ... and the backfill queued with the gap sends every user as it is now, 'lost' too
+        wait_until(
+            lambda: (
+                {e["data"]["record"]["name"] for e in read_events(outbox) if e["type"] == "customer.snapshot"}
+                >= {"before", "lost"}
+            ),
+            timeout=60,
+            what="the backfill after recover",
         )
     finally:
         run.send_signal(signal.SIGTERM)
