@@ -14,15 +14,67 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.adapt import Loader
 from psycopg.types.json import set_json_loads
 
 from cdc import source
 from cdc.backfill import WATERMARK_PREFIX, BackfillError, ChunkRead
 from cdc.catalog import C
+from cdc.decode import iso_utc
 from cdc.mapping import Mapping
 from common.formats import normalize, parse_lsn
 
 STATEMENT_TIMEOUT_MS = 30_000
+
+
+# Types psycopg loads as capture's decoder gives them already (native, fast); every other
+# column is taken as the text Postgres prints, as wal2json writes it, with timestamps
+# with time zone in ISO 8601 UTC like every event's.
+NATIVE = frozenset(
+    {"int2", "int4", "int8", "oid", "float4", "float8", "bool", "text", "varchar", "json", "jsonb"}
+)
+
+
+class _AsText(Loader):
+    def load(self, data: Any) -> str:
+        return bytes(data).decode("utf-8")
+
+
+class _Hex(Loader):
+    def load(self, data: Any) -> str:
+        text = bytes(data).decode("ascii")
+        return text[2:] if text.startswith("\\x") else text  # as wal2json: hex without its \x
+
+
+class _Numeric(Loader):
+    def load(self, data: Any) -> str | None:
+        text = bytes(data).decode("ascii")
+        return None if text[-1:] in ("N", "y") else text  # NaN, ±Infinity: null, as wal2json writes them
+
+
+class _IsoUtc(Loader):
+    def load(self, data: Any) -> str:
+        text = bytes(data).decode("utf-8")
+        return iso_utc(text) if text[:1].isdigit() else text  # infinity stays infinity
+
+
+def _load_as_events_write(cur: psycopg.Cursor[Any], types: list[tuple[Any, ...]]) -> None:
+    """Make ``cur`` load each column type of a table as capture's decoder gives it (a
+    domain as its base type, as capture reads the WAL with include-domain-data-type)."""
+    set_json_loads(source.json_text, cur)  # json as its text, as the WAL gives it
+    for oid, name, base in types:
+        if name == "timestamptz":
+            cur.adapters.register_loader(oid, _IsoUtc)
+        elif name == "bytea":
+            cur.adapters.register_loader(oid, _Hex)
+        elif name == "numeric":
+            cur.adapters.register_loader(oid, _Numeric)
+        elif name not in NATIVE:
+            cur.adapters.register_loader(oid, _AsText)
+        elif base is not None:
+            native = cur.adapters.get_loader(base, psycopg.pq.Format.TEXT)
+            if native is not None:
+                cur.adapters.register_loader(oid, native)
 
 
 def key_columns(conn: source.Conn, schema: str, name: str) -> list[tuple[str, str]]:
@@ -79,7 +131,8 @@ def read_chunk(
     reread: list[list[Any]],
     label: str,
 ) -> ChunkRead:
-    ident = source.table_ident(*mapping.parts(table))
+    schema, name = mapping.parts(table)
+    ident = source.table_ident(schema, name)
     cols = sql.SQL(", ").join(sql.Identifier(k) for k, _ in keys)
 
     def typed(values: list[Any]) -> sql.Composable:
@@ -106,10 +159,14 @@ def read_chunk(
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         try:
             conn.execute(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
+            conn.execute("SET LOCAL TimeZone = 'UTC'")
+            conn.execute("SET LOCAL DateStyle = 'ISO, YMD'")
+            conn.execute("SET LOCAL IntervalStyle = 'postgres'")
             snap = conn.execute("SELECT pg_current_snapshot()::text, now()").fetchone()
             assert snap is not None
+            types = conn.execute(C["column_types"], {"schema": schema, "name": name}).fetchall()
             with conn.cursor() as cur:
-                set_json_loads(source.json_text, cur)  # json as its text, as the WAL gives it
+                _load_as_events_write(cur, types)
                 cur.execute(page)
                 rows = _dicts(cur)
                 rereads = []
@@ -134,4 +191,4 @@ def read_chunk(
 
 def _dicts(cur: psycopg.Cursor[Any]) -> list[dict[str, Any]]:
     names = [d.name for d in cur.description or ()]
-    return [{n: normalize(v) for n, v in zip(names, row, strict=True)} for row in cur.fetchall()]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]

@@ -67,3 +67,11 @@ WHERE n.nspname = %(schema)s AND c.relname = %(name)s
                       AND (i2.indisprimary OR i2.indisreplident)
                       ORDER BY i2.indisprimary DESC LIMIT 1)
 ORDER BY k.pos
+
+-- name: column_types
+-- Every column type of a table by oid and name, a domain's as its base type's.
+SELECT DISTINCT t.oid, coalesce(b.typname, t.typname)::text, b.oid
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype
+WHERE n.nspname = %(schema)s AND c.relname = %(name)s AND a.attnum > 0 AND NOT a.attisdropped
