@@ -175,12 +175,15 @@ def read_chunk(
                     rereads = _dicts(cur)
         finally:
             conn.execute("ROLLBACK")  # read only: nothing to keep
-        # The watermark: a transaction of its own, after the snapshot, so its commit (and
-        # a commit is flushed at once, which a lone logical message is not) comes after
-        # every transaction the snapshot sees.
-        mark = conn.execute(
-            "SELECT pg_logical_emit_message(true, %s, %s)::text", (WATERMARK_PREFIX, label)
-        ).fetchone()
+        # The watermark: a transaction of its own, after the snapshot, so its commit comes
+        # after every transaction the snapshot sees.  Flushed at once even where
+        # synchronous_commit is off: else the walsender would see it only when the WAL
+        # writer next flushes (up to 3 x wal_writer_delay), and every chunk would wait so.
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = on")
+            mark = conn.execute(
+                "SELECT pg_logical_emit_message(true, %s, %s)::text", (WATERMARK_PREFIX, label)
+            ).fetchone()
         assert mark is not None
     except psycopg.OperationalError:
         raise
