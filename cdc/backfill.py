@@ -47,7 +47,9 @@ RECENT_XIDS = 100_000  # streamed transactions remembered, for the commit-visibi
 REREAD_MAX = 10_000  # keys waiting to be read again, at most, per job
 JOB_POLL_SECONDS = 1.0  # how often capture looks for new, cancelled or stopped jobs
 RETRY_SECONDS = 0.05  # a chunk whose snapshot raced a streamed commit is read again after this
-WATERMARK_WAIT = 60.0  # a watermark not back after this (lost with a connection): read again
+# A watermark always comes back within its session (a lost connection ends the session and
+# the chunk with it); one not back after this long is given up and its chunk read again.
+WATERMARK_WAIT = 600.0
 
 Key = tuple[str, ...]
 

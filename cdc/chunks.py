@@ -25,6 +25,7 @@ from cdc.mapping import Mapping
 from common.formats import normalize, parse_lsn
 
 STATEMENT_TIMEOUT_MS = 30_000
+COUNT_TIMEOUT_MS = 2_000  # a table too big to count this fast shows no total, only progress
 
 
 # Types psycopg loads as capture's decoder gives them already (native, fast); every other
@@ -102,14 +103,14 @@ def _failed(table: str, exc: psycopg.Error) -> BackfillError:
 
 
 def count_rows(conn: source.Conn, mapping: Mapping, table: str, condition: str | None) -> int | None:
-    """Rows to read (None when counting takes too long: the planner's estimate is not
-    worth showing as a total)."""
+    """Rows to read (None when counting takes longer than :data:`COUNT_TIMEOUT_MS`: capture
+    streams nothing meanwhile, and the planner's estimate is not worth showing as a total)."""
     query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
         source.table_ident(*mapping.parts(table)), _condition(condition)
     )
     try:
         with conn.transaction():
-            conn.execute("SET LOCAL statement_timeout = 10000")
+            conn.execute(f"SET LOCAL statement_timeout = {COUNT_TIMEOUT_MS}")  # capture waits meanwhile
             row = conn.execute(query).fetchone()
     except psycopg.errors.QueryCanceled:
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -217,11 +218,13 @@ def backfill(
 def backfill_status(ctx: click.Context, as_json: bool) -> None:
     """The jobs of the latest backfill: rows done/total, rate, time left."""
     settings = settings_of(ctx)
-    conn = store.connect(settings.outbox.path, readonly=True)
-    try:
-        jobs = backfills.jobs(conn)
-    finally:
-        conn.close()
+    jobs = []
+    if Path(settings.outbox.path).exists():  # no outbox yet: nothing was ever requested
+        conn = store.connect(settings.outbox.path, readonly=True)
+        try:
+            jobs = backfills.jobs(conn)
+        finally:
+            conn.close()
     now = time.time()
     if as_json:
         for job in jobs:
