@@ -37,7 +37,8 @@ def test_backfill_survives_kill_9_under_writes_and_the_receiver_converges(source
         config = write_config(tmp_path / "c.toml", source_db.dsn, source_db.slot, outbox)
         with open(config, "a") as fh:
             fh.write(
-                f'[backfill]\nchunk_size = 40\n[[endpoints]]\nname = "ct2"\nurl = "{rx.url}"\nsecret = "{secret}"\n'
+                # throttled, so that the backfill outlasts the kills (unthrottled: ~30,000 rows/s)
+                f'[backfill]\nchunk_size = 40\nrate = 150\n[[endpoints]]\nname = "ct2"\nurl = "{rx.url}"\nsecret = "{secret}"\n'
             )
         setup = cli("setup", "--backfill", "--no-probe", "--json", config=config)
         assert setup.returncode == 0, setup.stderr
@@ -68,9 +69,10 @@ def test_backfill_survives_kill_9_under_writes_and_the_receiver_converges(source
                     time.sleep(0.5)
             except BaseException:
                 final.send_signal(signal.SIGKILL)
+                final.wait(timeout=30)
                 raise
-        assert kills_mid_backfill >= 2, "the backfill finished before the kills: make the table larger"
         try:
+            assert kills_mid_backfill >= 2, "the backfill finished before the kills: make the table larger"
             table = {r[0]: r[1] for r in source_db.execute("SELECT id, notes FROM orders")}
             deadline = time.monotonic() + 120
             while True:
