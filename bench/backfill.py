@@ -35,13 +35,12 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.capture import peak_rss_kb  # noqa: E402
+from bench.capture import ct1_env, peak_rss_kb  # noqa: E402
 from outbox import backfills, store  # noqa: E402
 from sidecar import sample  # noqa: E402
 from sidecar.throwaway import Cluster, create_cluster  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "ct1-cdc")
-MAPPING = ROOT / "config" / "mapping.toml"
 
 
 def make_table(cluster: Cluster, name: str, rows: int) -> str:
@@ -93,19 +92,8 @@ def ct1_backfill(dsn: str, slot: str, work: Path, rows: int, chunk: int, writes:
     conn = store.open_outbox(outbox)
     backfills.add(conn, ["public.orders"], None, 0, "bench")
     conn.close()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_")}
-    env.update(
-        {
-            "CT1_SOURCE__DSN": dsn,
-            "CT1_SOURCE__SLOT": slot,
-            "CT1_SOURCE__HEARTBEAT_SECONDS": "1",
-            "CT1_SOURCE__STATUS_INTERVAL_SECONDS": "1",
-            "CT1_OUTBOX__PATH": str(outbox),
-            "CT1_MAPPING__FILE": str(MAPPING),
-            "CT1_ANALYTICS__ENABLED": "false",
-            "CT1_BACKFILL__CHUNK_SIZE": str(chunk),
-        }
-    )
+    env = ct1_env(dsn, slot, outbox)
+    env["CT1_BACKFILL__CHUNK_SIZE"] = str(chunk)
     writer = Writer(dsn, writes)
     lags: list[int] = []
     started = time.perf_counter()
