@@ -6,11 +6,14 @@ Every read runs on a psycopg 3 async pool whose sessions are read-only
 ``api/sql/exports.sql`` (or the folder of ``api.sql_dir``).  Lists page by keyset: the
 opaque ``cursor`` carries the last id, so paging to the end while rows are inserted
 never skips or repeats one.  ``format=ndjson`` or ``csv`` streams a whole export page by
-page in constant memory.  Columns the mapping excludes never appear, at any depth.
+page in constant memory, in one snapshot.  Columns the mapping excludes never appear, at
+any depth.  Every list answer says where it hands over to ``/events`` (``resume_event_id``,
+the ``CT1-Resume-Event-Id`` header of a stream; :mod:`api.handover`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -20,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -30,7 +33,8 @@ from psycopg.rows import dict_row
 from api.cache import ExportCache
 from api.errors import ApiError
 from api.filters import LISTS, ListSpec, encode_cursor
-from api.models import AnalyticsQuery, CustomerQuery, Detail, ProductQuery
+from api.handover import Handover
+from api.models import AnalyticsQuery, CustomerQuery, Detail, PageCursor, ProductQuery
 from api.params import parse
 from common import sqlfile
 from common.errors import ConfigError
@@ -40,6 +44,7 @@ from config.settings import Settings
 from outbox import store
 
 STREAM_PAGE = 1000  # rows per query while streaming a whole export
+RESUME_HEADER = "CT1-Resume-Event-Id"  # a stream's resume_event_id (absent: none)
 
 LOW_STOCK = 5  # at or below: "low_stock"
 STATUS_HISTORY = 100  # the most recent status changes an order answer carries
@@ -156,6 +161,8 @@ CACHED_TABLES = {
 
 
 Offload = Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]]
+Conn = psycopg.AsyncConnection[Any]
+T = TypeVar("T")
 
 
 class Exports:
@@ -179,6 +186,7 @@ class Exports:
         self.any_table = bool(cfg.sql_dir)
         self.sql = load_sql(cfg.sql_dir)
         self.pool_timeout = cfg.pool_timeout_seconds
+        self.handover = Handover(settings.source.slot, cfg.resume_wait_seconds)
         options = (
             f"-c default_transaction_read_only=on -c statement_timeout={cfg.statement_timeout_ms}"
             " -c TimeZone=UTC"
@@ -213,11 +221,17 @@ class Exports:
             rows = await cur.fetchall()
         return [clean(r, self.excluded) for r in rows]
 
-    async def read(self, reads: Callable[[psycopg.AsyncConnection[Any]], Any]) -> Any:
+    async def read(self, reads: Callable[[Conn], Any]) -> Any:
         """Run ``reads`` in one read-only transaction; source trouble becomes a clear 503."""
+        async with self._transaction() as conn:
+            return await reads(conn)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Conn]:
+        """A pool connection in a read-only transaction; source trouble becomes a clear 503."""
         try:
             async with self.pool.connection(timeout=self.pool_timeout) as conn, conn.transaction():
-                return await reads(conn)
+                yield conn
         except psycopg.errors.QueryCanceled:
             raise ApiError(
                 503,
@@ -231,6 +245,16 @@ class Exports:
         except psycopg.Error as exc:  # e.g. a replaced exports.sql that tries to write
             message = exc.diag.message_primary or str(exc)
             raise ApiError(503, "export_failed", f"the export query failed: {message}") from None
+
+    async def read_handing_over(self, reads: Callable[[Conn, int | None], Awaitable[T]]) -> T:
+        """``reads(conn, resume)`` in one repeatable-read, read-only transaction, given the
+        id of the last event its snapshot holds (None: capture did not pass it in time)."""
+        return await self.handover.read(self._transaction, self._outbox(), reads)
+
+    def _outbox(self) -> Offload:
+        if self.offload is None:
+            raise RuntimeError("Exports.offload is not set: create_app wires it")
+        return self.offload
 
     # -- caching ------------------------------------------------------------------------------------
 
@@ -248,8 +272,9 @@ class Exports:
             return _json_bytes(body, "hit")
         response = await answer()
         assert isinstance(response.body, bytes)
-        tables = frozenset({"*"}) if self.any_table else CACHED_TABLES[group]
-        self.cache.put(key, tables, ttl, response.body)
+        if response.headers.get("Cache-Control") != "no-store":
+            tables = frozenset({"*"}) if self.any_table else CACHED_TABLES[group]
+            self.cache.put(key, tables, ttl, response.body)
         response.headers["X-Cache"] = "miss"
         return response
 
@@ -257,63 +282,85 @@ class Exports:
 
     async def listing(self, request: web.Request, spec: ListSpec) -> web.StreamResponse:
         q = parse(spec.model, request)
-        filters, fmt, after, size = q.filters(), q.format, q.after, q.per_page
+        filters, fmt, cursor, size = q.filters(), q.format, q.cursor, q.per_page
         if fmt != "json":
-            return await self._stream(request, spec, filters, after, fmt)
-        return await self.cached(request, spec.name, lambda: self._page(spec, filters, after, size))
+            return await self._stream(request, spec, filters, q.after, fmt)
+        # A cached page keeps the resume_event_id of its snapshot, and that stays right: rows
+        # as of a snapshot plus every event after it is the present, whenever it is served
+        # (the cache only keeps it fresh).  A page without one is not cached: it says "retry".
+        return await self.cached(request, spec.name, lambda: self._page(spec, filters, cursor, size))
 
-    async def _page(self, spec: ListSpec, filters: dict[str, Any], after: int, per_page: int) -> web.Response:
-        params = {**filters, "after": after, "limit": per_page + 1}
-        rows = await self.read(lambda conn: self._rows(conn, spec.name, params))
+    async def _page(
+        self, spec: ListSpec, filters: dict[str, Any], cursor: PageCursor | None, per_page: int
+    ) -> web.Response:
+        """One page, in its own snapshot.  ``resume_event_id`` is the first page's position
+        (carried in the cursor), where a client tails ``/events`` from; ``page_event_id``
+        this page's own: a tail event of one of its rows at or before it is already in it."""
+        params = {**filters, "after": cursor.after if cursor else 0, "limit": per_page + 1}
+
+        async def reads(conn: Conn, position: int | None) -> tuple[list[dict[str, Any]], int | None]:
+            return await self._rows(conn, spec.name, params), position
+
+        rows, position = await self.read_handing_over(reads)
+        resume = position if cursor is None else cursor.resume
         more = len(rows) > per_page
         rows = rows[:per_page]
         meta = {
             "per_page": per_page,
             "count": len(rows),
-            "next_cursor": encode_cursor(rows[-1]["id"]) if more else None,
+            "next_cursor": encode_cursor(rows[-1]["id"], resume) if more else None,
+            "resume_event_id": resume,
+            "page_event_id": position,
         }
-        return _json_response({"success": True, "data": rows, "meta": meta})
+        response = _json_response({"success": True, "data": rows, "meta": meta})
+        if resume is None or position is None:
+            response.headers["Cache-Control"] = "no-store"
+        return response
 
     async def _stream(
         self, request: web.Request, spec: ListSpec, filters: dict[str, Any], after: int, fmt: str
     ) -> web.StreamResponse:
-        pages = self._pages(spec, filters, after)
-        first = await anext(pages, None)  # errors before the first byte are still JSON errors
-        response = web.StreamResponse(
-            headers={
+        """The whole export in one snapshot, whose position goes in a header, before the
+        first byte; pages of :data:`STREAM_PAGE` rows, each query within the timeout."""
+
+        async def reads(conn: Conn, resume: int | None) -> web.StreamResponse:
+            pages = self._pages(conn, spec, filters, after)
+            first = await anext(pages, None)  # errors before the first byte are still JSON errors
+            headers = {
                 "Content-Type": "application/x-ndjson" if fmt == "ndjson" else "text/csv; charset=utf-8",
                 "Content-Disposition": f'attachment; filename="{spec.name}.{fmt}"',
             }
-        )
-        await response.prepare(request)
-        header: list[str] | None = None
-        page = first
-        while page:
-            if fmt == "ndjson":
-                await response.write(b"".join(json_bytes(r) + b"\n" for r in page))
-            else:
-                buf = io.StringIO()
-                out = csv.writer(buf)  # RFC 4180: CRLF, and a field holding CR or LF is quoted
-                if header is None:
-                    header = list(page[0])
-                    out.writerow(header)
-                for row in page:
-                    out.writerow([_csv_cell(row.get(c)) for c in header])
-                await response.write(buf.getvalue().encode("utf-8"))
-            page = await anext(pages, None)
-        await response.write_eof()
-        return response
+            if resume is not None:
+                headers[RESUME_HEADER] = str(resume)
+            response = web.StreamResponse(headers=headers)
+            await response.prepare(request)
+            header: list[str] | None = None
+            page = first
+            while page:
+                if fmt == "ndjson":
+                    await response.write(b"".join(json_bytes(r) + b"\n" for r in page))
+                else:
+                    buf = io.StringIO()
+                    out = csv.writer(buf)  # RFC 4180: CRLF, and a field holding CR or LF is quoted
+                    if header is None:
+                        header = list(page[0])
+                        out.writerow(header)
+                    for row in page:
+                        out.writerow([_csv_cell(row.get(c)) for c in header])
+                    await response.write(buf.getvalue().encode("utf-8"))
+                page = await anext(pages, None)
+            await response.write_eof()
+            return response
+
+        return await self.read_handing_over(reads)
 
     async def _pages(
-        self, spec: ListSpec, filters: dict[str, Any], after: int
+        self, conn: Conn, spec: ListSpec, filters: dict[str, Any], after: int
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        """Pages of rows, each read in a short transaction of its own (so a long export
-        holds no snapshot open and each query meets the statement timeout easily)."""
+        """Pages of rows, keyset by keyset, all in the transaction of ``conn``."""
         while True:
             params = {**filters, "after": after, "limit": STREAM_PAGE}
-            rows: list[dict[str, Any]] = await self.read(
-                functools.partial(self._rows, block=spec.name, params=params)
-            )
+            rows = await self._rows(conn, spec.name, params)
             if not rows:
                 return
             yield rows
@@ -381,9 +428,7 @@ class Exports:
 
     async def _status_history(self, order_id: int) -> list[dict[str, Any]]:
         """The order's captured status changes, from the outbox (off the event loop)."""
-        if self.offload is None:
-            raise RuntimeError("Exports.offload is not set: create_app wires it")
-        history: list[dict[str, Any]] = await self.offload(
+        history: list[dict[str, Any]] = await self._outbox()(
             functools.partial(store.status_history, order_key=str(order_id), limit=STATUS_HISTORY)
         )
         return history

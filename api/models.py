@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 import orjson
 from pydantic import (
@@ -124,22 +124,42 @@ class SchemaPath(Params):
 # -- exports ---------------------------------------------------------------------------------------
 
 
-def encode_cursor(last_id: int) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps({"after": last_id})).decode("ascii").rstrip("=")
+class PageCursor(NamedTuple):
+    """What ``cursor`` carries: the last id of the previous page, and the first page's
+    ``resume_event_id``, so every page of one paging run gives the same one."""
+
+    after: int
+    resume: int | None  # None: the first page had none, or the cursor predates it
 
 
-def decode_cursor(raw: Any) -> int:
+def encode_cursor(last_id: int, resume: int | None = None) -> str:
+    doc = {"after": last_id, "resume": resume}
+    return base64.urlsafe_b64encode(orjson.dumps(doc)).decode("ascii").rstrip("=")
+
+
+def read_cursor(raw: Any) -> PageCursor:
+    """A cursor this API returned (one without ``resume``, from before it carried one,
+    reads as resume None); anything else is refused."""
     try:
         doc = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        after = doc["after"]
-        if isinstance(after, int) and not isinstance(after, bool) and 0 <= after <= MAX_ID:
-            return after
-    except (binascii.Error, ValueError, TypeError, KeyError, orjson.JSONDecodeError):
+        after, resume = doc["after"], doc.get("resume")
+        if _event_id(after) and (resume is None or _event_id(resume)):
+            return PageCursor(after, resume)
+    except (binascii.Error, ValueError, TypeError, KeyError, AttributeError, orjson.JSONDecodeError):
         pass
     raise refuse("is not one this API returned")
 
 
-Cursor = Annotated[int, PlainValidator(decode_cursor), WithJsonSchema({"type": "string"})]
+def decode_cursor(raw: Any) -> int:
+    """The last id of the previous page."""
+    return read_cursor(raw).after
+
+
+def _event_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID
+
+
+Cursor = Annotated[PageCursor, PlainValidator(read_cursor), WithJsonSchema({"type": "string"})]
 PAGING = frozenset({"per_page", "cursor", "format"})
 
 
@@ -173,7 +193,7 @@ class ListQuery(Params):
     @property
     def after(self) -> int:
         """The last id of the previous page (0: from the start)."""
-        return self.cursor or 0
+        return self.cursor.after if self.cursor is not None else 0
 
 
 class CustomersQuery(ListQuery, Dated):

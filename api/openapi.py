@@ -65,11 +65,40 @@ STREAMED: Obj = {
 }
 
 
-def _ok(data: Obj, extra: Obj | None = None) -> Obj:
+EVENT_ID: Obj = {"type": "integer", "minimum": 0, "nullable": True}
+LIST_META: Obj = {
+    "type": "object",
+    "required": ["per_page", "count", "next_cursor", "resume_event_id", "page_event_id"],
+    "properties": {
+        "per_page": {"type": "integer"},
+        "count": {"type": "integer"},
+        "next_cursor": {"type": "string", "nullable": True},
+        "resume_event_id": {
+            **EVENT_ID,
+            "description": "the first page's position: read /events from here to follow every "
+            "change after this export (null: capture is not caught up; retry to seed)",
+        },
+        "page_event_id": {
+            **EVENT_ID,
+            "description": "this page's position: a tail event of one of its rows with an id at or "
+            "below it is already in the row",
+        },
+    },
+}
+RESUME_HEADERS: Obj = {
+    "CT1-Resume-Event-Id": {
+        "description": "ndjson and csv: read /events from this id to follow every change after the "
+        "export (absent: capture is not caught up; retry to seed)",
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+
+
+def _ok(data: Obj, extra: Obj | None = None, meta: Obj = OBJECT) -> Obj:
     schema = {
         "type": "object",
         "required": ["success", "data", "meta"],
-        "properties": {"success": {"type": "boolean", "enum": [True]}, "data": data, "meta": OBJECT},
+        "properties": {"success": {"type": "boolean", "enum": [True]}, "data": data, "meta": meta},
     }
     return {"description": "success", "content": {"application/json": {"schema": schema}, **(extra or {})}}
 
@@ -125,7 +154,7 @@ def paths() -> Obj:
     lists = {
         f"{BASE}/{name}": _get(
             f"{name} export, keyset-paged",
-            {"200": _ok(ROWS, STREAMED), **SOURCE_ERRORS},
+            {"200": {**_ok(ROWS, STREAMED, LIST_META), "headers": RESUME_HEADERS}, **SOURCE_ERRORS},
             MODELS[f"{BASE}/{name}"],
         )
         for name in LISTS
