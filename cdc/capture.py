@@ -234,7 +234,7 @@ class Capture:
         backfill = self._backfill
         while not self.stopping.is_set():
             if self._in_txn is None and backfill.next_at <= clock():
-                backfill.step()  # between transactions: the next chunk of a backfill, if due
+                backfill.step(self._position)  # between transactions: a backfill's next chunk, if due
             # commit as soon as the stream pauses, but not more often than commit_interval
             timeout = 0.5
             if self._in_txn is None and self._has_uncommitted():
@@ -306,6 +306,8 @@ class Capture:
         if isinstance(msg, RowChange):
             if self._skip_txn:
                 self._skipped_changes += 1
+                if self._backfill.pending is not None:  # a change never sent: its row is read again
+                    self._backfill.change(self._table(msg.table), msg, msg.xid, False)
                 return
             table = self._table(msg.table)  # the source's own errors stay what they are
             try:
@@ -601,7 +603,8 @@ class Capture:
         now = time.time()
         data = gap_data(self.slot, reason, held, None, start, now)
         self.sink.add(GAP, "gap", None, data, unix_to_iso(now), None, "derived", format_lsn(start), None)
-        self.sink.backfill_request(sorted(self.mapping.snapshots), "recover")  # converge past the hole
+        # every receiver converges past the hole
+        self.sink.backfill_request(sorted(self.mapping.snapshots), "recover", self.settings.backfill.rate)
         self.sink.commit(self.slot, start)
         self._confirmed = start
         self.stats.events += 1

@@ -10,6 +10,7 @@ text, json as its text, times in ISO 8601 UTC).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg
@@ -18,13 +19,19 @@ from psycopg.adapt import Loader
 from psycopg.types.json import set_json_loads
 
 from cdc import source
-from cdc.backfill import WATERMARK_PREFIX, BackfillError, ChunkRead
+from cdc.backfill import WATERMARK_PREFIX, BackfillBusy, BackfillError, condition_problem, no_key
 from cdc.catalog import C
 from cdc.decode import iso_utc
 from cdc.mapping import Mapping
+from cdc.ports import ChunkRead
+from cdc.stream import SESSION_SETTINGS
+from common.errors import Ct1Error
 from common.formats import normalize, parse_lsn
 
-STATEMENT_TIMEOUT_MS = 30_000
+# Each statement of a chunk is bounded well below wal_sender_timeout (60 s by default):
+# capture reads nothing from the stream meanwhile.
+STATEMENT_TIMEOUT_MS = 10_000
+LOCK_TIMEOUT_MS = 2_000  # DDL holding the table: the chunk waits no longer, and is tried again
 COUNT_TIMEOUT_MS = 2_000  # a table too big to count this fast shows no total, only progress
 
 
@@ -87,19 +94,58 @@ def key_columns(conn: source.Conn, schema: str, name: str) -> list[tuple[str, st
 def _condition(condition: str | None) -> sql.Composable:
     if not condition:
         return sql.SQL("true")
-    if ";" in condition:
-        raise BackfillError("the backfill condition must be one SQL expression (no ';')")
-    # an operator's own expression, run read-only: as an SQL text of theirs, not a value
+    problem = condition_problem(condition)
+    if problem is not None:
+        raise BackfillError(f"the backfill condition must be one SQL expression: {problem}")
+    # an operator's own expression (checked to stay one), run read-only: SQL text of theirs
     return sql.SQL("({})").format(sql.SQL(condition))
 
 
-def _failed(table: str, exc: psycopg.Error) -> BackfillError:
+# A value Postgres quotes at the end of an error ('invalid input syntax for type integer:
+# "hunter2"') may be a row's: it never reaches the job's error, the log or the terminal.
+_QUOTED_VALUE = re.compile(r': "(?:[^"]|"")*"\s*$')
+
+
+def _failed(table: str, exc: psycopg.Error) -> Ct1Error:
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        return BackfillBusy(f"{table} is locked (DDL?): the chunk is read again later")
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return BackfillError(
-            f"reading {table} ran past {STATEMENT_TIMEOUT_MS} ms: lower [backfill] chunk_size or add an index"
+            f"reading {table} ran past {STATEMENT_TIMEOUT_MS} ms (or was cancelled): lower "
+            "[backfill] chunk_size, narrow --where to indexed columns, or add an index"
         )
-    message = exc.diag.message_primary or str(exc)
+    message = _QUOTED_VALUE.sub(": (value left out)", exc.diag.message_primary or str(exc))
     return BackfillError(f"reading {table} failed: {message}")
+
+
+def _read_only(conn: source.Conn, isolation: str = "") -> None:
+    """Open the transaction a backfill reads in: read only, bounded in time and in how
+    long it waits for a lock, printing values as capture's stream does."""
+    conn.execute(f"BEGIN {isolation} READ ONLY")
+    conn.execute(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+    for key, value in SESSION_SETTINGS.items():
+        conn.execute(sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(key), sql.Literal(value)))
+
+
+def check_request(conn: source.Conn, mapping: Mapping, table: str, condition: str | None) -> None:
+    """What capture would refuse later, refused when the backfill is asked for: a table
+    without a key to read by, a condition Postgres does not accept (planned, not run)."""
+    if not key_columns(conn, *mapping.parts(table)):
+        raise BackfillError(no_key(table))
+    query = sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE {}").format(
+        source.table_ident(*mapping.parts(table)), _condition(condition)
+    )
+    try:
+        _read_only(conn)
+        try:
+            conn.execute(query)
+        finally:
+            conn.execute("ROLLBACK")
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        raise _failed(table, exc) from exc
 
 
 def count_rows(conn: source.Conn, mapping: Mapping, table: str, condition: str | None) -> int | None:
@@ -109,10 +155,13 @@ def count_rows(conn: source.Conn, mapping: Mapping, table: str, condition: str |
         source.table_ident(*mapping.parts(table)), _condition(condition)
     )
     try:
-        with conn.transaction():
+        _read_only(conn)
+        try:
             conn.execute(f"SET LOCAL statement_timeout = {COUNT_TIMEOUT_MS}")  # capture waits meanwhile
             row = conn.execute(query).fetchone()
-    except psycopg.errors.QueryCanceled:
+        finally:
+            conn.execute("ROLLBACK")
+    except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable):
         return None
     except psycopg.OperationalError:
         raise
@@ -137,10 +186,14 @@ def read_chunk(
     cols = sql.SQL(", ").join(sql.Identifier(k) for k, _ in keys)
 
     def typed(values: list[Any]) -> sql.Composable:
-        return sql.SQL(", ").join(
-            sql.SQL("CAST({} AS {})").format(sql.Literal(v if v is None else str(v)), sql.SQL(t))
-            for v, (_, t) in zip(values, keys, strict=True)
-        )
+        def one(value: Any, kind: str) -> sql.Composable:
+            if kind == "bytea":  # keys come as hex without its \\x, as wal2json gives them
+                return sql.SQL("decode({}, 'hex')").format(sql.Literal(value))
+            return sql.SQL("CAST({} AS {})").format(
+                sql.Literal(value if value is None else str(value)), sql.SQL(kind)
+            )
+
+        return sql.SQL(", ").join(one(v, t) for v, (_, t) in zip(values, keys, strict=True))
 
     where = _condition(condition)
     if after is not None:
@@ -157,13 +210,10 @@ def read_chunk(
             _condition(condition),
         )
     try:
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        _read_only(conn, "ISOLATION LEVEL REPEATABLE READ")
         try:
-            conn.execute(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
-            conn.execute("SET LOCAL TimeZone = 'UTC'")
-            conn.execute("SET LOCAL DateStyle = 'ISO, YMD'")
-            conn.execute("SET LOCAL IntervalStyle = 'postgres'")
-            snap = conn.execute("SELECT pg_current_snapshot()::text, now()").fetchone()
+            # txid_current_snapshot, not pg_current_snapshot: Postgres 12 has only the former
+            snap = conn.execute("SELECT txid_current_snapshot()::text, now()").fetchone()
             assert snap is not None
             types = conn.execute(C["column_types"], {"schema": schema, "name": name}).fetchall()
             with conn.cursor() as cur:
@@ -182,15 +232,14 @@ def read_chunk(
         # writer next flushes (up to 3 x wal_writer_delay), and every chunk would wait so.
         with conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = on")
-            mark = conn.execute(
-                "SELECT pg_logical_emit_message(true, %s, %s)::text", (WATERMARK_PREFIX, label)
-            ).fetchone()
-        assert mark is not None
+            conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (WATERMARK_PREFIX, label))
+        passed = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()  # past its commit
+        assert passed is not None
     except psycopg.OperationalError:
         raise
     except psycopg.Error as exc:
         raise _failed(table, exc) from exc
-    return ChunkRead(str(snap[0]), str(normalize(snap[1])), rows, rereads, parse_lsn(str(mark[0])))
+    return ChunkRead(str(snap[0]), str(normalize(snap[1])), rows, rereads, parse_lsn(str(passed[0])))
 
 
 def _dicts(cur: psycopg.Cursor[Any]) -> list[dict[str, Any]]:

@@ -382,6 +382,11 @@ def _snapshot_settings(raw: Any, rules: list[Rule], source: str) -> dict[str, di
             given["exclude_columns"] = _strings(given["exclude_columns"], f"snapshot {n}.exclude_columns")
         if "enabled" in given and not isinstance(given["enabled"], bool):
             raise ConfigError(f"{where}.enabled must be true or false")
+        excluded = set(given.get("exclude_columns", ())) | {
+            c for r in rules if r.table == table for c in r.exclude
+        }
+        if given.get("key") in excluded:
+            raise ConfigError(f"{where}: key {given['key']!r} is also excluded")
         settings[table] = given
     return settings
 

@@ -18,14 +18,23 @@ contract tests as the real ones.
 from __future__ import annotations
 
 from collections.abc import Container
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-from cdc.backfill import ChunkRead
 from cdc.carts import StateStore
 from cdc.mapping import Mapping
 from cdc.schema import Relation
 from cdc.source import Check
 from cdc.stream import Frame
+
+
+class ChunkRead(NamedTuple):
+    """What the source read for one backfill chunk (see :mod:`cdc.backfill`)."""
+
+    snapshot: str  # txid_current_snapshot() of the chunk's transaction
+    at: str  # its time, ISO 8601 UTC (the events' timestamp)
+    rows: list[dict[str, Any]]  # by key order, at most the limit
+    rereads: list[dict[str, Any]]  # the rows of the keys asked again
+    passed: int  # a WAL position past the watermark's commit: streamed beyond it, it is lost
 
 
 class FrameSource(Protocol):
@@ -177,9 +186,10 @@ class Sink(Protocol):
         """A job's progress (state, after, reread, rows, events, total, error), in the
         current group commit: durable with the events of the chunk, or not at all."""
 
-    def backfill_request(self, tables: list[str], reason: str) -> None:
-        """Queue a backfill of ``tables`` in the current group commit, in place of any
-        job still active (after a lost slot, every table is read again)."""
+    def backfill_request(self, tables: list[str], reason: str, rate: float) -> None:
+        """Queue a backfill of ``tables`` (at most ``rate`` rows a second, 0: no limit) in
+        the current group commit, in place of any job still active (after a lost slot,
+        every table is read again)."""
 
     def set_problems(self, problems: list[dict[str, Any]]) -> None:
         """Replace the stored mapping problems (shown by /readyz, /metrics, ``slot

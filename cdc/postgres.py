@@ -17,10 +17,9 @@ import psycopg.sql
 import structlog
 
 from cdc import chunks, source
-from cdc.backfill import ChunkRead
 from cdc.catalog import partition_parent, read_catalog
 from cdc.mapping import Mapping
-from cdc.ports import Sink
+from cdc.ports import ChunkRead, Sink
 from cdc.schema import Relation, tables_to_shadow
 from cdc.source import Check
 from common.errors import SourceUnavailable

@@ -6,8 +6,8 @@ This is the only module that knows the wire format ("Streaming Replication Proto
 reply-requested); we answer with standby status updates (``r``: write, flush, apply LSN,
 client time, reply-requested).
 
-The replication session runs with ``TimeZone=UTC`` whatever the server's or the
-database's setting, so wal2json prints every timestamptz (and each commit time) as
+The replication session runs with ``TimeZone=UTC`` (and ISO dates, Postgres-style
+intervals) whatever the server's or the database's setting, so wal2json prints every timestamptz (and each commit time) as
 ``...+00``: the decoders turn that into ISO 8601 UTC by rearranging text, never by
 parsing a date, and capture's timestamps never depend on the source's TimeZone.
 """
@@ -178,13 +178,20 @@ class ReplicationStream:
                 self._conn = None
 
 
+# The session settings every value capture reads is printed under (the stream's and a
+# backfill chunk's alike), whatever the server's or the database's own.
+SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO", "IntervalStyle": "postgres"}
+
+
 def utc_conninfo(dsn: str) -> str:
-    """The DSN with ``TimeZone=UTC`` added to its options (after any the user gave, so it
-    wins): wal2json then prints every timestamptz as ``...+00``."""
+    """The DSN with :data:`SESSION_SETTINGS` added to its options (after any the user
+    gave, so they win): wal2json then prints every timestamptz as ``...+00``, dates in ISO
+    order and intervals as Postgres's default does."""
     params = conninfo_to_dict(dsn)
     # libpq reads PGOPTIONS only when the connection string has no options of its own
     options = str(params.get("options") or os.environ.get("PGOPTIONS", ""))
-    params["options"] = f"{options} -c TimeZone=UTC".strip()
+    settings = " ".join(f"-c {k}={v}" for k, v in SESSION_SETTINGS.items())
+    params["options"] = f"{options} {settings}".strip()
     return make_conninfo(**params)  # type: ignore[arg-type]
 
 

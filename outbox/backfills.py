@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from common import sqlfile
+from common.errors import SetupError
 from common.jsontext import dumps, loads
 from outbox.store import transaction
 
@@ -22,15 +23,34 @@ ACTIVE = ("queued", "running")
 
 
 def add(
-    conn: sqlite3.Connection, tables: list[str], condition: str | None, rate: float, reason: str
+    conn: sqlite3.Connection,
+    tables: list[str],
+    condition: str | None,
+    rate: float,
+    reason: str,
+    *,
+    unless_busy: bool = False,
 ) -> list[dict[str, Any]]:
     """Queue one job per table under one request (in a transaction of its own, or in
-    the caller's when one is open); the jobs as :func:`jobs` gives them."""
+    the caller's when one is open); the jobs as :func:`jobs` gives them.  With
+    ``unless_busy``, a table with a job still active (and not asked to stop) refuses the
+    whole request, checked in the same transaction."""
+
+    def queue() -> list[int]:
+        if unless_busy:
+            busy = sorted({j["table"] for j in active(conn) if not j["cancel_requested_at"]} & set(tables))
+            if busy:
+                raise SetupError(
+                    f"a backfill of {', '.join(busy)} is already running: "
+                    "`ct1-cdc backfill status`, or `ct1-cdc backfill cancel` first"
+                )
+        return _add(conn, tables, condition, rate, reason)
+
     if conn.in_transaction:
-        ids = _add(conn, tables, condition, rate, reason)
+        ids = queue()
     else:
         with transaction(conn):
-            ids = _add(conn, tables, condition, rate, reason)
+            ids = queue()
     return [j for j in jobs(conn, ids[0]) if j["id"] in ids] if ids else []
 
 
@@ -104,7 +124,8 @@ def stop_active(conn: sqlite3.Connection, state: str, error: str) -> None:
 
 
 def cancel(conn: sqlite3.Connection, request: int | None = None) -> int:
-    """Ask capture to stop the active jobs (of ``request``, or all); how many were asked."""
+    """Stop the active jobs (of ``request``, or all): a queued one at once, a running one
+    at capture's next chunk; how many there were."""
     with transaction(conn):
         return int(conn.execute(S["cancel"], {"request": request, "now": time.time()}).rowcount)
 

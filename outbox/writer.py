@@ -201,13 +201,13 @@ class OutboxWriter:
         """A job's progress, in the current group commit (with the chunk's events)."""
         self.in_commit(lambda conn: backfills.update(conn, job, **progress))
 
-    def backfill_request(self, tables: list[str], reason: str) -> None:
+    def backfill_request(self, tables: list[str], reason: str, rate: float) -> None:
         """Queue a backfill of ``tables`` in the current group commit, cancelling any
         job still active."""
 
         def write(conn: sqlite3.Connection) -> None:
             backfills.stop_active(conn, "cancelled", f"replaced by a {reason} backfill")
-            backfills.add(conn, tables, None, 0, reason)
+            backfills.add(conn, tables, None, rate, reason)
 
         self.in_commit(write)
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import click
 
-from cdc import source
+from cdc import chunks, source
+from cdc.backfill import BackfillError, condition_problem
 from cdc.mapping import Mapping, load_mapping, parse_table
-from common.errors import ConfigError, SetupError
+from common.errors import ConfigError, SourceUnavailable
 from config.settings import Settings
 from outbox import backfills, store
 from sidecar.console import emit_json, fail, handled, main, settings_of
@@ -88,6 +89,23 @@ def line(p: dict[str, Any]) -> str:
     eta = f"  ETA {p['eta_seconds']:.0f}s" if p["eta_seconds"] is not None else ""
     error = f"  {p['error']}" if p["error"] else ""
     return f"{p['table']:<28} {p['state']:<9}{bar} {done} rows{pct}{rate}{eta}{error}"
+
+
+def check_against_source(
+    settings: Settings, mapping: Mapping, tables: list[str], condition: str | None
+) -> None:
+    """Refuse now what capture would fail the job for later: a table without a key, a
+    condition Postgres does not accept.  A source out of reach is only a warning: capture
+    checks again when it starts the job."""
+    try:
+        with source.connect(settings.source.dsn, timeout=5) as conn:
+            for table in tables:
+                try:
+                    chunks.check_request(conn, mapping, table, condition)
+                except BackfillError as exc:
+                    raise ConfigError(str(exc)) from None
+    except SourceUnavailable as exc:
+        click.echo(f"ct1-cdc: warning: could not check the request against the source ({exc})", err=True)
 
 
 def _slot_active(settings: Settings) -> bool | None:
@@ -180,17 +198,15 @@ def backfill(
     settings = settings_of(ctx)
     mapping = load_mapping(settings.mapping.file)
     chosen = resolve_tables(mapping, tables)
-    if condition is not None and (not condition.strip() or ";" in condition):
-        raise ConfigError("--where must be one SQL condition, like \"status = 'paid'\" (no ';')")
+    if condition is not None:
+        problem = condition_problem(condition)
+        if problem is not None:
+            raise ConfigError(f"--where must be one SQL condition, like \"status = 'paid'\": {problem}")
+    check_against_source(settings, mapping, chosen, condition)
     conn = store.open_outbox(settings.outbox.path)
     try:
-        busy = {j["table"] for j in backfills.active(conn)} & set(chosen)
-        if busy:
-            raise SetupError(
-                f"a backfill of {', '.join(sorted(busy))} is already running: "
-                "`ct1-cdc backfill status`, or `ct1-cdc backfill cancel` first"
-            )
-        jobs = backfills.add(conn, chosen, condition, settings.backfill.rate if rate is None else rate, "cli")
+        given = settings.backfill.rate if rate is None else rate
+        jobs = backfills.add(conn, chosen, condition, given, "cli", unless_busy=True)
     finally:
         conn.close()
     request = jobs[0]["request"]
@@ -220,7 +236,7 @@ def backfill_status(ctx: click.Context, as_json: bool) -> None:
     settings = settings_of(ctx)
     jobs = []
     if Path(settings.outbox.path).exists():  # no outbox yet: nothing was ever requested
-        conn = store.connect(settings.outbox.path, readonly=True)
+        conn = store.open_outbox(settings.outbox.path)  # an older outbox gets its backfills table
         try:
             jobs = backfills.jobs(conn)
         finally:

@@ -66,7 +66,9 @@ def recover(ctx: click.Context, yes: bool, as_json: bool) -> None:
             record = data["record"]
             writer.add(GAP, "gap", None, data, unix_to_iso(now), None, "derived", format_lsn(start), None)
             tables = sorted(mapping.snapshots)
-            writer.backfill_request(tables, "recover")  # every receiver converges past the hole
+            writer.backfill_request(
+                tables, "recover", settings.backfill.rate
+            )  # every receiver converges past the hole
             writer.commit(name, start)
         finally:
             writer.close()

@@ -13,8 +13,8 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdc.backfill import ChunkRead
 from cdc.mapping import Mapping
+from cdc.ports import ChunkRead
 from cdc.schema import Relation
 from cdc.source import Check
 from cdc.stream import Frame, Keepalive, XLogData
@@ -136,6 +136,27 @@ class Wal:
         message = {"action": "M", "transactional": False, "prefix": "ct1-cdc", "content": content}
         self._message({**message, "lsn": format_lsn(self.lsn)}, self.lsn)
         return self.lsn
+
+    def truncate(self, table: str, xid: int) -> Txn:
+        """A transaction holding one TRUNCATE of ``table``."""
+        commit_lsn = self.lsn + 0x50
+        end = commit_lsn + 0x30
+        frame = {
+            "xid": xid,
+            "timestamp": COMMIT_TIME,
+            "lsn": format_lsn(commit_lsn),
+            "nextlsn": format_lsn(end),
+        }
+        self._message({"action": "B", **frame}, end)
+        self.lsn += 0x28
+        schema, name = table.split(".")
+        self._message(
+            {"action": "T", "xid": xid, "lsn": format_lsn(self.lsn), "schema": schema, "table": name}, end
+        )
+        self.lsn = commit_lsn
+        self._message({"action": "C", **frame}, end)
+        self.lsn = end
+        return Txn(xid, end, 0)
 
     def watermark(self, label: str, xid: int | None = None) -> Txn:
         """A backfill chunk's watermark: a transaction holding one transactional logical
@@ -273,7 +294,8 @@ class FakeSource:
         # backfill: each table's rows (by "id"), the snapshot a chunk reads at, and what
         # happens when a chunk was read (a test writes its watermark, and what raced it)
         self.rows: dict[str, list[dict[str, Any]]] = {}
-        self.snapshot = "1:1:"
+        self.snapshot = "100000:100000:"  # sees every transaction a test streams
+        self.passed = 1 << 62  # a position past a chunk's watermark (the stream never gets there)
         self.on_chunk: Callable[[str], None] | None = None
         self.chunks: list[tuple[str, list[Any] | None, int]] = []  # (table, after, rows) read
 
@@ -337,7 +359,7 @@ class FakeSource:
         self.chunks.append((table, after, len(rows)))
         if self.on_chunk is not None:
             self.on_chunk(label)
-        return ChunkRead(self.snapshot, "2026-11-25T14:00:00.000000Z", rows, again, 0)
+        return ChunkRead(self.snapshot, "2026-11-25T14:00:00.000000Z", rows, again, self.passed)
 
 
 # -- a sink in memory -----------------------------------------------------------------------
@@ -539,8 +561,8 @@ class MemorySink:
     def backfill_update(self, job: int, **progress: Any) -> None:
         self._backfills.append((job, progress))
 
-    def backfill_request(self, tables: list[str], reason: str) -> None:
-        self._backfills.append((0, {"tables": tables, "reason": reason}))
+    def backfill_request(self, tables: list[str], reason: str, rate: float) -> None:
+        self._backfills.append((0, {"tables": tables, "reason": reason, "rate": rate}))
 
     def close(self) -> None:
         self.rollback()

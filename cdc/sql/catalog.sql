@@ -55,8 +55,9 @@ WHERE n.nspname || '.' || c.relname = %(table)s AND c.relkind IN ('r', 'p')
 ORDER BY p.depth
 
 -- name: key_columns
--- The columns a backfill reads a table in order of: its primary key, else its replica
--- identity index; with each column's type, to cast a stored key back.
+-- The columns a backfill reads a table in order of: the key the WAL identifies its rows by
+-- (under REPLICA IDENTITY USING INDEX that index, else the primary key, else an identity
+-- index), with each column's type, to cast a stored key back.
 SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
 FROM pg_index i
 JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -65,7 +66,9 @@ JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
 WHERE n.nspname = %(schema)s AND c.relname = %(name)s
   AND i.indexrelid = (SELECT i2.indexrelid FROM pg_index i2 WHERE i2.indrelid = c.oid
                       AND (i2.indisprimary OR i2.indisreplident)
-                      ORDER BY i2.indisprimary DESC LIMIT 1)
+                      ORDER BY (CASE WHEN c.relreplident = 'i' THEN i2.indisreplident
+                                     ELSE i2.indisprimary END) DESC
+                      LIMIT 1)
 ORDER BY k.pos
 
 -- name: column_types

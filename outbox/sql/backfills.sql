@@ -29,10 +29,16 @@ UPDATE backfills SET
     started_at = coalesce(started_at, CASE WHEN :state = 'running' THEN :now END),
     finished_at = CASE WHEN :state IN ('done', 'cancelled', 'failed') THEN :now ELSE finished_at END,
     updated_at = :now
-WHERE id = :id
+WHERE id = :id AND state IN ('queued', 'running')  -- an ended job stays as it ended
 
 -- name: cancel
-UPDATE backfills SET cancel_requested_at = :now, updated_at = :now
+-- A queued job capture has not started ends at once (capture may not even run); a running
+-- one is asked to stop, which capture does at its next chunk.
+UPDATE backfills SET
+    cancel_requested_at = :now,
+    state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END,
+    finished_at = CASE WHEN state = 'queued' THEN :now ELSE finished_at END,
+    updated_at = :now
 WHERE state IN ('queued', 'running') AND (:request IS NULL OR request = :request)
   AND cancel_requested_at IS NULL
 

@@ -26,6 +26,27 @@ def test_backfill_refuses_what_it_cannot_do_with_one_line(source_db, tmp_path):
     two = cli("backfill", "--where", "true; DROP TABLE users", "--no-wait", config=config)
     assert two.returncode == 1 and "one SQL condition" in two.stderr
     assert cli("backfill", "status", config=config).stdout.strip() == "no backfill has been requested"
+    # what capture would refuse later is refused now, by Postgres itself (planned, not run)
+    bad = cli("backfill", "--table", "users", "--where", "no_such_column = 1", "--no-wait", config=config)
+    assert bad.returncode == 1 and 'column "no_such_column" does not exist' in bad.stderr
+    assert cli("backfill", "status", config=config).stdout.strip() == "no backfill has been requested"
+
+
+def test_ctrl_c_while_waiting_for_capture_cancels_what_it_queued(source_db, tmp_path):
+    config = write_config(tmp_path / "c.toml", source_db.dsn, source_db.slot, tmp_path / "o.db")
+    log = tmp_path / "backfill.log"
+    waiting = spawn("backfill", "--table", "users", config=config, log=log)  # no capture runs
+    wait_until(
+        lambda: "waiting for capture" in log.read_text(),
+        timeout=30,
+        what="the hint that capture is not running",
+    )
+    waiting.send_signal(signal.SIGINT)
+    assert waiting.wait(timeout=30) == 130
+    assert "asked capture to cancel 1 backfill job(s)" in log.read_text()
+    [job] = lines(cli("backfill", "status", "--json", config=config).stdout)
+    assert job["state"] == "cancelled"  # never started: ended at once, nothing stays queued
+    assert cli("backfill", "--table", "users", "--no-wait", config=config).returncode == 0  # not "busy"
 
 
 def test_queue_watch_rate_and_cancel(source_db, tmp_path):

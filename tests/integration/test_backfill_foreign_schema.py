@@ -108,3 +108,23 @@ def test_a_table_without_a_primary_key_fails_with_the_fix(source_db, tmp_path, r
         what="the failure",
     )
     assert "public.no_key has no primary key" in job["error"] and "add a primary key" in job["error"]
+
+
+def test_a_bytea_key_pages_through_every_row_once(source_db, tmp_path, run_capture):
+    source_db.execute("CREATE TABLE public.blobs (k bytea PRIMARY KEY, n integer)")
+    source_db.execute(
+        "INSERT INTO public.blobs SELECT decode(lpad(to_hex(i * 7919), 8, '0'), 'hex'), i FROM generate_series(1, 30) i"
+    )
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(
+        '[[rule]]\ntable = "public.blobs"\non = ["insert"]\nemit = "blob.created"\nobject = "blob"\nkey = "k"\n'
+    )
+    settings = make_settings(
+        source_db, tmp_path / "outbox.db", mapping={"file": str(mapping)}, backfill={"chunk_size": 4}
+    )
+    run_capture(settings).wait_caught_up()
+    request(settings.outbox.path, "public.blobs")
+    wait_until(lambda: jobs(settings.outbox.path)[0]["state"] == "done", timeout=60, what="the backfill")
+    reads = [e for e in read_events(settings.outbox.path) if e["source"]["op"] == "read"]
+    assert sorted(e["data"]["record"]["n"] for e in reads) == list(range(1, 31))
+    assert reads[0]["data"]["id"] == "00001eef"  # hex without \x, as a streamed bytea value

@@ -151,3 +151,98 @@ def test_after_a_crash_the_job_goes_on_after_the_last_committed_chunk() -> None:
     ids = [e.data["id"] for e in rig.outbox.events if e.op == "read"]
     assert ids == [1, 2, 3, 4, 5]  # the chunk lost with the session was read again, once
     assert rig.outbox.backfills[0]["state"] == "done"
+
+
+def test_a_snapshot_that_does_not_see_a_newer_streamed_commit_is_read_again() -> None:
+    """A transaction past the snapshot's xmax, streamed before the chunk (its commit record
+    flushed, not yet visible: synchronous replication makes that window long)."""
+    rig = backfill_rig(2, chunk=10)
+    rig.outbox.request_backfill("public.users")  # a second job, read after 960 streamed
+    labels: list[str] = []
+    # (the fake source reads a chunk's rows before calling on_chunk, its snapshot after)
+
+    def read(label: str) -> None:
+        labels.append(label)
+        if len(labels) == 1:  # the first job; 960, which its snapshot does not see, makes user 1 NEW
+            rig.source.snapshot = "950:950:"
+            new = {"id": 1, "name": "NEW", "email": "e", "password": "p"}
+            rig.wal.transaction(("update", "public.users", new), xid=960)
+            rig.wal.watermark(label)
+        elif len(labels) == 2:  # 960 streamed, still not visible: this read sees the old u1
+            rig.source.rows["public.users"][0]["name"] = "NEW"  # (what the next read sees)
+            rig.clock.advance(1.0)
+            rig.wal.pause()
+        else:  # read again once 960 is visible
+            rig.source.snapshot = "961:961:"
+            rig.wal.watermark(label)
+
+    rig.source.on_chunk = read
+    run(rig)
+    assert len(labels) == 3
+    assert last_by_user(rig)[1] == ("customer.snapshot", "NEW")  # never the old u1 after NEW
+    assert [(e.type, e.data["record"]["name"]) for e in rig.outbox.events if e.data["id"] == 1] == [
+        ("customer.updated", "NEW"),
+        ("customer.snapshot", "NEW"),
+    ]
+
+
+def test_a_truncate_the_chunk_did_not_see_makes_it_read_again_whole() -> None:
+    rig = backfill_rig(3, chunk=10)
+    rig.source.snapshot = "900:900:"
+    labels: list[str] = []
+
+    def read(label: str) -> None:
+        labels.append(label)
+        if len(labels) == 1:
+            rig.wal.truncate("public.users", xid=950)  # of one partition, say: which rows is not known
+        else:
+            rig.source.snapshot = "951:951:"  # the read again sees it
+        rig.wal.watermark(label)
+
+    rig.source.on_chunk = read
+    run(rig)
+    assert len(labels) == 2  # the first chunk sent nothing and did not move on
+    assert [e.data["id"] for e in rig.outbox.events if e.op == "read"] == [1, 2, 3]
+    assert rig.source.chunks[0][1] is None and rig.source.chunks[1][1] is None
+
+
+def test_a_rate_reads_small_chunks_and_a_cancel_is_seen_while_it_waits() -> None:
+    rig = backfill_rig(50, chunk=10)
+    rig.outbox.backfills[0]["rate"] = 2.0  # two rows a second: chunks of two, a second apart
+    reads = 0
+
+    def read(label: str) -> None:
+        nonlocal reads
+        reads += 1
+        rig.wal.watermark(label)
+        if reads == 2:
+            rig.outbox.backfills[0]["cancel_requested_at"] = 1.0
+        for _ in range(40):
+            rig.wal.pause()  # the stream idles while the rate holds the next chunk back
+
+    rig.source.on_chunk = read
+    run(rig)
+    assert [c[2] for c in rig.source.chunks] == [2, 2]  # never more than the rate allows at once
+    assert rig.outbox.backfills[0]["state"] == "cancelled"
+    assert len([e for e in rig.outbox.events if e.op == "read"]) == 4
+
+
+def test_a_watermark_the_stream_went_past_without_is_given_up_and_its_chunk_read_again() -> None:
+    rig = backfill_rig(2, chunk=10)
+    labels: list[str] = []
+
+    def read(label: str) -> None:
+        labels.append(label)
+        if len(labels) == 1:
+            rig.source.passed = rig.wal.lsn  # the watermark never comes: a later commit does
+            rig.wal.transaction(("insert", "public.noise", {"id": 1, "payload": "x"}))
+            rig.clock.advance(2.0)
+            rig.wal.pause()
+            return
+        rig.source.passed = 1 << 62
+        rig.wal.watermark(label)
+
+    rig.source.on_chunk = read
+    run(rig)
+    assert len(labels) == 2
+    assert [e.data["id"] for e in rig.outbox.events if e.op == "read"] == [1, 2]

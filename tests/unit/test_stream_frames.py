@@ -50,9 +50,15 @@ def test_the_replication_session_is_utc_after_whatever_options_the_user_gave(mon
     monkeypatch.delenv("PGOPTIONS", raising=False)
     dsn = "host=db user=cdc options='-c statement_timeout=5s -c TimeZone=Europe/Berlin'"
     params = conninfo_to_dict(utc_conninfo(dsn))
-    assert params["options"] == "-c statement_timeout=5s -c TimeZone=Europe/Berlin -c TimeZone=UTC"
+    assert params["options"] == (
+        "-c statement_timeout=5s -c TimeZone=Europe/Berlin -c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres"
+    )
     assert (params["host"], params["user"]) == ("db", "cdc")
-    assert conninfo_to_dict(utc_conninfo("postgresql://cdc@db/shop"))["options"] == "-c TimeZone=UTC"
+    assert conninfo_to_dict(utc_conninfo("postgresql://cdc@db/shop"))["options"] == (
+        "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres"
+    )
     # libpq's PGOPTIONS counts only without options in the DSN: keep it, UTC after it
     monkeypatch.setenv("PGOPTIONS", "-c work_mem=64MB")
-    assert conninfo_to_dict(utc_conninfo("host=db"))["options"] == "-c work_mem=64MB -c TimeZone=UTC"
+    assert conninfo_to_dict(utc_conninfo("host=db"))["options"] == (
+        "-c work_mem=64MB -c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres"
+    )
