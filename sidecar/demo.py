@@ -123,6 +123,11 @@ async def _flow(
                 await asyncio.sleep(1 / rate)
         await asyncio.sleep(2)  # let the last events arrive
         await _show_api(api_url, key, echo)
+        # the exports' own heartbeats move the stream's clock (they reach capture once the
+        # WAL writer flushes them), so a cart may fall due just now: let those events come
+        # and be delivered before stopping (bounded)
+        await asyncio.sleep(1.5)
+        await _delivered(settings.outbox.path, within=10.0)
     finally:
         capture.stop()
         stop.set()
@@ -144,6 +149,21 @@ async def _flow(
         "ct2": len(receivers["ct2"].received),
         "ct3": len(receivers["ct3"].received),
     }
+
+
+async def _delivered(path: str, within: float) -> None:
+    """Wait until no delivery is pending, at most ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        reader = store.connect(path, readonly=True)
+        try:
+            deliveries = store.stats(reader)["deliveries"]
+        finally:
+            reader.close()
+        if not any(states.get("pending") for states in deliveries.values()):
+            return
+        await asyncio.sleep(0.2)
 
 
 async def _start_api(settings: Settings) -> tuple[web.AppRunner, str, str]:
