@@ -16,7 +16,7 @@ from sidecar import sample
 from tests.acceptance.helpers import ThreadReceiver, cli, spawn, write_config
 from tests.integration.test_backfill import Writers
 
-ORDERS = 1500
+ORDERS = 900
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_backfill_survives_kill_9_under_writes_and_the_receiver_converges(source
         with open(config, "a") as fh:
             fh.write(
                 # throttled, so that the backfill outlasts the kills (unthrottled: ~30,000 rows/s)
-                f'[backfill]\nchunk_size = 40\nrate = 150\n[[endpoints]]\nname = "ct2"\nurl = "{rx.url}"\nsecret = "{secret}"\n'
+                f'[backfill]\nchunk_size = 40\nrate = 120\n[[endpoints]]\nname = "ct2"\nurl = "{rx.url}"\nsecret = "{secret}"\n'
             )
         setup = cli("setup", "--backfill", "--no-probe", "--json", config=config)
         assert setup.returncode == 0, setup.stderr
