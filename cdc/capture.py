@@ -15,7 +15,6 @@ is the only user of all three.  Positions:
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -24,18 +23,17 @@ from datetime import datetime
 
 import structlog
 
+from cdc import slot as slot_health
 from cdc.backfill import WATERMARK_PREFIX, Backfiller
 from cdc.carts import CartStore, CartTracker
 from cdc.decode import COMPILED, Begin, Commit, Message, RowChange, Truncate, decode
-from cdc.gap import GAP, gap_data
 from cdc.mapping import Mapping, apply, truncate_drafts
 from cdc.ports import FrameSource, Sink, SourceDatabase
 from cdc.schema import Problem, Relation, check_mapping, tables_to_shadow
-from cdc.source import HEARTBEAT_PREFIX
+from cdc.source import HEARTBEAT_PREFIX, heartbeat_time
 from cdc.stream import Keepalive, XLogData
 from common.errors import CaptureError, Ct1Error, DecodeError, SetupError, SlotLost, SourceUnavailable
-from common.formats import format_lsn, parse_lsn, unix_to_iso
-from common.metrics import CAPTURE_LAG
+from common.formats import format_lsn, unix_to_iso
 from config.settings import Settings
 
 log = structlog.get_logger("ct1_cdc.capture")
@@ -196,7 +194,7 @@ class Capture:
                 self._stream_loop()
             except SlotLost as exc:
                 held = self.sink.durable_lsn or stored
-                lost = self._lost(held, str(exc))
+                lost = slot_health.lost(self.slot, held, str(exc))
                 if self.settings.source.on_slot_lost != "recover":
                     raise lost from exc
                 self.sink.rollback()
@@ -349,7 +347,7 @@ class Capture:
         elif isinstance(msg, Message) and self._in_txn is None and not msg.transactional:
             # Our heartbeat.  Outside a transaction nothing before it is still owed to us.
             if self._carts is not None and msg.prefix == HEARTBEAT_PREFIX:
-                emitted = _heartbeat_time(msg.content, time.time())
+                emitted = heartbeat_time(msg.content, time.time())
                 if emitted is not None:
                     self._advance(emitted, msg.lsn)  # every commit before it has been read
                 elif msg.content != "heartbeat" and not self._warned_heartbeat:  # (older ones carry no time)
@@ -592,78 +590,20 @@ class Capture:
             self.frames.send_status(self._confirmed, self._confirmed, self._confirmed, reply=reply)
 
     def _recover(self, held: int, reason: str) -> None:
-        """``on_slot_lost = "recover"``: a new slot, and the gap recorded in the commit that
-        moves the checkpoint to its start; the next session reads from there."""
-        self.source.drop_slot()
-        self.source.ensure_slot(self.mapping, self.sink, self._shadowed)
-        status = self.source.slot_status()
-        if status is None:
-            raise SlotLost("the new slot is gone too")
-        start = parse_lsn(status["confirmed_flush_lsn"])
-        now = time.time()
-        data = gap_data(self.slot, reason, held, None, start, now)
-        self.sink.add(GAP, "gap", None, data, unix_to_iso(now), None, "derived", format_lsn(start), None)
-        # every receiver converges past the hole
-        self.sink.backfill_request(sorted(self.mapping.snapshots), "recover", self.settings.backfill.rate)
-        self.sink.commit(self.slot, start)
+        """``on_slot_lost = "recover"``: a new slot, the gap and a backfill recorded in the
+        commit that moves the checkpoint to its start; the next session reads from there."""
+        start = slot_health.recover(
+            self.source, self.sink, self.mapping, self.settings, self._shadowed, held, reason
+        )
         self._confirmed = start
         self.stats.events += 1
-        log.warning("slot_recovered", slot=self.slot, from_lsn=format_lsn(held), to_lsn=format_lsn(start))
-
-    def _lost(self, lsn: int, reason: str) -> SlotLost:
-        """The one line capture stops with when its slot is gone: what was lost from
-        where, and how to capture again."""
-        log.error("slot_lost", slot=self.slot, lsn=format_lsn(lsn), reason=reason)
-        return SlotLost(
-            f"replication slot {self.slot} was lost ({reason}): the outbox holds every change up to "
-            f"LSN {format_lsn(lsn)}, and what changed after it is no longer in the WAL. To capture "
-            "again from now: `ct1-cdc recover` (a new slot, and a ct1.gap event that tells every "
-            "receiver of the hole)"
-        )
 
     def _check_slot(self) -> None:
-        status = self.source.slot_status()
-        if status is None:
-            raise SlotLost("it was dropped while capture ran")
-        if status["wal_status"] == "lost":
-            raise SlotLost("Postgres invalidated it: its WAL went past max_slot_wal_keep_size")
+        status = slot_health.check(self.source, self.slot, self.settings.source.lag_warning_bytes)
         self.stats.lag_bytes = status["lag_bytes"]
         self.stats.wal_status = status["wal_status"]
-        fields = {
-            "slot": self.slot,
-            "lag_bytes": status["lag_bytes"],
-            "confirmed_flush_lsn": status["confirmed_flush_lsn"],
-            "wal_status": status["wal_status"],
-            "safe_wal_size": status["safe_wal_size"],
-        }
-        lag = status["lag_bytes"] or 0
-        CAPTURE_LAG.set(lag)
-        if lag > self.settings.source.lag_warning_bytes or status["wal_status"] in ("unreserved", "lost"):
-            log.warning("slot_lag", **fields)
-        else:
-            log.debug("slot_lag", **fields)
 
 
 def _epoch(iso: str) -> float:
     """A commit time as events write it (``...Z``) → Unix seconds."""
     return datetime.fromisoformat(iso).timestamp()
-
-
-HEARTBEAT_AHEAD = 3600.0  # a heartbeat time further ahead of our clock than this is not believed
-
-
-def _heartbeat_time(content: str, now: float) -> float | None:
-    """When a heartbeat was emitted, by the server's clock: ``heartbeat <Unix seconds>``.
-    None for anything else (an older heartbeat without a time, or a message someone else
-    emitted with our prefix: a time that is not finite, not positive, or more than
-    :data:`HEARTBEAT_AHEAD` ahead of ``now``, would fire every timer at once)."""
-    word, _, stamp = content.partition(" ")
-    if word != "heartbeat" or not stamp or len(stamp) > 40:
-        return None
-    try:
-        seconds = float(stamp)
-    except ValueError:
-        return None
-    if not math.isfinite(seconds) or seconds <= 0 or seconds > now + HEARTBEAT_AHEAD:
-        return None
-    return seconds

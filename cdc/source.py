@@ -9,6 +9,7 @@ connection into :class:`SourceUnavailable`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -299,6 +300,26 @@ def heartbeat(conn: Conn) -> None:
 
 
 # -- tables ---------------------------------------------------------------------------------
+
+
+HEARTBEAT_AHEAD = 3600.0  # a heartbeat time further ahead of our clock than this is not believed
+
+
+def heartbeat_time(content: str, now: float) -> float | None:
+    """When a heartbeat was emitted, by the server's clock: ``heartbeat <Unix seconds>``.
+    None for anything else (an older heartbeat without a time, or a message someone else
+    emitted with our prefix: a time that is not finite, not positive, or more than
+    :data:`HEARTBEAT_AHEAD` ahead of ``now``, would fire every timer at once)."""
+    word, _, stamp = content.partition(" ")
+    if word != "heartbeat" or not stamp or len(stamp) > 40:
+        return None
+    try:
+        seconds = float(stamp)
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > now + HEARTBEAT_AHEAD:
+        return None
+    return seconds
 
 
 def set_replica_identity(conn: Conn, schema: str, name: str, identity: str, index: str | None = None) -> None:
