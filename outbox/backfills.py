@@ -88,6 +88,11 @@ def jobs(conn: sqlite3.Connection, request: int | None = None) -> list[dict[str,
     return [_job(r) for r in _rows(conn, S["of_request"], {"request": request})]
 
 
+def recent(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest ``limit`` jobs of any request, oldest first."""
+    return [_job(r) for r in reversed(_rows(conn, S["recent"], {"limit": limit}))]
+
+
 def update(
     conn: sqlite3.Connection,
     job: int,

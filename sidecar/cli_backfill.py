@@ -146,10 +146,12 @@ def watch(settings: Settings, request: int, as_json: bool) -> list[dict[str, Any
                 return jobs
             if not warned and time.monotonic() - began > 3 and all(p["state"] == "queued" for p in jobs):
                 warned = True
-                if _slot_active(settings) is False:
+                active = _slot_active(settings)
+                if active is not True:
+                    also = "; the source is out of reach just now" if active is None else ""
                     click.echo(
                         "ct1-cdc: waiting for capture: the backfill runs inside `ct1-cdc run` "
-                        "(start it; this keeps watching, Ctrl-C cancels)",
+                        f"(start it; this keeps watching, Ctrl-C cancels){also}",
                         err=True,
                     )
             time.sleep(POLL_SECONDS)
@@ -228,17 +230,18 @@ def backfill(
 
 
 @backfill.command("status")
+@click.option("--all", "every", is_flag=True, help="the last 100 jobs of every request, not only the latest")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object per job")
 @click.pass_context
 @handled
-def backfill_status(ctx: click.Context, as_json: bool) -> None:
+def backfill_status(ctx: click.Context, every: bool, as_json: bool) -> None:
     """The jobs of the latest backfill: rows done/total, rate, time left."""
     settings = settings_of(ctx)
     jobs = []
     if Path(settings.outbox.path).exists():  # no outbox yet: nothing was ever requested
         conn = store.open_outbox(settings.outbox.path)  # an older outbox gets its backfills table
         try:
-            jobs = backfills.jobs(conn)
+            jobs = backfills.recent(conn) if every else backfills.jobs(conn)
         finally:
             conn.close()
     now = time.time()

@@ -16,6 +16,9 @@ SELECT * FROM backfills WHERE request = :request ORDER BY id
 -- name: last_request
 SELECT max(request) FROM backfills
 
+-- name: recent
+SELECT * FROM backfills ORDER BY id DESC LIMIT :limit
+
 -- name: update
 -- Capture's progress, in its group commit.  NULL leaves a column as it is.
 UPDATE backfills SET

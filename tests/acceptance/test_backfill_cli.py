@@ -72,6 +72,8 @@ def test_queue_watch_rate_and_cancel(source_db, tmp_path):
         assert lines(watched.stdout)[-1]["state"] == "done"  # an empty table is done at once
         latest = lines(cli("backfill", "status", "--json", config=config).stdout)
         assert [j["table"] for j in latest] == ["public.orders"]  # status shows the latest request
+        every = lines(cli("backfill", "status", "--all", "--json", config=config).stdout)
+        assert [j["table"] for j in every] == ["public.users", "public.orders"]  # --all: each, oldest first
         reads = wait_until(
             lambda: len([e for e in read_events(outbox) if e["type"] == "customer.snapshot"]) >= 300,
             timeout=60,
