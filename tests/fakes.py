@@ -137,30 +137,8 @@ class Wal:
         self._message({**message, "lsn": format_lsn(self.lsn)}, self.lsn)
         return self.lsn
 
-    def truncate(self, table: str, xid: int) -> Txn:
-        """A transaction holding one TRUNCATE of ``table``."""
-        commit_lsn = self.lsn + 0x50
-        end = commit_lsn + 0x30
-        frame = {
-            "xid": xid,
-            "timestamp": COMMIT_TIME,
-            "lsn": format_lsn(commit_lsn),
-            "nextlsn": format_lsn(end),
-        }
-        self._message({"action": "B", **frame}, end)
-        self.lsn += 0x28
-        schema, name = table.split(".")
-        self._message(
-            {"action": "T", "xid": xid, "lsn": format_lsn(self.lsn), "schema": schema, "table": name}, end
-        )
-        self.lsn = commit_lsn
-        self._message({"action": "C", **frame}, end)
-        self.lsn = end
-        return Txn(xid, end, 0)
-
-    def watermark(self, label: str, xid: int | None = None) -> Txn:
-        """A backfill chunk's watermark: a transaction holding one transactional logical
-        message (``pg_logical_emit_message(true, 'ct1-cdc.watermark', label)``)."""
+    def _one(self, body: dict[str, Any], xid: int | None) -> Txn:
+        """A transaction holding one message ``body`` (no row change)."""
         if xid is None:
             self._xid += 1
             xid = self._xid
@@ -174,12 +152,22 @@ class Wal:
         }
         self._message({"action": "B", **frame}, end)
         self.lsn += 0x28
-        message = {"action": "M", "transactional": True, "prefix": "ct1-cdc.watermark", "content": label}
-        self._message({**message, "xid": xid, "lsn": format_lsn(self.lsn)}, end)
+        self._message({**body, "xid": xid, "lsn": format_lsn(self.lsn)}, end)
         self.lsn = commit_lsn
         self._message({"action": "C", **frame}, end)
         self.lsn = end
         return Txn(xid, end, 0)
+
+    def truncate(self, table: str, xid: int) -> Txn:
+        """A transaction holding one TRUNCATE of ``table``."""
+        schema, name = table.split(".")
+        return self._one({"action": "T", "schema": schema, "table": name}, xid)
+
+    def watermark(self, label: str, xid: int | None = None) -> Txn:
+        """A backfill chunk's watermark: a transaction holding one transactional logical
+        message (``pg_logical_emit_message(true, 'ct1-cdc.watermark', label)``)."""
+        message = {"action": "M", "transactional": True, "prefix": "ct1-cdc.watermark", "content": label}
+        return self._one(message, xid)
 
     def pause(self) -> None:
         self.units.append(_Unit(None, 0, "pause"))
