@@ -21,9 +21,9 @@ from aiohttp import web
 from api.app import FEED, excluded_columns
 from api.openapi import BASE
 from cdc.postgres import ensure_slot
-from client.receiver import Receiver
-from client.webhooks import WebhookVerifier
 from config.settings import PACKAGE_DIR, Settings
+from ct1_client.receiver import Receiver
+from ct1_client.webhooks import WebhookVerifier
 from dispatcher.signing import generate_secret
 from dispatcher.worker import Dispatcher
 from outbox import store

@@ -13,8 +13,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from client import receiver
 from config import catalogue
+from ct1_client import receiver
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from typing import Any
 
 from standardwebhooks import Webhook
 
-from client.receiver import Receiver, ThreadedReceiver
+from ct1_client.receiver import Receiver, ThreadedReceiver
 from tests.catalogue_check import SchemaWatch
 
 CLI = str(Path(sys.executable).parent / "ct1-cdc")

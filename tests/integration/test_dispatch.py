@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 
-from client import receiver
 from config.settings import Settings
+from ct1_client import receiver
 from dispatcher.signing import generate_secret
 from dispatcher.worker import Dispatcher
 from outbox import store

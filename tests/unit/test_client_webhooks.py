@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from client.webhooks import InvalidWebhook, WebhookVerifier
+from ct1_client.webhooks import InvalidWebhook, WebhookVerifier
 from dispatcher.signing import generate_secret, headers, secret_key
 
 SECRET = generate_secret()
@@ -33,3 +33,21 @@ def test_valid_webhook_returns_the_envelope():
 def test_invalid_webhooks_are_refused(body, hdrs, message):
     with pytest.raises(InvalidWebhook, match=message):
         WebhookVerifier(SECRET).verify(body, hdrs, now=NOW)
+
+
+def test_a_rotated_secret_signs_twice_and_either_key_verifies():
+    old, new = generate_secret(), generate_secret()
+    both = headers([secret_key(new), secret_key(old)], "evt_3", NOW, BODY, "1")
+    assert " " in both["webhook-signature"]
+    for secret in (old, new):
+        assert WebhookVerifier(secret).verify(BODY, both, now=NOW)["id"] == 3
+
+
+def test_signatures_of_the_official_standardwebhooks_package_verify():
+    from datetime import UTC, datetime
+
+    from standardwebhooks import Webhook
+
+    signature = Webhook(SECRET).sign("msg_1", datetime.fromtimestamp(NOW, tz=UTC), BODY.decode())
+    hdrs = {"webhook-id": "msg_1", "webhook-timestamp": str(NOW), "webhook-signature": signature}
+    assert WebhookVerifier(SECRET).verify(BODY, hdrs, now=NOW)["type"] == "order.created"

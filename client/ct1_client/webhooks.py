@@ -7,16 +7,38 @@ Equivalent to the official ``standardwebhooks`` package: the signature covers
 ``"<webhook-id>.<webhook-timestamp>.<body>"``, and timestamps further than
 ``tolerance`` seconds from now are refused, so a captured request cannot be replayed
 later.  Deduplicate on ``webhook-id``: a delivery may arrive more than once.
+
+This package stands alone (``pip install ./client``): it imports nothing of the sidecar.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from dispatcher.signing import secret_key, verify
+PREFIX = "whsec_"
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a ``whsec_<base64>`` secret (the prefix is optional, as in the spec)."""
+    text = secret[len(PREFIX) :] if secret.startswith(PREFIX) else secret
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ValueError("a webhook secret is whsec_<base64>") from None
+
+
+def verify(key: bytes, msg_id: str, timestamp: int, body: bytes, signature_header: str) -> bool:
+    """Whether any ``v1,<base64>`` signature in the header (space-separated: two while the
+    sender rotates its secret) is the HMAC-SHA256 of ``"id.timestamp.body"`` (constant time)."""
+    mac = hmac.digest(key, b"%s.%d.%s" % (msg_id.encode(), timestamp, body), hashlib.sha256)
+    expected = "v1," + base64.b64encode(mac).decode("ascii")
+    return any(hmac.compare_digest(expected, candidate) for candidate in signature_header.split(" "))
 
 
 class InvalidWebhook(Exception):
