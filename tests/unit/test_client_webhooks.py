@@ -51,3 +51,28 @@ def test_signatures_of_the_official_standardwebhooks_package_verify():
     signature = Webhook(SECRET).sign("msg_1", datetime.fromtimestamp(NOW, tz=UTC), BODY.decode())
     hdrs = {"webhook-id": "msg_1", "webhook-timestamp": str(NOW), "webhook-signature": signature}
     assert WebhookVerifier(SECRET).verify(BODY, hdrs, now=NOW)["type"] == "order.created"
+
+
+def test_accept_says_what_to_do_with_a_request_without_a_web_framework():
+    from ct1_client.kit import accept
+
+    class Seen:
+        def __init__(self) -> None:
+            self.ids: set[str] = set()
+
+        def seen(self, webhook_id: str) -> bool:
+            return webhook_id in self.ids
+
+        def mark(self, webhook_id: str) -> None:
+            self.ids.add(webhook_id)
+
+    seen = Seen()
+    verifiers = [WebhookVerifier(generate_secret()), WebhookVerifier(SECRET)]  # a rotation: either key
+    hdrs = signed(at=int(__import__("time").time()))
+    first = accept(verifiers, seen, BODY, hdrs)
+    assert (first.status, first.envelope) == (200, json.loads(BODY))
+    seen.mark("evt_3")
+    again = accept(verifiers, seen, BODY, hdrs)
+    assert (again.status, again.text, again.envelope) == (200, "duplicate", None)
+    refused = accept(verifiers[:1], seen, BODY, hdrs)
+    assert refused.status == 401 and "no signature matches" in refused.text
