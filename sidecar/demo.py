@@ -125,9 +125,8 @@ async def _flow(
         await _show_api(api_url, key, echo)
         # the exports' own heartbeats move the stream's clock (they reach capture once the
         # WAL writer flushes them), so a cart may fall due just now: let those events come
-        # and be delivered before stopping (bounded)
-        await asyncio.sleep(1.5)
-        await _delivered(settings.outbox.path, within=10.0)
+        # and be delivered before stopping (until all is delivered and quiet; bounded)
+        await _delivered(settings.outbox.path, within=15.0)
     finally:
         capture.stop()
         stop.set()
@@ -151,17 +150,22 @@ async def _flow(
     }
 
 
-async def _delivered(path: str, within: float) -> None:
-    """Wait until no delivery is pending, at most ``within`` seconds."""
+async def _delivered(path: str, within: float, quiet: float = 2.0) -> None:
+    """Wait until nothing is pending and no event has come for ``quiet`` seconds, at most
+    ``within`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
+    last, still_since = -1, loop.time()
     while loop.time() < deadline:
         reader = store.connect(path, readonly=True)
         try:
-            deliveries = store.stats(reader)["deliveries"]
+            stats = store.stats(reader)
         finally:
             reader.close()
-        if not any(states.get("pending") for states in deliveries.values()):
+        if stats["events"] != last:
+            last, still_since = stats["events"], loop.time()
+        pending = any(states.get("pending") for states in stats["deliveries"].values())
+        if not pending and loop.time() - still_since >= quiet:
             return
         await asyncio.sleep(0.2)
 
