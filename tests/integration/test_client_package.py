@@ -35,7 +35,7 @@ def build_wheel(out: Path) -> Path:
     return wheel
 
 
-def test_the_client_wheel_holds_only_ct1_client_and_asks_for_aiohttp_alone(tmp_path):
+def test_the_client_wheel_holds_only_ct1_client_and_asks_for_its_three_libraries(tmp_path):
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
@@ -46,7 +46,11 @@ def test_the_client_wheel_holds_only_ct1_client_and_asks_for_aiohttp_alone(tmp_p
         for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
         if line.startswith("Requires-Dist")
     ]
-    assert requires == ["Requires-Dist: aiohttp>=3.9"]
+    assert requires == [
+        "Requires-Dist: aiohttp>=3.9",
+        "Requires-Dist: httpx>=0.27",
+        "Requires-Dist: pydantic>=2.6",
+    ]
 
 
 def test_it_verifies_a_webhook_in_a_virtualenv_without_the_sidecar(tmp_path):
@@ -69,6 +73,7 @@ def test_it_verifies_a_webhook_in_a_virtualenv_without_the_sidecar(tmp_path):
     hdrs = headers([secret_key(secret)], "evt_1", 1_800_000_000, body, "1")
     script = (
         "import sys, json\n"
+        "import ct1_client\n"  # the package itself imports nothing beyond the standard library
         "from ct1_client.webhooks import WebhookVerifier\n"
         f"print(WebhookVerifier({secret!r}).verify({body!r}, {hdrs!r}, now=1_800_000_000)['type'])\n"
         "for name in ('client', 'api', 'config', 'dispatcher', 'cdc'):\n"
