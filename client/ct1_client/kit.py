@@ -12,8 +12,9 @@ For every request it:
 * answers a ``webhook-id`` already handled with 200 without calling ``handle`` again
   (ct1-cdc delivers at least once: after a timeout, a restart or a replay the same event
   comes again with the same id), remembered in a durable store;
-* calls ``handle(envelope)`` (a function or a coroutine) and answers 200 only once it
-  returned; if it raises, 500, nothing is remembered, and ct1-cdc retries with backoff.
+* calls ``handle(event)`` (a function or a coroutine; the typed event of
+  :mod:`ct1_client.models`) and answers 200 only once it returned; if it raises, 500,
+  nothing is remembered, and ct1-cdc retries with backoff.
 
 Keep ``handle`` short (store the event, queue the work): ct1-cdc waits for the answer up to
 its ``dispatcher.timeout_seconds``.
@@ -34,7 +35,7 @@ from aiohttp import web
 
 from ct1_client.webhooks import InvalidWebhook, WebhookVerifier
 
-Handle = Callable[[dict[str, Any]], Awaitable[None] | None]
+Handle = Callable[[Any], Awaitable[None] | None]
 
 
 class Seen(Protocol):
@@ -111,8 +112,13 @@ def webhook_handler(
     seen: Seen | None = None,
     *,
     tolerance: float = 300.0,
+    typed: bool = True,
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """An aiohttp handler for ct1-cdc's webhooks (see the module's docstring)."""
+    """An aiohttp handler for ct1-cdc's webhooks (see the module's docstring). ``handle``
+    gets the typed event (:func:`ct1_client.models.parse_event`: ``event.data.record`` is an
+    ``Order`` for ``order.*``), or the envelope as a ``dict`` with ``typed=False``."""
+    from ct1_client.models import parse_event
+
     verifiers = [WebhookVerifier(s, tolerance) for s in ([secrets] if isinstance(secrets, str) else secrets)]
     in_flight: set[str] = set()  # ids being handled right now: a second copy waits its turn
 
@@ -126,7 +132,7 @@ def webhook_handler(
             return web.Response(status=409, text="the same webhook is being handled: retry")
         in_flight.add(webhook_id)
         try:
-            result = handle(answer.envelope)
+            result = handle(parse_event(answer.envelope) if typed else answer.envelope)
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:  # the sidecar retries: nothing is marked

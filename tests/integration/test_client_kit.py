@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import ClientSession, web
 
 from ct1_client.kit import SqliteSeen, webhook_handler
+from ct1_client.models import Event, Order
 from dispatcher.signing import generate_secret
 from dispatcher.worker import Dispatcher
 from tests.integration.test_dispatch import append, deliveries, run_until, settings_for
@@ -20,8 +21,10 @@ from tests.integration.test_dispatch import append, deliveries, run_until, setti
 class KitReceiver:
     """An aiohttp app on loopback whose one route is the kit's handler."""
 
-    def __init__(self, secrets: list[str], seen: SqliteSeen, fail_first: set[int] | None = None) -> None:
-        self.handled: list[dict[str, Any]] = []
+    def __init__(
+        self, secrets: list[str], seen: SqliteSeen, fail_first: set[int] | None = None, typed: bool = False
+    ) -> None:
+        self.handled: list[Any] = []
         self.fail_first = set(fail_first or ())
         self.calls: dict[int, int] = {}
         self.requests = 0  # every request, handled or answered as a duplicate
@@ -33,12 +36,12 @@ class KitReceiver:
             return response
 
         self.app = web.Application(middlewares=[count])
-        self.app.router.add_post("/hook", webhook_handler(secrets, self.handle, seen))
+        self.app.router.add_post("/hook", webhook_handler(secrets, self.handle, seen, typed=typed))
         self.runner = web.AppRunner(self.app, access_log=None)
         self.url = ""
 
-    async def handle(self, envelope: dict[str, Any]) -> None:
-        event_id = envelope["id"]
+    async def handle(self, envelope: Any) -> None:
+        event_id = envelope.id if isinstance(envelope, Event) else envelope["id"]
         self.calls[event_id] = self.calls.get(event_id, 0) + 1
         if event_id in self.fail_first and self.calls[event_id] == 1:
             raise RuntimeError("the receiver's database hiccuped")
@@ -102,3 +105,15 @@ async def test_a_rotated_secret_and_a_forged_request(tmp_path: Path) -> None:
             assert forged.status == 401 and "invalid webhook" in await forged.text()
         assert [e["id"] for e in rx.handled] == [1, 2]
     seen.close()
+
+
+async def test_the_handler_gets_the_typed_event_by_default(tmp_path: Path) -> None:
+    from tests.integration.test_dispatch import SECRET
+
+    async with KitReceiver([SECRET], SqliteSeen(tmp_path / "seen.db"), typed=True) as rx:
+        settings = settings_for(tmp_path, rx.url)
+        append(settings, [("order.created", "order", 7)])
+        await run_until(Dispatcher(settings), lambda: len(rx.handled) == 1)
+    (event,) = rx.handled
+    assert isinstance(event, Event) and isinstance(event.data.record, Order)
+    assert event.type == "order.created" and event.data.id == 7
