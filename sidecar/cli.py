@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -155,12 +156,22 @@ def outbox_stats(ctx: click.Context, as_json: bool) -> None:
     help="marketplace actions per second",
 )
 @click.option("--keep", is_flag=True, help="keep the outbox and the stopped cluster afterwards")
+@click.option(
+    "--ct2-url",
+    metavar="URL",
+    help="send CT2's webhooks to your receiver (e.g. examples/ct2_seller_sync.py) instead of the built-in one",
+)
+@click.option(
+    "--env-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="write CT1_API_URL, CT1_API_KEY and the webhook secrets there for your programs (removed at the end)",
+)
 @handled
-def demo(duration: float, rate: float, keep: bool) -> None:
+def demo(duration: float, rate: float, keep: bool, ct2_url: str | None, env_file: Path | None) -> None:
     """A throwaway Postgres, the sample marketplace, capture and live traffic."""
     from sidecar.demo import run_demo
 
-    run_demo(duration=duration, rate=rate, keep=keep, echo=click.echo)
+    run_demo(duration=duration, rate=rate, keep=keep, echo=click.echo, ct2_url=ct2_url, env_file=env_file)
 
 
 def entry() -> None:

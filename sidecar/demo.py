@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 from aiohttp import web
@@ -62,12 +63,23 @@ def demo_receiver(name: str, secret: str, echo: Callable[[str], None]) -> Receiv
 
 
 async def _flow(
-    dsn: str, root: Path, duration: float, rate: float, echo: Callable[[str], None]
+    dsn: str,
+    root: Path,
+    duration: float,
+    rate: float,
+    echo: Callable[[str], None],
+    ct2_url: str | None = None,
+    env_file: Path | None = None,
 ) -> dict[str, int]:
     secrets = {"ct2": generate_secret(), "ct3": generate_secret()}
     receivers = {name: demo_receiver(name.upper(), secret, echo) for name, secret in secrets.items()}
+    if ct2_url is not None:
+        del receivers["ct2"]  # CT2's webhooks go to the user's receiver instead
     for receiver in receivers.values():
         await receiver.start()
+    urls = {name: receiver.url for name, receiver in receivers.items()} | (
+        {"ct2": ct2_url} if ct2_url else {}
+    )
     base = Settings()
     # the marketplace's mapping with carts abandoned after a few seconds, not an hour
     mapping_file = root / "mapping.toml"
@@ -84,7 +96,7 @@ async def _flow(
             "retry_seconds": 2,
         },
         endpoints=[
-            {"name": e.name, "url": receivers[e.name].url, "secret": secrets[e.name], "events": e.events}
+            {"name": e.name, "url": urls[e.name], "secret": secrets[e.name], "events": e.events}
             for e in base.endpoints
         ],
     )
@@ -100,7 +112,12 @@ async def _flow(
     capture = build_capture(settings, writer, on_commit=committed)
     with psycopg.connect(dsn, autocommit=True) as conn:
         ensure_slot(conn, dsn, settings.source.slot, capture.mapping, writer)
-    echo(f"==> capture and dispatch running; CT2 at {receivers['ct2'].url}, CT3 at {receivers['ct3'].url}")
+    if env_file is not None:
+        _write_env(env_file, api_url, key, secrets)
+        echo(f"==> wrote the API's address, a key and the webhook secrets to {env_file} (removed at the end)")
+    if ct2_url is not None:
+        await _wait_for_listener(ct2_url, echo)
+    echo(f"==> capture and dispatch running; CT2 at {urls['ct2']}, CT3 at {urls['ct3']}")
     echo(f"==> HTTP API at {api_url} (demo key {key}), e.g.")
     echo(f"    curl -H 'Authorization: Bearer {key}' '{api_url}/api/core-transaction-1/events?limit=5'")
     echo(f"==> live marketplace traffic for {duration:.0f} s:")
@@ -135,19 +152,49 @@ async def _flow(
         await api.cleanup()
         for receiver in receivers.values():
             await receiver.stop()
+        if env_file is not None:
+            env_file.unlink(missing_ok=True)
     reader = store.connect(settings.outbox.path, readonly=True)
     stats = store.stats(reader)
     reader.close()
     echo(f"==> {stats['events']} events captured: {stats['events_by_type']}")
-    echo(
-        f"==> deliveries: {stats['deliveries']}; received and verified: CT2 {len(receivers['ct2'].received)}, "
-        f"CT3 {len(receivers['ct3'].received)}"
-    )
-    return {
-        "events": stats["events"],
-        "ct2": len(receivers["ct2"].received),
-        "ct3": len(receivers["ct3"].received),
-    }
+    verified = {name: len(r.received) for name, r in receivers.items()}
+    shown = ", ".join(f"{name.upper()} {count}" for name, count in verified.items())
+    echo(f"==> deliveries: {stats['deliveries']}; received and verified: {shown}")
+    return {"events": stats["events"], **verified}
+
+
+def _write_env(path: Path, api_url: str, key: str, secrets: Mapping[str, str]) -> None:
+    """What CT2/CT3 programs need to reach this demo, as shell ``export`` lines (readable
+    by the owner alone: it holds a key and secrets)."""
+    lines = [
+        f"export CT1_API_URL={api_url}",
+        f"export CT1_API_KEY={key}",
+        *(f"export {name.upper()}_WEBHOOK_SECRET={secret}" for name, secret in secrets.items()),
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+async def _wait_for_listener(url: str, echo: Callable[[str], None], within: float = 120.0) -> None:
+    """Before any traffic, wait until something listens at ``url`` (the user's receiver),
+    so its first webhooks are not spent on retries; go on anyway after ``within`` s."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
+    echo(f"==> waiting for CT2's receiver at {url} (e.g. examples/ct2_seller_sync.py)")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.5)
+            continue
+        writer.close()
+        return
+    echo(f"==> nothing listens at {url} yet: its webhooks will be retried with backoff")
 
 
 async def _delivered(path: str, within: float, quiet: float = 2.0) -> None:
@@ -218,6 +265,8 @@ def run_demo(
     rate: float = 5.0,
     keep: bool = False,
     echo: Callable[[str], None] = print,
+    ct2_url: str | None = None,
+    env_file: Path | None = None,
 ) -> dict[str, int]:
     root = Path(tempfile.mkdtemp(prefix="ct1-demo-"))
     root.chmod(0o711)  # the postgres OS user must reach its data directory inside
@@ -226,7 +275,7 @@ def run_demo(
     try:
         dsn, counts = cluster.sample_database("marketplace")
         echo(f"==> sample marketplace loaded: {counts}")
-        result = asyncio.run(_flow(dsn, root, duration, rate, echo))
+        result = asyncio.run(_flow(dsn, root, duration, rate, echo, ct2_url, env_file))
         if keep:
             echo(f"    inspect: CT1_OUTBOX__PATH={root / 'outbox.db'} ct1-cdc outbox list --json")
         return result

@@ -330,19 +330,25 @@ class AsyncClient:
     ) -> int:
         """As :meth:`ct1_client.Client.seed_then_tail`, awaited."""
         kind = _core.export_kind(export)
-        overlap: Overlap | None = None
-        if position.load() is None:
+        seeded: Overlap | None = None
+        backoff = Backoff()
+        while position.load() is None:
             rows = self.export(export, per_page=per_page, stream=stream, **filters)
             rows.require_position = True
-            async for row in rows:
-                result = on_row(row)
-                if inspect.isawaitable(result):
-                    await result
-            overlap = rows.overlap()
-            assert overlap.resume_event_id is not None  # require_position
-            position.save(overlap.resume_event_id)
-            log.info("ct1_client_seeded export=%s resume_event_id=%s", export, overlap.resume_event_id)
-        seeded = overlap
+            try:
+                async for row in rows:
+                    result = on_row(row)
+                    if inspect.isawaitable(result):
+                        await result
+            except RETRYABLE as exc:
+                delay = backoff.delay(exc)
+                log.warning("ct1_client_seed_retrying in=%.1fs error=%s", delay, exc)
+                await asyncio.sleep(delay)
+                continue
+            seeded = rows.overlap()
+            assert seeded.resume_event_id is not None  # require_position
+            position.save(seeded.resume_event_id)
+            log.info("ct1_client_seeded export=%s resume_event_id=%s", export, seeded.resume_event_id)
 
         async def handle(event: AnyEvent) -> None:
             if seeded is not None and seeded.already_in(event):

@@ -403,21 +403,29 @@ class Client:
         tail hands ``on_event`` the events of the export's object (``order.*`` and
         ``payment.status_changed`` for orders; ``event_types`` to choose), leaving out those
         a later page already held. The filters apply to the export only: ``on_event`` gets
-        every matching event, and applies its own filter (e.g. the seller). A seed cut
-        short saves nothing, and the next run seeds again.
+        every matching event, and applies its own filter (e.g. the seller). A seed that
+        fails on the way (the API unavailable, capture behind so there is no position yet)
+        starts again after a backoff, and one cut short saves nothing, so the next run
+        seeds again: ``on_row`` must be an upsert.
         """
         kind = _core.export_kind(export)
-        overlap: Overlap | None = None
-        if position.load() is None:
+        seeded: Overlap | None = None
+        backoff = Backoff()
+        while position.load() is None:
             rows = self.export(export, per_page=per_page, stream=stream, **filters)
             rows.require_position = True
-            for row in rows:
-                on_row(row)
-            overlap = rows.overlap()
-            assert overlap.resume_event_id is not None  # require_position
-            position.save(overlap.resume_event_id)
-            log.info("ct1_client_seeded export=%s resume_event_id=%s", export, overlap.resume_event_id)
-        seeded = overlap
+            try:
+                for row in rows:
+                    on_row(row)
+            except RETRYABLE as exc:  # no position yet (capture behind), a 503, a lost API
+                delay = backoff.delay(exc)
+                log.warning("ct1_client_seed_retrying in=%.1fs error=%s", delay, exc)
+                time.sleep(delay)
+                continue
+            seeded = rows.overlap()
+            assert seeded.resume_event_id is not None  # require_position
+            position.save(seeded.resume_event_id)
+            log.info("ct1_client_seeded export=%s resume_event_id=%s", export, seeded.resume_event_id)
 
         def handle(event: AnyEvent) -> None:
             if seeded is None or not seeded.already_in(event):
