@@ -74,12 +74,25 @@ def run_checks(conn: Conn, slot: str) -> list[Check]:
         )
     )
     privileged = one("SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user")
+    # Amazon RDS and Aurora give no REPLICATION attribute: a member of their predefined
+    # role rds_replication may replicate (it exists on those servers alone)
+    rds = one(
+        "SELECT count(*) FROM pg_roles WHERE rolname = 'rds_replication'"
+        " AND pg_has_role(current_user, oid, 'MEMBER')"
+    )
+    has_rds_role = one("SELECT count(*) FROM pg_roles WHERE rolname = 'rds_replication'")
     checks.append(
         Check(
             "replication_privilege",
-            bool(privileged),
-            "role has REPLICATION" if privileged else "role lacks REPLICATION",
-            "ALTER ROLE <sidecar role> WITH REPLICATION",
+            bool(privileged) or bool(rds),
+            "role has REPLICATION"
+            if privileged
+            else "role is a member of rds_replication"
+            if rds
+            else "role lacks REPLICATION",
+            "GRANT rds_replication TO <sidecar role> (as the master user)"
+            if has_rds_role
+            else "ALTER ROLE <sidecar role> WITH REPLICATION",
         )
     )
     slot_exists = one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", slot)
