@@ -5,6 +5,7 @@ routes of the API."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import aiohttp
 import pytest
@@ -14,6 +15,7 @@ from api import keys
 from api.app import BASE, create_app
 from config import catalogue
 from config.settings import Settings
+from ct1_client.models import RECORDS, Event, parse_event
 from outbox import store
 from sidecar import sample
 from tests.catalogue_check import CheckedReceiver, problems
@@ -68,6 +70,20 @@ def test_sample_traffic_gives_every_row_type_and_every_event_fits_its_schema(
             assert set(e["data"]["previous"] or {}) <= columns
     changed = [e for e in events if e["type"] == "order.status_changed"]
     assert all("status" in e["data"]["previous"] for e in changed)  # known from the shadow
+
+    # the client's typed models read every real event, with each value as it was sent
+    for e in events:
+        typed = parse_event(e)
+        assert isinstance(typed, Event) and type(typed.data.record) is RECORDS[e["type"]]
+        record = typed.data.record.model_dump(mode="json", exclude_none=True)
+        for column, value in e["data"]["record"].items():
+            if value is None:
+                continue
+            got = record[column]
+            if isinstance(value, str) and value.endswith("Z"):  # a time: the same instant
+                assert datetime.fromisoformat(got) == datetime.fromisoformat(value), (e["type"], column)
+            else:
+                assert got == value, (e["type"], column)
 
 
 async def _client(settings: Settings) -> tuple[TestClient, dict[str, str]]:
