@@ -271,16 +271,20 @@ def drop_slot(conn: Conn, slot: str) -> bool:
 
 
 def slot_status(conn: Conn, slot: str) -> dict[str, Any] | None:
+    # wal_status and safe_wal_size came with PostgreSQL 13: on 12 they are unknown (None)
+    health = "wal_status, safe_wal_size" if conn.info.server_version >= 130000 else "NULL::text, NULL::bigint"
     row = conn.execute(
-        """
+        sql.SQL(
+            """
         SELECT slot_name, plugin, database, active, active_pid,
                confirmed_flush_lsn::text, restart_lsn::text,
                pg_current_wal_lsn()::text,
                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
-               wal_status, safe_wal_size
+               {health}
         FROM pg_replication_slots WHERE slot_name = %s
-        """,
+        """
+        ).format(health=sql.SQL(health)),  # one of two fixed texts above
         (slot,),
     ).fetchone()
     if row is None:
