@@ -217,6 +217,14 @@ class Capture:
         self._shadowed = tables_to_shadow(self.mapping, self._catalog)
         if self._shadowed:
             log.info("shadow_tables", tables=sorted(self._shadowed))
+        held = self.sink.checkpoint(self.slot) or 0
+        if held and self.source.slot_status() is None:
+            # capture read from this slot before: it was dropped (by hand, by a provider near
+            # a full disk, or not carried over by a failover), and what changed since is lost
+            if self.settings.source.on_slot_lost != "recover":
+                raise slot_health.lost(self.slot, held, "it no longer exists: dropped, or not on this server")
+            self._recover(held, "dropped")
+            return
         if self.source.ensure_slot(self.mapping, self.sink, self._shadowed):
             log.info("slot_created", slot=self.slot)
 

@@ -13,6 +13,7 @@ from cdc.catalog import identity_index, read_catalog
 from cdc.mapping import Mapping, load_mapping
 from cdc.schema import Problem, check_mapping, fully_identified, lacking_identity, leaves
 from common.errors import ConfigError
+from common.formats import format_lsn
 from config.settings import Settings
 from outbox import endpoints, source_state, store
 from outbox.writer import OutboxWriter
@@ -115,6 +116,14 @@ def setup(
                 )
             else:
                 click.echo(f"[ok  ] mapping: {len(mapping.tables)} tables, every column found")
+            held = store.checkpoint_of(writer.conn, settings.source.slot)
+            if held is not None and held[0] and source.slot_status(conn, settings.source.slot) is None:
+                fail(
+                    f"replication slot {settings.source.slot} does not exist, but this outbox captured from it"
+                    f" up to LSN {format_lsn(held[0])}: what changed since is in no slot. `ct1-cdc recover"
+                    " --yes` makes a new slot, sends every receiver a ct1.gap event and backfills the mapped"
+                    " tables (or point outbox.path at a new outbox to start afresh)"
+                )
             created = ensure_slot(conn, settings.source.dsn, settings.source.slot, mapping, writer)
             queued = queue_backfill(writer.conn, settings, mapping) if with_backfill else []
             secrets = store_secrets(writer.conn, settings)

@@ -72,3 +72,37 @@ def test_recover_makes_a_new_slot_records_the_gap_and_capture_goes_on(source_db,
         run.send_signal(signal.SIGTERM)
         run.wait(timeout=30)
     assert names == ["before", "after"]  # 'lost' fell in the gap, as the gap event says
+
+
+def test_a_dropped_slot_is_not_silently_replaced_by_setup_or_run(source_db, tmp_path):
+    """After a failover that did not carry the slot over, or a slot dropped by hand, `setup`
+    and `run` say the history since the checkpoint is lost instead of starting afresh from
+    now; `recover` makes the new slot and records the gap."""
+    outbox = tmp_path / "outbox.db"
+    config = write_config(tmp_path / "c.toml", source_db.dsn, source_db.slot, outbox)
+    assert cli("setup", "--no-probe", config=config).returncode == 0
+    source_db.execute("INSERT INTO users (name, email, password) VALUES ('before', 'b@x', 'p')")
+    log = tmp_path / "run.log"
+    run = spawn("run", "--role", "capture", config=config, log=log)
+    wait_until(lambda: any(e["type"] == "customer.created" for e in read_events(outbox)), timeout=60)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=30) == 0
+    source_db.execute("SELECT pg_drop_replication_slot(%s)", source_db.slot)
+
+    again = cli("setup", "--no-probe", config=config)
+    assert again.returncode == 1
+    assert (
+        f"replication slot {source_db.slot} does not exist, but this outbox captured from it" in again.stderr
+    )
+    assert "`ct1-cdc recover --yes`" in again.stderr
+    stopped = cli("run", "--role", "capture", config=config, timeout=60)
+    assert stopped.returncode == 1 and "it no longer exists" in stopped.stderr
+    (count,) = source_db.execute(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", source_db.slot
+    )[0]
+    assert count == 0
+
+    done = cli("recover", "--yes", "--json", config=config)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["reason"] == "dropped"
+    assert cli("setup", "--no-probe", config=config).returncode == 0  # attached again

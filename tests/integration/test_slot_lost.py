@@ -92,3 +92,64 @@ def test_with_on_slot_lost_recover_capture_records_the_gap_and_goes_on(
         timeout=60,
         what="the backfill after the recovery",
     )
+
+
+def drop_slot(db) -> None:
+    db.execute("SELECT pg_drop_replication_slot(%s)", db.slot)
+
+
+def test_a_slot_dropped_while_capture_was_away_is_a_lost_slot_not_a_fresh_start(
+    source_db, settings, run_capture
+):
+    """Dropped by hand, by a provider near a full disk, or missing on a new primary after a
+    failover: capture had read from it, so what changed since is lost; it must say so
+    rather than make a new slot and go on from now in silence."""
+    first = run_capture(settings)
+    first.wait_caught_up()
+    source_db.execute("INSERT INTO users (name, email, password) VALUES ('a', 'a@x', 'p')")
+    first.wait_caught_up()
+    first.stop()
+    drop_slot(source_db)
+    source_db.execute("INSERT INTO users (name, email, password) VALUES ('unseen', 'u@x', 'p')")
+    again = run_capture(settings)
+    wait_until(lambda: not again.thread.is_alive(), timeout=60, what="capture to stop")
+    assert isinstance(again.error, SlotLost), again.error
+    line = str(again.error)
+    assert f"replication slot {settings.source.slot} was lost (it no longer exists" in line
+    assert "ct1-cdc recover" in line
+    again.error = None
+    (slot,) = source_db.execute(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", source_db.slot
+    )[0]
+    assert slot == 0  # no slot made behind the user's back
+
+
+def test_with_recover_a_dropped_slot_is_recovered_with_the_gap(source_db, tmp_path, run_capture):
+    from tests.conftest import make_settings, read_events
+
+    settings = make_settings(source_db, tmp_path / "outbox.db", source={"on_slot_lost": "recover"})
+    first = run_capture(settings)
+    first.wait_caught_up()
+    source_db.execute("INSERT INTO users (name, email, password) VALUES ('before', 'b@x', 'p')")
+    first.wait_caught_up()
+    first.stop()
+    drop_slot(source_db)
+    source_db.execute("INSERT INTO users (name, email, password) VALUES ('lost', 'l@x', 'p')")
+    again = run_capture(settings)
+    [gap] = wait_until(
+        lambda: [e for e in read_events(settings.outbox.path) if e["type"] == "ct1.gap"], timeout=60
+    )
+    assert gap["data"]["record"]["reason"] == "dropped"
+    wait_until(
+        lambda: (
+            "lost"
+            in {
+                e["data"]["record"]["name"]
+                for e in read_events(settings.outbox.path)
+                if e["source"]["op"] == "read"
+            }
+        ),
+        timeout=60,
+        what="the backfill after the recovery",
+    )
+    assert again.error is None and again.thread.is_alive()
