@@ -111,6 +111,12 @@ class ReplicationStream:
                 raise SetupError(f"replication slot {self.slot} does not exist: run `ct1-cdc setup`") from exc
             if "wal2json" in message or "output plugin" in message:
                 raise SetupError(f"wal2json cannot be used: {message}") from exc
+            if isinstance(exc, psycopg.errors.InvalidParameterValue) and "is unknown" in message:
+                # an older wal2json on the server: retrying cannot help
+                raise SetupError(
+                    f"the server's wal2json does not know an option ct1-cdc needs ({message}): upgrade"
+                    " wal2json on the database server (ct1-cdc asks for format-version 2 with include-pk)"
+                ) from exc
             detail = getattr(getattr(exc, "diag", None), "message_detail", None) or ""
             if isinstance(exc, psycopg.errors.ObjectNotInPrerequisiteState) and "invalidated" in detail:
                 raise SlotLost(detail.split(".")[0]) from exc
