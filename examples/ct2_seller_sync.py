@@ -2,8 +2,9 @@
 
     .venv/bin/python examples/ct2_seller_sync.py --env-file /tmp/ct1-demo.env --listen 127.0.0.1:8002
 
-It loads the seller's orders once from the export (``seller_orders``), then serves
-``POST /webhooks/ct1`` with the receiver kit: every webhook is verified (Standard
+It serves ``POST /webhooks/ct1`` with the receiver kit and loads the seller's orders
+from the export (``seller_orders``); webhooks that come before the load is done are
+answered 500, so ct1-cdc delivers them again. Every webhook is verified (Standard
 Webhooks, the secret in ``CT2_WEBHOOK_SECRET``), handled once by its ``webhook-id``, and
 applied to ``orders`` in a SQLite file. A row is only replaced by a newer version of
 itself (``updated_at``), so a webhook that arrives while the export runs, or a retry that
@@ -26,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ct1_client import Client
+from ct1_client import AsyncClient
 from ct1_client.kit import SqliteSeen, webhook_handler
 from ct1_client.models import Event, Order
 
@@ -111,20 +112,11 @@ async def main() -> None:
     args = parser.parse_args()
     env = load_env(args.env_file, ["CT1_API_URL", "CT1_API_KEY", "CT2_WEBHOOK_SECRET"])
 
-    with Client(env["CT1_API_URL"], env["CT1_API_KEY"]) as ct1:
-        seller = args.seller
-        if seller is None:
-            seller = next((o.seller_id for o in ct1.orders(per_page=50) if o.seller_id is not None), None)
-            if seller is None:
-                raise SystemExit("no order has a seller yet: give --seller")
-        table = SellerOrders(args.db, seller)
-        seeded = 0
-        for order in ct1.seller_orders(seller):  # every page, typed
-            table.upsert(order)
-            seeded += 1
-    print(f"CT2: seller {seller}: {seeded} orders loaded from the export into {args.db}", flush=True)
+    table: SellerOrders | None = None  # ready once the export is loaded
 
     def handle(event: Any) -> None:
+        if table is None:
+            raise RuntimeError("still loading the export")  # a 500: ct1-cdc delivers it again
         if (
             isinstance(event, Event)
             and isinstance(event.data.record, Order)
@@ -138,9 +130,26 @@ async def main() -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, _, port = args.listen.rpartition(":")
-    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()  # a port in use fails here
     print(f"CT2: receiving webhooks at http://{args.listen}/webhooks/ct1", flush=True)
 
+    async with AsyncClient(env["CT1_API_URL"], env["CT1_API_KEY"]) as ct1:  # the loop keeps serving
+        seller = args.seller
+        if seller is None:
+            async for order in ct1.orders(per_page=50):
+                if order.seller_id is not None:
+                    seller = order.seller_id
+                    break
+            if seller is None:
+                raise SystemExit("no order has a seller yet: give --seller")
+        loading = SellerOrders(args.db, seller)
+        seeded = 0
+        async for order in ct1.seller_orders(seller):  # every page, typed
+            loading.upsert(order)
+            seeded += 1
+    print(f"CT2: seller {seller}: {seeded} orders loaded from the export into {args.db}", flush=True)
+
+    table = loading
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

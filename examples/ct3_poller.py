@@ -96,12 +96,17 @@ def main() -> None:
         elif isinstance(record, Analytics):
             print(f"CT3: evt {event.id:<6} analytics: GMV {record.gmv}, {record.orders} orders", flush=True)
 
-    position = SqlitePosition(args.db, "ct3-orders")  # beside the copy, in the same file
-    if position.load() is None:
+    def on_seed_start() -> None:  # a seed that failed may have stored rows deleted since
+        db.execute("DELETE FROM orders")
         print(f"CT3: seeding {args.db} from the orders export", flush=True)
-    else:
-        print(f"CT3: going on from event {position.load()}", flush=True)
-    with Client(env["CT1_API_URL"], env["CT1_API_KEY"]) as ct1:
+
+    # the position beside the copy, in the same file
+    with (
+        SqlitePosition(args.db, "ct3-orders") as position,
+        Client(env["CT1_API_URL"], env["CT1_API_KEY"]) as ct1,
+    ):
+        if position.load() is not None:
+            print(f"CT3: going on from event {position.load()}", flush=True)
         last = ct1.seed_then_tail(
             "orders",
             on_row,
@@ -109,6 +114,7 @@ def main() -> None:
             position=position,
             event_types=["order.*", "payment.status_changed", "marketplace.analytics"],
             mode="poll" if args.poll else "sse",
+            on_seed_start=on_seed_start,
         )
     total = db.execute("SELECT count(*) FROM orders").fetchone()[0]
     print(

@@ -8,13 +8,13 @@ and the outbox are removed at the end unless ``keep`` is set.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 from aiohttp import web
@@ -22,7 +22,7 @@ from aiohttp import web
 from api.app import FEED, excluded_columns
 from api.openapi import BASE
 from cdc.postgres import ensure_slot
-from config.settings import PACKAGE_DIR, Settings
+from config.settings import PACKAGE_DIR, EndpointSettings, Settings
 from ct1_client.receiver import Receiver
 from ct1_client.webhooks import WebhookVerifier
 from dispatcher.signing import generate_secret
@@ -116,7 +116,8 @@ async def _flow(
         _write_env(env_file, api_url, key, secrets)
         echo(f"==> wrote the API's address, a key and the webhook secrets to {env_file} (removed at the end)")
     if ct2_url is not None:
-        await _wait_for_listener(ct2_url, echo)
+        (ct2,) = [e for e in settings.endpoints if e.name == "ct2"]
+        await _wait_for_receiver(ct2, secrets["ct2"], echo)
     echo(f"==> capture and dispatch running; CT2 at {urls['ct2']}, CT3 at {urls['ct3']}")
     echo(f"==> HTTP API at {api_url} (demo key {key}), e.g.")
     echo(f"    curl -H 'Authorization: Bearer {key}' '{api_url}/api/core-transaction-1/events?limit=5'")
@@ -173,28 +174,50 @@ def _write_env(path: Path, api_url: str, key: str, secrets: Mapping[str, str]) -
         *(f"export {name.upper()}_WEBHOOK_SECRET={secret}" for name, secret in secrets.items()),
     ]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.chmod(0o600)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
     tmp.replace(path)
 
 
-async def _wait_for_listener(url: str, echo: Callable[[str], None], within: float = 120.0) -> None:
-    """Before any traffic, wait until something listens at ``url`` (the user's receiver),
-    so its first webhooks are not spent on retries; go on anyway after ``within`` s."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
-    echo(f"==> waiting for CT2's receiver at {url} (e.g. examples/ct2_seller_sync.py)")
+async def _wait_for_receiver(
+    endpoint: EndpointSettings, secret: str, echo: Callable[[str], None], within: float = 120.0
+) -> None:
+    """Before any traffic, wait until the user's receiver takes a signed ``webhook.test``,
+    so its first webhooks are not spent on retries; say so when it answers but refuses
+    (another secret: an older receiver still running?); go on after ``within`` s."""
+    from common.version import version
+    from dispatcher.probe import send_test
+    from dispatcher.sender import Sender
+
+    echo(f"==> waiting for CT2's receiver at {endpoint.url} (e.g. examples/ct2_seller_sync.py)")
+    sender = Sender(5.0, concurrency=1)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
-    while loop.time() < deadline:
-        try:
-            _, writer = await asyncio.open_connection(host, port)
-        except OSError:
+    told = 0
+    try:
+        while loop.time() < deadline:
+            probe = await send_test(sender, endpoint, secret, version())
+            if probe.delivered:
+                echo(f"==> CT2's receiver took a signed webhook.test ({probe.status})")
+                return
+            if probe.status and probe.status != told:
+                told = probe.status
+                echo(
+                    f"==> CT2's receiver answered {probe.status} to a signed webhook.test"
+                    + (
+                        " (an older receiver with another secret still running?)"
+                        if probe.status == 401
+                        else ""
+                    )
+                )
             await asyncio.sleep(0.5)
-            continue
-        writer.close()
-        return
-    echo(f"==> nothing listens at {url} yet: its webhooks will be retried with backoff")
+    finally:
+        await sender.close()
+    echo(
+        f"==> CT2's receiver at {endpoint.url} does not take webhooks yet: they will be retried with backoff"
+    )
 
 
 async def _delivered(path: str, within: float, quiet: float = 2.0) -> None:

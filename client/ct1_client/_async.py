@@ -59,10 +59,12 @@ class AsyncRows(Generic[T]):
         self, client: AsyncClient, kind: ExportKind[T], params: dict[str, str], per_page: int, stream: bool
     ) -> None:
         self._client, self.kind, self.stream = client, kind, stream
+        self._per_page = per_page
         self._pager = Pager(kind, params, per_page)
         self._params = params
         self._stream_position: int | None = None
         self.require_position = False
+        self.retries: int | None = None  # per page; None: the client's
 
     @property
     def resume_event_id(self) -> int | None:
@@ -78,8 +80,9 @@ class AsyncRows(Generic[T]):
             async for row in self._ndjson():
                 yield row
             return
+        self._pager = Pager(self.kind, self._params, self._per_page)  # each iteration reads anew
         while (call := self._pager.call()) is not None:
-            rows = self._pager.feed(await self._client._get(call))
+            rows = self._pager.feed(await self._client._get(call, self.retries))
             if self.require_position and self._pager.pages == 1 and self._pager.resume_event_id is None:
                 raise _core.no_position(self.kind)
             for row in rows:
@@ -288,9 +291,15 @@ class AsyncClient:
         stop = stop or asyncio.Event()
         backoff = Backoff()
         loop = asyncio.get_running_loop()
+        if mode == "poll" and wait <= 0:
+            raise ValueError("consume(mode='poll') needs wait > 0: it long-polls for what comes next")
+        # a signal the program already handles (asyncio.run's Ctrl-C, aiohttp's run_app) is
+        # left to it: loop.add_signal_handler would replace that handler, not chain it
         signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
         installed = []
         for sig in signals:
+            if signal.getsignal(sig) not in (signal.SIG_DFL, signal.default_int_handler):
+                continue
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, stop.set)
                 installed.append(sig)
@@ -308,6 +317,9 @@ class AsyncClient:
                     await self._pause(stop, backoff, Unavailable(f"lost ct1-cdc at {self._base}: {exc!r}"))
                 except RETRYABLE as exc:
                     await self._pause(stop, backoff, exc)
+        except _core.HandlerFailed as failed:
+            assert failed.__cause__ is not None
+            raise failed.__cause__ from None
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
@@ -326,6 +338,7 @@ class AsyncClient:
         stream: bool = False,
         handle_signals: bool = True,
         stop: asyncio.Event | None = None,
+        on_seed_start: Callable[[], Awaitable[object] | object] | None = None,
         **filters: Any,
     ) -> int:
         """As :meth:`ct1_client.Client.seed_then_tail`, awaited."""
@@ -333,10 +346,17 @@ class AsyncClient:
         seeded: Overlap | None = None
         backoff = Backoff()
         while position.load() is None:
+            if on_seed_start is not None:
+                started = on_seed_start()
+                if inspect.isawaitable(started):
+                    await started
             rows = self.export(export, per_page=per_page, stream=stream, **filters)
             rows.require_position = True
+            rows.retries = _core.SEED_PAGE_RETRIES
             try:
                 async for row in rows:
+                    if stop is not None and stop.is_set():
+                        return position.load() or 0
                     result = on_row(row)
                     if inspect.isawaitable(result):
                         await result
@@ -451,9 +471,12 @@ async def _handle_all(
     handled = after
     try:
         for event in events:
-            result = handle(event)
-            if inspect.isawaitable(result):
-                await result
+            try:
+                result = handle(event)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # the user's error, not ours: never retried as one
+                raise _core.HandlerFailed from exc
             handled = int(event.id or handled)
             if stop.is_set():
                 break

@@ -8,9 +8,10 @@ Each client only sends the requests this module describes and feeds back the ans
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -18,7 +19,7 @@ from typing import Any, Generic, TypedDict, TypeVar
 
 from pydantic import BaseModel
 
-from ct1_client.errors import Ct1Error, RateLimited, error_for
+from ct1_client.errors import Ct1Error, RateLimited, Unavailable, error_for
 from ct1_client.models import (
     Analytics,
     AnyEvent,
@@ -36,6 +37,7 @@ BASE = "/api/core-transaction-1"
 MAX_PER_PAGE = 500
 MAX_WAIT = 30.0
 RESUME_HEADER = "ct1-resume-event-id"
+SEED_PAGE_RETRIES = 20  # a page of a seed is tried this often (backoff up to 30 s) before it starts over
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -281,8 +283,6 @@ def tail_types(kind: ExportKind[Any], types: str | Iterable[str] | Default | Non
 
 
 def no_position(kind: ExportKind[Any]) -> Ct1Error:
-    from ct1_client.errors import Unavailable
-
     return Unavailable(
         f"the {kind.name} export gave no resume position: capture is stopped or far behind"
         " (api.resume_wait_seconds); seed again later"
@@ -368,6 +368,23 @@ def stream_error(message: Message) -> Ct1Error:
     except (ValueError, AttributeError):
         status = 401
     return error_for(status, message.data.encode(), {})
+
+
+# -- the user's handler --------------------------------------------------------------------------
+
+
+class HandlerFailed(Exception):
+    """The user's handler raised (its exception is the cause): a consumer stops with that
+    exception as it was, never retries it as if the API had failed."""
+
+
+@contextlib.contextmanager
+def reraise_handler_errors() -> Iterator[None]:
+    try:
+        yield
+    except HandlerFailed as failed:
+        assert failed.__cause__ is not None
+        raise failed.__cause__ from None
 
 
 # -- backoff --------------------------------------------------------------------------------------

@@ -64,10 +64,12 @@ class Rows(Generic[T]):
         self, client: Client, kind: ExportKind[T], params: dict[str, str], per_page: int, stream: bool
     ) -> None:
         self._client, self.kind, self.stream = client, kind, stream
+        self._per_page = per_page
         self._pager = Pager(kind, params, per_page)
         self._params = params
         self._stream_position: int | None = None
         self.require_position = False
+        self.retries: int | None = None  # per page; None: the client's
 
     @property
     def resume_event_id(self) -> int | None:
@@ -83,8 +85,9 @@ class Rows(Generic[T]):
         if self.stream:
             yield from self._ndjson()
             return
+        self._pager = Pager(self.kind, self._params, self._per_page)  # each iteration reads anew
         while (call := self._pager.call()) is not None:
-            rows = self._pager.feed(self._client._get(call))
+            rows = self._pager.feed(self._client._get(call, self.retries))
             if self.require_position and self._pager.pages == 1 and self._pager.resume_event_id is None:
                 raise _core.no_position(self.kind)
             yield from rows
@@ -114,21 +117,22 @@ class _Interrupted(Exception):
 class _Stopper:
     """SIGTERM and SIGINT (when asked, in the main thread) or ``event`` stop a consumer:
     a handler already running finishes and its position is saved; a wait on the network
-    is cut short at once."""
+    is cut short at once. The signal handler only sets a flag (or, while waiting, raises):
+    it takes no lock the interrupted code might hold."""
 
     def __init__(self, signals: bool, event: threading.Event | None) -> None:
-        self.event = event or threading.Event()
+        self.event = event
         self.signals = signals and threading.current_thread() is threading.main_thread()
+        self._signalled = False
         self._waiting = False
         self._saved: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
-        return self.event.is_set()
+        return self._signalled or (self.event is not None and self.event.is_set())
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        log.info("ct1_client_stopping signal=%s", signal.Signals(signum).name)
-        self.event.set()
+        self._signalled = True
         if self._waiting:
             raise _Interrupted
 
@@ -141,6 +145,8 @@ class _Stopper:
     def __exit__(self, *exc: object) -> None:
         for sig, previous in self._saved.items():
             signal.signal(sig, previous)
+        if self._signalled:
+            log.info("ct1_client_stopped_by_signal")
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
@@ -153,8 +159,10 @@ class _Stopper:
             self._waiting = False
 
     def sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
         with self.waiting():
-            self.event.wait(seconds)
+            while not self.requested and (left := end - time.monotonic()) > 0:
+                time.sleep(min(left, 0.2))  # short steps: ``event`` is seen within 0.2 s
 
 
 class Client:
@@ -362,7 +370,9 @@ class Client:
         store = Tracked(position or MemoryPosition(), after)
         types = _core.event_types(event_types)
         backoff = Backoff()
-        with _Stopper(handle_signals, stop) as stopper:
+        if mode == "poll" and wait <= 0:
+            raise ValueError("consume(mode='poll') needs wait > 0: it long-polls for what comes next")
+        with _Stopper(handle_signals, stop) as stopper, _core.reraise_handler_errors():
             while not stopper.requested:
                 try:
                     if mode == "poll":
@@ -391,6 +401,7 @@ class Client:
         stream: bool = False,
         handle_signals: bool = True,
         stop: threading.Event | None = None,
+        on_seed_start: Callable[[], object] | None = None,
         **filters: Any,
     ) -> int:
         """Seed a new consumer from an export, then follow ``/events`` from where the
@@ -404,18 +415,26 @@ class Client:
         ``payment.status_changed`` for orders; ``event_types`` to choose), leaving out those
         a later page already held. The filters apply to the export only: ``on_event`` gets
         every matching event, and applies its own filter (e.g. the seller). A seed that
-        fails on the way (the API unavailable, capture behind so there is no position yet)
-        starts again after a backoff, and one cut short saves nothing, so the next run
-        seeds again: ``on_row`` must be an upsert.
+        has no position yet (capture stopped or behind) starts again after a backoff; a
+        page that fails is tried again (up to ``SEED_PAGE_RETRIES`` times, with backoff)
+        before the seed starts over; a seed cut short (``stop``, a kill) saves nothing, so
+        the next run seeds again. ``on_row`` must be an upsert, and ``on_seed_start`` (called
+        before each attempt) can empty the copy, since a row a failed attempt stored may be
+        deleted before the next one reads.
         """
         kind = _core.export_kind(export)
         seeded: Overlap | None = None
         backoff = Backoff()
         while position.load() is None:
+            if on_seed_start is not None:
+                on_seed_start()  # e.g. empty the copy: rows a failed seed left may be gone since
             rows = self.export(export, per_page=per_page, stream=stream, **filters)
             rows.require_position = True
+            rows.retries = _core.SEED_PAGE_RETRIES
             try:
                 for row in rows:
+                    if stop is not None and stop.is_set():
+                        return position.load() or 0  # nothing saved: the next run seeds again
                     on_row(row)
             except RETRYABLE as exc:  # no position yet (capture behind), a 503, a lost API
                 delay = backoff.delay(exc)
@@ -510,7 +529,10 @@ def _handle_all(
     handled = after
     try:
         for event in events:
-            handle(event)
+            try:
+                handle(event)
+            except Exception as exc:  # the user's error, not ours: never retried as one
+                raise _core.HandlerFailed from exc
             handled = int(event.id or handled)
             if stopper.requested:
                 break

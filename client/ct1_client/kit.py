@@ -23,6 +23,7 @@ its ``dispatcher.timeout_seconds``.
 from __future__ import annotations
 
 import inspect
+import logging
 import sqlite3
 import threading
 import time
@@ -36,6 +37,8 @@ from aiohttp import web
 from ct1_client.webhooks import InvalidWebhook, WebhookVerifier
 
 Handle = Callable[[Any], Awaitable[None] | None]
+
+log = logging.getLogger("ct1_client")
 
 
 class Seen(Protocol):
@@ -136,6 +139,7 @@ def webhook_handler(
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:  # the sidecar retries: nothing is marked
+            log.exception("ct1_client_handler_failed webhook_id=%s", webhook_id)
             return web.Response(status=500, text=f"handler failed: {type(exc).__name__}")
         finally:
             in_flight.discard(webhook_id)

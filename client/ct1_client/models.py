@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Model(BaseModel):
-    """Extra columns kept, values not coerced across types."""
+    """Extra columns kept; values converted by pydantic's usual (lax) rules: a numeric
+    text becomes a ``Decimal``, an ISO time a ``datetime``, and what cannot be converted
+    (``"lots"`` as a total) raises ``ValidationError``."""
 
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
@@ -251,6 +253,16 @@ RECORDS: dict[str, type[Model]] = {
     "marketplace.analytics": Analytics,
     "ct1.gap": Gap,
 }
+# a type of one's own mapping (order.cancelled, say) is typed by its data.object
+OBJECTS: dict[str, type[Model]] = {
+    "customer": Customer,
+    "order": Order,
+    "cart_item": CartItem,
+    "product_view": ProductView,
+    "review": Review,
+    "cart": Cart,
+    "analytics": Analytics,
+}
 _EVENT_MODELS: dict[type[Model], type[Event[Any]]] = {}
 _records: list[type[Model]] = [*RECORDS.values(), Record]
 for _record in _records:
@@ -258,16 +270,19 @@ for _record in _records:
 
 
 def parse_event(raw: dict[str, Any]) -> AnyEvent:
-    """The typed event of an envelope (``dict`` from ``/events`` or a webhook body):
-    ``Event[Order]`` for ``order.*``, :class:`ManualEvent` for ``source.op = "manual"``,
-    ``Event[Record]`` for a type outside the catalogue."""
+    """The typed event of an envelope (``dict`` from ``/events`` or a webhook body): by its
+    type for the catalogue's (``Event[Order]`` for ``order.status_changed``), else by its
+    ``data.object`` (``Event[Order]`` for a mapping's own ``order.cancelled``);
+    :class:`ManualEvent` for ``source.op = "manual"``; ``Event[Record]`` for anything else."""
     kind = raw.get("type")
     if kind == "webhook.test":
         return WebhookTestEvent.model_validate(raw)
     source = raw.get("source")
     if isinstance(source, dict) and source.get("op") == "manual":
         return ManualEvent.model_validate(raw)
-    record = RECORDS.get(kind, Record) if isinstance(kind, str) else Record
+    data = raw.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    record = (RECORDS.get(kind) if isinstance(kind, str) else None) or OBJECTS.get(str(obj)) or Record
     return _EVENT_MODELS[record].model_validate(raw)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -65,6 +66,7 @@ class SqlitePosition:
 
     def __init__(self, path: str | Path, name: str = "default") -> None:
         self.name = name
+        self._lock = threading.Lock()
         self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -73,20 +75,29 @@ class SqlitePosition:
         )
 
     def load(self) -> int | None:
-        row = self._conn.execute(
-            "SELECT last_event_id FROM positions WHERE name = ?", (self.name,)
-        ).fetchone()
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT last_event_id FROM positions WHERE name = ?", (self.name,)
+            ).fetchone()
         return None if row is None else int(row[0])
 
     def save(self, last_event_id: int) -> None:
-        self._conn.execute(
-            "INSERT INTO positions (name, last_event_id) VALUES (?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET last_event_id = excluded.last_event_id",
-            (self.name, int(last_event_id)),
-        )
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO positions (name, last_event_id) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET last_event_id = excluded.last_event_id",
+                (self.name, int(last_event_id)),
+            )
 
     def close(self) -> None:
-        self._conn.close()
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> SqlitePosition:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class CallbackPosition:

@@ -31,6 +31,7 @@ from ct1_client import (
     NotFound,
     PermissionDenied,
     RateLimited,
+    Unavailable,
 )
 from ct1_client.models import CustomerDetail, Event, Order, OrderDetail, OrderRow, ProductDetail
 from sidecar import sample
@@ -139,6 +140,7 @@ def test_every_export_iterates_to_the_end_under_paging_typed(sidecar, source_db)
             rows = list(paged)
             assert [r.id for r in rows] == ids, name
             assert paged.resume_event_id is not None, name  # capture runs: a position to follow
+            assert [r.id for r in paged] == ids, name  # iterated again: read again
             streamed = ct1.export(name, stream=True)
             assert [r.model_dump() for r in streamed] == [r.model_dump() for r in rows], name
             assert streamed.resume_event_id is not None
@@ -455,3 +457,30 @@ def test_the_client_stops_on_sigterm_even_while_waiting(sidecar, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=15)  # well before the long poll would have ended
     assert proc.returncode == 0, err
+
+
+def test_a_failing_handler_stops_consume_with_its_own_error(sidecar, source_db, tmp_path):
+    """Even an error that looks like the API's (the handler called the API itself and got
+    Unavailable) is the handler's: raised, not retried; what was handled before is kept."""
+    for i in range(3):
+        source_db.execute(
+            "INSERT INTO users (name, email, password) VALUES (%s, %s, 'pw')", f"H{i}", f"h{i}@x.test"
+        )
+    with sidecar.client() as ct1:
+        ids = wait_until(
+            lambda: (got := [e.id for e in ct1.events(event_types="customer.*")]) and len(got) >= 3 and got
+        )
+        calls: list[int] = []
+
+        def handle(event: Any) -> None:
+            calls.append(event.id)
+            if event.id == ids[1]:
+                raise Unavailable("the handler's own backend is down")
+
+        position = FilePosition(tmp_path / "p")
+        with pytest.raises(Unavailable, match="the handler's own backend"):
+            ct1.consume(
+                handle, position=position, event_types="customer.*", mode="poll", handle_signals=False
+            )
+    assert calls == ids[:2]  # not retried
+    assert position.load() == ids[0]  # the one handled before it stays handled

@@ -310,3 +310,38 @@ def test_every_name_the_package_offers_is_there():
         assert getattr(ct1_client, name).__name__ == name
     with pytest.raises(AttributeError):
         ct1_client.Nothing  # noqa: B018
+
+
+def test_a_mappings_own_type_is_typed_by_its_object():
+    own = parse_event(envelope("order.cancelled"))
+    assert isinstance(own.data.record, Order) and own.data.record.total == Decimal("59.90")  # type: ignore[union-attr]
+
+
+def test_consume_by_long_poll_needs_a_wait():
+    from ct1_client import Client
+
+    with Client("http://127.0.0.1:9", "k") as ct1, pytest.raises(ValueError, match="wait > 0"):
+        ct1.consume(print, mode="poll", wait=0)
+
+
+async def test_the_async_consumer_leaves_a_programs_own_signal_handler_alone():
+    import asyncio
+    import signal
+
+    from ct1_client import AsyncClient
+
+    def mine(signum: int, frame: object) -> None: ...
+
+    stop = asyncio.Event()
+    stop.set()  # returns before any request
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        async with AsyncClient("http://127.0.0.1:9", "k") as ct1:
+            await ct1.consume(print, stop=stop)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        async with AsyncClient("http://127.0.0.1:9", "k") as ct1:
+            await ct1.consume(print, stop=stop)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # its own, taken away again
+    finally:
+        signal.signal(signal.SIGTERM, before)
