@@ -189,12 +189,15 @@ class Dispatcher:
                 if fresh.updated_at > rt.state.updated_at:
                     rt.state = fresh
                 next_refresh = now + STATE_REFRESH_SECONDS
+            # Disabled, or paused until its probe: new deliveries do not matter, so these
+            # waits ignore the wake-up (it stays set until the next claim: waiting on it
+            # would end every wait at once, and the loop would spin until the probe).
             if rt.state.state == "disabled":
-                await self._sleep(rt, STATE_REFRESH_SECONDS)
+                await asyncio.sleep(STATE_REFRESH_SECONDS)
                 continue
             paused = rt.state.state == "paused"
             if paused and now < rt.state.paused_until:
-                await self._sleep(rt, min(rt.state.paused_until - now, STATE_REFRESH_SECONDS))
+                await asyncio.sleep(min(rt.state.paused_until - now, STATE_REFRESH_SECONDS))
                 continue
             limit = 1 if paused else rt.limit
             # a paused endpoint gets one probe at a time, until its outcome is recorded
@@ -223,8 +226,13 @@ class Dispatcher:
 
     @staticmethod
     async def _sleep_on(event: asyncio.Event, seconds: float) -> None:
+        """Wait until ``event`` is set or ``seconds`` pass; a cancellation always goes
+        through.  Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that
+        comes as the event is set (it returns the event's result instead), and the loop
+        would outlive the stop until the process is ended by force."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):
+                await event.wait()
 
     async def _deliver(self, store: DeliveryStore, sender: Sender, rt: Runtime, item: Due) -> None:
         msg_id = signing.message_id(item.event_id)

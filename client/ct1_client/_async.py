@@ -390,7 +390,8 @@ class AsyncClient:
         delay = backoff.delay(error)
         log.warning("ct1_client_retrying in=%.1fs error=%s", delay, error)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
+            async with asyncio.timeout(delay):  # not wait_for: 3.11's can swallow a cancel
+                await stop.wait()
 
     async def _poll_once(
         self,

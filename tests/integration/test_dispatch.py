@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from outbox import store
 from outbox.deliveries import DeliveryStore
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
+from sidecar.throwaway import free_port
 from tests.catalogue_check import CheckedReceiver
 from tests.outbox_helpers import append_events
 
@@ -371,3 +373,67 @@ async def test_events_committed_by_another_connection_are_picked_up_without_a_wa
             stop.set()
             await task
     assert rx.received[0].envelope["data"]["id"] == 42
+
+
+# -- stopping ----------------------------------------------------------------------------------
+
+
+async def stops(task: asyncio.Task[None], timeout: float = 10) -> bool:
+    """Whether ``task``, a dispatcher's run told to stop, ends within ``timeout``.  If not,
+    its tasks are cancelled again until it does, so that the test fails instead of
+    hanging in its teardown."""
+    done, _ = await asyncio.wait([task], timeout=timeout)
+    while not task.done():
+        for other in asyncio.all_tasks():
+            if getattr(other.get_coro(), "__qualname__", "").startswith("Dispatcher."):
+                other.cancel()
+        await asyncio.sleep(0.1)
+    return task in done
+
+
+async def test_a_stop_that_comes_with_a_commit_still_stops_the_dispatcher(tmp_path):
+    """The run's stop and a commit's wake-up in the same instant (capture's last commit as
+    SIGTERM comes): the endpoint's loop must still end, or `run` waits for it until the
+    process is ended by force."""
+    async with Receiver() as rx:
+        settings = settings_for(tmp_path, rx.url)
+        append(settings, [])  # nothing due: the endpoint's loop waits for a wake-up
+        dispatcher = Dispatcher(settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatcher.run(stop))
+        await asyncio.sleep(0.3)
+        dispatcher.notify()
+        await asyncio.sleep(0)  # the wake-up is delivered ...
+        stop.set()  # ... and the stop comes before the loop has seen it
+        assert await stops(task), "the dispatcher did not stop"
+        task.result()
+
+
+async def test_a_paused_endpoint_waits_for_its_probe_without_spinning_while_events_come(tmp_path):
+    """Events keep coming while an endpoint is paused: each wakes the dispatcher, but the
+    paused endpoint has nothing to do until its probe and must not busy-loop meanwhile."""
+    settings = settings_for(
+        tmp_path,
+        f"http://127.0.0.1:{free_port()}/webhooks",  # refused
+        pause_after_failures=3,
+        probe_interval_seconds=5,
+    )
+    append(settings, [("order.created", "order", i) for i in range(5)])
+    dispatcher = Dispatcher(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop))
+    try:
+        async with asyncio.timeout(20):
+            while "ct2" not in dispatcher.runtimes or dispatcher.runtimes["ct2"].state.state != "paused":
+                await asyncio.sleep(0.01)
+        await asyncio.to_thread(append, settings, [("order.created", "order", 99)])
+        dispatcher.notify()  # the commit's wake-up, as capture gives it in `run`
+        cpu = time.process_time()
+        await asyncio.sleep(1)
+        cpu = time.process_time() - cpu
+    finally:
+        stop.set()
+        stopped = await stops(task)
+    assert cpu < 0.5, f"{cpu:.2f} s of CPU in 1 s while paused: the loop spins"
+    assert stopped, "the dispatcher did not stop"
+    assert {s for s, _ in deliveries(settings).values()} == {"pending"}
