@@ -10,6 +10,10 @@ slot with ``pg_recvlogical`` (same wal2json options, output to /dev/null) and on
 and are timed from start until the slot's confirmed position reaches the backlog's end.
 The last line is JSON with both rates, their medians and ``ratio`` = ct1-cdc / pg_recvlogical.
 
+``--endpoints N`` captures for N endpoints that take every event (default: the two
+default ones, ct2 taking all but marketplace.analytics and ct3 all): a delivery row per
+endpoint and event is what capture writes beside each event.
+
 ``--open-carts N`` starts each ct1-cdc round with N open carts in its outbox (the timers of
 cart.abandoned, as capture leaves them); ``--without-carts`` captures with a mapping that
 has no ``[cart_abandoned]`` section.  Together: what holding the timers costs capture.
@@ -136,8 +140,29 @@ def recvlogical_cmd(
     return cluster.recvlogical(dbname, slot, options, endpos=format_lsn(endpos))
 
 
+def endpoints_config(work: Path, count: int) -> Path:
+    """A config file with ``count`` endpoints that take every event (``ep0`` ...): capture
+    writes a delivery row per endpoint for each event, and this is what that costs."""
+    lines = ["endpoints = []"] if count == 0 else []
+    for i in range(count):
+        lines += [
+            "[[endpoints]]",
+            f'name = "ep{i}"',
+            f'url = "http://127.0.0.1:9/webhooks/ep{i}"',
+            'events = ["*"]',
+        ]
+    path = work / f"endpoints-{count}.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+CONFIG: Path | None = None  # --endpoints: the config file with them; None: the default two
+
+
 def ct1_env(dsn: str, slot: str, outbox: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_")}
+    if CONFIG is not None:
+        env["CT1_CONFIG"] = str(CONFIG)
     env.update(
         {
             "CT1_SOURCE__DSN": dsn,
@@ -209,8 +234,14 @@ def main() -> None:
     parser.add_argument(
         "--without-carts", action="store_true", help="capture with a mapping without [cart_abandoned]"
     )
+    parser.add_argument(
+        "--endpoints",
+        type=int,
+        default=None,
+        help="capture for this many endpoints taking every event (default: the two default ones)",
+    )
     args = parser.parse_args()
-    global MAPPING
+    global MAPPING, CONFIG
 
     work = Path(tempfile.mkdtemp(prefix="ct1-bench-"))
     work.chmod(0o711)
@@ -225,6 +256,8 @@ def main() -> None:
                     )
         if args.without_carts:
             MAPPING = without_carts(work)
+        if args.endpoints is not None:
+            CONFIG = endpoints_config(work, args.endpoints)
         print(f"writing a backlog of {args.rows} row changes ...", file=sys.stderr)
         rows = write_backlog(dsn, args.rows)
         endpos = current_lsn(dsn)
@@ -298,6 +331,7 @@ def main() -> None:
             "decoder": "compiled" if COMPILED else "python",
             "open_carts": args.open_carts,
             "cart_rule": not args.without_carts,
+            "endpoints": "default (ct2, ct3)" if args.endpoints is None else args.endpoints,
             "ratio": round(med_ct1 / med_recv, 3),
         }
         print(json.dumps(result))
