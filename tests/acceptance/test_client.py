@@ -434,29 +434,49 @@ def test_seed_then_tail_keeps_a_copy_equal_to_the_table_while_orders_change(side
     assert position.load() is not None
 
 
-def test_the_client_stops_on_sigterm_even_while_waiting(sidecar, tmp_path):
+ASYNC_CONSUMER = """
+import asyncio, sys
+from ct1_client import AsyncClient, FilePosition
+
+url, key, position, mode = sys.argv[1:5]
+
+async def main():
+    async with AsyncClient(url, key) as ct1:
+        return await ct1.consume(lambda event: None, position=FilePosition(position), mode=mode, wait=25)
+
+print(asyncio.run(main()))
+"""
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["poll", "sse"])
+def test_the_client_stops_on_sigterm_even_while_waiting(sidecar, source_db, tmp_path, client, mode):
+    """Caught up and waiting on the network (a 25 s long poll, or a quiet stream): SIGTERM
+    ends it at once, cleanly, with the position of what it handled saved."""
+    source_db.execute("INSERT INTO users (name, email, password) VALUES ('w', 'w@x.test', 'pw')")
+    with sidecar.client() as ct1:
+        (last,) = wait_until(lambda: [e.id for e in ct1.events(event_types="customer.*")], what="the event")
     script = tmp_path / "waiter.py"
-    script.write_text(CONSUMER)
+    position = tmp_path / "p"
+    if client == "sync":
+        script.write_text(CONSUMER)
+        args = [sidecar.url, sidecar.key, str(position), str(tmp_path / "h"), mode, "0"]
+    else:
+        script.write_text(ASYNC_CONSUMER)
+        args = [sidecar.url, sidecar.key, str(position), mode]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(script),
-            sidecar.url,
-            sidecar.key,
-            str(tmp_path / "p"),
-            str(tmp_path / "h"),
-            "poll",
-            "0",
-        ],
+        [sys.executable, str(script), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    time.sleep(3)  # caught up, now in a long poll of up to 25 s
+    wait_until(lambda: FilePosition(position).load() is not None, timeout=30, what="the consumer to catch up")
+    time.sleep(0.5)  # now waiting for what comes next
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=15)  # well before the long poll would have ended
+    out, err = proc.communicate(timeout=15)  # well before a long poll would have ended
     assert proc.returncode == 0, err
+    assert FilePosition(position).load() >= last and int(out.strip()) == FilePosition(position).load()
 
 
 def test_a_failing_handler_stops_consume_with_its_own_error(sidecar, source_db, tmp_path):
