@@ -22,6 +22,7 @@ its ``dispatcher.timeout_seconds``.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import sqlite3
@@ -134,17 +135,18 @@ def webhook_handler(
         if webhook_id in in_flight:
             return web.Response(status=409, text="the same webhook is being handled: retry")
         in_flight.add(webhook_id)
-        try:
-            result = handle(parse_event(answer.envelope) if typed else answer.envelope)
-            if inspect.isawaitable(result):
-                await result
-        except Exception as exc:  # the sidecar retries: nothing is marked
-            log.exception("ct1_client_handler_failed webhook_id=%s", webhook_id)
-            return web.Response(status=500, text=f"handler failed: {type(exc).__name__}")
+        try:  # in flight until it is marked: a copy arriving meanwhile gets 409, not handled
+            try:
+                result = handle(parse_event(answer.envelope) if typed else answer.envelope)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # the sidecar retries: nothing is marked
+                log.exception("ct1_client_handler_failed webhook_id=%s", webhook_id)
+                return web.Response(status=500, text=f"handler failed: {type(exc).__name__}")
+            if seen is not None:
+                await asyncio.to_thread(seen.mark, webhook_id)  # a durable write: off the loop
         finally:
             in_flight.discard(webhook_id)
-        if seen is not None:
-            seen.mark(webhook_id)
         return web.Response(text="ok")
 
     return handler

@@ -8,6 +8,8 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from config import catalogue
 from ct1_client import _core
@@ -345,3 +347,41 @@ async def test_the_async_consumer_leaves_a_programs_own_signal_handler_alone():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # its own, taken away again
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+_TEXT = st.text(
+    alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40
+)
+
+
+@given(
+    messages=st.lists(
+        st.tuples(
+            st.integers(min_value=1, max_value=10**12),
+            st.from_regex(r"[a-z]{1,8}\.[a-z_]{1,12}", fullmatch=True),
+            st.lists(_TEXT, min_size=1, max_size=3),
+        ),
+        max_size=8,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=12),
+    crlf=st.booleans(),
+    keepalives=st.booleans(),
+)
+def test_sse_parsing_does_not_depend_on_where_the_network_cut_the_bytes(messages, cuts, crlf, keepalives):
+    """Whatever the chunks a stream arrives in, the same messages come out, each data line
+    put back together, UTF-8 split across chunks included."""
+    nl = "\r\n" if crlf else "\n"
+    text = f"retry: 1000{nl}{nl}"
+    for event_id, kind, lines in messages:
+        if keepalives:
+            text += f": keep-alive{nl}{nl}"
+        text += f"id: {event_id}{nl}event: {kind}{nl}" + "".join(f"data: {line}{nl}" for line in lines) + nl
+    raw = text.encode("utf-8")
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    parser = _core.SseParser()
+    got = []
+    for start, end in zip([0, *points], [*points, len(raw)], strict=True):
+        got += parser.feed(raw[start:end])
+    assert [(m.id, m.event, m.data) for m in got] == [
+        (str(i), kind, "\n".join(lines)) for i, kind, lines in messages
+    ]
