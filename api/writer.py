@@ -44,7 +44,7 @@ class ApiWriter:
         if self._writer is None:  # opened (created, migrated) once, and again after a failure
             conn = store.open_outbox(self.path)
             try:
-                self._writer = OutboxWriter(conn, Router(self.routes))
+                self._writer = OutboxWriter(conn, Router(self.routes), rows_at_append=True)
             except BaseException:
                 conn.close()
                 raise

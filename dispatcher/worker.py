@@ -27,7 +27,7 @@ from common.version import version
 from config.settings import EndpointSettings, Settings
 from dispatcher import retry, signing
 from dispatcher.sender import Sender, check_url
-from outbox.deliveries import DeliveryStore, Due, Finished
+from outbox.deliveries import MATERIALIZE_BATCH, DeliveryStore, Due, Finished
 from outbox.endpoints import EndpointState
 
 log = structlog.get_logger("ct1_cdc.dispatch")
@@ -209,6 +209,9 @@ class Dispatcher:
                 await self._sleep_on(rt.freed, STATE_REFRESH_SECONDS)
                 continue
             rt.wake.clear()
+            # the rows of the events appended since (capture writes events only)
+            if await self._db(store.materialize, rt.cfg.name) >= MATERIALIZE_BATCH:
+                rt.wake.set()  # more to make: no sleep before the next round
             due = await self._read(store.claim, rt.cfg.name, now, capacity, frozenset(rt.inflight))
             if not due:
                 next_at = await self._read(store.next_due, rt.cfg.name)

@@ -23,6 +23,7 @@ from outbox import endpoints, store
 from outbox.endpoints import EndpointState
 
 D = sqlfile.load("outbox", "deliveries.sql")
+MATERIALIZE_BATCH = 5000  # events past a cursor made rows of in one commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,22 @@ class DeliveryStore:
             due.append(Due(event_id, attempts, body))
         due.sort(key=lambda d: d.event_id)
         return due
+
+    def materialize(self, endpoint: str, batch: int = MATERIALIZE_BATCH) -> int:
+        """Make the delivery rows of the events past ``endpoint``'s cursor that its routes
+        take (at most ``batch`` events further), and move the cursor, in one commit; the
+        events appended since the last call become claimable. Returns how far it went."""
+        row = self.conn.execute(D["cursor_of"], (endpoint,)).fetchone()
+        last = int(self.conn.execute(store.Q["last_event_id"]).fetchone()[0])
+        if row is None or int(row[0]) >= last:
+            return 0  # the common case when idle: two reads, no write
+        with store.transaction(self.conn):
+            after = int(self.conn.execute(D["cursor_of"], (endpoint,)).fetchone()[0])
+            upto = min(int(self.conn.execute(store.Q["last_event_id"]).fetchone()[0]), after + batch)
+            args = {"endpoint": endpoint, "after": after, "upto": upto}
+            self.conn.execute(D["materialize"], args)
+            self.conn.execute(D["move_cursor"], args)
+        return upto - after
 
     def next_due(self, endpoint: str) -> float | None:
         row = self.reader.execute(D["next_due"], (endpoint,)).fetchone()
@@ -151,8 +168,10 @@ def attempts_of(conn: sqlite3.Connection, event_id: int) -> list[dict[str, Any]]
 def replay_event(conn: sqlite3.Connection, event_id: int, *, endpoint: str | None, now: float) -> int:
     """Make an event's deliveries (to ``endpoint``, or every one) due again at ``now`` with
     a fresh retry schedule; how many."""
+    args = {"event_id": event_id, "endpoint": endpoint, "now": now}
     with store.transaction(conn):
-        cur = conn.execute(D["replay_event"], {"event_id": event_id, "endpoint": endpoint, "now": now})
+        conn.execute(D["make_event_rows"], args)
+        cur = conn.execute(D["replay_event"], args)
     return cur.rowcount
 
 

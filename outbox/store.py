@@ -320,7 +320,7 @@ def get_event(conn: sqlite3.Connection, event_id: int) -> tuple[Any, ...] | None
 
 
 def event_deliveries(conn: sqlite3.Connection, event_id: int) -> list[dict[str, Any]]:
-    cur = conn.execute(Q["event_deliveries"], (event_id,))
+    cur = conn.execute(Q["event_deliveries"], {"id": event_id})
     return [
         {"endpoint": e, "status": s, "attempts": a, "next_attempt_at": n} for e, s, a, n in cur.fetchall()
     ]

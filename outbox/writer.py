@@ -27,7 +27,7 @@ from common.metrics import EVENTS_APPENDED
 from outbox import backfills, source_state
 from outbox.checkpointer import Checkpointer
 from outbox.state import SqliteState
-from outbox.store import Q, Router, dumps
+from outbox.store import TO_EVERY_ENDPOINT, Q, Router, dumps, transaction
 
 CHUNK = 1000
 SHADOW_BUFFER = 10_000  # shadow rows kept in memory before they go to SQLite
@@ -43,10 +43,21 @@ class OutboxWriter:
     not yet committed."""
 
     def __init__(
-        self, conn: sqlite3.Connection, router: Router, *, checkpointer: Checkpointer | None = None
+        self,
+        conn: sqlite3.Connection,
+        router: Router,
+        *,
+        checkpointer: Checkpointer | None = None,
+        rows_at_append: bool = False,
     ) -> None:
+        """``rows_at_append``: this writer chooses each event's endpoints itself (the API's
+        manual events, narrowed by ``systems``) and writes their delivery rows at once;
+        otherwise (capture) it appends events only, and the dispatcher makes the rows from
+        each endpoint's cursor and the routes this writer keeps per event type."""
         self.conn = conn
         self.router = router
+        self.rows_at_append = rows_at_append
+        self._routed_types: set[str] = set()
         # Every delivery is inserted from the event row it names, in the same transaction:
         # the foreign-key lookup per delivery would only check what the INSERT ... SELECT
         # guarantees.
@@ -64,6 +75,20 @@ class OutboxWriter:
         self._state: SqliteState | None = None
         now = time.time()
         conn.executemany(Q["register_endpoint"], [(name, now) for name in router.names])
+        if not rows_at_append:
+            self._routes_from(router)
+
+    def _routes_from(self, router: Router) -> None:
+        """Each endpoint of ``router`` gets a cursor (at the newest event, when it is new)
+        and the routes are stated anew, for every type the outbox holds (events still
+        waiting for their rows keep a route; an endpoint the configuration no longer names
+        gets no further event): one commit, before any event of this writer."""
+        with transaction(self.conn):
+            self.conn.executemany(Q["register_cursor"], [(name,) for name in router.names])
+            types = [row[0] for row in self.conn.execute(Q["event_types"])]
+            self.conn.execute(Q["forget_routes"])
+            self.conn.executemany(Q["add_route"], [(name, t) for t in types for name in router.endpoints(t)])
+        self._routed_types = set(types)
 
     def add(
         self,
@@ -82,7 +107,19 @@ class OutboxWriter:
         events = self._events
         key = None if entity_id is None else str(entity_id)
         events.append(
-            (type, object, key, occurred_at, json_bytes(data).decode(), table, op, lsn, xid, time.time())
+            (
+                type,
+                object,
+                key,
+                occurred_at,
+                json_bytes(data).decode(),
+                table,
+                op,
+                lsn,
+                xid,
+                time.time(),
+                1 if self.rows_at_append or type in TO_EVERY_ENDPOINT else 0,
+            )
         )
         self.pending += 1
         if len(events) >= CHUNK:
@@ -270,9 +307,15 @@ class OutboxWriter:
         last = int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0])
         first = last - len(events) + 1
         by_endpoint: dict[str, list[str]] = {}
-        for event_type in {event[0] for event in events}:
-            for endpoint in self.router.endpoints(event_type):
-                by_endpoint.setdefault(endpoint, []).append(event_type)
+        for event_type, routed in {(event[0], event[10]) for event in events}:
+            if routed:  # rows now
+                for endpoint in self.router.endpoints(event_type):
+                    by_endpoint.setdefault(endpoint, []).append(event_type)
+            elif event_type not in self._routed_types:  # a new type: its routes, in this commit
+                self.conn.executemany(
+                    Q["add_route"], [(endpoint, event_type) for endpoint in self.router.endpoints(event_type)]
+                )
+                self._routed_types.add(event_type)
         for endpoint, types in by_endpoint.items():
             self.conn.execute(
                 Q["insert_deliveries"],

@@ -9,13 +9,18 @@ from typing import Any
 
 from config import catalogue
 from outbox import store
+from outbox.deliveries import DeliveryStore
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
 
 
-def append_events(path: str | Path, endpoints: Sequence[str], events: Iterable[tuple[str, str, Any]]) -> None:
+def append_events(
+    path: str | Path, endpoints: Sequence[str], events: Iterable[tuple[str, str, Any]], *, rows: bool = True
+) -> None:
     """Append (type, object, entity id) events routed to ``endpoints`` and commit; each has
-    the ``source.op`` of its type in the catalogue (an update's ``previous`` is ``{}``)."""
+    the ``source.op`` of its type in the catalogue (an update's ``previous`` is ``{}``).
+    With ``rows`` the endpoints' delivery rows are made too, as the dispatcher makes them
+    before it claims (capture appends events only)."""
     writer = OutboxWriter(store.open_outbox(path), Router([Route(e, ("*",)) for e in endpoints]))
     try:
         for n, (etype, obj, key) in enumerate(events):
@@ -36,6 +41,14 @@ def append_events(path: str | Path, endpoints: Sequence[str], events: Iterable[t
         writer.commit("test", 1)
     finally:
         writer.close()
+    if rows:
+        deliveries = DeliveryStore(path)
+        try:
+            for endpoint in endpoints:
+                while deliveries.materialize(endpoint):
+                    pass
+        finally:
+            deliveries.close()
 
 
 def same_json(got: Any, want: Any) -> bool:

@@ -52,18 +52,41 @@ FROM (
 WHERE deliveries.endpoint = f.endpoint AND deliveries.event_id = f.event_id
 
 -- name: list_deliveries
-SELECT d.endpoint, d.event_id, e.type, d.status, d.attempts, d.next_attempt_at, d.last_status, d.last_error
-FROM deliveries d JOIN events e ON e.id = d.event_id
-WHERE (:status IS NULL OR d.status = :status)
-  AND (:endpoint IS NULL OR d.endpoint = :endpoint)
-  AND (:event_id IS NULL OR d.event_id = :event_id)
-  AND d.event_id > :after
-ORDER BY d.event_id, d.endpoint
+-- The delivery rows, and the pending deliveries whose rows the dispatcher has not made
+-- yet (the events past an endpoint's cursor that its routes take).
+SELECT endpoint, event_id, type, status, attempts, next_attempt_at, last_status, last_error FROM (
+    SELECT d.endpoint AS endpoint, d.event_id AS event_id, e.type AS type, d.status AS status,
+           d.attempts AS attempts, d.next_attempt_at AS next_attempt_at,
+           d.last_status AS last_status, d.last_error AS last_error
+    FROM deliveries d JOIN events e ON e.id = d.event_id
+    WHERE (:status IS NULL OR d.status = :status)
+      AND (:endpoint IS NULL OR d.endpoint = :endpoint)
+      AND (:event_id IS NULL OR d.event_id = :event_id)
+      AND d.event_id > :after
+    UNION ALL
+    SELECT c.endpoint, e.id, e.type, 'pending', 0, 0.0, NULL, NULL
+    FROM delivery_cursors c
+    JOIN events e ON e.id > max(c.last_event_id, :after) AND e.routed = 0
+    JOIN endpoint_routes r ON r.endpoint = c.endpoint AND r.type = e.type
+    WHERE (:status IS NULL OR :status = 'pending')
+      AND (:endpoint IS NULL OR c.endpoint = :endpoint)
+      AND (:event_id IS NULL OR e.id = :event_id)
+)
+ORDER BY event_id, endpoint
 LIMIT :limit
 
 -- name: delivery_attempts
 SELECT endpoint, attempted_at, status, duration_ms, error, response
 FROM attempts WHERE event_id = ? ORDER BY id
+
+-- name: make_event_rows
+-- The rows of one event not made yet (before a replay of it).
+INSERT OR IGNORE INTO deliveries (event_id, endpoint, entity)
+SELECT e.id, c.endpoint, e.object || ':' || coalesce(e.entity_key, '')
+FROM events e
+JOIN delivery_cursors c ON c.last_event_id < e.id
+JOIN endpoint_routes r ON r.endpoint = c.endpoint AND r.type = e.type
+WHERE e.id = :event_id AND e.routed = 0 AND (:endpoint IS NULL OR c.endpoint = :endpoint)
 
 -- name: replay_event
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now
@@ -73,3 +96,18 @@ WHERE event_id = :event_id AND (:endpoint IS NULL OR endpoint = :endpoint)
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now
 WHERE status = 'dead' AND (:endpoint IS NULL OR endpoint = :endpoint)
   AND event_id IN (SELECT id FROM events WHERE created_at >= :since)
+
+-- name: cursor_of
+SELECT last_event_id FROM delivery_cursors WHERE endpoint = ?
+
+-- name: materialize
+-- The delivery rows of the events in (after, upto] that the endpoint's routes take.
+INSERT OR IGNORE INTO deliveries (event_id, endpoint, entity)
+SELECT e.id, :endpoint, e.object || ':' || coalesce(e.entity_key, '')
+FROM events e
+JOIN endpoint_routes r ON r.endpoint = :endpoint AND r.type = e.type
+WHERE e.id > :after AND e.id <= :upto AND e.routed = 0
+ORDER BY e.id
+
+-- name: move_cursor
+UPDATE delivery_cursors SET last_event_id = :upto WHERE endpoint = :endpoint

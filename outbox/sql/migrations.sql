@@ -167,3 +167,24 @@ CREATE TABLE backfills (
     finished_at  REAL
 );
 CREATE INDEX backfills_active ON backfills (id) WHERE state IN ('queued', 'running')
+
+-- name: 9
+-- Capture appends events only (docs/design-delivery-cursors.md, phase A). Each endpoint
+-- has a cursor: the last event for which the dispatcher has made its delivery rows, from
+-- the routes (which event types go to which endpoint, as capture's configuration says,
+-- kept per type). Events whose writer chose the endpoints itself (a manual event narrowed
+-- by systems, ct1.gap to every endpoint) get their rows at once and are marked routed.
+-- An existing outbox's events already have their rows: every known endpoint starts at the
+-- newest.
+CREATE TABLE delivery_cursors (
+    endpoint      TEXT    PRIMARY KEY,
+    last_event_id INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE endpoint_routes (
+    endpoint TEXT NOT NULL,
+    type     TEXT NOT NULL,
+    PRIMARY KEY (endpoint, type)
+) WITHOUT ROWID;
+ALTER TABLE events ADD COLUMN routed INTEGER NOT NULL DEFAULT 0;
+INSERT INTO delivery_cursors (endpoint, last_event_id)
+SELECT name, coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0) FROM endpoints

@@ -1,16 +1,32 @@
 -- name: insert_event
 -- ids come from AUTOINCREMENT: contiguous within one writer's BEGIN IMMEDIATE
-INSERT INTO events (type, object, entity_key, occurred_at, data, source_table, op, lsn, xid, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO events (type, object, entity_key, occurred_at, data, source_table, op, lsn, xid, created_at, routed)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 
 -- name: insert_deliveries
--- One delivery per event of ids first..last whose type is routed to the endpoint.
+-- One delivery per event of ids first..last whose type is routed to the endpoint, among
+-- the events whose writer chose their endpoints (routed = 1).
 INSERT INTO deliveries (event_id, endpoint, entity)
 SELECT id, :endpoint, object || ':' || coalesce(entity_key, '')
 FROM events
 WHERE id BETWEEN :first AND :last
+  AND routed = 1
   AND type IN (SELECT value FROM json_each(:types))
 ORDER BY id
+
+-- name: register_cursor
+-- An endpoint seen for the first time gets the events appended from now on.
+INSERT INTO delivery_cursors (endpoint, last_event_id)
+VALUES (?, coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0))
+ON CONFLICT (endpoint) DO NOTHING
+
+-- name: forget_routes
+-- Before a writer states the routes again: every endpoint's (those it no longer names
+-- get no further event).
+DELETE FROM endpoint_routes
+
+-- name: add_route
+INSERT OR IGNORE INTO endpoint_routes (endpoint, type) VALUES (?, ?)
 
 -- name: last_event_id
 SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)
@@ -46,9 +62,16 @@ LIMIT :limit
 SELECT id, type, occurred_at, data, source_table, op, lsn, xid FROM events WHERE id = ?
 
 -- name: event_deliveries
+-- Its delivery rows, and a pending one for each endpoint whose row is not made yet.
 SELECT d.endpoint, d.status, d.attempts, d.next_attempt_at
-FROM endpoints e JOIN deliveries d ON d.endpoint = e.name AND d.event_id = ?
-ORDER BY d.endpoint
+FROM endpoints e JOIN deliveries d ON d.endpoint = e.name AND d.event_id = :id
+UNION ALL
+SELECT c.endpoint, 'pending', 0, 0.0
+FROM events e
+JOIN delivery_cursors c ON c.last_event_id < e.id
+JOIN endpoint_routes r ON r.endpoint = c.endpoint AND r.type = e.type
+WHERE e.id = :id AND e.routed = 0
+ORDER BY 1
 
 -- name: register_endpoint
 INSERT INTO endpoints (name, updated_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING
@@ -57,7 +80,19 @@ INSERT INTO endpoints (name, updated_at) VALUES (?, ?) ON CONFLICT (name) DO NOT
 SELECT type, count(*) AS n, max(id) AS last_id FROM events GROUP BY type ORDER BY type
 
 -- name: stats_deliveries
-SELECT endpoint, status, count(*) AS n FROM deliveries GROUP BY endpoint, status ORDER BY endpoint, status
+-- Deliveries by endpoint and status; the events past an endpoint's cursor that its routes
+-- take are pending deliveries whose rows the dispatcher has not made yet.
+SELECT endpoint, status, sum(n) AS n FROM (
+    SELECT endpoint, status, count(*) AS n FROM deliveries GROUP BY endpoint, status
+    UNION ALL
+    SELECT c.endpoint, 'pending', count(*)
+    FROM delivery_cursors c
+    JOIN events e ON e.id > c.last_event_id AND e.routed = 0
+    JOIN endpoint_routes r ON r.endpoint = c.endpoint AND r.type = e.type
+    GROUP BY c.endpoint
+)
+GROUP BY endpoint, status
+ORDER BY endpoint, status
 
 -- name: stats_totals
 SELECT count(*) AS events, coalesce(max(id), 0) AS last_id, min(created_at) AS first_at, max(created_at) AS last_at

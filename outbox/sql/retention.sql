@@ -1,10 +1,14 @@
 -- Retention: settled events past the cutoff go, with their deliveries and attempts.
 
 -- name: prune_candidates
--- Events older than the cutoff whose every delivery is settled (delivered or dead).
+-- Events older than the cutoff whose every delivery is made and settled (delivered or dead).
 -- Deliveries are found by their primary key (endpoint, event_id), one probe per endpoint.
 SELECT id FROM events
 WHERE created_at < :cutoff
+  AND id <= (  -- and every endpoint has made its row for it (its cursor is past it)
+      SELECT coalesce(min(c.last_event_id), events.id) FROM delivery_cursors c
+      WHERE EXISTS (SELECT 1 FROM endpoint_routes r WHERE r.endpoint = c.endpoint)
+  )
   AND NOT EXISTS (
       SELECT 1 FROM deliveries d
       WHERE d.endpoint IN (SELECT name FROM endpoints) AND d.event_id = events.id AND d.status = 'pending'
@@ -16,6 +20,10 @@ LIMIT :batch
 -- How many events prune_candidates would find, without a limit (`outbox prune --dry-run`).
 SELECT count(*) FROM events
 WHERE created_at < :cutoff
+  AND id <= (
+      SELECT coalesce(min(c.last_event_id), events.id) FROM delivery_cursors c
+      WHERE EXISTS (SELECT 1 FROM endpoint_routes r WHERE r.endpoint = c.endpoint)
+  )
   AND NOT EXISTS (
       SELECT 1 FROM deliveries d
       WHERE d.endpoint IN (SELECT name FROM endpoints) AND d.event_id = events.id AND d.status = 'pending'

@@ -60,10 +60,17 @@ def append(settings: Settings, events: list[tuple[str, str, Any]]) -> None:
 
 
 def deliveries(settings: Settings) -> dict[int, tuple[str, int]]:
+    """Each event's delivery (status, attempts); one whose row the dispatcher has not made
+    yet is pending, never attempted."""
     conn = store.connect(settings.outbox.path, readonly=True)
-    rows = conn.execute("SELECT event_id, status, attempts FROM deliveries").fetchall()
-    conn.close()
-    return {e: (s, a) for e, s, a in rows}
+    try:
+        rows = {e: (s, a) for e, s, a in conn.execute("SELECT event_id, status, attempts FROM deliveries")}
+        for (event_id,) in conn.execute("SELECT id FROM events").fetchall():
+            if event_id not in rows and store.event_deliveries(conn, event_id):
+                rows[event_id] = ("pending", 0)
+        return rows
+    finally:
+        conn.close()
 
 
 async def run_until(dispatcher: Dispatcher, done: Callable[[], bool], timeout: float = 20) -> None:
@@ -295,6 +302,7 @@ def test_claimed_body_is_the_outbox_envelope_byte_for_byte(tmp_path):
     writer.commit("test", 1)
     writer.close()
     store_ = DeliveryStore(path)
+    store_.materialize("ct2")
     (due,) = store_.claim("ct2", 1e12, 10, ())
     conn = store.connect(path, readonly=True)
     row = store.get_event(conn, 1)
@@ -309,6 +317,7 @@ def test_claim_leaves_out_deliveries_in_flight_and_later_events_of_their_entity(
     settings = settings_for(tmp_path, "http://127.0.0.1:1/hook")
     append(settings, [("order.created", "order", k) for k in (1, 2, 3, 1)])
     store_ = DeliveryStore(settings.outbox.path)
+    store_.materialize("ct2")
     assert [d.event_id for d in store_.claim("ct2", 1e12, 10, ())] == [1, 2, 3]
     assert [d.event_id for d in store_.claim("ct2", 1e12, 10, {1, 3})] == [2]
     assert [d.event_id for d in store_.claim("ct2", 1e12, 1, {1})] == [2]
