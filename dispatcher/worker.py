@@ -209,10 +209,16 @@ class Dispatcher:
                 await self._sleep_on(rt.freed, STATE_REFRESH_SECONDS)
                 continue
             rt.wake.clear()
-            # the rows of the events appended since (capture writes events only)
-            if await self._db(store.materialize, rt.cfg.name) >= MATERIALIZE_BATCH:
-                rt.wake.set()  # more to make: no sleep before the next round
-            due = await self._read(store.claim, rt.cfg.name, now, capacity, frozenset(rt.inflight))
+            inflight = frozenset(rt.inflight)
+            due = await self._read(store.claim, rt.cfg.name, now, capacity, inflight)
+            if len(due) < capacity:
+                # short of rows: make those of the events appended since (capture writes
+                # events only), a batch per write rather than a write per round
+                made = await self._db(store.materialize, rt.cfg.name)
+                if made:
+                    due = await self._read(store.claim, rt.cfg.name, now, capacity, inflight)
+                if made >= MATERIALIZE_BATCH:
+                    rt.wake.set()  # more to make: no sleep before the next round
             if not due:
                 next_at = await self._read(store.next_due, rt.cfg.name)
                 wait = 1.0 if next_at is None else min(1.0, max(0.0, next_at - now))

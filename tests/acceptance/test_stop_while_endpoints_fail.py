@@ -9,13 +9,13 @@ exit 1), and every delivery it did not make stays pending for the next run.
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from outbox import store
 from sidecar.throwaway import free_port
 from tests.acceptance.helpers import cli, spawn, write_config
 from tests.conftest import SourceDb
@@ -39,9 +39,15 @@ def insert_users(db: SourceDb, start: int, count: int) -> None:
 
 
 def delivery_counts(outbox: Path) -> dict[str, int]:
-    conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)
+    """Deliveries by status over both endpoints, as `outbox stats` counts them (rows made
+    or not yet: capture appends events only)."""
+    conn = store.connect(outbox, readonly=True)
     try:
-        return dict(conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall())
+        counts: dict[str, int] = {}
+        for by_status in store.stats(conn)["deliveries"].values():
+            for status, n in by_status.items():
+                counts[status] = counts.get(status, 0) + n
+        return counts
     finally:
         conn.close()
 
