@@ -446,3 +446,46 @@ async def test_a_paused_endpoint_waits_for_its_probe_without_spinning_while_even
     assert cpu < 0.5, f"{cpu:.2f} s of CPU in 1 s while paused: the loop spins"
     assert stopped, "the dispatcher did not stop"
     assert {s for s, _ in deliveries(settings).values()} == {"pending"}
+
+
+async def test_a_retry_blocks_its_entity_while_a_thousand_others_flow(tmp_path):
+    """Rows made by the dispatcher from its cursor (capture appends events only): one
+    order's first event fails until every other order's event is through; the thousand
+    others are not held up, and that order's later events wait for it, in order."""
+    from tests.outbox_helpers import append_events
+
+    others_done = asyncio.Event()
+    seen_blocked: list[int] = []
+
+    async def first_fails(request: web.Request, call: int) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        if body["data"]["id"] == 0:
+            seen_blocked.append(body["id"])
+            if body["id"] == 1 and not others_done.is_set():
+                return web.Response(status=503)
+        return web.Response()
+
+    events = [("order.updated", "order", 0)]
+    events += [("order.updated", "order", i) for i in range(1, 1001)]
+    events += [("order.updated", "order", 0), ("order.updated", "order", 0)]
+    async with Receiver(first_fails) as rx:
+        settings = settings_for(
+            tmp_path,
+            rx.url,
+            retry_schedule=[0] + [0.05] * 200,
+            endpoint_concurrency=32,
+            pause_after_failures=10**6,
+        )
+        append_events(settings.outbox.path, ["ct2"], events, rows=False)
+
+        def progress() -> bool:
+            if sum(1 for r in rx.received if r.envelope["data"]["id"] != 0) == 1000:
+                others_done.set()
+            return len(rx.received) == 1003
+
+        await run_until(Dispatcher(settings), progress, timeout=60)
+    order = [r.envelope["id"] for r in rx.received]
+    zero = [i for i in order if i in (1, 1002, 1003)]
+    assert zero == [1, 1002, 1003]  # the order's events in order
+    assert order.index(1) > max(order.index(i) for i in range(2, 1002))  # the others did not wait
+    assert seen_blocked[-3:] == [1, 1002, 1003] and set(seen_blocked[:-2]) == {1}  # later ones held back
