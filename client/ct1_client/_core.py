@@ -233,7 +233,7 @@ class Pager(Generic[T]):
         if self.pages == 0:
             self.resume_event_id = meta.get("resume_event_id")
         self.pages += 1
-        last = rows[-1].model_dump().get("id") if rows else None
+        last = getattr(rows[-1], "id", None) if rows else None
         if isinstance(last, int):
             self.ends.append(last)
             self.positions.append(meta.get("page_event_id"))
