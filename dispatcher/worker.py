@@ -1,12 +1,20 @@
-"""Delivery workers: due deliveries ▶ signed POST ▶ attempt log, per endpoint.
+"""Delivery workers: events past a cursor, and due deliveries ▶ signed POST ▶ attempt
+log, per endpoint.
 
-Per endpoint, a loop claims due deliveries (only the oldest pending one of each entity,
-so one order's events arrive in order while other orders proceed) and sends each in its
-own task, within a global and a per-endpoint concurrency limit.  The retry policy decides
-what happens next; endpoint health pauses an endpoint after a run of failures and probes
-it with one delivery at a time until one succeeds.
+Per endpoint, a loop reads the events past what it has read (the endpoint's routes
+applied) and the delivery rows that are due (retries, replays), and sends each in its own
+task, within a global and a per-endpoint concurrency limit.  One entity's events go one
+at a time, in order (a chain in memory), while other entities proceed; an entity with a
+pending delivery row gets rows for its later events, queued behind it.  The retry policy
+decides what happens after an attempt; endpoint health pauses an endpoint after a run of
+failures and probes it with one delivery at a time until one succeeds.
 
-SQLite work runs on one thread of its own; the event loop never waits on the disk.
+A first-try success never gets a row: the endpoint's cursor moves past it, in the same
+commit as its batch of attempt_batches.  The cursor only passes events whose outcome is
+committed, so after a crash the ones above it are sent again (at least once, same
+``webhook-id``); see docs/design-delivery-cursors.md.
+
+SQLite work runs on threads of its own; the event loop never waits on the disk.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -27,7 +36,7 @@ from common.version import version
 from config.settings import EndpointSettings, Settings
 from dispatcher import retry, signing
 from dispatcher.sender import Sender, check_url
-from outbox.deliveries import MATERIALIZE_BATCH, DeliveryStore, Due, Finished
+from outbox.deliveries import DeliveryStore, Due, Finished
 from outbox.endpoints import EndpointState
 
 log = structlog.get_logger("ct1_cdc.dispatch")
@@ -37,9 +46,25 @@ POLL_SECONDS = 0.02  # how often another process's commits are looked for
 STATE_REFRESH_SECONDS = 1.0  # how often endpoint state set by the CLI is re-read
 SHUTDOWN_GRACE_SECONDS = 5.0  # on stop, how long deliveries in flight may finish
 CLAIM_FRACTION = 0.25  # claim again once this share of the slots is free
+MAX_AHEAD = 1000  # events read past the cursor and not settled, at most, per endpoint
+MAX_CHAIN = 100  # one entity's events waiting in memory; past it they queue as rows
+CURSOR_IDLE_SECONDS = 1.0  # how often a cursor moves when nothing else is committed
 
 
-@dataclass
+@dataclass(eq=False)
+class Chain:
+    """One entity's events held in memory for one endpoint: sent one at a time, in order.
+    ``open`` counts those sent whose outcome is not committed yet; once a delivery of the
+    entity is pending (a retry) or too many wait, ``to_rows``: its later events queue as
+    rows behind it."""
+
+    waiting: deque[Due] = field(default_factory=deque)
+    open: int = 0
+    sending: bool = False  # one of its events is with the receiver now
+    to_rows: bool = False
+
+
+@dataclass(eq=False)
 class Runtime:
     """One endpoint while the dispatcher runs."""
 
@@ -48,11 +73,27 @@ class Runtime:
     state: EndpointState
     limit: int
     max_limit: int
+    cursor: int = 0  # the committed cursor: every event up to it is settled
+    generation: int = -1  # the cursor's generation (-1: not registered yet)
+    horizon: int = 0  # events read up to here
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    # deliveries claimed and not yet recorded (never claimed twice) ...
+    # rows claimed and not yet recorded (never claimed twice)
     inflight: set[int] = field(default_factory=set)
-    # ... of which this many are waiting for the receiver (what the limit counts)
+    # entities with events in memory (their rows are not claimed meanwhile)
+    chains: dict[str, Chain] = field(default_factory=dict)
+    # events read without a row, in order, until their outcome is committed
+    unsettled: deque[int] = field(default_factory=deque)
+    settled: set[int] = field(default_factory=set)
+    # events past the cursor whose first try is on record (sent before a crash or rewind)
+    batched: set[int] = field(default_factory=set)
+    # entities whose later events went to rows, by the commit that made them visible
+    to_rows_at: dict[str, int] = field(default_factory=dict)
+    rewinding: bool = False  # `replay --from` moved the cursor: drain, then start there
+    cursor_moved_at: float = 0.0
+    # waiting for the receiver (what the limit counts) ...
     sending: int = 0
+    # ... and sent with the outcome not committed yet (a paused endpoint's one probe)
+    outstanding: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     durations: Any = None  # the attempt-duration histogram of this endpoint
     delivered_total: Any = None  # its counter of successful attempts
@@ -81,8 +122,11 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.runtimes: dict[str, Runtime] = {}
         self._global = asyncio.Semaphore(self.cfg.concurrency)
-        self._results: list[tuple[Finished, Runtime]] = []
+        self._results: list[tuple[Finished, Runtime, Chain | None]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._commits = 0  # attempt-log commits so far
+        self._cursors_due = False  # a cursor may move with nothing else to commit
+        self._stopping = False
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -128,6 +172,7 @@ class Dispatcher:
             log.info("dispatch_started", endpoints=sorted(self.runtimes))
             await stop.wait()
         finally:
+            self._stopping = True
             for task in tasks:  # no new claims
                 task.cancel()
             # let deliveries in flight finish and be recorded; what does not finish in
@@ -140,6 +185,8 @@ class Dispatcher:
             await asyncio.gather(*tasks, *inflight, return_exceptions=True)
             if self._flusher is not None:  # what finished is recorded before we close
                 await asyncio.gather(self._flusher, return_exceptions=True)
+            self._cursors_due = True  # and the cursors go as far as it allows
+            await asyncio.gather(self._flush(store), return_exceptions=True)
             await sender.close()
             self._reads.shutdown(wait=True)
             await self._db(store.close)
@@ -160,12 +207,19 @@ class Dispatcher:
         if cfg.previous_secret:
             keys.append(signing.secret_key(cfg.previous_secret))
         limit = self.cfg.endpoint_concurrency
+        cursor, generation = await self._db(store.cursor, cfg.name)
+        batched = await self._db(store.batched_after, cfg.name, cursor)
         return Runtime(
             cfg=cfg,
             keys=keys,
             state=state,
             limit=limit,
             max_limit=limit,
+            cursor=cursor,
+            generation=generation,
+            horizon=cursor,
+            batched=batched,
+            cursor_moved_at=self.clock(),
             durations=ATTEMPT_SECONDS.labels(cfg.name),
             delivered_total=ATTEMPTS.labels(cfg.name, "delivered"),
         )
@@ -185,9 +239,10 @@ class Dispatcher:
             now = self.clock()
             if now >= next_refresh:
                 # adopt the stored state only when someone else (the CLI) wrote it since
-                fresh = await self._db(store.endpoint, rt.cfg.name)
-                if fresh.updated_at > rt.state.updated_at:
-                    rt.state = fresh
+                stored = await self._db(store.endpoint, rt.cfg.name)
+                if stored.updated_at > rt.state.updated_at:
+                    rt.state = stored
+                await self._check_cursor(store, rt)
                 next_refresh = now + STATE_REFRESH_SECONDS
             # Disabled, or paused until its probe: new deliveries do not matter, so these
             # waits ignore the wake-up (it stays set until the next claim: waiting on it
@@ -201,7 +256,7 @@ class Dispatcher:
                 continue
             limit = 1 if paused else rt.limit
             # a paused endpoint gets one probe at a time, until its outcome is recorded
-            busy = len(rt.inflight) if paused else rt.sending
+            busy = rt.outstanding if paused else rt.sending
             capacity = limit - busy
             # claim in batches: wait for a quarter of the slots unless none is busy
             if capacity <= 0 or (busy and capacity < max(1, int(limit * CLAIM_FRACTION))):
@@ -209,26 +264,104 @@ class Dispatcher:
                 await self._sleep_on(rt.freed, STATE_REFRESH_SECONDS)
                 continue
             rt.wake.clear()
-            inflight = frozenset(rt.inflight)
-            due = await self._read(store.claim, rt.cfg.name, now, capacity, inflight)
-            if len(due) < capacity:
-                # short of rows: make those of the events appended since (capture writes
-                # events only), a batch per write rather than a write per round
-                made = await self._db(store.materialize, rt.cfg.name)
-                if made:
-                    due = await self._read(store.claim, rt.cfg.name, now, capacity, inflight)
-                if made >= MATERIALIZE_BATCH:
-                    rt.wake.set()  # more to make: no sleep before the next round
-            if not due:
+            read_seq = self._commits
+            # due rows first (retries, replays, events queued behind their entity) ...
+            due = await self._read(
+                store.claim, rt.cfg.name, now, capacity, frozenset(rt.inflight), list(rt.chains), rt.horizon
+            )
+            for item in due:
+                self._admit_row(store, sender, rt, item)
+            # ... then the events past what was read, without a row
+            room = min(capacity - len(due), MAX_AHEAD - (len(rt.unsettled) - len(rt.settled)))
+            fresh: list[Due] = []
+            if room > 0 and rt.generation >= 0 and not rt.rewinding:
+                fresh, horizon = await self._read(store.fresh, rt.cfg.name, rt.horizon, room)
+                rt.horizon = max(rt.horizon, horizon)
+                for item in fresh:
+                    self._admit_fresh(store, sender, rt, item, read_seq)
+                for entity in [e for e, at in rt.to_rows_at.items() if at <= read_seq]:
+                    del rt.to_rows_at[entity]  # reads from now on see its rows
+                if len(fresh) >= room:
+                    rt.wake.set()  # more to read: no sleep before the next round
+            if now - rt.cursor_moved_at >= CURSOR_IDLE_SECONDS and self._cursor_after(rt, ()) > rt.cursor:
+                self._cursors_due = True
+                self._kick(store)
+            if not due and not fresh:
                 next_at = await self._read(store.next_due, rt.cfg.name)
                 wait = 1.0 if next_at is None else min(1.0, max(0.0, next_at - now))
                 await self._sleep(rt, wait if wait > 0 else POLL_SECONDS)
-                continue
-            for item in due:
-                rt.inflight.add(item.event_id)
-                task = asyncio.create_task(self._deliver(store, sender, rt, item))
-                rt.tasks.add(task)
-                task.add_done_callback(rt.tasks.discard)
+
+    async def _check_cursor(self, store: DeliveryStore, rt: Runtime) -> None:
+        """Notice a cursor registered since the start, or moved back by ``outbox replay
+        --from`` (a new generation): stop reading, let what is in memory settle, and go
+        on from the stored cursor."""
+        cursor, generation = await self._db(store.cursor, rt.cfg.name)
+        if generation == rt.generation:
+            return
+        rt.rewinding = True
+        if rt.chains or rt.outstanding or len(rt.unsettled) > len(rt.settled):
+            return  # not yet: the next refresh looks again
+        if any(r is rt for _, r, _ in self._results):
+            return
+        rt.batched = await self._db(store.batched_after, rt.cfg.name, cursor)
+        rt.cursor = rt.horizon = cursor
+        rt.generation = generation
+        rt.unsettled.clear()
+        rt.settled.clear()
+        rt.to_rows_at.clear()
+        rt.rewinding = False
+        rt.wake.set()
+        log.info("cursor_moved", endpoint=rt.cfg.name, event_id=cursor)
+
+    def _admit_row(self, store: DeliveryStore, sender: Sender, rt: Runtime, item: Due) -> None:
+        """A due row: its entity has nothing in memory (the claim leaves those out)."""
+        rt.inflight.add(item.event_id)
+        chain = rt.chains.get(item.entity)
+        if chain is not None and (chain.sending or chain.waiting):  # not by the claim; kept in order
+            chain.waiting.append(item)
+            return
+        if chain is None:
+            chain = rt.chains[item.entity] = Chain()
+        self._send(store, sender, rt, chain, item)
+
+    def _admit_fresh(
+        self, store: DeliveryStore, sender: Sender, rt: Runtime, item: Due, read_seq: int
+    ) -> None:
+        """An event read past the horizon: sent, or waiting behind its entity's event in
+        memory, or queued as a row behind its entity's pending delivery."""
+        rt.unsettled.append(item.event_id)
+        chain = rt.chains.get(item.entity)
+        # a row of its entity went pending after this read started: the read could not see it
+        to_rows = rt.to_rows_at.get(item.entity, -1) > read_seq
+        if item.blocked or to_rows or (chain is not None and chain.to_rows):
+            self._queue(store, rt, item)
+        elif chain is not None and (chain.sending or chain.waiting):
+            if len(chain.waiting) >= MAX_CHAIN:
+                chain.to_rows = True  # the rest of this entity flows as rows
+                self._queue(store, rt, item)
+            else:
+                chain.waiting.append(item)
+        else:
+            # a new entity, or one whose last event is done with the receiver (its outcome
+            # may not be committed yet: the chain stays until it is)
+            if chain is None:
+                chain = rt.chains[item.entity] = Chain()
+            self._send(store, sender, rt, chain, item)
+
+    def _queue(self, store: DeliveryStore, rt: Runtime, item: Due) -> None:
+        now = self.clock()
+        result = Finished(
+            rt.cfg.name, item.event_id, now, 0, 0.0, None, None, "pending", now, item.entity, "queue"
+        )
+        self._record(store, rt, result, None)
+
+    def _send(self, store: DeliveryStore, sender: Sender, rt: Runtime, chain: Chain, item: Due) -> None:
+        chain.open += 1
+        chain.sending = True
+        rt.outstanding += 1
+        task = asyncio.create_task(self._deliver(store, sender, rt, chain, item))
+        rt.tasks.add(task)
+        task.add_done_callback(rt.tasks.discard)
 
     async def _sleep(self, rt: Runtime, seconds: float) -> None:
         await self._sleep_on(rt.wake, seconds)
@@ -243,7 +376,9 @@ class Dispatcher:
             async with asyncio.timeout(seconds):
                 await event.wait()
 
-    async def _deliver(self, store: DeliveryStore, sender: Sender, rt: Runtime, item: Due) -> None:
+    async def _deliver(
+        self, store: DeliveryStore, sender: Sender, rt: Runtime, chain: Chain, item: Due
+    ) -> None:
         msg_id = signing.message_id(item.event_id)
         rt.sending += 1
         try:
@@ -266,21 +401,31 @@ class Dispatcher:
         )
         status = {"delivered": "delivered", "dead": "dead"}.get(decision.action, "pending")
         next_at = decision.next_attempt_at or now
-        self._record(
-            store,
-            rt,
-            Finished(
-                rt.cfg.name,
-                item.event_id,
-                sent_at,
-                attempt.status,
-                attempt.duration_ms,
-                attempt.error,
-                attempt.response,
-                status,
-                next_at,
-            ),
+        result = Finished(
+            rt.cfg.name,
+            item.event_id,
+            sent_at,
+            attempt.status,
+            attempt.duration_ms,
+            attempt.error,
+            attempt.response,
+            status,
+            next_at,
+            item.entity,
+            "row" if item.has_row else ("again" if item.event_id in rt.batched else "first"),
         )
+        self._record(store, rt, result, chain)
+        chain.sending = False
+        if status == "pending":
+            # a retry (or a 410) holds the entity: what waits behind it queues as rows
+            chain.to_rows = True
+            while chain.waiting:
+                self._queue(store, rt, chain.waiting.popleft())
+        elif chain.waiting:
+            nxt = chain.waiting.popleft()
+            if nxt.has_row:
+                rt.inflight.add(nxt.event_id)
+            self._send(store, sender, rt, chain, nxt)
         if decision.action == "delivered":
             rt.delivered_total.inc()
             rt.delivered += 1
@@ -302,23 +447,83 @@ class Dispatcher:
             rt.state.updated_at = time.time()
             await self._db(store.save_endpoint, rt.state)
 
-    def _record(self, store: DeliveryStore, rt: Runtime, result: Finished) -> None:
-        """Queue a finished attempt for the next group commit.  The delivery stays in
-        flight (never claimed again) until it is committed."""
-        self._results.append((result, rt))
+    def _record(self, store: DeliveryStore, rt: Runtime, result: Finished, chain: Chain | None) -> None:
+        """Queue an outcome for the next group commit.  The delivery stays in memory
+        (never read or claimed again, the cursor not past it) until it is committed."""
+        self._results.append((result, rt, chain))
+        self._kick(store)
+
+    def _kick(self, store: DeliveryStore) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(store))
 
+    @staticmethod
+    def _cursor_after(rt: Runtime, committing: Collection[int]) -> int:
+        """How far the cursor may go once ``committing`` is committed: to just below the
+        first event read and not settled, or to the horizon."""
+        if rt.generation < 0 or rt.rewinding:
+            return rt.cursor
+        for event_id in rt.unsettled:
+            if event_id not in rt.settled and event_id not in committing:
+                return max(rt.cursor, event_id - 1)
+        return rt.horizon
+
     async def _flush(self, store: DeliveryStore) -> None:
-        while self._results:
+        while self._results or self._cursors_due:
+            self._cursors_due = False
             batch, self._results = self._results, []
+            committing: dict[Runtime, set[int]] = {}
+            for result, rt, _ in batch:
+                if result.kind != "row":
+                    committing.setdefault(rt, set()).add(result.event_id)
+            cursors = []
+            for rt in self.runtimes.values():
+                upto = self._cursor_after(rt, committing.get(rt, ()))
+                if upto > rt.cursor:
+                    cursors.append((rt, upto))
+            if not batch and not cursors:
+                continue
             try:
-                await self._db(store.finish_many, [result for result, _ in batch])
-            except Exception as exc:  # the deliveries stay pending and are sent again
+                await self._db(
+                    store.finish_many,
+                    [result for result, _, _ in batch],
+                    [(rt.cfg.name, upto, rt.generation) for rt, upto in cursors],
+                )
+            except Exception as exc:
+                # nothing of it counts as done: the cursor stays below these events, so
+                # they are sent again after a restart if this commit never succeeds
                 log.error("attempt_log_failed", error=str(exc), deliveries=len(batch))
-            for result, rt in batch:
-                rt.inflight.discard(result.event_id)
-                rt.freed.set()
+                if self._stopping:
+                    return
+                self._results[:0] = batch
+                await asyncio.sleep(1.0)
+                continue
+            self._commits += 1
+            now = self.clock()
+            for rt, upto in cursors:
+                rt.cursor = upto
+                rt.cursor_moved_at = now
+            for result, rt, chain in batch:
+                self._settle(rt, result, chain)
+            for rt in committing:
+                while rt.unsettled and rt.unsettled[0] in rt.settled:
+                    rt.settled.discard(rt.unsettled.popleft())
+
+    def _settle(self, rt: Runtime, result: Finished, chain: Chain | None) -> None:
+        """An outcome is committed: the delivery leaves memory."""
+        if result.kind == "row":
+            rt.inflight.discard(result.event_id)
+        else:
+            rt.settled.add(result.event_id)
+            rt.batched.discard(result.event_id)
+        if chain is not None:
+            chain.open -= 1
+            rt.outstanding -= 1
+            if chain.open == 0 and not chain.waiting and rt.chains.get(result.entity) is chain:
+                del rt.chains[result.entity]
+                if chain.to_rows:
+                    rt.to_rows_at[result.entity] = self._commits
+        rt.freed.set()
 
     def _update_health(self, rt: Runtime, decision: retry.Decision, now: float) -> bool:
         """Apply one outcome to the endpoint's health; whether its stored state changed."""

@@ -28,15 +28,27 @@ MATERIALIZE_BATCH = 5000  # events past a cursor made rows of in one commit
 
 @dataclass(frozen=True, slots=True)
 class Due:
+    """An event to send to one endpoint: a delivery row that is due (``has_row``), or an
+    event read past the endpoint's cursor that has no row (``blocked``: its entity has a
+    pending row before it, so it must queue behind rather than go)."""
+
     event_id: int
     attempts: int
     body: bytes
+    entity: str = ""
+    has_row: bool = True
+    blocked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Finished:
     """One attempt and where it leaves the delivery (fields in the order of the
-    ``record_attempts`` batch)."""
+    ``record_attempts`` batch).  ``kind``: ``row`` (the delivery has a row: the attempt
+    is logged and the row updated), ``first`` (its first attempt, no row: a success goes
+    into a batch of attempt_batches, a failure makes the row), ``again`` (the same, sent
+    again after a crash or a rewind when its first try is on record already: a success
+    is logged as an attempt, so it is counted once) or ``queue`` (not sent: it gets a
+    row due now, behind a pending delivery of its entity)."""
 
     endpoint: str
     event_id: int
@@ -47,6 +59,60 @@ class Finished:
     response: str | None
     status: str  # pending | delivered | dead
     next_attempt_at: float
+    entity: str = ""
+    kind: str = "row"
+
+
+def _batch(results: list[Finished]) -> str:
+    return store.dumps(
+        [
+            (
+                r.endpoint,
+                r.event_id,
+                r.attempted_at,
+                r.http_status,
+                r.duration_ms,
+                r.error,
+                r.response,
+                r.status,
+                r.next_attempt_at,
+                r.entity,
+            )
+            for r in results
+        ]
+    )
+
+
+def success_batches(results: list[Finished]) -> list[dict[str, Any]]:
+    """First-try successes as rows of attempt_batches: one per endpoint and HTTP status,
+    split so that none spans more than :data:`store.BATCH_SPAN` event ids."""
+    groups: dict[tuple[str, int], list[Finished]] = {}
+    for r in results:
+        groups.setdefault((r.endpoint, r.http_status), []).append(r)
+    out = []
+    for (endpoint, status), members in groups.items():
+        members.sort(key=lambda r: r.event_id)
+        start = 0
+        for i in range(1, len(members) + 1):
+            if i < len(members) and members[i].event_id - members[start].event_id <= store.BATCH_SPAN:
+                continue
+            part = members[start:i]
+            durations = sorted(r.duration_ms for r in part)
+            out.append(
+                {
+                    "endpoint": endpoint,
+                    "first": part[0].event_id,
+                    "last": part[-1].event_id,
+                    "attempted_at": min(r.attempted_at for r in part),
+                    "status": status,
+                    "count": len(part),
+                    "median_ms": durations[len(durations) // 2],
+                    "max_ms": durations[-1],
+                    "event_ids": store.dumps([r.event_id for r in part]),
+                }
+            )
+            start = i
+    return out
 
 
 class DeliveryStore:
@@ -64,17 +130,61 @@ class DeliveryStore:
         self._data_version = version
         return changed
 
-    def claim(self, endpoint: str, now: float, limit: int, skip: Collection[int]) -> list[Due]:
-        """Up to ``limit`` due deliveries, oldest first, none of the ``skip`` event ids."""
-        row = self.reader.execute(
-            D["claim"], {"endpoint": endpoint, "now": now, "limit": limit, "skip": store.dumps(list(skip))}
-        ).fetchone()
+    def claim(
+        self,
+        endpoint: str,
+        now: float,
+        limit: int,
+        skip: Collection[int],
+        busy: Collection[str] = (),
+        horizon: int | None = None,
+    ) -> list[Due]:
+        """Up to ``limit`` due delivery rows, oldest first, none of the ``skip`` event ids,
+        of the ``busy`` entities or past ``horizon`` (every row when None)."""
+        args = {
+            "endpoint": endpoint,
+            "now": now,
+            "limit": limit,
+            "skip": store.dumps(list(skip)),
+            "busy": store.dumps(list(busy)),
+            "horizon": (1 << 62) if horizon is None else horizon,
+        }
+        row = self.reader.execute(D["claim"], args).fetchone()
         due = []
-        for event_id, attempts, *envelope in orjson.loads(row[0]):
+        for event_id, attempts, entity, *envelope in orjson.loads(row[0]):
             body = store.envelope_json((event_id, *envelope)).encode("utf-8")
-            due.append(Due(event_id, attempts, body))
+            due.append(Due(event_id, attempts, body, entity))
         due.sort(key=lambda d: d.event_id)
         return due
+
+    def fresh(self, endpoint: str, after: int, limit: int) -> tuple[list[Due], int]:
+        """The events past ``after`` that ``endpoint`` takes and that have no row, at most
+        ``limit``, oldest first; and how far they were read (the newest event when fewer
+        than ``limit`` came back)."""
+        upto = int(self.reader.execute(store.Q["last_event_id"]).fetchone()[0])
+        if upto <= after:
+            return [], after
+        row = self.reader.execute(
+            D["fresh"], {"endpoint": endpoint, "after": after, "upto": upto, "limit": limit}
+        ).fetchone()
+        due = []
+        for event_id, entity, blocked, *envelope in orjson.loads(row[0]):
+            body = store.envelope_json((event_id, *envelope)).encode("utf-8")
+            due.append(Due(event_id, 0, body, entity, has_row=False, blocked=bool(blocked)))
+        return due, (due[-1].event_id if len(due) >= limit else upto)
+
+    def batched_after(self, endpoint: str, cursor: int) -> set[int]:
+        """The events past ``cursor`` that already have a first-try success on record."""
+        args = {"endpoint": endpoint, "cursor": cursor, "span": store.BATCH_SPAN}
+        return {int(row[0]) for row in self.conn.execute(D["batched_after"], args)}
+
+    def cursor(self, endpoint: str) -> tuple[int, int]:
+        """The endpoint's cursor and its generation (moved back by ``replay --from``);
+        an endpoint not registered yet starts at the newest event."""
+        row = self.conn.execute(D["cursor_of"], (endpoint,)).fetchone()
+        if row is None:
+            return int(self.conn.execute(store.Q["last_event_id"]).fetchone()[0]), -1
+        return int(row[0]), int(row[1])
 
     def materialize(self, endpoint: str, batch: int = MATERIALIZE_BATCH) -> int:
         """Make the delivery rows of the events past ``endpoint``'s cursor that its routes
@@ -103,30 +213,32 @@ class DeliveryStore:
         row = self.reader.execute(D["next_due"], (endpoint,)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    def finish_many(self, results: list[Finished]) -> None:
-        """Record attempts and the deliveries' new states in one transaction (group
-        commit: one fsync for every delivery that finished meanwhile).  The batch goes to
-        SQLite as one JSON document per statement, so this thread asks for the GIL a
-        handful of times per commit rather than twice per delivery."""
-        batch = store.dumps(
-            [
-                (
-                    r.endpoint,
-                    r.event_id,
-                    r.attempted_at,
-                    r.http_status,
-                    r.duration_ms,
-                    r.error,
-                    r.response,
-                    r.status,
-                    r.next_attempt_at,
-                )
-                for r in results
-            ]
-        )
+    def finish_many(self, results: list[Finished], cursors: Collection[tuple[str, int, int]] = ()) -> None:
+        """Record attempts and the deliveries' new states, and move the ``cursors``
+        (endpoint, event id, generation), in one transaction (group commit: one fsync for
+        every delivery that finished meanwhile).  Each batch goes to SQLite as one JSON
+        document per statement, so this thread asks for the GIL a handful of times per
+        commit rather than twice per delivery."""
+        rows = [r for r in results if r.kind == "row"]
+        failed = [r for r in results if r.kind in ("first", "again") and r.status != "delivered"]
+        succeeded = [r for r in results if r.kind == "first" and r.status == "delivered"]
+        again = [r for r in results if r.kind == "again" and r.status == "delivered"]
+        queued = [r for r in results if r.kind == "queue"]
         with store.transaction(self.conn):
-            self.conn.execute(D["record_attempts"], {"batch": batch})
-            self.conn.execute(D["finish_deliveries"], {"batch": batch})
+            if rows or failed or again:
+                self.conn.execute(D["record_attempts"], {"batch": _batch(rows + failed + again)})
+            if rows:
+                self.conn.execute(D["finish_deliveries"], {"batch": _batch(rows)})
+            if failed:
+                self.conn.execute(D["insert_failed"], {"batch": _batch(failed)})
+            if queued:
+                batch = store.dumps([(r.endpoint, r.event_id, r.entity) for r in queued])
+                self.conn.execute(D["queue_rows"], {"batch": batch})
+            for success in success_batches(succeeded):
+                self.conn.execute(D["record_batch"], success)
+            for endpoint, upto, generation in cursors:
+                args = {"endpoint": endpoint, "upto": upto, "generation": generation}
+                self.conn.execute(D["advance_cursor"], args)
 
     def endpoint(self, name: str) -> EndpointState:
         return endpoints.state_of(self.conn, name)
@@ -152,7 +264,14 @@ def list_deliveries(
     limit: int = 1000,
 ) -> list[dict[str, Any]]:
     """Deliveries by event id then endpoint, with their state, last HTTP status and error."""
-    params = {"status": status, "endpoint": endpoint, "event_id": event_id, "after": after, "limit": limit}
+    params = {
+        "status": status,
+        "endpoint": endpoint,
+        "event_id": event_id,
+        "after": after,
+        "limit": limit,
+        "span": store.BATCH_SPAN,
+    }
     keys = (
         "endpoint",
         "event_id",
@@ -169,7 +288,8 @@ def list_deliveries(
 def attempts_of(conn: sqlite3.Connection, event_id: int) -> list[dict[str, Any]]:
     """Every recorded attempt to deliver one event, oldest first."""
     keys = ("endpoint", "attempted_at", "status", "duration_ms", "error", "response")
-    return [dict(zip(keys, row, strict=True)) for row in conn.execute(D["delivery_attempts"], (event_id,))]
+    cur = conn.execute(D["delivery_attempts"], {"event_id": event_id, "span": store.BATCH_SPAN})
+    return [dict(zip(keys, row, strict=True)) for row in cur]
 
 
 def replay_event(conn: sqlite3.Connection, event_id: int, *, endpoint: str | None, now: float) -> int:
@@ -187,3 +307,17 @@ def replay_dead(conn: sqlite3.Connection, *, endpoint: str | None, since: float,
     with store.transaction(conn):
         cur = conn.execute(D["replay_dead"], {"endpoint": endpoint, "since": since, "now": now})
     return cur.rowcount
+
+
+def replay_from(conn: sqlite3.Connection, endpoint: str, first: int, *, now: float) -> int:
+    """Send ``endpoint`` every event it takes from ``first`` on again (history to a new
+    endpoint, or again to one that lost it): its cursor goes back to just before
+    ``first`` and its rows from there are due again.  A running dispatcher notices the
+    new generation within a second.  Returns how many events that is."""
+    args = {"endpoint": endpoint, "from": first, "now": now}
+    with store.transaction(conn):
+        if conn.execute(D["rewind_cursor"], args).rowcount == 0:
+            raise KeyError(endpoint)
+        conn.execute(D["rewind_rows"], args)
+        count = conn.execute(D["count_from"], args).fetchone()[0]
+    return int(count)

@@ -1,5 +1,6 @@
 """Retention (``ct1-cdc outbox prune``): settled events older than a cutoff go, with
-their deliveries and attempts.  An event with a pending delivery is never pruned, and
+their deliveries and attempts (a first-try success leaves its batch in
+``attempt_batches``).  An event with a pending delivery is never pruned, and
 event ids are never reused (AUTOINCREMENT remembers the highest one).
 
 Pruning takes batches of :data:`BATCH` events, each in its own transaction, so capture
@@ -44,9 +45,13 @@ def prune(
             if not ids:
                 return removed
             payload = store.dumps(ids)
+            span = {"ids": payload, "first": ids[0], "last": ids[-1], "span": store.BATCH_SPAN}
             with store.transaction(conn):
-                for name in ("prune_attempts", "prune_deliveries", "prune_events"):
+                for name in ("prune_attempts", "prune_deliveries"):
                     conn.execute(R[name], {"ids": payload})
+                for name in ("prune_batch_events", "prune_batch_counts", "prune_empty_batches"):
+                    conn.execute(R[name], span)
+                conn.execute(R["prune_events"], {"ids": payload})
             removed += len(ids)
             if progress is not None:
                 progress(removed)

@@ -26,6 +26,9 @@ from common.errors import Ct1Error
 Q = sqlfile.load("outbox", "queries.sql")
 MIGRATIONS = sqlfile.load("outbox", "migrations.sql")
 SCHEMA_VERSION = max(int(n) for n in MIGRATIONS)
+# A row of attempt_batches (first-try successes) spans at most this many event ids, so
+# the batch holding an event is found in a short range of its index.
+BATCH_SPAN = 10_000
 
 
 class OutboxError(Ct1Error):
@@ -320,7 +323,7 @@ def get_event(conn: sqlite3.Connection, event_id: int) -> tuple[Any, ...] | None
 
 
 def event_deliveries(conn: sqlite3.Connection, event_id: int) -> list[dict[str, Any]]:
-    cur = conn.execute(Q["event_deliveries"], {"id": event_id})
+    cur = conn.execute(Q["event_deliveries"], {"id": event_id, "span": BATCH_SPAN})
     return [
         {"endpoint": e, "status": s, "attempts": a, "next_attempt_at": n} for e, s, a, n in cur.fetchall()
     ]
@@ -351,7 +354,7 @@ def endpoint_status(conn: sqlite3.Connection, names: Iterable[str], now: float) 
                 "delivered": by_status.get("delivered", 0),
                 "attempts_1h": hour.get(name, (0, 0)),
                 "attempts_24h": day.get(name, (0, 0)),
-                "last_attempt": conn.execute(Q["last_attempt"], (name,)).fetchone(),
+                "last_attempt": conn.execute(Q["last_attempt"], {"endpoint": name}).fetchone(),
             }
         )
     return out

@@ -16,6 +16,7 @@ import click
 from common.formats import unix_to_text
 from outbox import deliveries, retention, store
 from outbox.endpoints import set_state as set_endpoint_state
+from outbox.writer import OutboxWriter
 from sidecar.console import emit_json, endpoints, fail, handled, outbox, settings_of
 
 
@@ -99,6 +100,12 @@ def attempts_of(conn: sqlite3.Connection, event_id: int) -> list[dict[str, Any]]
 @outbox.command("replay")
 @click.option("--event", "event_id", type=click.IntRange(min=1), help="replay this event")
 @click.option("--dead", is_flag=True, help="replay every dead delivery")
+@click.option(
+    "--from",
+    "from_id",
+    type=click.IntRange(min=1),
+    help="with --endpoint: every event it takes from this id on (history to a new endpoint)",
+)
 @click.option("--endpoint", help="only to this endpoint")
 @click.option("--since", help="with --dead: only events stored since this ISO 8601 time")
 @click.option("--json", "as_json", is_flag=True)
@@ -108,19 +115,27 @@ def outbox_replay(
     ctx: click.Context,
     event_id: int | None,
     dead: bool,
+    from_id: int | None,
     endpoint: str | None,
     since: str | None,
     as_json: bool,
 ) -> None:
-    """Deliver events again (same webhook-id), now, with a fresh retry schedule."""
-    if (event_id is None) == (not dead):
-        fail("give exactly one of --event ID or --dead")
+    """Deliver events again (same webhook-id), now, with a fresh retry schedule: one
+    event, every dead delivery, or with --from every event an endpoint takes from an id
+    on (a running dispatcher starts over there within a second or two)."""
+    if [event_id is not None, dead, from_id is not None].count(True) != 1:
+        fail("give exactly one of --event ID, --dead or --from ID")
     if since and not dead:
         fail("--since goes with --dead")
+    if from_id is not None and endpoint is None:
+        fail("--from goes with --endpoint NAME")
     conn = _writer_conn(ctx)
     now = time.time()
     try:
-        if event_id is not None:
+        if from_id is not None:
+            assert endpoint is not None
+            count = _replay_from(ctx, conn, endpoint, from_id, now)
+        elif event_id is not None:
             if store.get_event(conn, event_id) is None:
                 fail(f"no event {event_id} in the outbox")
             count = deliveries.replay_event(conn, event_id, endpoint=endpoint, now=now)
@@ -132,6 +147,22 @@ def outbox_replay(
         emit_json({"replayed": count})
     else:
         click.echo(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
+        if from_id is not None:
+            click.echo(
+                f"{endpoint} starts again at event {from_id}: `ct1-cdc outbox stats` shows it catch up"
+            )
+
+
+def _replay_from(ctx: click.Context, conn: sqlite3.Connection, endpoint: str, first: int, now: float) -> int:
+    settings = settings_of(ctx)
+    configured = [e for e in settings.endpoints if e.name == endpoint]
+    if not configured:
+        fail(f"no endpoint {endpoint!r} in the configuration's [[endpoints]]")
+    if not configured[0].enabled:
+        fail(f"endpoint {endpoint!r} is disabled in the configuration")
+    # an endpoint new to the outbox gets its cursor and routes, as capture gives them
+    OutboxWriter(conn, store.Router(store.routes_of(settings.endpoints)))
+    return deliveries.replay_from(conn, endpoint, first, now=now)
 
 
 @outbox.command("prune")

@@ -15,7 +15,7 @@ from outbox.writer import OutboxWriter
 
 
 def append_events(
-    path: str | Path, endpoints: Sequence[str], events: Iterable[tuple[str, str, Any]], *, rows: bool = True
+    path: str | Path, endpoints: Sequence[str], events: Iterable[tuple[str, str, Any]], *, rows: bool = False
 ) -> None:
     """Append (type, object, entity id) events routed to ``endpoints`` and commit; each has
     the ``source.op`` of its type in the catalogue (an update's ``previous`` is ``{}``).

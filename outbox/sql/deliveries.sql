@@ -1,26 +1,51 @@
 -- Deliveries: the dispatcher's claims and attempt log, and what operators list and replay.
 
 -- name: claim
--- Due deliveries of one endpoint, only the oldest pending one of each entity, so one
--- entity's events go out strictly in order while other entities proceed.  Deliveries in
--- flight (:skip, a JSON array of event ids) are left out.  The whole batch comes back as
--- one JSON array in one row: one step of SQLite, so the claim thread takes the GIL once
--- instead of once per row.
-SELECT json_group_array(json_array(event_id, attempts, type, occurred_at, data, source_table, op, lsn, xid))
+-- Due delivery rows of one endpoint (retries, replays, events queued behind one of their
+-- entity), only the oldest pending one of each entity, so one entity's events go out
+-- strictly in order while other entities proceed.  Rows the dispatcher holds in flight
+-- (:skip, a JSON array of event ids), rows of entities it has in memory (:busy, a JSON
+-- array of entities) and rows past what it has read of the events (:horizon) are left
+-- out.  The whole batch comes back as one JSON array in one row: one step of SQLite, so
+-- the claim thread takes the GIL once instead of once per row.
+SELECT json_group_array(json_array(event_id, attempts, entity, type, occurred_at, data, source_table, op, lsn, xid))
 FROM (
-    SELECT d.event_id, d.attempts, e.type, e.occurred_at, e.data, e.source_table, e.op, e.lsn, e.xid
+    SELECT d.event_id, d.attempts, d.entity, e.type, e.occurred_at, e.data, e.source_table, e.op, e.lsn, e.xid
     FROM deliveries d INDEXED BY deliveries_pending
     JOIN events e ON e.id = d.event_id
     WHERE d.endpoint = :endpoint
       AND d.status = 'pending'
       AND d.next_attempt_at <= :now
+      AND d.event_id <= :horizon
       AND d.event_id NOT IN (SELECT value FROM json_each(:skip))
+      AND d.entity NOT IN (SELECT value FROM json_each(:busy))
       AND NOT EXISTS (
           SELECT 1 FROM deliveries p INDEXED BY deliveries_entity
           WHERE p.endpoint = d.endpoint AND p.status = 'pending'
             AND p.entity = d.entity AND p.event_id < d.event_id
       )
     ORDER BY d.event_id
+    LIMIT :limit
+)
+
+-- name: fresh
+-- The events in (:after, :upto] that the endpoint takes and that have no delivery row
+-- (those are the claim's), oldest first: sent from here, a first-try success never gets
+-- a row.  `blocked`: its entity has a pending row before it, so it must queue behind.
+SELECT json_group_array(json_array(id, entity, blocked, type, occurred_at, data, source_table, op, lsn, xid))
+FROM (
+    SELECT e.id, e.object || ':' || coalesce(e.entity_key, '') AS entity,
+           EXISTS (
+               SELECT 1 FROM deliveries p INDEXED BY deliveries_entity
+               WHERE p.endpoint = :endpoint AND p.status = 'pending'
+                 AND p.entity = e.object || ':' || coalesce(e.entity_key, '') AND p.event_id < e.id
+           ) AS blocked,
+           e.type, e.occurred_at, e.data, e.source_table, e.op, e.lsn, e.xid
+    FROM events e
+    WHERE e.id > :after AND e.id <= :upto AND e.routed = 0
+      AND e.type IN (SELECT type FROM endpoint_routes WHERE endpoint = :endpoint)
+      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = :endpoint AND d.event_id = e.id)
+    ORDER BY e.id
     LIMIT :limit
 )
 
@@ -51,9 +76,38 @@ FROM (
 ) AS f
 WHERE deliveries.endpoint = f.endpoint AND deliveries.event_id = f.event_id
 
+-- name: insert_failed
+-- First attempts that failed (same batch layout): the delivery gets its row now, pending
+-- with its next attempt or dead.  A row may exist already (a replay made it meanwhile).
+INSERT INTO deliveries (event_id, endpoint, entity, status, attempts, next_attempt_at, last_status, last_error)
+SELECT json_extract(value, '$[1]'), json_extract(value, '$[0]'), json_extract(value, '$[9]'),
+       json_extract(value, '$[7]'), 1, json_extract(value, '$[8]'),
+       json_extract(value, '$[3]'), json_extract(value, '$[5]')
+FROM json_each(:batch) WHERE true
+ON CONFLICT (endpoint, event_id) DO UPDATE
+SET status = excluded.status, attempts = attempts + 1, next_attempt_at = excluded.next_attempt_at,
+    last_status = excluded.last_status, last_error = excluded.last_error
+
+-- name: queue_rows
+-- Events that wait behind a pending delivery of their entity: a row each, due now, so
+-- the claim sends them once the one before is delivered.  [endpoint, event_id, entity]
+INSERT OR IGNORE INTO deliveries (event_id, endpoint, entity, status, attempts, next_attempt_at)
+SELECT json_extract(value, '$[1]'), json_extract(value, '$[0]'), json_extract(value, '$[2]'), 'pending', 0, 0
+FROM json_each(:batch)
+
+-- name: record_batch
+INSERT INTO attempt_batches
+    (endpoint, first_event_id, last_event_id, attempted_at, status, count, median_ms, max_ms, event_ids)
+VALUES (:endpoint, :first, :last, :attempted_at, :status, :count, :median_ms, :max_ms, :event_ids)
+
+-- name: advance_cursor
+-- Only forward, and only if nobody moved it back meanwhile (`outbox replay --from`).
+UPDATE delivery_cursors SET last_event_id = :upto
+WHERE endpoint = :endpoint AND generation = :generation AND last_event_id < :upto
+
 -- name: list_deliveries
--- The delivery rows, and the pending deliveries whose rows the dispatcher has not made
--- yet (the events past an endpoint's cursor that its routes take).
+-- The delivery rows; the first-try successes (in attempt_batches, no row); and the events
+-- past an endpoint's cursor that its routes take and that have no row yet (pending).
 SELECT endpoint, event_id, type, status, attempts, next_attempt_at, last_status, last_error FROM (
     SELECT d.endpoint AS endpoint, d.event_id AS event_id, e.type AS type, d.status AS status,
            d.attempts AS attempts, d.next_attempt_at AS next_attempt_at,
@@ -64,6 +118,16 @@ SELECT endpoint, event_id, type, status, attempts, next_attempt_at, last_status,
       AND (:event_id IS NULL OR d.event_id = :event_id)
       AND d.event_id > :after
     UNION ALL
+    SELECT b.endpoint, j.value, e.type, 'delivered', 1, b.attempted_at, b.status, NULL
+    FROM attempt_batches b, json_each(b.event_ids) j
+    JOIN events e ON e.id = j.value
+    WHERE (:status IS NULL OR :status = 'delivered')
+      AND (:endpoint IS NULL OR b.endpoint = :endpoint)
+      AND (:event_id IS NULL OR (b.first_event_id BETWEEN :event_id - :span AND :event_id
+                                 AND j.value = :event_id))
+      AND j.value > :after
+      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = b.endpoint AND d.event_id = j.value)
+    UNION ALL
     SELECT c.endpoint, e.id, e.type, 'pending', 0, 0.0, NULL, NULL
     FROM delivery_cursors c
     JOIN events e ON e.id > max(c.last_event_id, :after) AND e.routed = 0
@@ -71,20 +135,33 @@ SELECT endpoint, event_id, type, status, attempts, next_attempt_at, last_status,
     WHERE (:status IS NULL OR :status = 'pending')
       AND (:endpoint IS NULL OR c.endpoint = :endpoint)
       AND (:event_id IS NULL OR e.id = :event_id)
+      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = c.endpoint AND d.event_id = e.id)
 )
 ORDER BY event_id, endpoint
 LIMIT :limit
 
 -- name: delivery_attempts
-SELECT endpoint, attempted_at, status, duration_ms, error, response
-FROM attempts WHERE event_id = ? ORDER BY id
+-- Every attempt of one event, oldest first: the logged ones (every failure, and every
+-- attempt of a delivery that has a row), and a first-try success from its batch (its
+-- time is the batch's first attempt, its duration the batch's median).
+SELECT endpoint, attempted_at, status, duration_ms, error, response FROM (
+    SELECT endpoint, attempted_at, status, duration_ms, error, response, 0 AS batch, id
+    FROM attempts WHERE event_id = :event_id
+    UNION ALL
+    SELECT b.endpoint, b.attempted_at, b.status, b.median_ms, NULL, NULL, 1, b.id
+    FROM attempt_batches b
+    WHERE b.first_event_id BETWEEN :event_id - :span AND :event_id AND b.last_event_id >= :event_id
+      AND EXISTS (SELECT 1 FROM json_each(b.event_ids) WHERE value = :event_id)
+)
+ORDER BY attempted_at, batch, id
 
 -- name: make_event_rows
--- The rows of one event not made yet (before a replay of it).
+-- The rows of one event that it has no row for yet (before a replay of it): for each
+-- endpoint whose routes take it, delivered on the first try or not sent yet.
 INSERT OR IGNORE INTO deliveries (event_id, endpoint, entity)
 SELECT e.id, c.endpoint, e.object || ':' || coalesce(e.entity_key, '')
 FROM events e
-JOIN delivery_cursors c ON c.last_event_id < e.id
+JOIN delivery_cursors c
 JOIN endpoint_routes r ON r.endpoint = c.endpoint AND r.type = e.type
 WHERE e.id = :event_id AND e.routed = 0 AND (:endpoint IS NULL OR c.endpoint = :endpoint)
 
@@ -98,7 +175,17 @@ WHERE status = 'dead' AND (:endpoint IS NULL OR endpoint = :endpoint)
   AND event_id IN (SELECT id FROM events WHERE created_at >= :since)
 
 -- name: cursor_of
-SELECT last_event_id FROM delivery_cursors WHERE endpoint = ?
+SELECT last_event_id, generation FROM delivery_cursors WHERE endpoint = ?
+
+-- name: rewind_cursor
+-- `outbox replay --from`: the endpoint's events from :from on are sent again.  Its rows
+-- from there are made due again; the events without a row come back past the cursor.
+UPDATE delivery_cursors SET last_event_id = :from - 1, generation = generation + 1
+WHERE endpoint = :endpoint
+
+-- name: rewind_rows
+UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now
+WHERE endpoint = :endpoint AND event_id >= :from AND status <> 'pending'
 
 -- name: materialize
 -- The delivery rows of the events in (after, upto] that the endpoint's routes take.
@@ -111,3 +198,16 @@ ORDER BY e.id
 
 -- name: move_cursor
 UPDATE delivery_cursors SET last_event_id = :upto WHERE endpoint = :endpoint
+
+-- name: count_from
+-- How many events from :from on the endpoint takes (routed by type, or by a row).
+SELECT count(*) FROM events e
+WHERE e.id >= :from
+  AND ((e.routed = 0 AND e.type IN (SELECT type FROM endpoint_routes WHERE endpoint = :endpoint))
+       OR EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = :endpoint AND d.event_id = e.id))
+
+-- name: batched_after
+-- The events past :cursor already in a batch of first-try successes (sent before a crash
+-- or a rewind): sent again, they are logged as attempts, not counted twice.
+SELECT j.value FROM attempt_batches b, json_each(b.event_ids) j
+WHERE b.endpoint = :endpoint AND b.first_event_id > :cursor - :span AND j.value > :cursor

@@ -188,3 +188,30 @@ CREATE TABLE endpoint_routes (
 ALTER TABLE events ADD COLUMN routed INTEGER NOT NULL DEFAULT 0;
 INSERT INTO delivery_cursors (endpoint, last_event_id)
 SELECT name, coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0) FROM endpoints
+
+-- name: 10
+-- No delivery row for a first-try success (docs/design-delivery-cursors.md, phase B).
+-- Each endpoint's cursor now means: every event up to it that the endpoint takes was
+-- either delivered on its first attempt (recorded in attempt_batches, below) or has a
+-- delivery row (a failure, a retry, a replay, or queued behind one of its entity).
+-- A batch of first-try successes is one row: the events, when the first was sent, the
+-- HTTP status they all got, and the median and longest duration.
+CREATE TABLE attempt_batches (
+    id             INTEGER PRIMARY KEY,
+    endpoint       TEXT    NOT NULL,
+    first_event_id INTEGER NOT NULL,
+    last_event_id  INTEGER NOT NULL,
+    attempted_at   REAL    NOT NULL,        -- the batch's first attempt
+    status         INTEGER NOT NULL,        -- the HTTP status of every attempt in it
+    count          INTEGER NOT NULL,
+    median_ms      REAL    NOT NULL,
+    max_ms         REAL    NOT NULL,
+    event_ids      TEXT    NOT NULL         -- JSON array of the events, ascending
+);
+-- A batch spans at most 10,000 ids (deliveries.BATCH_SPAN), so the batch holding an event
+-- is found in a short range of this index.
+CREATE INDEX attempt_batches_events ON attempt_batches (first_event_id);
+CREATE INDEX attempt_batches_time ON attempt_batches (attempted_at);
+-- `outbox replay --from` moves a cursor back and counts a generation, so a running
+-- dispatcher notices and never writes its older cursor over the new one.
+ALTER TABLE delivery_cursors ADD COLUMN generation INTEGER NOT NULL DEFAULT 0

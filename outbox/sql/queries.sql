@@ -62,15 +62,24 @@ LIMIT :limit
 SELECT id, type, occurred_at, data, source_table, op, lsn, xid FROM events WHERE id = ?
 
 -- name: event_deliveries
--- Its delivery rows, and a pending one for each endpoint whose row is not made yet.
+-- Its delivery rows; a delivered one for each first-try success (no row, in a batch of
+-- attempt_batches); and a pending one for each endpoint whose routes take it and whose
+-- cursor has not passed it yet.
 SELECT d.endpoint, d.status, d.attempts, d.next_attempt_at
 FROM endpoints e JOIN deliveries d ON d.endpoint = e.name AND d.event_id = :id
+UNION ALL
+SELECT b.endpoint, 'delivered', 1, b.attempted_at
+FROM attempt_batches b
+WHERE b.first_event_id BETWEEN :id - :span AND :id AND b.last_event_id >= :id
+  AND EXISTS (SELECT 1 FROM json_each(b.event_ids) WHERE value = :id)
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = b.endpoint AND d.event_id = :id)
 UNION ALL
 SELECT c.endpoint, 'pending', 0, 0.0
 FROM events e
 JOIN delivery_cursors c ON c.last_event_id < e.id
 JOIN endpoint_routes r ON r.endpoint = c.endpoint AND r.type = e.type
 WHERE e.id = :id AND e.routed = 0
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = c.endpoint AND d.event_id = :id)
 ORDER BY 1
 
 -- name: register_endpoint
@@ -80,15 +89,19 @@ INSERT INTO endpoints (name, updated_at) VALUES (?, ?) ON CONFLICT (name) DO NOT
 SELECT type, count(*) AS n, max(id) AS last_id FROM events GROUP BY type ORDER BY type
 
 -- name: stats_deliveries
--- Deliveries by endpoint and status; the events past an endpoint's cursor that its routes
--- take are pending deliveries whose rows the dispatcher has not made yet.
+-- Deliveries by endpoint and status: the rows; the first-try successes, counted by their
+-- batches; and the events past an endpoint's cursor that its routes take and that have
+-- no row yet, pending.
 SELECT endpoint, status, sum(n) AS n FROM (
     SELECT endpoint, status, count(*) AS n FROM deliveries GROUP BY endpoint, status
+    UNION ALL
+    SELECT endpoint, 'delivered', sum(count) FROM attempt_batches GROUP BY endpoint
     UNION ALL
     SELECT c.endpoint, 'pending', count(*)
     FROM delivery_cursors c
     JOIN events e ON e.id > c.last_event_id AND e.routed = 0
     JOIN endpoint_routes r ON r.endpoint = c.endpoint AND r.type = e.type
+    WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = c.endpoint AND d.event_id = e.id)
     GROUP BY c.endpoint
 )
 GROUP BY endpoint, status
@@ -102,15 +115,32 @@ FROM events
 SELECT name, state, failures, paused_until FROM endpoints ORDER BY name
 
 -- name: attempt_counts
--- Attempts since :since per endpoint, and how many of them got a 2xx.
-SELECT endpoint, count(*), sum(status BETWEEN 200 AND 299)
-FROM attempts INDEXED BY attempts_time
-WHERE attempted_at >= :since
+-- Attempts since :since per endpoint, and how many of them got a 2xx: the logged ones
+-- and the batches of first-try successes.
+SELECT endpoint, sum(n), sum(ok) FROM (
+    SELECT endpoint, count(*) AS n, sum(status BETWEEN 200 AND 299) AS ok
+    FROM attempts INDEXED BY attempts_time
+    WHERE attempted_at >= :since
+    GROUP BY endpoint
+    UNION ALL
+    SELECT endpoint, sum(count), sum(CASE WHEN status BETWEEN 200 AND 299 THEN count ELSE 0 END)
+    FROM attempt_batches INDEXED BY attempt_batches_time
+    WHERE attempted_at >= :since
+    GROUP BY endpoint
+)
 GROUP BY endpoint
 
 -- name: last_attempt
-SELECT attempted_at, event_id, status, duration_ms, error
-FROM attempts WHERE endpoint = ? ORDER BY id DESC LIMIT 1
+-- The newest logged attempt or batch of first-try successes (its last event).
+SELECT attempted_at, event_id, status, duration_ms, error FROM (
+    SELECT attempted_at, event_id, status, duration_ms, error
+    FROM attempts WHERE endpoint = :endpoint ORDER BY id DESC LIMIT 1
+) UNION ALL SELECT * FROM (
+    SELECT attempted_at, last_event_id, status, median_ms, NULL
+    FROM attempt_batches WHERE endpoint = :endpoint ORDER BY id DESC LIMIT 1
+)
+ORDER BY attempted_at DESC
+LIMIT 1
 
 -- name: event_types
 -- Every distinct type in the outbox, by a loose scan of events_type_id: one index seek per

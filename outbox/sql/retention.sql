@@ -37,5 +37,23 @@ WHERE endpoint IN (SELECT name FROM endpoints) AND event_id IN (SELECT value FRO
 DELETE FROM deliveries
 WHERE endpoint IN (SELECT name FROM endpoints) AND event_id IN (SELECT value FROM json_each(:ids))
 
+-- name: prune_batch_events
+-- The pruned events leave the batches of first-try successes that held them; a batch
+-- with none left goes (so the counts of delivered keep matching the events kept).
+UPDATE attempt_batches
+SET event_ids = (
+    SELECT json_group_array(value) FROM json_each(attempt_batches.event_ids)
+    WHERE value NOT IN (SELECT value FROM json_each(:ids))
+)
+WHERE first_event_id BETWEEN :first - :span AND :last AND last_event_id >= :first
+
+-- name: prune_batch_counts
+UPDATE attempt_batches SET count = json_array_length(event_ids)
+WHERE first_event_id BETWEEN :first - :span AND :last AND last_event_id >= :first
+
+-- name: prune_empty_batches
+DELETE FROM attempt_batches
+WHERE first_event_id BETWEEN :first - :span AND :last AND count = 0
+
 -- name: prune_events
 DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids))

@@ -80,6 +80,14 @@ def test_setup_run_deliver_disable_enable_replay(source_db, tmp_path):
 
             shown = json.loads(cli("outbox", "show", "1", "--json", config=config).stdout)
             assert [a["status"] for a in shown["attempts"]] == [200, 200]
+
+            # history again from event 3 on: a running dispatcher starts over there
+            later = sorted({int(i.removeprefix("evt_")) for i in rx.ids if int(i.removeprefix("evt_")) >= 3})
+            again = cli("outbox", "replay", "--from", "3", "--endpoint", "ct2", "--json", config=config)
+            assert json.loads(again.stdout) == {"replayed": len(later)}, again.stderr
+            wait_until(lambda: len(rx.received) == 8 + len(later))
+            resent = [int(i.removeprefix("evt_")) for i in rx.ids[8:]]
+            assert resent == later  # one entity each here, so in id order as well
         finally:
             run.send_signal(signal.SIGTERM)
             assert run.wait(timeout=30) == 0, log.read_text()
@@ -92,6 +100,12 @@ def test_replay_needs_exactly_one_selection(tmp_path):
     result = cli("outbox", "replay", config=config)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("ct1-cdc: error:")
+    both = cli("outbox", "replay", "--dead", "--from", "1", config=config)
+    assert "give exactly one of --event ID, --dead or --from ID" in both.stderr
+    alone = cli("outbox", "replay", "--from", "1", config=config)
+    assert "--from goes with --endpoint NAME" in alone.stderr
+    unknown = cli("outbox", "replay", "--from", "1", "--endpoint", "nope", config=config)
+    assert unknown.returncode != 0 and "no endpoint 'nope'" in unknown.stderr
 
 
 def test_demo_shows_all_twelve_types_reaching_their_receivers_verified():
@@ -123,7 +137,7 @@ def test_prune_removes_only_settled_old_events(tmp_path):
     from tests.outbox_helpers import append_events
 
     path = tmp_path / "o.db"
-    append_events(path, ["ct2"], [("order.created", "order", i) for i in range(6)])
+    append_events(path, ["ct2"], [("order.created", "order", i) for i in range(6)], rows=True)
     conn = sqlite3.connect(path)
     with conn:
         conn.execute("UPDATE events SET created_at = created_at - 30 * 86400 WHERE id <= 4")

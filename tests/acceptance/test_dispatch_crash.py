@@ -72,6 +72,12 @@ def test_kill_9_during_a_burst_loses_nothing(tmp_path):
         finally:
             final.send_signal(signal.SIGTERM)
             final.wait(timeout=30)
+        with store.connect(outbox, readonly=True) as conn:
+            # each delivery counted once, however often a kill had it sent again
+            assert store.stats(conn)["deliveries"] == {
+                "ct2": {"delivered": EVENTS},
+                "ct3": {"delivered": EVENTS},
+            }
         for rx in (ct2, ct3):
             assert rx.rejected == 0
             ids = {e["id"] for e in rx.received}

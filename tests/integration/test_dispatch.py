@@ -60,14 +60,14 @@ def append(settings: Settings, events: list[tuple[str, str, Any]]) -> None:
 
 
 def deliveries(settings: Settings) -> dict[int, tuple[str, int]]:
-    """Each event's delivery (status, attempts); one whose row the dispatcher has not made
-    yet is pending, never attempted."""
+    """Each event's delivery (status, attempts) as `outbox show` tells it: a row, a
+    first-try success (no row), or pending past the cursor."""
     conn = store.connect(settings.outbox.path, readonly=True)
     try:
-        rows = {e: (s, a) for e, s, a in conn.execute("SELECT event_id, status, attempts FROM deliveries")}
+        rows = {}
         for (event_id,) in conn.execute("SELECT id FROM events").fetchall():
-            if event_id not in rows and store.event_deliveries(conn, event_id):
-                rows[event_id] = ("pending", 0)
+            for d in store.event_deliveries(conn, event_id):
+                rows[event_id] = (d["status"], d["attempts"])
         return rows
     finally:
         conn.close()
