@@ -35,7 +35,7 @@ from common.metrics import ATTEMPT_SECONDS, ATTEMPTS
 from common.version import version
 from config.settings import EndpointSettings, Settings
 from dispatcher import retry, signing
-from dispatcher.sender import Sender, check_url
+from dispatcher.sender import Attempt, Sender, check_url
 from outbox.deliveries import DeliveryStore, Due, Finished
 from outbox.endpoints import EndpointState
 
@@ -84,10 +84,15 @@ class Runtime:
     # events read without a row, in order, until their outcome is committed
     unsettled: deque[int] = field(default_factory=deque)
     settled: set[int] = field(default_factory=set)
-    # events past the cursor whose first try is on record (sent before a crash or rewind)
+    # events past the cursor delivered on their first try before a crash: not sent again
+    delivered_ahead: set[int] = field(default_factory=set)
+    # events past a rewound cursor delivered on their first try: sent again, and logged
+    # as attempts (their batch keeps counting them once)
     batched: set[int] = field(default_factory=set)
-    # entities whose later events went to rows, by the commit that made them visible
+    # entities whose later events went to rows, by the commit that made them visible ...
     to_rows_at: dict[str, int] = field(default_factory=dict)
+    # ... and those with a queued row not committed yet (how many)
+    queuing: dict[str, int] = field(default_factory=dict)
     rewinding: bool = False  # `replay --from` moved the cursor: drain, then start there
     cursor_moved_at: float = 0.0
     # waiting for the receiver (what the limit counts) ...
@@ -208,7 +213,8 @@ class Dispatcher:
             keys.append(signing.secret_key(cfg.previous_secret))
         limit = self.cfg.endpoint_concurrency
         cursor, generation = await self._db(store.cursor, cfg.name)
-        batched = await self._db(store.batched_after, cfg.name, cursor)
+        # what a crash left past the cursor with its outcome committed is done
+        delivered_ahead, batched = await self._db(store.batched_after, cfg.name, cursor, generation)
         return Runtime(
             cfg=cfg,
             keys=keys,
@@ -218,6 +224,7 @@ class Dispatcher:
             cursor=cursor,
             generation=generation,
             horizon=cursor,
+            delivered_ahead=delivered_ahead,
             batched=batched,
             cursor_moved_at=self.clock(),
             durations=ATTEMPT_SECONDS.labels(cfg.name),
@@ -266,9 +273,13 @@ class Dispatcher:
             rt.wake.clear()
             read_seq = self._commits
             # due rows first (retries, replays, events queued behind their entity) ...
-            due = await self._read(
-                store.claim, rt.cfg.name, now, capacity, frozenset(rt.inflight), list(rt.chains), rt.horizon
-            )
+            # (an endpoint without a cursor reads no events: only rows, every one of them)
+            upto = rt.horizon if rt.generation >= 0 else None
+            due: list[Due] = []
+            if not rt.rewinding:  # (its rows from the new start wait for the new horizon)
+                due = await self._read(
+                    store.claim, rt.cfg.name, now, capacity, frozenset(rt.inflight), list(rt.chains), upto
+                )
             for item in due:
                 self._admit_row(store, sender, rt, item)
             # ... then the events past what was read, without a row
@@ -303,12 +314,13 @@ class Dispatcher:
             return  # not yet: the next refresh looks again
         if any(r is rt for _, r, _ in self._results):
             return
-        rt.batched = await self._db(store.batched_after, rt.cfg.name, cursor)
+        rt.delivered_ahead, rt.batched = await self._db(store.batched_after, rt.cfg.name, cursor, generation)
         rt.cursor = rt.horizon = cursor
         rt.generation = generation
         rt.unsettled.clear()
         rt.settled.clear()
         rt.to_rows_at.clear()
+        rt.queuing.clear()
         rt.rewinding = False
         rt.wake.set()
         log.info("cursor_moved", endpoint=rt.cfg.name, event_id=cursor)
@@ -329,11 +341,15 @@ class Dispatcher:
     ) -> None:
         """An event read past the horizon: sent, or waiting behind its entity's event in
         memory, or queued as a row behind its entity's pending delivery."""
+        if item.event_id in rt.delivered_ahead:  # delivered before a crash: the cursor may pass
+            rt.delivered_ahead.discard(item.event_id)
+            return
         rt.unsettled.append(item.event_id)
         chain = rt.chains.get(item.entity)
         # a row of its entity went pending after this read started: the read could not see it
         to_rows = rt.to_rows_at.get(item.entity, -1) > read_seq
-        if item.blocked or to_rows or (chain is not None and chain.to_rows):
+        queuing = rt.queuing.get(item.entity, 0) > 0
+        if item.blocked or to_rows or queuing or (chain is not None and chain.to_rows):
             self._queue(store, rt, item)
         elif chain is not None and (chain.sending or chain.waiting):
             if len(chain.waiting) >= MAX_CHAIN:
@@ -349,6 +365,7 @@ class Dispatcher:
             self._send(store, sender, rt, chain, item)
 
     def _queue(self, store: DeliveryStore, rt: Runtime, item: Due) -> None:
+        rt.queuing[item.entity] = rt.queuing.get(item.entity, 0) + 1
         now = self.clock()
         result = Finished(
             rt.cfg.name, item.event_id, now, 0, 0.0, None, None, "pending", now, item.entity, "queue"
@@ -384,8 +401,14 @@ class Dispatcher:
         try:
             async with self._global:
                 sent_at = self.clock()
-                headers = signing.headers(rt.keys, msg_id, int(sent_at), item.body, self.version)
-                attempt = await sender.post(rt.cfg.url, item.body, headers)
+                try:
+                    headers = signing.headers(rt.keys, msg_id, int(sent_at), item.body, self.version)
+                    attempt = await sender.post(rt.cfg.url, item.body, headers)
+                except Exception as exc:  # anything unforeseen is a failed attempt, recorded
+                    log.exception("send_failed", endpoint=rt.cfg.name, event_id=item.event_id)
+                    attempt = Attempt(
+                        0, (self.clock() - sent_at) * 1000, f"internal error: {exc!r}", None, None
+                    )
         finally:
             rt.sending -= 1
             rt.freed.set()
@@ -413,6 +436,7 @@ class Dispatcher:
             next_at,
             item.entity,
             "row" if item.has_row else ("again" if item.event_id in rt.batched else "first"),
+            rt.generation,
         )
         self._record(store, rt, result, chain)
         chain.sending = False
@@ -421,7 +445,7 @@ class Dispatcher:
             chain.to_rows = True
             while chain.waiting:
                 self._queue(store, rt, chain.waiting.popleft())
-        elif chain.waiting:
+        elif chain.waiting and not self._stopping:  # (on stop: sent after the restart)
             nxt = chain.waiting.popleft()
             if nxt.has_row:
                 rt.inflight.add(nxt.event_id)
@@ -516,6 +540,12 @@ class Dispatcher:
         else:
             rt.settled.add(result.event_id)
             rt.batched.discard(result.event_id)
+        if result.kind == "queue":
+            left = rt.queuing.pop(result.entity) - 1
+            if left:
+                rt.queuing[result.entity] = left
+            # a read that started before this commit could not see the row
+            rt.to_rows_at[result.entity] = self._commits
         if chain is not None:
             chain.open -= 1
             rt.outstanding -= 1

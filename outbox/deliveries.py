@@ -46,8 +46,8 @@ class Finished:
     ``record_attempts`` batch).  ``kind``: ``row`` (the delivery has a row: the attempt
     is logged and the row updated), ``first`` (its first attempt, no row: a success goes
     into a batch of attempt_batches, a failure makes the row), ``again`` (the same, sent
-    again after a crash or a rewind when its first try is on record already: a success
-    is logged as an attempt, so it is counted once) or ``queue`` (not sent: it gets a
+    again after ``replay --from`` when its first try is on record already: a success is
+    logged as an attempt, so it is counted once) or ``queue`` (not sent: it gets a
     row due now, behind a pending delivery of its entity)."""
 
     endpoint: str
@@ -61,6 +61,7 @@ class Finished:
     next_attempt_at: float
     entity: str = ""
     kind: str = "row"
+    generation: int = 0  # of the endpoint's cursor when it was sent
 
 
 def _batch(results: list[Finished]) -> str:
@@ -86,11 +87,11 @@ def _batch(results: list[Finished]) -> str:
 def success_batches(results: list[Finished]) -> list[dict[str, Any]]:
     """First-try successes as rows of attempt_batches: one per endpoint and HTTP status,
     split so that none spans more than :data:`store.BATCH_SPAN` event ids."""
-    groups: dict[tuple[str, int], list[Finished]] = {}
+    groups: dict[tuple[str, int, int], list[Finished]] = {}
     for r in results:
-        groups.setdefault((r.endpoint, r.http_status), []).append(r)
+        groups.setdefault((r.endpoint, r.http_status, r.generation), []).append(r)
     out = []
-    for (endpoint, status), members in groups.items():
+    for (endpoint, status, generation), members in groups.items():
         members.sort(key=lambda r: r.event_id)
         start = 0
         for i in range(1, len(members) + 1):
@@ -109,6 +110,7 @@ def success_batches(results: list[Finished]) -> list[dict[str, Any]]:
                     "median_ms": durations[len(durations) // 2],
                     "max_ms": durations[-1],
                     "event_ids": store.dumps([r.event_id for r in part]),
+                    "generation": generation,
                 }
             )
             start = i
@@ -173,10 +175,16 @@ class DeliveryStore:
             due.append(Due(event_id, 0, body, entity, has_row=False, blocked=bool(blocked)))
         return due, (due[-1].event_id if len(due) >= limit else upto)
 
-    def batched_after(self, endpoint: str, cursor: int) -> set[int]:
-        """The events past ``cursor`` that already have a first-try success on record."""
+    def batched_after(self, endpoint: str, cursor: int, generation: int) -> tuple[set[int], set[int]]:
+        """The events past ``cursor`` that already have a first-try success on record:
+        those sent under this ``generation`` of the cursor (done: a crash left them past
+        it, behind an event in flight) and those sent before a ``replay --from``."""
         args = {"endpoint": endpoint, "cursor": cursor, "span": store.BATCH_SPAN}
-        return {int(row[0]) for row in self.conn.execute(D["batched_after"], args)}
+        done: set[int] = set()
+        again: set[int] = set()
+        for event_id, sent_under in self.conn.execute(D["batched_after"], args):
+            (done if sent_under == generation else again).add(int(event_id))
+        return done, again
 
     def cursor(self, endpoint: str) -> tuple[int, int]:
         """The endpoint's cursor and its generation (moved back by ``replay --from``);
@@ -229,6 +237,8 @@ class DeliveryStore:
                 self.conn.execute(D["record_attempts"], {"batch": _batch(rows + failed + again)})
             if rows:
                 self.conn.execute(D["finish_deliveries"], {"batch": _batch(rows)})
+            if failed or queued:
+                unbatch(self.conn, [(r.endpoint, r.event_id) for r in failed + queued])
             if failed:
                 self.conn.execute(D["insert_failed"], {"batch": _batch(failed)})
             if queued:
@@ -292,11 +302,22 @@ def attempts_of(conn: sqlite3.Connection, event_id: int) -> list[dict[str, Any]]
     return [dict(zip(keys, row, strict=True)) for row in cur]
 
 
+def unbatch(conn: sqlite3.Connection, pairs: list[tuple[str, int]]) -> None:
+    """Take these (endpoint, event id) deliveries out of their batches of first-try
+    successes, their attempt moved to the attempt log: they are getting a row (within the
+    caller's transaction)."""
+    args = {"pairs": store.dumps(pairs), "span": store.BATCH_SPAN}
+    for name in ("unbatch_attempts", "unbatch_events", "unbatch_counts", "drop_empty_batches"):
+        conn.execute(D[name], args)
+
+
 def replay_event(conn: sqlite3.Connection, event_id: int, *, endpoint: str | None, now: float) -> int:
     """Make an event's deliveries (to ``endpoint``, or every one) due again at ``now`` with
     a fresh retry schedule; how many."""
     args = {"event_id": event_id, "endpoint": endpoint, "now": now}
     with store.transaction(conn):
+        names = [r[0] for r in conn.execute(D["cursor_names"]) if endpoint in (None, r[0])]
+        unbatch(conn, [(name, event_id) for name in names])
         conn.execute(D["make_event_rows"], args)
         cur = conn.execute(D["replay_event"], args)
     return cur.rowcount

@@ -14,7 +14,10 @@ from outbox.store import Q
 def figures(conn: sqlite3.Connection, slot: str) -> OutboxFigures:
     checkpoint = store.checkpoint_of(conn, slot)
     return OutboxFigures(
-        deliveries={(endpoint, status): n for endpoint, status, n in conn.execute(Q["stats_deliveries"])},
+        deliveries={
+            (endpoint, status): n
+            for endpoint, status, n in conn.execute(Q["stats_deliveries"], {"span": store.BATCH_SPAN})
+        },
         events_by_type={event_type: n for event_type, n, _ in conn.execute(Q["stats_by_type"])},
         last_event_id=store.newest_event_id(conn),
         mapping_problems=source_state.problem_count(conn),

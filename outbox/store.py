@@ -335,7 +335,7 @@ def endpoint_status(conn: sqlite3.Connection, names: Iterable[str], now: float) 
     and its last attempt (``attempted_at, event_id, status, duration_ms, error``)."""
     states = {r[0]: r[1:] for r in conn.execute(Q["endpoint_states"])}
     counts: dict[str, dict[str, int]] = {}
-    for endpoint, status, n in conn.execute(Q["stats_deliveries"]):
+    for endpoint, status, n in conn.execute(Q["stats_deliveries"], {"span": BATCH_SPAN}):
         counts.setdefault(endpoint, {})[status] = n
     hour = {e: (n, ok) for e, n, ok in conn.execute(Q["attempt_counts"], {"since": now - 3600})}
     day = {e: (n, ok) for e, n, ok in conn.execute(Q["attempt_counts"], {"since": now - 86400})}
@@ -364,7 +364,7 @@ def stats(conn: sqlite3.Connection) -> dict[str, Any]:
     events, last_id, first_at, last_at = conn.execute(Q["stats_totals"]).fetchone()
     by_type = {t: n for t, n, _ in conn.execute(Q["stats_by_type"]).fetchall()}
     deliveries: dict[str, dict[str, int]] = {}
-    for endpoint, status, n in conn.execute(Q["stats_deliveries"]).fetchall():
+    for endpoint, status, n in conn.execute(Q["stats_deliveries"], {"span": BATCH_SPAN}).fetchall():
         deliveries.setdefault(endpoint, {})[status] = n
     checkpoints = {slot: lsn for slot, lsn in conn.execute("SELECT slot, lsn FROM checkpoint").fetchall()}
     return {

@@ -129,6 +129,12 @@ def outbox_replay(
         fail("--since goes with --dead")
     if from_id is not None and endpoint is None:
         fail("--from goes with --endpoint NAME")
+    if from_id is not None:
+        configured = [e for e in settings_of(ctx).endpoints if e.name == endpoint]
+        if not configured:
+            fail(f"no endpoint {endpoint!r} in the configuration's [[endpoints]]")
+        if not configured[0].enabled:
+            fail(f"endpoint {endpoint!r} is disabled in the configuration")
     conn = _writer_conn(ctx)
     now = time.time()
     try:
@@ -155,11 +161,6 @@ def outbox_replay(
 
 def _replay_from(ctx: click.Context, conn: sqlite3.Connection, endpoint: str, first: int, now: float) -> int:
     settings = settings_of(ctx)
-    configured = [e for e in settings.endpoints if e.name == endpoint]
-    if not configured:
-        fail(f"no endpoint {endpoint!r} in the configuration's [[endpoints]]")
-    if not configured[0].enabled:
-        fail(f"endpoint {endpoint!r} is disabled in the configuration")
     # an endpoint new to the outbox gets its cursor and routes, as capture gives them
     OutboxWriter(conn, store.Router(store.routes_of(settings.endpoints)))
     return deliveries.replay_from(conn, endpoint, first, now=now)

@@ -97,8 +97,10 @@ FROM json_each(:batch)
 
 -- name: record_batch
 INSERT INTO attempt_batches
-    (endpoint, first_event_id, last_event_id, attempted_at, status, count, median_ms, max_ms, event_ids)
-VALUES (:endpoint, :first, :last, :attempted_at, :status, :count, :median_ms, :max_ms, :event_ids)
+    (endpoint, first_event_id, last_event_id, attempted_at, status, count, median_ms, max_ms, event_ids,
+     generation)
+VALUES (:endpoint, :first, :last, :attempted_at, :status, :count, :median_ms, :max_ms, :event_ids,
+        :generation)
 
 -- name: advance_cursor
 -- Only forward, and only if nobody moved it back meanwhile (`outbox replay --from`).
@@ -127,6 +129,7 @@ SELECT endpoint, event_id, type, status, attempts, next_attempt_at, last_status,
                                  AND j.value = :event_id))
       AND j.value > :after
       AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = b.endpoint AND d.event_id = j.value)
+      AND j.value <= (SELECT c.last_event_id FROM delivery_cursors c WHERE c.endpoint = b.endpoint)
     UNION ALL
     SELECT c.endpoint, e.id, e.type, 'pending', 0, 0.0, NULL, NULL
     FROM delivery_cursors c
@@ -180,7 +183,8 @@ SELECT last_event_id, generation FROM delivery_cursors WHERE endpoint = ?
 -- name: rewind_cursor
 -- `outbox replay --from`: the endpoint's events from :from on are sent again.  Its rows
 -- from there are made due again; the events without a row come back past the cursor.
-UPDATE delivery_cursors SET last_event_id = :from - 1, generation = generation + 1
+-- Never forward: the events between would be skipped.
+UPDATE delivery_cursors SET last_event_id = min(last_event_id, :from - 1), generation = generation + 1
 WHERE endpoint = :endpoint
 
 -- name: rewind_rows
@@ -207,7 +211,64 @@ WHERE e.id >= :from
        OR EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = :endpoint AND d.event_id = e.id))
 
 -- name: batched_after
--- The events past :cursor already in a batch of first-try successes (sent before a crash
--- or a rewind): sent again, they are logged as attempts, not counted twice.
-SELECT j.value FROM attempt_batches b, json_each(b.event_ids) j
+-- The events past :cursor already in a batch of first-try successes, with the generation
+-- of the cursor they were sent under: the current one, they are done (a crash left them
+-- past the cursor); an older one, `replay --from` asked for them again.
+SELECT j.value, b.generation FROM attempt_batches b, json_each(b.event_ids) j
 WHERE b.endpoint = :endpoint AND b.first_event_id > :cursor - :span AND j.value > :cursor
+
+-- name: unbatch_attempts
+-- Deliveries that get a row (a replay, a failure when sent again) leave their batch of
+-- first-try successes: that first attempt goes to the attempt log, so it is still shown
+-- and the delivery is counted once, by its row.  :pairs is a JSON array of
+-- [endpoint, event_id].
+INSERT INTO attempts (endpoint, event_id, attempted_at, status, duration_ms)
+SELECT b.endpoint, t.event_id, b.attempted_at, b.status, b.median_ms
+FROM (SELECT json_extract(value, '$[0]') AS endpoint, json_extract(value, '$[1]') AS event_id
+      FROM json_each(:pairs)) AS t
+JOIN attempt_batches b
+  ON b.endpoint = t.endpoint AND b.first_event_id BETWEEN t.event_id - :span AND t.event_id
+ AND b.last_event_id >= t.event_id
+WHERE EXISTS (SELECT 1 FROM json_each(b.event_ids) WHERE value = t.event_id)
+
+-- name: unbatch_events
+UPDATE attempt_batches
+SET event_ids = (
+    SELECT json_group_array(j.value) FROM json_each(attempt_batches.event_ids) j
+    WHERE NOT EXISTS (
+        SELECT 1 FROM json_each(:pairs) p
+        WHERE json_extract(p.value, '$[0]') = attempt_batches.endpoint AND json_extract(p.value, '$[1]') = j.value
+    )
+)
+WHERE id IN (
+    SELECT b.id
+    FROM (SELECT json_extract(value, '$[0]') AS endpoint, json_extract(value, '$[1]') AS event_id
+          FROM json_each(:pairs)) AS t
+    JOIN attempt_batches b
+      ON b.endpoint = t.endpoint AND b.first_event_id BETWEEN t.event_id - :span AND t.event_id
+     AND b.last_event_id >= t.event_id
+)
+
+-- name: unbatch_counts
+UPDATE attempt_batches SET count = json_array_length(event_ids)
+WHERE count <> json_array_length(event_ids) AND id IN (
+    SELECT b.id
+    FROM (SELECT json_extract(value, '$[0]') AS endpoint, json_extract(value, '$[1]') AS event_id
+          FROM json_each(:pairs)) AS t
+    JOIN attempt_batches b
+      ON b.endpoint = t.endpoint AND b.first_event_id BETWEEN t.event_id - :span AND t.event_id
+     AND b.last_event_id >= t.event_id
+)
+
+-- name: drop_empty_batches
+DELETE FROM attempt_batches WHERE count = 0 AND id IN (
+    SELECT b.id
+    FROM (SELECT json_extract(value, '$[0]') AS endpoint, json_extract(value, '$[1]') AS event_id
+          FROM json_each(:pairs)) AS t
+    JOIN attempt_batches b
+      ON b.endpoint = t.endpoint AND b.first_event_id BETWEEN t.event_id - :span AND t.event_id
+     AND b.last_event_id >= t.event_id
+)
+
+-- name: cursor_names
+SELECT endpoint FROM delivery_cursors ORDER BY endpoint

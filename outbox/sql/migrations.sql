@@ -206,7 +206,8 @@ CREATE TABLE attempt_batches (
     count          INTEGER NOT NULL,
     median_ms      REAL    NOT NULL,
     max_ms         REAL    NOT NULL,
-    event_ids      TEXT    NOT NULL         -- JSON array of the events, ascending
+    event_ids      TEXT    NOT NULL,        -- JSON array of the events, ascending
+    generation     INTEGER NOT NULL DEFAULT 0  -- the endpoint's cursor generation then
 );
 -- A batch spans at most 10,000 ids (deliveries.BATCH_SPAN), so the batch holding an event
 -- is found in a short range of this index.

@@ -63,7 +63,7 @@ SELECT id, type, occurred_at, data, source_table, op, lsn, xid FROM events WHERE
 
 -- name: event_deliveries
 -- Its delivery rows; a delivered one for each first-try success (no row, in a batch of
--- attempt_batches); and a pending one for each endpoint whose routes take it and whose
+-- attempt_batches, the cursor past it); and a pending one for each endpoint whose routes take it and whose
 -- cursor has not passed it yet.
 SELECT d.endpoint, d.status, d.attempts, d.next_attempt_at
 FROM endpoints e JOIN deliveries d ON d.endpoint = e.name AND d.event_id = :id
@@ -73,6 +73,7 @@ FROM attempt_batches b
 WHERE b.first_event_id BETWEEN :id - :span AND :id AND b.last_event_id >= :id
   AND EXISTS (SELECT 1 FROM json_each(b.event_ids) WHERE value = :id)
   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = b.endpoint AND d.event_id = :id)
+  AND :id <= (SELECT c.last_event_id FROM delivery_cursors c WHERE c.endpoint = b.endpoint)
 UNION ALL
 SELECT c.endpoint, 'pending', 0, 0.0
 FROM events e
@@ -96,6 +97,15 @@ SELECT endpoint, status, sum(n) AS n FROM (
     SELECT endpoint, status, count(*) AS n FROM deliveries GROUP BY endpoint, status
     UNION ALL
     SELECT endpoint, 'delivered', sum(count) FROM attempt_batches GROUP BY endpoint
+    UNION ALL
+    -- (a batch's events past the cursor are being sent again: pending, not delivered)
+    SELECT c.endpoint, 'delivered', -count(*)
+    FROM delivery_cursors c
+    JOIN attempt_batches b
+      ON b.endpoint = c.endpoint AND b.first_event_id > c.last_event_id - :span
+     AND b.last_event_id > c.last_event_id
+    JOIN json_each(b.event_ids) j ON j.value > c.last_event_id
+    GROUP BY c.endpoint
     UNION ALL
     SELECT c.endpoint, 'pending', count(*)
     FROM delivery_cursors c

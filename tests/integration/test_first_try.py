@@ -187,3 +187,32 @@ async def test_an_entity_keeps_flowing_when_its_events_come_one_commit_at_a_time
     assert sorted(r.envelope["id"] for r in rx.received) == list(range(1, total + 1))
     with store.connect(path, readonly=True) as conn:
         assert conn.execute("SELECT last_event_id FROM delivery_cursors").fetchone() == (total,)
+
+
+async def test_views_count_a_replayed_or_rewound_first_try_success_once(tmp_path):
+    """Found in review: a first-try success that got a row (replay --event) or fell behind
+    a rewound cursor (replay --from) was counted delivered and pending at once."""
+    async with Receiver() as rx:
+        settings = settings_with(tmp_path, ("ct2", rx.url))
+        path = settings.outbox.path
+        append_events(path, ["ct2"], [("order.created", "order", i) for i in range(10)])
+        await run_until(Dispatcher(settings), lambda: len(rx.received) == 10)
+        conn = store.open_outbox(path)
+        try:
+            assert deliveries.replay_event(conn, 4, endpoint=None, now=time.time()) == 1
+            assert store.stats(conn)["deliveries"] == {"ct2": {"delivered": 9, "pending": 1}}
+            assert len(deliveries.attempts_of(conn, 4)) == 1  # its first attempt still shown
+            assert deliveries.replay_from(conn, "ct2", 7, now=time.time()) == 4
+            assert store.stats(conn)["deliveries"] == {"ct2": {"delivered": 5, "pending": 5}}  # 4, 7-10
+            assert [d["status"] for d in store.event_deliveries(conn, 8)] == ["pending"]
+            # a start past the cursor never moves it forward (nothing in between skipped)
+            assert deliveries.replay_from(conn, "ct2", 1000, now=time.time()) == 0
+            assert conn.execute("SELECT last_event_id FROM delivery_cursors").fetchone() == (6,)
+        finally:
+            conn.close()
+        await run_until(Dispatcher(settings), lambda: len(rx.received) == 15)
+    assert sorted(r.envelope["id"] for r in rx.received[10:]) == [4, 7, 8, 9, 10]
+    with store.connect(path, readonly=True) as conn:
+        assert store.stats(conn)["deliveries"] == {"ct2": {"delivered": 10}}
+        assert [a["status"] for a in deliveries.attempts_of(conn, 8)] == [200, 200]
+        assert len(deliveries.list_deliveries(conn)) == 10
