@@ -53,14 +53,15 @@ CURSOR_IDLE_SECONDS = 1.0  # how often a cursor moves when nothing else is commi
 
 @dataclass(eq=False)
 class Chain:
-    """One entity's events held in memory for one endpoint: sent one at a time, in order.
-    ``open`` counts those sent whose outcome is not committed yet; once a delivery of the
+    """One entity's events held in memory for one endpoint: sent one at a time, in order,
+    the next once the outcome of the one before is committed (so a crash repeats at most
+    the newest one sent: a receiver never gets an older event of an entity after a newer
+    one).  ``open``: sent, outcome not committed yet (0 or 1); once a delivery of the
     entity is pending (a retry) or too many wait, ``to_rows``: its later events queue as
     rows behind it."""
 
     waiting: deque[Due] = field(default_factory=deque)
     open: int = 0
-    sending: bool = False  # one of its events is with the receiver now
     to_rows: bool = False
 
 
@@ -129,6 +130,7 @@ class Dispatcher:
         self._global = asyncio.Semaphore(self.cfg.concurrency)
         self._results: list[tuple[Finished, Runtime, Chain | None]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._sender: Sender | None = None  # while running
         self._commits = 0  # attempt-log commits so far
         self._cursors_due = False  # a cursor may move with nothing else to commit
         self._stopping = False
@@ -163,6 +165,7 @@ class Dispatcher:
             concurrency=self.cfg.concurrency,
             refuse_private=self.cfg.refuse_private_networks,
         )
+        self._sender = sender
         tasks: list[asyncio.Task[None]] = []
         try:
             for cfg in self.settings.endpoints:
@@ -329,7 +332,7 @@ class Dispatcher:
         """A due row: its entity has nothing in memory (the claim leaves those out)."""
         rt.inflight.add(item.event_id)
         chain = rt.chains.get(item.entity)
-        if chain is not None and (chain.sending or chain.waiting):  # not by the claim; kept in order
+        if chain is not None:  # not by the claim; kept in order if it happens
             chain.waiting.append(item)
             return
         if chain is None:
@@ -351,17 +354,14 @@ class Dispatcher:
         queuing = rt.queuing.get(item.entity, 0) > 0
         if item.blocked or to_rows or queuing or (chain is not None and chain.to_rows):
             self._queue(store, rt, item)
-        elif chain is not None and (chain.sending or chain.waiting):
+        elif chain is not None:  # behind the one sent: it goes once that outcome is committed
             if len(chain.waiting) >= MAX_CHAIN:
                 chain.to_rows = True  # the rest of this entity flows as rows
                 self._queue(store, rt, item)
             else:
                 chain.waiting.append(item)
         else:
-            # a new entity, or one whose last event is done with the receiver (its outcome
-            # may not be committed yet: the chain stays until it is)
-            if chain is None:
-                chain = rt.chains[item.entity] = Chain()
+            chain = rt.chains[item.entity] = Chain()
             self._send(store, sender, rt, chain, item)
 
     def _queue(self, store: DeliveryStore, rt: Runtime, item: Due) -> None:
@@ -374,7 +374,6 @@ class Dispatcher:
 
     def _send(self, store: DeliveryStore, sender: Sender, rt: Runtime, chain: Chain, item: Due) -> None:
         chain.open += 1
-        chain.sending = True
         rt.outstanding += 1
         task = asyncio.create_task(self._deliver(store, sender, rt, chain, item))
         rt.tasks.add(task)
@@ -439,17 +438,11 @@ class Dispatcher:
             rt.generation,
         )
         self._record(store, rt, result, chain)
-        chain.sending = False
         if status == "pending":
             # a retry (or a 410) holds the entity: what waits behind it queues as rows
             chain.to_rows = True
             while chain.waiting:
                 self._queue(store, rt, chain.waiting.popleft())
-        elif chain.waiting and not self._stopping:  # (on stop: sent after the restart)
-            nxt = chain.waiting.popleft()
-            if nxt.has_row:
-                rt.inflight.add(nxt.event_id)
-            self._send(store, sender, rt, chain, nxt)
         if decision.action == "delivered":
             rt.delivered_total.inc()
             rt.delivered += 1
@@ -528,12 +521,12 @@ class Dispatcher:
                 rt.cursor = upto
                 rt.cursor_moved_at = now
             for result, rt, chain in batch:
-                self._settle(rt, result, chain)
+                self._settle(store, rt, result, chain)
             for rt in committing:
                 while rt.unsettled and rt.unsettled[0] in rt.settled:
                     rt.settled.discard(rt.unsettled.popleft())
 
-    def _settle(self, rt: Runtime, result: Finished, chain: Chain | None) -> None:
+    def _settle(self, store: DeliveryStore, rt: Runtime, result: Finished, chain: Chain | None) -> None:
         """An outcome is committed: the delivery leaves memory."""
         if result.kind == "row":
             rt.inflight.discard(result.event_id)
@@ -549,7 +542,13 @@ class Dispatcher:
         if chain is not None:
             chain.open -= 1
             rt.outstanding -= 1
-            if chain.open == 0 and not chain.waiting and rt.chains.get(result.entity) is chain:
+            if chain.open == 0 and chain.waiting and not self._stopping:  # (on stop: after the restart)
+                nxt = chain.waiting.popleft()
+                if nxt.has_row:
+                    rt.inflight.add(nxt.event_id)
+                assert self._sender is not None
+                self._send(store, self._sender, rt, chain, nxt)
+            elif chain.open == 0 and not chain.waiting and rt.chains.get(result.entity) is chain:
                 del rt.chains[result.entity]
                 if chain.to_rows:
                     rt.to_rows_at[result.entity] = self._commits
