@@ -49,6 +49,8 @@ CLAIM_FRACTION = 0.25  # claim again once this share of the slots is free
 MAX_AHEAD = 1000  # events read past the cursor and not settled, at most, per endpoint
 MAX_CHAIN = 100  # one entity's events waiting in memory; past it they queue as rows
 CURSOR_IDLE_SECONDS = 1.0  # how often a cursor moves when nothing else is committed
+READ_AHEAD = 256  # events read ahead of the free slots: fewer, larger reads
+ROW_POLL_SECONDS = 0.1  # how often due rows made by another process are looked for
 
 
 @dataclass(eq=False)
@@ -94,6 +96,9 @@ class Runtime:
     to_rows_at: dict[str, int] = field(default_factory=dict)
     # ... and those with a queued row not committed yet (how many)
     queuing: dict[str, int] = field(default_factory=dict)
+    # events read ahead, the first of their entity, waiting for a free slot
+    ready: deque[tuple[Chain, Due]] = field(default_factory=deque)
+    rows_at: float = 0.0  # when to look for due rows next
     rewinding: bool = False  # `replay --from` moved the cursor: drain, then start there
     cursor_moved_at: float = 0.0
     # waiting for the receiver (what the limit counts) ...
@@ -268,41 +273,60 @@ class Dispatcher:
             # a paused endpoint gets one probe at a time, until its outcome is recorded
             busy = rt.outstanding if paused else rt.sending
             capacity = limit - busy
-            # claim in batches: wait for a quarter of the slots unless none is busy
+            if rt.ready and capacity > 0:  # events read ahead go first, without a read
+                while rt.ready and capacity > 0:
+                    chain, item = rt.ready.popleft()
+                    self._send(store, sender, rt, chain, item)
+                    capacity -= 1
+                continue
+            # read in batches: wait for a quarter of the slots unless none is busy
             if capacity <= 0 or (busy and capacity < max(1, int(limit * CLAIM_FRACTION))):
                 rt.freed.clear()
                 await self._sleep_on(rt.freed, STATE_REFRESH_SECONDS)
                 continue
             rt.wake.clear()
             read_seq = self._commits
-            # due rows first (retries, replays, events queued behind their entity) ...
+            # Due rows first (retries, replays, events queued behind their entity): looked
+            # for when this dispatcher made some, or every ROW_POLL_SECONDS for those made
+            # elsewhere (a replay from the CLI, a manual event) ...
+            rows = capacity if not rt.rewinding and now >= rt.rows_at else 0
+            # ... then the events past what was read, without a row, some read ahead
+            room = min(READ_AHEAD - len(rt.ready), MAX_AHEAD - (len(rt.unsettled) - len(rt.settled)))
+            events = room if rt.generation >= 0 and not rt.rewinding else 0
             # (an endpoint without a cursor reads no events: only rows, every one of them)
             upto = rt.horizon if rt.generation >= 0 else None
-            due: list[Due] = []
-            if not rt.rewinding:  # (its rows from the new start wait for the new horizon)
-                due = await self._read(
-                    store.claim, rt.cfg.name, now, capacity, frozenset(rt.inflight), list(rt.chains), upto
-                )
+            if not rows and events <= 0:
+                await self._sleep(rt, min(ROW_POLL_SECONDS, max(POLL_SECONDS, rt.rows_at - now)))
+                continue
+            due, fresh, horizon, next_at = await self._read(
+                store.next_batch,
+                rt.cfg.name,
+                now,
+                rows,
+                frozenset(rt.inflight),
+                list(rt.chains),
+                upto,
+                rt.horizon,
+                max(0, events),
+            )
+            if rows:
+                rt.rows_at = now if len(due) >= rows else now + ROW_POLL_SECONDS
             for item in due:
                 self._admit_row(store, sender, rt, item)
-            # ... then the events past what was read, without a row
-            room = min(capacity - len(due), MAX_AHEAD - (len(rt.unsettled) - len(rt.settled)))
-            fresh: list[Due] = []
-            if room > 0 and rt.generation >= 0 and not rt.rewinding:
-                fresh, horizon = await self._read(store.fresh, rt.cfg.name, rt.horizon, room)
-                rt.horizon = max(rt.horizon, horizon)
-                for item in fresh:
-                    self._admit_fresh(store, sender, rt, item, read_seq)
-                for entity in [e for e, at in rt.to_rows_at.items() if at <= read_seq]:
-                    del rt.to_rows_at[entity]  # reads from now on see its rows
-                if len(fresh) >= room:
-                    rt.wake.set()  # more to read: no sleep before the next round
+            rt.horizon = max(rt.horizon, horizon)
+            for item in fresh:
+                self._admit_fresh(store, sender, rt, item, read_seq)
+            for entity in [e for e, at in rt.to_rows_at.items() if at <= read_seq]:
+                del rt.to_rows_at[entity]  # reads from now on see its rows
+            if events > 0 and len(fresh) >= events:
+                rt.wake.set()  # more to read: no sleep before the next round
             if now - rt.cursor_moved_at >= CURSOR_IDLE_SECONDS and self._cursor_after(rt, ()) > rt.cursor:
                 self._cursors_due = True
                 self._kick(store)
-            if not due and not fresh:
-                next_at = await self._read(store.next_due, rt.cfg.name)
-                wait = 1.0 if next_at is None else min(1.0, max(0.0, next_at - now))
+            if not due and not fresh and not rt.ready:
+                if next_at is not None:
+                    rt.rows_at = min(rt.rows_at, next_at)
+                wait = min(ROW_POLL_SECONDS, max(0.0, rt.rows_at - now))
                 await self._sleep(rt, wait if wait > 0 else POLL_SECONDS)
 
     async def _check_cursor(self, store: DeliveryStore, rt: Runtime) -> None:
@@ -313,7 +337,7 @@ class Dispatcher:
         if generation == rt.generation:
             return
         rt.rewinding = True
-        if rt.chains or rt.outstanding or len(rt.unsettled) > len(rt.settled):
+        if rt.chains or rt.ready or rt.outstanding or len(rt.unsettled) > len(rt.settled):
             return  # not yet: the next refresh looks again
         if any(r is rt for _, r, _ in self._results):
             return
@@ -362,7 +386,7 @@ class Dispatcher:
                 chain.waiting.append(item)
         else:
             chain = rt.chains[item.entity] = Chain()
-            self._send(store, sender, rt, chain, item)
+            rt.ready.append((chain, item))  # sent as slots free, in order
 
     def _queue(self, store: DeliveryStore, rt: Runtime, item: Due) -> None:
         rt.queuing[item.entity] = rt.queuing.get(item.entity, 0) + 1
@@ -375,6 +399,7 @@ class Dispatcher:
     def _send(self, store: DeliveryStore, sender: Sender, rt: Runtime, chain: Chain, item: Due) -> None:
         chain.open += 1
         rt.outstanding += 1
+        rt.sending += 1  # counted now: the task starts later, and the limit must hold
         task = asyncio.create_task(self._deliver(store, sender, rt, chain, item))
         rt.tasks.add(task)
         task.add_done_callback(rt.tasks.discard)
@@ -396,7 +421,6 @@ class Dispatcher:
         self, store: DeliveryStore, sender: Sender, rt: Runtime, chain: Chain, item: Due
     ) -> None:
         msg_id = signing.message_id(item.event_id)
-        rt.sending += 1
         try:
             async with self._global:
                 sent_at = self.clock()
@@ -533,6 +557,8 @@ class Dispatcher:
         else:
             rt.settled.add(result.event_id)
             rt.batched.discard(result.event_id)
+        if result.status == "pending":  # a row this dispatcher made: due now, or at its retry
+            rt.rows_at = min(rt.rows_at, result.next_attempt_at)
         if result.kind == "queue":
             left = rt.queuing.pop(result.entity) - 1
             if left:

@@ -186,6 +186,25 @@ class DeliveryStore:
             (done if sent_under == generation else again).add(int(event_id))
         return done, again
 
+    def next_batch(
+        self,
+        endpoint: str,
+        now: float,
+        rows: int,
+        skip: Collection[int],
+        busy: Collection[str],
+        horizon: int | None,
+        after: int,
+        events: int,
+    ) -> tuple[list[Due], list[Due], int, float | None]:
+        """One round of the dispatcher in one call on the read thread: up to ``rows`` due
+        rows (:meth:`claim`), then up to ``events`` events past ``after`` (:meth:`fresh`),
+        how far those were read, and when the next row falls due if nothing came back."""
+        due = self.claim(endpoint, now, rows, skip, busy, horizon) if rows > 0 else []
+        fresh, upto = self.fresh(endpoint, after, events) if events > 0 else ([], after)
+        next_at = self.next_due(endpoint) if not due and not fresh else None
+        return due, fresh, upto, next_at
+
     def cursor(self, endpoint: str) -> tuple[int, int]:
         """The endpoint's cursor and its generation (moved back by ``replay --from``);
         an endpoint not registered yet starts at the newest event."""
