@@ -49,7 +49,7 @@ CLAIM_FRACTION = 0.25  # claim again once this share of the slots is free
 MAX_AHEAD = 1000  # events read past the cursor and not settled, at most, per endpoint
 MAX_CHAIN = 100  # one entity's events waiting in memory; past it they queue as rows
 CURSOR_IDLE_SECONDS = 1.0  # how often a cursor moves when nothing else is committed
-READ_AHEAD = 256  # events read ahead of the free slots: fewer, larger reads
+READ_AHEAD = 64  # events read ahead of the free slots, so that sends need not wait for a read
 ROW_POLL_SECONDS = 0.1  # how often due rows made by another process are looked for
 
 
