@@ -216,3 +216,100 @@ async def test_views_count_a_replayed_or_rewound_first_try_success_once(tmp_path
         assert store.stats(conn)["deliveries"] == {"ct2": {"delivered": 10}}
         assert [a["status"] for a in deliveries.attempts_of(conn, 8)] == [200, 200]
         assert len(deliveries.list_deliveries(conn)) == 10
+
+
+async def test_an_unforeseen_error_in_a_send_is_a_recorded_failed_attempt(tmp_path, monkeypatch):
+    """Found in review: an exception the sender does not expect (not a timeout or a
+    connection error) left the delivery in memory for good: its entity blocked, the cursor
+    stuck below it. It is now a failed attempt with its error, retried like any other."""
+    from dispatcher.sender import Sender
+
+    real_post = Sender.post
+    calls = {"n": 0}
+
+    async def post_that_breaks_once(self: Sender, url: str, body: bytes, headers: dict[str, str]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("session closed under us")
+        return await real_post(self, url, body, headers)
+
+    monkeypatch.setattr(Sender, "post", post_that_breaks_once)
+    async with Receiver() as rx:
+        settings = settings_with(tmp_path, ("ct2", rx.url), retry_schedule=[0, 0.05, 0.05])
+        path = settings.outbox.path
+        append_events(path, ["ct2"], [("order.updated", "order", 1), ("order.updated", "order", 1)])
+        await run_until(Dispatcher(settings), lambda: len(rx.received) == 2)
+    assert [r.envelope["id"] for r in rx.received] == [1, 2]  # retried, and in order
+    with store.connect(path, readonly=True) as conn:
+        attempts = deliveries.attempts_of(conn, 1)
+        assert attempts[0]["status"] == 0 and "session closed under us" in attempts[0]["error"]
+        assert attempts[-1]["status"] == 200
+        assert store.stats(conn)["deliveries"] == {"ct2": {"delivered": 2}}
+
+
+async def test_an_event_behind_a_queued_row_not_yet_committed_queues_too(tmp_path):
+    """Found in review, driven step by step (the window is too narrow to hit by timing):
+    order 0's row (a retry) is with the receiver; its next event, read meanwhile, queues
+    as a row (blocked); the retry is delivered and committed before that queued row is;
+    a further event of order 0 read in between must queue as well, not go at once, ahead
+    of the queued one."""
+    import threading
+
+    from dispatcher.worker import Chain
+    from outbox.deliveries import Due, Finished
+
+    settings = settings_with(tmp_path, ("ct2", "http://127.0.0.1:9/hook"))
+    dispatcher = Dispatcher(settings)
+    gate = threading.Event()
+
+    class HeldStore:
+        """Commits wait until the test lets them through."""
+
+        def finish_many(self, results: list[Finished], cursors: Any = ()) -> None:
+            gate.wait(10)
+
+    store_ = HeldStore()
+    rt = await dispatcher._runtime(_StoreForRuntime(settings.outbox.path), settings.endpoints[0])  # type: ignore[arg-type]
+    assert rt is not None
+    dispatcher.runtimes["ct2"] = rt
+    entity = "order:0"
+    head = Chain(open=1)  # the retry (a row) is with the receiver
+    rt.chains[entity] = head
+    rt.inflight.add(1)
+    blocked = Due(5, 0, b"{}", entity, has_row=False, blocked=True)
+    dispatcher._admit_fresh(store_, None, rt, blocked, dispatcher._commits)  # type: ignore[arg-type]
+    assert rt.queuing == {entity: 1}
+    # the retry is delivered and its outcome committed (the queued row's commit not yet)
+    dispatcher._results.clear()
+    delivered = Finished("ct2", 1, 0.0, 200, 1.0, None, "ok", "delivered", 0.0, entity, "row")
+    dispatcher._settle(store_, rt, delivered, head)  # type: ignore[arg-type]
+    assert entity not in rt.chains
+    later = Due(6, 0, b"{}", entity, has_row=False, blocked=False)  # read before the commit
+    dispatcher._admit_fresh(store_, None, rt, later, dispatcher._commits)  # type: ignore[arg-type]
+    assert not rt.ready, "sent ahead of the row queued before it"
+    assert [r.event_id for r, _, _ in dispatcher._results] == [6] and rt.queuing == {entity: 2}
+    gate.set()
+    dispatcher._stopping = True
+    if dispatcher._flusher is not None:
+        await dispatcher._flusher
+    dispatcher._writes.shutdown()
+    dispatcher._reads.shutdown()
+
+
+class _StoreForRuntime:
+    """What Dispatcher._runtime reads: the endpoint's state and cursor."""
+
+    def __init__(self, path: str) -> None:
+        from outbox.deliveries import DeliveryStore
+
+        append_events(path, ["ct2"], [])
+        self._real = DeliveryStore(path)
+
+    def endpoint(self, name: str) -> Any:
+        return self._real.endpoint(name)
+
+    def cursor(self, name: str) -> tuple[int, int]:
+        return self._real.cursor(name)
+
+    def batched_after(self, name: str, cursor: int, generation: int) -> tuple[set[int], set[int]]:
+        return self._real.batched_after(name, cursor, generation)
