@@ -325,7 +325,11 @@ def unbatch(conn: sqlite3.Connection, pairs: list[tuple[str, int]]) -> None:
     """Take these (endpoint, event id) deliveries out of their batches of first-try
     successes, their attempt moved to the attempt log: they are getting a row (within the
     caller's transaction)."""
-    args = {"pairs": store.dumps(pairs), "span": store.BATCH_SPAN}
+    found = conn.execute(D["batches_holding"], {"pairs": store.dumps(pairs), "span": store.BATCH_SPAN})
+    held = [list(row) for row in found]
+    if not held:
+        return  # the usual case: a first try that failed, never in a batch
+    args = {"held": store.dumps(held)}
     for name in ("unbatch_attempts", "unbatch_events", "unbatch_counts", "drop_empty_batches"):
         conn.execute(D[name], args)
 

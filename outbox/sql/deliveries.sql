@@ -217,13 +217,12 @@ WHERE e.id >= :from
 SELECT j.value, b.generation FROM attempt_batches b, json_each(b.event_ids) j
 WHERE b.endpoint = :endpoint AND b.first_event_id > :cursor - :span AND j.value > :cursor
 
--- name: unbatch_attempts
+-- name: batches_holding
 -- Deliveries that get a row (a replay, a failure when sent again) leave their batch of
 -- first-try successes: that first attempt goes to the attempt log, so it is still shown
 -- and the delivery is counted once, by its row.  :pairs is a JSON array of
--- [endpoint, event_id].
-INSERT INTO attempts (endpoint, event_id, attempted_at, status, duration_ms)
-SELECT b.endpoint, t.event_id, b.attempted_at, b.status, b.median_ms
+-- [endpoint, event_id]; this finds their batches, as [batch id, event_id] rows.
+SELECT b.id, t.event_id
 FROM (SELECT json_extract(value, '$[0]') AS endpoint, json_extract(value, '$[1]') AS event_id
       FROM json_each(:pairs)) AS t
 JOIN attempt_batches b
@@ -231,44 +230,30 @@ JOIN attempt_batches b
  AND b.last_event_id >= t.event_id
 WHERE EXISTS (SELECT 1 FROM json_each(b.event_ids) WHERE value = t.event_id)
 
+-- name: unbatch_attempts
+-- :held is a JSON array of [batch id, event_id] (from batches_holding).
+INSERT INTO attempts (endpoint, event_id, attempted_at, status, duration_ms)
+SELECT b.endpoint, json_extract(h.value, '$[1]'), b.attempted_at, b.status, b.median_ms
+FROM json_each(:held) h JOIN attempt_batches b ON b.id = json_extract(h.value, '$[0]')
+
 -- name: unbatch_events
 UPDATE attempt_batches
 SET event_ids = (
     SELECT json_group_array(j.value) FROM json_each(attempt_batches.event_ids) j
     WHERE NOT EXISTS (
-        SELECT 1 FROM json_each(:pairs) p
-        WHERE json_extract(p.value, '$[0]') = attempt_batches.endpoint AND json_extract(p.value, '$[1]') = j.value
+        SELECT 1 FROM json_each(:held) h
+        WHERE json_extract(h.value, '$[0]') = attempt_batches.id AND json_extract(h.value, '$[1]') = j.value
     )
 )
-WHERE id IN (
-    SELECT b.id
-    FROM (SELECT json_extract(value, '$[0]') AS endpoint, json_extract(value, '$[1]') AS event_id
-          FROM json_each(:pairs)) AS t
-    JOIN attempt_batches b
-      ON b.endpoint = t.endpoint AND b.first_event_id BETWEEN t.event_id - :span AND t.event_id
-     AND b.last_event_id >= t.event_id
-)
+WHERE id IN (SELECT json_extract(value, '$[0]') FROM json_each(:held))
 
 -- name: unbatch_counts
 UPDATE attempt_batches SET count = json_array_length(event_ids)
-WHERE count <> json_array_length(event_ids) AND id IN (
-    SELECT b.id
-    FROM (SELECT json_extract(value, '$[0]') AS endpoint, json_extract(value, '$[1]') AS event_id
-          FROM json_each(:pairs)) AS t
-    JOIN attempt_batches b
-      ON b.endpoint = t.endpoint AND b.first_event_id BETWEEN t.event_id - :span AND t.event_id
-     AND b.last_event_id >= t.event_id
-)
+WHERE id IN (SELECT json_extract(value, '$[0]') FROM json_each(:held))
 
 -- name: drop_empty_batches
-DELETE FROM attempt_batches WHERE count = 0 AND id IN (
-    SELECT b.id
-    FROM (SELECT json_extract(value, '$[0]') AS endpoint, json_extract(value, '$[1]') AS event_id
-          FROM json_each(:pairs)) AS t
-    JOIN attempt_batches b
-      ON b.endpoint = t.endpoint AND b.first_event_id BETWEEN t.event_id - :span AND t.event_id
-     AND b.last_event_id >= t.event_id
-)
+DELETE FROM attempt_batches
+WHERE count = 0 AND id IN (SELECT json_extract(value, '$[0]') FROM json_each(:held))
 
 -- name: cursor_names
 SELECT endpoint FROM delivery_cursors ORDER BY endpoint
