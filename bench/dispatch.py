@@ -6,7 +6,9 @@ A receiver process on loopback answers 200 to every POST.  Each round fills a fr
 outbox with ``--events`` events for one endpoint, then times
   * the baseline: ``--concurrency`` aiohttp workers posting the same bodies, and
   * ct1-cdc's dispatcher: signing, per-entity ordering, and every attempt recorded
-    durably in SQLite, with the same concurrency,
+    durably in SQLite, with the same concurrency, and
+  * the bare loop again on ct1-cdc's own HTTP client (``ratio_to_same_client``: what the
+    dispatcher's work costs over its transport alone),
 alternating.  ct1-cdc runs with the garbage-collector setting of ``ct1-cdc run``
 (``sidecar.runner.tune_gc``); the bare loop runs once with the interpreter's defaults (the
 baseline of ``ratio``) and once with the same setting (``ratio_to_gc_tuned_baseline``,
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import logs  # noqa: E402
 from config.settings import Settings  # noqa: E402
+from dispatcher.http1 import Client  # noqa: E402
 from dispatcher.signing import generate_secret  # noqa: E402
 from dispatcher.worker import Dispatcher  # noqa: E402
 from outbox import store  # noqa: E402
@@ -103,6 +106,28 @@ async def baseline(url: str, bodies: list[bytes], concurrency: int) -> float:
         return time.perf_counter() - started
 
 
+async def same_client(url: str, bodies: list[bytes], concurrency: int) -> float:
+    """The bare loop on ct1-cdc's own HTTP client (dispatcher.http1): what the transport
+    allows, without signing, ordering or recording."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    client = Client(max_idle=concurrency)
+
+    async def worker() -> None:
+        while not queue.empty():
+            body = queue.get_nowait()
+            answer = await client.post(url, body, {"content-type": "application/json"}, keep=1024)
+            assert answer.status == 200
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - started
+    finally:
+        await client.close()
+
+
 async def ours(url: str, path: Path, n: int, concurrency: int) -> float:
     settings = Settings(
         outbox={"path": str(path)},
@@ -159,7 +184,12 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
-        rates: dict[str, list[float]] = {"baseline": [], "ct1_cdc": [], "baseline_gc_tuned": []}
+        rates: dict[str, list[float]] = {
+            "baseline": [],
+            "ct1_cdc": [],
+            "baseline_gc_tuned": [],
+            "same_client": [],
+        }
         for r in range(args.rounds):
             path = work / f"outbox_{r}.db"
             bodies = fill(path, args.events)
@@ -173,10 +203,14 @@ def main() -> None:
             with gc_tuned():
                 secs = asyncio.run(baseline(url, bodies, args.concurrency))
             rates["baseline_gc_tuned"].append(args.events / secs)
+            with gc_tuned():
+                secs = asyncio.run(same_client(url, bodies, args.concurrency))
+            rates["same_client"].append(args.events / secs)
             print(
                 f"round {r + 1}: bare aiohttp {rates['baseline'][-1]:,.0f}/s "
                 f"(GC tuned {rates['baseline_gc_tuned'][-1]:,.0f}/s), "
-                f"ct1-cdc {rates['ct1_cdc'][-1]:,.0f}/s",
+                f"ct1-cdc {rates['ct1_cdc'][-1]:,.0f}/s, "
+                f"bare loop on ct1-cdc's client {rates['same_client'][-1]:,.0f}/s",
                 file=sys.stderr,
             )
             path.unlink()
@@ -196,6 +230,8 @@ def main() -> None:
                     "baseline_gc_tuned_per_s": [round(x) for x in rates["baseline_gc_tuned"]],
                     "ratio_to_gc_tuned_baseline": round(med_ours / med_tuned, 3),
                     "ratio": round(med_ours / med_base, 3),
+                    "same_client_per_s": [round(x) for x in rates["same_client"]],
+                    "ratio_to_same_client": round(med_ours / statistics.median(rates["same_client"]), 3),
                 }
             )
         )

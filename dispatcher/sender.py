@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from common.errors import ConfigError
+from dispatcher.http1 import Client, HttpError
 
 RESPONSE_BYTES = 1024
 
@@ -39,10 +37,16 @@ def is_loopback(host: str) -> bool:
 def check_url(name: str, url: str, require_https: bool, refuse_private: bool = False) -> None:
     """Refuse an endpoint URL that is not http(s), plain http off loopback when HTTPS is
     required, or a private address literal when private networks are refused (host
-    names are checked when they resolve, by :class:`PublicOnlyResolver`)."""
+    names are checked when they resolve, by :class:`~dispatcher.http1.Client`)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"endpoint {name}: url {url!r} is not an http(s) URL")
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        raise ConfigError(f"endpoint {name}: url {url!r} holds a space or a control character")
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number or out of range)
+    except ValueError:
+        raise ConfigError(f"endpoint {name}: url {url!r} has a bad port") from None
     if parts.scheme == "http" and require_https and not is_loopback(parts.hostname):
         raise ConfigError(f"endpoint {name}: url must use https (or set dispatcher.require_https = false)")
     if refuse_private:
@@ -56,63 +60,34 @@ def check_url(name: str, url: str, require_https: bool, refuse_private: bool = F
             )
 
 
-class PublicOnlyResolver(aiohttp.abc.AbstractResolver):
-    """Resolves like the default resolver but refuses private, link-local and reserved
-    addresses (loopback stays allowed for local receivers)."""
-
-    def __init__(self) -> None:
-        self._inner = aiohttp.ThreadedResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[aiohttp.abc.ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        allowed = []
-        for result in results:
-            address = ipaddress.ip_address(result["host"])
-            if address.is_loopback or address.is_global:
-                allowed.append(result)
-        if not allowed:
-            raise OSError(f"{host} resolves only to private addresses, which are refused")
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 class Sender:
-    """One aiohttp session for all deliveries: connections are reused per endpoint."""
+    """Every delivery's POST, through one :class:`~dispatcher.http1.Client`: connections
+    are kept alive and reused per endpoint."""
 
     def __init__(self, timeout: float, *, concurrency: int, refuse_private: bool = False) -> None:
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
-        resolver = PublicOnlyResolver() if refuse_private else None
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency, resolver=resolver),
-            timeout=self.timeout,
-            auto_decompress=False,
-        )
+        self.timeout = timeout
+        self.client = Client(refuse_private=refuse_private, max_idle=max(concurrency, 1))
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Attempt:
         started = time.perf_counter()
         try:
-            async with self.session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
-                snippet = await resp.content.read(RESPONSE_BYTES)
-                return Attempt(
-                    status=resp.status,
-                    duration_ms=_ms(started),
-                    error=None if 200 <= resp.status <= 299 else f"HTTP {resp.status}",
-                    response=snippet.decode("utf-8", "replace"),
-                    retry_after=resp.headers.get("Retry-After"),
-                )
+            async with asyncio.timeout(self.timeout):
+                answer = await self.client.post(url, body, headers, keep=RESPONSE_BYTES)
         except TimeoutError:
             return Attempt(0, _ms(started), "timeout", None, None)
-        except (aiohttp.ClientError, OSError) as exc:
-            return Attempt(0, _ms(started), f"{type(exc).__name__}: {exc}"[:500], None, None)
-        except asyncio.CancelledError:
-            raise
+        except HttpError as exc:
+            return Attempt(0, _ms(started), str(exc)[:500], None, None)
+        status = answer.status
+        return Attempt(
+            status=status,
+            duration_ms=_ms(started),
+            error=None if 200 <= status <= 299 else f"HTTP {status}",
+            response=answer.body.decode("utf-8", "replace"),
+            retry_after=answer.headers.get("retry-after"),
+        )
 
     async def close(self) -> None:
-        await self.session.close()
+        await self.client.close()
 
 
 def _ms(started: float) -> float:

@@ -35,6 +35,8 @@ ensure_debian_packages() {
     if [ ! -f "/usr/lib/postgresql/$major/lib/wal2json.so" ]; then
         apt_install "postgresql-$major-wal2json"
     fi
+    # the tests make a certificate for a TLS receiver
+    command -v openssl >/dev/null || apt_install openssl
 }
 
 # A C compiler and Python's headers build cdc/_wal2json.c, capture's compiled decoder

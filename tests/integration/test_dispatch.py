@@ -232,6 +232,19 @@ async def test_redirects_hangs_and_dropped_connections_are_failures(tmp_path, be
         assert status == 0 and error
 
 
+def test_an_endpoint_url_that_cannot_be_a_request_line_is_refused(tmp_path):
+    from common.errors import ConfigError
+
+    for url, why in (
+        ("http://127.0.0.1/a b", "space or a control character"),
+        ("http://127.0.0.1/a\r\nX-Injected: 1", "space or a control character"),
+        ("http://127.0.0.1:99999/hook", "bad port"),
+        ("ftp://127.0.0.1/hook", "not an http"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            Dispatcher(settings_for(tmp_path, url))
+
+
 def test_plain_http_off_loopback_is_refused(tmp_path):
     from common.errors import ConfigError
 
