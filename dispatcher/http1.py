@@ -6,32 +6,55 @@ Why not aiohttp's client: a delivery needs none of its generality (cookies, redi
 multipart, decompression, proxies), and on the dispatcher's event loop its per-request
 cost was about half of the loop's time (docs/benchmarks.md, issue 15).  What is kept:
 TLS verified against the system's trust store, one timeout over the whole exchange
-(connect included), no redirects followed, and a resolver that can refuse private
-addresses.
+(the caller's, connect included), no redirects followed, addresses raced 250 ms apart
+(Happy Eyeballs), and private addresses refused on request.
 
-A connection is reused only when the answer said so (HTTP/1.1 without
-``Connection: close``) and its body was read to the end (at most :data:`DRAIN_BYTES`; a
-longer body closes the connection instead).  A request sent on a reused connection that
-the server had already closed (no byte of an answer came back) is sent once more on a new
-connection: receivers deduplicate by ``webhook-id``, and the request is either refused
-before being read or sent again, as any retry would.
+The receiver is not trusted: every byte of an answer counts against
+:data:`ANSWER_BYTES`; framing follows RFC 9112 strictly (one ``Content-Length``, a
+3-digit status, ``chunked`` only as the last coding, no folded header lines); and a
+connection is reused only when the answer said so and was read to its end (a body of at
+most :data:`DRAIN_BYTES`).  A request sent on a reused connection that the server closes
+at once, with no byte of an answer (it had closed the idle connection as the request
+left), is sent once more on a new connection: receivers deduplicate by ``webhook-id``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit
+
+import aiohappyeyeballs
 
 HEAD_BYTES = 64 * 1024  # the status line and headers of an answer, at most
 DRAIN_BYTES = 64 * 1024  # a body up to this is read to the end so the connection is reused
+ANSWER_BYTES = 2 * HEAD_BYTES + DRAIN_BYTES  # every byte of one answer on the wire, at most
+LINE_BYTES = 4096  # a chunk-size line (with its extensions) or a trailer line, at most
+MAX_INTERIM = 10  # 1xx answers before the final one, at most
 READ_PAUSE_BYTES = 256 * 1024  # stop reading the socket while this much waits unread
-IDLE_SECONDS = 15.0  # an idle connection older than this is closed instead of reused
+IDLE_SECONDS = 15.0  # an idle connection is closed after this
+STALE_SECONDS = 0.25  # a reused connection closed this soon after the request was stale
+DNS_SECONDS = 10.0  # a host name's addresses are kept this long
+HAPPY_EYEBALLS_SECONDS = 0.25
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: .*)?", re.DOTALL)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SAFE_PATH = "/%:@!$&'()*+,;=-._~?"
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 
 class HttpError(Exception):
@@ -39,14 +62,53 @@ class HttpError(Exception):
 
 
 class _Stale(Exception):
-    """A reused connection was closed by the server before any byte of the answer."""
+    """A reused connection was closed by the server at once, before any byte of an answer."""
+
+
+class _Overrun(Exception):
+    """The answer passed :data:`ANSWER_BYTES` on the wire."""
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
-    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes  # the first ``keep`` bytes
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_address(address: str, *, loopback: bool) -> bool:
+    """Whether an address may be connected to when private networks are refused: global
+    unicast addresses, and loopback only when ``loopback`` (the URL itself names a
+    loopback host).  An IPv4 address inside IPv6 (mapped, NAT64, 6to4, compatible) is
+    judged as that IPv4 address."""
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and not ip.is_loopback:
+        if ip in _LOCAL_NAT64:
+            return False
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and (ip in _NAT64 or ip in _V4_COMPATIBLE):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
+    if ip.is_loopback:
+        return loopback
+    return ip.is_global and not ip.is_multicast
+
+
+def shown(url: str) -> str:
+    """A URL for messages and logs: no user name, password, query or fragment."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{netloc}{parts.path}" + ("?…" if parts.query else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +118,7 @@ class Target:
     tls: bool
     host: str
     port: int
+    loopback: bool
     head: bytes  # "POST <path> HTTP/1.1\r\nHost: <host>\r\n"
 
     @property
@@ -64,29 +127,41 @@ class Target:
 
     @classmethod
     def parse(cls, url: str) -> Target:
+        """Raises :class:`HttpError` for a URL that cannot be a request (the message
+        shows the URL without credentials or query)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise HttpError(f"{url!r} is not an http(s) URL")
+            raise HttpError(f"{shown(url)!r} is not an http(s) URL")
+        if parts.username is not None or parts.password is not None:
+            raise HttpError(f"{shown(url)!r} holds a user name or password, which would not be sent")
+        if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+            raise HttpError(f"{shown(url)!r} holds a space or a control character")
         tls = parts.scheme == "https"
-        port = parts.port or (443 if tls else 80)
+        default = 443 if tls else 80
+        try:
+            port = parts.port if parts.port is not None else default
+        except ValueError:
+            raise HttpError(f"{shown(url)!r} has a bad port") from None
+        if port == 0:
+            raise HttpError(f"{shown(url)!r} has a bad port")
         host = parts.hostname
+        if "%" in host:
+            raise HttpError(f"{shown(url)!r}: IPv6 zone identifiers are not supported")
         if not host.isascii():
-            host = host.encode("idna").decode("ascii")
-        path = quote(parts.path or "/", safe=_SAFE_PATH)
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise HttpError(f"{shown(url)!r} has a host name that is not valid") from None
+        if any(not label or len(label) > 63 for label in host.rstrip(".").split(".")) and ":" not in host:
+            raise HttpError(f"{shown(url)!r} has a host name that is not valid")
+        path = quote(_LONE_PERCENT.sub("%25", parts.path or "/"), safe=_SAFE_PATH)
         if parts.query:
-            path += "?" + quote(parts.query, safe=_SAFE_PATH)
+            path += "?" + quote(_LONE_PERCENT.sub("%25", parts.query), safe=_SAFE_PATH)
         authority = f"[{host}]" if ":" in host else host
-        if port != (443 if tls else 80):
+        if port != default:
             authority += f":{port}"
         head = f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n".encode("ascii")
-        return cls(tls, host, port, head)
-
-
-def allowed_address(address: str) -> bool:
-    """Whether a resolved address may be used when private networks are refused:
-    loopback (local receivers) and global addresses only."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    return ip.is_loopback or ip.is_global
+        return cls(tls, host, port, is_loopback(host), head)
 
 
 class _Connection(asyncio.Protocol):
@@ -95,9 +170,11 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
+        self.received = 0  # bytes of the current answer so far
         self.closed = False
         self.paused = False
-        self.idle_since = 0.0
+        self.idle = False
+        self.expiry: asyncio.TimerHandle | None = None
         self.error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -106,7 +183,11 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:  # an answer to no request: the connection cannot be trusted
+            self.close()
+            return
         self.buffer += data
+        self.received += len(data)
         if len(self.buffer) > READ_PAUSE_BYTES and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
@@ -127,10 +208,13 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     async def more(self) -> None:
-        """Wait until more bytes arrive; :class:`ConnectionError` once none can."""
+        """Wait until more bytes arrive: :class:`ConnectionError` once none can,
+        :class:`_Overrun` once the answer is past :data:`ANSWER_BYTES`."""
+        if self.received > ANSWER_BYTES:
+            raise _Overrun
         if self.closed:
             if self.error is not None:
-                raise ConnectionError(_describe(self.error))
+                raise ConnectionError(f"{type(self.error).__name__}: {self.error}"[:300])
             raise ConnectionError("closed by the server")
         if self.paused and self.transport is not None:
             self.paused = False
@@ -143,8 +227,45 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        if self.expiry is not None:
+            self.expiry.cancel()
         if self.transport is not None:
             self.transport.close()
+
+
+class _Resolver:
+    """Host names to addresses on threads of its own (a slow name server holds up only
+    lookups, never the loop's default executor), one lookup per name at a time, answers
+    kept for :data:`DNS_SECONDS`."""
+
+    def __init__(self) -> None:
+        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ct1-resolve")
+        self._cache: dict[tuple[str, int], tuple[float, list[Any]]] = {}
+        self._lookups: dict[tuple[str, int], asyncio.Future[list[Any]]] = {}
+
+    async def resolve(self, host: str, port: int) -> list[Any]:
+        key = (host, port)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            loop = asyncio.get_running_loop()
+            lookup = loop.run_in_executor(
+                self._threads, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM
+            )
+            self._lookups[key] = lookup
+            lookup.add_done_callback(lambda done: self._done(key, done))
+        infos = await asyncio.shield(lookup)
+        return infos
+
+    def _done(self, key: tuple[str, int], lookup: asyncio.Future[list[Any]]) -> None:
+        self._lookups.pop(key, None)
+        if not lookup.cancelled() and lookup.exception() is None:
+            self._cache[key] = (time.monotonic() + DNS_SECONDS, lookup.result())
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
 
 class Client:
@@ -158,6 +279,8 @@ class Client:
         self._targets: dict[str, Target] = {}
         self._ssl: ssl.SSLContext | None = None
         self._open: set[_Connection] = set()
+        self._resolver = _Resolver()
+        self._names: set[str] = set()  # header names already checked
 
     def target(self, url: str) -> Target:
         target = self._targets.get(url)
@@ -170,31 +293,49 @@ class Client:
         :class:`HttpError` (and ``TimeoutError`` / cancellation from the caller's
         timeout) when no answer came."""
         target = self.target(url)
-        request = _request(target, body, headers)
+        request = self._request(target, body, headers)
         conn = self._take_idle(target.origin)
         if conn is not None:
             try:
-                return await self._exchange(target, conn, request, keep)
+                return await self._exchange(target, conn, request, keep, reused=True)
             except _Stale:
                 pass  # the server had closed it: once more on a new connection
         conn = await self._connect(target)
-        try:
-            return await self._exchange(target, conn, request, keep)
-        except _Stale as exc:
-            raise HttpError(f"connection closed before an answer ({exc})") from None
+        return await self._exchange(target, conn, request, keep, reused=False)
 
     async def close(self) -> None:
         for conn in list(self._open):
             conn.close()
         self._open.clear()
         self._idle.clear()
+        self._resolver.close()
+
+    def _request(self, target: Target, body: bytes, headers: dict[str, str]) -> bytes:
+        lines = [target.head]
+        for name, value in headers.items():
+            if name not in self._names:
+                if not _TOKEN.fullmatch(name) or name.lower() in _FRAMING:
+                    raise HttpError(f"header {name[:40]!r} cannot be sent")
+                self._names.add(name)
+            if _CTL.search(value):
+                raise HttpError(f"header {name} holds a control character")
+            try:
+                lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+            except UnicodeEncodeError:
+                raise HttpError(f"header {name} holds a character outside latin-1") from None
+        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        lines.append(body)
+        return b"".join(lines)
 
     def _take_idle(self, origin: tuple[bool, str, int]) -> _Connection | None:
         idle = self._idle.get(origin)
-        now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < IDLE_SECONDS and not conn.buffer:
+            if conn.expiry is not None:
+                conn.expiry.cancel()
+                conn.expiry = None
+            conn.idle = False
+            if not conn.closed and not conn.buffer:
                 return conn
             self._discard(conn)
         return None
@@ -204,66 +345,87 @@ class Client:
         if conn.closed or len(idle) >= self._max_idle:
             self._discard(conn)
             return
-        conn.idle_since = time.monotonic()
+        conn.idle = True
+        conn.expiry = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._expire, origin, conn)
         idle.append(conn)
+
+    def _expire(self, origin: tuple[bool, str, int], conn: _Connection) -> None:
+        idle = self._idle.get(origin, [])
+        if conn in idle:
+            idle.remove(conn)
+        conn.expiry = None
+        self._discard(conn)
 
     def _discard(self, conn: _Connection) -> None:
         conn.close()
         self._open.discard(conn)
 
     async def _connect(self, target: Target) -> _Connection:
+        where = f"{target.host}:{target.port}"
+        try:
+            infos = await self._resolver.resolve(target.host, target.port)
+        except (OSError, UnicodeError) as exc:
+            raise HttpError(f"cannot resolve {target.host}: {_describe(exc)}") from exc
+        if self._refuse_private:
+            infos = [i for i in infos if allowed_address(str(i[4][0]), loopback=target.loopback)]
+            if not infos:
+                raise HttpError(f"{target.host} resolves only to private addresses, which are refused")
         loop = asyncio.get_running_loop()
         context = self._tls() if target.tls else None
-        hosts = [target.host]
-        if self._refuse_private:
-            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-            hosts = list(dict.fromkeys(str(info[4][0]) for info in infos if allowed_address(str(info[4][0]))))
-            if not hosts:
-                raise HttpError(f"{target.host} resolves only to private addresses, which are refused")
-        failure: Exception | None = None
-        for host in hosts:
-            try:
-                _, conn = await loop.create_connection(
-                    _Connection,
-                    host,
-                    target.port,
-                    ssl=context,
-                    server_hostname=target.host if context is not None else None,
-                )
-            except (OSError, ssl.SSLError) as exc:
-                failure = exc
-                continue
-            self._open.add(conn)
-            return conn
-        assert failure is not None
-        raise HttpError(f"cannot connect to {target.host}:{target.port}: {_describe(failure)}") from failure
+        try:
+            sock = await aiohappyeyeballs.start_connection(
+                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_SECONDS, interleave=1
+            )
+        except OSError as exc:
+            raise HttpError(f"cannot connect to {where}: {_describe(exc)}") from exc
+        try:
+            _, conn = await loop.create_connection(
+                _Connection,
+                sock=sock,
+                ssl=context,
+                server_hostname=target.host if context is not None else None,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            raise HttpError(f"cannot connect to {where}: {_describe(exc)}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        self._open.add(conn)
+        return conn
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl is None:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
-    async def _exchange(self, target: Target, conn: _Connection, request: bytes, keep: int) -> Answer:
+    async def _exchange(
+        self, target: Target, conn: _Connection, request: bytes, keep: int, *, reused: bool
+    ) -> Answer:
         reusable = False
         try:
             assert conn.transport is not None
+            conn.received = 0
+            sent_at = time.monotonic()
             conn.transport.write(request)
             try:
-                status, version, headers = await _read_head(conn)
+                head = await _read_head(conn)
             except ConnectionError as exc:
-                if conn.buffer:
-                    raise
-                raise _Stale(str(exc)) from None
-            body, complete = await _read_body(conn, status, headers, keep)
-            reusable = (
-                complete
-                and version == b"HTTP/1.1"
-                and headers.get("connection", "").lower() != "close"
-                and not conn.buffer
-            )
-            return Answer(status, headers, body)
-        except ConnectionError as exc:
-            raise HttpError(f"connection lost in the middle of the answer: {exc}") from exc
+                if conn.received:
+                    raise HttpError(f"connection lost in the middle of the answer: {exc}") from None
+                if reused and time.monotonic() - sent_at < STALE_SECONDS:
+                    raise _Stale from None
+                raise HttpError(f"connection closed before an answer ({exc})") from None
+            except _Overrun:
+                raise HttpError("the answer's head is too long (or too many interim answers)") from None
+            try:
+                body, complete = await _read_body(conn, head, keep)
+            except ConnectionError as exc:
+                raise HttpError(f"connection lost in the middle of the answer: {exc}") from None
+            except _Overrun:
+                raise HttpError("the answer is too long") from None
+            reusable = complete and head.keep_alive and not conn.buffer
+            return Answer(head.status, head.headers, body)
         finally:
             if reusable:
                 self._give_back(target.origin, conn)
@@ -271,115 +433,140 @@ class Client:
                 self._discard(conn)
 
 
-def _request(target: Target, body: bytes, headers: dict[str, str]) -> bytes:
-    lines = [target.head]
-    for name, value in headers.items():
-        if "\r" in value or "\n" in value:
-            raise HttpError(f"header {name} holds a line break")
-        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-    lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
-    lines.append(body)
-    return b"".join(lines)
+@dataclass(frozen=True, slots=True)
+class _Head:
+    status: int
+    headers: dict[str, str]
+    keep_alive: bool  # HTTP/1.1, no "close" option, unambiguous framing
+    framing: str  # "none", "length", "chunked", "close"
+    length: int
 
 
-async def _read_head(conn: _Connection) -> tuple[int, bytes, dict[str, str]]:
+async def _read_head(conn: _Connection) -> _Head:
     """The status line and headers of the final answer (interim 1xx answers skipped)."""
-    while True:
+    for _ in range(MAX_INTERIM + 1):
         end = conn.buffer.find(b"\r\n\r\n")
         while end < 0:
             if len(conn.buffer) > HEAD_BYTES:
-                raise HttpError("the answer's headers are too long")
+                raise HttpError("the answer's head is too long")
+            if b"\n\n" in conn.buffer:
+                raise HttpError("the answer's lines end in a bare LF, not CRLF")
             await conn.more()
             end = conn.buffer.find(b"\r\n\r\n")
-        head = bytes(conn.buffer[:end])
+        if end > HEAD_BYTES:
+            raise HttpError("the answer's head is too long")
+        lines = bytes(conn.buffer[:end]).split(b"\r\n")
         del conn.buffer[: end + 4]
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        match = _STATUS_LINE.fullmatch(lines[0])
+        if match is None:
             raise HttpError(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
-        status = int(parts[1])
-        if 100 <= status < 200 and status != 101:
+        status = int(match[2])
+        if status < 200 and status != 101:
             continue  # 100 Continue, 103 Early Hints: the answer follows
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise HttpError(f"malformed header line in the answer: {line[:80]!r}")
-            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        return status, parts[0], headers
+        return _parse_head(status, match[1] == b"1", lines[1:])
+    raise HttpError(f"more than {MAX_INTERIM} interim (1xx) answers")
 
 
-async def _read_body(
-    conn: _Connection, status: int, headers: dict[str, str], keep: int
-) -> tuple[bytes, bool]:
+def _parse_head(status: int, http11: bool, lines: list[bytes]) -> _Head:
+    headers: dict[str, str] = {}
+    lengths: list[str] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise HttpError("folded header line in the answer")
+        raw_name, sep, raw_value = line.partition(b":")
+        name = raw_name.decode("latin-1")
+        if not sep or not _TOKEN.fullmatch(name):
+            raise HttpError(f"malformed header line in the answer: {line[:80]!r}")
+        name = name.lower()
+        value = raw_value.strip(b" \t").decode("latin-1")
+        if name == "content-length":
+            lengths.extend(v.strip() for v in value.split(","))
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    options = {o.strip().lower() for o in headers.get("connection", "").split(",")}
+    keep_alive = http11 and "close" not in options
+    codings = [c.strip().lower() for c in headers.get("transfer-encoding", "").split(",") if c.strip()]
+    if status in (101, 204, 304):
+        return _Head(status, headers, keep_alive and status != 101, "none", 0)
+    if codings:  # Transfer-Encoding wins over Content-Length, and then the connection is closed
+        framing = "chunked" if codings[-1] == "chunked" else "close"
+        return _Head(status, headers, keep_alive and not lengths and framing == "chunked", framing, 0)
+    if lengths:
+        if any(not _DIGITS.fullmatch(v) for v in lengths) or len(set(lengths)) > 1:
+            raise HttpError(f"bad Content-Length in the answer: {headers['content-length'][:40]!r}")
+        return _Head(status, headers, keep_alive, "length", int(lengths[0]))
+    return _Head(status, headers, False, "close", 0)
+
+
+async def _read_body(conn: _Connection, head: _Head, keep: int) -> tuple[bytes, bool]:
     """The first ``keep`` bytes of the body, and whether the body was read to its end (so
     the connection can carry the next request)."""
-    if status in (101, 204, 304):
-        return b"", status != 101
-    if "chunked" in headers.get("transfer-encoding", "").lower():
+    if head.framing == "none":
+        return b"", True
+    if head.framing == "chunked":
         return await _read_chunked(conn, keep)
-    length_text = headers.get("content-length")
-    if length_text is None:  # the body runs until the server closes
+    if head.framing == "close":  # the body runs until the server closes
         while len(conn.buffer) < keep and not conn.closed:
-            await _more_or_end(conn)
+            try:
+                await conn.more()
+            except ConnectionError:
+                break
         return bytes(conn.buffer[:keep]), False
-    if not length_text.isdigit():
-        raise HttpError(f"bad Content-Length in the answer: {length_text[:40]!r}")
-    length = int(length_text)
-    want = length if length <= DRAIN_BYTES else min(length, keep)
+    length = head.length
+    whole = length <= DRAIN_BYTES
+    want = length if whole else keep
     while len(conn.buffer) < want:
         await conn.more()
     body = bytes(conn.buffer[: min(keep, length)])
-    if length > DRAIN_BYTES:
-        return body, False
-    del conn.buffer[:length]
-    return body, True
+    if whole:
+        del conn.buffer[:length]
+    return body, whole
 
 
 async def _read_chunked(conn: _Connection, keep: int) -> tuple[bytes, bool]:
     kept = bytearray()
     read = 0
-    while True:
-        end = conn.buffer.find(b"\r\n")
-        while end < 0:
-            if len(conn.buffer) > HEAD_BYTES:
-                raise HttpError("bad chunk in the answer")
-            await conn.more()
-            end = conn.buffer.find(b"\r\n")
-        size_text = bytes(conn.buffer[:end]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise HttpError(f"bad chunk size in the answer: {size_text[:20]!r}") from None
-        del conn.buffer[: end + 2]
-        if size == 0:  # trailers, then the blank line
-            while True:
-                end = conn.buffer.find(b"\r\n")
-                while end < 0:
-                    if len(conn.buffer) > HEAD_BYTES:
-                        raise HttpError("the answer's trailers are too long")
-                    await conn.more()
-                    end = conn.buffer.find(b"\r\n")
-                del conn.buffer[: end + 2]
-                if end == 0:
-                    return bytes(kept), True
-        read += size
-        if read > DRAIN_BYTES:  # too long to read through: what came of it, and close
-            kept += conn.buffer[: min(size, max(0, keep - len(kept)))]
-            return bytes(kept), False
-        while len(conn.buffer) < size + 2:
-            await conn.more()
-        if len(kept) < keep:
-            kept += conn.buffer[: min(size, keep - len(kept))]
-        del conn.buffer[: size + 2]
-
-
-async def _more_or_end(conn: _Connection) -> None:
     try:
+        while True:
+            line = await _line(conn, "chunk size")
+            size_text = line.split(b";", 1)[0].strip(b" \t")
+            if not _HEX.fullmatch(size_text):
+                raise HttpError(f"bad chunk size in the answer: {size_text[:20]!r}")
+            size = int(size_text, 16)
+            if size == 0:
+                while await _line(conn, "trailer"):  # trailers, then the blank line
+                    pass
+                return bytes(kept), True
+            read += size
+            if read > DRAIN_BYTES:  # too long to read through: its first bytes, and close
+                want = min(size, max(0, keep - len(kept)))
+                while len(conn.buffer) < want:
+                    await conn.more()
+                kept += conn.buffer[:want]
+                return bytes(kept), False
+            while len(conn.buffer) < size + 2:
+                await conn.more()
+            if conn.buffer[size : size + 2] != b"\r\n":
+                raise HttpError("chunk data not followed by CRLF in the answer")
+            if len(kept) < keep:
+                kept += conn.buffer[: min(size, keep - len(kept))]
+            del conn.buffer[: size + 2]
+    except _Overrun:  # endless extensions or trailers: what came of the body, and close
+        return bytes(kept), False
+
+
+async def _line(conn: _Connection, what: str) -> bytes:
+    end = conn.buffer.find(b"\r\n")
+    while end < 0:
+        if len(conn.buffer) > LINE_BYTES:
+            raise HttpError(f"a {what} line in the answer is too long")
         await conn.more()
-    except ConnectionError:
-        return
+        end = conn.buffer.find(b"\r\n")
+    if end > LINE_BYTES:
+        raise HttpError(f"a {what} line in the answer is too long")
+    line = bytes(conn.buffer[:end])
+    del conn.buffer[: end + 2]
+    return line
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:400]
+    return f"{type(exc).__name__}: {exc}"[:300]

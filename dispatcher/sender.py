@@ -8,10 +8,9 @@ import asyncio
 import ipaddress
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from common.errors import ConfigError
-from dispatcher.http1 import Client, HttpError
+from dispatcher.http1 import Client, HttpError, Target, allowed_address
 
 RESPONSE_BYTES = 1024
 
@@ -25,38 +24,27 @@ class Attempt:
     retry_after: str | None
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_url(name: str, url: str, require_https: bool, refuse_private: bool = False) -> None:
-    """Refuse an endpoint URL that is not http(s), plain http off loopback when HTTPS is
-    required, or a private address literal when private networks are refused (host
-    names are checked when they resolve, by :class:`~dispatcher.http1.Client`)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"endpoint {name}: url {url!r} is not an http(s) URL")
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
-        raise ConfigError(f"endpoint {name}: url {url!r} holds a space or a control character")
+    """Refuse an endpoint URL that cannot be a request (not http(s), credentials in it, a
+    space, a bad port or host name), plain http off loopback when HTTPS is required, or a
+    private address literal when private networks are refused (host names are checked
+    when they resolve, by :class:`~dispatcher.http1.Client`).  Messages show the URL
+    without credentials or query."""
     try:
-        parts.port  # noqa: B018 (raises on a port that is not a number or out of range)
-    except ValueError:
-        raise ConfigError(f"endpoint {name}: url {url!r} has a bad port") from None
-    if parts.scheme == "http" and require_https and not is_loopback(parts.hostname):
+        target = Target.parse(url)
+    except HttpError as exc:
+        raise ConfigError(f"endpoint {name}: url {exc}") from None
+    if not target.tls and require_https and not target.loopback:
         raise ConfigError(f"endpoint {name}: url must use https (or set dispatcher.require_https = false)")
     if refuse_private:
         try:
-            address = ipaddress.ip_address(parts.hostname)
+            ipaddress.ip_address(target.host)
         except ValueError:
             return
-        if not (address.is_loopback or address.is_global):
+        if not allowed_address(target.host, loopback=True):
             raise ConfigError(
-                f"endpoint {name}: {address} is a private address and dispatcher.refuse_private_networks is set"
+                f"endpoint {name}: {target.host} is a private address and "
+                "dispatcher.refuse_private_networks is set"
             )
 
 
@@ -77,6 +65,8 @@ class Sender:
             return Attempt(0, _ms(started), "timeout", None, None)
         except HttpError as exc:
             return Attempt(0, _ms(started), str(exc)[:500], None, None)
+        except Exception as exc:  # a bug here must not stop deliveries: a failed attempt
+            return Attempt(0, _ms(started), f"internal error: {type(exc).__name__}: {exc}"[:500], None, None)
         status = answer.status
         return Attempt(
             status=status,

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from dispatcher.http1 import Client, HttpError, Target, allowed_address
+from dispatcher.http1 import Answer, Client, HttpError, Target, allowed_address
 from dispatcher.sender import Sender
 
 Script = Callable[[int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
@@ -195,7 +197,7 @@ async def test_a_huge_answer_keeps_its_first_bytes_and_does_not_hold_the_connect
         (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
         (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
-        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000, "headers are too long"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000, "head is too long"),
     ],
     ids=["not-http", "cut-short", "bad-length", "bad-header", "bad-chunk", "endless-head"],
 )
@@ -237,16 +239,16 @@ async def test_sender_turns_every_failure_into_an_attempt():
             got = await sender.post(server.url, b"{}", {})
         assert (got.status, got.error, got.response, got.retry_after) == (429, "HTTP 429", "wait", "7")
         assert (await sender.post(server.url, b"{}", {"x": "a\r\nInjected: 1"})).error == (
-            "header x holds a line break"
+            "header x holds a control character"
         )
     finally:
         await sender.close()
 
 
 def test_private_addresses_are_told_apart():
-    assert allowed_address("127.0.0.1") and allowed_address("::1") and allowed_address("93.184.216.34")
-    for private in ("10.1.2.3", "192.168.0.9", "169.254.169.254", "fd00::1", "100.64.0.1", "0.0.0.0"):
-        assert not allowed_address(private), private
+    assert allowed_address("127.0.0.1", loopback=True) and allowed_address("93.184.216.34", loopback=False)
+    for private in ("10.1.2.3", "192.168.0.9", "169.254.169.254", "fd00::1", "100.64.0.1", "0.0.0.0", "::"):
+        assert not allowed_address(private, loopback=True), private
 
 
 async def test_refusing_private_networks_still_reaches_loopback_by_name():
@@ -263,7 +265,7 @@ async def test_refusing_private_networks_still_reaches_loopback_by_name():
 
 
 def test_urls_become_request_lines():
-    assert Target.parse("https://example.test/a b?q=1#frag").head == (
+    assert Target.parse("https://example.test/a%20b?q=1#frag").head == (
         b"POST /a%20b?q=1 HTTP/1.1\r\nHost: example.test\r\n"
     )
     assert Target.parse("http://[::1]:8080").head == b"POST / HTTP/1.1\r\nHost: [::1]:8080\r\n"
@@ -342,3 +344,335 @@ async def test_concurrent_posts_to_an_aiohttp_server_each_get_their_own_answer()
         await runner.cleanup()
     assert {a.status for a in answers} == {200}
     assert sorted(seen) == sorted((f"evt_{i}", b"%d" % i) for i in range(200))
+
+
+# --- a hostile or broken receiver (each found by a review of this client) ---
+
+
+async def _post_once(raw: bytes, *, timeout: float = 5, keep: int = 1024) -> Answer | str:
+    """``raw`` as the answer to one POST: the answer, or the error's message."""
+
+    async def scripted(n, reader, writer):
+        writer.write(raw)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        await asyncio.sleep(0.05)
+        return False
+
+    async with Scripted(scripted).running() as server:
+        client = Client()
+        try:
+            return await asyncio.wait_for(client.post(server.url, b"{}", {}, keep=keep), timeout)
+        except HttpError as exc:
+            return str(exc)
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        # a negative size once let the body grow without bound until the timeout
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-7FFFFFFF\r\n7FFFFFFF\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nok\r\n0\r\n\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nok\r\n0\r\n\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXY0\r\n\r\n", "not followed by CRLF"),
+        # these raised ValueError or UnicodeError out of a post that must not raise
+        ("HTTP/1.1 200 OK\r\nContent-Length: ²\r\n\r\n".encode("latin-1"), "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 " + b"2" * 5000 + b" OK\r\n\r\n", "not an HTTP/1.x answer"),
+        (b"HTTP/1.1 000 Weird\r\nContent-Length: 0\r\n\r\n", "not an HTTP/1.x answer"),
+        (b"HTTP/1.1 0200 OK\r\nContent-Length: 0\r\n\r\n", "not an HTTP/1.x answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 2\r\n\r\nok", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX: a\r\n Content-Length: 0\r\n\r\nhello", "folded"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", "malformed header"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", "bare LF"),
+        (b"HTTP/1.1 103 Early Hints\r\n\r\n" * 11, "more than 10 interim"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 100_000 + b"\r\n\r\n", "head is too long"),
+    ],
+    ids=[
+        "negative-chunk",
+        "hex-prefix-chunk",
+        "signed-chunk",
+        "chunk-without-crlf",
+        "superscript-length",
+        "5000-digit-length",
+        "5000-digit-status",
+        "status-000",
+        "status-0200",
+        "two-lengths",
+        "folded-line",
+        "space-before-colon",
+        "bare-lf",
+        "endless-interim",
+        "long-head-in-one-read",
+    ],
+)
+async def test_a_hostile_answer_is_a_clear_error_and_nothing_else(raw, error):
+    got = await _post_once(raw)
+    assert isinstance(got, str) and error in got, got
+
+
+@pytest.mark.parametrize(
+    ("raw", "body"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 999\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"ok",
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: x-notchunked\r\n\r\nraw", b"raw"),
+        (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\nok", b"ok"),
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            b"ok",
+        ),
+    ],
+    ids=["chunked-and-length", "other-coding", "close-in-a-list", "close-repeated"],
+)
+async def test_an_answer_that_asks_for_it_closes_the_connection(raw, body):
+    async def scripted(n, reader, writer):
+        if n > 1:
+            return answer(writer, OK)
+        writer.write(raw)
+        await writer.drain()
+        return b"x-notchunked" not in raw  # a body read until the close: the server closes
+
+    async with Scripted(scripted).running() as server:
+        client = Client()
+        try:
+            first = await client.post(server.url, b"{}", {}, keep=1024)
+            second = await client.post(server.url, b"{}", {}, keep=1024)
+        finally:
+            await client.close()
+    assert (first.status, first.body, second.body) == (200, body, b"ok")
+    assert server.connections == 2 and len(server.requests) == 2  # not reused, nothing sent twice
+
+
+async def test_an_answer_flooding_chunk_extensions_is_cut_short_not_read_until_the_timeout():
+    flood = b"1;" + b"x" * 4000 + b"\r\na\r\n"
+
+    async def extensions(n, reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100_000):
+                writer.write(flood)
+                await writer.drain()
+        return False
+
+    async with Scripted(extensions).running() as server:
+        client = Client()
+        try:
+            got = await asyncio.wait_for(client.post(server.url, b"{}", {}, keep=1024), 10)
+        finally:
+            await client.close()
+    assert got.status == 200 and got.body.startswith(b"aaaa")
+
+
+async def test_a_long_chunk_still_gives_the_first_bytes_of_the_answer():
+    async def late_data(n, reader, writer):
+        writer.write(b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % 131_072)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"e" * 131_072 + b"\r\n0\r\n\r\n")
+        return True
+
+    async with Scripted(late_data).running() as server:
+        client = Client()
+        try:
+            got = await client.post(server.url, b"{}", {}, keep=1024)
+        finally:
+            await client.close()
+    assert (got.status, got.body) == (500, b"e" * 1024)
+
+
+@pytest.mark.parametrize("case", ["interim-then-close", "held-then-close"])
+async def test_a_request_the_receiver_may_have_handled_is_not_sent_again(case):
+    async def first_ok_then_trouble(n, reader, writer):
+        if n == 1:
+            return answer(writer, OK)
+        if case == "interim-then-close":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+        else:
+            await asyncio.sleep(0.6)  # handled, then the receiver crashed
+        return False
+
+    async with Scripted(first_ok_then_trouble).running() as server:
+        client = Client()
+        try:
+            assert (await client.post(server.url, b"{}", {}, keep=1024)).status == 200
+            with pytest.raises(HttpError):
+                await client.post(server.url, b"{}", {}, keep=1024)
+        finally:
+            await client.close()
+    assert len(server.requests) == 2  # the second one once
+
+
+async def test_idle_connections_close_after_their_time_and_on_bytes_nobody_asked_for(monkeypatch):
+    from dispatcher import http1
+
+    monkeypatch.setattr(http1, "IDLE_SECONDS", 0.2)
+    closed = asyncio.Event()
+
+    async def then_watch(n, reader, writer):
+        answer(writer, OK)
+        if n == 1:  # idle: see whether the client lets go of it
+            assert await reader.read(1) == b""
+            closed.set()
+            return False
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nunasked")  # while idle
+        await writer.drain()
+        return True
+
+    async with Scripted(then_watch).running() as server:
+        client = Client()
+        try:
+            await client.post(server.url, b"{}", {}, keep=1024)
+            await asyncio.wait_for(closed.wait(), 5)  # closed by the client after 0.2 s idle
+            await client.post(server.url, b"{}", {}, keep=1024)  # a new connection, then extra bytes
+            await asyncio.sleep(0.1)
+            third = await client.post(server.url, b"{}", {}, keep=1024)
+        finally:
+            await client.close()
+    assert third.body == b"ok"  # not the unasked answer
+    assert server.connections == 3
+
+
+def test_private_addresses_inside_ipv6_and_names_pointing_at_loopback_are_refused():
+    for address in ("64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1", "::a00:1", "64:ff9b:1::a00:1", "224.0.0.1"):
+        assert not allowed_address(address, loopback=True), address
+    assert allowed_address("::1", loopback=True) and not allowed_address("::1", loopback=False)
+    assert allowed_address("64:ff9b::5db8:d822", loopback=False)  # 93.184.216.34 through NAT64
+
+
+async def test_refusing_private_networks_refuses_a_name_that_resolves_to_loopback(monkeypatch):
+    real = socket.getaddrinfo
+
+    def dns(host, port, *args, **kwargs):
+        if host in ("rebound.test", "dual.test"):
+            return real("127.0.0.1", port, *args, **kwargs)
+        if host == "missing.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+
+    async def ok(n, reader, writer):
+        return answer(writer, OK)
+
+    async with Scripted(ok).running() as server:
+        guarded, open_ = Sender(2, concurrency=1, refuse_private=True), Sender(2, concurrency=1)
+        try:
+            refused = await guarded.post(f"http://rebound.test:{server.port}/", b"{}", {})
+            missing = await guarded.post(f"http://missing.test:{server.port}/", b"{}", {})
+            allowed = await open_.post(f"http://rebound.test:{server.port}/", b"{}", {})
+        finally:
+            await guarded.close()
+            await open_.close()
+    assert "resolves only to private addresses" in (refused.error or "")
+    assert "cannot resolve missing.test" in (missing.error or "")
+    assert allowed.status == 200
+
+
+async def test_a_dead_first_address_does_not_cost_the_delivery(monkeypatch):
+    async def ok(n, reader, writer):
+        return answer(writer, OK)
+
+    async with Scripted(ok).running() as server:
+        # a listener on 127.0.0.2 whose accept queue is full drops further SYNs, as a
+        # firewalled first address (a broken IPv6 path) would
+        hole = socket.socket()
+        hole.bind(("127.0.0.2", server.port))
+        hole.listen(0)
+        fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.2", server.port))
+            fillers.append(filler)
+        real = socket.getaddrinfo
+
+        def dns(host, port, *args, **kwargs):
+            if host == "dual.test":
+                return real("127.0.0.2", port, *args, **kwargs) + real("127.0.0.1", port, *args, **kwargs)
+            return real(host, port, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", dns)
+        sender = Sender(3, concurrency=1)
+        try:
+            got = await sender.post(f"http://dual.test:{server.port}/", b"{}", {})
+        finally:
+            await sender.close()
+            for filler in fillers:
+                filler.close()
+            hole.close()
+    assert got.status == 200 and got.duration_ms < 3000
+
+
+async def test_a_slow_name_server_for_one_endpoint_does_not_starve_the_others(monkeypatch):
+    real = socket.getaddrinfo
+
+    def dns(host, *args, **kwargs):
+        if host == "slow.test":
+            time.sleep(2)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+
+    async def ok(n, reader, writer):
+        return answer(writer, OK)
+
+    async with Scripted(ok).running() as server:
+        sender = Sender(1.0, concurrency=16)
+        try:
+            slow = [asyncio.create_task(sender.post("http://slow.test/", b"{}", {})) for _ in range(8)]
+            await asyncio.sleep(0.1)
+            healthy = await sender.post(f"http://localhost:{server.port}/", b"{}", {})
+            assert {a.error for a in await asyncio.gather(*slow)} == {"timeout"}
+        finally:
+            await sender.close()
+    assert healthy.status == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [
+        ({"X-A: 1\r\nTransfer-Encoding": "chunked"}, "cannot be sent"),
+        ({"Content-Length": "0"}, "cannot be sent"),
+        ({"Host": "elsewhere"}, "cannot be sent"),
+        ({"x-a": "a\x00b"}, "control character"),
+        ({"webhook-signature": "v1,SECRET€"}, "outside latin-1"),
+    ],
+    ids=["crlf-in-name", "framing-header", "host-header", "nul-in-value", "not-latin-1"],
+)
+async def test_request_headers_cannot_break_the_request(headers, error):
+    client = Client()
+    try:
+        with pytest.raises(HttpError, match=error) as raised:
+            await client.post("http://127.0.0.1:9/hook", b"{}", headers, keep=10)
+    finally:
+        await client.close()
+    assert "SECRET" not in str(raised.value)  # a value never lands in the message
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("http://user:s3cret@example.test/hook", "user name or password"),
+        ("http://example.test:0/hook", "bad port"),
+        ("http://[fe80::1%25eth0]:8080/", "zone"),
+        ("http://" + "a" * 64 + ".test/", "host name that is not valid"),
+        ("http://a..b/", "host name that is not valid"),
+    ],
+)
+def test_urls_that_cannot_be_requests_are_refused_without_showing_secrets(url, error):
+    with pytest.raises(HttpError, match=error) as raised:
+        Target.parse(url + "?token=abc")
+    assert "s3cret" not in str(raised.value) and "token=abc" not in str(raised.value)
+
+
+def test_a_lone_percent_is_encoded():
+    assert Target.parse("http://example.test/100%/x?q=%zz&r=%41").head.startswith(
+        b"POST /100%25/x?q=%25zz&r=%41 HTTP/1.1\r\n"
+    )
