@@ -174,7 +174,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.idle = False
-        self.expiry: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
         self.error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -227,8 +227,6 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        if self.expiry is not None:
-            self.expiry.cancel()
         if self.transport is not None:
             self.transport.close()
 
@@ -281,6 +279,7 @@ class Client:
         self._open: set[_Connection] = set()
         self._resolver = _Resolver()
         self._names: set[str] = set()  # header names already checked
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def target(self, url: str) -> Target:
         target = self._targets.get(url)
@@ -304,6 +303,9 @@ class Client:
         return await self._exchange(target, conn, request, keep, reused=False)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._open):
             conn.close()
         self._open.clear()
@@ -331,9 +333,6 @@ class Client:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if conn.expiry is not None:
-                conn.expiry.cancel()
-                conn.expiry = None
             conn.idle = False
             if not conn.closed and not conn.buffer:
                 return conn
@@ -346,15 +345,22 @@ class Client:
             self._discard(conn)
             return
         conn.idle = True
-        conn.expiry = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._expire, origin, conn)
+        conn.idle_since = time.monotonic()
         idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(IDLE_SECONDS / 4, self._sweep)
 
-    def _expire(self, origin: tuple[bool, str, int], conn: _Connection) -> None:
-        idle = self._idle.get(origin, [])
-        if conn in idle:
-            idle.remove(conn)
-        conn.expiry = None
-        self._discard(conn)
+    def _sweep(self) -> None:
+        """Close the connections idle for :data:`IDLE_SECONDS` (one timer for all of them,
+        not one per request)."""
+        self._sweeper = None
+        oldest = time.monotonic() - IDLE_SECONDS
+        for idle in self._idle.values():
+            for conn in [c for c in idle if c.idle_since <= oldest or c.closed]:
+                idle.remove(conn)
+                self._discard(conn)
+        if any(self._idle.values()):
+            self._sweeper = asyncio.get_running_loop().call_later(IDLE_SECONDS / 4, self._sweep)
 
     def _discard(self, conn: _Connection) -> None:
         conn.close()
