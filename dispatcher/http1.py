@@ -43,6 +43,7 @@ IDLE_SECONDS = 15.0  # an idle connection is closed after this
 STALE_SECONDS = 0.25  # a reused connection closed this soon after the request was stale
 DNS_SECONDS = 10.0  # a host name's addresses are kept this long
 HAPPY_EYEBALLS_SECONDS = 0.25
+DEADLINE_TICK = 0.05  # how often exchanges past their deadline are looked for
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: .*)?", re.DOTALL)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -175,6 +176,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.idle = False
         self.idle_since = 0.0
+        self.timed_out = False
         self.error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -229,6 +231,14 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+        self._wake()
+
+    def abort(self) -> None:
+        """Past its deadline: closed at once, whatever is left to write."""
+        self.timed_out = self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
 
 
 class _Resolver:
@@ -280,6 +290,10 @@ class Client:
         self._resolver = _Resolver()
         self._names: set[str] = set()  # header names already checked
         self._sweeper: asyncio.TimerHandle | None = None
+        # exchanges under way and their deadlines: one timer looks at all of them, rather
+        # than a timeout (two timer handles) per request
+        self._deadlines: dict[_Connection, float] = {}
+        self._watcher: asyncio.TimerHandle | None = None
 
     def target(self, url: str) -> Target:
         target = self._targets.get(url)
@@ -287,22 +301,46 @@ class Client:
             target = self._targets[url] = Target.parse(url)
         return target
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str], *, keep: int) -> Answer:
+    async def post(
+        self, url: str, body: bytes, headers: dict[str, str], *, keep: int, timeout: float | None = None
+    ) -> Answer:
         """POST ``body``; the answer with the first ``keep`` bytes of its body.  Raises
-        :class:`HttpError` (and ``TimeoutError`` / cancellation from the caller's
-        timeout) when no answer came."""
+        :class:`HttpError` when no answer came, ``TimeoutError`` when none came within
+        ``timeout`` seconds (connecting included; checked every :data:`DEADLINE_TICK`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         target = self.target(url)
         request = self._request(target, body, headers)
         conn = self._take_idle(target.origin)
         if conn is not None:
             try:
-                return await self._exchange(target, conn, request, keep, reused=True)
+                return await self._exchange(target, conn, request, keep, reused=True, deadline=deadline)
             except _Stale:
                 pass  # the server had closed it: once more on a new connection
-        conn = await self._connect(target)
-        return await self._exchange(target, conn, request, keep, reused=False)
+        if deadline is None:
+            conn = await self._connect(target)
+        else:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                conn = await self._connect(target)
+        return await self._exchange(target, conn, request, keep, reused=False, deadline=deadline)
+
+    def _watch(self, conn: _Connection, deadline: float) -> None:
+        self._deadlines[conn] = deadline
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().call_later(DEADLINE_TICK, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._watcher = None
+        now = time.monotonic()
+        for conn in [c for c, deadline in self._deadlines.items() if deadline <= now]:
+            del self._deadlines[conn]
+            conn.abort()
+        if self._deadlines:
+            self._watcher = asyncio.get_running_loop().call_later(DEADLINE_TICK, self._check_deadlines)
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -406,9 +444,18 @@ class Client:
         return self._ssl
 
     async def _exchange(
-        self, target: Target, conn: _Connection, request: bytes, keep: int, *, reused: bool
+        self,
+        target: Target,
+        conn: _Connection,
+        request: bytes,
+        keep: int,
+        *,
+        reused: bool,
+        deadline: float | None,
     ) -> Answer:
         reusable = False
+        if deadline is not None:
+            self._watch(conn, deadline)
         try:
             assert conn.transport is not None
             conn.received = 0
@@ -417,6 +464,8 @@ class Client:
             try:
                 head = await _read_head(conn)
             except ConnectionError as exc:
+                if conn.timed_out:
+                    raise TimeoutError from None
                 if conn.received:
                     raise HttpError(f"connection lost in the middle of the answer: {exc}") from None
                 if reused and time.monotonic() - sent_at < STALE_SECONDS:
@@ -427,12 +476,18 @@ class Client:
             try:
                 body, complete = await _read_body(conn, head, keep)
             except ConnectionError as exc:
+                if conn.timed_out:
+                    raise TimeoutError from None
                 raise HttpError(f"connection lost in the middle of the answer: {exc}") from None
             except _Overrun:
                 raise HttpError("the answer is too long") from None
+            if conn.timed_out:
+                raise TimeoutError
             reusable = complete and head.keep_alive and not conn.buffer
             return Answer(head.status, head.headers, body)
         finally:
+            if deadline is not None:
+                self._deadlines.pop(conn, None)
             if reusable:
                 self._give_back(target.origin, conn)
             else:

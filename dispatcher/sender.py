@@ -4,7 +4,6 @@ raises."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -59,8 +58,7 @@ class Sender:
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Attempt:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout):
-                answer = await self.client.post(url, body, headers, keep=RESPONSE_BYTES)
+            answer = await self.client.post(url, body, headers, keep=RESPONSE_BYTES, timeout=self.timeout)
         except TimeoutError:
             return Attempt(0, _ms(started), "timeout", None, None)
         except HttpError as exc:

@@ -109,6 +109,10 @@ class Runtime:
     durations: Any = None  # the attempt-duration histogram of this endpoint
     delivered_total: Any = None  # its counter of successful attempts
     freed: asyncio.Event = field(default_factory=asyncio.Event)
+    # the read on the read thread, if one runs, and what it was asked (read_seq, rows,
+    # events, when)
+    reading: asyncio.Future[tuple[list[Due], list[Due], int, float | None]] | None = None
+    reading_as: tuple[int, int, int, float] = (0, 0, 0, 0.0)
     delivered: int = 0
     failed: int = 0
 
@@ -249,18 +253,34 @@ class Dispatcher:
     # -- one endpoint -------------------------------------------------------------------------
 
     async def _endpoint_loop(self, store: DeliveryStore, sender: Sender, rt: Runtime) -> None:
+        try:
+            await self._endpoint_rounds(store, sender, rt)
+        finally:
+            if rt.reading is not None:  # a read's result is only a read: dropped
+                rt.reading.cancel()
+                rt.reading = None
+
+    async def _endpoint_rounds(self, store: DeliveryStore, sender: Sender, rt: Runtime) -> None:
+        """Send what is ready as slots free, while the next read runs beside the sends (a
+        read never leaves the slots idle); between reads that find nothing, wait for a
+        commit (the wake-up) or the poll."""
         next_refresh = 0.0
+        quiet = False  # the last read found nothing: wait before reading again
         while True:
             now = self.clock()
-            if now >= next_refresh:
+            if now >= next_refresh and rt.reading is None:
                 # adopt the stored state only when someone else (the CLI) wrote it since
                 stored = await self._db(store.endpoint, rt.cfg.name)
                 if stored.updated_at > rt.state.updated_at:
                     rt.state = stored
                 await self._check_cursor(store, rt)
                 next_refresh = now + STATE_REFRESH_SECONDS
+            if rt.reading is not None and rt.reading.done():
+                found = self._take_read(store, sender, rt, rt.reading.result())
+                rt.reading = None
+                quiet = not found
             # Disabled, or paused until its probe: new deliveries do not matter, so these
-            # waits ignore the wake-up (it stays set until the next claim: waiting on it
+            # waits ignore the wake-up (it stays set until the next read: waiting on it
             # would end every wait at once, and the loop would spin until the probe).
             if rt.state.state == "disabled":
                 await asyncio.sleep(STATE_REFRESH_SECONDS)
@@ -273,32 +293,48 @@ class Dispatcher:
             # a paused endpoint gets one probe at a time, until its outcome is recorded
             busy = rt.outstanding if paused else rt.sending
             capacity = limit - busy
-            if rt.ready and capacity > 0:  # events read ahead go first, without a read
-                while rt.ready and capacity > 0:
-                    chain, item = rt.ready.popleft()
-                    self._send(store, sender, rt, chain, item)
-                    capacity -= 1
-                continue
-            # read in batches: wait for a quarter of the slots unless none is busy
-            if capacity <= 0 or (busy and capacity < max(1, int(limit * CLAIM_FRACTION))):
+            while rt.ready and capacity > 0:  # events read ahead go first
+                chain, item = rt.ready.popleft()
+                self._send(store, sender, rt, chain, item)
+                capacity -= 1
+            if rt.reading is None and not (quiet and not rt.wake.is_set()):
+                quiet = False
+                self._start_read(store, rt, now, capacity)
+            if rt.reading is not None or rt.ready:
+                # a slot for what is ready, or the read's end (its callback sets freed)
                 rt.freed.clear()
+                if rt.reading is not None and rt.reading.done():
+                    continue
                 await self._sleep_on(rt.freed, STATE_REFRESH_SECONDS)
                 continue
-            rt.wake.clear()
-            read_seq = self._commits
-            # Due rows first (retries, replays, events queued behind their entity): looked
-            # for when this dispatcher made some, or every ROW_POLL_SECONDS for those made
-            # elsewhere (a replay from the CLI, a manual event) ...
-            rows = capacity if not rt.rewinding and now >= rt.rows_at else 0
-            # ... then the events past what was read, without a row, some read ahead
-            room = min(READ_AHEAD - len(rt.ready), MAX_AHEAD - (len(rt.unsettled) - len(rt.settled)))
-            events = room if rt.generation >= 0 and not rt.rewinding else 0
-            # (an endpoint without a cursor reads no events: only rows, every one of them)
-            upto = rt.horizon if rt.generation >= 0 else None
-            if not rows and events <= 0:
-                await self._sleep(rt, min(ROW_POLL_SECONDS, max(POLL_SECONDS, rt.rows_at - now)))
-                continue
-            due, fresh, horizon, next_at = await self._read(
+            # nothing to read now (no room, or rewinding): wait for a slot, a commit or the poll
+            wait = min(ROW_POLL_SECONDS, max(0.0, rt.rows_at - now))
+            if quiet:
+                await self._sleep(rt, wait if wait > 0 else POLL_SECONDS)
+                quiet = False
+            else:
+                rt.freed.clear()
+                await self._sleep_on(rt.freed, wait if wait > 0 else POLL_SECONDS)
+
+    def _start_read(self, store: DeliveryStore, rt: Runtime, now: float, capacity: int) -> None:
+        """Start the next read on the read thread, if there is anything to read: due rows
+        (retries, replays, events queued behind their entity) when this dispatcher made
+        some or every ROW_POLL_SECONDS for those made elsewhere (a replay from the CLI, a
+        manual event), up to the free slots; then the events past what was read, without
+        a row, up to READ_AHEAD waiting in memory."""
+        rows = max(0, capacity) if not rt.rewinding and now >= rt.rows_at else 0
+        room = min(READ_AHEAD - len(rt.ready), MAX_AHEAD - (len(rt.unsettled) - len(rt.settled)))
+        # (an endpoint without a cursor reads no events: only rows, every one of them)
+        events = room if rt.generation >= 0 and not rt.rewinding else 0
+        if rt.ready and events < READ_AHEAD // 2:
+            events = 0  # enough in memory: a read of a few events is not worth its round trip
+        if not rows and events <= 0:
+            return
+        rt.wake.clear()
+        read_seq = self._commits
+        upto = rt.horizon if rt.generation >= 0 else None
+        rt.reading = asyncio.ensure_future(
+            self._read(
                 store.next_batch,
                 rt.cfg.name,
                 now,
@@ -309,25 +345,40 @@ class Dispatcher:
                 rt.horizon,
                 max(0, events),
             )
-            if rows:
-                rt.rows_at = now if len(due) >= rows else now + ROW_POLL_SECONDS
-            for item in due:
-                self._admit_row(store, sender, rt, item)
-            rt.horizon = max(rt.horizon, horizon)
-            for item in fresh:
-                self._admit_fresh(store, sender, rt, item, read_seq)
-            for entity in [e for e, at in rt.to_rows_at.items() if at <= read_seq]:
-                del rt.to_rows_at[entity]  # reads from now on see its rows
-            if events > 0 and len(fresh) >= events:
-                rt.wake.set()  # more to read: no sleep before the next round
-            if now - rt.cursor_moved_at >= CURSOR_IDLE_SECONDS and self._cursor_after(rt, ()) > rt.cursor:
-                self._cursors_due = True
-                self._kick(store)
-            if not due and not fresh and not rt.ready:
-                if next_at is not None:
-                    rt.rows_at = min(rt.rows_at, next_at)
-                wait = min(ROW_POLL_SECONDS, max(0.0, rt.rows_at - now))
-                await self._sleep(rt, wait if wait > 0 else POLL_SECONDS)
+        )
+        rt.reading_as = (read_seq, rows, events, now)
+        rt.reading.add_done_callback(lambda _: rt.freed.set())
+
+    def _take_read(
+        self,
+        store: DeliveryStore,
+        sender: Sender,
+        rt: Runtime,
+        result: tuple[list[Due], list[Due], int, float | None],
+    ) -> bool:
+        """Admit what a read found; whether it found anything."""
+        due, fresh, horizon, next_at = result
+        read_seq, rows, events, now = rt.reading_as
+        if rows:
+            rt.rows_at = now if len(due) >= rows else now + ROW_POLL_SECONDS
+        # rows go first, as slots free (slots may have been taken while the read ran)
+        rt.ready.extendleft(reversed([r for r in (self._admit_row(rt, item) for item in due) if r]))
+        rt.horizon = max(rt.horizon, horizon)
+        for item in fresh:
+            self._admit_fresh(store, sender, rt, item, read_seq)
+        for entity in [e for e, at in rt.to_rows_at.items() if at <= read_seq]:
+            del rt.to_rows_at[entity]  # reads from now on see its rows
+        if events > 0 and len(fresh) >= events:
+            rt.wake.set()  # more to read: no wait before the next read
+        clock = self.clock()
+        if clock - rt.cursor_moved_at >= CURSOR_IDLE_SECONDS and self._cursor_after(rt, ()) > rt.cursor:
+            self._cursors_due = True
+            self._kick(store)
+        if due or fresh:
+            return True
+        if next_at is not None:
+            rt.rows_at = min(rt.rows_at, next_at)
+        return bool(rt.ready)
 
     async def _check_cursor(self, store: DeliveryStore, rt: Runtime) -> None:
         """Notice a cursor registered since the start, or moved back by ``outbox replay
@@ -337,7 +388,7 @@ class Dispatcher:
         if generation == rt.generation:
             return
         rt.rewinding = True
-        if rt.chains or rt.ready or rt.outstanding or len(rt.unsettled) > len(rt.settled):
+        if rt.chains or rt.ready or rt.reading or rt.outstanding or len(rt.unsettled) > len(rt.settled):
             return  # not yet: the next refresh looks again
         if any(r is rt for _, r, _ in self._results):
             return
@@ -352,16 +403,16 @@ class Dispatcher:
         rt.wake.set()
         log.info("cursor_moved", endpoint=rt.cfg.name, event_id=cursor)
 
-    def _admit_row(self, store: DeliveryStore, sender: Sender, rt: Runtime, item: Due) -> None:
-        """A due row: its entity has nothing in memory (the claim leaves those out)."""
+    def _admit_row(self, rt: Runtime, item: Due) -> tuple[Chain, Due] | None:
+        """A due row: its entity has nothing in memory (the claim leaves those out), so it
+        starts a chain and is ready to send."""
         rt.inflight.add(item.event_id)
         chain = rt.chains.get(item.entity)
         if chain is not None:  # not by the claim; kept in order if it happens
             chain.waiting.append(item)
-            return
-        if chain is None:
-            chain = rt.chains[item.entity] = Chain()
-        self._send(store, sender, rt, chain, item)
+            return None
+        chain = rt.chains[item.entity] = Chain()
+        return chain, item
 
     def _admit_fresh(
         self, store: DeliveryStore, sender: Sender, rt: Runtime, item: Due, read_seq: int

@@ -10,7 +10,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -676,3 +676,44 @@ def test_a_lone_percent_is_encoded():
     assert Target.parse("http://example.test/100%/x?q=%zz&r=%41").head.startswith(
         b"POST /100%25/x?q=%25zz&r=%41 HTTP/1.1\r\n"
     )
+
+
+@contextlib.contextmanager
+def black_hole(port: int) -> Iterator[str]:
+    """127.0.0.2:port, a listener whose accept queue is full: connecting hangs."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.2", port))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.2", port))
+        fillers.append(filler)
+    try:
+        yield "127.0.0.2"
+    finally:
+        for filler in fillers:
+            filler.close()
+        hole.close()
+
+
+async def test_the_timeout_covers_connecting_and_a_receiver_that_never_reads():
+    async def never_reads(n, reader, writer):
+        await asyncio.sleep(5)
+        return False
+
+    async with Scripted(never_reads).running() as server:
+        sender = Sender(0.4, concurrency=2)
+        try:
+            with black_hole(server.port) as host:
+                started = time.monotonic()
+                hung = await sender.post(f"http://{host}:{server.port}/", b"{}", {})
+            stuck = await sender.post(server.url, b"x" * 8_000_000, {})  # fills the socket buffers
+            elapsed = time.monotonic() - started
+        finally:
+            await sender.close()
+    assert (hung.status, hung.error) == (0, "timeout") and (stuck.status, stuck.error) == (0, "timeout")
+    assert elapsed < 3  # each ended near its 0.4 s, not when the receiver gave up
+    assert not sender.client._open  # the timed-out connections were closed
