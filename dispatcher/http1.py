@@ -21,6 +21,7 @@ left), is sent once more on a new connection: receivers deduplicate by ``webhook
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
@@ -43,7 +44,8 @@ IDLE_SECONDS = 15.0  # an idle connection is closed after this
 STALE_SECONDS = 0.25  # a reused connection closed this soon after the request was stale
 DNS_SECONDS = 10.0  # a host name's addresses are kept this long
 HAPPY_EYEBALLS_SECONDS = 0.25
-DEADLINE_TICK = 0.05  # how often exchanges past their deadline are looked for
+DEADLINE_TICK = 0.05
+CACHED_LINE_BYTES = 200  # header lines up to this are parsed once and remembered  # how often exchanges past their deadline are looked for
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: .*)?", re.DOTALL)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -518,28 +520,56 @@ async def _read_head(conn: _Connection) -> _Head:
             raise HttpError("the answer's head is too long")
         lines = bytes(conn.buffer[:end]).split(b"\r\n")
         del conn.buffer[: end + 4]
-        match = _STATUS_LINE.fullmatch(lines[0])
-        if match is None:
-            raise HttpError(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
-        status = int(match[2])
+        status, http11 = _status_line(lines[0])
         if status < 200 and status != 101:
             continue  # 100 Continue, 103 Early Hints: the answer follows
-        return _parse_head(status, match[1] == b"1", lines[1:])
+        return _parse_head(status, http11, lines[1:])
     raise HttpError(f"more than {MAX_INTERIM} interim (1xx) answers")
+
+
+def _status_line(line: bytes) -> tuple[int, bool]:
+    """(status, whether HTTP/1.1) of a status line."""
+    if len(line) <= CACHED_LINE_BYTES:
+        return _status_line_cached(line)
+    return _parse_status_line(line)
+
+
+def _parse_status_line(line: bytes) -> tuple[int, bool]:
+    match = _STATUS_LINE.fullmatch(line)
+    if match is None:
+        raise HttpError(f"not an HTTP/1.x answer: {line[:80]!r}")
+    return int(match[2]), match[1] == b"1"
+
+
+def _header_line(line: bytes) -> tuple[str, str]:
+    """A header line as (lower-case name, value)."""
+    if len(line) <= CACHED_LINE_BYTES:
+        return _header_line_cached(line)
+    return _parse_header_line(line)
+
+
+def _parse_header_line(line: bytes) -> tuple[str, str]:
+    if line[:1] in (b" ", b"\t"):
+        raise HttpError("folded header line in the answer")
+    raw_name, sep, raw_value = line.partition(b":")
+    name = raw_name.decode("latin-1")
+    if not sep or not _TOKEN.fullmatch(name):
+        raise HttpError(f"malformed header line in the answer: {line[:80]!r}")
+    return name.lower(), raw_value.strip(b" \t").decode("latin-1")
+
+
+# A receiver answers with the same lines again and again (only Date changes, once a
+# second): each distinct short line is parsed once (pure functions of the bytes; a
+# hostile receiver can fill the caches with at most 1,024 lines of 200 bytes).
+_status_line_cached = functools.lru_cache(maxsize=64)(_parse_status_line)
+_header_line_cached = functools.lru_cache(maxsize=1024)(_parse_header_line)
 
 
 def _parse_head(status: int, http11: bool, lines: list[bytes]) -> _Head:
     headers: dict[str, str] = {}
     lengths: list[str] = []
     for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            raise HttpError("folded header line in the answer")
-        raw_name, sep, raw_value = line.partition(b":")
-        name = raw_name.decode("latin-1")
-        if not sep or not _TOKEN.fullmatch(name):
-            raise HttpError(f"malformed header line in the answer: {line[:80]!r}")
-        name = name.lower()
-        value = raw_value.strip(b" \t").decode("latin-1")
+        name, value = _header_line(line)
         if name == "content-length":
             lengths.extend(v.strip() for v in value.split(","))
         headers[name] = f"{headers[name]}, {value}" if name in headers else value

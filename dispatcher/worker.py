@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 from collections import deque
@@ -112,7 +113,7 @@ class Runtime:
     # the read on the read thread, if one runs, and what it was asked (read_seq, rows,
     # events, when)
     reading: asyncio.Future[tuple[list[Due], list[Due], int, float | None]] | None = None
-    reading_as: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+    reading_as: tuple[int, int, int, float, float] = (0, 0, 0, 0.0, 0.0)
     delivered: int = 0
     failed: int = 0
 
@@ -139,7 +140,6 @@ class Dispatcher:
         self._global = asyncio.Semaphore(self.cfg.concurrency)
         self._results: list[tuple[Finished, Runtime, Chain | None]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._sender: Sender | None = None  # while running
         self._commits = 0  # attempt-log commits so far
         self._cursors_due = False  # a cursor may move with nothing else to commit
         self._stopping = False
@@ -154,7 +154,8 @@ class Dispatcher:
 
     def _wake_all(self) -> None:
         for runtime in self.runtimes.values():
-            runtime.wake.set()
+            runtime.wake.set()  # something new to read ...
+            runtime.freed.set()  # ... and the loop's one wait ends
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a write (or anything touching the write connection) on the write thread."""
@@ -174,7 +175,6 @@ class Dispatcher:
             concurrency=self.cfg.concurrency,
             refuse_private=self.cfg.refuse_private_networks,
         )
-        self._sender = sender
         tasks: list[asyncio.Task[None]] = []
         try:
             for cfg in self.settings.endpoints:
@@ -184,7 +184,9 @@ class Dispatcher:
                 if runtime is None:
                     continue
                 self.runtimes[cfg.name] = runtime
-                tasks.append(asyncio.create_task(self._endpoint_loop(store, sender, runtime)))
+                loop_task = asyncio.create_task(self._endpoint_loop(store, sender, runtime))
+                loop_task.add_done_callback(functools.partial(self._loop_ended, cfg.name))
+                tasks.append(loop_task)
             tasks.append(asyncio.create_task(self._poll(store)))
             log.info("dispatch_started", endpoints=sorted(self.runtimes))
             await stop.wait()
@@ -209,6 +211,13 @@ class Dispatcher:
             await self._db(store.close)
             self._writes.shutdown(wait=True)
             self._loop = None
+
+    @staticmethod
+    def _loop_ended(endpoint: str, task: asyncio.Task[None]) -> None:
+        """An endpoint's loop ends only on stop; anything else is said, not swallowed."""
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("endpoint_loop_failed", endpoint=endpoint, error=f"{type(exc).__name__}: {exc}")
 
     async def _runtime(self, store: DeliveryStore, cfg: EndpointSettings) -> Runtime | None:
         state = await self._db(store.endpoint, cfg.name)
@@ -256,29 +265,39 @@ class Dispatcher:
         try:
             await self._endpoint_rounds(store, sender, rt)
         finally:
-            if rt.reading is not None:  # a read's result is only a read: dropped
-                rt.reading.cancel()
-                rt.reading = None
+            reading, rt.reading = rt.reading, None
+            if reading is not None:  # a read's result is only a read: dropped
+                if reading.done() and not reading.cancelled():
+                    reading.exception()  # looked at, so asyncio does not report it at exit
+                reading.cancel()
 
     async def _endpoint_rounds(self, store: DeliveryStore, sender: Sender, rt: Runtime) -> None:
         """Send what is ready as slots free, while the next read runs beside the sends (a
-        read never leaves the slots idle); between reads that find nothing, wait for a
-        commit (the wake-up) or the poll."""
+        read never leaves the slots idle).  After a read that found nothing, the next one
+        waits for a commit (the wake-up) or the poll.  Every wait is on ``freed`` (a slot
+        freed, a read ended, a commit), so nothing here spins."""
         next_refresh = 0.0
-        quiet = False  # the last read found nothing: wait before reading again
+        quiet_until = 0.0  # after a read that found nothing: no read before, unless woken
         while True:
             now = self.clock()
-            if now >= next_refresh and rt.reading is None:
+            if now >= next_refresh:
                 # adopt the stored state only when someone else (the CLI) wrote it since
                 stored = await self._db(store.endpoint, rt.cfg.name)
                 if stored.updated_at > rt.state.updated_at:
                     rt.state = stored
-                await self._check_cursor(store, rt)
+                await self._check_cursor(store, rt)  # (waits while a read runs)
                 next_refresh = now + STATE_REFRESH_SECONDS
             if rt.reading is not None and rt.reading.done():
-                found = self._take_read(store, sender, rt, rt.reading.result())
-                rt.reading = None
-                quiet = not found
+                reading, rt.reading = rt.reading, None
+                try:
+                    result = reading.result()
+                except Exception as exc:  # the outbox unreadable for a moment: again soon
+                    log.error("read_failed", endpoint=rt.cfg.name, error=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(STATE_REFRESH_SECONDS)
+                    continue
+                if not self._take_read(store, sender, rt, result):
+                    wait = min(ROW_POLL_SECONDS, max(0.0, rt.rows_at - now))
+                    quiet_until = now + (wait if wait > 0 else POLL_SECONDS)
             # Disabled, or paused until its probe: new deliveries do not matter, so these
             # waits ignore the wake-up (it stays set until the next read: waiting on it
             # would end every wait at once, and the loop would spin until the probe).
@@ -297,24 +316,16 @@ class Dispatcher:
                 chain, item = rt.ready.popleft()
                 self._send(store, sender, rt, chain, item)
                 capacity -= 1
-            if rt.reading is None and not (quiet and not rt.wake.is_set()):
-                quiet = False
+            if rt.reading is None and (now >= quiet_until or rt.wake.is_set()):
                 self._start_read(store, rt, now, capacity)
-            if rt.reading is not None or rt.ready:
-                # a slot for what is ready, or the read's end (its callback sets freed)
-                rt.freed.clear()
-                if rt.reading is not None and rt.reading.done():
-                    continue
-                await self._sleep_on(rt.freed, STATE_REFRESH_SECONDS)
+            rt.freed.clear()
+            if rt.reading is not None and rt.reading.done():
                 continue
-            # nothing to read now (no room, or rewinding): wait for a slot, a commit or the poll
-            wait = min(ROW_POLL_SECONDS, max(0.0, rt.rows_at - now))
-            if quiet:
-                await self._sleep(rt, wait if wait > 0 else POLL_SECONDS)
-                quiet = False
+            if rt.reading is not None:
+                timeout = STATE_REFRESH_SECONDS  # the read's end sets freed
             else:
-                rt.freed.clear()
-                await self._sleep_on(rt.freed, wait if wait > 0 else POLL_SECONDS)
+                timeout = quiet_until - now if quiet_until > now else POLL_SECONDS
+            await self._sleep_on(rt.freed, min(timeout, STATE_REFRESH_SECONDS))
 
     def _start_read(self, store: DeliveryStore, rt: Runtime, now: float, capacity: int) -> None:
         """Start the next read on the read thread, if there is anything to read: due rows
@@ -346,7 +357,7 @@ class Dispatcher:
                 max(0, events),
             )
         )
-        rt.reading_as = (read_seq, rows, events, now)
+        rt.reading_as = (read_seq, rows, events, now, rt.rows_at)
         rt.reading.add_done_callback(lambda _: rt.freed.set())
 
     def _take_read(
@@ -358,9 +369,11 @@ class Dispatcher:
     ) -> bool:
         """Admit what a read found; whether it found anything."""
         due, fresh, horizon, next_at = result
-        read_seq, rows, events, now = rt.reading_as
+        read_seq, rows, events, now, rows_at = rt.reading_as
         if rows:
-            rt.rows_at = now if len(due) >= rows else now + ROW_POLL_SECONDS
+            due_at = now if len(due) >= rows else now + ROW_POLL_SECONDS
+            # a row made due while the read ran (a failure's retry) keeps its time
+            rt.rows_at = due_at if rt.rows_at >= rows_at else min(due_at, rt.rows_at)
         # rows go first, as slots free (slots may have been taken while the read ran)
         rt.ready.extendleft(reversed([r for r in (self._admit_row(rt, item) for item in due) if r]))
         rt.horizon = max(rt.horizon, horizon)
@@ -378,7 +391,7 @@ class Dispatcher:
             return True
         if next_at is not None:
             rt.rows_at = min(rt.rows_at, next_at)
-        return bool(rt.ready)
+        return False
 
     async def _check_cursor(self, store: DeliveryStore, rt: Runtime) -> None:
         """Notice a cursor registered since the start, or moved back by ``outbox replay
@@ -623,8 +636,7 @@ class Dispatcher:
                 nxt = chain.waiting.popleft()
                 if nxt.has_row:
                     rt.inflight.add(nxt.event_id)
-                assert self._sender is not None
-                self._send(store, self._sender, rt, chain, nxt)
+                rt.ready.appendleft((chain, nxt))  # sent first, as a slot frees: the limit holds
             elif chain.open == 0 and not chain.waiting and rt.chains.get(result.entity) is chain:
                 del rt.chains[result.entity]
                 if chain.to_rows:
