@@ -51,7 +51,7 @@ async def test_full_slots_with_events_waiting_do_not_read_back_to_back(tmp_path,
     async with Receiver(slow) as rx:
         settings = settings_for(tmp_path, rx.url, endpoint_concurrency=4, timeout_seconds=30)
         append(settings, [("order.created", "order", i) for i in range(8)])  # 4 sent, 4 waiting
-        dispatcher, stop, task = await _start(settings)
+        _dispatcher, stop, task = await _start(settings)
         try:
             while rx.calls < 4:
                 await asyncio.sleep(0.01)
@@ -185,7 +185,7 @@ async def test_a_limit_of_one_holds_when_an_entity_s_next_event_goes(tmp_path, m
                 ("customer.created", "customer", 9),
             ],
         )
-        dispatcher, stop, task = await _start(settings)
+        _dispatcher, stop, task = await _start(settings)
         try:
             async with asyncio.timeout(10):
                 while len(rx.received) < 3:
@@ -209,7 +209,7 @@ async def test_a_read_that_fails_is_logged_and_the_endpoint_goes_on(tmp_path, mo
     monkeypatch.setattr(DeliveryStore, "next_batch", fails_once)
     async with Receiver() as rx:
         settings = settings_for(tmp_path, rx.url)
-        dispatcher, stop, task = await _start(settings)
+        _dispatcher, stop, task = await _start(settings)
         try:
             await asyncio.sleep(0.3)
             append(settings, [("order.created", "order", 1)])
