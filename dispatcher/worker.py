@@ -295,7 +295,7 @@ class Dispatcher:
                     log.error("read_failed", endpoint=rt.cfg.name, error=f"{type(exc).__name__}: {exc}")
                     await asyncio.sleep(STATE_REFRESH_SECONDS)
                     continue
-                if not self._take_read(store, sender, rt, result):
+                if not self._take_read(store, rt, result):
                     wait = min(ROW_POLL_SECONDS, max(0.0, rt.rows_at - now))
                     quiet_until = now + (wait if wait > 0 else POLL_SECONDS)
             # Disabled, or paused until its probe: new deliveries do not matter, so these
@@ -363,7 +363,6 @@ class Dispatcher:
     def _take_read(
         self,
         store: DeliveryStore,
-        sender: Sender,
         rt: Runtime,
         result: tuple[list[Due], list[Due], int, float | None],
     ) -> bool:
@@ -378,7 +377,7 @@ class Dispatcher:
         rt.ready.extendleft(reversed([r for r in (self._admit_row(rt, item) for item in due) if r]))
         rt.horizon = max(rt.horizon, horizon)
         for item in fresh:
-            self._admit_fresh(store, sender, rt, item, read_seq)
+            self._admit_fresh(store, rt, item, read_seq)
         for entity in [e for e, at in rt.to_rows_at.items() if at <= read_seq]:
             del rt.to_rows_at[entity]  # reads from now on see its rows
         if events > 0 and len(fresh) >= events:
@@ -427,9 +426,7 @@ class Dispatcher:
         chain = rt.chains[item.entity] = Chain()
         return chain, item
 
-    def _admit_fresh(
-        self, store: DeliveryStore, sender: Sender, rt: Runtime, item: Due, read_seq: int
-    ) -> None:
+    def _admit_fresh(self, store: DeliveryStore, rt: Runtime, item: Due, read_seq: int) -> None:
         """An event read past the horizon: sent, or waiting behind its entity's event in
         memory, or queued as a row behind its entity's pending delivery."""
         if item.event_id in rt.delivered_ahead:  # delivered before a crash: the cursor may pass

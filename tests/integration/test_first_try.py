@@ -277,7 +277,7 @@ async def test_an_event_behind_a_queued_row_not_yet_committed_queues_too(tmp_pat
     rt.chains[entity] = head
     rt.inflight.add(1)
     blocked = Due(5, 0, b"{}", entity, has_row=False, blocked=True)
-    dispatcher._admit_fresh(store_, None, rt, blocked, dispatcher._commits)  # type: ignore[arg-type]
+    dispatcher._admit_fresh(store_, rt, blocked, dispatcher._commits)  # type: ignore[arg-type]
     assert rt.queuing == {entity: 1}
     # the retry is delivered and its outcome committed (the queued row's commit not yet)
     dispatcher._results.clear()
@@ -285,7 +285,7 @@ async def test_an_event_behind_a_queued_row_not_yet_committed_queues_too(tmp_pat
     dispatcher._settle(store_, rt, delivered, head)  # type: ignore[arg-type]
     assert entity not in rt.chains
     later = Due(6, 0, b"{}", entity, has_row=False, blocked=False)  # read before the commit
-    dispatcher._admit_fresh(store_, None, rt, later, dispatcher._commits)  # type: ignore[arg-type]
+    dispatcher._admit_fresh(store_, rt, later, dispatcher._commits)  # type: ignore[arg-type]
     assert not rt.ready, "sent ahead of the row queued before it"
     assert [r.event_id for r, _, _ in dispatcher._results] == [6] and rt.queuing == {entity: 2}
     gate.set()
