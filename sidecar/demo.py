@@ -126,11 +126,11 @@ async def _flow(
         f"    carts idle for {ABANDON_AFTER} s are abandoned (cart.abandoned); "
         f"marketplace.analytics every {ANALYTICS_PERIOD} s, to CT3 only"
     )
-    stop = asyncio.Event()
+    stop, stop_analytics = asyncio.Event(), asyncio.Event()
     capture_task = asyncio.ensure_future(asyncio.to_thread(capture.run))
     dispatch_task = asyncio.ensure_future(dispatcher.run(stop))
     analytics = AnalyticsRole(settings, router_for(settings), excluded_columns(capture.mapping))
-    analytics_task = asyncio.ensure_future(analytics.run(stop))
+    analytics_task = asyncio.ensure_future(analytics.run(stop_analytics))
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             traffic = sample.Traffic(conn)
@@ -145,8 +145,15 @@ async def _flow(
         # WAL writer flushes them), so a cart may fall due just now: let those events come
         # and be delivered before stopping (until all is delivered and quiet; bounded)
         await _delivered(settings.outbox.path, within=15.0)
+        # then the sources stop first, and the dispatcher delivers what they wrote last
+        # (a cart can fall due at any moment while the stream's clock moves)
+        capture.stop()
+        stop_analytics.set()
+        await asyncio.gather(capture_task, analytics_task)
+        await _delivered(settings.outbox.path, within=15.0, quiet=0.0)
     finally:
         capture.stop()
+        stop_analytics.set()
         stop.set()
         await asyncio.gather(capture_task, dispatch_task, analytics_task, return_exceptions=True)
         writer.close()
