@@ -11,10 +11,9 @@ import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
-from aiohttp import web
 
 from cdc import source
 from cdc.capture import Capture, wal2json_options
@@ -27,6 +26,9 @@ from dispatcher.worker import Dispatcher
 from outbox.checkpointer import Checkpointer
 from outbox.store import OutboxError, Router, open_outbox, routes_of
 from outbox.writer import OutboxWriter
+
+if TYPE_CHECKING:  # aiohttp is imported by the API role alone: capture starts without it
+    from aiohttp import web
 
 log = structlog.get_logger("ct1_cdc.run")
 
@@ -188,6 +190,8 @@ def check_outbox(path: str) -> None:
 
 async def listen(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Start the API and bind its port, or fail with one line naming host:port."""
+    from aiohttp import web
+
     from api.server import ApiRunner  # the JSON error body also for what aiohttp refuses
 
     runner = ApiRunner(app, access_log=None, shutdown_timeout=5)
