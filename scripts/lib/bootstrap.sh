@@ -1,5 +1,6 @@
 # Sourced by scripts/demo and scripts/test: makes a fresh Debian machine ready.
-#  - Debian packages: a PostgreSQL server and its wal2json plugin, when missing; a C
+#  - Debian packages: a PostgreSQL server and its wal2json plugin, nats-server (for the
+#    JetStream backend's tests), when missing; a C
 #    compiler and Python's headers for capture's compiled decoder
 #  - a virtualenv in .venv with ct1-cdc and its test dependencies, refreshed when
 #    pyproject.toml, setup.py or the compiled decoder's source changes
@@ -37,6 +38,8 @@ ensure_debian_packages() {
     fi
     # the tests make a certificate for a TLS receiver
     command -v openssl >/dev/null || apt_install openssl
+    # the JetStream backend's tests start a three-node cluster of their own
+    command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || apt_install nats-server
 }
 
 # A C compiler and Python's headers build cdc/_wal2json.c, capture's compiled decoder

@@ -1,0 +1,384 @@
+"""The outbox's event log on a replicated NATS JetStream stream (issue 16, first part).
+
+One stream (``[outbox.jetstream] stream``, subject ``subject``) holds every event, one
+message each, in the order capture appends them.  An event's id is its stream sequence:
+gap-free, as the SQLite outbox's ids are, because nothing else publishes to the subject,
+messages are never deleted one by one (the stream denies it) and a publish JetStream
+refuses takes no sequence.
+
+**Ordered, exactly once.**  :meth:`JetStreamLog.append` sends a group of events pipelined
+(up to ``window`` unacknowledged), each with
+
+* ``Nats-Expected-Last-Sequence`` = the sequence of the one before it, and
+  ``Nats-Expected-Last-Msg-Id`` = its key: the stream stores a message only right after
+  its predecessor, so a message lost in flight (a leader change, a timeout) makes every
+  later one of the group fail too, never land out of order; and a second writer (a
+  standby that took over) fences the first, whose appends fail from then on instead of
+  interleaving (the sequence alone would not do: another writer's message can take the
+  very sequence a later message of ours expects);
+* ``Nats-Msg-Id`` = the event's key (capture's are deterministic: slot, LSN and position),
+  so the same event sent twice within the stream's duplicate window is stored once;
+* on the group's last message, ``Ct1-Commit`` = the group's checkpoint (capture's LSN):
+  the group is whole in the stream once that message is.
+
+After a failure nothing is assumed: :meth:`JetStreamLog.tail` reads the stream's end, the
+last checkpoint and the keys stored after it (a group cut short: a prefix of it, by the
+chain above), and the writer goes on from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import orjson
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from common.errors import Ct1Error
+
+log = structlog.get_logger("ct1_cdc.jetstream")
+
+MSG_ID = "Nats-Msg-Id"
+EXPECTED_LAST = "Nats-Expected-Last-Sequence"
+EXPECTED_LAST_ID = "Nats-Expected-Last-Msg-Id"
+COMMIT = "Ct1-Commit"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code: the stream's last sequence is another
+MAX_GROUP_SCAN = 100_000  # messages read back from the end to find the last checkpoint
+
+
+class JetStreamError(Ct1Error):
+    """The stream refused or lost an append, or cannot be reached."""
+
+
+class Fenced(JetStreamError):
+    """Another writer appended since this one last read the stream's end."""
+
+
+@dataclass(frozen=True)
+class Tail:
+    """The stream's end as read: its last sequence, the last whole group's checkpoint and
+    the sequence of that group's last message, and the keys stored after it (the prefix
+    of a group cut short)."""
+
+    last_seq: int
+    checkpoint: int | None
+    checkpoint_seq: int
+    after: list[str] = field(default_factory=list)
+    last_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Stored:
+    seq: int
+    key: str | None
+    commit: int | None
+    body: bytes
+
+
+class JetStreamLog:
+    """One writer's (or reader's) handle on the stream; every method runs on one event loop."""
+
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        stream: str = "CT1_EVENTS",
+        subject: str = "ct1.events",
+        replicas: int = 3,
+        timeout: float = 5.0,
+        duplicate_window: float = 120.0,
+        window: int = 512,
+    ) -> None:
+        self.servers = servers
+        self.stream = stream
+        self.subject = subject
+        self.replicas = replicas
+        self.timeout = timeout
+        self.duplicate_window = duplicate_window
+        self.window = window
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._last: int | None = None  # the stream's last sequence, as this writer knows it
+        self._last_key: str | None = None  # and the key of that message
+        self._mine: int | None = None  # where this writer's last whole group ends
+        self._fenced = False  # another writer appended: this one never appends again
+        self._replies: str | None = None  # the inbox acks come to
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._token = 0
+
+    async def connect(self) -> None:
+        try:
+            self._nc = await nats.connect(
+                servers=self.servers,
+                connect_timeout=self.timeout,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                allow_reconnect=True,
+                name="ct1-cdc",
+            )
+        except Exception as exc:
+            raise JetStreamError(f"cannot reach NATS at {', '.join(self.servers)}: {_reason(exc)}") from exc
+        self._js = self._nc.jetstream(timeout=self.timeout)
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            nc, self._nc, self._js = self._nc, None, None
+            try:
+                await nc.drain()
+            except Exception:  # closing: what it says no longer matters
+                await nc.close()
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise JetStreamError("not connected to NATS")
+        return self._js
+
+    async def ensure_stream(self, within: float = 30.0) -> None:
+        """Create the stream when it is missing, or check the one there; waits (up to
+        ``within`` s) for the cluster to elect the leaders it needs."""
+        config = StreamConfig(
+            name=self.stream,
+            subjects=[self.subject],
+            num_replicas=self.replicas,
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=self.duplicate_window,
+            deny_delete=True,  # an event is never removed alone: ids stay gap-free
+        )
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                try:
+                    info = await self.js.stream_info(self.stream)
+                except NotFoundError:
+                    await self.js.add_stream(config)
+                    log.info("jetstream_stream_created", stream=self.stream, replicas=self.replicas)
+                    return
+                if self.subject not in (info.config.subjects or []):
+                    raise JetStreamError(
+                        f"stream {self.stream} exists without subject {self.subject}: "
+                        "another application's stream? choose another [outbox.jetstream] stream"
+                    )
+                if (info.config.num_replicas or 1) != self.replicas:
+                    log.warning(
+                        "jetstream_replicas_differ",
+                        stream=self.stream,
+                        configured=self.replicas,
+                        actual=info.config.num_replicas,
+                    )
+                return
+            except JetStreamError:
+                raise
+            except Exception as exc:  # no leader yet, a node starting: again, until within
+                if time.monotonic() >= deadline:
+                    raise JetStreamError(
+                        f"stream {self.stream} unavailable after {within:.0f} s: {_reason(exc)}"
+                    ) from exc
+                await asyncio.sleep(0.2)
+
+    async def adopt(self) -> Tail:
+        """Take the stream's end as this writer's starting point (a writer starting, or a
+        standby taking over: whoever appended before is fenced from now on)."""
+        tail = await self.tail()
+        self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.checkpoint_seq
+        return tail
+
+    async def tail(self) -> Tail:
+        """Read the stream's end (see :class:`Tail`)."""
+        info = await self.js.stream_info(self.stream)
+        last = int(info.state.last_seq)
+        first = int(info.state.first_seq or 1)
+        after: list[str] = []
+        checkpoint: int | None = None
+        checkpoint_seq = 0
+        last_key: str | None = None
+        seq = last
+        while seq >= max(first, 1) and last - seq < MAX_GROUP_SCAN:
+            stored = await self.get(seq)
+            if seq == last:
+                last_key = stored.key
+            if stored.commit is not None:
+                checkpoint, checkpoint_seq = stored.commit, seq
+                break
+            after.append(stored.key or "")
+            seq -= 1
+        after.reverse()
+        return Tail(last, checkpoint, checkpoint_seq, after, last_key)
+
+    async def append(self, events: list[tuple[str, bytes]], checkpoint: int) -> int:
+        """Append ``events`` (key, body) in order as one group whose last message carries
+        ``checkpoint``; return the id (sequence) of the first.  Raises :class:`Fenced` when
+        another writer appended since (and from then on), :class:`JetStreamError` when any
+        of the group was not stored (a prefix may have been: :meth:`append_whole` goes on
+        from there)."""
+        if self._fenced:
+            raise Fenced(f"stream {self.stream} was taken over by another writer")
+        if self._last is None:
+            if self._mine is not None:
+                raise JetStreamError(f"the end of {self.stream} is unknown after a failed append")
+            await self.adopt()
+        assert self._last is not None
+        if not events:
+            return self._last + 1
+        base, previous, last = self._last, self._last_key, len(events) - 1
+        self._last = None  # until every ack below checks out
+        acks = await self._publish(
+            [
+                (
+                    body,
+                    self._headers(base + i, events[i - 1][0] if i else previous, key, checkpoint, i == last),
+                )
+                for i, (key, body) in enumerate(events)
+            ]
+        )
+        for i, ack in enumerate(acks):
+            error = ack.get("error")
+            if error:
+                if error.get("err_code") == WRONG_LAST_SEQUENCE:
+                    if i == 0:
+                        self._fenced = True
+                        raise Fenced(f"stream {self.stream} was appended to by another writer")
+                    raise JetStreamError(f"append to {self.stream}: message {i + 1} of {len(events)} lost")
+                raise JetStreamError(f"append to {self.stream} refused: {error.get('description', error)}")
+            if ack.get("duplicate") or ack.get("seq") != base + i + 1:
+                raise JetStreamError(
+                    f"append to {self.stream}: message {i + 1} stored at {ack.get('seq')}, expected {base + i + 1}"
+                    + (" (a duplicate)" if ack.get("duplicate") else "")
+                )
+        self._last, self._last_key = base + len(events), events[-1][0]
+        self._mine = self._last
+        return base + 1
+
+    @staticmethod
+    def _headers(after: int, previous: str | None, key: str, checkpoint: int, last: bool) -> dict[str, str]:
+        headers = {MSG_ID: key, EXPECTED_LAST: str(after)}
+        if previous is not None:
+            headers[EXPECTED_LAST_ID] = previous
+        if last:
+            headers[COMMIT] = str(checkpoint)
+        return headers
+
+    async def append_whole(
+        self, events: list[tuple[str, bytes]], checkpoint: int, within: float = 60.0
+    ) -> None:
+        """Append one group exactly once, through leader changes and lost acks: after a
+        failure, read the stream's end; the part of the group stored (a prefix, by the
+        chain of expected sequences) is not sent again, the rest is.  Raises
+        :class:`Fenced` at once, and :class:`JetStreamError` after ``within`` seconds."""
+        deadline = time.monotonic() + within
+        pending = events
+        delay = 0.1
+        while True:
+            try:
+                await self.append(pending, checkpoint)
+                return
+            except Fenced:
+                raise
+            except JetStreamError as exc:
+                failure = exc
+            while True:  # learn what was stored; the cluster may still be electing
+                if time.monotonic() >= deadline:
+                    raise JetStreamError(f"{failure} (gave up after {within:.0f} s)") from failure
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                try:
+                    tail = await self.tail()
+                    break
+                except Exception as exc:
+                    log.info("jetstream_tail_retry", error=_reason(exc))
+            stored = tail.after
+            if tail.checkpoint == checkpoint and not stored and tail.last_key == pending[-1][0]:
+                self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.last_seq
+                return  # all of it landed; only the acks were lost
+            if tail.checkpoint_seq != self._mine or [key for key, _ in pending[: len(stored)]] != stored:
+                self._fenced = True
+                raise Fenced(f"stream {self.stream} ends with events this writer did not send")
+            self._last, self._last_key = tail.last_seq, tail.last_key
+            log.warning("jetstream_append_resumed", stored=len(stored), left=len(pending) - len(stored))
+            pending = pending[len(stored) :]
+
+    async def _publish(self, messages: list[tuple[bytes, dict[str, str]]]) -> list[dict[str, Any]]:
+        """Publish in order, up to ``window`` unacknowledged; every ack (or error) parsed.
+        (Our own replies rather than nats-py's ``publish_async``, whose error path raises
+        in its callback and never completes the future.)"""
+        nc = self._nc
+        if nc is None:
+            raise JetStreamError("not connected to NATS")
+        if self._replies is None:
+            self._replies = nc.new_inbox()
+            await nc.subscribe(f"{self._replies}.*", cb=self._on_ack)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[dict[str, Any]]] = []
+        try:
+            for body, headers in messages:
+                if len(futures) - self._acked(futures) >= self.window:
+                    await asyncio.wait_for(asyncio.shield(futures[len(futures) - self.window]), self.timeout)
+                self._token += 1
+                token = str(self._token)
+                future: asyncio.Future[dict[str, Any]] = loop.create_future()
+                self._waiting[token] = future
+                futures.append(future)
+                await nc.publish(self.subject, body, reply=f"{self._replies}.{token}", headers=headers)
+            await nc.flush(timeout=max(1, round(self.timeout)))
+            return list(await asyncio.wait_for(asyncio.gather(*futures), self.timeout * 2))
+        except Exception as exc:
+            raise JetStreamError(f"append to {self.stream} failed: {_reason(exc)}") from exc
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+            self._waiting = {t: f for t, f in self._waiting.items() if not f.done()}
+
+    @staticmethod
+    def _acked(futures: list[asyncio.Future[dict[str, Any]]]) -> int:
+        n = 0
+        for future in futures:
+            if not future.done():
+                break
+            n += 1
+        return n
+
+    async def _on_ack(self, msg: Any) -> None:
+        future = self._waiting.pop(msg.subject.rsplit(".", 1)[1], None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_result(
+                {"error": {"code": 503, "description": "no responders: the stream has no leader"}}
+            )
+            return
+        try:
+            future.set_result(orjson.loads(msg.data))
+        except ValueError:
+            future.set_result({"error": {"code": 0, "description": f"unreadable ack {msg.data[:100]!r}"}})
+
+    async def get(self, seq: int) -> Stored:
+        msg = await self.js.get_msg(self.stream, seq)
+        headers = msg.headers or {}
+        commit = headers.get(COMMIT)
+        return Stored(
+            int(msg.seq or seq), headers.get(MSG_ID), int(commit) if commit else None, msg.data or b""
+        )
+
+    async def read(self, after: int, limit: int) -> list[Stored]:
+        """Up to ``limit`` events with id > ``after``, oldest first."""
+        info = await self.js.stream_info(self.stream)
+        last = int(info.state.last_seq)
+        out = []
+        for seq in range(after + 1, min(last, after + limit) + 1):
+            out.append(await self.get(seq))
+        return out
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

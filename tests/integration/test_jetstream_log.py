@@ -1,0 +1,178 @@
+"""The event log on a real three-node JetStream cluster (``nats-server`` on loopback):
+gap-free ids in append order, a second writer fenced, a group cut short resumed without
+a duplicate, and the same through kill -9 of the stream's leader and a node stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from outbox.jetstream import Fenced, JetStreamError, JetStreamLog
+from sidecar.natscluster import NatsCluster, create_nats_cluster
+
+
+@pytest.fixture(scope="module")
+def nats_cluster() -> Iterator[NatsCluster]:
+    cluster = create_nats_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def log(nats_cluster: NatsCluster) -> AsyncIterator[JetStreamLog]:
+    name = f"T{uuid.uuid4().hex[:10].upper()}"
+    writer = JetStreamLog(nats_cluster.servers, stream=name, subject=f"t.{name}", timeout=2.0)
+    await writer.connect()
+    await writer.ensure_stream()
+    try:
+        yield writer
+    finally:
+        await writer.close()
+
+
+def events(prefix: str, n: int) -> list[tuple[str, bytes]]:
+    return [(f"{prefix}-{i}", f'{{"n": {i}}}'.encode()) for i in range(n)]
+
+
+async def other_writer(log: JetStreamLog) -> JetStreamLog:
+    other = JetStreamLog(log.servers, stream=log.stream, subject=log.subject, timeout=2.0)
+    await other.connect()
+    return other
+
+
+async def test_groups_get_gap_free_ids_in_the_order_they_were_appended(log):
+    assert await log.append(events("a", 1), checkpoint=10) == 1
+    assert await log.append(events("b", 700), checkpoint=20) == 2
+    assert await log.append(events("c", 3), checkpoint=30) == 702
+
+    stored = await log.read(0, 1000)
+    assert [s.seq for s in stored] == list(range(1, 705))
+    assert [s.key for s in stored] == [k for k, _ in events("a", 1) + events("b", 700) + events("c", 3)]
+    assert stored[100].body == b'{"n": 99}'
+    # each group's last message carries its checkpoint, and only that one
+    assert {s.seq: s.commit for s in stored if s.commit is not None} == {1: 10, 701: 20, 704: 30}
+
+    # a new process learns where the writer stopped from the stream alone
+    again = await other_writer(log)
+    tail = await again.adopt()
+    await again.close()
+    assert (tail.last_seq, tail.checkpoint, tail.checkpoint_seq, tail.after) == (704, 30, 704, [])
+
+
+async def test_a_second_writer_fences_the_first_and_nothing_interleaves(log):
+    await log.append(events("a", 5), checkpoint=1)
+    standby = await other_writer(log)
+    try:
+        await standby.append(events("s", 1), checkpoint=2)  # the standby took over
+        with pytest.raises(Fenced):
+            await log.append(events("late", 3), checkpoint=3)
+        with pytest.raises(Fenced):
+            await log.append_whole(events("late", 3), checkpoint=3)
+        await standby.append(events("s2", 2), checkpoint=4)  # the standby goes on
+    finally:
+        await standby.close()
+    keys = [s.key for s in await log.read(0, 100)]
+    assert keys == ["a-0", "a-1", "a-2", "a-3", "a-4", "s-0", "s2-0", "s2-1"]
+
+
+async def test_the_same_event_sent_again_is_not_stored_twice(log):
+    await log.append(events("a", 3), checkpoint=1)
+    again = await other_writer(log)  # as after a restart that did not read the tail right
+    try:
+        await again.adopt()
+        with pytest.raises(JetStreamError, match="duplicate"):
+            await again.append(events("a", 3)[2:], checkpoint=1)
+    finally:
+        await again.close()
+    assert [s.key for s in await log.read(0, 10)] == ["a-0", "a-1", "a-2"]
+
+
+async def test_a_group_cut_short_is_resumed_where_it_stopped(log):
+    await log.append(events("a", 2), checkpoint=1)
+    # a writer died after the first two messages of a group landed: a prefix of the group,
+    # without the group's Ct1-Commit (its last message carries it)
+    nc = log._nc
+    assert nc is not None
+    for key, body in events("h", 4)[:2]:
+        await nc.publish(log.subject, body, headers={"Nats-Msg-Id": key})
+    await nc.flush()
+    await asyncio.sleep(0.2)
+
+    resumed = await other_writer(log)
+    try:
+        tail = await resumed.adopt()
+        assert (tail.checkpoint, tail.checkpoint_seq, tail.after) == (1, 2, ["h-0", "h-1"])
+        await resumed.append_whole(events("h", 4), checkpoint=40)  # sends h-2 and h-3 only
+    finally:
+        await resumed.close()
+    stored = await log.read(0, 100)
+    assert [s.key for s in stored] == ["a-0", "a-1", "h-0", "h-1", "h-2", "h-3"]
+    assert (stored[-1].seq, stored[-1].commit) == (6, 40)
+
+
+async def test_resuming_refuses_a_tail_this_writer_did_not_send(log):
+    await log.append(events("a", 2), checkpoint=1)
+    nc = log._nc
+    assert nc is not None
+    await nc.publish(log.subject, b"{}", headers={"Nats-Msg-Id": "stranger"})
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    with pytest.raises(Fenced):
+        await log.append_whole(events("b", 3), checkpoint=2)
+    with pytest.raises(Fenced):  # and for good
+        await log.append(events("c", 1), checkpoint=3)
+
+
+# -- faults: a cluster of their own -------------------------------------------------------------
+
+
+async def burst(log: JetStreamLog, groups: int, size: int, fault: asyncio.Event) -> None:
+    for g in range(groups):
+        if g == groups // 3:
+            fault.set()
+        await log.append_whole(events(f"g{g}", size), checkpoint=g + 1, within=60)
+
+
+async def check_exactly_once(log: JetStreamLog, groups: int, size: int) -> None:
+    stored = await log.read(0, groups * size + 10)
+    assert [s.seq for s in stored] == list(range(1, groups * size + 1))
+    assert [s.key for s in stored] == [f"g{g}-{i}" for g in range(groups) for i in range(size)]
+    assert [s.commit for s in stored if s.commit is not None] == list(range(1, groups + 1))
+
+
+@pytest.mark.parametrize("fault", ["kill the leader", "stop a node"])
+async def test_a_burst_through_a_node_fault_is_stored_exactly_once_in_order(fault, tmp_path):
+    cluster = create_nats_cluster(tmp_path / "nats")
+    writer = JetStreamLog(cluster.servers, stream="FAULTS", subject="faults", timeout=2.0)
+    try:
+        await writer.connect()
+        await writer.ensure_stream()
+        info = await writer.js.stream_info("FAULTS")
+        leader = next(i for i, n in enumerate(cluster.nodes) if n.name == info.cluster.leader)
+        victim = leader if fault == "kill the leader" else (leader + 1) % len(cluster.nodes)
+        hit = asyncio.Event()
+
+        async def inject() -> None:
+            await hit.wait()
+            if fault == "kill the leader":
+                cluster.kill(victim)
+            else:
+                cluster.pause(victim)  # longer than the cluster's heartbeats: seen as gone
+                await asyncio.sleep(6)
+                cluster.resume(victim)
+
+        groups, size = 30, 200
+        await asyncio.gather(burst(writer, groups, size, hit), inject())
+        await check_exactly_once(writer, groups, size)
+        if fault == "kill the leader":
+            cluster.start(victim)
+        # what a reader connected to any node sees, the restarted one included
+        await check_exactly_once(writer, groups, size)
+    finally:
+        await writer.close()
+        cluster.stop()
