@@ -37,9 +37,10 @@ import nats
 import orjson
 import structlog
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from common.errors import Ct1Error
 
@@ -194,7 +195,7 @@ class JetStreamLog:
 
     async def tail(self) -> Tail:
         """Read the stream's end (see :class:`Tail`)."""
-        info = await self.js.stream_info(self.stream)
+        info = await self._api(self.js.stream_info, self.stream)
         last = int(info.state.last_seq)
         first = int(info.state.first_seq or 1)
         after: list[str] = []
@@ -361,8 +362,26 @@ class JetStreamLog:
         except ValueError:
             future.set_result({"error": {"code": 0, "description": f"unreadable ack {msg.data[:100]!r}"}})
 
+    async def _api(self, call: Any, *args: Any) -> Any:
+        """A JetStream API request, asked again while the cluster answers "temporarily
+        unavailable" or not at all (a node catching up, a leader being elected), for up
+        to five timeouts."""
+        deadline = time.monotonic() + self.timeout * 5
+        while True:
+            try:
+                return await call(*args)
+            except (
+                ServiceUnavailableError,
+                NoRespondersError,
+                nats.errors.TimeoutError,
+                TimeoutError,
+            ) as exc:
+                if time.monotonic() >= deadline:
+                    raise JetStreamError(f"stream {self.stream} unavailable: {_reason(exc)}") from exc
+                await asyncio.sleep(0.2)
+
     async def get(self, seq: int) -> Stored:
-        msg = await self.js.get_msg(self.stream, seq)
+        msg = await self._api(self.js.get_msg, self.stream, seq)
         headers = msg.headers or {}
         commit = headers.get(COMMIT)
         return Stored(
@@ -371,7 +390,7 @@ class JetStreamLog:
 
     async def read(self, after: int, limit: int) -> list[Stored]:
         """Up to ``limit`` events with id > ``after``, oldest first."""
-        info = await self.js.stream_info(self.stream)
+        info = await self._api(self.js.stream_info, self.stream)
         last = int(info.state.last_seq)
         out = []
         for seq in range(after + 1, min(last, after + limit) + 1):
