@@ -50,7 +50,9 @@ MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST = "Nats-Expected-Last-Sequence"
 EXPECTED_LAST_ID = "Nats-Expected-Last-Msg-Id"
 COMMIT = "Ct1-Commit"
+KEY = "Ct1-Key"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code: the stream's last sequence is another
+WRONG_LAST_MSG_ID = 10070  # ... its last message id is another
 MAX_GROUP_SCAN = 100_000  # messages read back from the end to find the last checkpoint
 
 
@@ -215,12 +217,12 @@ class JetStreamLog:
         after.reverse()
         return Tail(last, checkpoint, checkpoint_seq, after, last_key)
 
-    async def append(self, events: list[tuple[str, bytes]], checkpoint: int) -> int:
-        """Append ``events`` (key, body) in order as one group whose last message carries
-        ``checkpoint``; return the id (sequence) of the first.  Raises :class:`Fenced` when
-        another writer appended since (and from then on), :class:`JetStreamError` when any
-        of the group was not stored (a prefix may have been: :meth:`append_whole` goes on
-        from there)."""
+    async def append(self, events: list[tuple[str, bytes]], checkpoint: int | None) -> int:
+        """Append ``events`` (key, body) in order; the last carries ``checkpoint`` (None: a
+        chunk of a group still open, e.g. of a huge transaction).  Returns the id (sequence)
+        of the first.  Raises :class:`Fenced` when another writer appended since (and from
+        then on), :class:`JetStreamError` when any of them was not stored (a prefix may
+        have been: :meth:`append_whole` goes on from there)."""
         if self._fenced:
             raise Fenced(f"stream {self.stream} was taken over by another writer")
         if self._last is None:
@@ -236,7 +238,9 @@ class JetStreamLog:
             [
                 (
                     body,
-                    self._headers(base + i, events[i - 1][0] if i else previous, key, checkpoint, i == last),
+                    _headers(
+                        base + i, events[i - 1][0] if i else previous, key, checkpoint if i == last else None
+                    ),
                 )
                 for i, (key, body) in enumerate(events)
             ]
@@ -244,7 +248,7 @@ class JetStreamLog:
         for i, ack in enumerate(acks):
             error = ack.get("error")
             if error:
-                if error.get("err_code") == WRONG_LAST_SEQUENCE:
+                if error.get("err_code") in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID):
                     if i == 0:
                         self._fenced = True
                         raise Fenced(f"stream {self.stream} was appended to by another writer")
@@ -259,26 +263,19 @@ class JetStreamLog:
         self._mine = self._last
         return base + 1
 
-    @staticmethod
-    def _headers(after: int, previous: str | None, key: str, checkpoint: int, last: bool) -> dict[str, str]:
-        headers = {MSG_ID: key, EXPECTED_LAST: str(after)}
-        if previous is not None:
-            headers[EXPECTED_LAST_ID] = previous
-        if last:
-            headers[COMMIT] = str(checkpoint)
-        return headers
-
     async def append_whole(
-        self, events: list[tuple[str, bytes]], checkpoint: int, within: float = 60.0
+        self, events: list[tuple[str, bytes]], checkpoint: int | None, within: float = 60.0
     ) -> None:
-        """Append one group exactly once, through leader changes and lost acks: after a
-        failure, read the stream's end; the part of the group stored (a prefix, by the
-        chain of expected sequences) is not sent again, the rest is.  Raises
-        :class:`Fenced` at once, and :class:`JetStreamError` after ``within`` seconds."""
+        """:meth:`append` exactly once, through leader changes and lost acks: after a
+        failure, read the stream's end; what of ``events`` it holds (a prefix, by the chain
+        of expected sequences) is not sent again, the rest is.  Raises :class:`Fenced` when
+        the end is not this writer's, and :class:`JetStreamError` after ``within`` s."""
         deadline = time.monotonic() + within
         pending = events
         delay = 0.1
+        fruitless = 0  # failures in a row that stored nothing
         while True:
+            start, start_key = self._last, self._last_key
             try:
                 await self.append(pending, checkpoint)
                 return
@@ -286,6 +283,8 @@ class JetStreamLog:
                 raise
             except JetStreamError as exc:
                 failure = exc
+            if start is None:
+                raise failure
             while True:  # learn what was stored; the cluster may still be electing
                 if time.monotonic() >= deadline:
                     raise JetStreamError(f"{failure} (gave up after {within:.0f} s)") from failure
@@ -296,16 +295,39 @@ class JetStreamLog:
                     break
                 except Exception as exc:
                     log.info("jetstream_tail_retry", error=_reason(exc))
-            stored = tail.after
-            if tail.checkpoint == checkpoint and not stored and tail.last_key == pending[-1][0]:
-                self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.last_seq
-                return  # all of it landed; only the acks were lost
-            if tail.checkpoint_seq != self._mine or [key for key, _ in pending[: len(stored)]] != stored:
+            stored = tail.last_seq - start
+            keys = [key for key, _ in pending]
+            ours = 0 <= stored <= len(keys) and (
+                tail.last_key == (keys[stored - 1] if stored else start_key)
+                and (stored == 0 or tail.checkpoint_seq > start or tail.after[-stored:] == keys[:stored])
+            )
+            if not ours:
                 self._fenced = True
                 raise Fenced(f"stream {self.stream} ends with events this writer did not send")
-            self._last, self._last_key = tail.last_seq, tail.last_key
-            log.warning("jetstream_append_resumed", stored=len(stored), left=len(pending) - len(stored))
-            pending = pending[len(stored) :]
+            self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.last_seq
+            if stored == len(keys):
+                return  # all of it landed; only the acks were lost
+            fruitless = 0 if stored else fruitless + 1
+            if fruitless >= 5:
+                raise failure
+            log.warning("jetstream_append_resumed", stored=stored, left=len(keys) - stored)
+            pending = pending[stored:]
+
+    async def keys_after(self, checkpoint: int) -> list[str]:
+        """The keys stored after the last message carrying ``checkpoint`` (reading back
+        from the end, at most :data:`MAX_GROUP_SCAN`); all of them when none carries it."""
+        info = await self._api(self.js.stream_info, self.stream)
+        last, first = int(info.state.last_seq), int(info.state.first_seq or 1)
+        keys: list[str] = []
+        seq = last
+        while seq >= max(first, 1) and last - seq < MAX_GROUP_SCAN:
+            stored = await self.get(seq)
+            if stored.commit == checkpoint:
+                break
+            keys.append(stored.key or "")
+            seq -= 1
+        keys.reverse()
+        return keys
 
     async def _publish(self, messages: list[tuple[bytes, dict[str, str]]]) -> list[dict[str, Any]]:
         """Publish in order, up to ``window`` unacknowledged; every ack (or error) parsed.
@@ -384,9 +406,7 @@ class JetStreamLog:
         msg = await self._api(self.js.get_msg, self.stream, seq)
         headers = msg.headers or {}
         commit = headers.get(COMMIT)
-        return Stored(
-            int(msg.seq or seq), headers.get(MSG_ID), int(commit) if commit else None, msg.data or b""
-        )
+        return Stored(int(msg.seq or seq), headers.get(KEY), int(commit) if commit else None, msg.data or b"")
 
     async def read(self, after: int, limit: int) -> list[Stored]:
         """Up to ``limit`` events with id > ``after``, oldest first."""
@@ -396,6 +416,17 @@ class JetStreamLog:
         for seq in range(after + 1, min(last, after + limit) + 1):
             out.append(await self.get(seq))
         return out
+
+
+def _headers(after: int, previous: str | None, key: str, checkpoint: int | None) -> dict[str, str]:
+    """A message's headers: its key, and the message it must follow (sequence ``after``,
+    key ``previous``); the message id is the pair, so keys need not be unique alone."""
+    headers = {KEY: key, MSG_ID: f"{after + 1}:{key}", EXPECTED_LAST: str(after)}
+    if previous is not None:
+        headers[EXPECTED_LAST_ID] = f"{after}:{previous}"
+    if checkpoint is not None:
+        headers[COMMIT] = str(checkpoint)
+    return headers
 
 
 def _reason(exc: BaseException) -> str:
