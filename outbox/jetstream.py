@@ -50,6 +50,7 @@ MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST = "Nats-Expected-Last-Sequence"
 EXPECTED_LAST_ID = "Nats-Expected-Last-Msg-Id"
 COMMIT = "Ct1-Commit"
+ORIGIN = "Ct1-Origin"  # beside Ct1-Commit: whose checkpoint it is (capture's slot)
 KEY = "Ct1-Key"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code: the stream's last sequence is another
 WRONG_LAST_MSG_ID = 10070  # ... its last message id is another
@@ -75,6 +76,7 @@ class Tail:
     checkpoint_seq: int
     after: list[str] = field(default_factory=list)
     last_key: str | None = None
+    origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Stored:
     key: str | None
     commit: int | None
     body: bytes
+    origin: str | None = None
 
 
 class JetStreamLog:
@@ -137,6 +140,16 @@ class JetStreamLog:
                 await nc.drain()
             except Exception:  # closing: what it says no longer matters
                 await nc.close()
+
+    @property
+    def position_unknown(self) -> bool:
+        """Whether an append failed and the stream's end must be read again."""
+        return self._last is None
+
+    @property
+    def last_seq(self) -> int:
+        """The stream's last sequence as this writer last knew it (0 before it read it)."""
+        return self._last or 0
 
     @property
     def js(self) -> JetStreamContext:
@@ -203,6 +216,7 @@ class JetStreamLog:
         after: list[str] = []
         checkpoint: int | None = None
         checkpoint_seq = 0
+        origin: str | None = None
         last_key: str | None = None
         seq = last
         while seq >= max(first, 1) and last - seq < MAX_GROUP_SCAN:
@@ -210,14 +224,16 @@ class JetStreamLog:
             if seq == last:
                 last_key = stored.key
             if stored.commit is not None:
-                checkpoint, checkpoint_seq = stored.commit, seq
+                checkpoint, checkpoint_seq, origin = stored.commit, seq, stored.origin
                 break
             after.append(stored.key or "")
             seq -= 1
         after.reverse()
-        return Tail(last, checkpoint, checkpoint_seq, after, last_key)
+        return Tail(last, checkpoint, checkpoint_seq, after, last_key, origin)
 
-    async def append(self, events: list[tuple[str, bytes]], checkpoint: int | None) -> int:
+    async def append(
+        self, events: list[tuple[str, bytes]], checkpoint: int | None, origin: str | None = None
+    ) -> int:
         """Append ``events`` (key, body) in order; the last carries ``checkpoint`` (None: a
         chunk of a group still open, e.g. of a huge transaction).  Returns the id (sequence)
         of the first.  Raises :class:`Fenced` when another writer appended since (and from
@@ -239,7 +255,11 @@ class JetStreamLog:
                 (
                     body,
                     _headers(
-                        base + i, events[i - 1][0] if i else previous, key, checkpoint if i == last else None
+                        base + i,
+                        events[i - 1][0] if i else previous,
+                        key,
+                        checkpoint if i == last else None,
+                        origin,
                     ),
                 )
                 for i, (key, body) in enumerate(events)
@@ -264,7 +284,11 @@ class JetStreamLog:
         return base + 1
 
     async def append_whole(
-        self, events: list[tuple[str, bytes]], checkpoint: int | None, within: float = 60.0
+        self,
+        events: list[tuple[str, bytes]],
+        checkpoint: int | None,
+        origin: str | None = None,
+        within: float = 60.0,
     ) -> None:
         """:meth:`append` exactly once, through leader changes and lost acks: after a
         failure, read the stream's end; what of ``events`` it holds (a prefix, by the chain
@@ -277,7 +301,7 @@ class JetStreamLog:
         while True:
             start, start_key = self._last, self._last_key
             try:
-                await self.append(pending, checkpoint)
+                await self.append(pending, checkpoint, origin)
                 return
             except Fenced:
                 raise
@@ -406,7 +430,13 @@ class JetStreamLog:
         msg = await self._api(self.js.get_msg, self.stream, seq)
         headers = msg.headers or {}
         commit = headers.get(COMMIT)
-        return Stored(int(msg.seq or seq), headers.get(KEY), int(commit) if commit else None, msg.data or b"")
+        return Stored(
+            int(msg.seq or seq),
+            headers.get(KEY),
+            int(commit) if commit else None,
+            msg.data or b"",
+            headers.get(ORIGIN),
+        )
 
     async def read(self, after: int, limit: int) -> list[Stored]:
         """Up to ``limit`` events with id > ``after``, oldest first."""
@@ -418,7 +448,9 @@ class JetStreamLog:
         return out
 
 
-def _headers(after: int, previous: str | None, key: str, checkpoint: int | None) -> dict[str, str]:
+def _headers(
+    after: int, previous: str | None, key: str, checkpoint: int | None, origin: str | None = None
+) -> dict[str, str]:
     """A message's headers: its key, and the message it must follow (sequence ``after``,
     key ``previous``); the message id is the pair, so keys need not be unique alone."""
     headers = {KEY: key, MSG_ID: f"{after + 1}:{key}", EXPECTED_LAST: str(after)}
@@ -426,6 +458,8 @@ def _headers(after: int, previous: str | None, key: str, checkpoint: int | None)
         headers[EXPECTED_LAST_ID] = f"{after}:{previous}"
     if checkpoint is not None:
         headers[COMMIT] = str(checkpoint)
+        if origin:
+            headers[ORIGIN] = origin
     return headers
 
 
