@@ -72,7 +72,36 @@ class SourceSettings(_Section):
     _secret = field_validator("dsn")(lambda v: resolve_secret(v))
 
 
+class JetStreamSettings(_Section):
+    servers: list[str] = Field(
+        default_factory=lambda: ["nats://127.0.0.1:4222"],
+        description="NATS servers of the JetStream cluster (any of them; the client finds the rest)",
+    )
+    stream: str = Field(
+        "CT1_EVENTS", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the stream holding the events"
+    )
+    subject: str = Field(
+        "ct1.events",
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        description="the subject events are published on",
+    )
+    replicas: int = Field(
+        3, ge=1, le=5, description="copies of the stream kept by the cluster (a new stream)"
+    )
+    timeout_seconds: float = Field(
+        5.0, gt=0, le=120, description="a publish or request without an answer fails after this"
+    )
+
+
 class OutboxSettings(_Section):
+    backend: Literal["sqlite", "jetstream"] = Field(
+        "sqlite",
+        description='where events are kept: "sqlite" (the file at path) or "jetstream" (a NATS '
+        "JetStream stream; capture's own state stays in the file at path; docs/jetstream.md)",
+    )
+    jetstream: JetStreamSettings = Field(
+        default_factory=JetStreamSettings, description='the stream, when backend = "jetstream"'
+    )
     path: str = Field("var/outbox.db", description="SQLite outbox file")
     retention_days: int = Field(7, ge=1, description="delivered events older than this may be pruned")
     batch_max_events: int = Field(

@@ -121,13 +121,17 @@ class JetStreamLog:
 
     async def connect(self) -> None:
         try:
-            self._nc = await nats.connect(
-                servers=self.servers,
-                connect_timeout=self.timeout,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                allow_reconnect=True,
-                name="ct1-cdc",
+            # (nats-py keeps trying the first connection as long as its reconnects: bound it)
+            self._nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=self.servers,
+                    connect_timeout=self.timeout,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    allow_reconnect=True,
+                    name="ct1-cdc",
+                ),
+                self.timeout * 3,
             )
         except Exception as exc:
             raise JetStreamError(f"cannot reach NATS at {', '.join(self.servers)}: {_reason(exc)}") from exc

@@ -29,9 +29,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from cdc.carts import StateStore
 from common.jsontext import dumps
 from outbox.jetstream import JetStreamLog
+from outbox.state import SqliteState
 from outbox.writer import OutboxWriter
 
 CHUNK = 1000  # events of an open group sent before its commit (a huge transaction)
@@ -205,7 +205,7 @@ class JetStreamSink:
         self.local.mark_skipped(xid, lsn, changes)
 
     @property
-    def state(self) -> StateStore:
+    def state(self) -> SqliteState:
         return self.local.state
 
     def backfills(self) -> list[dict[str, Any]]:

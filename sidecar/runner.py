@@ -30,6 +30,8 @@ from outbox.writer import OutboxWriter
 if TYPE_CHECKING:  # aiohttp is imported by the API role alone: capture starts without it
     from aiohttp import web
 
+    from outbox.jetstream_sink import JetStreamSink
+
 log = structlog.get_logger("ct1_cdc.run")
 
 ROLES = ("capture", "dispatch", "api")
@@ -61,6 +63,29 @@ def router_for(settings: Settings) -> Router:
     return Router(routes_of(settings.endpoints))
 
 
+def open_sink(settings: Settings) -> OutboxWriter | JetStreamSink:
+    """Capture's sink: the outbox writer, or with ``[outbox] backend = "jetstream"`` the
+    stream (its connection made and the stream checked or created: blocking) with
+    capture's state in the file at ``outbox.path``."""
+    if settings.outbox.backend != "jetstream":
+        return open_writer(settings)
+    from outbox.jetstream import JetStreamLog
+    from outbox.jetstream_sink import JetStreamSink
+
+    js = settings.outbox.jetstream
+    local = OutboxWriter(
+        open_outbox(settings.outbox.path), Router([]), checkpointer=Checkpointer(settings.outbox.path)
+    )
+    try:
+        log = JetStreamLog(
+            js.servers, stream=js.stream, subject=js.subject, replicas=js.replicas, timeout=js.timeout_seconds
+        )
+        return JetStreamSink(log, local)
+    except BaseException:
+        local.close()
+        raise
+
+
 def open_writer(settings: Settings) -> OutboxWriter:
     """The outbox's single writer, for capture (the caller closes it)."""
     conn = open_outbox(settings.outbox.path)
@@ -69,7 +94,7 @@ def open_writer(settings: Settings) -> OutboxWriter:
 
 def build_capture(
     settings: Settings,
-    writer: OutboxWriter,
+    writer: OutboxWriter | JetStreamSink,
     mapping: Mapping | None = None,
     on_commit: Callable[[], None] | None = None,
 ) -> Capture:
@@ -114,6 +139,12 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
             log.info("stop_requested", signal=sig.name)
             stop.set()
 
+    if settings.outbox.backend == "jetstream" and set(roles) - {"capture"}:
+        raise ConfigError(
+            'with [outbox] backend = "jetstream" this version runs the capture role alone '
+            "(`ct1-cdc run --role capture`): dispatch and the API still read the SQLite "
+            "outbox (docs/jetstream.md)"
+        )
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_requested, sig)
     dispatcher = Dispatcher(settings) if "dispatch" in roles else None
@@ -130,7 +161,7 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
             listener()
 
     capture: Capture | None = None
-    writer: OutboxWriter | None = None
+    writer: OutboxWriter | JetStreamSink | None = None
     runner: web.AppRunner | None = None
     running: dict[asyncio.Future[Any], str] = {}
     failed: BaseException | None = None
@@ -142,10 +173,12 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
             probe = in_thread(functools.partial(probe_source, settings.source.dsn), "source-probe")
             if await until_stopped(stop, probe):  # else stopped while starting: nothing runs
                 mapping = load_mapping(settings.mapping.file)  # a wrong mapping fails before the outbox opens
-                writer = open_writer(settings)
+                writer = await asyncio.to_thread(open_sink, settings)
                 capture = build_capture(settings, writer, mapping, on_commit=committed)
                 running[in_thread(capture.run, "capture")] = "capture"
-                if settings.analytics.enabled:
+                if settings.analytics.enabled and settings.outbox.backend == "jetstream":
+                    log.warning("analytics_not_run", reason="not yet on the jetstream backend")
+                elif settings.analytics.enabled:
                     from api.app import excluded_columns
                     from sidecar.derived import AnalyticsRole
 
@@ -271,7 +304,7 @@ async def until_stopped(stop: asyncio.Event, future: asyncio.Future[Any]) -> boo
 
 async def stop_roles(
     capture: Capture | None,
-    writer: OutboxWriter | None,
+    writer: OutboxWriter | JetStreamSink | None,
     running: dict[asyncio.Future[Any], str],
     runner: web.AppRunner | None,
 ) -> None:
