@@ -14,6 +14,9 @@ The last line is JSON with both rates, their medians and ``ratio`` = ct1-cdc / p
 default ones, ct2 taking all but marketplace.analytics and ct3 all): a delivery row per
 endpoint and event is what capture writes beside each event.
 
+``--backend jetstream`` starts a three-node JetStream cluster on loopback and has
+ct1-cdc capture into a stream of three replicas (one per run), its state in the file.
+
 ``--open-carts N`` starts each ct1-cdc round with N open carts in its outbox (the timers of
 cart.abandoned, as capture leaves them); ``--without-carts`` captures with a mapping that
 has no ``[cart_abandoned]`` section.  Together: what holding the timers costs capture.
@@ -157,6 +160,7 @@ def endpoints_config(work: Path, count: int) -> Path:
 
 
 CONFIG: Path | None = None  # --endpoints: the config file with them; None: the default two
+JETSTREAM: list[str] | None = None  # --backend jetstream: the cluster's servers
 
 
 def ct1_env(dsn: str, slot: str, outbox: Path) -> dict[str, str]:
@@ -174,7 +178,20 @@ def ct1_env(dsn: str, slot: str, outbox: Path) -> dict[str, str]:
             "CT1_ANALYTICS__ENABLED": "false",  # a periodic query of its own, not capture's work
         }
     )
+    if JETSTREAM is not None:  # one stream per run, named for its slot
+        env.update(
+            {
+                "CT1_OUTBOX__BACKEND": "jetstream",
+                "CT1_OUTBOX__JETSTREAM__SERVERS": json.dumps(JETSTREAM),
+                "CT1_OUTBOX__JETSTREAM__STREAM": stream_of(slot),
+                "CT1_OUTBOX__JETSTREAM__SUBJECT": f"bench.{slot}",
+            }
+        )
     return env
+
+
+def stream_of(slot: str) -> str:
+    return f"BENCH_{slot.upper()}"
 
 
 MAPPING = ROOT / "config" / "mapping.toml"
@@ -235,17 +252,29 @@ def main() -> None:
         "--without-carts", action="store_true", help="capture with a mapping without [cart_abandoned]"
     )
     parser.add_argument(
+        "--backend",
+        choices=("sqlite", "jetstream"),
+        default="sqlite",
+        help="where ct1-cdc keeps events (jetstream: a three-node cluster started here, R3)",
+    )
+    parser.add_argument(
         "--endpoints",
         type=int,
         default=None,
         help="capture for this many endpoints taking every event (default: the two default ones)",
     )
     args = parser.parse_args()
-    global MAPPING, CONFIG
+    global MAPPING, CONFIG, JETSTREAM
 
     work = Path(tempfile.mkdtemp(prefix="ct1-bench-"))
     work.chmod(0o711)
     cluster = create_cluster(work / "pg", settings={"max_wal_size": "'4GB'"})
+    nats = None
+    if args.backend == "jetstream":
+        from sidecar.natscluster import create_nats_cluster
+
+        nats = create_nats_cluster(work / "nats")
+        JETSTREAM = nats.servers
     try:
         dsn = backlog_source(cluster)
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -332,10 +361,13 @@ def main() -> None:
             "open_carts": args.open_carts,
             "cart_rule": not args.without_carts,
             "endpoints": "default (ct2, ct3)" if args.endpoints is None else args.endpoints,
+            "backend": args.backend,
             "ratio": round(med_ct1 / med_recv, 3),
         }
         print(json.dumps(result))
     finally:
+        if nats is not None:
+            nats.stop()
         cluster.destroy()
         shutil.rmtree(work, ignore_errors=True)
 
@@ -343,8 +375,29 @@ def main() -> None:
 def _count(path: Path) -> int:
     import sqlite3
 
+    if JETSTREAM is not None:  # the stream of the run whose state file this is
+        return _stream_count(stream_of("ct1_" + path.stem.removeprefix("outbox_")))
+
     with sqlite3.connect(path) as conn:
         return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+
+def _stream_count(stream: str) -> int:
+    import asyncio
+
+    from outbox.jetstream import JetStreamLog
+
+    async def count() -> int:
+        assert JETSTREAM is not None
+        log = JetStreamLog(JETSTREAM, stream=stream)
+        await log.connect()
+        try:
+            info = await log.js.stream_info(stream)
+            return int(info.state.messages)
+        finally:
+            await log.close()
+
+    return asyncio.run(count())
 
 
 if __name__ == "__main__":
