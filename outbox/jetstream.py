@@ -342,15 +342,15 @@ class JetStreamLog:
             pending = pending[stored:]
 
     async def keys_after(self, checkpoint: int) -> list[str]:
-        """The keys stored after the last message carrying ``checkpoint`` (reading back
-        from the end, at most :data:`MAX_GROUP_SCAN`); all of them when none carries it."""
+        """The keys stored after the last message carrying ``checkpoint`` or an earlier
+        one (reading back from the end, at most :data:`MAX_GROUP_SCAN`)."""
         info = await self._api(self.js.stream_info, self.stream)
         last, first = int(info.state.last_seq), int(info.state.first_seq or 1)
         keys: list[str] = []
         seq = last
         while seq >= max(first, 1) and last - seq < MAX_GROUP_SCAN:
             stored = await self.get(seq)
-            if stored.commit == checkpoint:
+            if stored.commit is not None and stored.commit <= checkpoint:
                 break
             keys.append(stored.key or "")
             seq -= 1

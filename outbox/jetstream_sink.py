@@ -96,8 +96,9 @@ class JetStreamSink:
         xid: int | None,
     ) -> None:
         key = self._key(type, entity_id, lsn, xid)
-        if key in self._skip:
-            return  # in the stream already: read again after a crash
+        if key in self._skip:  # in the stream already: read again after a crash
+            self._skip.discard(key)  # (a key is never given twice: it names one event)
+            return
         body = dumps(
             {
                 "type": type,
@@ -140,7 +141,7 @@ class JetStreamSink:
             self._send(lsn if slot is not None else 0, slot)
         self._open = False
         self._counts.clear()
-        self._skip.clear()  # what the stream held past the checkpoint is passed (or is this)
+        # (the keys still to pass over stay: reading again may take several commits)
         self.local.commit(slot, lsn)
         self.pending = 0
         if slot is not None:
@@ -157,7 +158,7 @@ class JetStreamSink:
         if self._open or self.log.position_unknown:
             self._open = False
             tail = self._loop.run(self.log.adopt())  # (a writer fenced stays fenced)
-            self._skip = set(tail.after)
+            self._skip |= set(tail.after)
             self.last_event_id = tail.last_seq
 
     def checkpoint(self, slot: str) -> int | None:

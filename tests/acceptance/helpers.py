@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -71,6 +72,13 @@ def cli(
     )
 
 
+def _signals_as_a_terminal_gives_them() -> None:
+    # A suite started in the background by a shell (`... &`, nohup) ignores SIGINT and
+    # SIGQUIT, and a child inherits that: the tests that press Ctrl-C would wait forever.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def spawn(*args: str, log: Path, config: Path | None = None, **env: str) -> subprocess.Popen[bytes]:
     """Start the CLI in the background; its stderr (the logs) is appended to ``log``."""
     with open(log, "ab") as fh:
@@ -80,6 +88,7 @@ def spawn(*args: str, log: Path, config: Path | None = None, **env: str) -> subp
             stderr=fh,
             env=env_for(config, **env),
             stdin=subprocess.DEVNULL,
+            preexec_fn=_signals_as_a_terminal_gives_them,
         )
 
 

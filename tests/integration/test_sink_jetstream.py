@@ -122,6 +122,29 @@ def test_a_group_whose_local_commit_was_lost_is_read_again_without_a_duplicate(b
     ]
 
 
+def test_reading_again_over_several_commits_still_sends_nothing_twice(backend):
+    sink = backend.open()
+    add(sink, xid=1, n=1)
+    sink.commit("s", 0x10)
+    add(sink, xid=2, n=2)
+    add(sink, xid=3, n=1)
+    assert isinstance(sink, JetStreamSink)
+    sink._send(0x30, "s")  # in the stream; the local commit lost
+    sink.local.rollback()
+    backend.close(sink)
+
+    again = backend.open()
+    assert again.checkpoint("s") == 0x10
+    add(again, xid=2, n=2)
+    again.commit("s", 0x20)  # read again in smaller groups this time
+    add(again, xid=3, n=1)
+    again.commit("s", 0x30)
+    add(again, xid=4, n=1)
+    again.commit("s", 0x40)
+    backend.close(again)
+    assert [key for _, key, _ in backend.stored()] == ["1:0", "2:0", "2:1", "3:0", "4:0"]
+
+
 def test_a_huge_transaction_goes_in_chunks_and_a_cut_one_is_not_sent_twice(backend):
     sink = backend.open()
     add(sink, xid=9, n=2 * CHUNK + 10)  # a chunk is in the stream before the commit
