@@ -65,6 +65,10 @@ class Fenced(JetStreamError):
     """Another writer appended since this one last read the stream's end."""
 
 
+class LastIdUnknown(JetStreamError):
+    """The stream refused the first message for its expected last id (see append_whole)."""
+
+
 @dataclass(frozen=True)
 class Tail:
     """The stream's end as read: its last sequence, the last whole group's checkpoint and
@@ -115,6 +119,10 @@ class JetStreamLog:
         self._last_key: str | None = None  # and the key of that message
         self._mine: int | None = None  # where this writer's last whole group ends
         self._fenced = False  # another writer appended: this one never appends again
+        self._base = 0  # the last checkpointed message this writer wrote or took over
+        self._open: list[str] = []  # the keys stored after it (chunks of an open group)
+        self._tried: list[str] = []  # the keys of an append not yet acknowledged
+        self._id_forgotten = False
         self._replies: str | None = None  # the inbox acks come to
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._token = 0
@@ -210,7 +218,31 @@ class JetStreamLog:
         standby taking over: whoever appended before is fenced from now on)."""
         tail = await self.tail()
         self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.checkpoint_seq
+        self._base, self._open, self._tried = tail.checkpoint_seq, list(tail.after), []
         return tail
+
+    async def resync(self) -> list[str]:
+        """After a failed append, read the stream's end and check it is this writer's: the
+        messages after its last checkpointed one must be what it sent (the chunks it knows
+        stored, then a prefix of the failed append).  Returns their keys; raises
+        :class:`Fenced` (for good) when the end is another writer's."""
+        if self._fenced:
+            raise Fenced(f"stream {self.stream} was taken over by another writer")
+        tail = await self.tail()
+        sent = self._open + self._tried
+        stored = tail.last_seq - self._base
+        ours = 0 <= stored <= len(sent) and (stored == 0 or tail.last_key == sent[stored - 1])
+        if ours and tail.checkpoint_seq != self._base:  # only a whole group of ours may end it
+            ours = tail.checkpoint_seq == tail.last_seq and stored == len(sent)
+        if ours and tail.checkpoint_seq == self._base:
+            ours = tail.after == sent[:stored]
+        if not ours:
+            self._fenced = True
+            raise Fenced(f"stream {self.stream} ends with events this writer did not send")
+        keys = sent[:stored]
+        self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.last_seq
+        self._base, self._open, self._tried = tail.checkpoint_seq, list(tail.after), []
+        return keys
 
     async def tail(self) -> Tail:
         """Read the stream's end (see :class:`Tail`)."""
@@ -232,6 +264,12 @@ class JetStreamLog:
                 break
             after.append(stored.key or "")
             seq -= 1
+        else:
+            if seq >= max(first, 1):
+                raise JetStreamError(
+                    f"stream {self.stream}: no checkpoint in its last {MAX_GROUP_SCAN} messages "
+                    "(a transaction that large cut short by a crash): not resumed, to send nothing twice"
+                )
         after.reverse()
         return Tail(last, checkpoint, checkpoint_seq, after, last_key, origin)
 
@@ -253,7 +291,10 @@ class JetStreamLog:
         if not events:
             return self._last + 1
         base, previous, last = self._last, self._last_key, len(events) - 1
+        if self._id_forgotten:  # the stream no longer knows its last id: the sequence guards
+            previous, self._id_forgotten = None, False
         self._last = None  # until every ack below checks out
+        self._tried = [key for key, _ in events]
         acks = await self._publish(
             [
                 (
@@ -272,6 +313,11 @@ class JetStreamLog:
         for i, ack in enumerate(acks):
             error = ack.get("error")
             if error:
+                if error.get("err_code") == WRONG_LAST_MSG_ID and i == 0:
+                    # another writer's message, or a stream restarted after more than its
+                    # duplicate window without a message, which forgets its last id: the
+                    # stream's end tells which (append_whole reads it)
+                    raise LastIdUnknown(f"append to {self.stream}: the stream's last message id differs")
                 if error.get("err_code") in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID):
                     if i == 0:
                         self._fenced = True
@@ -285,6 +331,11 @@ class JetStreamLog:
                 )
         self._last, self._last_key = base + len(events), events[-1][0]
         self._mine = self._last
+        if checkpoint is not None:
+            self._base, self._open = self._last, []
+        else:
+            self._open += self._tried
+        self._tried = []
         return base + 1
 
     async def append_whole(
@@ -307,6 +358,14 @@ class JetStreamLog:
             try:
                 await self.append(pending, checkpoint, origin)
                 return
+            except LastIdUnknown as exc:
+                tail = await self.tail()
+                if tail.last_seq != start or tail.last_key != start_key:
+                    self._fenced = True
+                    raise Fenced(f"stream {self.stream} was appended to by another writer") from exc
+                self._last, self._last_key, self._id_forgotten = start, start_key, True
+                log.info("jetstream_last_id_forgotten", stream=self.stream, seq=start)
+                continue
             except Fenced:
                 raise
             except JetStreamError as exc:
@@ -436,10 +495,10 @@ class JetStreamLog:
         commit = headers.get(COMMIT)
         return Stored(
             int(msg.seq or seq),
-            headers.get(KEY),
+            _text(headers.get(KEY)),
             int(commit) if commit else None,
             msg.data or b"",
-            headers.get(ORIGIN),
+            _text(headers.get(ORIGIN)),
         )
 
     async def read(self, after: int, limit: int) -> list[Stored]:
@@ -465,6 +524,10 @@ def _headers(
         if origin:
             headers[ORIGIN] = origin
     return headers
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _reason(exc: BaseException) -> str:

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from common.jsontext import dumps
 from outbox.jetstream import JetStreamLog
@@ -126,7 +127,7 @@ class JetStreamSink:
             n = self._counts.get(xid, 0)
             self._counts[xid] = n + 1
             return f"{xid}:{n}"
-        base = f"{lsn}:{type}:{entity_id}"
+        base = quote(f"{lsn}:{type}:{entity_id}", safe=":/.")  # header text is ASCII
         n = self._counts.get(base, 0)
         self._counts[base] = n + 1
         return f"{base}:{n}"
@@ -157,9 +158,10 @@ class JetStreamSink:
         self.local.rollback()
         if self._open or self.log.position_unknown:
             self._open = False
-            tail = self._loop.run(self.log.adopt())  # (a writer fenced stays fenced)
-            self._skip |= set(tail.after)
-            self.last_event_id = tail.last_seq
+            # what this writer stored of the group (chunks, part of a failed append) is
+            # passed over when read again; an end that is not its own fences it
+            self._skip |= set(self._loop.run(self.log.resync()))
+            self.last_event_id = self.log.last_seq
 
     def checkpoint(self, slot: str) -> int | None:
         """Where capture resumes: the local checkpoint (the state is committed there);

@@ -166,3 +166,28 @@ async def test_a_burst_through_a_node_fault_is_stored_exactly_once_in_order(faul
     finally:
         await writer.close()
         cluster.stop()
+
+
+async def test_a_cluster_restarted_after_a_quiet_spell_does_not_fence_its_writer(tmp_path):
+    # a node restarted after more than the duplicate window forgets the stream's last
+    # message id; the writer whose end it is goes on (the expected sequence still guards)
+    cluster = create_nats_cluster(tmp_path / "nats")
+    writer = JetStreamLog(cluster.servers, stream="QUIET", subject="quiet", timeout=2.0, duplicate_window=1.0)
+    try:
+        await writer.connect()
+        await writer.ensure_stream()
+        await writer.append_whole(events("a", 3), checkpoint=1)
+        await asyncio.sleep(1.5)
+        for i in range(len(cluster.nodes)):
+            cluster.restart(i)
+        await writer.append_whole(events("b", 2), checkpoint=2, within=60)
+        await check_keys(writer, ["a-0", "a-1", "a-2", "b-0", "b-1"])
+    finally:
+        await writer.close()
+        cluster.stop()
+
+
+async def check_keys(log: JetStreamLog, keys: list[str]) -> None:
+    stored = await log.read(0, 100)
+    assert [s.key for s in stored] == keys
+    assert [s.seq for s in stored] == list(range(1, len(keys) + 1))

@@ -15,7 +15,7 @@ import pytest
 
 from cdc.ports import Sink
 from outbox import source_state, store
-from outbox.jetstream import JetStreamLog
+from outbox.jetstream import Fenced, JetStreamLog
 from outbox.jetstream_sink import CHUNK, JetStreamSink, _LoopThread
 from outbox.store import Router
 from outbox.writer import OutboxWriter
@@ -160,3 +160,37 @@ def test_a_huge_transaction_goes_in_chunks_and_a_cut_one_is_not_sent_twice(backe
     stored = backend.stored()
     assert [key for _, key, _ in stored] == [f"9:{i}" for i in range(2 * CHUNK + 10)]
     assert [seq for seq, _, _ in stored] == list(range(1, 2 * CHUNK + 11))
+
+
+def test_a_derived_event_of_a_non_ascii_entity_reads_back_after_a_restart(backend):
+    sink = backend.open()
+    data = {"object": "cart", "id": "café", "record": {"id": "café"}, "previous": None}
+    sink.add("cart.abandoned", "cart", "café", data, AT, "public.carts", "derived", "0/2A", None)
+    sink.commit("s", 0x2A)
+    backend.close(sink)
+    again = backend.open()  # reads the stream's end, keys included
+    assert again.checkpoint("s") == 0x2A
+    add(again, xid=5, n=1)
+    again.commit("s", 0x30)
+    backend.close(again)
+    stored = backend.stored()
+    assert [key for _, key, _ in stored] == ["0/2A:cart.abandoned:caf%C3%A9:0", "5:0"]
+    assert stored[0][2]["entity_key"] == "café"
+
+
+def test_a_writer_that_was_taken_over_stays_out_after_its_rollback(backend):
+    first = backend.open()
+    add(first, xid=1, n=2 * CHUNK)  # a chunk of an open group is in the stream
+    assert isinstance(first, JetStreamSink) and first.in_transaction
+    second = backend.open()  # a standby takes over the stream's end
+    add(second, xid=2, n=1)
+    second.commit("s", 0x20)
+    with pytest.raises(Fenced):
+        first.rollback()  # (its session failed: it reads the end again before going on)
+    with pytest.raises(Fenced):
+        add(first, xid=3, n=1)
+        first.commit("s", 0x30)
+    backend.close(second)
+    first.local.rollback()
+    backend.close(first)
+    assert [key for _, key, _ in backend.stored()] == [f"1:{i}" for i in range(CHUNK)] + ["2:0"]
