@@ -137,6 +137,10 @@ class JetStreamLog:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.25,
                     allow_reconnect=True,
+                    # a server that stops answering (paused, cut off) is left for another
+                    # within about three timeouts, not nats-py's default four minutes
+                    ping_interval=max(1, round(self.timeout)),
+                    max_outstanding_pings=2,
                     name="ct1-cdc",
                 ),
                 self.timeout * 3,

@@ -144,7 +144,10 @@ async def test_a_burst_through_a_node_fault_is_stored_exactly_once_in_order(faul
         await writer.ensure_stream()
         info = await writer.js.stream_info("FAULTS")
         leader = next(i for i, n in enumerate(cluster.nodes) if n.name == info.cluster.leader)
-        victim = leader if fault == "kill the leader" else (leader + 1) % len(cluster.nodes)
+        # the leader, or the node the writer talks to (when that is the leader too, both)
+        port = writer._nc.connected_url.port if writer._nc and writer._nc.connected_url else None
+        talking = next(i for i, n in enumerate(cluster.nodes) if n.port == port)
+        victim = leader if fault == "kill the leader" else talking
         hit = asyncio.Event()
 
         async def inject() -> None:
