@@ -194,3 +194,37 @@ async def check_keys(log: JetStreamLog, keys: list[str]) -> None:
     stored = await log.read(0, 100)
     assert [s.key for s in stored] == keys
     assert [s.seq for s in stored] == list(range(1, len(keys) + 1))
+
+
+async def test_the_local_cluster_script_prints_its_servers_and_stops_on_ctrl_c(tmp_path):
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar.natscluster", "--dir", str(tmp_path / "n")],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        servers = json.loads(lines[1].split("=", 1)[1])
+        assert len(servers) == 3 and all(s.startswith("nats://127.0.0.1:") for s in servers)
+        log = JetStreamLog(servers, stream="SCRIPT", subject="script", timeout=2.0)
+        await log.connect()
+        await log.ensure_stream()
+        assert await log.append(events("a", 2), checkpoint=1) == 1
+        await log.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 0
+    port = int(servers[0].rsplit(":", 1)[1])
+    with pytest.raises(OSError):  # the nodes went with it
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
