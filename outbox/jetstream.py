@@ -434,8 +434,9 @@ class JetStreamLog:
         futures: list[asyncio.Future[dict[str, Any]]] = []
         try:
             for body, headers in messages:
-                if len(futures) - self._acked(futures) >= self.window:
-                    await asyncio.wait_for(asyncio.shield(futures[len(futures) - self.window]), self.timeout)
+                if len(futures) >= self.window and not futures[-self.window].done():
+                    # (acks come in order: the one ``window`` back bounds what is in flight)
+                    await asyncio.wait_for(asyncio.shield(futures[-self.window]), self.timeout)
                 self._token += 1
                 token = str(self._token)
                 future: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -451,15 +452,6 @@ class JetStreamLog:
                 if not future.done():
                     future.cancel()
             self._waiting = {t: f for t, f in self._waiting.items() if not f.done()}
-
-    @staticmethod
-    def _acked(futures: list[asyncio.Future[dict[str, Any]]]) -> int:
-        n = 0
-        for future in futures:
-            if not future.done():
-                break
-            n += 1
-        return n
 
     async def _on_ack(self, msg: Any) -> None:
         future = self._waiting.pop(msg.subject.rsplit(".", 1)[1], None)
