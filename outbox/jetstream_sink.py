@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -39,7 +39,7 @@ CHUNK = 1000  # events of an open group sent before its commit (a huge transacti
 T = TypeVar("T")
 
 
-class _LoopThread:
+class LoopThread:
     """An event loop on a thread of its own: the stream's client is asyncio, capture is not."""
 
     def __init__(self) -> None:
@@ -63,7 +63,7 @@ class JetStreamSink:
     def __init__(self, log: JetStreamLog, local: OutboxWriter) -> None:
         self.log = log
         self.local = local
-        self._loop = _LoopThread()
+        self._loop = LoopThread()
         try:
             self._loop.run(log.connect())
             self._loop.run(log.ensure_stream())
@@ -222,6 +222,3 @@ class JetStreamSink:
 
     def set_problems(self, problems: list[dict[str, Any]]) -> None:
         self.local.set_problems(problems)
-
-    def in_commit(self, write: Callable[[Any], None]) -> None:
-        self.local.in_commit(write)

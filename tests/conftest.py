@@ -25,6 +25,7 @@ from config.settings import Settings
 from outbox import store
 from outbox.writer import OutboxWriter
 from sidecar import sample
+from sidecar.natscluster import NatsCluster, create_nats_cluster
 from sidecar.throwaway import Cluster, create_cluster
 from tests.waiting import wait_until
 
@@ -233,3 +234,33 @@ def invalidate(db) -> None:
             return row.fetchone()[0] == "lost"
 
         wait_until(lost, timeout=60, interval=0, what="the slot invalidated")
+
+
+@pytest.fixture(scope="module")
+def nats_cluster() -> Iterator[NatsCluster]:
+    """A three-node JetStream cluster on loopback, for the tests of one module."""
+    cluster = create_nats_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def read_stream(
+    servers: list[str], stream: str, subject: str
+) -> list[tuple[int, str | None, dict[str, Any]]]:
+    """Every message of a JetStream outbox stream: (id, key, the stored event)."""
+    import orjson
+
+    from outbox.jetstream import JetStreamLog
+    from outbox.jetstream_sink import LoopThread
+
+    loop = LoopThread()
+    log = JetStreamLog(servers, stream=stream, subject=subject, timeout=2.0)
+    try:
+        loop.run(log.connect())
+        rows = loop.run(log.read(0, 1_000_000))
+        loop.run(log.close())
+    finally:
+        loop.stop()
+    return [(r.seq, r.key, orjson.loads(r.body)) for r in rows]

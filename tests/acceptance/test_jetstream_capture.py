@@ -11,31 +11,19 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import orjson
 import pytest
 
 from cdc import source
 from common.formats import parse_lsn
-from outbox.jetstream import JetStreamLog
-from outbox.jetstream_sink import _LoopThread
-from sidecar.natscluster import NatsCluster, create_nats_cluster
+from sidecar.natscluster import NatsCluster
 from tests.acceptance.helpers import cli, spawn, write_config
 from tests.acceptance.test_crash import Writer
+from tests.conftest import read_stream
 from tests.waiting import wait_until
 
 KILLS = 5
-
-
-@pytest.fixture(scope="module")
-def nats_cluster() -> Iterator[NatsCluster]:
-    cluster = create_nats_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def stream_env(cluster: NatsCluster, stream: str) -> dict[str, str]:
@@ -48,15 +36,7 @@ def stream_env(cluster: NatsCluster, stream: str) -> dict[str, str]:
 
 
 def stream_events(cluster: NatsCluster, stream: str) -> list[tuple[int, dict[str, Any]]]:
-    loop = _LoopThread()
-    log = JetStreamLog(cluster.servers, stream=stream, subject=f"ct1.{stream.lower()}", timeout=2.0)
-    try:
-        loop.run(log.connect())
-        rows = loop.run(log.read(0, 1_000_000))
-        loop.run(log.close())
-    finally:
-        loop.stop()
-    return [(r.seq, orjson.loads(r.body)) for r in rows]
+    return [(seq, event) for seq, _, event in read_stream(cluster.servers, stream, f"ct1.{stream.lower()}")]
 
 
 def user_names(events: list[tuple[int, dict[str, Any]]]) -> list[str]:

@@ -6,21 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
 from outbox.jetstream import Fenced, JetStreamLog
 from sidecar.natscluster import NatsCluster, create_nats_cluster
-
-
-@pytest.fixture(scope="module")
-def nats_cluster() -> Iterator[NatsCluster]:
-    cluster = create_nats_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -6,78 +6,47 @@ twice in the stream."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from cdc.ports import Sink
-from outbox import source_state, store
+from outbox import store
 from outbox.jetstream import Fenced, JetStreamLog
-from outbox.jetstream_sink import CHUNK, JetStreamSink, _LoopThread
+from outbox.jetstream_sink import CHUNK, JetStreamSink
 from outbox.store import Router
 from outbox.writer import OutboxWriter
-from sidecar.natscluster import NatsCluster, create_nats_cluster
+from sidecar.natscluster import NatsCluster
+from tests.conftest import read_stream
+from tests.integration.test_sink_outbox import OutboxBackend
 from tests.sink_contract import AT, SinkContract
 
 
-@pytest.fixture(scope="module")
-def nats_cluster() -> Iterator[NatsCluster]:
-    cluster = create_nats_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+class JetStreamBackend(OutboxBackend):
+    """Events on a stream of the cluster; capture's state (skips, problems) in the file at
+    ``path``, read as the SQLite backend reads them."""
 
-
-class JetStreamBackend:
     def __init__(self, servers: list[str], local: Path) -> None:
+        super().__init__(local)
         self.servers = servers
-        self.local = local
         self.stream = f"S{uuid.uuid4().hex[:10].upper()}"
 
     def log(self) -> JetStreamLog:
         return JetStreamLog(self.servers, stream=self.stream, subject=f"s.{self.stream}", timeout=2.0)
 
     def open(self) -> Sink:
-        return JetStreamSink(self.log(), OutboxWriter(store.open_outbox(self.local), Router([])))
+        return JetStreamSink(self.log(), OutboxWriter(store.open_outbox(self.path), Router([])))
 
     def close(self, sink: Sink) -> None:
         assert isinstance(sink, JetStreamSink)
         sink.close()
 
     def stored(self) -> list[tuple[int, str | None, dict[str, Any]]]:
-        loop = _LoopThread()
-        log = self.log()
-        try:
-            loop.run(log.connect())
-            rows = loop.run(log.read(0, 100_000))
-            loop.run(log.close())
-        finally:
-            loop.stop()
-        return [(r.seq, r.key, orjson.loads(r.body)) for r in rows]
+        return read_stream(self.servers, self.stream, f"s.{self.stream}")
 
     def events(self) -> list[tuple[int, str, Any, dict[str, Any], int | None]]:
         return [(seq, b["type"], b["entity_key"], b["data"], b["xid"]) for seq, _, b in self.stored()]
-
-    def _read(self, fn: Any) -> Any:
-        conn = store.open_outbox(self.local)
-        try:
-            return fn(conn)
-        finally:
-            conn.close()
-
-    def request_skip(self, xid: int) -> None:
-        self._read(lambda conn: source_state.request_skip(conn, xid))
-
-    def skips(self) -> dict[int, tuple[str, int] | None]:
-        rows = self._read(source_state.skips)
-        return {r["xid"]: None if r["skipped_at"] is None else (r["lsn"], r["changes"]) for r in rows}
-
-    def problems(self) -> list[tuple[str, str]]:
-        return [(p["kind"], p["message"]) for p in self._read(source_state.problems_of)]
 
 
 @pytest.fixture
