@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +40,17 @@ import structlog
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
-from common.errors import Ct1Error
+from common.errors import Ct1Error, SourceUnavailable
 
 log = structlog.get_logger("ct1_cdc.jetstream")
 
@@ -63,6 +71,13 @@ class JetStreamError(Ct1Error):
 
 class Fenced(JetStreamError):
     """Another writer appended since this one last read the stream's end."""
+
+
+class Moved(Fenced, SourceUnavailable):
+    """Another writer appended after this one read the stream's end and before it stored
+    anything (a standby that read the end while the writer before it still ran): nothing
+    of this writer's is in the stream, so it may read the end again and start over, which
+    capture does as it does for a lost source (a new session)."""
 
 
 class LastIdUnknown(JetStreamError):
@@ -123,6 +138,9 @@ class JetStreamLog:
         self._open: list[str] = []  # the keys stored after it (chunks of an open group)
         self._tried: list[str] = []  # the keys of an append not yet acknowledged
         self._id_forgotten = False
+        self.created = ""  # when the stream was made (tells one stream of a name from another)
+        self._fresh = False  # adopted the end and stored nothing since (see Moved)
+        self._moved = False  # found moved: appends refused until adopt() reads the end again
         self._replies: str | None = None  # the inbox acks come to
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._token = 0
@@ -192,9 +210,11 @@ class JetStreamLog:
                 try:
                     info = await self.js.stream_info(self.stream)
                 except NotFoundError:
-                    await self.js.add_stream(config)
+                    info = await self.js.add_stream(config)
+                    self.created = str(info.created)
                     log.info("jetstream_stream_created", stream=self.stream, replicas=self.replicas)
                     return
+                self.created = str(info.created)
                 if self.subject not in (info.config.subjects or []):
                     raise JetStreamError(
                         f"stream {self.stream} exists without subject {self.subject}: "
@@ -219,11 +239,28 @@ class JetStreamLog:
 
     async def adopt(self) -> Tail:
         """Take the stream's end as this writer's starting point (a writer starting, or a
-        standby taking over: whoever appended before is fenced from now on)."""
+        standby taking over: whoever appended before is fenced once this one appends)."""
+        if self._fenced:
+            raise Fenced(f"stream {self.stream} was taken over by another writer")
         tail = await self.tail()
         self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.checkpoint_seq
         self._base, self._open, self._tried = tail.checkpoint_seq, list(tail.after), []
+        self._fresh, self._moved = True, False
         return tail
+
+    @property
+    def fresh(self) -> bool:
+        """Whether this writer adopted the end and has stored nothing since."""
+        return self._fresh
+
+    def _fence(self, reason: str) -> Fenced:
+        """The error for an end that is another writer's: :class:`Moved` while this one
+        has stored nothing since it adopted the end, else :class:`Fenced`, for good."""
+        if self._fresh:
+            self._moved, self._last, self._mine = True, None, None
+            return Moved(f"stream {self.stream} moved on before this writer's first append: {reason}")
+        self._fenced = True
+        return Fenced(f"stream {self.stream} {reason}")
 
     async def resync(self) -> list[str]:
         """After a failed append, read the stream's end and check it is this writer's: the
@@ -241,8 +278,7 @@ class JetStreamLog:
         if ours and tail.checkpoint_seq == self._base:
             ours = tail.after == sent[:stored]
         if not ours:
-            self._fenced = True
-            raise Fenced(f"stream {self.stream} ends with events this writer did not send")
+            raise self._fence("ends with events this writer did not send")
         keys = sent[:stored]
         self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.last_seq
         self._base, self._open, self._tried = tail.checkpoint_seq, list(tail.after), []
@@ -287,6 +323,8 @@ class JetStreamLog:
         have been: :meth:`append_whole` goes on from there)."""
         if self._fenced:
             raise Fenced(f"stream {self.stream} was taken over by another writer")
+        if self._moved:
+            raise Moved(f"stream {self.stream} moved on: read its end again (adopt) first")
         if self._last is None:
             if self._mine is not None:
                 raise JetStreamError(f"the end of {self.stream} is unknown after a failed append")
@@ -324,8 +362,8 @@ class JetStreamLog:
                     raise LastIdUnknown(f"append to {self.stream}: the stream's last message id differs")
                 if error.get("err_code") in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID):
                     if i == 0:
-                        self._fenced = True
-                        raise Fenced(f"stream {self.stream} was appended to by another writer")
+                        raise self._fence("was appended to by another writer")
+                    self._fresh = False  # (a prefix of this append may be stored)
                     raise JetStreamError(f"append to {self.stream}: message {i + 1} of {len(events)} lost")
                 raise JetStreamError(f"append to {self.stream} refused: {error.get('description', error)}")
             if ack.get("duplicate") or ack.get("seq") != base + i + 1:
@@ -335,6 +373,7 @@ class JetStreamLog:
                 )
         self._last, self._last_key = base + len(events), events[-1][0]
         self._mine = self._last
+        self._fresh = False
         if checkpoint is not None:
             self._base, self._open = self._last, []
         else:
@@ -365,8 +404,7 @@ class JetStreamLog:
             except LastIdUnknown as exc:
                 tail = await self.tail()
                 if tail.last_seq != start or tail.last_key != start_key:
-                    self._fenced = True
-                    raise Fenced(f"stream {self.stream} was appended to by another writer") from exc
+                    raise self._fence("was appended to by another writer") from exc
                 self._last, self._last_key, self._id_forgotten = start, start_key, True
                 log.info("jetstream_last_id_forgotten", stream=self.stream, seq=start)
                 continue
@@ -393,8 +431,9 @@ class JetStreamLog:
                 and (stored == 0 or tail.checkpoint_seq > start or tail.after[-stored:] == keys[:stored])
             )
             if not ours:
-                self._fenced = True
-                raise Fenced(f"stream {self.stream} ends with events this writer did not send")
+                raise self._fence("ends with events this writer did not send")
+            if stored:
+                self._fresh = False
             self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.last_seq
             if stored == len(keys):
                 return  # all of it landed; only the acks were lost
@@ -404,21 +443,58 @@ class JetStreamLog:
             log.warning("jetstream_append_resumed", stored=stored, left=len(keys) - stored)
             pending = pending[stored:]
 
-    async def keys_after(self, checkpoint: int) -> list[str]:
-        """The keys stored after the last message carrying ``checkpoint`` or an earlier
-        one (reading back from the end, at most :data:`MAX_GROUP_SCAN`)."""
+    async def keys_since(self, seq: int) -> list[str]:
+        """The keys of the messages after sequence ``seq``, oldest first (at most
+        :data:`MAX_GROUP_SCAN` of them: past that, an error rather than a guess)."""
+        first, last = await self.bounds()
+        if last - seq > MAX_GROUP_SCAN:
+            raise JetStreamError(
+                f"stream {self.stream}: {last - seq} messages past the state's last checkpoint"
+                f" (more than {MAX_GROUP_SCAN}): not resumed, to send nothing twice"
+            )
+        return [stored.key or "" async for stored in self.scan(max(seq, first - 1), last)]
+
+    async def bounds(self) -> tuple[int, int]:
+        """The stream's first and last sequence (first = last + 1 when it is empty)."""
         info = await self._api(self.js.stream_info, self.stream)
-        last, first = int(info.state.last_seq), int(info.state.first_seq or 1)
-        keys: list[str] = []
-        seq = last
-        while seq >= max(first, 1) and last - seq < MAX_GROUP_SCAN:
-            stored = await self.get(seq)
-            if stored.commit is not None and stored.commit <= checkpoint:
-                break
-            keys.append(stored.key or "")
-            seq -= 1
-        keys.reverse()
-        return keys
+        return int(info.state.first_seq or 1), int(info.state.last_seq)
+
+    async def purge_before(self, seq: int) -> None:
+        """Drop every message before sequence ``seq`` (a snapshot made them redundant)."""
+        await self._api(self.js.purge_stream, self.stream, seq)
+
+    async def scan(self, after: int, upto: int) -> AsyncIterator[Stored]:
+        """The messages after ``after`` up to ``upto``, oldest first, through an ordered
+        consumer (one request per message, as :meth:`get` does, is slow for thousands)."""
+        if upto <= after:
+            return
+        if upto - after <= 4:  # a few: cheaper one by one than through a consumer
+            for seq in range(after + 1, upto + 1):
+                yield await self.get(seq)
+            return
+        nc = self._nc
+        if nc is None:
+            raise JetStreamError("not connected to NATS")
+        sub = await self.js.subscribe(
+            self.subject,
+            stream=self.stream,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=self.timeout * 2)
+                except (nats.errors.TimeoutError, TimeoutError) as exc:
+                    raise JetStreamError(f"reading {self.stream} after {after}: nothing came") from exc
+                seq = int(msg.metadata.sequence.stream)
+                if seq > upto:
+                    return
+                yield _stored(seq, msg.headers, msg.data)
+                if seq >= upto:
+                    return
+        finally:
+            await sub.unsubscribe()
 
     async def _publish(self, messages: list[tuple[bytes, dict[str, str]]]) -> list[dict[str, Any]]:
         """Publish in order, up to ``window`` unacknowledged; every ack (or error) parsed.
@@ -487,24 +563,20 @@ class JetStreamLog:
 
     async def get(self, seq: int) -> Stored:
         msg = await self._api(self.js.get_msg, self.stream, seq)
-        headers = msg.headers or {}
-        commit = headers.get(COMMIT)
-        return Stored(
-            int(msg.seq or seq),
-            _text(headers.get(KEY)),
-            int(commit) if commit else None,
-            msg.data or b"",
-            _text(headers.get(ORIGIN)),
-        )
+        return _stored(int(msg.seq or seq), msg.headers, msg.data)
 
     async def read(self, after: int, limit: int) -> list[Stored]:
         """Up to ``limit`` events with id > ``after``, oldest first."""
-        info = await self._api(self.js.stream_info, self.stream)
-        last = int(info.state.last_seq)
-        out = []
-        for seq in range(after + 1, min(last, after + limit) + 1):
-            out.append(await self.get(seq))
-        return out
+        first, last = await self.bounds()
+        return [stored async for stored in self.scan(max(after, first - 1), min(last, after + limit))]
+
+
+def _stored(seq: int, headers: dict[str, str] | None, data: bytes | None) -> Stored:
+    headers = headers or {}
+    commit = headers.get(COMMIT)
+    return Stored(
+        seq, _text(headers.get(KEY)), int(commit) if commit else None, data or b"", _text(headers.get(ORIGIN))
+    )
 
 
 def _headers(

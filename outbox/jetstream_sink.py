@@ -1,42 +1,64 @@
-"""Capture's sink on the JetStream backend: events and their checkpoint on the stream
-(:mod:`outbox.jetstream`), capture's own state beside it in a local SQLite file.
+"""Capture's sink on the JetStream backend: events on one stream, capture's state on a
+second, so that whichever host runs capture next finds both there (:mod:`outbox.jetstream`).
 
-* **Events** are appended to the stream, each with a key that a second reading of the
-  same transaction gives again: ``<xid>:<n>`` (the n-th event of that transaction), or
-  for an event derived from the stream's clock, its position, type and entity.  A group
-  (capture's group commit) goes as one append whose last message carries the checkpoint;
-  a huge transaction goes in chunks of :data:`CHUNK` as it is read, so memory stays
-  bounded.
-* **Capture's state** (the shadow of watched columns, derived events' timers, skips,
-  mapping problems, backfill jobs) and a copy of the checkpoint commit in the local file
-  right after each append.
-* **Exactly once across a crash.**  At start the sink reads the stream's end.  Capture
-  resumes from the local checkpoint, so the state is rebuilt from where it was
-  committed; events the stream already holds past that point (a group appended just
-  before the crash, a chunk of a transaction cut short) are passed over by their keys,
-  and the stream's writer goes on right after them.  Without a local file (a new
-  host), capture resumes after the stream's last checkpoint, with empty state.
-
-What this does not do yet (docs/jetstream.md): a standby on another host with the
-state, several dispatchers, API nodes.
+* **Events** are appended to the events stream, each with a key that a second reading
+  of the same transaction gives again: ``<xid>:<n>`` (the n-th event of that
+  transaction), or for an event derived from the stream's clock, its position, type and
+  entity.  A group (capture's group commit) goes as one append; a huge transaction goes
+  in chunks of :data:`CHUNK` as it is read, so memory stays bounded.
+* **Capture's state** (the shadow of watched columns, derived events' timers) goes to the
+  state stream (``<stream>_STATE``) as the changes of each group, after the group's
+  events: one message per group at least, the last of them carrying the group's
+  checkpoint and how far the events stream reached.  The state stream is the resume
+  point: capture reads again from its last checkpoint, and the events stored after the
+  sequence that message names (a group whose state message was lost, chunks of a
+  transaction cut short) are passed over by their keys.  Nothing is taken from the host:
+  a standby on another machine resumes exactly where the writer before it stopped.
+* **The local SQLite file** (``outbox.path``) holds a copy of the state to query (cart
+  timers by due time, the shadow by key), brought up to date from the state stream at
+  the start of every session (a standby does so at every attempt, so its copy stays
+  warm), and what stays with the host: skip requests, mapping problems, backfill jobs.
+* **The state stream stays small**: after enough groups, a snapshot of the whole state is
+  appended and everything before it purged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from common.jsontext import dumps
-from outbox.jetstream import JetStreamLog
+import structlog
+
+from common.jsontext import dumps, loads
+from outbox.jetstream import JetStreamLog, Stored
 from outbox.state import SqliteState
-from outbox.writer import OutboxWriter
+from outbox.writer import OutboxWriter, shadow_text, shadow_values
+
+log = structlog.get_logger("ct1_cdc.jetstream")
 
 CHUNK = 1000  # events of an open group sent before its commit (a huge transaction)
+STATE_CHUNK = 2000  # state changes per message of the state stream
+READ_BATCH = 200  # state messages read per request when bringing the local copy up to date
+SNAPSHOT_MIN = 5000  # state messages in the stream before a snapshot is considered
+META = "jetstream"  # the local copy's own kind in derived_state: which stream, how far
 T = TypeVar("T")
+
+
+def state_log(log: JetStreamLog) -> JetStreamLog:
+    """The state stream beside an events stream: ``<stream>_STATE``, ``<subject>.state``."""
+    return JetStreamLog(
+        log.servers,
+        stream=f"{log.stream}_STATE",
+        subject=f"{log.subject}.state",
+        replicas=log.replicas,
+        timeout=log.timeout,
+    )
 
 
 class LoopThread:
@@ -57,30 +79,175 @@ class LoopThread:
             self.loop.close()
 
 
-class JetStreamSink:
-    """A :class:`cdc.ports.Sink`: ``log`` not yet connected, ``local`` the state's writer."""
+class RecordedState:
+    """The local copy's :class:`SqliteState`, each change also noted for the state stream."""
 
-    def __init__(self, log: JetStreamLog, local: OutboxWriter) -> None:
+    def __init__(self, inner: SqliteState, changes: list[list[Any]], noted: Callable[[], None]) -> None:
+        self.inner = inner
+        self.changes = changes
+        self.noted = noted
+
+    def state_get(self, kind: str, key: str) -> Any | None:
+        return self.inner.state_get(kind, key)
+
+    def state_put(self, kind: str, key: str, value: Any, ref: str | None, due: float | None) -> None:
+        self.inner.state_put(kind, key, value, ref, due)
+        self.changes.append(["k", kind, key, dumps(value).decode(), ref, due])
+        self.noted()
+
+    def state_delete(self, kind: str, key: str) -> None:
+        self.inner.state_delete(kind, key)
+        self.changes.append(["k", kind, key, None, None, None])
+        self.noted()
+
+    def state_by_ref(self, kind: str, ref: str) -> list[Any]:
+        return self.inner.state_by_ref(kind, ref)
+
+    def state_due(self, kind: str, until: float, limit: int) -> list[Any]:
+        return self.inner.state_due(kind, until, limit)
+
+    def state_next_due(self, kind: str) -> float | None:
+        return self.inner.state_next_due(kind)
+
+    def state_refs(self, kind: str, limit: int) -> set[str] | None:
+        return self.inner.state_refs(kind, limit)
+
+    def state_count(self, kind: str) -> tuple[int, int]:
+        return self.inner.state_count(kind)
+
+
+class JetStreamSink:
+    """A :class:`cdc.ports.Sink`: ``log`` the events stream and ``states`` the state stream
+    (not yet connected; by default :func:`state_log` of ``log``), ``local`` the writer of
+    the local copy."""
+
+    def __init__(self, log: JetStreamLog, local: OutboxWriter, states: JetStreamLog | None = None) -> None:
         self.log = log
+        self.states = states or state_log(log)
         self.local = local
         self._loop = LoopThread()
         try:
-            self._loop.run(log.connect())
-            self._loop.run(log.ensure_stream())
-            tail = self._loop.run(log.adopt())
+            for each in (self.log, self.states):
+                self._loop.run(each.connect())
+                self._loop.run(each.ensure_stream())
         except BaseException:
-            self._loop.run(log.close())
-            self._loop.stop()
+            self._close_logs()
             raise
-        self._stream_checkpoint = tail.checkpoint
-        self._stream_origin = tail.origin
-        self._skip = set(tail.after)  # keys the stream holds past its last checkpoint
+        self._writer = os.urandom(4).hex()  # the state messages' keys: this writer's own
+        self._sent = 0
         self.durable_lsn = 0
-        self.last_event_id = tail.last_seq
+        self.last_event_id = 0
         self.pending = 0
         self._events: list[tuple[str, bytes]] = []
         self._counts: dict[Any, int] = {}  # events keyed so far per transaction (since the commit)
-        self._open = False  # a chunk of the current group is in the stream already
+        self._open = False  # a chunk of the current group is in the events stream already
+        self._changes: list[list[Any]] = []  # state changes since the last commit, not yet sent
+        self._state_open = False  # some of them are in the state stream already
+        self._void = False  # the state stream ends with changes of a group never committed
+        self._skip: set[str] = set()  # keys the events stream holds past the state's checkpoint
+        self._checkpoint: int | None = None
+        self._origin: str | None = None
+        self._in_stream = 0  # state messages in the stream (since its last snapshot)
+        self._state = RecordedState(local.state, self._changes, self._note)
+        # the local copy is rebuilt from the state stream if lost: no fsync per commit
+        local.conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._sync()
+        except BaseException:
+            self._close_logs()
+            raise
+
+    # -- where capture resumes: read from the streams ---------------------------------------
+
+    def _sync(self) -> None:
+        """Read where the writer before stopped, from the streams alone: bring the local
+        copy of the state up to the state stream's last checkpoint, take both streams' ends
+        as this writer's (whoever wrote before is fenced once this one appends), and note
+        the events stored after what that checkpoint covers."""
+        self.local.rollback()
+        states = self._loop.run(self.states.adopt())
+        self._void = bool(states.after)  # a group's changes without its checkpoint: void
+        first, last = self._loop.run(self.states.bounds())
+        self._in_stream = last - first + 1
+        events_tail = self._loop.run(self.log.adopt())
+        self.last_event_id = self.log.last_seq
+        if states.checkpoint_seq == 0:  # no state yet: a new stream (or one from before it)
+            if self._applied()[0] not in ("", self.states.created):
+                self._reset_local()
+            self._checkpoint, self._origin = events_tail.checkpoint, events_tail.origin
+            self._skip = set(events_tail.after)
+            return
+        applied_in, applied = self._applied()
+        if applied_in != self.states.created or not first - 1 <= applied <= states.checkpoint_seq:
+            self._reset_local()  # another stream, or purged past what the copy has: anew
+            applied = first - 1
+        end = self._fold(applied, states.checkpoint_seq)
+        self._checkpoint, self._origin = states.checkpoint, states.origin
+        self._skip = set(self._loop.run(self.log.keys_since(end)))
+
+    def _applied(self) -> tuple[str, int]:
+        """(the state stream, the sequence) the local copy was brought up to."""
+        found = self.local.state.state_get(META, "applied")
+        return ("", 0) if found is None else (str(found[0]), int(found[1]))
+
+    def _reset_local(self) -> None:
+        def clear(conn: Any) -> None:
+            conn.execute("DELETE FROM shadow")
+            conn.execute("DELETE FROM derived_state")
+            conn.execute("DELETE FROM checkpoint")
+
+        self.local.in_commit(clear)
+        self.local.commit(None)
+
+    def _fold(self, after: int, upto: int) -> int:
+        """Apply the state stream's messages after ``after`` up to ``upto`` (a checkpoint's
+        message) to the local copy, a group at a time; returns the events stream's
+        sequence that the last checkpoint covers."""
+        events_end = 0
+        while after < upto:
+            batch = self._loop.run(self._read(self.states, after, min(upto, after + READ_BATCH)))
+            for stored in batch:
+                body = loads(stored.body)
+                if body.get("void"):
+                    self.local.rollback()  # the changes of a group never committed
+                self._apply(body["ops"])
+                if stored.commit is not None:
+                    events_end = int(body["events"])
+                    self.local.state.state_put(META, "applied", [self.states.created, stored.seq], None, None)
+                    self.local.commit(stored.origin, stored.commit)
+                after = stored.seq
+        if not events_end and upto:  # already up to date: the checkpoint's message says
+            events_end = int(loads(self._loop.run(self.states.get(upto)).body)["events"])
+        return events_end
+
+    @staticmethod
+    async def _read(log: JetStreamLog, after: int, upto: int) -> list[Stored]:
+        return [stored async for stored in log.scan(after, upto)]
+
+    def _apply(self, ops: list[list[Any]]) -> None:
+        for op in ops:
+            if op[0] == "s":
+                _, table, key, text = op
+                if text is None:
+                    self.local.shadow_delete(table, key)
+                else:
+                    self.local.shadow_put(table, key, shadow_values(text))
+            else:
+                _, kind, key, text, ref, due = op
+                if text is None:
+                    self.local.state.state_delete(kind, key)
+                else:
+                    self.local.state.state_put(kind, key, loads(text), ref, due)
+
+    def checkpoint(self, slot: str) -> int | None:
+        """Where capture resumes: the state stream's last checkpoint (read again from the
+        streams when nothing is uncommitted: a new session, or a standby's next try)."""
+        if not self.in_transaction:
+            self._sync()
+        found = self._checkpoint if self._origin == slot else None
+        if found is not None:
+            self.durable_lsn = max(self.durable_lsn, found)
+        return found
 
     # -- events ------------------------------------------------------------------------------
 
@@ -137,79 +304,152 @@ class JetStreamSink:
         self._loop.run(self.log.append_whole(events, checkpoint, origin))
         self.last_event_id = self.log.last_seq
 
+    def _state_message(self, final: bool) -> tuple[str, bytes]:
+        body: dict[str, Any] = {"ops": list(self._changes)}
+        self._changes.clear()
+        if self._void:
+            body["void"] = True  # what the stream holds past the last checkpoint is not state
+            self._void = False
+        if final:
+            body["events"] = self.log.last_seq
+        self._sent += 1
+        return f"{self._writer}.{self._sent}", dumps(body)
+
+    def _note(self) -> None:
+        """A change was noted: a huge group's changes go to the state stream in chunks."""
+        if len(self._changes) >= STATE_CHUNK:
+            self._loop.run(self.states.append_whole([self._state_message(False)], None))
+            self._state_open = True
+            self._in_stream += 1
+
     def commit(self, slot: str | None, lsn: int = 0) -> None:
+        checkpoint, origin = (lsn, slot) if slot is not None else (self._checkpoint or 0, self._origin)
+        # (events appended without a position leave the checkpoint as it was)
+        sent = bool(self._events) or self._open
         if self._events:
             self._send(lsn if slot is not None else 0, slot)
-        self._open = False
+        if slot is not None or sent or self._changes or self._state_open:
+            self._loop.run(self.states.append_whole([self._state_message(True)], checkpoint, origin))
+            self._in_stream += 1
+            self.local.state.state_put(
+                META, "applied", [self.states.created, self.states.last_seq], None, None
+            )
+        self._open = self._state_open = False
         self._counts.clear()
         # (the keys still to pass over stay: reading again may take several commits)
         self.local.commit(slot, lsn)
         self.pending = 0
+        self._checkpoint, self._origin = checkpoint, origin
         if slot is not None:
             self.durable_lsn = lsn
-            self._stream_checkpoint, self._stream_origin = lsn, slot
+        if self._in_stream >= SNAPSHOT_MIN:
+            self._snapshot()
 
     def rollback(self) -> None:
-        """Forget what was not committed.  A chunk already in the stream stays there: the
-        stream's end is read again, and its keys are passed over when read again."""
+        """Forget what was not committed.  What a stream holds of it (chunks of a huge
+        transaction, part of a failed append) stays there: both ends are read again, the
+        events passed over by their keys when read again, the state changes void."""
         self._events.clear()
         self._counts.clear()
+        self._changes.clear()
         self.pending = 0
         self.local.rollback()
-        if self._open or self.log.position_unknown:
-            self._open = False
-            # what this writer stored of the group (chunks, part of a failed append) is
-            # passed over when read again; an end that is not its own fences it
-            self._skip |= set(self._loop.run(self.log.resync()))
-            self.last_event_id = self.log.last_seq
+        touched = False
+        for stream, open_ in ((self.log, self._open), (self.states, self._state_open)):
+            if (open_ or stream.position_unknown) and not stream.fresh:
+                self._loop.run(stream.resync())  # an end that is not this writer's fences it
+                touched = True
+        self._open = self._state_open = False
+        if touched:
+            self._sync()
 
-    def checkpoint(self, slot: str) -> int | None:
-        """Where capture resumes: the local checkpoint (the state is committed there);
-        without a local one, the stream's.  Events the stream holds past the local one
-        are passed over when read again."""
-        local = self.local.checkpoint(slot)
-        stream = self._stream_checkpoint if self._stream_origin == slot else None
-        if local is None:
-            found = stream
-        else:
-            found = local
-            if stream is not None and stream > local:
-                self._skip |= set(self._loop.run(self.log.keys_after(local)))
-        if found is not None:
-            self.durable_lsn = max(self.durable_lsn, found)
-        return found
+    # -- the state stream's snapshot -----------------------------------------------------------
+
+    def _snapshot(self) -> None:
+        """Append the whole state, then purge what came before it, once the stream holds
+        at least twice as many messages as a snapshot takes (so it costs a constant share
+        of the appends)."""
+        conn = self.local.conn
+        (rows,) = conn.execute(
+            "SELECT (SELECT count(*) FROM shadow) + (SELECT count(*) FROM derived_state WHERE kind != ?)",
+            (META,),
+        ).fetchone()
+        if self._in_stream < max(SNAPSHOT_MIN, 2 * (int(rows) // STATE_CHUNK + 1)):
+            return
+        start = self.states.last_seq + 1
+        shadow = (["s", *row] for row in conn.execute("SELECT tbl, key, vals FROM shadow"))
+        state = (
+            ["k", *row]
+            for row in conn.execute(
+                "SELECT kind, key, value, ref, due FROM derived_state WHERE kind != ?", (META,)
+            )
+        )
+        messages: list[tuple[str, bytes]] = []
+        count = 0
+        for op in itertools.chain(shadow, state):
+            self._changes.append(op)
+            if len(self._changes) >= STATE_CHUNK:
+                messages.append(self._state_message(False))
+            if len(messages) >= 100:  # (memory stays bounded, however large the state)
+                self._loop.run(self.states.append_whole(messages, None))
+                count, messages = count + len(messages), []
+        messages.append(self._state_message(True))
+        self._loop.run(self.states.append_whole(messages, self._checkpoint or 0, self._origin))
+        self._loop.run(self.states.purge_before(start))
+        self._in_stream = count + len(messages)
+        self.local.state.state_put(META, "applied", [self.states.created, self.states.last_seq], None, None)
+        self.local.commit(None)
+        log.info("jetstream_state_snapshot", stream=self.states.stream, rows=rows, messages=self._in_stream)
 
     @property
     def in_transaction(self) -> bool:
-        return bool(self._events) or self._open or self.local.in_transaction
+        return (
+            bool(self._events)
+            or self._open
+            or bool(self._changes)
+            or self._state_open
+            or self.local.in_transaction
+        )
 
     def close(self) -> None:
         try:
-            self._loop.run(self.log.close())
+            self._close_logs()
         finally:
-            self._loop.stop()
             self.local.close()
 
-    # -- capture's state: the local file ------------------------------------------------------
+    def _close_logs(self) -> None:
+        try:
+            for each in (self.log, self.states):
+                self._loop.run(each.close())
+        finally:
+            self._loop.stop()
+
+    # -- capture's state: noted for the state stream, kept in the local copy --------------------
 
     def shadow_get(self, table: str, key: str) -> dict[str, Any] | None:
         return self.local.shadow_get(table, key)
 
     def shadow_put(self, table: str, key: str, values: dict[str, Any]) -> None:
         self.local.shadow_put(table, key, values)
+        self._changes.append(["s", table, key, shadow_text(values)])
+        self._note()
 
     def shadow_delete(self, table: str, key: str) -> None:
         self.local.shadow_delete(table, key)
+        self._changes.append(["s", table, key, None])
+        self._note()
+
+    @property
+    def state(self) -> RecordedState:
+        return self._state
+
+    # -- what stays with the host: the local file ------------------------------------------------
 
     def pending_skips(self) -> set[int]:
         return self.local.pending_skips()
 
     def mark_skipped(self, xid: int, lsn: str, changes: int) -> None:
         self.local.mark_skipped(xid, lsn, changes)
-
-    @property
-    def state(self) -> SqliteState:
-        return self.local.state
 
     def backfills(self) -> list[dict[str, Any]]:
         return self.local.backfills()

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from cdc.ports import Sink
-from outbox import store
-from outbox.jetstream import Fenced, JetStreamLog
-from outbox.jetstream_sink import CHUNK, JetStreamSink
+from outbox import jetstream_sink, store
+from outbox.jetstream import Fenced, JetStreamLog, Moved
+from outbox.jetstream_sink import CHUNK, STATE_CHUNK, JetStreamSink, LoopThread, state_log
 from outbox.store import Router
 from outbox.writer import OutboxWriter
 from sidecar.natscluster import NatsCluster
@@ -36,7 +36,11 @@ class JetStreamBackend(OutboxBackend):
         return JetStreamLog(self.servers, stream=self.stream, subject=f"s.{self.stream}", timeout=2.0)
 
     def open(self) -> Sink:
-        return JetStreamSink(self.log(), OutboxWriter(store.open_outbox(self.path), Router([])))
+        return self.open_on(self.path)
+
+    def open_on(self, local: Path) -> JetStreamSink:
+        """A sink whose local copy is the file at ``local`` (another host's, say)."""
+        return JetStreamSink(self.log(), OutboxWriter(store.open_outbox(local), Router([])))
 
     def close(self, sink: Sink) -> None:
         assert isinstance(sink, JetStreamSink)
@@ -163,3 +167,160 @@ def test_a_writer_that_was_taken_over_stays_out_after_its_rollback(backend):
     first.local.rollback()
     backend.close(first)
     assert [key for _, key, _ in backend.stored()] == [f"1:{i}" for i in range(CHUNK)] + ["2:0"]
+
+
+# -- capture's state on the state stream: another host resumes with it -------------------------
+
+
+def cart(sink: JetStreamSink, key: str, deadline: float) -> None:
+    sink.state.state_put("cart", key, {"key": key, "deadline": deadline}, "customer-1", deadline)
+
+
+def test_another_host_resumes_with_the_state_from_the_stream_not_from_its_own_disk(backend, tmp_path):
+    first = backend.open_on(tmp_path / "host-a.db")
+    add(first, xid=1, n=2)
+    first.shadow_put("public.orders", "1", {"status": "paid"})
+    first.shadow_put("public.orders", "2", {"status": "new"})
+    cart(first, "c1", 100.0)
+    first.commit("s", 0x10)
+    first.shadow_delete("public.orders", "2")
+    first.shadow_put("public.orders", "1", {"status": "shipped"})
+    cart(first, "c2", 50.0)
+    first.state.state_delete("cart", "c1")
+    first.commit("s", 0x20)
+    first.close()
+
+    second = backend.open_on(tmp_path / "host-b.db")  # a new host: an empty file
+    assert second.checkpoint("s") == 0x20
+    assert second.shadow_get("public.orders", "1") == {"status": "shipped"}
+    assert second.shadow_get("public.orders", "2") is None
+    assert second.state.state_get("cart", "c1") is None
+    assert second.state.state_due("cart", 60.0, 10) == [{"key": "c2", "deadline": 50.0}]
+    assert second.state.state_by_ref("cart", "customer-1") == [{"key": "c2", "deadline": 50.0}]
+    add(second, xid=3, n=1)
+    second.commit("s", 0x30)
+    second.close()
+    assert [key for _, key, _ in backend.stored()] == ["1:0", "1:1", "3:0"]
+
+
+def test_state_changes_of_a_group_never_committed_are_void_for_the_next_writer(backend, tmp_path):
+    first = backend.open_on(tmp_path / "host-a.db")
+    first.shadow_put("public.orders", "1", {"status": "new"})
+    first.commit("s", 0x10)
+    for i in range(STATE_CHUNK + 5):  # a huge transaction: a chunk of its changes is sent
+        first.shadow_put("public.orders", str(i), {"status": "huge"})
+    assert first._state_open
+    first.close()  # died before its commit
+
+    second = backend.open_on(tmp_path / "host-b.db")
+    assert second.checkpoint("s") == 0x10
+    assert second.shadow_get("public.orders", "1") == {"status": "new"}
+    assert second.shadow_get("public.orders", "7") is None
+    second.shadow_put("public.orders", "2", {"status": "paid"})
+    second.commit("s", 0x20)
+    second.close()
+
+    third = backend.open_on(tmp_path / "host-c.db")  # folds the void chunk and what followed
+    assert third.checkpoint("s") == 0x20
+    assert third.shadow_get("public.orders", "1") == {"status": "new"}
+    assert third.shadow_get("public.orders", "2") == {"status": "paid"}
+    assert third.shadow_get("public.orders", "7") is None
+    third.close()
+
+
+def test_a_group_whose_state_message_was_lost_is_read_again_from_the_state_before_it(backend, tmp_path):
+    first = backend.open_on(tmp_path / "host-a.db")
+    first.shadow_put("public.orders", "1", {"status": "new"})
+    add(first, xid=1, n=1)
+    first.commit("s", 0x10)
+    first.shadow_put("public.orders", "1", {"status": "paid"})
+    add(first, xid=2, n=2)
+    first._send(0x20, "s")  # the events are stored; the process died before the state was
+    first.close()
+
+    second = backend.open_on(tmp_path / "host-b.db")
+    assert second.checkpoint("s") == 0x10
+    assert second.shadow_get("public.orders", "1") == {"status": "new"}  # as of 0x10
+    second.shadow_put("public.orders", "1", {"status": "paid"})  # transaction 2 read again
+    add(second, xid=2, n=2)
+    second.commit("s", 0x20)
+    second.close()
+    assert [key for _, key, _ in backend.stored()] == ["1:0", "2:0", "2:1"]
+    third = backend.open_on(tmp_path / "host-c.db")
+    assert third.checkpoint("s") == 0x20
+    assert third.shadow_get("public.orders", "1") == {"status": "paid"}
+    third.close()
+
+
+def test_the_state_stream_is_snapshotted_and_purged_and_a_new_host_reads_the_snapshot(
+    backend, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(jetstream_sink, "SNAPSHOT_MIN", 30)
+    monkeypatch.setattr(jetstream_sink, "STATE_CHUNK", 7)  # a snapshot of several messages
+    first = backend.open_on(tmp_path / "host-a.db")
+    follower = backend.open_on(tmp_path / "host-b.db")  # a standby's copy, read early
+    assert follower.checkpoint("s") is None
+    for n in range(80):
+        first.shadow_put("public.orders", str(n % 20), {"status": f"s{n}"})
+        cart(first, f"c{n % 5}", float(n))
+        first.commit("s", 0x100 + n)
+    first.close()
+
+    loop = LoopThread()
+    states = state_log(backend.log())
+    try:
+        loop.run(states.connect())
+        bounds = loop.run(states.bounds())
+        loop.run(states.close())
+    finally:
+        loop.stop()
+    assert bounds[0] > 1, "purged before the last snapshot"
+    assert bounds[1] - bounds[0] + 1 < 60
+
+    expected = {str(k): {"status": f"s{max(n for n in range(80) if n % 20 == k)}"} for k in range(20)}
+    for sink in (backend.open_on(tmp_path / "host-c.db"), follower):  # anew; and past the purge
+        assert sink.checkpoint("s") == 0x100 + 79
+        assert {str(k): sink.shadow_get("public.orders", str(k)) for k in range(20)} == expected
+        assert sorted(c["key"] for c in sink.state.state_due("cart", 1000.0, 100)) == [
+            f"c{i}" for i in range(5)
+        ]
+        sink.close()
+
+
+def test_a_standby_reading_the_ends_does_not_fence_the_writer_and_takes_over_after_it(backend, tmp_path):
+    active = backend.open_on(tmp_path / "host-a.db")
+    standby = backend.open_on(tmp_path / "host-b.db")
+    for xid in range(1, 4):
+        add(active, xid=xid, n=2)
+        active.shadow_put("public.orders", str(xid), {"status": "paid"})
+        active.commit("s", 0x10 * xid)
+        assert standby.checkpoint("s") == 0x10 * xid  # the standby's copy follows
+        assert standby.shadow_get("public.orders", str(xid)) == {"status": "paid"}
+    active.close()  # the active one dies; the standby's next session takes over
+    assert standby.checkpoint("s") == 0x30
+    add(standby, xid=4, n=1)
+    standby.commit("s", 0x40)
+    standby.close()
+    assert [key for _, key, _ in backend.stored()] == ["1:0", "1:1", "2:0", "2:1", "3:0", "3:1", "4:0"]
+
+
+def test_a_standby_that_read_the_end_before_the_writers_last_append_starts_over_not_in_between(
+    backend, tmp_path
+):
+    active = backend.open_on(tmp_path / "host-a.db")
+    add(active, xid=1, n=1)
+    active.commit("s", 0x10)
+    standby = backend.open_on(tmp_path / "host-b.db")
+    assert standby.checkpoint("s") == 0x10
+    add(active, xid=2, n=1)  # the writer's last group, after the standby read the end
+    active.commit("s", 0x20)
+    active.close()
+    add(standby, xid=2, n=1)  # read again from 0x10: it does not know 2 is in the stream
+    with pytest.raises(Moved):  # a new session, as for a lost source: not fenced for good
+        standby.commit("s", 0x20)
+    standby.rollback()
+    assert standby.checkpoint("s") == 0x20
+    add(standby, xid=3, n=1)
+    standby.commit("s", 0x30)
+    standby.close()
+    assert [key for _, key, _ in backend.stored()] == ["1:0", "2:0", "3:0"]
