@@ -32,7 +32,15 @@ from cdc.ports import FrameSource, Sink, SourceDatabase
 from cdc.schema import Problem, Relation, check_mapping, tables_to_shadow
 from cdc.source import HEARTBEAT_PREFIX, heartbeat_time
 from cdc.stream import Keepalive, XLogData
-from common.errors import CaptureError, Ct1Error, DecodeError, SetupError, SlotLost, SourceUnavailable
+from common.errors import (
+    CaptureError,
+    Ct1Error,
+    DecodeError,
+    SetupError,
+    SlotBusy,
+    SlotLost,
+    SourceUnavailable,
+)
 from common.formats import format_lsn, unix_to_iso
 from config.settings import Settings
 
@@ -64,6 +72,7 @@ class CaptureStats:
     derived: int = 0  # events derived from the stream (cart.abandoned)
     skipped_transactions: int = 0
     reconnects: int = 0
+    standby_polls: int = 0  # tries while another capture held the slot
     last_event_id: int = 0
     confirmed_lsn: int = 0
     lag_bytes: int | None = None
@@ -117,6 +126,7 @@ class Capture:
         self._skipped_changes = 0
         self._truncated: dict[str, list[str]] = {}  # root table → relations, of one TRUNCATE
         self._truncate_lsn = 0
+        self._waiting_since: float | None = None  # a standby since: another capture holds the slot
         # per session
         self._resume = 0  # checkpoint stored in the sink when the session started
         self._position = 0  # end of the last fully processed transaction or message
@@ -150,6 +160,17 @@ class Capture:
             started = self.clock()
             try:
                 self._session()
+            except SlotBusy as exc:
+                # another capture reads the slot (this one was started as its standby):
+                # try again often, so that it takes over within a poll of the other's end;
+                # each try brings the sink's copy of the state up to date
+                self.sink.rollback()
+                if self._waiting_since is None:
+                    self._waiting_since = self.clock()
+                    log.info("standby_waiting", slot=self.slot, detail=str(exc))
+                self.stats.standby_polls += 1
+                self.stopping.wait(self.settings.source.standby_poll_seconds)
+                continue
             except SourceUnavailable as exc:
                 self.sink.rollback()
                 if not self._reached:
@@ -190,6 +211,14 @@ class Capture:
                     lsn=format_lsn(stored),
                     decoder="compiled" if COMPILED else "python",  # python: built without a C compiler
                 )
+                if self._waiting_since is not None:
+                    log.info(
+                        "standby_took_over",
+                        slot=self.slot,
+                        lsn=format_lsn(stored),
+                        waited_seconds=round(self.clock() - self._waiting_since, 1),
+                    )
+                    self._waiting_since = None
                 self._started = True
                 self._stream_loop()
             except SlotLost as exc:

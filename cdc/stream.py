@@ -26,7 +26,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from common.errors import SetupError, SlotLost, SourceUnavailable
+from common.errors import SetupError, SlotBusy, SlotLost, SourceUnavailable
 from common.formats import format_lsn
 
 _XLOG = struct.Struct(">QQq")
@@ -121,7 +121,7 @@ class ReplicationStream:
             if isinstance(exc, psycopg.errors.ObjectNotInPrerequisiteState) and "invalidated" in detail:
                 raise SlotLost(detail.split(".")[0]) from exc
             if "is active for PID" in message:
-                raise SourceUnavailable(f"slot {self.slot} is in use by another reader: {message}") from exc
+                raise SlotBusy(f"slot {self.slot} is in use by another reader: {message}") from exc
             raise SourceUnavailable(f"START_REPLICATION failed: {message}") from exc
         self._conn = conn
 

@@ -28,6 +28,10 @@ class CaptureError(Ct1Error):
     move past it (``ct1-cdc slot skip XID``)."""
 
 
+class SlotBusy(SourceUnavailable):
+    """Another reader holds the replication slot (another capture: this one is a standby)."""
+
+
 class SlotLost(SetupError):
     """The replication slot can no longer give the changes capture needs (invalidated, or
     dropped): the history after the checkpoint is gone; capture stops rather than resume

@@ -63,6 +63,12 @@ class SourceSettings(_Section):
         1 << 30, gt=0, description="log slot_lag as a warning when the slot retains more WAL"
     )
     reconnect_max_seconds: float = Field(30.0, gt=0, description="upper bound of the reconnect backoff")
+    standby_poll_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="how often a capture whose slot another capture reads (a standby) tries to take over",
+    )
     on_slot_lost: Literal["stop", "recover"] = Field(
         "stop",
         description="when Postgres invalidates or someone drops the slot: stop with one line, or "
