@@ -159,6 +159,14 @@ class Webhooks:
         body = validate(WebhookSend, await json_body(request))
         event_type, data, systems = body.event, body.data, body.systems
         self._may_send(event_type, request.get(GRANTED, frozenset()))
+        if self.settings.outbox.backend == "jetstream":
+            # the stream has one writer, capture: an event appended here would fence it
+            raise ApiError(
+                501,
+                "not_implemented",
+                'POST /webhooks/send is not available with [outbox] backend = "jetstream" yet'
+                " (docs/jetstream.md)",
+            )
         names = self._route(event_type, systems)
         try:
             event_id = await self.writer.append(event_type, data, names, unix_to_iso(time.time()))

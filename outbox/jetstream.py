@@ -29,6 +29,7 @@ chain above), and the writer goes on from there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -495,6 +496,48 @@ class JetStreamLog:
                     return
         finally:
             await sub.unsubscribe()
+
+    async def follow(
+        self, after: int, batch: int = 1000, linger: float = 0.02
+    ) -> AsyncIterator[list[Stored]]:
+        """The messages after ``after`` as they come, for good, in batches: up to ``batch``
+        of them, or what came within ``linger`` s of the batch's first (an ordered consumer,
+        which nats-py creates again after a gap or a lost connection)."""
+        if self._nc is None:
+            raise JetStreamError("not connected to NATS")
+        sub = await self.js.subscribe(
+            self.subject,
+            stream=self.stream,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1),
+        )
+        try:
+            while True:
+                first = await sub.next_msg(timeout=None)
+                got = [first]
+                deadline = time.monotonic() + linger
+                while len(got) < batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0 and sub.pending_msgs == 0:
+                        break
+                    try:
+                        got.append(await sub.next_msg(timeout=max(left, 0.001)))
+                    except (nats.errors.TimeoutError, TimeoutError):
+                        break
+                out = []
+                for msg in got:
+                    seq = int(msg.metadata.sequence.stream)
+                    if seq <= after:
+                        continue  # (a consumer made again may start a little early)
+                    if seq != after + 1:
+                        raise JetStreamError(f"reading {self.stream}: message {seq} came after {after}")
+                    out.append(_stored(seq, msg.headers, msg.data))
+                    after = seq
+                if out:
+                    yield out
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _publish(self, messages: list[tuple[bytes, dict[str, str]]]) -> list[dict[str, Any]]:
         """Publish in order, up to ``window`` unacknowledged; every ack (or error) parsed.

@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -30,6 +31,8 @@ from outbox.writer import OutboxWriter
 if TYPE_CHECKING:  # aiohttp is imported by the API role alone: capture starts without it
     from aiohttp import web
 
+    from outbox.jetstream import JetStreamLog
+    from outbox.jetstream_mirror import Mirror
     from outbox.jetstream_sink import JetStreamSink
 
 log = structlog.get_logger("ct1_cdc.run")
@@ -69,21 +72,39 @@ def open_sink(settings: Settings) -> OutboxWriter | JetStreamSink:
     capture's state in the file at ``outbox.path``."""
     if settings.outbox.backend != "jetstream":
         return open_writer(settings)
-    from outbox.jetstream import JetStreamLog
     from outbox.jetstream_sink import JetStreamSink
 
-    js = settings.outbox.jetstream
-    local = OutboxWriter(
-        open_outbox(settings.outbox.path), Router([]), checkpointer=Checkpointer(settings.outbox.path)
-    )
+    path = capture_state_path(settings)
+    local = OutboxWriter(open_outbox(path), Router([]), checkpointer=Checkpointer(path))
     try:
-        log = JetStreamLog(
-            js.servers, stream=js.stream, subject=js.subject, replicas=js.replicas, timeout=js.timeout_seconds
-        )
-        return JetStreamSink(log, local)
+        return JetStreamSink(events_log(settings), local)
     except BaseException:
         local.close()
         raise
+
+
+def events_log(settings: Settings) -> JetStreamLog:
+    from outbox.jetstream import JetStreamLog
+
+    js = settings.outbox.jetstream
+    return JetStreamLog(
+        js.servers, stream=js.stream, subject=js.subject, replicas=js.replicas, timeout=js.timeout_seconds
+    )
+
+
+def capture_state_path(settings: Settings) -> str:
+    """On the JetStream backend, this host's copy of capture's state: beside the outbox
+    file (which holds the API's and dispatch's copy of the events), never the same file."""
+    path = Path(settings.outbox.path)
+    return str(path.with_name(f"{path.stem}.capture{path.suffix or '.db'}"))
+
+
+def open_mirror(settings: Settings, on_commit: Callable[[], None]) -> Mirror:
+    """The API's and dispatch's copy of the events stream, in the outbox file."""
+    from outbox.jetstream_mirror import Mirror
+
+    path = settings.outbox.path
+    return Mirror(events_log(settings), lambda: open_outbox(path), router_for(settings), on_commit)
 
 
 def open_writer(settings: Settings) -> OutboxWriter:
@@ -139,12 +160,7 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
             log.info("stop_requested", signal=sig.name)
             stop.set()
 
-    if settings.outbox.backend == "jetstream" and set(roles) - {"capture"}:
-        raise ConfigError(
-            'with [outbox] backend = "jetstream" this version runs the capture role alone '
-            "(`ct1-cdc run --role capture`): dispatch and the API still read the SQLite "
-            "outbox (docs/jetstream.md)"
-        )
+    jetstream = settings.outbox.backend == "jetstream"
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_requested, sig)
     dispatcher = Dispatcher(settings) if "dispatch" in roles else None
@@ -160,6 +176,7 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
         for listener in listeners:
             listener()
 
+    mirror_stop = threading.Event()
     capture: Capture | None = None
     writer: OutboxWriter | JetStreamSink | None = None
     runner: web.AppRunner | None = None
@@ -184,6 +201,10 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
 
                     analytics = AnalyticsRole(settings, router_for(settings), excluded_columns(mapping))
                     running[asyncio.ensure_future(analytics.run(stop))] = "analytics"
+        if jetstream and (dispatcher is not None or app is not None) and not stop.is_set():
+            # dispatch and the API read a copy of the stream in the outbox file
+            mirror = open_mirror(settings, committed)
+            running[in_thread(functools.partial(mirror.run, mirror_stop), "mirror")] = "mirror"
         if dispatcher is not None and not stop.is_set():
             running[asyncio.ensure_future(dispatcher.run(stop))] = "dispatch"
         tune_gc()  # after startup: what it built stays out of every collection
@@ -198,6 +219,7 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
     finally:
         deadline.arm()
         stop.set()
+        mirror_stop.set()
         await stop_roles(capture, writer, running, runner)
     for role in running:
         error = None if not role.done() or role.cancelled() else role.exception()
