@@ -89,7 +89,14 @@ class JetStreamSettings(_Section):
     subject: str = Field(
         "ct1.events",
         pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
-        description="the subject events are published on",
+        description="the subject events are published on (partition p: <subject>.<p>)",
+    )
+    partitions: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="partitions of the events by entity, the unit dispatchers share work by"
+        " (fixed when the stream is made)",
     )
     replicas: int = Field(
         3, ge=1, le=5, description="copies of the stream kept by the cluster (a new stream)"
@@ -103,7 +110,7 @@ class OutboxSettings(_Section):
     backend: Literal["sqlite", "jetstream"] = Field(
         "sqlite",
         description='where events are kept: "sqlite" (the file at path) or "jetstream" (a NATS '
-        "JetStream stream; capture's own state stays in the file at path; docs/jetstream.md)",
+        "JetStream stream; the file at path is then this node's copy; docs/jetstream.md)",
     )
     jetstream: JetStreamSettings = Field(
         default_factory=JetStreamSettings, description='the stream, when backend = "jetstream"'

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,7 @@ class JetStreamLog:
         *,
         stream: str = "CT1_EVENTS",
         subject: str = "ct1.events",
+        partitions: int = 0,
         replicas: int = 3,
         timeout: float = 5.0,
         duplicate_window: float = 120.0,
@@ -125,6 +126,11 @@ class JetStreamLog:
         self.servers = servers
         self.stream = stream
         self.subject = subject
+        # with partitions, an event of partition p goes to ``<subject>.<p>`` (a dispatcher
+        # reads its partitions alone); without, everything to ``subject``
+        self.partitions = partitions
+        self.subjects = [f"{subject}.*"] if partitions else [subject]
+        self.filter = self.subjects[0]  # what a reader of every message subscribes to
         self.replicas = replicas
         self.timeout = timeout
         self.duplicate_window = duplicate_window
@@ -197,7 +203,8 @@ class JetStreamLog:
         ``within`` s) for the cluster to elect the leaders it needs."""
         config = StreamConfig(
             name=self.stream,
-            subjects=[self.subject],
+            subjects=self.subjects,
+            description=f"ct1-cdc; partitions={self.partitions}",
             num_replicas=self.replicas,
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
@@ -216,10 +223,11 @@ class JetStreamLog:
                     log.info("jetstream_stream_created", stream=self.stream, replicas=self.replicas)
                     return
                 self.created = str(info.created)
-                if self.subject not in (info.config.subjects or []):
+                if list(info.config.subjects or []) != self.subjects:
                     raise JetStreamError(
-                        f"stream {self.stream} exists without subject {self.subject}: "
-                        "another application's stream? choose another [outbox.jetstream] stream"
+                        f"stream {self.stream} exists with subjects {info.config.subjects}, not "
+                        f"{self.subjects}: another application's stream, or made with another number"
+                        " of partitions? choose another [outbox.jetstream] stream"
                     )
                 if (info.config.num_replicas or 1) != self.replicas:
                     log.warning(
@@ -315,9 +323,9 @@ class JetStreamLog:
         return Tail(last, checkpoint, checkpoint_seq, after, last_key, origin)
 
     async def append(
-        self, events: list[tuple[str, bytes]], checkpoint: int | None, origin: str | None = None
+        self, events: Sequence[tuple[Any, ...]], checkpoint: int | None, origin: str | None = None
     ) -> int:
-        """Append ``events`` (key, body) in order; the last carries ``checkpoint`` (None: a
+        """Append ``events`` (key, body[, partition]) in order; the last carries ``checkpoint`` (None: a
         chunk of a group still open, e.g. of a huge transaction).  Returns the id (sequence)
         of the first.  Raises :class:`Fenced` when another writer appended since (and from
         then on), :class:`JetStreamError` when any of them was not stored (a prefix may
@@ -337,20 +345,21 @@ class JetStreamLog:
         if self._id_forgotten:  # the stream no longer knows its last id: the sequence guards
             previous, self._id_forgotten = None, False
         self._last = None  # until every ack below checks out
-        self._tried = [key for key, _ in events]
+        self._tried = [event[0] for event in events]
         acks = await self._publish(
             [
                 (
-                    body,
+                    self._subject_of(event),
+                    event[1],
                     _headers(
                         base + i,
                         events[i - 1][0] if i else previous,
-                        key,
+                        event[0],
                         checkpoint if i == last else None,
                         origin,
                     ),
                 )
-                for i, (key, body) in enumerate(events)
+                for i, event in enumerate(events)
             ]
         )
         for i, ack in enumerate(acks):
@@ -384,7 +393,7 @@ class JetStreamLog:
 
     async def append_whole(
         self,
-        events: list[tuple[str, bytes]],
+        events: Sequence[tuple[Any, ...]],
         checkpoint: int | None,
         origin: str | None = None,
         within: float = 60.0,
@@ -426,7 +435,7 @@ class JetStreamLog:
                 except Exception as exc:
                     log.info("jetstream_tail_retry", error=_reason(exc))
             stored = tail.last_seq - start
-            keys = [key for key, _ in pending]
+            keys = [event[0] for event in pending]
             ours = 0 <= stored <= len(keys) and (
                 tail.last_key == (keys[stored - 1] if stored else start_key)
                 and (stored == 0 or tail.checkpoint_seq > start or tail.after[-stored:] == keys[:stored])
@@ -477,7 +486,7 @@ class JetStreamLog:
         if nc is None:
             raise JetStreamError("not connected to NATS")
         sub = await self.js.subscribe(
-            self.subject,
+            self.filter,
             stream=self.stream,
             ordered_consumer=True,
             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1),
@@ -498,15 +507,17 @@ class JetStreamLog:
             await sub.unsubscribe()
 
     async def follow(
-        self, after: int, batch: int = 1000, linger: float = 0.02
+        self, after: int, batch: int = 1000, linger: float = 0.02, partition: int | None = None
     ) -> AsyncIterator[list[Stored]]:
         """The messages after ``after`` as they come, for good, in batches: up to ``batch``
         of them, or what came within ``linger`` s of the batch's first (an ordered consumer,
-        which nats-py creates again after a gap or a lost connection)."""
+        which nats-py creates again after a gap or a lost connection).  With
+        ``partition``, that partition's alone (their sequences have gaps: the others')."""
         if self._nc is None:
             raise JetStreamError("not connected to NATS")
+        whole = partition is None
         sub = await self.js.subscribe(
-            self.subject,
+            self.filter if whole else f"{self.subject}.{partition}",
             stream=self.stream,
             ordered_consumer=True,
             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1),
@@ -529,7 +540,7 @@ class JetStreamLog:
                     seq = int(msg.metadata.sequence.stream)
                     if seq <= after:
                         continue  # (a consumer made again may start a little early)
-                    if seq != after + 1:
+                    if whole and seq != after + 1:
                         raise JetStreamError(f"reading {self.stream}: message {seq} came after {after}")
                     out.append(_stored(seq, msg.headers, msg.data))
                     after = seq
@@ -539,7 +550,12 @@ class JetStreamLog:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _publish(self, messages: list[tuple[bytes, dict[str, str]]]) -> list[dict[str, Any]]:
+    def _subject_of(self, event: tuple[Any, ...]) -> str:
+        if not self.partitions:
+            return self.subject
+        return f"{self.subject}.{event[2] if len(event) > 2 else 0}"
+
+    async def _publish(self, messages: list[tuple[str, bytes, dict[str, str]]]) -> list[dict[str, Any]]:
         """Publish in order, up to ``window`` unacknowledged; every ack (or error) parsed.
         (Our own replies rather than nats-py's ``publish_async``, whose error path raises
         in its callback and never completes the future.)"""
@@ -552,7 +568,7 @@ class JetStreamLog:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[dict[str, Any]]] = []
         try:
-            for body, headers in messages:
+            for subject, body, headers in messages:
                 if len(futures) >= self.window and not futures[-self.window].done():
                     # (acks come in order: the one ``window`` back bounds what is in flight)
                     await asyncio.wait_for(asyncio.shield(futures[-self.window]), self.timeout)
@@ -561,7 +577,7 @@ class JetStreamLog:
                 future: asyncio.Future[dict[str, Any]] = loop.create_future()
                 self._waiting[token] = future
                 futures.append(future)
-                await nc.publish(self.subject, body, reply=f"{self._replies}.{token}", headers=headers)
+                await nc.publish(subject, body, reply=f"{self._replies}.{token}", headers=headers)
             await nc.flush(timeout=max(1, round(self.timeout)))
             return list(await asyncio.wait_for(asyncio.gather(*futures), self.timeout * 2))
         except Exception as exc:

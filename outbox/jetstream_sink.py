@@ -29,6 +29,7 @@ import itertools
 import os
 import threading
 import time
+import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -55,7 +56,7 @@ def state_log(log: JetStreamLog) -> JetStreamLog:
     return JetStreamLog(
         log.servers,
         stream=f"{log.stream}_STATE",
-        subject=f"{log.subject}.state",
+        subject=f"{log.subject}-state",  # (not under the events' subjects: they may be partitioned)
         replicas=log.replicas,
         timeout=log.timeout,
     )
@@ -138,7 +139,7 @@ class JetStreamSink:
         self.durable_lsn = 0
         self.last_event_id = 0
         self.pending = 0
-        self._events: list[tuple[str, bytes]] = []
+        self._events: list[tuple[str, bytes, int]] = []
         self._counts: dict[Any, int] = {}  # events keyed so far per transaction (since the commit)
         self._open = False  # a chunk of the current group is in the events stream already
         self._changes: list[list[Any]] = []  # state changes since the last commit, not yet sent
@@ -281,13 +282,21 @@ class JetStreamSink:
                 "created_at": time.time(),
             }
         )
-        self._events.append((key, body))
+        self._events.append((key, body, self._partition(object, entity_id)))
         self.pending += 1
         if len(self._events) >= 2 * CHUNK:  # (the group's last events wait for its commit)
             chunk, self._events = self._events[:CHUNK], self._events[CHUNK:]
             self._loop.run(self.log.append_whole(chunk, None))
             self.last_event_id = self.log.last_seq
             self._open = True
+
+    def _partition(self, object: str, entity_id: Any) -> int:
+        """The partition of an entity: its events go to one subject, so that the dispatcher
+        holding that partition delivers them in order."""
+        if not self.log.partitions:
+            return 0
+        entity = f"{object}:{'' if entity_id is None else entity_id}"
+        return zlib.crc32(entity.encode()) % self.log.partitions
 
     def _key(self, type: str, entity_id: Any, lsn: str | None, xid: int | None) -> str:
         if xid is not None:

@@ -88,7 +88,12 @@ def events_log(settings: Settings) -> JetStreamLog:
 
     js = settings.outbox.jetstream
     return JetStreamLog(
-        js.servers, stream=js.stream, subject=js.subject, replicas=js.replicas, timeout=js.timeout_seconds
+        js.servers,
+        stream=js.stream,
+        subject=js.subject,
+        partitions=js.partitions,
+        replicas=js.replicas,
+        timeout=js.timeout_seconds,
     )
 
 

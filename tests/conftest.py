@@ -247,7 +247,7 @@ def nats_cluster() -> Iterator[NatsCluster]:
 
 
 def read_stream(
-    servers: list[str], stream: str, subject: str
+    servers: list[str], stream: str, subject: str, partitions: int = 0
 ) -> list[tuple[int, str | None, dict[str, Any]]]:
     """Every message of a JetStream outbox stream: (id, key, the stored event)."""
     import orjson
@@ -256,7 +256,7 @@ def read_stream(
     from outbox.jetstream_sink import LoopThread
 
     loop = LoopThread()
-    log = JetStreamLog(servers, stream=stream, subject=subject, timeout=2.0)
+    log = JetStreamLog(servers, stream=stream, subject=subject, partitions=partitions, timeout=2.0)
     try:
         loop.run(log.connect())
         rows = loop.run(log.read(0, 1_000_000))

@@ -24,6 +24,7 @@ import pytest
 
 from cdc import source
 from common.formats import parse_lsn
+from config.settings import JetStreamSettings
 from sidecar.natscluster import NatsCluster
 from sidecar.throwaway import free_port
 from tests.acceptance.helpers import ThreadReceiver, cli, spawn, write_config
@@ -32,6 +33,7 @@ from tests.conftest import read_stream
 from tests.waiting import wait_until
 
 KILLS = 5
+PARTITIONS = JetStreamSettings().partitions  # (what the CLI runs use)
 
 
 def stream_env(cluster: NatsCluster, stream: str) -> dict[str, str]:
@@ -44,7 +46,8 @@ def stream_env(cluster: NatsCluster, stream: str) -> dict[str, str]:
 
 
 def stream_events(cluster: NatsCluster, stream: str) -> list[tuple[int, dict[str, Any]]]:
-    return [(seq, event) for seq, _, event in read_stream(cluster.servers, stream, f"ct1.{stream.lower()}")]
+    read = read_stream(cluster.servers, stream, f"ct1.{stream.lower()}", partitions=PARTITIONS)
+    return [(seq, event) for seq, _, event in read]
 
 
 def user_names(events: list[tuple[int, dict[str, Any]]]) -> list[str]:

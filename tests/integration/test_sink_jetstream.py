@@ -5,6 +5,8 @@ twice in the stream."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from tests.conftest import read_stream
 from tests.integration.test_sink_outbox import OutboxBackend
 from tests.sink_contract import AT, SinkContract
 
+PARTITIONS = 4
+
 
 class JetStreamBackend(OutboxBackend):
     """Events on a stream of the cluster; capture's state (skips, problems) in the file at
@@ -33,7 +37,9 @@ class JetStreamBackend(OutboxBackend):
         self.stream = f"S{uuid.uuid4().hex[:10].upper()}"
 
     def log(self) -> JetStreamLog:
-        return JetStreamLog(self.servers, stream=self.stream, subject=f"s.{self.stream}", timeout=2.0)
+        return JetStreamLog(
+            self.servers, stream=self.stream, subject=f"s.{self.stream}", partitions=PARTITIONS, timeout=2.0
+        )
 
     def open(self) -> Sink:
         return self.open_on(self.path)
@@ -47,7 +53,7 @@ class JetStreamBackend(OutboxBackend):
         sink.close()
 
     def stored(self) -> list[tuple[int, str | None, dict[str, Any]]]:
-        return read_stream(self.servers, self.stream, f"s.{self.stream}")
+        return read_stream(self.servers, self.stream, f"s.{self.stream}", partitions=PARTITIONS)
 
     def events(self) -> list[tuple[int, str, Any, dict[str, Any], int | None]]:
         return [(seq, b["type"], b["entity_key"], b["data"], b["xid"]) for seq, _, b in self.stored()]
@@ -324,3 +330,45 @@ def test_a_standby_that_read_the_end_before_the_writers_last_append_starts_over_
     standby.commit("s", 0x30)
     standby.close()
     assert [key for _, key, _ in backend.stored()] == ["1:0", "2:0", "3:0"]
+
+
+def test_each_entity_goes_to_one_partition_and_a_partition_reads_alone_in_order(backend):
+    sink = backend.open()
+    assert isinstance(sink, JetStreamSink)
+    for xid in range(1, 6):
+        for order in range(8):  # every order changes once per transaction
+            data = {"object": "order", "id": order, "record": {"id": order, "v": xid}, "previous": None}
+            sink.add("order.updated", "order", order, data, AT, "public.orders", "update", "0/1", xid)
+        sink.commit("s", 0x10 * xid)
+    sink.close()
+    stored = {seq: body for seq, _, body in backend.stored()}
+    loop = LoopThread()
+    log = backend.log()
+    parts: dict[int, list[int]] = {}
+    try:
+        loop.run(log.connect())
+
+        async def partition(p: int) -> list[int]:
+            seqs: list[int] = []
+            batches = log.follow(0, partition=p)
+            with contextlib.suppress(TimeoutError):
+                while True:  # until a second passes with nothing more
+                    seqs += [s.seq for s in await asyncio.wait_for(batches.__anext__(), 1.0)]
+            return seqs
+
+        for p in range(PARTITIONS):
+            parts[p] = loop.run(partition(p))
+        loop.run(log.close())
+    finally:
+        loop.stop()
+    seen = sorted(seq for seqs in parts.values() for seq in seqs)
+    assert seen == sorted(stored)  # every event in exactly one partition
+    for p, seqs in parts.items():
+        assert seqs == sorted(seqs)
+        orders = {stored[seq]["entity_key"] for seq in seqs}
+        for other, its in parts.items():  # an entity's events are all in one partition
+            if other != p:
+                assert not orders & {stored[seq]["entity_key"] for seq in its}
+        for order in orders:  # and in their order
+            versions = [stored[s]["data"]["record"]["v"] for s in seqs if stored[s]["entity_key"] == order]
+            assert versions == [1, 2, 3, 4, 5]
