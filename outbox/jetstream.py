@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,10 @@ MAX_GROUP_SCAN = 100_000  # messages read back from the end to find the last che
 
 class JetStreamError(Ct1Error):
     """The stream refused or lost an append, or cannot be reached."""
+
+
+class Unavailable(JetStreamError):
+    """The stream did not take an append for now: no leader (an election), no answer."""
 
 
 class Fenced(JetStreamError):
@@ -141,8 +146,9 @@ class JetStreamLog:
         self._last_key: str | None = None  # and the key of that message
         self._mine: int | None = None  # where this writer's last whole group ends
         self._fenced = False  # another writer appended: this one never appends again
-        self._base = 0  # the last checkpointed message this writer wrote or took over
-        self._open: list[str] = []  # the keys stored after it (chunks of an open group)
+        self._base = 0  # where this writer started, or its last whole group ends
+        self._base_key: str | None = None  # that message's key
+        self._open: list[str] = []  # the keys this writer stored after it (chunks of an open group)
         self._tried: list[str] = []  # the keys of an append not yet acknowledged
         self._id_forgotten = False
         self.created = ""  # when the stream was made (tells one stream of a name from another)
@@ -171,7 +177,12 @@ class JetStreamLog:
                 self.timeout * 3,
             )
         except Exception as exc:
-            raise JetStreamError(f"cannot reach NATS at {', '.join(self.servers)}: {_reason(exc)}") from exc
+            reason = (
+                f"no server answered within {self.timeout * 3:g} s"
+                if isinstance(exc, TimeoutError)
+                else _reason(exc)
+            )
+            raise JetStreamError(f"cannot reach NATS at {', '.join(self.servers)}: {reason}") from exc
         self._js = self._nc.jetstream(timeout=self.timeout)
 
     async def close(self) -> None:
@@ -191,6 +202,11 @@ class JetStreamLog:
     def last_seq(self) -> int:
         """The stream's last sequence as this writer last knew it (0 before it read it)."""
         return self._last or 0
+
+    @property
+    def last_key(self) -> str | None:
+        """The key of the stream's last message as this writer last knew it."""
+        return self._last_key
 
     @property
     def js(self) -> JetStreamContext:
@@ -246,16 +262,30 @@ class JetStreamLog:
                     ) from exc
                 await asyncio.sleep(0.2)
 
-    async def adopt(self) -> Tail:
+    async def adopt(self) -> int:
         """Take the stream's end as this writer's starting point (a writer starting, or a
-        standby taking over: whoever appended before is fenced once this one appends)."""
+        standby taking over: whoever appended before is fenced once this one appends).
+        Reads the end alone (two requests, whatever the stream holds); returns it."""
         if self._fenced:
             raise Fenced(f"stream {self.stream} was taken over by another writer")
-        tail = await self.tail()
-        self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.checkpoint_seq
-        self._base, self._open, self._tried = tail.checkpoint_seq, list(tail.after), []
+        last, key = await self._end()
+        self._last, self._last_key, self._mine = last, key, last
+        self._base, self._base_key, self._open, self._tried = last, key, [], []
         self._fresh, self._moved = True, False
-        return tail
+        return last
+
+    async def _end(self) -> tuple[int, str | None]:
+        """The stream's last sequence and that message's key."""
+        first, last = await self.bounds()
+        return last, (await self.get(last)).key if last >= max(first, 1) else None
+
+    async def _since(self, seq: int, most: int) -> tuple[int, list[str] | None]:
+        """The stream's last sequence, and the keys stored after ``seq`` when there are at
+        most ``most`` of them (None: more, or fewer than none)."""
+        _, last = await self.bounds()
+        if not 0 <= last - seq <= most:
+            return last, None
+        return last, [stored.key or "" async for stored in self.scan(seq, last)]
 
     @property
     def fresh(self) -> bool:
@@ -273,24 +303,19 @@ class JetStreamLog:
 
     async def resync(self) -> list[str]:
         """After a failed append, read the stream's end and check it is this writer's: the
-        messages after its last checkpointed one must be what it sent (the chunks it knows
-        stored, then a prefix of the failed append).  Returns their keys; raises
-        :class:`Fenced` (for good) when the end is another writer's."""
+        messages after where it started (or its last group ended) must be what it sent
+        since (chunks stored, then a prefix of the failed append).  Returns their keys;
+        raises :class:`Fenced` (for good) when the end is another writer's."""
         if self._fenced:
             raise Fenced(f"stream {self.stream} was taken over by another writer")
-        tail = await self.tail()
         sent = self._open + self._tried
-        stored = tail.last_seq - self._base
-        ours = 0 <= stored <= len(sent) and (stored == 0 or tail.last_key == sent[stored - 1])
-        if ours and tail.checkpoint_seq != self._base:  # only a whole group of ours may end it
-            ours = tail.checkpoint_seq == tail.last_seq and stored == len(sent)
-        if ours and tail.checkpoint_seq == self._base:
-            ours = tail.after == sent[:stored]
-        if not ours:
+        last, keys = await self._since(self._base, len(sent))
+        if keys is None or keys != sent[: len(keys)]:
             raise self._fence("ends with events this writer did not send")
-        keys = sent[:stored]
-        self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.last_seq
-        self._base, self._open, self._tried = tail.checkpoint_seq, list(tail.after), []
+        if keys:
+            self._fresh = False
+        self._last, self._last_key, self._mine = last, keys[-1] if keys else self._base_key, last
+        self._open, self._tried = list(keys), []
         return keys
 
     async def tail(self) -> Tail:
@@ -375,7 +400,8 @@ class JetStreamLog:
                         raise self._fence("was appended to by another writer")
                     self._fresh = False  # (a prefix of this append may be stored)
                     raise JetStreamError(f"append to {self.stream}: message {i + 1} of {len(events)} lost")
-                raise JetStreamError(f"append to {self.stream} refused: {error.get('description', error)}")
+                kind = Unavailable if error.get("code") == 503 else JetStreamError
+                raise kind(f"append to {self.stream} refused: {error.get('description', error)}")
             if ack.get("duplicate") or ack.get("seq") != base + i + 1:
                 raise JetStreamError(
                     f"append to {self.stream}: message {i + 1} stored at {ack.get('seq')}, expected {base + i + 1}"
@@ -384,12 +410,17 @@ class JetStreamLog:
         self._last, self._last_key = base + len(events), events[-1][0]
         self._mine = self._last
         self._fresh = False
-        if checkpoint is not None:
-            self._base, self._open = self._last, []
-        else:
-            self._open += self._tried
-        self._tried = []
+        self._settled(checkpoint, self._tried)
         return base + 1
+
+    def _settled(self, checkpoint: int | None, keys: list[str]) -> None:
+        """``keys`` are stored, the last at the stream's end: a whole group's end is the
+        new base; a chunk of an open group waits in ``_open``."""
+        if checkpoint is not None:
+            self._base, self._base_key, self._open = self._last or 0, self._last_key, []
+        else:
+            self._open += keys
+        self._tried = []
 
     async def append_whole(
         self,
@@ -412,8 +443,8 @@ class JetStreamLog:
                 await self.append(pending, checkpoint, origin)
                 return
             except LastIdUnknown as exc:
-                tail = await self.tail()
-                if tail.last_seq != start or tail.last_key != start_key:
+                end, end_key = await self._end()
+                if end != start or end_key != start_key:
                     raise self._fence("was appended to by another writer") from exc
                 self._last, self._last_key, self._id_forgotten = start, start_key, True
                 log.info("jetstream_last_id_forgotten", stream=self.stream, seq=start)
@@ -430,24 +461,25 @@ class JetStreamLog:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 try:
-                    tail = await self.tail()
+                    keys = [event[0] for event in pending]
+                    last, got = await self._since(start, len(keys))
                     break
                 except Exception as exc:
                     log.info("jetstream_tail_retry", error=_reason(exc))
-            stored = tail.last_seq - start
-            keys = [event[0] for event in pending]
-            ours = 0 <= stored <= len(keys) and (
-                tail.last_key == (keys[stored - 1] if stored else start_key)
-                and (stored == 0 or tail.checkpoint_seq > start or tail.after[-stored:] == keys[:stored])
-            )
-            if not ours:
+            if got is None or got != keys[: len(got)]:
                 raise self._fence("ends with events this writer did not send")
+            stored = len(got)
             if stored:
                 self._fresh = False
-            self._last, self._last_key, self._mine = tail.last_seq, tail.last_key, tail.last_seq
+            self._last, self._last_key, self._mine = last, got[-1] if got else start_key, last
             if stored == len(keys):
+                self._settled(checkpoint, got)
                 return  # all of it landed; only the acks were lost
-            fruitless = 0 if stored else fruitless + 1
+            self._open += got
+            self._tried = []
+            # (a refusal that stores nothing, five times in a row, is not waited out: the
+            # stream having no leader or no answer is, up to ``within``)
+            fruitless = 0 if stored or isinstance(failure, Unavailable) else fruitless + 1
             if fruitless >= 5:
                 raise failure
             log.warning("jetstream_append_resumed", stored=stored, left=len(keys) - stored)
@@ -485,11 +517,16 @@ class JetStreamLog:
         nc = self._nc
         if nc is None:
             raise JetStreamError("not connected to NATS")
-        sub = await self.js.subscribe(
-            self.filter,
-            stream=self.stream,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1),
+        sub = await self._api(
+            functools.partial(
+                self.js.subscribe,
+                self.filter,
+                stream=self.stream,
+                ordered_consumer=True,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
+                ),
+            )
         )
         try:
             while True:
@@ -581,7 +618,7 @@ class JetStreamLog:
             await nc.flush(timeout=max(1, round(self.timeout)))
             return list(await asyncio.wait_for(asyncio.gather(*futures), self.timeout * 2))
         except Exception as exc:
-            raise JetStreamError(f"append to {self.stream} failed: {_reason(exc)}") from exc
+            raise Unavailable(f"append to {self.stream} failed: {_reason(exc)}") from exc
         finally:
             for future in futures:
                 if not future.done():

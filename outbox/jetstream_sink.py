@@ -35,9 +35,10 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import structlog
+from nats.js.errors import NotFoundError
 
 from common.jsontext import dumps, loads
-from outbox.jetstream import JetStreamLog, Stored
+from outbox.jetstream import JetStreamError, JetStreamLog, Stored
 from outbox.state import SqliteState
 from outbox.writer import OutboxWriter, shadow_text, shadow_values
 
@@ -145,7 +146,10 @@ class JetStreamSink:
         self._changes: list[list[Any]] = []  # state changes since the last commit, not yet sent
         self._state_open = False  # some of them are in the state stream already
         self._void = False  # the state stream ends with changes of a group never committed
-        self._skip: set[str] = set()  # keys the events stream holds past the state's checkpoint
+        # keys the events stream holds past what the state's checkpoint covers (None: not
+        # read yet), and the sequence up to which the checkpoint covers it
+        self._skip: set[str] | None = None
+        self._covered = 0
         self._checkpoint: int | None = None
         self._origin: str | None = None
         self._in_stream = 0  # state messages in the stream (since its last snapshot)
@@ -162,34 +166,71 @@ class JetStreamSink:
 
     def _sync(self) -> None:
         """Read where the writer before stopped, from the streams alone: bring the local
-        copy of the state up to the state stream's last checkpoint, take both streams' ends
-        as this writer's (whoever wrote before is fenced once this one appends), and note
-        the events stored after what that checkpoint covers."""
+        copy of the state up to the state stream's last checkpoint and take both streams'
+        ends as this writer's (whoever wrote before is fenced once this one appends).  The
+        events stored after what that checkpoint covers are read when the first event
+        comes (:meth:`_pass_over`): a standby's tries stay cheap, and what the writer
+        before appended until it died is among them."""
+        for _ in range(5):
+            try:
+                self._sync_once()
+                return
+            except _ReadAgain as again:
+                log.info("jetstream_state_read_again", reason=str(again))
+        raise JetStreamError(f"stream {self.states.stream} kept changing while it was read (5 tries)")
+
+    def _sync_once(self) -> None:
         self.local.rollback()
-        states = self._loop.run(self.states.adopt())
+        end = self._loop.run(self.states.adopt())
+        states = self._loop.run(self.states.tail())
+        if states.last_seq != end:
+            raise _ReadAgain("the state stream was appended to meanwhile")
         self._void = bool(states.after)  # a group's changes without its checkpoint: void
         first, last = self._loop.run(self.states.bounds())
         self._in_stream = last - first + 1
-        events_tail = self._loop.run(self.log.adopt())
-        self.last_event_id = self.log.last_seq
+        self.last_event_id = self._loop.run(self.log.adopt())
+        self._skip = None
         if states.checkpoint_seq == 0:  # no state yet: a new stream (or one from before it)
             if self._applied()[0] not in ("", self.states.created):
                 self._reset_local()
-            self._checkpoint, self._origin = events_tail.checkpoint, events_tail.origin
-            self._skip = set(events_tail.after)
+            events = self._loop.run(self.log.tail())
+            if events.checkpoint is not None:
+                log.warning("jetstream_state_missing", stream=self.states.stream, resume=events.checkpoint)
+            self._checkpoint, self._origin = events.checkpoint, events.origin
+            self._covered = events.checkpoint_seq
             return
-        applied_in, applied = self._applied()
-        if applied_in != self.states.created or not first - 1 <= applied <= states.checkpoint_seq:
-            self._reset_local()  # another stream, or purged past what the copy has: anew
+        applied_in, applied, applied_key = self._applied()
+        if (
+            applied_in != self.states.created
+            or not first - 1 <= applied <= states.checkpoint_seq
+            or (applied >= first and self._key_at(applied) != applied_key)
+        ):
+            self._reset_local()  # another stream, purged past the copy, another history
             applied = first - 1
-        end = self._fold(applied, states.checkpoint_seq)
+        self._covered = self._fold(applied, states.checkpoint_seq)
         self._checkpoint, self._origin = states.checkpoint, states.origin
-        self._skip = set(self._loop.run(self.log.keys_since(end)))
 
-    def _applied(self) -> tuple[str, int]:
-        """(the state stream, the sequence) the local copy was brought up to."""
+    def _key_at(self, seq: int) -> str | None:
+        try:
+            return self._loop.run(self.states.get(seq)).key
+        except NotFoundError as exc:
+            raise _ReadAgain(f"message {seq} purged meanwhile") from exc
+
+    def _pass_over(self) -> set[str]:
+        """The keys of the events stored after what the resume checkpoint covers."""
+        if self._skip is None:
+            self._skip = set(self._loop.run(self.log.keys_since(self._covered)))
+        return self._skip
+
+    def _applied(self) -> tuple[str, int, str | None]:
+        """(the state stream, the sequence, its key) the local copy was brought up to."""
         found = self.local.state.state_get(META, "applied")
-        return ("", 0) if found is None else (str(found[0]), int(found[1]))
+        if found is None or len(found) != 3:
+            return "", 0, None
+        return str(found[0]), int(found[1]), found[2]
+
+    def _mark_applied(self, seq: int, key: str | None) -> None:
+        self.local.state.state_put(META, "applied", [self.states.created, seq, key], None, None)
 
     def _reset_local(self) -> None:
         def clear(conn: Any) -> None:
@@ -203,10 +244,16 @@ class JetStreamSink:
     def _fold(self, after: int, upto: int) -> int:
         """Apply the state stream's messages after ``after`` up to ``upto`` (a checkpoint's
         message) to the local copy, a group at a time; returns the events stream's
-        sequence that the last checkpoint covers."""
+        sequence that the last checkpoint covers.  A purge under the read (the writer
+        made a snapshot) makes the caller read again, from the snapshot."""
         events_end = 0
         while after < upto:
-            batch = self._loop.run(self._read(self.states, after, min(upto, after + READ_BATCH)))
+            try:
+                batch = self._loop.run(self._read(self.states, after, min(upto, after + READ_BATCH)))
+            except NotFoundError as exc:
+                raise _ReadAgain(f"purged after {after}") from exc
+            if not batch or batch[0].seq != after + 1:
+                raise _ReadAgain(f"purged after {after}")
             for stored in batch:
                 body = loads(stored.body)
                 if body.get("void"):
@@ -214,11 +261,15 @@ class JetStreamSink:
                 self._apply(body["ops"])
                 if stored.commit is not None:
                     events_end = int(body["events"])
-                    self.local.state.state_put(META, "applied", [self.states.created, stored.seq], None, None)
+                    self._mark_applied(stored.seq, stored.key)
                     self.local.commit(stored.origin, stored.commit)
                 after = stored.seq
+        self.local.rollback()  # (nothing past the last checkpoint is state)
         if not events_end and upto:  # already up to date: the checkpoint's message says
-            events_end = int(loads(self._loop.run(self.states.get(upto)).body)["events"])
+            try:
+                events_end = int(loads(self._loop.run(self.states.get(upto)).body)["events"])
+            except NotFoundError as exc:
+                raise _ReadAgain(f"message {upto} purged meanwhile") from exc
         return events_end
 
     @staticmethod
@@ -265,8 +316,9 @@ class JetStreamSink:
         xid: int | None,
     ) -> None:
         key = self._key(type, entity_id, lsn, xid)
-        if key in self._skip:  # in the stream already: read again after a crash
-            self._skip.discard(key)  # (a key is never given twice: it names one event)
+        skip = self._skip if self._skip is not None else self._pass_over()
+        if key in skip:  # in the stream already: read again after a crash
+            skip.discard(key)  # (a key is never given twice: it names one event)
             return
         body = dumps(
             {
@@ -320,7 +372,12 @@ class JetStreamSink:
             body["void"] = True  # what the stream holds past the last checkpoint is not state
             self._void = False
         if final:
-            body["events"] = self.log.last_seq
+            # what the checkpoint covers: the events stream's end, unless events stored
+            # after the resume point are still to be read again (a second cut meanwhile
+            # must pass over them too)
+            if self._skip is not None and not self._skip:
+                self._covered = self.log.last_seq
+            body["events"] = self._covered
         self._sent += 1
         return f"{self._writer}.{self._sent}", dumps(body)
 
@@ -406,7 +463,7 @@ class JetStreamSink:
         self._loop.run(self.states.append_whole(messages, self._checkpoint or 0, self._origin))
         self._loop.run(self.states.purge_before(start))
         self._in_stream = count + len(messages)
-        self.local.state.state_put(META, "applied", [self.states.created, self.states.last_seq], None, None)
+        self._mark_applied(self.states.last_seq, self.states.last_key)
         self.local.commit(None)
         log.info("jetstream_state_snapshot", stream=self.states.stream, rows=rows, messages=self._in_stream)
 
@@ -471,3 +528,7 @@ class JetStreamSink:
 
     def set_problems(self, problems: list[dict[str, Any]]) -> None:
         self.local.set_problems(problems)
+
+
+class _ReadAgain(Exception):
+    """The state stream changed under a read (a purge, an append): read it again."""

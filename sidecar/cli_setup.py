@@ -55,7 +55,6 @@ def setup(
 ) -> None:
     """Check the source, create the slot and the outbox, optionally load sample data,
     and probe the endpoints with a signed webhook.test."""
-    from cdc.postgres import ensure_slot
     from sidecar import sample
     from sidecar.runner import router_for
 
@@ -124,7 +123,7 @@ def setup(
                     " --yes` makes a new slot, sends every receiver a ct1.gap event and backfills the mapped"
                     " tables (or point outbox.path at a new outbox to start afresh)"
                 )
-            created = ensure_slot(conn, settings.source.dsn, settings.source.slot, mapping, writer)
+            created = create_slot(conn, settings, mapping, writer)
             queued = queue_backfill(writer.conn, settings, mapping) if with_backfill else []
             secrets = store_secrets(writer.conn, settings)
             first_key = first_api_key(writer.conn)
@@ -165,6 +164,21 @@ def setup(
                 f"backfill queued for {len(queued)} tables: their rows go out once `ct1-cdc run` "
                 "starts (`ct1-cdc backfill status` shows the progress)"
             )
+
+
+def create_slot(conn: Any, settings: Settings, mapping: Mapping, writer: OutboxWriter) -> bool:
+    """The slot, made if missing, its shadow seeded where capture keeps its state: the
+    outbox, or on the JetStream backend the state stream (any host resumes with it)."""
+    from cdc.postgres import ensure_slot
+    from sidecar.runner import open_sink
+
+    if settings.outbox.backend != "jetstream":
+        return ensure_slot(conn, settings.source.dsn, settings.source.slot, mapping, writer)
+    sink = open_sink(settings)
+    try:
+        return ensure_slot(conn, settings.source.dsn, settings.source.slot, mapping, sink)
+    finally:
+        sink.close()
 
 
 def queue_backfill(conn: Any, settings: Settings, mapping: Mapping) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cdc.ports import Sink
-from outbox import jetstream_sink, store
+from outbox import jetstream, jetstream_sink, store
 from outbox.jetstream import Fenced, JetStreamLog, Moved
 from outbox.jetstream_sink import CHUNK, STATE_CHUNK, JetStreamSink, LoopThread, state_log
 from outbox.store import Router
@@ -372,3 +372,93 @@ def test_each_entity_goes_to_one_partition_and_a_partition_reads_alone_in_order(
         for order in orders:  # and in their order
             versions = [stored[s]["data"]["record"]["v"] for s in seqs if stored[s]["entity_key"] == order]
             assert versions == [1, 2, 3, 4, 5]
+
+
+# -- faults an independent review found (each test failed before its fix) --------------------
+
+
+def test_a_read_again_split_over_commits_then_cut_again_sends_nothing_twice(backend, tmp_path):
+    """The state message of a commit made while reading again must not claim the events
+    still to pass over: a second cut (a crash, a take-over) would send them again."""
+    sink = backend.open_on(tmp_path / "a.db")
+    add(sink, xid=1, n=1)
+    sink.commit("s", 0x10)
+    add(sink, xid=2, n=2)
+    add(sink, xid=3, n=1)
+    sink._send(0x30, "s")  # the events stored; the state message lost (a crash)
+    sink.close()
+
+    again = backend.open_on(tmp_path / "a.db")
+    assert again.checkpoint("s") == 0x10
+    add(again, xid=2, n=2)  # passed over
+    again.commit("s", 0x20)  # read again in a smaller group ...
+    again.close()  # ... and cut again before transaction 3
+
+    third = backend.open_on(tmp_path / "c.db")  # a standby, or the same host
+    assert third.checkpoint("s") == 0x20
+    add(third, xid=3, n=1)  # transaction 3 read again
+    third.commit("s", 0x30)
+    third.close()
+    assert [key for _, key, _ in backend.stored()] == ["1:0", "2:0", "2:1", "3:0"]
+
+
+def test_a_new_session_in_the_same_process_keeps_what_is_still_to_pass_over(backend, tmp_path):
+    sink = backend.open_on(tmp_path / "a.db")
+    add(sink, xid=1, n=1)
+    sink.commit("s", 0x10)
+    add(sink, xid=2, n=1)
+    add(sink, xid=3, n=1)
+    sink._send(0x30, "s")
+    sink.close()
+    again = backend.open_on(tmp_path / "a.db")
+    assert again.checkpoint("s") == 0x10
+    add(again, xid=2, n=1)
+    again.commit("s", 0x20)
+    again.rollback()  # a Postgres blip: a new session
+    assert again.checkpoint("s") == 0x20
+    add(again, xid=3, n=1)
+    again.commit("s", 0x30)
+    again.close()
+    assert [key for _, key, _ in backend.stored()] == ["1:0", "2:0", "3:0"]
+
+
+def test_a_standby_folding_while_the_writer_snapshots_and_purges_reads_the_snapshot(
+    backend, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(jetstream_sink, "READ_BATCH", 5)
+    monkeypatch.setattr(jetstream_sink, "SNAPSHOT_MIN", 3)
+    active = backend.open_on(tmp_path / "a.db")
+    standby = backend.open_on(tmp_path / "b.db")
+    for n in range(20):
+        active.shadow_put("public.orders", str(n), {"status": "x"})
+        active.commit("s", 0x100 + n)
+        active._in_stream = 0  # no snapshot yet
+    reads: list[tuple[int, int]] = []
+
+    def read(log: JetStreamLog, after: int, upto: int) -> Any:
+        reads.append((after, upto))
+        if len(reads) == 2:  # the writer snapshots and purges while the standby folds
+            active.shadow_put("public.orders", "0", {"status": "y"})
+            active._in_stream = 10**6
+            active.commit("s", 0x200)
+        assert len(reads) < 40, f"the fold makes no progress: {reads[-3:]}"
+        return JetStreamSink._read(log, after, upto)
+
+    standby._read = read  # type: ignore[method-assign]
+    assert standby.checkpoint("s") == 0x200
+    assert standby.shadow_get("public.orders", "0") == {"status": "y"}
+    assert standby.shadow_get("public.orders", "19") == {"status": "x"}
+    standby.close()
+    active.close()
+
+
+def test_a_standby_polls_while_the_writer_is_inside_a_huge_transaction(backend, tmp_path, monkeypatch):
+    monkeypatch.setattr(jetstream, "MAX_GROUP_SCAN", 500)  # (100,000 in production)
+    active = backend.open_on(tmp_path / "a.db")
+    standby = backend.open_on(tmp_path / "b.db")
+    add(active, xid=1, n=1)
+    active.commit("s", 0x10)
+    add(active, xid=9, n=2 * CHUNK)  # a huge transaction under way: a chunk is stored
+    assert standby.checkpoint("s") == 0x10  # a standby's try: no error, no read-back
+    standby.close()
+    active.close()
