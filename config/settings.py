@@ -127,6 +127,16 @@ class OutboxSettings(_Section):
         5.0, ge=0, description="group commit: at most one commit per this many ms when the stream pauses"
     )
 
+    @property
+    def capture_path(self) -> str:
+        """The file of what capture keeps on this host: the outbox itself, or on the
+        JetStream backend the copy of capture's state beside it (``<stem>.capture.db``),
+        never the node's copy of the events.  Skip requests and backfill jobs go there."""
+        if self.backend != "jetstream":
+            return self.path
+        path = Path(self.path)
+        return str(path.with_name(f"{path.stem}.capture{path.suffix or '.db'}"))
+
 
 class BackfillSettings(_Section):
     chunk_size: int = Field(

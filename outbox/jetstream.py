@@ -189,8 +189,8 @@ class JetStreamLog:
         if self._nc is not None:
             nc, self._nc, self._js = self._nc, None, None
             try:
-                await nc.drain()
-            except Exception:  # closing: what it says no longer matters
+                await asyncio.wait_for(nc.drain(), self.timeout)
+            except (Exception, asyncio.CancelledError):  # closing: what it says no longer matters
                 await nc.close()
 
     @property
@@ -485,16 +485,25 @@ class JetStreamLog:
             log.warning("jetstream_append_resumed", stored=stored, left=len(keys) - stored)
             pending = pending[stored:]
 
-    async def keys_since(self, seq: int) -> list[str]:
-        """The keys of the messages after sequence ``seq``, oldest first (at most
-        :data:`MAX_GROUP_SCAN` of them: past that, an error rather than a guess)."""
+    async def keys_since(self, seq: int) -> list[tuple[str, int | None]]:
+        """The keys of the messages after sequence ``seq``, oldest first, each with the
+        checkpoint of the group it belongs to (None: a group not whole, chunks of a
+        transaction cut short).  At most :data:`MAX_GROUP_SCAN` of them: past that, an
+        error rather than a guess."""
         first, last = await self.bounds()
         if last - seq > MAX_GROUP_SCAN:
             raise JetStreamError(
                 f"stream {self.stream}: {last - seq} messages past the state's last checkpoint"
                 f" (more than {MAX_GROUP_SCAN}): not resumed, to send nothing twice"
             )
-        return [stored.key or "" async for stored in self.scan(max(seq, first - 1), last)]
+        keys: list[tuple[str, int | None]] = []
+        open_from = 0
+        async for stored in self.scan(max(seq, first - 1), last):
+            keys.append((stored.key or "", None))
+            if stored.commit is not None:  # the group ends here: its keys get its checkpoint
+                keys[open_from:] = [(key, stored.commit) for key, _ in keys[open_from:]]
+                open_from = len(keys)
+        return keys
 
     async def bounds(self) -> tuple[int, int]:
         """The stream's first and last sequence (first = last + 1 when it is empty)."""
@@ -553,12 +562,22 @@ class JetStreamLog:
         if self._nc is None:
             raise JetStreamError("not connected to NATS")
         whole = partition is None
-        sub = await self.js.subscribe(
-            self.filter if whole else f"{self.subject}.{partition}",
-            stream=self.stream,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1),
-        )
+        subject = self.filter if whole else f"{self.subject}.{partition}"
+
+        async def subscribe(start: int) -> Any:
+            return await self._api(
+                functools.partial(
+                    self.js.subscribe,
+                    subject,
+                    stream=self.stream,
+                    ordered_consumer=True,
+                    config=ConsumerConfig(
+                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+                    ),
+                )
+            )
+
+        sub = await subscribe(after + 1)
         try:
             while True:
                 first = await sub.next_msg(timeout=None)
@@ -573,16 +592,24 @@ class JetStreamLog:
                     except (nats.errors.TimeoutError, TimeoutError):
                         break
                 out = []
+                replayed = False
                 for msg in got:
                     seq = int(msg.metadata.sequence.stream)
                     if seq <= after:
-                        continue  # (a consumer made again may start a little early)
+                        replayed = True  # a consumer made again from before where we are
+                        continue
                     if whole and seq != after + 1:
                         raise JetStreamError(f"reading {self.stream}: message {seq} came after {after}")
                     out.append(_stored(seq, msg.headers, msg.data))
                     after = seq
                 if out:
                     yield out
+                elif replayed:
+                    # (nats-py makes a lost ordered consumer again from the last message it
+                    # delivered: before any, from the stream's start) start over from here
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    sub = await subscribe(after + 1)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

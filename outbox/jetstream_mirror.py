@@ -26,10 +26,12 @@ import structlog
 from common.errors import Ct1Error
 from common.jsontext import loads
 from outbox.jetstream import JetStreamLog, Stored
-from outbox.store import Router
+from outbox.store import Q, Router
 from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.jetstream")
+
+MARK = "jetstream_mirror"  # the copy's own kind in derived_state: which stream it copies
 
 
 class MirrorError(Ct1Error):
@@ -58,45 +60,89 @@ class Mirror:
         """Follow the stream until ``stop`` is set (on this thread: its own event loop)."""
         writer = OutboxWriter(self.connect(), self.router)
         try:
-            asyncio.run(self._follow(writer, stop))
+            asyncio.run(self._until_stopped(writer, stop))
+        except Ct1Error:
+            raise
+        except Exception as exc:  # a client error the log did not name: one line still
+            raise MirrorError(f"following stream {self.log.stream}: {type(exc).__name__}: {exc}") from exc
         finally:
             writer.close()
 
-    async def _follow(self, writer: OutboxWriter, stop: threading.Event) -> None:
+    async def _until_stopped(self, writer: OutboxWriter, stop: threading.Event) -> None:
+        """:meth:`_follow`, given up at once when ``stop`` is set (connecting included)."""
+        follow = asyncio.ensure_future(self._follow(writer))
+        stopped = asyncio.ensure_future(_until(stop))
+        try:
+            done, _ = await asyncio.wait([follow, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (follow, stopped):
+                task.cancel()
+                with contextlib.suppress(BaseException):  # (its error is read below)
+                    await task
+            with contextlib.suppress(Exception):
+                await self.log.close()
+        if follow in done:
+            follow.result()
+
+    async def _follow(self, writer: OutboxWriter) -> None:
         writer.rollback()  # (reads the file's last event id)
         self.last_id = writer.last_event_id
         await self.log.connect()
-        try:
-            await self.log.ensure_stream()
-            _, end = await self.log.bounds()
-            if self.last_id > end:
-                raise MirrorError(
-                    f"the local outbox holds events up to {self.last_id} but stream {self.log.stream} ends at"
-                    f" {end}: another stream's copy? give this node an outbox.path of its own"
-                )
-            if self.last_id >= end:
-                self.caught_up.set()
-            log.info("mirror_started", stream=self.log.stream, after=self.last_id, stream_end=end)
-            consume = asyncio.ensure_future(self._consume(writer, end))
-            stopped = asyncio.ensure_future(_until(stop))
-            done, _ = await asyncio.wait([consume, stopped], return_when=asyncio.FIRST_COMPLETED)
-            for task in (consume, stopped):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            if consume in done:
-                consume.result()
-        finally:
-            await self.log.close()
-
-    async def _consume(self, writer: OutboxWriter, end: int) -> None:
+        await self.log.ensure_stream()
+        _, end = await self.log.bounds()
+        await self._check_copy(writer, end)
+        if self.last_id >= end:
+            self.caught_up.set()
+        log.info("mirror_started", stream=self.log.stream, after=self.last_id, stream_end=end)
         async for batch in self.log.follow(self.last_id):
             self._append(writer, batch)
             if not self.caught_up.is_set() and self.last_id >= end:
                 self.caught_up.set()
                 log.info("mirror_caught_up", stream=self.log.stream, last_event_id=self.last_id)
 
+    async def _check_copy(self, writer: OutboxWriter, end: int) -> None:
+        """The file must be a copy of this stream, up to an event the stream holds alike:
+        an outbox of the SQLite backend, another stream's copy, a file something else
+        appended to, would serve events under ids the other nodes do not give."""
+        stream = self.log.stream
+        mark = writer.state.state_get(MARK, "stream")
+        if mark is None and self.last_id:
+            raise MirrorError(
+                f"the outbox holds {self.last_id} events that are not a copy of stream {stream}"
+                " (an outbox of the SQLite backend?): give this node an outbox.path of its own"
+            )
+        if mark is not None and mark != self.log.created:
+            raise MirrorError(
+                f"the outbox is a copy of another stream {stream} (made {mark}, this one"
+                f" {self.log.created}): give this node an outbox.path of its own"
+            )
+        if self.last_id > end:
+            raise MirrorError(
+                f"the outbox holds events up to {self.last_id} but stream {stream} ends at {end}:"
+                " give this node an outbox.path of its own"
+            )
+        if self.last_id:
+            row = writer.conn.execute(
+                "SELECT type, entity_key, lsn, xid FROM events WHERE id = ?", (self.last_id,)
+            ).fetchone()
+            event = loads((await self.log.get(self.last_id)).body)
+            expected = (event["type"], event.get("entity_key"), event.get("lsn"), event.get("xid"))
+            if row is None or tuple(row) != expected:
+                raise MirrorError(
+                    f"event {self.last_id} of the outbox is not message {self.last_id} of stream {stream}:"
+                    " something else appended events to it; give this node an outbox.path of its own"
+                )
+        if mark is None:
+            writer.state.state_put(MARK, "stream", self.log.created, None, None)
+            writer.commit(None)
+
     def _append(self, writer: OutboxWriter, batch: list[Stored]) -> None:
+        (counter,) = writer.conn.execute(Q["last_event_id"]).fetchone()
+        if counter != self.last_id:  # (checked before anything is written)
+            raise MirrorError(
+                f"the outbox's last event id is {counter}, not {self.last_id}: something else appended"
+                " events to it; give this node an outbox.path of its own"
+            )
         for stored in batch:
             event: dict[str, Any] = loads(stored.body)
             writer.add(

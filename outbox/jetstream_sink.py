@@ -148,7 +148,7 @@ class JetStreamSink:
         self._void = False  # the state stream ends with changes of a group never committed
         # keys the events stream holds past what the state's checkpoint covers (None: not
         # read yet), and the sequence up to which the checkpoint covers it
-        self._skip: set[str] | None = None
+        self._skip: dict[str, int | None] | None = None  # key -> its stored group's checkpoint
         self._covered = 0
         self._checkpoint: int | None = None
         self._origin: str | None = None
@@ -216,10 +216,10 @@ class JetStreamSink:
         except NotFoundError as exc:
             raise _ReadAgain(f"message {seq} purged meanwhile") from exc
 
-    def _pass_over(self) -> set[str]:
+    def _pass_over(self) -> dict[str, int | None]:
         """The keys of the events stored after what the resume checkpoint covers."""
         if self._skip is None:
-            self._skip = set(self._loop.run(self.log.keys_since(self._covered)))
+            self._skip = dict(self._loop.run(self.log.keys_since(self._covered)))
         return self._skip
 
     def _applied(self) -> tuple[str, int, str | None]:
@@ -318,7 +318,7 @@ class JetStreamSink:
         key = self._key(type, entity_id, lsn, xid)
         skip = self._skip if self._skip is not None else self._pass_over()
         if key in skip:  # in the stream already: read again after a crash
-            skip.discard(key)  # (a key is never given twice: it names one event)
+            del skip[key]  # (a key is never given twice: it names one event)
             return
         body = dumps(
             {
@@ -391,15 +391,19 @@ class JetStreamSink:
     def commit(self, slot: str | None, lsn: int = 0) -> None:
         checkpoint, origin = (lsn, slot) if slot is not None else (self._checkpoint or 0, self._origin)
         # (events appended without a position leave the checkpoint as it was)
+        if self._skip and slot is not None:
+            # a stored group this checkpoint has passed will not be read again: what of it
+            # did not come back (a transaction skipped since, a mapping changed) never will
+            passed = [k for k, at in self._skip.items() if at is not None and at <= lsn]
+            for key in passed:
+                del self._skip[key]
         sent = bool(self._events) or self._open
         if self._events:
             self._send(lsn if slot is not None else 0, slot)
         if slot is not None or sent or self._changes or self._state_open:
             self._loop.run(self.states.append_whole([self._state_message(True)], checkpoint, origin))
             self._in_stream += 1
-            self.local.state.state_put(
-                META, "applied", [self.states.created, self.states.last_seq], None, None
-            )
+            self._mark_applied(self.states.last_seq, self.states.last_key)
         self._open = self._state_open = False
         self._counts.clear()
         # (the keys still to pass over stay: reading again may take several commits)

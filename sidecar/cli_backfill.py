@@ -120,7 +120,7 @@ def _slot_active(settings: Settings) -> bool | None:
 def watch(settings: Settings, request: int, as_json: bool) -> list[dict[str, Any]]:
     """Show a request's jobs until they all end; Ctrl-C cancels them."""
     terminal = sys.stderr.isatty() and not as_json
-    conn = store.connect(settings.outbox.path, readonly=True)
+    conn = store.connect(settings.outbox.capture_path, readonly=True)
     shown: dict[int, tuple[Any, ...]] = {}
     began = time.monotonic()
     warned = False
@@ -156,7 +156,7 @@ def watch(settings: Settings, request: int, as_json: bool) -> list[dict[str, Any
                     )
             time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
-        writer = store.open_outbox(settings.outbox.path)
+        writer = store.open_outbox(settings.outbox.capture_path)
         try:
             asked = backfills.cancel(writer, request)
         finally:
@@ -205,7 +205,7 @@ def backfill(
         if problem is not None:
             raise ConfigError(f"--where must be one SQL condition, like \"status = 'paid'\": {problem}")
     check_against_source(settings, mapping, chosen, condition)
-    conn = store.open_outbox(settings.outbox.path)
+    conn = store.open_outbox(settings.outbox.capture_path)
     try:
         given = settings.backfill.rate if rate is None else rate
         jobs = backfills.add(conn, chosen, condition, given, "cli", unless_busy=True)
@@ -238,8 +238,8 @@ def backfill_status(ctx: click.Context, every: bool, as_json: bool) -> None:
     """The jobs of the latest backfill: rows done/total, rate, time left."""
     settings = settings_of(ctx)
     jobs = []
-    if Path(settings.outbox.path).exists():  # no outbox yet: nothing was ever requested
-        conn = store.open_outbox(settings.outbox.path)  # an older outbox gets its backfills table
+    if Path(settings.outbox.capture_path).exists():  # no outbox yet: nothing was ever requested
+        conn = store.open_outbox(settings.outbox.capture_path)  # an older outbox gets its backfills table
         try:
             jobs = backfills.recent(conn) if every else backfills.jobs(conn)
         finally:
@@ -263,7 +263,7 @@ def backfill_cancel(ctx: click.Context, as_json: bool) -> None:
     """Ask capture to stop every backfill job still queued or running (at its next chunk;
     events already sent stay sent)."""
     settings = settings_of(ctx)
-    conn = store.open_outbox(settings.outbox.path)
+    conn = store.open_outbox(settings.outbox.capture_path)
     try:
         asked = backfills.cancel(conn)
     finally:

@@ -19,7 +19,7 @@ from cdc import source
 from cdc.gap import GAP, gap_data
 from cdc.mapping import load_mapping
 from cdc.postgres import ensure_slot
-from common.errors import SetupError
+from common.errors import ConfigError, SetupError
 from common.formats import format_lsn, parse_lsn, unix_to_iso
 from outbox import store
 from sidecar.console import emit_json, handled, main, settings_of
@@ -37,6 +37,12 @@ def recover(ctx: click.Context, yes: bool, as_json: bool) -> None:
     Refuses while the slot is healthy.  The changes made between the last checkpoint and
     the new slot are not captured; receivers learn of the hole from the ct1.gap event."""
     settings = settings_of(ctx)
+    if settings.outbox.backend == "jetstream":
+        raise ConfigError(
+            'ct1-cdc recover is not available with [outbox] backend = "jetstream" yet (its gap event'
+            ' would stay on this host): set [source] on_slot_lost = "recover" and capture recovers'
+            " a lost slot itself, the gap event into the stream (docs/jetstream.md)"
+        )
     name, dsn = settings.source.slot, settings.source.dsn
     mapping = load_mapping(settings.mapping.file)
     reader = store.connect(settings.outbox.path, readonly=True)

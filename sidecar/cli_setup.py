@@ -97,6 +97,7 @@ def setup(
             )
             click.echo(f"loaded sample data: {counts}", err=True)
         writer = OutboxWriter(store.open_outbox(settings.outbox.path), router_for(settings))
+        closing: list[Any] = []
         try:
             problems = check_source_schema(conn, mapping, writer.conn, replica_identity_full)
             for problem in problems:
@@ -115,7 +116,12 @@ def setup(
                 )
             else:
                 click.echo(f"[ok  ] mapping: {len(mapping.tables)} tables, every column found")
-            held = store.checkpoint_of(writer.conn, settings.source.slot)
+            # what capture keeps on this host: the outbox, or beside it on the JetStream backend
+            kept = writer.conn if settings.outbox.backend != "jetstream" else None
+            if kept is None:
+                kept = store.open_outbox(settings.outbox.capture_path)
+                closing.append(kept)
+            held = store.checkpoint_of(kept, settings.source.slot)
             if held is not None and held[0] and source.slot_status(conn, settings.source.slot) is None:
                 fail(
                     f"replication slot {settings.source.slot} does not exist, but this outbox captured from it"
@@ -124,13 +130,15 @@ def setup(
                     " tables (or point outbox.path at a new outbox to start afresh)"
                 )
             created = create_slot(conn, settings, mapping, writer)
-            queued = queue_backfill(writer.conn, settings, mapping) if with_backfill else []
+            queued = queue_backfill(kept, settings, mapping) if with_backfill else []
             secrets = store_secrets(writer.conn, settings)
             first_key = first_api_key(writer.conn)
             signing_secrets = {
                 e.name: e.secret or endpoints.stored_secret(writer.conn, e.name) for e in settings.endpoints
             }
         finally:
+            for conn_ in closing:
+                conn_.close()
             writer.close()
         if first_key is not None:
             click.echo(

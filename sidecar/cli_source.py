@@ -65,7 +65,7 @@ def slot_status(ctx: click.Context, as_json: bool) -> None:
     assert status is not None
     skips: list[dict[str, Any]] = []
     try:
-        outbox = store.connect(settings.outbox.path, readonly=True)
+        outbox = store.connect(settings.outbox.capture_path, readonly=True)
     except store.OutboxError:
         outbox = None
     if outbox is not None:
@@ -120,7 +120,7 @@ def slot_skip(ctx: click.Context, xid: int, yes: bool) -> None:
     recorded in the outbox with the checkpoint that passes it (`slot status` shows it)."""
     settings = settings_of(ctx)
     _confirm(yes, f"skip source transaction {xid}? its changes will not be captured")
-    conn = _existing_outbox(settings.outbox.path)
+    conn = _existing_outbox(settings.outbox.capture_path)  # (capture's file on this host)
     try:
         source_state.request_skip(conn, xid)
     finally:

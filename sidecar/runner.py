@@ -11,7 +11,6 @@ import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -74,7 +73,7 @@ def open_sink(settings: Settings) -> OutboxWriter | JetStreamSink:
         return open_writer(settings)
     from outbox.jetstream_sink import JetStreamSink
 
-    path = capture_state_path(settings)
+    path = settings.outbox.capture_path
     local = OutboxWriter(open_outbox(path), Router([]), checkpointer=Checkpointer(path))
     try:
         return JetStreamSink(events_log(settings), local)
@@ -95,13 +94,6 @@ def events_log(settings: Settings) -> JetStreamLog:
         replicas=js.replicas,
         timeout=js.timeout_seconds,
     )
-
-
-def capture_state_path(settings: Settings) -> str:
-    """On the JetStream backend, this host's copy of capture's state: beside the outbox
-    file (which holds the API's and dispatch's copy of the events), never the same file."""
-    path = Path(settings.outbox.path)
-    return str(path.with_name(f"{path.stem}.capture{path.suffix or '.db'}"))
 
 
 def open_mirror(settings: Settings, on_commit: Callable[[], None]) -> Mirror:

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import pytest
 from cdc import source
 from common.formats import parse_lsn
 from config.settings import JetStreamSettings
+from outbox import backfills, source_state, store
 from sidecar.natscluster import NatsCluster
 from sidecar.throwaway import free_port
 from tests.acceptance.helpers import ThreadReceiver, cli, spawn, write_config
@@ -34,6 +36,26 @@ from tests.waiting import wait_until
 
 KILLS = 5
 PARTITIONS = JetStreamSettings().partitions  # (what the CLI runs use)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every ct1-cdc this module's tests start is killed after the test if it still runs
+    (a test that fails half-way would otherwise leave captures reconnecting for good)."""
+    started: list[subprocess.Popen[bytes]] = []
+    original = spawn
+
+    def spawning(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = original(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setitem(globals(), "spawn", spawning)
+    yield
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def stream_env(cluster: NatsCluster, stream: str) -> dict[str, str]:
@@ -382,3 +404,26 @@ def test_a_standby_takes_over_a_killed_capture_with_nothing_lost_twice_or_out_of
     assert changes == list(itertools.pairwise(STATUSES))
     print(f"take-over after kill -9: {', '.join(f'{t:.2f} s' for t in takeovers)}")
     assert all(t < 30 for t in takeovers)
+
+
+def test_capture_side_commands_write_the_file_capture_reads_on_this_host(source_db, tmp_path):
+    """On the JetStream backend capture keeps its host's records beside the outbox file
+    (``<stem>.capture.db``): `slot skip` and `backfill` must write there, or capture never
+    sees them; `recover` refuses with one line."""
+    env = {"CT1_OUTBOX__BACKEND": "jetstream"}
+    config = write_config(tmp_path / "c.toml", source_db.dsn, source_db.slot, tmp_path / "o.db")
+    capture_file = tmp_path / "o.capture.db"
+    store.open_outbox(capture_file).close()  # (setup or capture made it)
+    skip = cli("slot", "skip", "7", "--yes", config=config, **env)
+    assert skip.returncode == 0, skip.stderr
+    queued = cli("backfill", "--table", "users", "--no-wait", config=config, **env)
+    assert queued.returncode == 0, queued.stderr
+    conn = store.connect(capture_file, readonly=True)
+    try:
+        assert source_state.pending_skips(conn) == {7}
+        assert [job["table"] for job in backfills.active(conn)] == ["public.users"]
+    finally:
+        conn.close()
+    recover = cli("recover", "--yes", config=config, **env)
+    assert recover.returncode == 1
+    assert len(recover.stderr.strip().splitlines()) == 1 and "on_slot_lost" in recover.stderr

@@ -462,3 +462,36 @@ def test_a_standby_polls_while_the_writer_is_inside_a_huge_transaction(backend, 
     assert standby.checkpoint("s") == 0x10  # a standby's try: no error, no read-back
     standby.close()
     active.close()
+
+
+def test_a_new_session_keeps_the_local_copy_it_brought_up_to_date(backend, tmp_path, monkeypatch):
+    sink = backend.open_on(tmp_path / "a.db")
+    sink.shadow_put("public.orders", "1", {"status": "new"})
+    sink.commit("s", 0x10)
+    resets: list[bool] = []
+    monkeypatch.setattr(JetStreamSink, "_reset_local", lambda self: resets.append(True))
+    assert sink.checkpoint("s") == 0x10  # a new session: the copy is current, nothing rebuilt
+    assert resets == []
+    sink.close()
+
+
+def test_what_a_passed_group_did_not_give_again_is_no_longer_waited_for(backend, tmp_path):
+    """A group stored before a crash whose transaction is not read again (skipped since,
+    say): once the checkpoint passes that group, its keys are let go, so the resume point
+    moves on instead of reading back ever more at each restart."""
+    sink = backend.open_on(tmp_path / "a.db")
+    add(sink, xid=1, n=1)
+    sink.commit("s", 0x10)
+    add(sink, xid=99, n=2)
+    sink._send(0x20, "s")  # stored; the state message lost
+    sink.close()
+    again = backend.open_on(tmp_path / "a.db")
+    assert again.checkpoint("s") == 0x10
+    add(again, xid=2, n=1)  # transaction 99 does not come back
+    again.commit("s", 0x30)
+    again.close()
+    third = backend.open_on(tmp_path / "c.db")
+    assert third.checkpoint("s") == 0x30
+    assert third._pass_over() == {}  # nothing stored past what 0x30 covers
+    third.close()
+    assert [key for _, key, _ in backend.stored()] == ["1:0", "99:0", "99:1", "2:0"]
