@@ -14,6 +14,13 @@ alternating.  ct1-cdc runs with the garbage-collector setting of ``ct1-cdc run``
 baseline of ``ratio``) and once with the same setting (``ratio_to_gc_tuned_baseline``,
 the like-for-like figure).  The last line is JSON with deliveries/s and both ratios
 (medians).
+
+``--backend jetstream`` starts a three-node JetStream cluster on loopback, appends each
+round's events to a stream of three replicas (as capture does, partitioned by entity)
+and times ct1-cdc as ``ct1-cdc run --role dispatch`` runs on that backend: the node's copy
+of the stream (``outbox/jetstream_mirror.py``) and the dispatcher reading it, in one
+process; the baselines post the same bodies.  One dispatcher: several sharing an
+endpoint are not built yet (docs/jetstream.md).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,8 +53,11 @@ from dispatcher.http1 import Client  # noqa: E402
 from dispatcher.signing import generate_secret  # noqa: E402
 from dispatcher.worker import Dispatcher  # noqa: E402
 from outbox import store  # noqa: E402
+from outbox.jetstream import JetStreamLog  # noqa: E402
+from outbox.jetstream_mirror import Mirror  # noqa: E402
 from outbox.store import Route, Router  # noqa: E402
 from outbox.writer import OutboxWriter  # noqa: E402
+from sidecar.natscluster import create_nats_cluster  # noqa: E402
 from sidecar.runner import tune_gc  # noqa: E402
 from sidecar.throwaway import free_port  # noqa: E402
 
@@ -128,7 +139,35 @@ async def same_client(url: str, bodies: list[bytes], concurrency: int) -> float:
         await client.close()
 
 
-async def ours(url: str, path: Path, n: int, concurrency: int) -> float:
+def fill_stream(servers: list[str], stream: str, path: Path) -> None:
+    """The events of the outbox at ``path`` appended to a new stream, as capture would."""
+    from outbox.jetstream_sink import JetStreamSink
+
+    sink = JetStreamSink(
+        JetStreamLog(servers, stream=stream, subject=f"bench.{stream.lower()}", partitions=16),
+        OutboxWriter(store.open_outbox(path.with_name(path.stem + ".capture.db")), Router([])),
+    )
+    try:
+        conn = store.connect(path, readonly=True)
+        for n, row in enumerate(
+            conn.execute(
+                "SELECT type, object, entity_key, data, occurred_at, source_table, op, lsn FROM events"
+            )
+        ):
+            sink.add(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7], n)
+            if n % 1000 == 999:
+                sink.commit("bench", n + 1)
+        sink.commit("bench", 10**9)
+        conn.close()
+    finally:
+        sink.close()
+
+
+async def ours(
+    url: str, path: Path, n: int, concurrency: int, jetstream: tuple[list[str], str] | None = None
+) -> float:
+    """Until the dispatcher delivered ``n``; on JetStream, with the node's copy of the
+    stream (``jetstream``: the servers and the stream) filled by a mirror beside it."""
     settings = Settings(
         outbox={"path": str(path)},
         dispatcher={"concurrency": concurrency, "endpoint_concurrency": concurrency},
@@ -136,7 +175,18 @@ async def ours(url: str, path: Path, n: int, concurrency: int) -> float:
     )
     dispatcher = Dispatcher(settings)
     stop = asyncio.Event()
+    mirror_stop = threading.Event()
     started = time.perf_counter()
+    if jetstream is not None:
+        servers, stream = jetstream
+        mirror = Mirror(
+            JetStreamLog(servers, stream=stream, subject=f"bench.{stream.lower()}", partitions=16),
+            lambda: store.open_outbox(path),
+            Router([Route("bench", ("*",))]),
+            dispatcher.notify,
+        )
+        copying = threading.Thread(target=mirror.run, args=(mirror_stop,), daemon=True)
+        copying.start()
     task = asyncio.create_task(dispatcher.run(stop))
     while "bench" not in dispatcher.runtimes or dispatcher.runtimes["bench"].delivered < n:
         if task.done():
@@ -144,6 +194,7 @@ async def ours(url: str, path: Path, n: int, concurrency: int) -> float:
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
     stop.set()
+    mirror_stop.set()
     await task
     conn = store.connect(path, readonly=True)
     delivered = store.stats(conn)["deliveries"]["bench"].get("delivered", 0)
@@ -170,7 +221,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--backend", choices=["sqlite", "jetstream"], default="sqlite")
     args = parser.parse_args()
+    cluster = create_nats_cluster() if args.backend == "jetstream" else None
     logs.configure("warning")  # as `ct1-cdc run` would, without per-delivery debug lines
     port = free_port()
     receiver = multiprocessing.get_context("spawn").Process(target=serve, args=(port,), daemon=True)
@@ -193,11 +246,18 @@ def main() -> None:
         for r in range(args.rounds):
             path = work / f"outbox_{r}.db"
             bodies = fill(path, args.events)
+            jetstream = None
+            if cluster is not None:  # the same events in a stream; the node's copy starts empty
+                stream = f"BENCH{r}"
+                fill_stream(cluster.servers, stream, path)
+                path.unlink()
+                path = work / f"node_{r}.db"
+                jetstream = (cluster.servers, stream)
             secs = asyncio.run(baseline(url, bodies, args.concurrency))
             rates["baseline"].append(args.events / secs)
             # ct1-cdc as `ct1-cdc run` runs it: with its garbage-collector setting ...
             with gc_tuned():
-                secs = asyncio.run(ours(url, path, args.events, args.concurrency))
+                secs = asyncio.run(ours(url, path, args.events, args.concurrency, jetstream))
             rates["ct1_cdc"].append(args.events / secs)
             # ... and, for a like-for-like figure, the bare loop with the same setting
             with gc_tuned():
@@ -221,6 +281,7 @@ def main() -> None:
             json.dumps(
                 {
                     "bench": "dispatch",
+                    "backend": args.backend,
                     "events": args.events,
                     "concurrency": args.concurrency,
                     "baseline_per_s": [round(x) for x in rates["baseline"]],
@@ -239,6 +300,8 @@ def main() -> None:
         receiver.terminate()
         receiver.join(5)
         shutil.rmtree(work, ignore_errors=True)
+        if cluster is not None:
+            cluster.stop()
 
 
 if __name__ == "__main__":
