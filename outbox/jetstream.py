@@ -485,6 +485,18 @@ class JetStreamLog:
             log.warning("jetstream_append_resumed", stored=stored, left=len(keys) - stored)
             pending = pending[stored:]
 
+    async def bucket(self, name: str) -> Any:
+        """A key-value bucket beside the stream (made, with the stream's replicas, when
+        missing)."""
+        from nats.js.api import KeyValueConfig
+        from nats.js.errors import BucketNotFoundError
+
+        try:
+            return await self._api(self.js.key_value, name)
+        except BucketNotFoundError:
+            config = KeyValueConfig(bucket=name, history=1, replicas=self.replicas, storage=StorageType.FILE)
+            return await self._api(self.js.create_key_value, config)
+
     async def keys_since(self, seq: int) -> list[tuple[str, int | None]]:
         """The keys of the messages after sequence ``seq``, oldest first, each with the
         checkpoint of the group it belongs to (None: a group not whole, chunks of a

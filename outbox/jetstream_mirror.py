@@ -24,13 +24,14 @@ from typing import Any
 import structlog
 
 from common.errors import Ct1Error
-from common.jsontext import loads
+from common.jsontext import dumps, loads
 from outbox.jetstream import JetStreamLog, Stored
 from outbox.store import Q, Router
 from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.jetstream")
 
+PROGRESS_SECONDS = 1.0  # how often a dispatch node shares its delivery progress
 MARK = "jetstream_mirror"  # the copy's own kind in derived_state: which stream it copies
 
 
@@ -48,13 +49,20 @@ class Mirror:
         conn: Callable[[], sqlite3.Connection],
         router: Router,
         on_commit: Callable[[], None] | None = None,
+        progress: bool = False,
     ) -> None:
+        """``progress``: this node dispatches; its delivery progress is shared through the
+        cluster (see :meth:`_share_progress`)."""
         self.log = log
         self.connect = conn
         self.router = router
         self.on_commit = on_commit
+        self.progress = progress
         self.last_id = 0
         self.caught_up = threading.Event()  # the copy reached the stream's end once
+        # the file is checked, and its cursors moved to the shared progress: a dispatcher
+        # may start (before, it would read cursors about to move)
+        self.ready = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
         """Follow the stream until ``stop`` is set (on this thread: its own event loop)."""
@@ -93,12 +101,70 @@ class Mirror:
         await self._check_copy(writer, end)
         if self.last_id >= end:
             self.caught_up.set()
+        sharing = None
+        if self.progress:
+            bucket = await self.log.bucket(f"{self.log.stream}_PROGRESS")
+            await self._adopt_progress(writer, bucket)
+            sharing = asyncio.ensure_future(self._share_progress(writer, bucket))
+        self.ready.set()
         log.info("mirror_started", stream=self.log.stream, after=self.last_id, stream_end=end)
-        async for batch in self.log.follow(self.last_id):
-            self._append(writer, batch)
-            if not self.caught_up.is_set() and self.last_id >= end:
-                self.caught_up.set()
-                log.info("mirror_caught_up", stream=self.log.stream, last_event_id=self.last_id)
+        try:
+            async for batch in self.log.follow(self.last_id):
+                self._append(writer, batch)
+                if not self.caught_up.is_set() and self.last_id >= end:
+                    self.caught_up.set()
+                    log.info("mirror_caught_up", stream=self.log.stream, last_event_id=self.last_id)
+                if sharing is not None and sharing.done():
+                    sharing.result()  # (it ended: its error)
+        finally:
+            if sharing is not None:
+                sharing.cancel()
+
+    # -- delivery progress, shared: a dispatch node on a new file goes on from it ------------
+
+    def _settled(self, writer: OutboxWriter) -> dict[str, int]:
+        """Per endpoint, the event id up to which every delivery is settled on this node
+        (delivered, or dead): its cursor, or below the first delivery still pending."""
+        pending = dict(
+            writer.conn.execute(
+                "SELECT endpoint, min(event_id) FROM deliveries WHERE status = 'pending' GROUP BY endpoint"
+            ).fetchall()
+        )
+        return {
+            endpoint: min(cursor, pending[endpoint] - 1) if endpoint in pending else cursor
+            for endpoint, cursor in writer.conn.execute(
+                "SELECT endpoint, last_event_id FROM delivery_cursors"
+            )
+        }
+
+    async def _adopt_progress(self, writer: OutboxWriter, bucket: Any) -> None:
+        """Move each endpoint's cursor up to what the cluster says is settled (a node on a
+        new file, or one that was away while another dispatched): not the stream again."""
+        from nats.js.errors import KeyNotFoundError
+
+        for endpoint, cursor in self._settled(writer).items():
+            try:
+                entry = await bucket.get(endpoint)
+            except KeyNotFoundError:
+                continue
+            settled = int(loads(entry.value)["settled"])
+            if settled > cursor:
+                writer.conn.execute(
+                    "UPDATE delivery_cursors SET last_event_id = ?, generation = generation + 1"
+                    " WHERE endpoint = ? AND last_event_id < ?",
+                    (settled, endpoint, settled),
+                )
+                log.info("delivery_progress_adopted", endpoint=endpoint, event_id=settled, was=cursor)
+
+    async def _share_progress(self, writer: OutboxWriter, bucket: Any) -> None:
+        """Every second, what this node has settled per endpoint, into the bucket."""
+        shared: dict[str, int] = {}
+        while True:
+            for endpoint, settled in self._settled(writer).items():
+                if shared.get(endpoint) != settled:
+                    await bucket.put(endpoint, dumps({"settled": settled}))
+                    shared[endpoint] = settled
+            await asyncio.sleep(PROGRESS_SECONDS)
 
     async def _check_copy(self, writer: OutboxWriter, end: int) -> None:
         """The file must be a copy of this stream, up to an event the stream holds alike:

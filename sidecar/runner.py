@@ -96,12 +96,13 @@ def events_log(settings: Settings) -> JetStreamLog:
     )
 
 
-def open_mirror(settings: Settings, on_commit: Callable[[], None]) -> Mirror:
-    """The API's and dispatch's copy of the events stream, in the outbox file."""
+def open_mirror(settings: Settings, on_commit: Callable[[], None], progress: bool = False) -> Mirror:
+    """The API's and dispatch's copy of the events stream, in the outbox file; a dispatch
+    node (``progress``) shares its delivery progress through the cluster."""
     from outbox.jetstream_mirror import Mirror
 
     path = settings.outbox.path
-    return Mirror(events_log(settings), lambda: open_outbox(path), router_for(settings), on_commit)
+    return Mirror(events_log(settings), lambda: open_outbox(path), router_for(settings), on_commit, progress)
 
 
 def open_writer(settings: Settings) -> OutboxWriter:
@@ -200,8 +201,11 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
                     running[asyncio.ensure_future(analytics.run(stop))] = "analytics"
         if jetstream and (dispatcher is not None or app is not None) and not stop.is_set():
             # dispatch and the API read a copy of the stream in the outbox file
-            mirror = open_mirror(settings, committed)
-            running[in_thread(functools.partial(mirror.run, mirror_stop), "mirror")] = "mirror"
+            mirror = open_mirror(settings, committed, progress=dispatcher is not None)
+            copying = in_thread(functools.partial(mirror.run, mirror_stop), "mirror")
+            running[copying] = "mirror"
+            while not (mirror.ready.is_set() or copying.done() or stop.is_set()):
+                await asyncio.sleep(0.02)  # the dispatcher starts from the cursors it leaves
         if dispatcher is not None and not stop.is_set():
             running[asyncio.ensure_future(dispatcher.run(stop))] = "dispatch"
         tune_gc()  # after startup: what it built stays out of every collection

@@ -427,3 +427,46 @@ def test_capture_side_commands_write_the_file_capture_reads_on_this_host(source_
     recover = cli("recover", "--yes", config=config, **env)
     assert recover.returncode == 1
     assert len(recover.stderr.strip().splitlines()) == 1 and "on_slot_lost" in recover.stderr
+
+
+@pytest.mark.slow
+def test_a_dispatch_node_on_a_new_file_goes_on_from_the_progress_the_cluster_holds(
+    source_db, tmp_path, nats_cluster
+):
+    """A dispatch node shares what it has delivered through the cluster: one killed with
+    SIGKILL and replaced by a node on a new host (an empty file) does not send the stream
+    again from its start, and misses nothing."""
+    stream = f"CT1_{uuid.uuid4().hex[:8].upper()}"
+    env = stream_env(nats_cluster, stream)
+    with ThreadReceiver() as rx:
+        rx.secret = SECRET
+        configs = {n: node_config(tmp_path, source_db, n, rx.url) for n in ("capture", "first", "second")}
+        logs = {n: tmp_path / f"{n}.log" for n in configs}
+        assert cli("setup", config=configs["capture"], **env).returncode == 0
+        rx.forget()
+        capture = spawn("run", "--role", "capture", config=configs["capture"], log=logs["capture"], **env)
+        first = spawn("run", "--role", "dispatch", config=configs["first"], log=logs["first"], **env)
+        second = None
+        try:
+            for i in range(30):
+                source_db.execute(
+                    "INSERT INTO users (name, email, password) VALUES (%s, %s, 'pw')", f"u{i}", f"u{i}@x"
+                )
+            wait_until(lambda: len(rx.ids) >= 30, 60, what="30 deliveries")
+            time.sleep(2.5)  # (the progress is shared every second)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+            second = spawn("run", "--role", "dispatch", config=configs["second"], log=logs["second"], **env)
+            for i in range(30, 40):
+                source_db.execute(
+                    "INSERT INTO users (name, email, password) VALUES (%s, %s, 'pw')", f"u{i}", f"u{i}@x"
+                )
+            wait_until(lambda: len(set(rx.ids)) >= 40, 60, what="40 events delivered")
+            time.sleep(1.0)  # (anything sent twice would have come by now)
+            assert sorted(rx.ids, key=lambda i: int(i[4:])) == [f"evt_{n}" for n in range(1, 41)]
+            assert "delivery_progress_adopted" in logs["second"].read_text()
+        finally:
+            for proc in (capture, second):
+                if proc is not None:
+                    proc.send_signal(signal.SIGTERM)
+                    assert proc.wait(timeout=30) == 0
