@@ -25,6 +25,7 @@ import structlog
 
 from common.errors import Ct1Error
 from common.jsontext import dumps, loads
+from outbox import jetstream_keys
 from outbox.jetstream import JetStreamLog, Stored
 from outbox.store import Q, Router
 from outbox.writer import OutboxWriter
@@ -101,6 +102,7 @@ class Mirror:
         await self._check_copy(writer, end)
         if self.last_id >= end:
             self.caught_up.set()
+        keys = asyncio.ensure_future(jetstream_keys.follow(self.log, writer.conn))
         sharing = None
         if self.progress:
             bucket = await self.log.bucket(f"{self.log.stream}_PROGRESS")
@@ -114,11 +116,13 @@ class Mirror:
                 if not self.caught_up.is_set() and self.last_id >= end:
                     self.caught_up.set()
                     log.info("mirror_caught_up", stream=self.log.stream, last_event_id=self.last_id)
-                if sharing is not None and sharing.done():
-                    sharing.result()  # (it ended: its error)
+                for task in (sharing, keys):
+                    if task is not None and task.done():
+                        task.result()  # (it ended: its error)
         finally:
-            if sharing is not None:
-                sharing.cancel()
+            for task in (sharing, keys):
+                if task is not None:
+                    task.cancel()
 
     # -- delivery progress, shared: a dispatch node on a new file goes on from it ------------
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import click
 
 from api import keys as api_keys
 from common.formats import unix_to_text
+from config.settings import Settings
 from outbox import store
 from sidecar.console import emit_json, handled, keys, settings_of
 
@@ -39,9 +42,11 @@ def keys_create(
     """Create an API key; the key is shown this once and only its hash is kept."""
     chosen = api_keys.parse_permissions(list(permissions))
     networks = api_keys.parse_networks(list(allow_ips))
-    conn = store.open_outbox(settings_of(ctx).outbox.path)
+    settings = settings_of(ctx)
+    conn = store.open_outbox(settings.outbox.path)
     try:
         made = api_keys.create(conn, name, chosen, networks)
+        share_keys(settings, conn)
     finally:
         conn.close()
     if as_json:
@@ -94,9 +99,21 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
 @handled
 def keys_revoke(ctx: click.Context, key_id: str) -> None:
     """Revoke a key at once: requests with it then get 401."""
-    conn = store.open_outbox(settings_of(ctx).outbox.path)
+    settings = settings_of(ctx)
+    conn = store.open_outbox(settings.outbox.path)
     try:
         api_keys.revoke(conn, key_id)
+        share_keys(settings, conn)
     finally:
         conn.close()
     click.echo(f"API key {key_id} revoked")
+
+
+def share_keys(settings: Settings, conn: sqlite3.Connection) -> None:
+    """On the JetStream backend, the file's keys into the cluster, for every API node."""
+    if settings.outbox.backend != "jetstream":
+        return
+    from outbox import jetstream_keys
+    from sidecar.runner import events_log
+
+    jetstream_keys.share(events_log(settings), conn)

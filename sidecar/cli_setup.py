@@ -56,6 +56,7 @@ def setup(
     """Check the source, create the slot and the outbox, optionally load sample data,
     and probe the endpoints with a signed webhook.test."""
     from sidecar import sample
+    from sidecar.cli_keys import share_keys
     from sidecar.runner import router_for
 
     settings = settings_of(ctx)
@@ -133,6 +134,7 @@ def setup(
             queued = queue_backfill(kept, settings, mapping) if with_backfill else []
             secrets = store_secrets(writer.conn, settings)
             first_key = first_api_key(writer.conn)
+            share_keys(settings, writer.conn)  # (on the JetStream backend: for every API node)
             signing_secrets = {
                 e.name: e.secret or endpoints.stored_secret(writer.conn, e.name) for e in settings.endpoints
             }

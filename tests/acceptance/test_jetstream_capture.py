@@ -145,7 +145,7 @@ def api_events(config: Path, key: str, after: int = 0, wait: int = 0) -> dict[st
         return dict(json.loads(response.read()))
 
 
-def make_key(config: Path) -> str:
+def make_key(config: Path, **env: str) -> str:
     made = cli(
         "keys",
         "create",
@@ -155,6 +155,7 @@ def make_key(config: Path) -> str:
         "core_transaction_1_export",
         "--json",
         config=config,
+        **env,
     )
     assert made.returncode == 0, made.stderr
     return str(json.loads(made.stdout)["key"])
@@ -177,7 +178,8 @@ def test_api_and_dispatch_nodes_read_the_stream_with_the_same_ids_and_survive_ki
         logs = {n: tmp_path / f"{n}.log" for n in configs}
         assert cli("setup", config=configs["capture"], **env).returncode == 0
         rx.forget()  # (setup's webhook.test)
-        keys = {n: make_key(configs[n]) for n in ("dispatch", "api")}
+        key = make_key(configs["capture"], **env)  # made on another host: shared by the cluster
+        keys = {n: key for n in ("dispatch", "api")}
         procs = {
             "capture": spawn(
                 "run", "--role", "capture", config=configs["capture"], log=logs["capture"], **env
@@ -237,6 +239,19 @@ def test_api_and_dispatch_nodes_read_the_stream_with_the_same_ids_and_survive_ki
             assert len(in_stream) == 41
             assert set(rx.ids) == {f"evt_{seq}" for seq, _ in in_stream}  # at least once, same ids
             assert rx.rejected == 0
+
+            listed = cli("keys", "list", "--json", config=configs["capture"]).stdout.splitlines()
+            key_id = next(k["id"] for k in map(json.loads, listed) if k["name"] == "reader")
+            assert cli("keys", "revoke", key_id, config=configs["capture"], **env).returncode == 0
+
+            def refused() -> bool:
+                try:
+                    api_events(configs["api"], key)
+                except urllib.error.HTTPError as exc:
+                    return exc.code == 401
+                return False
+
+            wait_until(refused, 30, what="the key revoked on another host to be refused")
         finally:
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
