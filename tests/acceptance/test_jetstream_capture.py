@@ -485,3 +485,31 @@ def test_a_dispatch_node_on_a_new_file_goes_on_from_the_progress_the_cluster_hol
                 if proc is not None:
                     proc.send_signal(signal.SIGTERM)
                     assert proc.wait(timeout=30) == 0
+
+
+def test_every_role_in_one_process_on_the_jetstream_backend(source_db, tmp_path, nats_cluster):
+    """`ct1-cdc run` with every role on one host: capture into the stream, the copy, the
+    dispatcher and the API beside it, as a first try of the backend would run it."""
+    stream = f"CT1_{uuid.uuid4().hex[:8].upper()}"
+    env = stream_env(nats_cluster, stream)
+    with ThreadReceiver() as rx:
+        rx.secret = SECRET
+        config = node_config(tmp_path, source_db, "one", rx.url)
+        setup = cli("setup", "--json", config=config, **env)
+        assert setup.returncode == 0, setup.stderr
+        key = json.loads(setup.stdout.splitlines()[-1])["api_key"]["key"]
+        rx.forget()
+        log = tmp_path / "one.log"
+        proc = spawn("run", config=config, log=log, **env)
+        try:
+            for i in range(5):
+                source_db.execute(
+                    "INSERT INTO users (name, email, password) VALUES (%s, %s, 'pw')", f"u{i}", f"u{i}@x"
+                )
+            wait_until(lambda: len(rx.ids) >= 5, 60, what="5 deliveries")
+            page = wait_until(lambda: (p := api_events(config, key))["meta"]["count"] == 5 and p, 30)
+            assert [e["id"] for e in page["data"]] == [1, 2, 3, 4, 5]
+            assert sorted(rx.ids) == [f"evt_{i}" for i in range(1, 6)]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
