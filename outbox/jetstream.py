@@ -50,7 +50,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from common.errors import Ct1Error, SourceUnavailable
 
@@ -497,6 +497,15 @@ class JetStreamLog:
             config = KeyValueConfig(bucket=name, history=1, replicas=self.replicas, storage=StorageType.FILE)
             return await self._api(self.js.create_key_value, config)
 
+    async def retrying(self, call: Any, *args: Any) -> Any:
+        """``call(*args)``, a JetStream request, asked again while the cluster cannot answer
+        it yet (see :meth:`_api`)."""
+        return await self._api(call, *args)
+
+    async def put(self, bucket: Any, key: str, value: bytes) -> None:
+        """A key-value put, asked again while the bucket's stream has no leader."""
+        await self._api(bucket.put, key, value)
+
     async def keys_since(self, seq: int) -> list[tuple[str, int | None]]:
         """The keys of the messages after sequence ``seq``, oldest first, each with the
         checkpoint of the group it belongs to (None: a group not whole, chunks of a
@@ -689,6 +698,7 @@ class JetStreamLog:
             except (
                 ServiceUnavailableError,
                 NoRespondersError,
+                NoStreamResponseError,  # (a stream just made, no leader yet)
                 nats.errors.TimeoutError,
                 TimeoutError,
             ) as exc:

@@ -25,8 +25,8 @@ import structlog
 
 from common.errors import Ct1Error
 from common.jsontext import dumps, loads
-from outbox import jetstream_keys
 from outbox.jetstream import JetStreamLog, Stored
+from outbox.jetstream_shared import ENDPOINTS, KEYS
 from outbox.store import Q, Router
 from outbox.writer import OutboxWriter
 
@@ -102,7 +102,9 @@ class Mirror:
         await self._check_copy(writer, end)
         if self.last_id >= end:
             self.caught_up.set()
-        keys = asyncio.ensure_future(jetstream_keys.follow(self.log, writer.conn))
+        followers = [
+            asyncio.ensure_future(shared.follow(self.log, writer.conn)) for shared in (KEYS, ENDPOINTS)
+        ]
         sharing = None
         if self.progress:
             bucket = await self.log.bucket(f"{self.log.stream}_PROGRESS")
@@ -116,11 +118,11 @@ class Mirror:
                 if not self.caught_up.is_set() and self.last_id >= end:
                     self.caught_up.set()
                     log.info("mirror_caught_up", stream=self.log.stream, last_event_id=self.last_id)
-                for task in (sharing, keys):
+                for task in (sharing, *followers):
                     if task is not None and task.done():
                         task.result()  # (it ended: its error)
         finally:
-            for task in (sharing, keys):
+            for task in (sharing, *followers):
                 if task is not None:
                     task.cancel()
 
@@ -148,7 +150,7 @@ class Mirror:
 
         for endpoint, cursor in self._settled(writer).items():
             try:
-                entry = await bucket.get(endpoint)
+                entry = await self.log.retrying(bucket.get, endpoint)
             except KeyNotFoundError:
                 continue
             settled = int(loads(entry.value)["settled"])
@@ -161,13 +163,19 @@ class Mirror:
                 log.info("delivery_progress_adopted", endpoint=endpoint, event_id=settled, was=cursor)
 
     async def _share_progress(self, writer: OutboxWriter, bucket: Any) -> None:
-        """Every second, what this node has settled per endpoint, into the bucket."""
+        """Every second, what this node has settled per endpoint, into the bucket, and the
+        endpoint states its dispatcher changed (a pause, a 410) for every node."""
         shared: dict[str, int] = {}
+        states: dict[str, float] = {}
         while True:
             for endpoint, settled in self._settled(writer).items():
                 if shared.get(endpoint) != settled:
-                    await bucket.put(endpoint, dumps({"settled": settled}))
+                    await self.log.put(bucket, endpoint, dumps({"settled": settled}))
                     shared[endpoint] = settled
+            changed = [r for r in ENDPOINTS.rows(writer.conn) if states.get(r["name"]) != r["updated_at"]]
+            if changed:
+                await ENDPOINTS.publish(self.log, changed)
+                states.update((r["name"], r["updated_at"]) for r in changed)
             await asyncio.sleep(PROGRESS_SECONDS)
 
     async def _check_copy(self, writer: OutboxWriter, end: int) -> None:

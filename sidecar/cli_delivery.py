@@ -247,6 +247,12 @@ def _set_state(ctx: click.Context, name: str, state: str) -> None:
     conn = _writer_conn(ctx)
     try:
         known = set_endpoint_state(conn, name, state, time.time())
+        settings = settings_of(ctx)
+        if known and settings.outbox.backend == "jetstream":  # for every node
+            from outbox.jetstream_shared import ENDPOINTS, share
+            from sidecar.runner import events_log
+
+            share(events_log(settings), conn, ENDPOINTS)
     finally:
         conn.close()
     if not known:

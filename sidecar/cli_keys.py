@@ -113,7 +113,7 @@ def share_keys(settings: Settings, conn: sqlite3.Connection) -> None:
     """On the JetStream backend, the file's keys into the cluster, for every API node."""
     if settings.outbox.backend != "jetstream":
         return
-    from outbox import jetstream_keys
+    from outbox.jetstream_shared import KEYS, share
     from sidecar.runner import events_log
 
-    jetstream_keys.share(events_log(settings), conn)
+    share(events_log(settings), conn, KEYS)

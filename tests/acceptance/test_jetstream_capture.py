@@ -252,6 +252,16 @@ def test_api_and_dispatch_nodes_read_the_stream_with_the_same_ids_and_survive_ki
                 return False
 
             wait_until(refused, 30, what="the key revoked on another host to be refused")
+
+            # an endpoint disabled on another host is so on the dispatch node, and enabled again
+            assert cli("endpoints", "disable", "ct2", config=configs["capture"], **env).returncode == 0
+            time.sleep(2.5)  # (the dispatcher reads its endpoints' states every second)
+            delivered = len(set(rx.ids))
+            source_db.execute("INSERT INTO users (name, email, password) VALUES ('held', 'h@x', 'pw')")
+            time.sleep(2.0)
+            assert len(set(rx.ids)) == delivered, "delivered to an endpoint disabled on another host"
+            assert cli("endpoints", "enable", "ct2", config=configs["capture"], **env).returncode == 0
+            wait_until(lambda: len(set(rx.ids)) == delivered + 1, 30, what="the held event after enabling")
         finally:
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
