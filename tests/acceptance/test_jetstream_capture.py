@@ -72,6 +72,18 @@ def stream_events(cluster: NatsCluster, stream: str) -> list[tuple[int, dict[str
     return [(seq, event) for seq, _, event in read]
 
 
+def wait_for_capture(db: Any) -> None:
+    """Until the slot's confirmed position reaches the source's position now."""
+    target = db.current_lsn()
+
+    def caught_up() -> bool:
+        with db.connect() as c:
+            status = source.slot_status(c, db.slot)
+        return bool(status and parse_lsn(status["confirmed_flush_lsn"]) >= target)
+
+    wait_until(caught_up, 90, interval=0.2, what="capture to catch up on the stream")
+
+
 def user_names(events: list[tuple[int, dict[str, Any]]]) -> list[str]:
     return [e["data"]["record"]["name"] for _, e in events if e["type"] == "customer.created"]
 
@@ -97,16 +109,9 @@ def test_kill_9_at_random_moments_puts_every_change_in_the_stream_once(source_db
     finally:
         writer.stop.set()
         writer.join(timeout=30)
-    target = source_db.current_lsn()
     final = spawn("run", "--role", "capture", config=config, log=log, **env)
     try:
-
-        def caught_up() -> bool:
-            with source_db.connect() as c:
-                status = source.slot_status(c, source_db.slot)
-            return bool(status and parse_lsn(status["confirmed_flush_lsn"]) >= target)
-
-        wait_until(caught_up, 90, interval=0.2, what="capture to catch up on the stream")
+        wait_for_capture(source_db)
     finally:
         final.send_signal(signal.SIGTERM)
         assert final.wait(timeout=30) == 0, log.read_text()[-3000:]
@@ -403,15 +408,8 @@ def test_a_standby_takes_over_a_killed_capture_with_nothing_lost_twice_or_out_of
     finally:
         writer.stop.set()
         writer.join(timeout=30)
-    target = source_db.current_lsn()
     try:
-
-        def caught_up() -> bool:
-            with source_db.connect() as c:
-                status = source.slot_status(c, source_db.slot)
-            return bool(status and parse_lsn(status["confirmed_flush_lsn"]) >= target)
-
-        wait_until(caught_up, 90, interval=0.2, what="capture to catch up on the stream")
+        wait_for_capture(source_db)
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
