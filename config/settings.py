@@ -101,6 +101,13 @@ class JetStreamSettings(_Section):
     replicas: int = Field(
         3, ge=1, le=5, description="copies of the stream kept by the cluster (a new stream)"
     )
+    lease_seconds: float = Field(
+        3.0,
+        ge=0.5,
+        le=60,
+        description="dispatch nodes share the partitions by leases this long: a node that dies"
+        " has its share taken over within about this (and a third of it)",
+    )
     timeout_seconds: float = Field(
         5.0, gt=0, le=120, description="a publish or request without an answer fails after this"
     )

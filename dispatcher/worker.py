@@ -20,9 +20,11 @@ SQLite work runs on threads of its own; the event loop never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -37,7 +39,7 @@ from common.version import version
 from config.settings import EndpointSettings, Settings
 from dispatcher import retry, signing
 from dispatcher.sender import Attempt, Sender, check_url
-from outbox.deliveries import DeliveryStore, Due, Finished
+from outbox.deliveries import DeliveryStore, Due, Finished, partition_of
 from outbox.endpoints import EndpointState
 
 log = structlog.get_logger("ct1_cdc.dispatch")
@@ -66,6 +68,21 @@ class Chain:
     waiting: deque[Due] = field(default_factory=deque)
     open: int = 0
     to_rows: bool = False
+
+
+@dataclass(eq=False)
+class Assignment:
+    """The partitions this dispatcher holds from now on (JetStream backend: several
+    dispatchers share the events by partition, docs/jetstream.md).  ``starts``: per
+    endpoint, the partitions taken over and the event id up to which another dispatcher
+    settled them.  ``done`` gets, per endpoint, how far it had read (``horizon``) and,
+    for each partition given up, the event id up to which it is settled here."""
+
+    parts: frozenset[int]
+    starts: dict[str, dict[int, int]]
+    done: concurrent.futures.Future[dict[str, dict[str, Any]]]
+    left: set[str] = field(default_factory=set)
+    applied: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -116,6 +133,12 @@ class Runtime:
     reading_as: tuple[int, int, int, float, float] = (0, 0, 0, 0.0, 0.0)
     delivered: int = 0
     failed: int = 0
+    # the partitions this endpoint's reads take (None: every event) and, per partition,
+    # an event id up to which another dispatcher settled it (read past, not sent)
+    parts: frozenset[int] | None = None
+    floors: dict[int, int] = field(default_factory=dict)
+    assigning: Assignment | None = None
+    entity_of: dict[int, str] = field(default_factory=dict)  # of events read, with partitions
 
 
 class Dispatcher:
@@ -125,8 +148,15 @@ class Dispatcher:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        partitions: int = 0,
     ) -> None:
+        """``partitions``: the events' partitions, shared with other dispatchers (the
+        JetStream backend): this one delivers only those :meth:`assign` gives it, none
+        until then.  0: every event is this dispatcher's."""
         self.settings = settings
+        self.partitions = partitions
+        self.started = threading.Event()  # the endpoints' runtimes exist: assign() may come
+        self.finished = threading.Event()  # stopped, everything recorded
         self.cfg = settings.dispatcher
         self.clock = clock
         self.rng = rng or random.Random()
@@ -143,6 +173,7 @@ class Dispatcher:
         self._commits = 0  # attempt-log commits so far
         self._cursors_due = False  # a cursor may move with nothing else to commit
         self._stopping = False
+        self._store: DeliveryStore | None = None
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -169,7 +200,7 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
-        store = await self._db(DeliveryStore, self.settings.outbox.path)
+        store = await self._db(DeliveryStore, self.settings.outbox.path, self.partitions)
         sender = Sender(
             self.cfg.timeout_seconds,
             concurrency=self.cfg.concurrency,
@@ -188,6 +219,8 @@ class Dispatcher:
                 loop_task.add_done_callback(functools.partial(self._loop_ended, cfg.name))
                 tasks.append(loop_task)
             tasks.append(asyncio.create_task(self._poll(store)))
+            self._store = store
+            self.started.set()
             log.info("dispatch_started", endpoints=sorted(self.runtimes))
             await stop.wait()
         finally:
@@ -211,6 +244,7 @@ class Dispatcher:
             await self._db(store.close)
             self._writes.shutdown(wait=True)
             self._loop = None
+            self.finished.set()
 
     @staticmethod
     def _loop_ended(endpoint: str, task: asyncio.Task[None]) -> None:
@@ -250,6 +284,7 @@ class Dispatcher:
             cursor_moved_at=self.clock(),
             durations=ATTEMPT_SECONDS.labels(cfg.name),
             delivered_total=ATTEMPTS.labels(cfg.name, "delivered"),
+            parts=frozenset() if self.partitions else None,
         )
 
     async def _poll(self, store: DeliveryStore) -> None:
@@ -298,6 +333,8 @@ class Dispatcher:
                 if not self._take_read(store, rt, result):
                     wait = min(ROW_POLL_SECONDS, max(0.0, rt.rows_at - now))
                     quiet_until = now + (wait if wait > 0 else POLL_SECONDS)
+            if rt.assigning is not None:
+                await self._apply(store, rt)
             # Disabled, or paused until its probe: new deliveries do not matter, so these
             # waits ignore the wake-up (it stays set until the next read: waiting on it
             # would end every wait at once, and the loop would spin until the probe).
@@ -333,6 +370,8 @@ class Dispatcher:
         some or every ROW_POLL_SECONDS for those made elsewhere (a replay from the CLI, a
         manual event), up to the free slots; then the events past what was read, without
         a row, up to READ_AHEAD waiting in memory."""
+        if rt.assigning is not None or rt.parts == frozenset():
+            return  # partitions changing hands (reads wait), or none held
         rows = max(0, capacity) if not rt.rewinding and now >= rt.rows_at else 0
         room = min(READ_AHEAD - len(rt.ready), MAX_AHEAD - (len(rt.unsettled) - len(rt.settled)))
         # (an endpoint without a cursor reads no events: only rows, every one of them)
@@ -355,6 +394,8 @@ class Dispatcher:
                 upto,
                 rt.horizon,
                 max(0, events),
+                rt.parts,
+                dict(rt.floors),
             )
         )
         rt.reading_as = (read_seq, rows, events, now, rt.rows_at)
@@ -391,6 +432,154 @@ class Dispatcher:
         if next_at is not None:
             rt.rows_at = min(rt.rows_at, next_at)
         return False
+
+    # -- partitions shared with other dispatchers (JetStream backend) -------------------------
+
+    def assign(
+        self, parts: frozenset[int], starts: dict[str, dict[int, int]]
+    ) -> concurrent.futures.Future[dict[str, dict[str, Any]]]:
+        """Hold ``parts`` from now on (callable from any thread, once :attr:`started` is
+        set).  Partitions given up are let go once nothing of theirs is on its way to a
+        receiver; partitions taken over get a row for each event between where their
+        ``starts`` say another dispatcher settled them and where this one has read.  The
+        future resolves when every endpoint has done so (see :class:`Assignment`)."""
+        done: concurrent.futures.Future[dict[str, dict[str, Any]]] = concurrent.futures.Future()
+        assignment = Assignment(parts, starts, done)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            done.set_exception(RuntimeError("the dispatcher is not running"))
+            return done
+        loop.call_soon_threadsafe(self._assign_now, assignment)
+        return done
+
+    def _assign_now(self, assignment: Assignment) -> None:
+        assignment.left = set(self.runtimes)
+        if not assignment.left:
+            assignment.done.set_result({})
+        for rt in self.runtimes.values():
+            old = rt.assigning
+            if old is not None:  # superseded before it was applied: that one is done too
+                old.left.discard(rt.cfg.name)
+                if not old.left and not old.done.done():
+                    old.done.set_result(old.applied)
+            rt.assigning = assignment
+            rt.freed.set()
+
+    async def _apply(self, store: DeliveryStore, rt: Runtime) -> None:
+        """Apply ``rt.assigning`` once no read runs and nothing of a partition given up is
+        being sent (its receiver could otherwise get an older event of an entity after the
+        next holder sent a newer one); until then the next round looks again."""
+        a = rt.assigning
+        assert a is not None and rt.parts is not None
+        released = rt.parts - a.parts
+        if rt.reading is not None:
+            return
+        if released and any(
+            chain.open and partition_of(entity, self.partitions) in released
+            for entity, chain in rt.chains.items()
+        ):
+            return
+        name = rt.cfg.name
+        settled: dict[int, int] = {}
+        if released:  # where the next holder goes on from: below anything not settled here
+            pending = await self._db(store.pending_by_partition, name)
+            settled = self._settled_by_partition(rt, released, pending)
+            self._drop(rt, released)
+        taken = {p: start for p, start in a.starts.get(name, {}).items() if p in a.parts - rt.parts}
+        behind = {p: start for p, start in taken.items() if start >= rt.horizon}
+        catch_up = {p: start for p, start in taken.items() if start < rt.horizon}
+        if catch_up:
+            made = await self._db(store.take_partitions, name, catch_up, rt.horizon, self.clock())
+            rt.rows_at = 0.0
+            if made:
+                log.info("partition_rows_made", endpoint=name, rows=made, partitions=sorted(catch_up))
+        if rt.assigning is not a:
+            return  # a newer one came meanwhile: applied at the next round, from here
+        for p in released:
+            rt.floors.pop(p, None)
+        rt.floors.update(behind)
+        rt.parts = a.parts
+        rt.assigning = None
+        rt.wake.set()
+        a.applied[name] = {"horizon": rt.horizon, "settled": settled}
+        a.left.discard(name)
+        if not a.left and not a.done.done():
+            a.done.set_result(a.applied)
+
+    def _drop(self, rt: Runtime, released: frozenset[int]) -> None:
+        """Forget the events of ``released`` partitions held in memory and not sent: the
+        next holder sends them (the cursor here may pass them)."""
+        part = self.partitions
+
+        def mine(entity: str) -> bool:
+            return partition_of(entity, part) not in released
+
+        for _, item in [pair for pair in rt.ready if not mine(pair[1].entity)]:
+            self._forget(rt, item)
+        rt.ready = deque(pair for pair in rt.ready if mine(pair[1].entity))
+        for entity in [e for e in rt.chains if not mine(e)]:
+            chain = rt.chains.pop(entity)
+            for item in chain.waiting:
+                self._forget(rt, item)
+        self._cursors_due = True
+
+    @staticmethod
+    def _forget(rt: Runtime, item: Due) -> None:
+        if item.has_row:
+            rt.inflight.discard(item.event_id)
+        else:
+            rt.settled.add(item.event_id)
+        while rt.unsettled and rt.unsettled[0] in rt.settled:
+            rt.settled.discard(rt.unsettled.popleft())
+
+    def _settled_by_partition(
+        self, rt: Runtime, parts: Collection[int], pending: dict[int, int]
+    ) -> dict[int, int]:
+        """Per partition of ``parts``, the event id up to which every delivery is settled
+        here: what it has read, below its first event not settled and its first pending
+        row (``pending``, per partition)."""
+        base = rt.cursor if rt.generation < 0 or rt.rewinding else rt.horizon
+        firsts: dict[int, int] = {}
+        entity_of = rt.entity_of
+        for event_id in rt.unsettled:
+            if event_id not in rt.settled and event_id in entity_of:
+                firsts.setdefault(partition_of(entity_of[event_id], self.partitions), event_id)
+        rt.entity_of = {e: entity_of[e] for e in rt.unsettled if e in entity_of}  # (the rest settled)
+        beyond = base + 1
+        return {
+            # (a partition taken over past what this node had read: settled up to its floor)
+            p: max(min(base, firsts.get(p, beyond) - 1, pending.get(p, beyond) - 1), rt.floors.get(p, 0))
+            for p in parts
+        }
+
+    def cursors(self) -> dict[str, int]:
+        """Each endpoint's committed cursor (callable from any thread)."""
+        return {name: rt.cursor for name, rt in list(self.runtimes.items())}
+
+    def progress(self) -> concurrent.futures.Future[dict[str, dict[int, int]]]:
+        """Per endpoint and partition held, the event id up to which every delivery is
+        settled here (callable from any thread): what the next holder goes on from."""
+        done: concurrent.futures.Future[dict[str, dict[int, int]]] = concurrent.futures.Future()
+        loop, store = self._loop, self._store
+        if loop is None or loop.is_closed() or store is None:
+            done.set_result({})
+            return done
+
+        async def measure() -> None:
+            try:
+                out: dict[str, dict[int, int]] = {}
+                for name, rt in self.runtimes.items():
+                    if not rt.parts or rt.assigning is not None:
+                        continue
+                    pending = await self._db(store.pending_by_partition, name)
+                    if rt.assigning is None:  # (not while partitions change hands)
+                        out[name] = self._settled_by_partition(rt, rt.parts, pending)
+                done.set_result(out)
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(measure()))
+        return done
 
     async def _check_cursor(self, store: DeliveryStore, rt: Runtime) -> None:
         """Notice a cursor registered since the start, or moved back by ``outbox replay
@@ -433,6 +622,8 @@ class Dispatcher:
             rt.delivered_ahead.discard(item.event_id)
             return
         rt.unsettled.append(item.event_id)
+        if self.partitions:
+            rt.entity_of[item.event_id] = item.entity
         chain = rt.chains.get(item.entity)
         # a row of its entity went pending after this read started: the read could not see it
         to_rows = rt.to_rows_at.get(item.entity, -1) > read_seq

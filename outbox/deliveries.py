@@ -11,7 +11,8 @@ writer uses another connection and SQLite serialises the two writers.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection
+import zlib
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,13 +118,25 @@ def success_batches(results: list[Finished]) -> list[dict[str, Any]]:
     return out
 
 
+def partition_of(entity: str, partitions: int) -> int:
+    """The partition of an entity (``object:key``) among ``partitions``: the subject its
+    events are published on (outbox/jetstream_sink.py), the unit dispatchers share."""
+    return zlib.crc32(entity.encode()) % partitions
+
+
 class DeliveryStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, partitions: int = 0) -> None:
+        """``partitions``: the events' partitions (JetStream backend), so that this node's
+        reads can be narrowed to the ones it holds; 0: every event is this node's."""
         self.conn = store.open_outbox(path)  # writes: attempts, delivery and endpoint state
         self.conn.execute("PRAGMA busy_timeout=60000")  # capture may hold the lock a while
         # Claims read on a connection of their own, so they never queue behind an fsync.
         self.reader = store.connect(path)
         self._data_version = -1
+        self.partitions = partitions
+        n = max(1, partitions)
+        for conn in (self.conn, self.reader):
+            conn.create_function("ct1_partition", 1, lambda e: partition_of(e, n), deterministic=True)
 
     def changed(self) -> bool:
         """Whether another connection committed since the last call (cheap to poll)."""
@@ -140,9 +153,11 @@ class DeliveryStore:
         skip: Collection[int],
         busy: Collection[str] = (),
         horizon: int | None = None,
+        parts: Collection[int] | None = None,
     ) -> list[Due]:
         """Up to ``limit`` due delivery rows, oldest first, none of the ``skip`` event ids,
-        of the ``busy`` entities or past ``horizon`` (every row when None)."""
+        of the ``busy`` entities or past ``horizon`` (every row when None); of the
+        partitions ``parts`` only, when given."""
         args = {
             "endpoint": endpoint,
             "now": now,
@@ -150,6 +165,7 @@ class DeliveryStore:
             "skip": store.dumps(list(skip)),
             "busy": store.dumps(list(busy)),
             "horizon": (1 << 62) if horizon is None else horizon,
+            "parts": _parts(parts),
         }
         row = self.reader.execute(D["claim"], args).fetchone()
         due = []
@@ -159,21 +175,32 @@ class DeliveryStore:
         due.sort(key=lambda d: d.event_id)
         return due
 
-    def fresh(self, endpoint: str, after: int, limit: int) -> tuple[list[Due], int]:
+    def fresh(
+        self,
+        endpoint: str,
+        after: int,
+        limit: int,
+        parts: Collection[int] | None = None,
+        floors: Mapping[int, int] | None = None,
+    ) -> tuple[list[Due], int]:
         """The events past ``after`` that ``endpoint`` takes and that have no row, at most
         ``limit``, oldest first; and how far they were read (the newest event when fewer
-        than ``limit`` came back)."""
+        than ``limit`` came back).  ``parts``: of those partitions only; ``floors``: per
+        partition, an event id up to which its events are settled already (another
+        dispatcher delivered them): left out, as read."""
         upto = int(self.reader.execute(store.Q["last_event_id"]).fetchone()[0])
         if upto <= after:
             return [], after
-        row = self.reader.execute(
-            D["fresh"], {"endpoint": endpoint, "after": after, "upto": upto, "limit": limit}
-        ).fetchone()
+        args = {"endpoint": endpoint, "after": after, "upto": upto, "limit": limit, "parts": _parts(parts)}
+        row = self.reader.execute(D["fresh"], args).fetchone()
+        found = orjson.loads(row[0])
         due = []
-        for event_id, entity, blocked, *envelope in orjson.loads(row[0]):
+        for event_id, entity, blocked, *envelope in found:
+            if floors and event_id <= floors.get(partition_of(entity, self.partitions), 0):
+                continue
             body = store.envelope_json((event_id, *envelope)).encode("utf-8")
             due.append(Due(event_id, 0, body, entity, has_row=False, blocked=bool(blocked)))
-        return due, (due[-1].event_id if len(due) >= limit else upto)
+        return due, (found[-1][0] if len(found) >= limit else upto)
 
     def batched_after(self, endpoint: str, cursor: int, generation: int) -> tuple[set[int], set[int]]:
         """The events past ``cursor`` that already have a first-try success on record:
@@ -196,12 +223,14 @@ class DeliveryStore:
         horizon: int | None,
         after: int,
         events: int,
+        parts: Collection[int] | None = None,
+        floors: Mapping[int, int] | None = None,
     ) -> tuple[list[Due], list[Due], int, float | None]:
         """One round of the dispatcher in one call on the read thread: up to ``rows`` due
         rows (:meth:`claim`), then up to ``events`` events past ``after`` (:meth:`fresh`),
         how far those were read, and when the next row falls due if nothing came back."""
-        due = self.claim(endpoint, now, rows, skip, busy, horizon) if rows > 0 else []
-        fresh, upto = self.fresh(endpoint, after, events) if events > 0 else ([], after)
+        due = self.claim(endpoint, now, rows, skip, busy, horizon, parts) if rows > 0 else []
+        fresh, upto = self.fresh(endpoint, after, events, parts, floors) if events > 0 else ([], after)
         next_at = self.next_due(endpoint) if not due and not fresh else None
         return due, fresh, upto, next_at
 
@@ -235,6 +264,25 @@ class DeliveryStore:
         finally:
             self.conn.execute("PRAGMA synchronous=FULL")
         return upto - after
+
+    def take_partitions(self, endpoint: str, starts: Mapping[int, int], upto: int, now: float) -> int:
+        """Partitions taken over from another dispatcher: a row due now for each of their
+        events in (start, ``upto``] that ``endpoint`` takes (``upto``: what this node has
+        read past without sending them), in one commit; how many rows."""
+        made = 0
+        with store.transaction(self.conn):
+            for part, after in starts.items():
+                args = {"endpoint": endpoint, "part": part, "after": after, "upto": upto, "now": now}
+                made += self.conn.execute(D["take_partition"], args).rowcount
+        return made
+
+    def pending_by_partition(self, endpoint: str) -> dict[int, int]:
+        """Per partition, the first event with a delivery to ``endpoint`` still pending."""
+        first: dict[int, int] = {}
+        for entity, event_id in self.conn.execute(D["pending_by_entity"], {"endpoint": endpoint}):
+            part = partition_of(entity, self.partitions)
+            first[part] = min(first.get(part, event_id), event_id)
+        return first
 
     def next_due(self, endpoint: str) -> float | None:
         row = self.reader.execute(D["next_due"], (endpoint,)).fetchone()
@@ -278,6 +326,10 @@ class DeliveryStore:
     def close(self) -> None:
         self.reader.close()
         self.conn.close()
+
+
+def _parts(parts: Collection[int] | None) -> str | None:
+    return None if parts is None else store.dumps(sorted(parts))
 
 
 # -- what an operator sees and does ---------------------------------------------------------

@@ -26,6 +26,7 @@ import structlog
 from common.errors import Ct1Error
 from common.jsontext import dumps, loads
 from outbox.jetstream import JetStreamLog, Stored
+from outbox.jetstream_leases import LEAVE_WITHIN, Leases
 from outbox.jetstream_shared import ENDPOINTS, KEYS
 from outbox.store import Q, Router
 from outbox.writer import OutboxWriter
@@ -51,14 +52,18 @@ class Mirror:
         router: Router,
         on_commit: Callable[[], None] | None = None,
         progress: bool = False,
+        leases: Leases | None = None,
     ) -> None:
         """``progress``: this node dispatches; its delivery progress is shared through the
-        cluster (see :meth:`_share_progress`)."""
+        cluster (see :meth:`_share_progress`).  ``leases``: it shares the partitions with
+        the other dispatch nodes (outbox/jetstream_leases.py), and its progress is theirs."""
         self.log = log
         self.connect = conn
         self.router = router
         self.on_commit = on_commit
         self.progress = progress
+        self.leases = leases
+        self._leasing: asyncio.Future[None] | None = None
         self.last_id = 0
         self.caught_up = threading.Event()  # the copy reached the stream's end once
         # the file is checked, and its cursors moved to the shared progress: a dispatcher
@@ -68,6 +73,7 @@ class Mirror:
     def run(self, stop: threading.Event) -> None:
         """Follow the stream until ``stop`` is set (on this thread: its own event loop)."""
         writer = OutboxWriter(self.connect(), self.router)
+        self._stop = stop
         try:
             asyncio.run(self._until_stopped(writer, stop))
         except Ct1Error:
@@ -88,6 +94,9 @@ class Mirror:
                 task.cancel()
                 with contextlib.suppress(BaseException):  # (its error is read below)
                     await task
+            if self._leasing is not None:  # it lets its partitions go once dispatch finished
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(self._leasing, LEAVE_WITHIN + 5)
             with contextlib.suppress(Exception):
                 await self.log.close()
         if follow in done:
@@ -108,8 +117,11 @@ class Mirror:
         sharing = None
         if self.progress:
             bucket = await self.log.bucket(f"{self.log.stream}_PROGRESS")
-            await self._adopt_progress(writer, bucket)
+            if self.leases is None:
+                await self._adopt_progress(writer, bucket)
             sharing = asyncio.ensure_future(self._share_progress(writer, bucket))
+        if self.leases is not None:  # (it waits for the dispatcher to start)
+            self._leasing = asyncio.ensure_future(self.leases.run(self._stop, writer.conn))
         self.ready.set()
         log.info("mirror_started", stream=self.log.stream, after=self.last_id, stream_end=end)
         try:
@@ -118,7 +130,7 @@ class Mirror:
                 if not self.caught_up.is_set() and self.last_id >= end:
                     self.caught_up.set()
                     log.info("mirror_caught_up", stream=self.log.stream, last_event_id=self.last_id)
-                for task in (sharing, *followers):
+                for task in (sharing, self._leasing, *followers):
                     if task is not None and task.done():
                         task.result()  # (it ended: its error)
         finally:
@@ -168,7 +180,8 @@ class Mirror:
         shared: dict[str, int] = {}
         states: dict[str, float] = {}
         while True:
-            for endpoint, settled in self._settled(writer).items():
+            # (with partitions shared, their holders publish progress: outbox/jetstream_leases.py)
+            for endpoint, settled in self._settled(writer).items() if self.leases is None else ():
                 if shared.get(endpoint) != settled:
                     await self.log.put(bucket, endpoint, dumps({"settled": settled}))
                     shared[endpoint] = settled

@@ -96,13 +96,23 @@ def events_log(settings: Settings) -> JetStreamLog:
     )
 
 
-def open_mirror(settings: Settings, on_commit: Callable[[], None], progress: bool = False) -> Mirror:
+def open_mirror(
+    settings: Settings, on_commit: Callable[[], None], dispatcher: Dispatcher | None = None
+) -> Mirror:
     """The API's and dispatch's copy of the events stream, in the outbox file; a dispatch
-    node (``progress``) shares its delivery progress through the cluster."""
+    node (with its ``dispatcher``) shares the partitions and its delivery progress with
+    the other dispatch nodes through the cluster."""
+    from outbox.jetstream_leases import Leases
     from outbox.jetstream_mirror import Mirror
 
     path = settings.outbox.path
-    return Mirror(events_log(settings), lambda: open_outbox(path), router_for(settings), on_commit, progress)
+    log = events_log(settings)
+    leases = None
+    if dispatcher is not None:  # dispatch nodes share the partitions
+        leases = Leases(log, dispatcher, settings.outbox.jetstream.lease_seconds)
+    return Mirror(
+        log, lambda: open_outbox(path), router_for(settings), on_commit, dispatcher is not None, leases
+    )
 
 
 def open_writer(settings: Settings) -> OutboxWriter:
@@ -161,7 +171,8 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
     jetstream = settings.outbox.backend == "jetstream"
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_requested, sig)
-    dispatcher = Dispatcher(settings) if "dispatch" in roles else None
+    partitions = settings.outbox.jetstream.partitions if jetstream else 0
+    dispatcher = Dispatcher(settings, partitions=partitions) if "dispatch" in roles else None
     app = None
     if "api" in roles:
         from api.app import FEED, create_app
@@ -201,7 +212,7 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
                     running[asyncio.ensure_future(analytics.run(stop))] = "analytics"
         if jetstream and (dispatcher is not None or app is not None) and not stop.is_set():
             # dispatch and the API read a copy of the stream in the outbox file
-            mirror = open_mirror(settings, committed, progress=dispatcher is not None)
+            mirror = open_mirror(settings, committed, dispatcher)
             copying = in_thread(functools.partial(mirror.run, mirror_stop), "mirror")
             running[copying] = "mirror"
             while not (mirror.ready.is_set() or copying.done() or stop.is_set()):

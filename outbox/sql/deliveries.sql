@@ -19,6 +19,7 @@ FROM (
       AND d.event_id <= :horizon
       AND d.event_id NOT IN (SELECT value FROM json_each(:skip))
       AND d.entity NOT IN (SELECT value FROM json_each(:busy))
+      AND (:parts IS NULL OR ct1_partition(d.entity) IN (SELECT value FROM json_each(:parts)))
       AND NOT EXISTS (
           SELECT 1 FROM deliveries p INDEXED BY deliveries_entity
           WHERE p.endpoint = d.endpoint AND p.status = 'pending'
@@ -45,6 +46,8 @@ FROM (
     WHERE e.id > :after AND e.id <= :upto AND e.routed = 0
       AND e.type IN (SELECT type FROM endpoint_routes WHERE endpoint = :endpoint)
       AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = :endpoint AND d.event_id = e.id)
+      AND (:parts IS NULL OR ct1_partition(e.object || ':' || coalesce(e.entity_key, ''))
+                             IN (SELECT value FROM json_each(:parts)))
     ORDER BY e.id
     LIMIT :limit
 )
@@ -199,6 +202,23 @@ FROM events e
 JOIN endpoint_routes r ON r.endpoint = :endpoint AND r.type = e.type
 WHERE e.id > :after AND e.id <= :upto AND e.routed = 0
 ORDER BY e.id
+
+-- name: take_partition
+-- A partition taken over from another dispatcher (JetStream backend): a row due now for
+-- each event of partition :part in (:after, :upto] that the endpoint's routes take, sent
+-- from there in order by the claim (a delivery already on record keeps its row).
+INSERT OR IGNORE INTO deliveries (event_id, endpoint, entity, next_attempt_at)
+SELECT e.id, :endpoint, e.object || ':' || coalesce(e.entity_key, ''), :now
+FROM events e
+JOIN endpoint_routes r ON r.endpoint = :endpoint AND r.type = e.type
+WHERE e.id > :after AND e.id <= :upto AND e.routed = 0
+  AND ct1_partition(e.object || ':' || coalesce(e.entity_key, '')) = :part
+ORDER BY e.id
+
+-- name: pending_by_entity
+-- The first pending delivery of each entity of an endpoint (what holds its progress back).
+SELECT entity, min(event_id) FROM deliveries INDEXED BY deliveries_entity
+WHERE endpoint = :endpoint AND status = 'pending' GROUP BY entity
 
 -- name: move_cursor
 UPDATE delivery_cursors SET last_event_id = :upto WHERE endpoint = :endpoint

@@ -1,0 +1,162 @@
+"""Several dispatch nodes sharing one endpoint on the JetStream backend (docs/jetstream.md):
+the partitions are spread over the nodes by leases; a node joining during a burst of
+10,000 events takes its share, a node killed with SIGKILL has its share taken by the
+others; every event reaches the receiver at least once under its one webhook-id, and each
+entity's events arrive in order."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.jsontext import dumps
+from outbox import store
+from outbox.jetstream import JetStreamLog
+from outbox.jetstream_sink import LoopThread
+from tests.acceptance.helpers import ThreadReceiver
+from tests.acceptance.test_jetstream_capture import (  # noqa: F401  (no_process_left: a fixture)
+    PARTITIONS,
+    SECRET,
+    log_events,
+    no_process_left,
+    node_config,
+    spawn,
+    stream_env,
+)
+from tests.sink_contract import AT
+from tests.waiting import wait_until
+
+EVENTS = 10_000
+ENTITIES = 200
+GROUP = 500
+
+
+def append_orders(servers: list[str], stream: str, first: int, count: int) -> None:
+    """``count`` order.updated events as capture stores them, each of ENTITIES orders in
+    turn (the version in the record counts per order), in groups of GROUP."""
+    loop = LoopThread()
+    log = JetStreamLog(servers, stream=stream, subject=f"ct1.{stream.lower()}", partitions=PARTITIONS)
+    try:
+        loop.run(log.connect())
+        loop.run(log.ensure_stream())
+        loop.run(log.adopt())
+        for start in range(first, first + count, GROUP):
+            group = []
+            for n in range(start, min(start + GROUP, first + count)):
+                key, version = str(n % ENTITIES), n // ENTITIES
+                body = dumps(
+                    {
+                        "type": "order.updated",
+                        "object": "order",
+                        "entity_key": key,
+                        "occurred_at": AT,
+                        "data": {
+                            "object": "order",
+                            "id": key,
+                            "record": {"version": version},
+                            "previous": {"version": version - 1},
+                        },
+                        "source_table": "public.orders",
+                        "op": "update",
+                        "lsn": f"0/{n + 1:X}",
+                        "xid": 1000 + start // GROUP,
+                        "created_at": 0.0,
+                    }
+                )
+                group.append((f"order:{n}", body, zlib.crc32(f"order:{key}".encode()) % PARTITIONS))
+            loop.run(log.append_whole(group, start + GROUP))
+        loop.run(log.close())
+    finally:
+        loop.stop()
+
+
+def delivered(path: Path) -> int:
+    """Deliveries a node's outbox records as delivered."""
+    conn = store.connect(path, readonly=True)
+    try:
+        return int(store.stats(conn)["deliveries"].get("ct2", {}).get("delivered", 0))
+    finally:
+        conn.close()
+
+
+def held(path: Path) -> list[int]:
+    """The partitions a node said it holds last."""
+    changes = [e for e in log_events(path) if e["event"] in ("partitions_changed", "partition_leases_lost")]
+    return list(changes[-1].get("held", [])) if changes else []
+
+
+@pytest.mark.slow
+def test_three_dispatch_nodes_share_an_endpoint_through_a_join_and_a_kill_9(
+    tmp_path, source_db, nats_cluster
+):
+    stream = f"CT1_{uuid.uuid4().hex[:8].upper()}"
+    env = stream_env(nats_cluster, stream)
+    append_orders(nats_cluster.servers, stream, 0, 0)  # the stream, empty
+    with ThreadReceiver() as rx:
+        rx.secret = SECRET
+        configs = {n: node_config(tmp_path, source_db, n, rx.url) for n in ("a", "b", "c")}
+        logs = {n: tmp_path / f"{n}.log" for n in configs}
+        nodes = {n: spawn("run", "--role", "dispatch", config=configs[n], log=logs[n], **env) for n in "ab"}
+        try:
+            wait_until(
+                lambda: (
+                    sorted(held(logs["a"]) + held(logs["b"])) == list(range(PARTITIONS))
+                    and all(held(logs[n]) for n in "ab")
+                ),
+                60,
+                what="two nodes sharing the partitions",
+            )
+            append_orders(nats_cluster.servers, stream, 1, EVENTS)
+            wait_until(lambda: len(rx.ids) >= EVENTS // 10, 60, what="a tenth delivered")
+            nodes["c"] = spawn("run", "--role", "dispatch", config=configs["c"], log=logs["c"], **env)
+            wait_until(lambda: held(logs["c"]), 60, what="the joining node taking its share")
+            wait_until(lambda: len(set(rx.ids)) >= EVENTS // 2, 120, what="half delivered")
+            lost = held(logs["a"])
+            assert lost, "node a holds nothing to lose"
+            nodes["a"].send_signal(signal.SIGKILL)
+            nodes["a"].wait(timeout=30)
+            killed_at = time.monotonic()
+            wait_until(
+                lambda: set(lost) <= set(held(logs["b"]) + held(logs["c"])),
+                60,
+                what="node a's partitions taken by the others",
+            )
+            print(f"\nnode a's share taken over {time.monotonic() - killed_at:.2f} s after its kill")
+            wanted = {f"evt_{n}" for n in range(1, EVENTS + 1)}
+            wait_until(lambda: wanted <= set(rx.ids), 240, what="every event delivered")
+            time.sleep(1.0)  # (a late duplicate would have come by now)
+        finally:
+            for proc in nodes.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    assert proc.wait(timeout=30) == 0
+    assert rx.rejected == 0
+    by_id: dict[str, dict[str, Any]] = {}
+    firsts: dict[str, list[int]] = {}
+    for webhook_id, envelope in zip(rx.ids, rx.received, strict=True):
+        assert webhook_id == f"evt_{envelope['id']}"
+        if webhook_id in by_id:  # sent again after the kill: the same event, byte for byte
+            assert by_id[webhook_id] == envelope
+            continue
+        by_id[webhook_id] = envelope
+        firsts.setdefault(envelope["data"]["id"], []).append(envelope["data"]["record"]["version"])
+    assert set(by_id) == wanted
+    # each order's versions arrive in order: no node sent a newer one before another's older
+    disorder = {key: versions for key, versions in firsts.items() if versions != sorted(versions)}
+    assert not disorder, list(disorder.items())[:3]
+    assert sum(len(v) for v in firsts.values()) == EVENTS
+    duplicates = len(rx.ids) - len(by_id)
+    print(f"{duplicates} deliveries sent again after the kill (at least once, same webhook-id)")
+    # shared, not repeated: a node sending every event would have doubled the deliveries
+    assert duplicates < EVENTS // 4
+    shares = {n: delivered(tmp_path / f"{n}.db") for n in "abc"}
+    print(f"first-try deliveries by node: {shares}")
+    assert all(shares.values()), shares
+    for name in "bc":  # the survivors stopped cleanly and let their partitions go
+        assert any(e["event"] == "partitions_given_up" for e in log_events(logs[name])), name
