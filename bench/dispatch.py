@@ -19,8 +19,13 @@ the like-for-like figure).  The last line is JSON with deliveries/s and both rat
 round's events to a stream of three replicas (as capture does, partitioned by entity)
 and times ct1-cdc as ``ct1-cdc run --role dispatch`` runs on that backend: the node's copy
 of the stream (``outbox/jetstream_mirror.py``) and the dispatcher reading it, in one
-process; the baselines post the same bodies.  One dispatcher: several sharing an
-endpoint are not built yet (docs/jetstream.md).
+process, each node a ``ct1-cdc run --role dispatch`` of its own (timed from their start
+until the receiver has every event); the baselines post the same bodies.
+
+``--dispatchers N`` (JetStream): N dispatch nodes share the endpoint by partition
+(outbox/jetstream_leases.py), each with its own copy of the stream.  ``--kill-one``: the
+first node is killed with SIGKILL once half the events are delivered, and the time until
+the others hold its partitions is reported (``takeover_s``).
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ import contextlib
 import gc
 import json
 import multiprocessing
+import os
 import shutil
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -63,12 +71,29 @@ from sidecar.throwaway import free_port  # noqa: E402
 
 
 def serve(port: int) -> None:
+    seen: set[str] = set()  # webhook-ids (ct1-cdc's deliveries), for the nodes' timing
+    total = [0]
+
     async def ok(request: web.Request) -> web.Response:
         await request.read()
+        webhook_id = request.headers.get("webhook-id")
+        if webhook_id is not None:
+            seen.add(webhook_id)
+            total[0] += 1
         return web.Response(text="ok")
+
+    async def count(request: web.Request) -> web.Response:
+        return web.json_response({"distinct": len(seen), "total": total[0]})
+
+    async def reset(request: web.Request) -> web.Response:
+        seen.clear()
+        total[0] = 0
+        return web.json_response({})
 
     app = web.Application()
     app.router.add_post("/hook", ok)
+    app.router.add_get("/count", count)
+    app.router.add_post("/reset", reset)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
@@ -203,6 +228,101 @@ async def ours(
     return elapsed
 
 
+CLI = str(Path(sys.executable).parent / "ct1-cdc")
+
+
+def received(port: int, reset: bool = False) -> dict[str, int]:
+    """The receiver's count of distinct webhook-ids and of deliveries (or reset them)."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/{'reset' if reset else 'count'}", method="POST" if reset else "GET"
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return dict(json.loads(answer.read()))
+
+
+def held(log: Path) -> list[int]:
+    """The partitions a node said it holds last."""
+    last: list[int] = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if '"partitions_changed"' in line or '"partition_leases_lost"' in line:
+            last = list(json.loads(line).get("held", []))
+    return last
+
+
+def nodes(
+    port: int,
+    n: int,
+    work: Path,
+    servers: list[str],
+    stream: str,
+    dispatchers: int,
+    concurrency: int,
+    kill_one: bool,
+) -> tuple[float, float | None, int]:
+    """``dispatchers`` processes of ``ct1-cdc run --role dispatch`` on the stream, each with
+    its own copy, until the receiver has all ``n`` events: (seconds, take-over seconds of
+    the killed node's share or None, deliveries sent again)."""
+    received(port, reset=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_")}
+    env.update(
+        {
+            "CT1_OUTBOX__BACKEND": "jetstream",
+            "CT1_OUTBOX__JETSTREAM__SERVERS": json.dumps(servers),
+            "CT1_OUTBOX__JETSTREAM__STREAM": stream,
+            "CT1_OUTBOX__JETSTREAM__SUBJECT": f"bench.{stream.lower()}",
+        }
+    )
+    secret = generate_secret()
+    procs, logs_of = [], []
+    started = time.perf_counter()
+    for i in range(dispatchers):
+        config = work / f"{stream}-{i}.toml"
+        config.write_text(
+            f"[outbox]\npath = {str(work / f'{stream}-{i}.db')!r}\n"
+            f"[dispatcher]\nconcurrency = {concurrency}\nendpoint_concurrency = {concurrency}\n"
+            f'[[endpoints]]\nname = "bench"\nurl = "http://127.0.0.1:{port}/hook"\n'
+            f'secret = "{secret}"\nevents = ["*"]\n'
+        )
+        log = work / f"{stream}-{i}.log"
+        logs_of.append(log)
+        with open(log, "w") as fh:
+            procs.append(
+                subprocess.Popen(
+                    [CLI, "--config", str(config), "run", "--role", "dispatch"], env=env, stderr=fh, stdout=fh
+                )
+            )
+    killed_at = None
+    takeover = None
+    lost: list[int] = []
+    try:
+        while True:
+            count = received(port)
+            if count["distinct"] >= n:
+                break
+            if any(p.poll() is not None for p in procs[1 if killed_at else 0 :]):
+                raise RuntimeError(f"a dispatch node exited: see {work}")
+            if kill_one and killed_at is None and count["distinct"] >= n // 2 and held(logs_of[0]):
+                lost = held(logs_of[0])
+                procs[0].send_signal(signal.SIGKILL)
+                procs[0].wait()
+                killed_at = time.perf_counter()
+            survivors = {p for log in logs_of[1:] for p in held(log)}
+            if killed_at is not None and takeover is None and set(lost) <= survivors:
+                takeover = time.perf_counter() - killed_at
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=60)
+    count = received(port)
+    return elapsed, takeover, count["total"] - count["distinct"]
+
+
 @contextlib.contextmanager
 def gc_tuned() -> Iterator[None]:
     """The garbage-collector setting of `ct1-cdc run` (sidecar.runner.tune_gc), undone after."""
@@ -222,7 +342,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--backend", choices=["sqlite", "jetstream"], default="sqlite")
+    parser.add_argument("--dispatchers", type=int, default=1, help="dispatch nodes (jetstream)")
+    parser.add_argument("--kill-one", action="store_true", help="kill -9 one node half-way (jetstream)")
     args = parser.parse_args()
+    if args.backend != "jetstream" and (args.dispatchers != 1 or args.kill_one):
+        parser.error("--dispatchers and --kill-one are for --backend jetstream")
+    takeovers: list[float | None] = []
+    repeated: list[int] = []
     cluster = create_nats_cluster() if args.backend == "jetstream" else None
     logs.configure("warning")  # as `ct1-cdc run` would, without per-delivery debug lines
     port = free_port()
@@ -256,8 +382,15 @@ def main() -> None:
             secs = asyncio.run(baseline(url, bodies, args.concurrency))
             rates["baseline"].append(args.events / secs)
             # ct1-cdc as `ct1-cdc run` runs it: with its garbage-collector setting ...
-            with gc_tuned():
-                secs = asyncio.run(ours(url, path, args.events, args.concurrency, jetstream))
+            if jetstream is not None:
+                secs, takeover, again = nodes(
+                    port, args.events, work, *jetstream, args.dispatchers, args.concurrency, args.kill_one
+                )
+                takeovers.append(takeover)
+                repeated.append(again)
+            else:
+                with gc_tuned():
+                    secs = asyncio.run(ours(url, path, args.events, args.concurrency, jetstream))
             rates["ct1_cdc"].append(args.events / secs)
             # ... and, for a like-for-like figure, the bare loop with the same setting
             with gc_tuned():
@@ -273,7 +406,7 @@ def main() -> None:
                 f"bare loop on ct1-cdc's client {rates['same_client'][-1]:,.0f}/s",
                 file=sys.stderr,
             )
-            path.unlink()
+            path.unlink(missing_ok=True)
         med_base = statistics.median(rates["baseline"])
         med_ours = statistics.median(rates["ct1_cdc"])
         med_tuned = statistics.median(rates["baseline_gc_tuned"])
@@ -293,6 +426,15 @@ def main() -> None:
                     "ratio": round(med_ours / med_base, 3),
                     "same_client_per_s": [round(x) for x in rates["same_client"]],
                     "ratio_to_same_client": round(med_ours / statistics.median(rates["same_client"]), 3),
+                    **(
+                        {
+                            "dispatchers": args.dispatchers,
+                            "takeover_s": [None if t is None else round(t, 2) for t in takeovers],
+                            "sent_again": repeated,
+                        }
+                        if cluster is not None
+                        else {}
+                    ),
                 }
             )
         )

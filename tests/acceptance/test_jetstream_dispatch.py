@@ -19,6 +19,7 @@ from common.jsontext import dumps
 from outbox import store
 from outbox.jetstream import JetStreamLog
 from outbox.jetstream_sink import LoopThread
+from tests.acceptance import test_jetstream_capture as nodes_test
 from tests.acceptance.helpers import ThreadReceiver
 from tests.acceptance.test_jetstream_capture import (  # noqa: F401  (no_process_left: a fixture)
     PARTITIONS,
@@ -26,7 +27,6 @@ from tests.acceptance.test_jetstream_capture import (  # noqa: F401  (no_process
     log_events,
     no_process_left,
     node_config,
-    spawn,
     stream_env,
 )
 from tests.sink_contract import AT
@@ -102,7 +102,11 @@ def test_three_dispatch_nodes_share_an_endpoint_through_a_join_and_a_kill_9(
         rx.secret = SECRET
         configs = {n: node_config(tmp_path, source_db, n, rx.url) for n in ("a", "b", "c")}
         logs = {n: tmp_path / f"{n}.log" for n in configs}
-        nodes = {n: spawn("run", "--role", "dispatch", config=configs[n], log=logs[n], **env) for n in "ab"}
+        # (through the module: its fixture kills what a failed test leaves running)
+        nodes = {
+            n: nodes_test.spawn("run", "--role", "dispatch", config=configs[n], log=logs[n], **env)
+            for n in "ab"
+        }
         try:
             wait_until(
                 lambda: (
@@ -114,7 +118,9 @@ def test_three_dispatch_nodes_share_an_endpoint_through_a_join_and_a_kill_9(
             )
             append_orders(nats_cluster.servers, stream, 1, EVENTS)
             wait_until(lambda: len(rx.ids) >= EVENTS // 10, 60, what="a tenth delivered")
-            nodes["c"] = spawn("run", "--role", "dispatch", config=configs["c"], log=logs["c"], **env)
+            nodes["c"] = nodes_test.spawn(
+                "run", "--role", "dispatch", config=configs["c"], log=logs["c"], **env
+            )
             wait_until(lambda: held(logs["c"]), 60, what="the joining node taking its share")
             wait_until(lambda: len(set(rx.ids)) >= EVENTS // 2, 120, what="half delivered")
             lost = held(logs["a"])
