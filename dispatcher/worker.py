@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from common.errors import ConfigError
 from common.metrics import ATTEMPT_SECONDS, ATTEMPTS
 from common.version import version
 from config.settings import EndpointSettings, Settings
@@ -139,6 +140,8 @@ class Runtime:
     floors: dict[int, int] = field(default_factory=dict)
     assigning: Assignment | None = None
     entity_of: dict[int, str] = field(default_factory=dict)  # of events read, with partitions
+    # read and not sent, of partitions being given up: held back, forgotten once they go
+    parked: list[Due] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -157,6 +160,8 @@ class Dispatcher:
         self.partitions = partitions
         self.started = threading.Event()  # the endpoints' runtimes exist: assign() may come
         self.finished = threading.Event()  # stopped, everything recorded
+        # once finished: per endpoint and partition held, the event id settled up to
+        self.final: dict[str, dict[int, int]] = {}
         self.cfg = settings.dispatcher
         self.clock = clock
         self.rng = rng or random.Random()
@@ -212,6 +217,12 @@ class Dispatcher:
                 if not cfg.enabled:
                     continue
                 runtime = await self._runtime(store, cfg)
+                if runtime is None and self.partitions:
+                    raise ConfigError(
+                        f"endpoint {cfg.name} has no secret on this dispatch node: dispatch nodes"
+                        " sharing the partitions each deliver to every endpoint (give it"
+                        " [[endpoints]] secret, the same on every node)"
+                    )
                 if runtime is None:
                     continue
                 self.runtimes[cfg.name] = runtime
@@ -239,6 +250,7 @@ class Dispatcher:
                 await asyncio.gather(self._flusher, return_exceptions=True)
             self._cursors_due = True  # and the cursors go as far as it allows
             await asyncio.gather(self._flush(store), return_exceptions=True)
+            await self._last_progress(store)
             await sender.close()
             self._reads.shutdown(wait=True)
             await self._db(store.close)
@@ -334,7 +346,14 @@ class Dispatcher:
                     wait = min(ROW_POLL_SECONDS, max(0.0, rt.rows_at - now))
                     quiet_until = now + (wait if wait > 0 else POLL_SECONDS)
             if rt.assigning is not None:
-                await self._apply(store, rt)
+                try:
+                    await self._apply(store, rt)
+                except Exception as exc:  # the outbox unwritable for a moment: again soon
+                    log.error(
+                        "partitions_not_applied", endpoint=rt.cfg.name, error=f"{type(exc).__name__}: {exc}"
+                    )
+                    await asyncio.sleep(STATE_REFRESH_SECONDS)
+                    continue
             # Disabled, or paused until its probe: new deliveries do not matter, so these
             # waits ignore the wake-up (it stays set until the next read: waiting on it
             # would end every wait at once, and the loop would spin until the probe).
@@ -349,6 +368,8 @@ class Dispatcher:
             # a paused endpoint gets one probe at a time, until its outcome is recorded
             busy = rt.outstanding if paused else rt.sending
             capacity = limit - busy
+            if rt.assigning is not None and rt.parts is not None and rt.parts - rt.assigning.parts:
+                self._park(rt, rt.parts - rt.assigning.parts)  # what is given up is not sent
             while rt.ready and capacity > 0:  # events read ahead go first
                 chain, item = rt.ready.popleft()
                 self._send(store, sender, rt, chain, item)
@@ -484,6 +505,8 @@ class Dispatcher:
         if released:  # where the next holder goes on from: below anything not settled here
             pending = await self._db(store.pending_by_partition, name)
             settled = self._settled_by_partition(rt, released, pending)
+            # its pending rows are the next holder's now (sent by it from that progress)
+            await self._db(store.release_partitions, name, released)
             self._drop(rt, released)
         taken = {p: start for p, start in a.starts.get(name, {}).items() if p in a.parts - rt.parts}
         behind = {p: start for p, start in taken.items() if start >= rt.horizon}
@@ -506,6 +529,19 @@ class Dispatcher:
         if not a.left and not a.done.done():
             a.done.set_result(a.applied)
 
+    def _park(self, rt: Runtime, releasing: frozenset[int]) -> None:
+        """Hold back the events ready to send of partitions being given up (they stay
+        unsettled, so the progress handed over is below them)."""
+        part = self.partitions
+        if any(partition_of(item.entity, part) in releasing for _, item in rt.ready):
+            keep: deque[tuple[Chain, Due]] = deque()
+            for chain, item in rt.ready:
+                if partition_of(item.entity, part) in releasing:
+                    rt.parked.append(item)
+                else:
+                    keep.append((chain, item))
+            rt.ready = keep
+
     def _drop(self, rt: Runtime, released: frozenset[int]) -> None:
         """Forget the events of ``released`` partitions held in memory and not sent: the
         next holder sends them (the cursor here may pass them)."""
@@ -514,6 +550,9 @@ class Dispatcher:
         def mine(entity: str) -> bool:
             return partition_of(entity, part) not in released
 
+        for item in rt.parked:
+            self._forget(rt, item)
+        rt.parked.clear()
         for _, item in [pair for pair in rt.ready if not mine(pair[1].entity)]:
             self._forget(rt, item)
         rt.ready = deque(pair for pair in rt.ready if mine(pair[1].entity))
@@ -551,6 +590,17 @@ class Dispatcher:
             p: max(min(base, firsts.get(p, beyond) - 1, pending.get(p, beyond) - 1), rt.floors.get(p, 0))
             for p in parts
         }
+
+    async def _last_progress(self, store: DeliveryStore) -> None:
+        """On the way out: what it settled per partition held (:attr:`final`), and no
+        assignment left waiting."""
+        for name, rt in self.runtimes.items():
+            if rt.assigning is not None and not rt.assigning.done.done():
+                rt.assigning.done.set_exception(RuntimeError("the dispatcher stopped"))
+            if rt.parts:
+                with contextlib.suppress(Exception):
+                    pending = await self._db(store.pending_by_partition, name)
+                    self.final[name] = self._settled_by_partition(rt, rt.parts, pending)
 
     def cursors(self) -> dict[str, int]:
         """Each endpoint's committed cursor (callable from any thread)."""
@@ -600,6 +650,7 @@ class Dispatcher:
         rt.settled.clear()
         rt.to_rows_at.clear()
         rt.queuing.clear()
+        rt.floors.clear()  # (what is replayed is sent again, whoever sent it before)
         rt.rewinding = False
         rt.wake.set()
         log.info("cursor_moved", endpoint=rt.cfg.name, event_id=cursor)

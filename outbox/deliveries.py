@@ -276,6 +276,14 @@ class DeliveryStore:
                 made += self.conn.execute(D["take_partition"], args).rowcount
         return made
 
+    def release_partitions(self, endpoint: str, parts: Collection[int]) -> int:
+        """Partitions given up to another dispatcher: their pending deliveries to
+        ``endpoint`` are forgotten here (the next holder sends them, from the progress
+        handed over, which is below them); how many."""
+        args = {"endpoint": endpoint, "parts": _parts(parts)}
+        with store.transaction(self.conn):
+            return int(self.conn.execute(D["release_partitions"], args).rowcount)
+
     def pending_by_partition(self, endpoint: str) -> dict[int, int]:
         """Per partition, the first event with a delivery to ``endpoint`` still pending."""
         first: dict[int, int] = {}

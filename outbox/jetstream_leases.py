@@ -28,26 +28,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import os
 import re
 import secrets
 import socket
-import sqlite3
 import threading
 import time
-import zlib
 from typing import Any, Protocol
 
+import nats.errors
 import structlog
 
 from common.jsontext import dumps, loads
-from outbox.deliveries import D, partition_of
 from outbox.jetstream import JetStreamError, JetStreamLog
 
 log = structlog.get_logger("ct1_cdc.jetstream")
 
 PROGRESS_SECONDS = 1.0  # how often the holder of a partition publishes its progress
-LEAVE_WITHIN = 10.0  # on a stop: how long the leases are renewed while the dispatcher finishes
+LEAVE_WITHIN = 10.0
+# what the cluster answers when out of reach for a moment: a lease round tries again
+_FAILURES = (
+    TimeoutError,
+    OSError,
+    nats.errors.Error,
+    JetStreamError,
+)  # on a stop: how long the leases are renewed while the dispatcher finishes
 
 
 class Shares(Protocol):
@@ -55,6 +61,7 @@ class Shares(Protocol):
 
     started: threading.Event  # its endpoints' runtimes exist
     finished: threading.Event  # it stopped, everything recorded
+    final: dict[str, dict[int, int]]  # then: per endpoint and partition held, settled up to
 
     def assign(
         self, parts: frozenset[int], starts: dict[str, dict[int, int]]
@@ -72,27 +79,46 @@ def node_id() -> str:
 
 
 def owner(part: int, nodes: list[str]) -> str:
-    """The node that should hold ``part`` among live ``nodes`` (rendezvous hashing)."""
-    return max(nodes, key=lambda node: (zlib.crc32(f"{node}/{part}".encode()), node))
+    """The node that should hold ``part`` among live ``nodes`` (rendezvous hashing: a
+    cryptographic hash, so that similar node names still spread evenly; crc32 is linear
+    and gave one of three nodes nothing)."""
+
+    def weight(node: str) -> bytes:
+        return hashlib.blake2b(f"{node}/{part}".encode(), digest_size=8).digest()
+
+    return max(nodes, key=lambda node: (weight(node), node))
 
 
 class Leases:
     """Holds this node's share of the partitions for ``dispatcher``; :meth:`run` in the
-    event loop of the node's copy of the stream (it shares ``log``'s connection)."""
+    event loop of the node's copy of the stream (it shares ``log``'s connection).
+
+    Three loops: one renews the leases held and reads who is live (every third of
+    ``lease_seconds``, each request bounded by that); one checks every tenth of a second
+    that the leases were renewed within two thirds of ``lease_seconds``, and if not stops
+    the dispatcher delivering them; one works out the share and changes what the
+    dispatcher holds.  :attr:`assigned` is what the dispatcher was last told to hold,
+    always within :attr:`held`."""
 
     def __init__(self, log: JetStreamLog, dispatcher: Shares, lease_seconds: float) -> None:
         self.log = log
         self.dispatcher = dispatcher
         self.lease_seconds = lease_seconds
+        self.tick = lease_seconds / 3
         self.node = node_id()
         self.held: dict[int, int] = {}  # partition → revision of our lease
+        self.assigned: frozenset[int] = frozenset()
+        self.starts: dict[int, dict[str, int]] = {}  # partition → endpoint → where it goes on from
+        self.nodes: list[str] = []  # live nodes, as last read
+        self.taken: set[int] = set()  # partitions with a lease, as last read
         self._published: dict[tuple[str, int], int] = {}
         self._renewed_at = 0.0
+        self._seen = asyncio.Event()  # a first read of the bucket
 
-    async def run(self, stop: threading.Event, conn: sqlite3.Connection) -> None:
+    async def run(self, stop: threading.Event) -> None:
         """Hold this node's share until ``stop``; then renew what it holds until the
-        dispatcher has finished, publish where each partition got to (read from the
-        node's outbox on ``conn``) and let them go, so the others take them at once."""
+        dispatcher has finished, publish where each partition got to and let them go, so
+        the others take them at once."""
         from nats.js.api import KeyValueConfig, StorageType
         from nats.js.errors import BucketNotFoundError
 
@@ -113,21 +139,23 @@ class Leases:
             await asyncio.sleep(0.05)
         await self._origins(progress)
         log.info("dispatch_node_joined", node=self.node, partitions=self.log.partitions)
-        tick = self.lease_seconds / 3
-        next_progress = 0.0
-        self._renewed_at = time.monotonic()
+        loops = [
+            asyncio.ensure_future(self._renewing(leases, stop)),
+            asyncio.ensure_future(self._watching(stop)),
+            asyncio.ensure_future(self._sharing(leases, progress, stop)),
+        ]
         try:
-            while not stop.is_set():
-                await self._round(leases, progress)
-                if time.monotonic() >= next_progress:
-                    await self._publish(progress)
-                    next_progress = time.monotonic() + PROGRESS_SECONDS
-                await _wait(stop, tick)
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # (one failed: its error)
         except BaseException:
-            if self.held:  # failing: deliver none of them rather than hold them unrenewed
-                self.dispatcher.assign(frozenset(), {})
+            self._fence("failed")  # deliver none of them rather than hold them unrenewed
             raise
-        await self._leave(leases, progress, conn)
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+        await self._leave(leases, progress)
 
     async def _origins(self, progress: Any) -> None:
         """Each endpoint's origin, made once by the first node: its cursor there."""
@@ -138,100 +166,151 @@ class Leases:
             with contextlib.suppress(KeyWrongLastSequenceError):
                 await self.log.retrying(progress.create, endpoint, dumps({"settled": cursor}))
 
-    async def _round(self, leases: Any, progress: Any) -> None:
-        from nats.errors import Error as NatsError
+    # -- the three loops --------------------------------------------------------------------
+
+    async def _renewing(self, leases: Any, stop: threading.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(*_FAILURES):
+                await self._renew(leases)
+            await _wait(stop, self.tick)
+
+    async def _renew(self, leases: Any) -> None:
+        """Renew every lease held and read who is live; a lease another node took (it
+        expired) is dropped at once."""
         from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
 
-        lost: set[int] = set()
-        try:
+        sent = time.monotonic()  # the leases run from no earlier than this
+        async with asyncio.timeout(self.tick):
             await leases.put(f"node.{self.node}", self.node.encode())
             for part, revision in list(self.held.items()):
                 try:
-                    self.held[part] = await leases.update(f"part.{part}", self.node.encode(), last=revision)
+                    renewed = await leases.update(f"part.{part}", self.node.encode(), last=revision)
                 except KeyWrongLastSequenceError:
-                    lost.add(part)  # it expired and another node took it
+                    self.held.pop(part, None)  # it expired and another node took it
+                    log.warning("partitions_taken_by_another", node=self.node, partitions=[part])
+                    self._post(self.assigned - {part})
+                    continue
+                if part in self.held:  # (not let go meanwhile)
+                    self.held[part] = renewed
             try:
                 keys = await leases.keys()
             except NoKeysError:
                 keys = []
-        except (TimeoutError, NatsError, OSError, JetStreamError) as exc:
+        self._renewed_at = sent
+        self.nodes = sorted({k[5:] for k in keys if k.startswith("node.")} | {self.node})
+        self.taken = {int(k[5:]) for k in keys if k.startswith("part.") and k[5:].isdigit()}
+        self._seen.set()
+
+    async def _watching(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             if self.held and time.monotonic() - self._renewed_at > self.lease_seconds * 2 / 3:
-                log.warning(
-                    "partition_leases_lost", node=self.node, partitions=sorted(self.held), error=str(exc)
-                )
-                self.held.clear()  # fenced: another node may take them once they expire
-                await self._assign({}, set(), set())
+                self._fence("not renewed")
+            await asyncio.sleep(0.1)
+
+    def _fence(self, reason: str) -> None:
+        """Stop delivering every partition now: another node may take them once they expire."""
+        if not self.held and not self.assigned:
             return
-        self._renewed_at = time.monotonic()
-        for part in lost:
-            self.held.pop(part, None)
-        nodes = sorted({k[5:] for k in keys if k.startswith("node.")} | {self.node})
-        taken = {int(k[5:]) for k in keys if k.startswith("part.") and k[5:].isdigit()}
-        desired = {p for p in range(self.log.partitions) if owner(p, nodes) == self.node}
-        release = {p for p in self.held if p not in desired}
-        acquired: dict[int, int] = {}
-        for part in sorted(desired - set(self.held) - taken):
+        log.warning("partition_leases_lost", node=self.node, partitions=sorted(self.held), reason=reason)
+        self.held.clear()
+        self.starts.clear()
+        self._post(frozenset())
+
+    def _post(self, parts: frozenset[int]) -> concurrent.futures.Future[dict[str, dict[str, Any]]]:
+        """Tell the dispatcher to hold ``parts`` (never more than :attr:`held`)."""
+        parts = frozenset(p for p in parts if p in self.held)
+        self.assigned = parts
+        for part in [p for p in self.starts if p not in parts]:
+            del self.starts[part]
+        starts: dict[str, dict[int, int]] = {}
+        for part, by_endpoint in self.starts.items():
+            for endpoint, start in by_endpoint.items():
+                starts.setdefault(endpoint, {})[part] = start
+        return self.dispatcher.assign(parts, starts)
+
+    async def _sharing(self, leases: Any, progress: Any, stop: threading.Event) -> None:
+        await self._seen.wait()
+        next_progress = 0.0
+        while not stop.is_set():
             try:
-                acquired[part] = await leases.create(f"part.{part}", self.node.encode())
+                await self._share(leases, progress)
+                if time.monotonic() >= next_progress:
+                    await self._publish(progress)
+                    next_progress = time.monotonic() + PROGRESS_SECONDS
+            except Exception as exc:  # the cluster out of reach for a moment: the next round
+                # (what is held stays exclusive: the renewals and their watch go on apart)
+                log.warning("partition_round_failed", node=self.node, error=f"{type(exc).__name__}: {exc}")
+            await _wait(stop, self.tick)
+
+    async def _share(self, leases: Any, progress: Any) -> None:
+        """Take this node's share as others let it go, let go of what is another's."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        desired = {p for p in range(self.log.partitions) if owner(p, self.nodes) == self.node}
+        for part in sorted(desired - set(self.held) - self.taken):
+            try:
+                self.held[part] = await leases.create(f"part.{part}", self.node.encode())
             except KeyWrongLastSequenceError:
                 continue  # held: its holder lets it go (or it expires)
-        if lost:
-            log.warning("partitions_taken_by_another", node=self.node, partitions=sorted(lost))
-        if not (release or acquired or lost):
+        target = {p for p in self.held if p in desired}
+        release = self.assigned - target
+        taken = target - self.assigned
+        idle = {p for p in self.held if p not in desired and p not in self.assigned}
+        if not (release or taken or idle):
             return
-        self.held.update(acquired)
-        keep = {p: r for p, r in self.held.items() if p not in release}
-        starts = await self._starts(progress, set(acquired))
-        applied = await self._assign(starts, set(keep), release)
-        for part in acquired:  # its progress key from now on (the origin's value, if none)
-            for endpoint, by_part in starts.items():
-                await self._put(progress, endpoint, part, by_part[part])
-        for part in sorted(release):
+        for part, by_endpoint in (await self._starts(progress, taken)).items():
+            self.starts[part] = by_endpoint
+        applied = await asyncio.wrap_future(self._post(frozenset(target)))
+        for part in sorted(taken & self.assigned):  # its progress key from now on
+            for endpoint, start in self.starts.get(part, {}).items():
+                await self._put(progress, endpoint, part, start)
+        for part in sorted(release | idle):
+            if part in self.assigned or part not in self.held:
+                continue  # (held again, or fenced meanwhile)
             for endpoint, result in applied.items():
                 settled = result["settled"].get(part)
                 if settled is not None:
                     await self._put(progress, endpoint, part, settled)
-            await leases.delete(f"part.{part}", last=self.held.pop(part))
+            revision = self.held.pop(part)
+            with contextlib.suppress(*_FAILURES):  # (renewed meanwhile: it expires instead)
+                await leases.delete(f"part.{part}", last=revision)
         log.info(
             "partitions_changed",
             node=self.node,
-            nodes=len(nodes),
-            held=sorted(self.held),
-            taken=sorted(acquired),
-            given_up=sorted(release),
+            nodes=len(self.nodes),
+            held=sorted(self.assigned),
+            taken=sorted(taken & self.assigned),
+            given_up=sorted(release | idle),
         )
 
-    async def _starts(self, progress: Any, parts: set[int]) -> dict[str, dict[int, int]]:
-        """Per endpoint, where each partition taken over goes on from."""
+    async def _starts(self, progress: Any, parts: set[int]) -> dict[int, dict[str, int]]:
+        """Per partition taken over, where it goes on from for each endpoint."""
         from nats.js.errors import KeyNotFoundError
 
-        starts: dict[str, dict[int, int]] = {}
-        for endpoint in self.dispatcher.cursors():
-            origin = await self._get(progress, endpoint)
-            by_part = starts[endpoint] = {}
+        starts: dict[int, dict[str, int]] = {part: {} for part in parts}
+        for endpoint in self.dispatcher.cursors() if parts else ():
+            try:
+                origin = await self._get(progress, endpoint)
+            except KeyNotFoundError:  # (the bucket lost it): made again, as at the start
+                await self._origins(progress)
+                origin = await self._get(progress, endpoint)
             for part in parts:
                 try:
-                    by_part[part] = await self._get(progress, f"{endpoint}.{part}")
+                    starts[part][endpoint] = await self._get(progress, f"{endpoint}.{part}")
                 except KeyNotFoundError:
-                    by_part[part] = origin
+                    starts[part][endpoint] = origin
         return starts
 
     async def _get(self, progress: Any, key: str) -> int:
         entry = await self.log.retrying(progress.get, key)
         return int(loads(entry.value)["settled"])
 
-    async def _assign(
-        self, starts: dict[str, dict[int, int]], keep: set[int], release: set[int]
-    ) -> dict[str, dict[str, Any]]:
-        parts = frozenset(keep) - frozenset(release)
-        return await asyncio.wrap_future(self.dispatcher.assign(parts, starts))
-
     async def _publish(self, progress: Any) -> None:
         """What this node has settled of its partitions, where it moved."""
         measured = await asyncio.wrap_future(self.dispatcher.progress())
         for endpoint, by_part in measured.items():
             for part, settled in by_part.items():
-                if part in self.held:
+                if part in self.assigned:
                     await self._put(progress, endpoint, part, settled)
 
     async def _put(self, progress: Any, endpoint: str, part: int, settled: int) -> None:
@@ -240,12 +319,7 @@ class Leases:
         await self.log.put(progress, f"{endpoint}.{part}", dumps({"settled": settled}))
         self._published[(endpoint, part)] = settled
 
-    async def _renew(self, leases: Any) -> None:
-        await leases.put(f"node.{self.node}", self.node.encode())
-        for part, revision in list(self.held.items()):
-            self.held[part] = await leases.update(f"part.{part}", self.node.encode(), last=revision)
-
-    async def _leave(self, leases: Any, progress: Any, conn: sqlite3.Connection) -> None:
+    async def _leave(self, leases: Any, progress: Any) -> None:
         """On a stop: keep the leases while the dispatcher finishes what is in flight, then
         publish what it settled and let every partition go."""
         if not self.held:
@@ -253,33 +327,23 @@ class Leases:
         try:
             deadline = time.monotonic() + LEAVE_WITHIN
             while not self.dispatcher.finished.is_set() and time.monotonic() < deadline:
-                await self._renew(leases)
-                await _wait(self.dispatcher.finished, self.lease_seconds / 3)
+                with contextlib.suppress(*_FAILURES):
+                    await self._renew(leases)
+                if not self.held or time.monotonic() - self._renewed_at > self.lease_seconds * 2 / 3:
+                    return  # not renewed in time: they expire
+                await _wait(self.dispatcher.finished, self.tick)
             if not self.dispatcher.finished.is_set():
                 raise TimeoutError("the dispatcher did not finish")
-            for (endpoint, part), settled in settled_in(conn, self.log.partitions, set(self.held)).items():
-                await self._put(progress, endpoint, part, settled)
+            for endpoint, by_part in self.dispatcher.final.items():
+                for part, settled in by_part.items():
+                    if part in self.held:
+                        await self._put(progress, endpoint, part, settled)
             for part, revision in sorted(self.held.items()):
                 await leases.delete(f"part.{part}", last=revision)
             log.info("partitions_given_up", node=self.node, partitions=sorted(self.held))
             self.held.clear()
         except Exception as exc:  # they expire instead
             log.warning("partitions_not_given_up", node=self.node, error=f"{type(exc).__name__}: {exc}")
-
-
-def settled_in(conn: sqlite3.Connection, partitions: int, parts: set[int]) -> dict[tuple[str, int], int]:
-    """Per (endpoint, partition) of ``parts``, the event id up to which every delivery is
-    settled in the outbox on ``conn``, its dispatcher stopped: its cursor, or below the
-    first delivery still pending."""
-    out: dict[tuple[str, int], int] = {}
-    for endpoint, cursor in conn.execute("SELECT endpoint, last_event_id FROM delivery_cursors").fetchall():
-        first: dict[int, int] = {}
-        for entity, event_id in conn.execute(D["pending_by_entity"], {"endpoint": endpoint}):
-            part = partition_of(entity, partitions)
-            first[part] = min(first.get(part, event_id), event_id)
-        for part in parts:
-            out[(endpoint, part)] = min(int(cursor), first.get(part, int(cursor) + 1) - 1)
-    return out
 
 
 async def _wait(event: threading.Event, seconds: float) -> None:

@@ -121,7 +121,7 @@ class Mirror:
                 await self._adopt_progress(writer, bucket)
             sharing = asyncio.ensure_future(self._share_progress(writer, bucket))
         if self.leases is not None:  # (it waits for the dispatcher to start)
-            self._leasing = asyncio.ensure_future(self.leases.run(self._stop, writer.conn))
+            self._leasing = asyncio.ensure_future(self.leases.run(self._stop))
         self.ready.set()
         log.info("mirror_started", stream=self.log.stream, after=self.last_id, stream_end=end)
         try:

@@ -215,6 +215,12 @@ WHERE e.id > :after AND e.id <= :upto AND e.routed = 0
   AND ct1_partition(e.object || ':' || coalesce(e.entity_key, '')) = :part
 ORDER BY e.id
 
+-- name: release_partitions
+-- Partitions given up to another dispatcher: their pending rows of the endpoint go.
+DELETE FROM deliveries
+WHERE endpoint = :endpoint AND status = 'pending'
+  AND ct1_partition(entity) IN (SELECT value FROM json_each(:parts))
+
 -- name: pending_by_entity
 -- The first pending delivery of each entity of an endpoint (what holds its progress back).
 SELECT entity, min(event_id) FROM deliveries INDEXED BY deliveries_entity
