@@ -78,15 +78,29 @@ def node_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def owner(part: int, nodes: list[str]) -> str:
-    """The node that should hold ``part`` among live ``nodes`` (rendezvous hashing: a
-    cryptographic hash, so that similar node names still spread evenly; crc32 is linear
-    and gave one of three nodes nothing)."""
+def shares(nodes: list[str], partitions: int) -> dict[str, set[int]]:
+    """Which of the live ``nodes`` should hold each of ``partitions``: every node works it
+    out alike.  Rendezvous hashing (each partition ranks the nodes by a hash of node and
+    partition) with bounded loads: a partition goes to the first node in its ranking still
+    below its even share, so no node holds more than one partition above another, and a
+    node joining or leaving moves few beyond its own share.  (The hash is cryptographic:
+    crc32, being linear, gave one of three alike-named nodes nothing.)"""
+    ranked = sorted(set(nodes))
+    even, extra = divmod(partitions, len(ranked))  # ``extra`` nodes hold one more
+    out: dict[str, set[int]] = {node: set() for node in ranked}
+    above = 0  # nodes holding one more than ``even`` so far
 
-    def weight(node: str) -> bytes:
+    def weight(node: str, part: int) -> bytes:
         return hashlib.blake2b(f"{node}/{part}".encode(), digest_size=8).digest()
 
-    return max(nodes, key=lambda node: (weight(node), node))
+    for part in range(partitions):
+        for node in sorted(ranked, key=lambda n: weight(n, part), reverse=True):
+            held = len(out[node])
+            if held < even or (held == even and above < extra):
+                above += held == even
+                out[node].add(part)
+                break
+    return out
 
 
 class Leases:
@@ -246,7 +260,7 @@ class Leases:
         """Take this node's share as others let it go, let go of what is another's."""
         from nats.js.errors import KeyWrongLastSequenceError
 
-        desired = {p for p in range(self.log.partitions) if owner(p, self.nodes) == self.node}
+        desired = shares(self.nodes, self.log.partitions)[self.node]
         for part in sorted(desired - set(self.held) - self.taken):
             try:
                 self.held[part] = await leases.create(f"part.{part}", self.node.encode())
