@@ -129,10 +129,24 @@ class Leases:
         self._renewed_at = 0.0
         self._seen = asyncio.Event()  # a first read of the bucket
 
+    def run_thread(self, stop: threading.Event) -> None:
+        """:meth:`run` on this thread, in an event loop and with a connection of its own:
+        the copy of the stream writing a backlog, or a busy dispatcher, never holds the
+        renewals up."""
+        asyncio.run(self.run(stop))
+
     async def run(self, stop: threading.Event) -> None:
         """Hold this node's share until ``stop``; then renew what it holds until the
         dispatcher has finished, publish where each partition got to and let them go, so
         the others take them at once."""
+        await self.log.connect()
+        try:
+            await self._run(stop)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.log.close()
+
+    async def _run(self, stop: threading.Event) -> None:
         from nats.js.api import KeyValueConfig, StorageType
         from nats.js.errors import BucketNotFoundError
 
@@ -155,9 +169,13 @@ class Leases:
         log.info("dispatch_node_joined", node=self.node, partitions=self.log.partitions)
         loops = [
             asyncio.ensure_future(self._renewing(leases, stop)),
-            asyncio.ensure_future(self._watching(stop)),
             asyncio.ensure_future(self._sharing(leases, progress, stop)),
         ]
+        watching = threading.Event()  # set: the watch ends
+        watch = threading.Thread(
+            target=self._watch, args=(asyncio.get_running_loop(), watching), name="lease-watch", daemon=True
+        )
+        watch.start()
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -169,6 +187,7 @@ class Leases:
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+            watching.set()
         await self._leave(leases, progress)
 
     async def _origins(self, progress: Any) -> None:
@@ -215,15 +234,22 @@ class Leases:
         self.taken = {int(k[5:]) for k in keys if k.startswith("part.") and k[5:].isdigit()}
         self._seen.set()
 
-    async def _watching(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            if self.held and time.monotonic() - self._renewed_at > self.lease_seconds * 2 / 3:
-                self._fence("not renewed")
-            await asyncio.sleep(0.1)
+    def _stale(self) -> bool:
+        """Whether the leases were last renewed too long ago to deliver under them."""
+        return time.monotonic() - self._renewed_at > self.lease_seconds * 2 / 3
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, done: threading.Event) -> None:
+        """A thread of its own, so that it acts even if this loop is held up: once the
+        leases are stale, the dispatcher stops delivering them at once."""
+        while not done.wait(0.1):
+            if self.assigned and self._stale():
+                self.assigned = frozenset()
+                self.dispatcher.assign(frozenset(), {})
+                loop.call_soon_threadsafe(self._fence, "not renewed")
 
     def _fence(self, reason: str) -> None:
         """Stop delivering every partition now: another node may take them once they expire."""
-        if not self.held and not self.assigned:
+        if not self.held:
             return
         log.warning("partition_leases_lost", node=self.node, partitions=sorted(self.held), reason=reason)
         self.held.clear()
@@ -231,8 +257,9 @@ class Leases:
         self._post(frozenset())
 
     def _post(self, parts: frozenset[int]) -> concurrent.futures.Future[dict[str, dict[str, Any]]]:
-        """Tell the dispatcher to hold ``parts`` (never more than :attr:`held`)."""
-        parts = frozenset(p for p in parts if p in self.held)
+        """Tell the dispatcher to hold ``parts`` (never more than :attr:`held`, and none
+        once the leases are stale)."""
+        parts = frozenset() if self._stale() else frozenset(p for p in parts if p in self.held)
         self.assigned = parts
         for part in [p for p in self.starts if p not in parts]:
             del self.starts[part]
@@ -285,7 +312,9 @@ class Leases:
                 settled = result["settled"].get(part)
                 if settled is not None:
                     await self._put(progress, endpoint, part, settled)
-            revision = self.held.pop(part)
+            revision = self.held.pop(part, None)
+            if revision is None:
+                continue  # (fenced meanwhile: it expires)
             with contextlib.suppress(*_FAILURES):  # (renewed meanwhile: it expires instead)
                 await leases.delete(f"part.{part}", last=revision)
         log.info(

@@ -63,7 +63,8 @@ class Mirror:
         self.on_commit = on_commit
         self.progress = progress
         self.leases = leases
-        self._leasing: asyncio.Future[None] | None = None
+        self._leasing: threading.Thread | None = None
+        self._leasing_failed: BaseException | None = None
         self.last_id = 0
         self.caught_up = threading.Event()  # the copy reached the stream's end once
         # the file is checked, and its cursors moved to the shared progress: a dispatcher
@@ -95,8 +96,7 @@ class Mirror:
                 with contextlib.suppress(BaseException):  # (its error is read below)
                     await task
             if self._leasing is not None:  # it lets its partitions go once dispatch finished
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(self._leasing, LEAVE_WITHIN + 5)
+                await asyncio.to_thread(self._leasing.join, LEAVE_WITHIN + 5)
             with contextlib.suppress(Exception):
                 await self.log.close()
         if follow in done:
@@ -120,8 +120,9 @@ class Mirror:
             if self.leases is None:
                 await self._adopt_progress(writer, bucket)
             sharing = asyncio.ensure_future(self._share_progress(writer, bucket))
-        if self.leases is not None:  # (it waits for the dispatcher to start)
-            self._leasing = asyncio.ensure_future(self.leases.run(self._stop))
+        if self.leases is not None:  # (its own thread; it waits for the dispatcher to start)
+            self._leasing = threading.Thread(target=self._lease, name="leases", daemon=True)
+            self._leasing.start()
         self.ready.set()
         log.info("mirror_started", stream=self.log.stream, after=self.last_id, stream_end=end)
         try:
@@ -130,13 +131,22 @@ class Mirror:
                 if not self.caught_up.is_set() and self.last_id >= end:
                     self.caught_up.set()
                     log.info("mirror_caught_up", stream=self.log.stream, last_event_id=self.last_id)
-                for task in (sharing, self._leasing, *followers):
+                for task in (sharing, *followers):
                     if task is not None and task.done():
                         task.result()  # (it ended: its error)
+                if self._leasing_failed is not None:
+                    raise self._leasing_failed
         finally:
             for task in (sharing, *followers):
                 if task is not None:
                     task.cancel()
+
+    def _lease(self) -> None:
+        assert self.leases is not None
+        try:
+            self.leases.run_thread(self._stop)
+        except BaseException as exc:  # the copy stops the node with it
+            self._leasing_failed = exc
 
     # -- delivery progress, shared: a dispatch node on a new file goes on from it ------------
 

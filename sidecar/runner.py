@@ -109,7 +109,8 @@ def open_mirror(
     log = events_log(settings)
     leases = None
     if dispatcher is not None:  # dispatch nodes share the partitions
-        leases = Leases(log, dispatcher, settings.outbox.jetstream.lease_seconds)
+        # (a connection of its own: on its own thread, see Leases.run_thread)
+        leases = Leases(events_log(settings), dispatcher, settings.outbox.jetstream.lease_seconds)
     return Mirror(
         log, lambda: open_outbox(path), router_for(settings), on_commit, dispatcher is not None, leases
     )
