@@ -1,0 +1,217 @@
+"""One contract, both outbox backends: what the API and dispatch roles give from a node's
+outbox file, whether capture appended to it (SQLite) or to a replicated stream the node
+copies (JetStream, on a real three-node cluster): gap-free ids in append order, the
+events cursor with type filters, every event delivered once and signed under its
+``evt_<id>``, one entity's events in order, dead deliveries replayed under the same
+webhook-id.  (The sink's own contract: tests/sink_contract.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from dispatcher.worker import Dispatcher
+from outbox import deliveries, store
+from outbox.jetstream import JetStreamLog
+from outbox.jetstream_mirror import Mirror
+from outbox.jetstream_sink import JetStreamSink
+from outbox.store import Route, Router
+from outbox.writer import OutboxWriter
+from sidecar.natscluster import NatsCluster
+from tests.integration.test_dispatch import Receiver, settings_for
+from tests.sink_contract import AT
+from tests.waiting import wait_until
+
+PARTITIONS = 4
+
+
+class Node:
+    """Capture appending, and one node's outbox file that the API and dispatch read."""
+
+    path: Path
+    partitions = 0
+
+    def append(self, events: list[tuple[str, int]]) -> None:
+        """One group commit of (type, order key) events; back once the node's file has it."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def add(sink: Any, events: list[tuple[str, int]], lsn: int) -> None:
+    for n, (etype, key) in enumerate(events):
+        data = {
+            "object": "order",
+            "id": key,
+            "record": {"id": key, "n": n},
+            "previous": {"status": "pending"},
+        }
+        sink.add(etype, "order", key, data, AT, "public.orders", "update", "0/1", lsn)
+    sink.commit("s", lsn)
+
+
+class SqliteNode(Node):
+    def __init__(self, tmp: Path) -> None:
+        self.path = tmp / "outbox.db"
+        self.sink = OutboxWriter(store.open_outbox(self.path), Router([Route("ct2", ("*",))]))
+        self.lsn = 0
+
+    def append(self, events: list[tuple[str, int]]) -> None:
+        self.lsn += 1
+        add(self.sink, events, self.lsn)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+class JetStreamNode(Node):
+    partitions = PARTITIONS
+
+    def __init__(self, tmp: Path, cluster: NatsCluster) -> None:
+        name = f"C{uuid.uuid4().hex[:8].upper()}"
+        self.path = tmp / "node.db"
+
+        def log() -> JetStreamLog:
+            return JetStreamLog(
+                cluster.servers, stream=name, subject=f"c.{name.lower()}", partitions=PARTITIONS
+            )
+
+        self.sink = JetStreamSink(log(), OutboxWriter(store.open_outbox(tmp / "capture.db"), Router([])))
+        self.mirror = Mirror(log(), lambda: store.open_outbox(self.path), Router([Route("ct2", ("*",))]))
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._copy, daemon=True)
+        self.thread.start()
+        self.lsn = 0
+
+    def _copy(self) -> None:
+        try:
+            self.mirror.run(self.stop)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def append(self, events: list[tuple[str, int]]) -> None:
+        self.lsn += 1
+        add(self.sink, events, self.lsn)
+        end = self.sink.last_event_id
+        wait_until(
+            lambda: self.errors or self.mirror.last_id >= end, 30, what=f"the node's copy to reach {end}"
+        )
+        assert not self.errors, self.errors
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.sink.close()
+
+
+@pytest.fixture(params=["sqlite", "jetstream"])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    made: Node
+    if request.param == "sqlite":
+        made = SqliteNode(tmp_path)
+    else:
+        made = JetStreamNode(tmp_path, request.getfixturevalue("nats_cluster"))
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def test_ids_are_gap_free_in_append_order_and_the_cursor_reads_each_event_once(node: Node) -> None:
+    groups = [
+        [("order.updated", k) for k in range(5)],
+        [("order.status_changed", 9)],
+        [("order.updated", k % 3) for k in range(7)],
+    ]
+    for group in groups:
+        node.append(group)
+    expected = [e for group in groups for e in group]
+    with store.connect(node.path, readonly=True) as conn:
+        seen, after = [], 0
+        while True:
+            rows, after = store.read_events(conn, after=after, types=(), limit=4)
+            if not rows:
+                break
+            seen += rows
+        assert [r[0] for r in seen] == list(range(1, 14))
+        assert [(r[1], json.loads(r[3])["id"]) for r in seen] == expected
+        # a filter's reader skips what does not match and misses nothing after
+        rows, got_to = store.read_events(conn, after=0, types=("order.status_*",), limit=10)
+        assert [r[0] for r in rows] == [6] and got_to == 13
+        assert store.get_event(conn, 13) is not None and store.get_event(conn, 14) is None
+
+
+async def run_dispatcher(node: Node, url: str, done: Callable[[], bool], **dispatcher: Any) -> Dispatcher:
+    settings = settings_for(node.path.parent, url, **dispatcher)
+    settings.outbox.path = str(node.path)
+    worker = Dispatcher(settings, partitions=node.partitions)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        async with asyncio.timeout(30):
+            if node.partitions:  # (as the only dispatch node: every partition its lease)
+                while not worker.started.is_set():
+                    await asyncio.sleep(0.02)
+                await asyncio.wrap_future(worker.assign(frozenset(range(node.partitions)), {}))
+            while not done():
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await task
+    return worker
+
+
+async def test_every_event_is_delivered_once_signed_under_its_id_each_order_in_order(node: Node) -> None:
+    events = [("order.updated", k % 4) for k in range(40)]
+    node.append(events[:25])
+    node.append(events[25:])
+    async with Receiver() as rx:
+        await run_dispatcher(node, rx.url, lambda: len(rx.received) >= 40)
+        await asyncio.sleep(0.2)
+    assert sorted(r.headers["webhook-id"] for r in rx.received) == sorted(f"evt_{i}" for i in range(1, 41))
+    for key in range(4):
+        ids = [r.envelope["id"] for r in rx.received if r.envelope["data"]["id"] == key]
+        assert ids == [i + 1 for i, (_, k) in enumerate(events) if k == key]
+    with store.connect(node.path, readonly=True) as conn:
+        assert store.stats(conn)["deliveries"] == {"ct2": {"delivered": 40}}
+
+
+async def test_dead_deliveries_are_replayed_under_the_same_webhook_id(node: Node) -> None:
+    refusing = {"on": True}
+
+    async def order_two_refused(request: web.Request, call: int) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        return web.Response(status=500) if refusing["on"] and body["data"]["id"] == 2 else web.Response()
+
+    node.append([("order.updated", k) for k in range(4)])
+    async with Receiver(order_two_refused) as rx:
+        with store.connect(node.path, readonly=True) as conn:
+
+            def dead() -> bool:
+                return bool(deliveries.list_deliveries(conn, status="dead"))
+
+            await run_dispatcher(
+                node, rx.url, lambda: len(rx.received) >= 3 and dead(), retry_schedule=[0, 0.05]
+            )
+            assert [
+                (d["event_id"], d["attempts"]) for d in deliveries.list_deliveries(conn, status="dead")
+            ] == [(3, 2)]
+        refusing["on"] = False
+        with store.connect(node.path) as conn:
+            assert deliveries.replay_dead(conn, endpoint="ct2", since=0, now=0) == 1
+        await run_dispatcher(node, rx.url, lambda: len(rx.received) >= 4)
+    assert [r.headers["webhook-id"] for r in rx.received if r.envelope["data"]["id"] == 2] == ["evt_3"]
+    with store.connect(node.path, readonly=True) as conn:
+        assert store.stats(conn)["deliveries"] == {"ct2": {"delivered": 4}}
