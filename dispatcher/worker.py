@@ -40,7 +40,7 @@ from common.version import version
 from config.settings import EndpointSettings, Settings
 from dispatcher import retry, signing
 from dispatcher.sender import Attempt, Sender, check_url
-from outbox.deliveries import DeliveryStore, Due, Finished, partition_of
+from outbox.deliveries import DeliveryStore, Due, Finished, Superseded, partition_of
 from outbox.endpoints import EndpointState
 
 log = structlog.get_logger("ct1_cdc.dispatch")
@@ -82,6 +82,7 @@ class Assignment:
     parts: frozenset[int]
     starts: dict[str, dict[int, int]]
     done: concurrent.futures.Future[dict[str, dict[str, Any]]]
+    urgent: bool = False  # the leases may lapse: sends of partitions given up are cut short
     left: set[str] = field(default_factory=set)
     applied: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -142,6 +143,10 @@ class Runtime:
     entity_of: dict[int, str] = field(default_factory=dict)  # of events read, with partitions
     # read and not sent, of partitions being given up: held back, forgotten once they go
     parked: list[Due] = field(default_factory=list)
+    # partitions given up and where each was settled, until an assignment reports them
+    handed: dict[int, int] = field(default_factory=dict)
+    cut: set[int] = field(default_factory=set)  # events whose sends were cut short
+    sends: dict[asyncio.Task[None], Due] = field(default_factory=dict)  # what each send task sends
 
 
 class Dispatcher:
@@ -457,15 +462,17 @@ class Dispatcher:
     # -- partitions shared with other dispatchers (JetStream backend) -------------------------
 
     def assign(
-        self, parts: frozenset[int], starts: dict[str, dict[int, int]]
+        self, parts: frozenset[int], starts: dict[str, dict[int, int]], urgent: bool = False
     ) -> concurrent.futures.Future[dict[str, dict[str, Any]]]:
         """Hold ``parts`` from now on (callable from any thread, once :attr:`started` is
         set).  Partitions given up are let go once nothing of theirs is on its way to a
         receiver; partitions taken over get a row for each event between where their
         ``starts`` say another dispatcher settled them and where this one has read.  The
-        future resolves when every endpoint has done so (see :class:`Assignment`)."""
+        future resolves when every endpoint has done so (see :class:`Assignment`), or
+        fails with :class:`Superseded`.  ``urgent``: the leases may lapse, so what is being
+        sent of a partition given up is cut short rather than waited for."""
         done: concurrent.futures.Future[dict[str, dict[str, Any]]] = concurrent.futures.Future()
-        assignment = Assignment(parts, starts, done)
+        assignment = Assignment(parts, starts, done, urgent)
         loop = self._loop
         if loop is None or loop.is_closed():
             done.set_exception(RuntimeError("the dispatcher is not running"))
@@ -479,55 +486,69 @@ class Dispatcher:
             assignment.done.set_result({})
         for rt in self.runtimes.values():
             old = rt.assigning
-            if old is not None:  # superseded before it was applied: that one is done too
-                old.left.discard(rt.cfg.name)
-                if not old.left and not old.done.done():
-                    old.done.set_result(old.applied)
+            if old is not None and not old.done.done():  # (its partial outcome is not final)
+                old.done.set_exception(Superseded())
             rt.assigning = assignment
             rt.freed.set()
 
     async def _apply(self, store: DeliveryStore, rt: Runtime) -> None:
         """Apply ``rt.assigning`` once no read runs and nothing of a partition given up is
         being sent (its receiver could otherwise get an older event of an entity after the
-        next holder sent a newer one); until then the next round looks again."""
+        next holder sent a newer one; an urgent one cuts those sends short); until then
+        the next round looks again.  A partition given up leaves ``rt.parts`` in the same
+        step as its handed-over progress is worked out, so a failure or a stop after it
+        never reports more than was settled."""
         a = rt.assigning
         assert a is not None and rt.parts is not None
         released = rt.parts - a.parts
         if rt.reading is not None:
             return
-        if released and any(
-            chain.open and partition_of(entity, self.partitions) in released
-            for entity, chain in rt.chains.items()
-        ):
+        part = self.partitions
+        sending = [e for e, chain in rt.chains.items() if chain.open and partition_of(e, part) in released]
+        if sending:
+            if a.urgent:
+                self._cut(rt, set(sending))
             return
         name = rt.cfg.name
-        settled: dict[int, int] = {}
         if released:  # where the next holder goes on from: below anything not settled here
             pending = await self._db(store.pending_by_partition, name)
-            settled = self._settled_by_partition(rt, released, pending)
-            # its pending rows are the next holder's now (sent by it from that progress)
-            await self._db(store.release_partitions, name, released)
+            if rt.assigning is not a or rt.reading is not None or rt.parts - a.parts != released:
+                return  # (changed meanwhile: the next round looks again)
+            rt.handed.update(self._settled_by_partition(rt, released, pending))
             self._drop(rt, released)
+            rt.parts = rt.parts - released
+            for p in released:
+                rt.floors.pop(p, None)
+        if rt.handed:  # their pending rows are the next holder's (sent by it from there)
+            await self._db(store.release_partitions, name, [p for p in rt.handed if p not in a.parts])
         taken = {p: start for p, start in a.starts.get(name, {}).items() if p in a.parts - rt.parts}
         behind = {p: start for p, start in taken.items() if start >= rt.horizon}
         catch_up = {p: start for p, start in taken.items() if start < rt.horizon}
-        if catch_up:
-            made = await self._db(store.take_partitions, name, catch_up, rt.horizon, self.clock())
+        if taken:
+            made = await self._db(store.take_partitions, name, taken, rt.horizon, self.clock())
             rt.rows_at = 0.0
             if made:
                 log.info("partition_rows_made", endpoint=name, rows=made, partitions=sorted(catch_up))
         if rt.assigning is not a:
             return  # a newer one came meanwhile: applied at the next round, from here
-        for p in released:
-            rt.floors.pop(p, None)
         rt.floors.update(behind)
         rt.parts = a.parts
         rt.assigning = None
         rt.wake.set()
-        a.applied[name] = {"horizon": rt.horizon, "settled": settled}
+        handed = {p: at for p, at in rt.handed.items() if p not in a.parts}
+        rt.handed.clear()
+        a.applied[name] = {"horizon": rt.horizon, "settled": handed}
         a.left.discard(name)
         if not a.left and not a.done.done():
             a.done.set_result(a.applied)
+
+    def _cut(self, rt: Runtime, entities: set[str]) -> None:
+        """Cut short the sends of ``entities`` (partitions whose leases may lapse): each
+        is recorded as a failed attempt, pending, so the progress handed over stays below."""
+        for task, item in list(rt.sends.items()):
+            if item.entity in entities and item.event_id not in rt.cut:
+                rt.cut.add(item.event_id)
+                task.cancel()
 
     def _park(self, rt: Runtime, releasing: frozenset[int]) -> None:
         """Hold back the events ready to send of partitions being given up (they stay
@@ -706,6 +727,9 @@ class Dispatcher:
         task = asyncio.create_task(self._deliver(store, sender, rt, chain, item))
         rt.tasks.add(task)
         task.add_done_callback(rt.tasks.discard)
+        if self.partitions:
+            rt.sends[task] = item
+            task.add_done_callback(functools.partial(_forget_send, rt))
 
     async def _sleep(self, rt: Runtime, seconds: float) -> None:
         await self._sleep_on(rt.wake, seconds)
@@ -730,6 +754,13 @@ class Dispatcher:
                 try:
                     headers = signing.headers(rt.keys, msg_id, int(sent_at), item.body, self.version)
                     attempt = await sender.post(rt.cfg.url, item.body, headers)
+                except asyncio.CancelledError:
+                    if item.event_id not in rt.cut:
+                        raise  # (the dispatcher stopping)
+                    # its partition's lease may lapse: not waited for, sent again by the next holder
+                    attempt = Attempt(
+                        0, (self.clock() - sent_at) * 1000, "cut short: partition given up", None, None
+                    )
                 except Exception as exc:  # anything unforeseen is a failed attempt, recorded
                     log.exception("send_failed", endpoint=rt.cfg.name, event_id=item.event_id)
                     attempt = Attempt(
@@ -787,7 +818,9 @@ class Dispatcher:
                 error=attempt.error,
                 outcome=decision.action,
             )
-        if self._update_health(rt, decision, now):
+        if rt.cut and item.event_id in rt.cut:
+            rt.cut.discard(item.event_id)  # (not the receiver's fault: its health stands)
+        elif self._update_health(rt, decision, now):
             rt.state.updated_at = time.time()
             await self._db(store.save_endpoint, rt.state)
 
@@ -910,3 +943,7 @@ class Dispatcher:
                 state.paused_until = now + probe
                 log.warning("endpoint_paused", endpoint=state.name, failures=state.failures, probe_in=probe)
         return (state.state, state.failures, state.paused_until) != before
+
+
+def _forget_send(rt: Runtime, task: asyncio.Task[None]) -> None:
+    rt.sends.pop(task, None)

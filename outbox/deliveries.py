@@ -124,6 +124,11 @@ def partition_of(entity: str, partitions: int) -> int:
     return zlib.crc32(entity.encode()) % partitions
 
 
+class Superseded(Exception):
+    """A change of a dispatcher's partitions that a newer one replaced before it was
+    applied everywhere (its outcome so far is not final)."""
+
+
 class DeliveryStore:
     def __init__(self, path: str | Path, partitions: int = 0) -> None:
         """``partitions``: the events' partitions (JetStream backend), so that this node's
@@ -231,7 +236,7 @@ class DeliveryStore:
         how far those were read, and when the next row falls due if nothing came back."""
         due = self.claim(endpoint, now, rows, skip, busy, horizon, parts) if rows > 0 else []
         fresh, upto = self.fresh(endpoint, after, events, parts, floors) if events > 0 else ([], after)
-        next_at = self.next_due(endpoint) if not due and not fresh else None
+        next_at = self.next_due(endpoint, parts) if not due and not fresh else None
         return due, fresh, upto, next_at
 
     def cursor(self, endpoint: str) -> tuple[int, int]:
@@ -268,12 +273,15 @@ class DeliveryStore:
     def take_partitions(self, endpoint: str, starts: Mapping[int, int], upto: int, now: float) -> int:
         """Partitions taken over from another dispatcher: a row due now for each of their
         events in (start, ``upto``] that ``endpoint`` takes (``upto``: what this node has
-        read past without sending them), in one commit; how many rows."""
+        read past without sending them), and no pending row at or below the start, in one
+        commit; how many rows."""
         made = 0
         with store.transaction(self.conn):
             for part, after in starts.items():
                 args = {"endpoint": endpoint, "part": part, "after": after, "upto": upto, "now": now}
-                made += self.conn.execute(D["take_partition"], args).rowcount
+                self.conn.execute(D["take_partition_settled"], args)
+                if after < upto:
+                    made += self.conn.execute(D["take_partition"], args).rowcount
         return made
 
     def release_partitions(self, endpoint: str, parts: Collection[int]) -> int:
@@ -292,8 +300,8 @@ class DeliveryStore:
             first[part] = min(first.get(part, event_id), event_id)
         return first
 
-    def next_due(self, endpoint: str) -> float | None:
-        row = self.reader.execute(D["next_due"], (endpoint,)).fetchone()
+    def next_due(self, endpoint: str, parts: Collection[int] | None = None) -> float | None:
+        row = self.reader.execute(D["next_due"], {"endpoint": endpoint, "parts": _parts(parts)}).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
     def finish_many(self, results: list[Finished], cursors: Collection[tuple[str, int, int]] = ()) -> None:

@@ -41,12 +41,14 @@ import nats.errors
 import structlog
 
 from common.jsontext import dumps, loads
+from outbox.deliveries import Superseded
 from outbox.jetstream import JetStreamError, JetStreamLog
 
 log = structlog.get_logger("ct1_cdc.jetstream")
 
 PROGRESS_SECONDS = 1.0  # how often the holder of a partition publishes its progress
 LEAVE_WITHIN = 10.0
+ASSIGN_WITHIN = 60.0  # past it, a change of partitions not applied fences the node
 # what the cluster answers when out of reach for a moment: a lease round tries again
 _FAILURES = (
     TimeoutError,
@@ -64,7 +66,7 @@ class Shares(Protocol):
     final: dict[str, dict[int, int]]  # then: per endpoint and partition held, settled up to
 
     def assign(
-        self, parts: frozenset[int], starts: dict[str, dict[int, int]]
+        self, parts: frozenset[int], starts: dict[str, dict[int, int]], urgent: bool = False
     ) -> concurrent.futures.Future[dict[str, dict[str, Any]]]: ...
 
     def progress(self) -> concurrent.futures.Future[dict[str, dict[int, int]]]: ...
@@ -128,6 +130,7 @@ class Leases:
         self._published: dict[tuple[str, int], int] = {}
         self._renewed_at = 0.0
         self._seen = asyncio.Event()  # a first read of the bucket
+        self._lock = threading.Lock()  # what the dispatcher is told, from the loop or the watch
 
     def run_thread(self, stop: threading.Event) -> None:
         """:meth:`run` on this thread, in an event loop and with a connection of its own:
@@ -181,14 +184,17 @@ class Leases:
             for task in done:
                 task.result()  # (one failed: its error)
         except BaseException:
-            self._fence("failed")  # deliver none of them rather than hold them unrenewed
+            self._fence("failed", force=True)  # deliver none of them rather than hold them unrenewed
+            watching.set()
             raise
         finally:
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+        try:
+            await self._leave(leases, progress)
+        finally:
             watching.set()
-        await self._leave(leases, progress)
 
     async def _origins(self, progress: Any) -> None:
         """Each endpoint's origin, made once by the first node: its cursor there."""
@@ -221,7 +227,7 @@ class Leases:
                 except KeyWrongLastSequenceError:
                     self.held.pop(part, None)  # it expired and another node took it
                     log.warning("partitions_taken_by_another", node=self.node, partitions=[part])
-                    self._post(self.assigned - {part})
+                    self._post(self.assigned - {part}, urgent=True)
                     continue
                 if part in self.held:  # (not let go meanwhile)
                     self.held[part] = renewed
@@ -242,32 +248,41 @@ class Leases:
         """A thread of its own, so that it acts even if this loop is held up: once the
         leases are stale, the dispatcher stops delivering them at once."""
         while not done.wait(0.1):
-            if self.assigned and self._stale():
-                self.assigned = frozenset()
-                self.dispatcher.assign(frozenset(), {})
+            with self._lock:  # (against a post between its check and its call)
+                fenced = bool(self.assigned) and self._stale()
+                if fenced:
+                    self.assigned = frozenset()
+                    self.dispatcher.assign(frozenset(), {}, urgent=True)
+            if fenced:
                 loop.call_soon_threadsafe(self._fence, "not renewed")
 
-    def _fence(self, reason: str) -> None:
-        """Stop delivering every partition now: another node may take them once they expire."""
-        if not self.held:
+    def _fence(self, reason: str, force: bool = False) -> None:
+        """Stop delivering every partition now and let the leases go: another node may
+        take them once they expire.  (Not when renewed meanwhile, unless ``force``: the
+        next round gives the dispatcher what is held again.)"""
+        if not self.held or not (force or self._stale()):
             return
         log.warning("partition_leases_lost", node=self.node, partitions=sorted(self.held), reason=reason)
         self.held.clear()
         self.starts.clear()
-        self._post(frozenset())
+        self._post(frozenset(), urgent=True)
 
-    def _post(self, parts: frozenset[int]) -> concurrent.futures.Future[dict[str, dict[str, Any]]]:
+    def _post(
+        self, parts: frozenset[int], urgent: bool = False
+    ) -> concurrent.futures.Future[dict[str, dict[str, Any]]]:
         """Tell the dispatcher to hold ``parts`` (never more than :attr:`held`, and none
-        once the leases are stale)."""
-        parts = frozenset() if self._stale() else frozenset(p for p in parts if p in self.held)
-        self.assigned = parts
-        for part in [p for p in self.starts if p not in parts]:
-            del self.starts[part]
-        starts: dict[str, dict[int, int]] = {}
-        for part, by_endpoint in self.starts.items():
-            for endpoint, start in by_endpoint.items():
-                starts.setdefault(endpoint, {})[part] = start
-        return self.dispatcher.assign(parts, starts)
+        once the leases are stale); ``urgent``: what it sends of the others is cut short."""
+        with self._lock:
+            stale = self._stale()
+            parts = frozenset() if stale else frozenset(p for p in parts if p in self.held)
+            self.assigned = parts
+            for part in [p for p in self.starts if p not in parts]:
+                del self.starts[part]
+            starts: dict[str, dict[int, int]] = {}
+            for part, by_endpoint in self.starts.items():
+                for endpoint, start in by_endpoint.items():
+                    starts.setdefault(endpoint, {})[part] = start
+            return self.dispatcher.assign(parts, starts, urgent or stale)
 
     async def _sharing(self, leases: Any, progress: Any, stop: threading.Event) -> None:
         await self._seen.wait()
@@ -301,7 +316,17 @@ class Leases:
             return
         for part, by_endpoint in (await self._starts(progress, taken)).items():
             self.starts[part] = by_endpoint
-        applied = await asyncio.wrap_future(self._post(frozenset(target)))
+        try:
+            applied = await asyncio.wait_for(
+                asyncio.wrap_future(self._post(frozenset(target))), ASSIGN_WITHIN
+            )
+        except Superseded:
+            return  # (a lease lost or a fence came meanwhile: the next round works it out again)
+        except TimeoutError:
+            self._fence(
+                f"the dispatcher did not apply its partitions within {ASSIGN_WITHIN:.0f} s", force=True
+            )
+            return
         for part in sorted(taken & self.assigned):  # its progress key from now on
             for endpoint, start in self.starts.get(part, {}).items():
                 await self._put(progress, endpoint, part, start)

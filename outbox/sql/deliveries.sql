@@ -54,7 +54,8 @@ FROM (
 
 -- name: next_due
 SELECT min(next_attempt_at) FROM deliveries INDEXED BY deliveries_pending
-WHERE endpoint = ? AND status = 'pending'
+WHERE endpoint = :endpoint AND status = 'pending'
+  AND (:parts IS NULL OR ct1_partition(entity) IN (SELECT value FROM json_each(:parts)))
 
 -- name: record_attempts
 -- A batch of attempts as one JSON array of
@@ -203,17 +204,26 @@ JOIN endpoint_routes r ON r.endpoint = :endpoint AND r.type = e.type
 WHERE e.id > :after AND e.id <= :upto AND e.routed = 0
 ORDER BY e.id
 
+-- name: take_partition_settled
+-- A partition taken over: its pending rows up to where the last holder settled it were
+-- settled by that holder (rows left from an earlier holding, or made at append).
+DELETE FROM deliveries
+WHERE endpoint = :endpoint AND status = 'pending' AND event_id <= :after
+  AND ct1_partition(entity) = :part
+
 -- name: take_partition
 -- A partition taken over from another dispatcher (JetStream backend): a row due now for
--- each event of partition :part in (:after, :upto] that the endpoint's routes take, sent
--- from there in order by the claim (a delivery already on record keeps its row).
-INSERT OR IGNORE INTO deliveries (event_id, endpoint, entity, next_attempt_at)
+-- each event of partition :part in (:after, :upto] that the endpoint takes (by its routes,
+-- or routed to every endpoint as ct1.gap is), sent from there in order by the claim; a
+-- pending row already there is due now too, a settled one stays as it is.
+INSERT INTO deliveries (event_id, endpoint, entity, next_attempt_at)
 SELECT e.id, :endpoint, e.object || ':' || coalesce(e.entity_key, ''), :now
 FROM events e
-JOIN endpoint_routes r ON r.endpoint = :endpoint AND r.type = e.type
-WHERE e.id > :after AND e.id <= :upto AND e.routed = 0
+WHERE e.id > :after AND e.id <= :upto
+  AND (e.routed = 1 OR e.type IN (SELECT type FROM endpoint_routes WHERE endpoint = :endpoint))
   AND ct1_partition(e.object || ':' || coalesce(e.entity_key, '')) = :part
-ORDER BY e.id
+ON CONFLICT (endpoint, event_id) DO UPDATE SET next_attempt_at = excluded.next_attempt_at
+WHERE deliveries.status = 'pending'
 
 -- name: release_partitions
 -- Partitions given up to another dispatcher: their pending rows of the endpoint go.

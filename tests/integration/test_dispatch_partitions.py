@@ -17,7 +17,7 @@ from aiohttp import web
 from common.errors import ConfigError
 from dispatcher.worker import Dispatcher
 from outbox import store
-from outbox.deliveries import partition_of
+from outbox.deliveries import Superseded, partition_of
 from tests.integration.test_dispatch import Receiver, append, settings_for
 
 PARTS = 4
@@ -137,3 +137,65 @@ async def test_a_dispatch_node_without_an_endpoints_secret_refuses_to_start(tmp_
     append(settings, orders(1))
     with pytest.raises(ConfigError, match="ct2 has no secret on this dispatch node"):
         await Dispatcher(settings, partitions=PARTS).run(asyncio.Event())
+
+
+async def test_an_urgent_change_cuts_a_send_short_and_hands_its_event_over(tmp_path):
+    """The leases may lapse (not renewed in time): a send to a receiver that hangs is not
+    waited for; its event stays below the progress handed over, so the next holder sends it."""
+    hanging = part(0)
+    release = asyncio.Event()
+
+    async def order_zero_hangs(request: web.Request, call: int) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        if body["data"]["id"] == 0:
+            await release.wait()
+        return web.Response()
+
+    async with Receiver(order_zero_hangs) as rx:
+        settings = settings_for(tmp_path, rx.url)
+        settings.dispatcher.timeout_seconds = 30  # (far longer than a lease)
+        append(settings, orders(24))
+        dispatcher = Dispatcher(settings, partitions=PARTS)
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatcher.run(stop))
+        try:
+            await until(dispatcher.started.is_set, "the dispatcher started")
+            await assigned(dispatcher, set(range(PARTS)))
+            others = [i + 1 for i, (_, _, k) in enumerate(orders(24)) if part(k) != hanging]
+            await until(lambda: len(rx.received) >= len(others), "all but order 0's partition")
+            started = asyncio.get_running_loop().time()
+            future = dispatcher.assign(frozenset(set(range(PARTS)) - {hanging}), {}, urgent=True)
+            given = await asyncio.wait_for(asyncio.wrap_future(future), 10)
+            assert asyncio.get_running_loop().time() - started < 5  # not the send's 30 s
+            assert given["ct2"]["settled"][hanging] == 0  # order 0's first event: not settled here
+            with store.connect(settings.outbox.path, readonly=True) as conn:
+                left = conn.execute("SELECT count(*) FROM deliveries WHERE status = 'pending'").fetchone()
+            assert left[0] == 0  # its retry went with the partition
+            state = await asyncio.to_thread(lambda: store.connect(settings.outbox.path, readonly=True))
+            with state:
+                assert state.execute("SELECT state FROM endpoints WHERE name = 'ct2'").fetchone() == (
+                    "active",
+                )
+        finally:
+            release.set()
+            stop.set()
+            await task
+
+
+async def test_a_change_replaced_before_it_was_applied_is_not_taken_as_done(tmp_path):
+    async with Receiver() as rx:
+        settings = settings_for(tmp_path, rx.url)
+        append(settings, orders(4))
+        dispatcher = Dispatcher(settings, partitions=PARTS)
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatcher.run(stop))
+        try:
+            await until(dispatcher.started.is_set, "the dispatcher started")
+            first = dispatcher.assign(frozenset({0, 1}), {})
+            second = dispatcher.assign(frozenset({0}), {})
+            with pytest.raises(Superseded):
+                await asyncio.wrap_future(first)
+            assert set((await asyncio.wrap_future(second))["ct2"]) == {"horizon", "settled"}
+        finally:
+            stop.set()
+            await task
