@@ -15,11 +15,14 @@ is the only user of all three.  Positions:
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import structlog
 
@@ -144,6 +147,9 @@ class Capture:
         self._stream_clock = 0.0
         self._txn_clock = 0.0
         self._warned_heartbeat = False
+        # work handed to this thread (submit): run between transactions, in the group commit
+        self._requests: deque[tuple[Callable[[Sink], Any], concurrent.futures.Future[Any]]] = deque()
+        self._awaiting: list[tuple[concurrent.futures.Future[Any], Any]] = []
         # backfill: existing rows read in chunks between transactions (cdc/backfill.py)
         self._backfill = Backfiller(
             mapping, sink, source, chunk_size=settings.backfill.chunk_size, clock=clock
@@ -153,6 +159,45 @@ class Capture:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def submit(self, work: Callable[[Sink], Any]) -> concurrent.futures.Future[Any]:
+        """``work(sink)`` on capture's thread, between source transactions and inside its
+        group commit (callable from any thread): what it adds commits with the group, or
+        not at all.  The future gets its result once that commit is durable (at once if it
+        added nothing), or the error that stopped it.  The sink has one writer, capture:
+        other writers in the process (``marketplace.analytics`` on the JetStream backend)
+        go through here."""
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._requests.append((work, done))
+        return done
+
+    def _serve(self) -> None:
+        """Run the work handed over (between transactions)."""
+        while self._requests:
+            work, done = self._requests.popleft()
+            pending = self._has_uncommitted()
+            try:
+                result = work(self.sink)
+            except BaseException as exc:  # capture's own failure: it stops as it would anyway
+                done.set_exception(exc)
+                raise
+            if self.sink.in_transaction:
+                if not pending:
+                    self._first_pending = self.clock()  # (the group's age, for its commit)
+                self._awaiting.append((done, result))
+            else:
+                done.set_result(result)
+
+    def _refuse_requests(self, reason: str) -> None:
+        while self._requests:
+            _, done = self._requests.popleft()
+            done.set_exception(CaptureError(reason))
+
+    def _fail_awaiting(self, exc: BaseException) -> None:
+        """The group rolled back: what waited for its commit did not happen."""
+        failed, self._awaiting = self._awaiting, []
+        for done, _ in failed:
+            done.set_exception(CaptureError(f"not committed: {type(exc).__name__}: {exc}"))
 
     def run(self) -> None:
         delay = 0.2
@@ -165,6 +210,8 @@ class Capture:
                 # try again often, so that it takes over within a poll of the other's end;
                 # each try brings the sink's copy of the state up to date
                 self.sink.rollback()
+                self._fail_awaiting(exc)
+                self._refuse_requests("another capture reads the slot (this one is its standby)")
                 if self._waiting_since is None:
                     self._waiting_since = self.clock()
                     log.info("standby_waiting", slot=self.slot, detail=str(exc))
@@ -173,6 +220,7 @@ class Capture:
                 continue
             except SourceUnavailable as exc:
                 self.sink.rollback()
+                self._fail_awaiting(exc)
                 if not self._reached:
                     raise  # never reached the source: a wrong DSN fails the run, not waits
                 self.stats.reconnects += 1
@@ -181,9 +229,12 @@ class Capture:
                 log.warning("source_unavailable", error=str(exc), retry_in=round(delay, 2))
                 self.stopping.wait(delay)
                 delay = min(delay * 2, self.settings.source.reconnect_max_seconds)
-            except BaseException:
+            except BaseException as exc:
                 self.sink.rollback()
+                self._fail_awaiting(exc)
+                self._refuse_requests("capture stopped")
                 raise
+        self._refuse_requests("capture stopped")
 
     # -- one replication session -------------------------------------------------------------
 
@@ -268,6 +319,8 @@ class Capture:
         next_housekeeping = 0.0  # status, heartbeat and slot checks run even under load
         backfill = self._backfill
         while not self.stopping.is_set():
+            if self._in_txn is None and self._requests:
+                self._serve()  # between transactions: work handed over (submit)
             if self._in_txn is None and backfill.next_at <= clock():
                 backfill.step(self._position)  # between transactions: a backfill's next chunk, if due
             # commit as soon as the stream pauses, but not more often than commit_interval
@@ -611,6 +664,9 @@ class Capture:
         """Commit the group in the sink; :meth:`_confirm` then reports it to Postgres."""
         events = self.sink.pending
         self.sink.commit(self.slot, self._position)
+        done, self._awaiting = self._awaiting, []
+        for future, result in done:
+            future.set_result(result)
         self._last_commit = self.clock()
         self._submitted = self._position
         self.stats.commits += 1

@@ -203,13 +203,15 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
                 writer = await asyncio.to_thread(open_sink, settings)
                 capture = build_capture(settings, writer, mapping, on_commit=committed)
                 running[in_thread(capture.run, "capture")] = "capture"
-                if settings.analytics.enabled and settings.outbox.backend == "jetstream":
-                    log.warning("analytics_not_run", reason="not yet on the jetstream backend")
-                elif settings.analytics.enabled:
+                if settings.analytics.enabled:
                     from api.app import excluded_columns
                     from sidecar.derived import AnalyticsRole
 
-                    analytics = AnalyticsRole(settings, router_for(settings), excluded_columns(mapping))
+                    # (on the JetStream backend through capture, the stream's one writer)
+                    through = capture if settings.outbox.backend == "jetstream" else None
+                    analytics = AnalyticsRole(
+                        settings, router_for(settings), excluded_columns(mapping), through
+                    )
                     running[asyncio.ensure_future(analytics.run(stop))] = "analytics"
         if jetstream and (dispatcher is not None or app is not None) and not stop.is_set():
             # dispatch and the API read a copy of the stream in the outbox file

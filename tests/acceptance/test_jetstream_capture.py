@@ -527,3 +527,49 @@ def test_every_role_in_one_process_on_the_jetstream_backend(source_db, tmp_path,
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+
+
+def test_marketplace_analytics_goes_into_the_stream_through_capture_once_per_period(
+    source_db, tmp_path, nats_cluster
+):
+    """On this backend the analytics event is appended by capture, the stream's one
+    writer, in one of its group commits with its mark: one event per period, also across
+    a kill -9 and a restart that catches the missed periods up."""
+    stream = f"CT1_{uuid.uuid4().hex[:8].upper()}"
+    env = {
+        **stream_env(nats_cluster, stream),
+        "CT1_ANALYTICS__ENABLED": "true",
+        "CT1_ANALYTICS__PERIOD_SECONDS": "1",
+        "CT1_ANALYTICS__SETTLE_SECONDS": "0.1",
+        "CT1_ANALYTICS__RETRY_SECONDS": "0.2",
+        "CT1_ANALYTICS__CATCH_UP_PERIODS": "10",
+    }
+    config = node_config(tmp_path, source_db, "capture", "http://127.0.0.1:9/")
+    assert cli("setup", config=config, **env).returncode == 0
+    log = tmp_path / "capture.log"
+
+    def periods() -> list[str]:
+        return [
+            e["data"]["id"]
+            for _, e in stream_events(nats_cluster, stream)
+            if e["type"] == "marketplace.analytics"
+        ]
+
+    proc = spawn("run", "--role", "capture", config=config, log=log, **env)
+    try:
+        wait_until(lambda: len(periods()) >= 2, 60, what="two periods' events in the stream")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        before = periods()
+        time.sleep(2.5)  # periods missed while it is down
+        proc = spawn("run", "--role", "capture", config=config, log=log, **env)
+        wait_until(lambda: len(periods()) >= len(before) + 3, 60, what="the missed periods and new ones")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    got = periods()
+    assert len(got) == len(set(got)), got  # each period once
+    assert got == sorted(got)  # in order of their periods
+    assert "analytics_not_run" not in log.read_text()
+    events = [e for _, e in stream_events(nats_cluster, stream) if e["type"] == "marketplace.analytics"]
+    assert all(e["op"] == "derived" and e["xid"] is None for e in events)
