@@ -255,7 +255,7 @@ async def test_an_event_behind_a_queued_row_not_yet_committed_queues_too(tmp_pat
     of the queued one."""
     import threading
 
-    from dispatcher.worker import Chain
+    from dispatcher.runtime import Chain
     from outbox.deliveries import Due, Finished
 
     settings = settings_with(tmp_path, ("ct2", "http://127.0.0.1:9/hook"))
