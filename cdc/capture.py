@@ -175,6 +175,8 @@ class Capture:
         """Run the work handed over (between transactions)."""
         while self._requests:
             work, done = self._requests.popleft()
+            if not done.set_running_or_notify_cancel():
+                continue  # (given up by the one who asked: not run)
             pending = self._has_uncommitted()
             try:
                 result = work(self.sink)
@@ -191,13 +193,15 @@ class Capture:
     def _refuse_requests(self, reason: str) -> None:
         while self._requests:
             _, done = self._requests.popleft()
-            done.set_exception(CaptureError(reason))
+            if done.set_running_or_notify_cancel():  # (not if given up by the one who asked)
+                done.set_exception(CaptureError(reason))
 
     def _fail_awaiting(self, exc: BaseException) -> None:
         """The group rolled back: what waited for its commit did not happen."""
         failed, self._awaiting = self._awaiting, []
         for done, _ in failed:
-            done.set_exception(CaptureError(f"not committed: {type(exc).__name__}: {exc}"))
+            if not done.done():  # (a caller that gave up cancelled it)
+                done.set_exception(CaptureError(f"not committed: {type(exc).__name__}: {exc}"))
 
     def run(self) -> None:
         delay = 0.2
@@ -666,7 +670,8 @@ class Capture:
         self.sink.commit(self.slot, self._position)
         done, self._awaiting = self._awaiting, []
         for future, result in done:
-            future.set_result(result)
+            if not future.done():  # (a caller that gave up cancelled it)
+                future.set_result(result)
         self._last_commit = self.clock()
         self._submitted = self._position
         self.stats.commits += 1

@@ -291,3 +291,32 @@ def test_when_the_stream_pauses_what_is_pending_commits():
     rig.wal.pause()
     rig.run()
     assert [(c.events, c.lsn) for c in rig.outbox.commits][:2] == [(1, t1.end), (1, t2.end)]
+
+
+# -- work handed to capture's thread (Capture.submit) -------------------------------------------
+
+
+def test_work_handed_to_capture_commits_with_its_group_and_answers_after_that_commit():
+    rig = Rig()
+    rig.wal.transaction(user(1))
+    rig.wal.pause()
+    rig.wal.transaction(user(2))
+    rig.wal.pause()
+    capture = rig.capture()
+
+    def appended(sink: Any) -> str:
+        data = {"object": "customer", "id": 99, "record": {"name": "handed"}, "previous": None}
+        sink.add(
+            "customer.created", "customer", 99, data, "2026-11-25T00:00:00Z", None, "derived", None, None
+        )
+        return "done"
+
+    answered = capture.submit(appended)
+    given_up = capture.submit(lambda sink: pytest.fail("a request given up is not run"))
+    assert given_up.cancel()  # (the one who asked gave up before capture got to it)
+    capture.run()
+    assert answered.result(timeout=0) == "done"
+    assert "handed" in rig.names() and rig.names().index("handed") < rig.names().index("u2")
+    late = capture.submit(lambda sink: None)  # capture has stopped: refused, not left waiting
+    late.cancel()  # (a caller giving up on it is no error either)
+    capture.run()
