@@ -60,7 +60,10 @@ class Sidecar:
 
         def ready() -> bool:
             assert proc.poll() is None, self.log.read_text()[-3000:]
-            return _ready(client)
+            # ready, and capture streaming the slot: an export's resume_event_id needs capture
+            # to pass its snapshot (/readyz does not wait for the slot to be read; a loaded
+            # CI run once exported before it was, and got none)
+            return _ready(client) and "capture_started" in self.log.read_text()
 
         try:
             wait_until(ready, timeout=30, what="ct1-cdc run to be ready")
