@@ -44,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,7 +61,6 @@ from dispatcher.signing import generate_secret  # noqa: E402
 from dispatcher.worker import Dispatcher  # noqa: E402
 from outbox import store  # noqa: E402
 from outbox.jetstream import JetStreamLog  # noqa: E402
-from outbox.jetstream_mirror import Mirror  # noqa: E402
 from outbox.store import Route, Router  # noqa: E402
 from outbox.writer import OutboxWriter  # noqa: E402
 from sidecar.natscluster import create_nats_cluster  # noqa: E402
@@ -188,11 +186,8 @@ def fill_stream(servers: list[str], stream: str, path: Path) -> None:
         sink.close()
 
 
-async def ours(
-    url: str, path: Path, n: int, concurrency: int, jetstream: tuple[list[str], str] | None = None
-) -> float:
-    """Until the dispatcher delivered ``n``; on JetStream, with the node's copy of the
-    stream (``jetstream``: the servers and the stream) filled by a mirror beside it."""
+async def ours(url: str, path: Path, n: int, concurrency: int) -> float:
+    """Until the dispatcher delivered ``n`` (the SQLite backend; JetStream: :func:`nodes`)."""
     settings = Settings(
         outbox={"path": str(path)},
         dispatcher={"concurrency": concurrency, "endpoint_concurrency": concurrency},
@@ -200,18 +195,7 @@ async def ours(
     )
     dispatcher = Dispatcher(settings)
     stop = asyncio.Event()
-    mirror_stop = threading.Event()
     started = time.perf_counter()
-    if jetstream is not None:
-        servers, stream = jetstream
-        mirror = Mirror(
-            JetStreamLog(servers, stream=stream, subject=f"bench.{stream.lower()}", partitions=16),
-            lambda: store.open_outbox(path),
-            Router([Route("bench", ("*",))]),
-            dispatcher.notify,
-        )
-        copying = threading.Thread(target=mirror.run, args=(mirror_stop,), daemon=True)
-        copying.start()
     task = asyncio.create_task(dispatcher.run(stop))
     while "bench" not in dispatcher.runtimes or dispatcher.runtimes["bench"].delivered < n:
         if task.done():
@@ -219,7 +203,6 @@ async def ours(
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
     stop.set()
-    mirror_stop.set()
     await task
     conn = store.connect(path, readonly=True)
     delivered = store.stats(conn)["deliveries"]["bench"].get("delivered", 0)
@@ -390,7 +373,7 @@ def main() -> None:
                 repeated.append(again)
             else:
                 with gc_tuned():
-                    secs = asyncio.run(ours(url, path, args.events, args.concurrency, jetstream))
+                    secs = asyncio.run(ours(url, path, args.events, args.concurrency))
             rates["ct1_cdc"].append(args.events / secs)
             # ... and, for a like-for-like figure, the bare loop with the same setting
             with gc_tuned():

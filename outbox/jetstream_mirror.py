@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from common.errors import Ct1Error
-from common.jsontext import dumps, loads
+from common.jsontext import loads
 from outbox.jetstream import JetStreamLog, Stored
 from outbox.jetstream_leases import LEAVE_WITHIN, Leases
 from outbox.jetstream_shared import ENDPOINTS, KEYS
@@ -33,7 +33,7 @@ from outbox.writer import OutboxWriter
 
 log = structlog.get_logger("ct1_cdc.jetstream")
 
-PROGRESS_SECONDS = 1.0  # how often a dispatch node shares its delivery progress
+STATES_SECONDS = 1.0  # how often a dispatch node shares the endpoint states it changed
 MARK = "jetstream_mirror"  # the copy's own kind in derived_state: which stream it copies
 
 
@@ -51,17 +51,15 @@ class Mirror:
         conn: Callable[[], sqlite3.Connection],
         router: Router,
         on_commit: Callable[[], None] | None = None,
-        progress: bool = False,
         leases: Leases | None = None,
     ) -> None:
-        """``progress``: this node dispatches; its delivery progress is shared through the
-        cluster (see :meth:`_share_progress`).  ``leases``: it shares the partitions with
-        the other dispatch nodes (outbox/jetstream_leases.py), and its progress is theirs."""
+        """``leases``: this node dispatches, sharing the partitions and their progress with
+        the other dispatch nodes (outbox/jetstream_leases.py); the endpoint states its
+        dispatcher changes are shared too (:meth:`_share_states`)."""
         self.log = log
         self.connect = conn
         self.router = router
         self.on_commit = on_commit
-        self.progress = progress
         self.leases = leases
         self._leasing: threading.Thread | None = None
         self._leasing_failed: BaseException | None = None
@@ -115,12 +113,8 @@ class Mirror:
             asyncio.ensure_future(shared.follow(self.log, writer.conn)) for shared in (KEYS, ENDPOINTS)
         ]
         sharing = None
-        if self.progress:
-            bucket = await self.log.bucket(f"{self.log.stream}_PROGRESS")
-            if self.leases is None:
-                await self._adopt_progress(writer, bucket)
-            sharing = asyncio.ensure_future(self._share_progress(writer, bucket))
         if self.leases is not None:  # (its own thread; it waits for the dispatcher to start)
+            sharing = asyncio.ensure_future(self._share_states(writer))
             self._leasing = threading.Thread(target=self._lease, name="leases", daemon=True)
             self._leasing.start()
         self.ready.set()
@@ -148,58 +142,18 @@ class Mirror:
         except BaseException as exc:  # the copy stops the node with it
             self._leasing_failed = exc
 
-    # -- delivery progress, shared: a dispatch node on a new file goes on from it ------------
+    # -- endpoint states, shared by the dispatch nodes ------------------------------------------
 
-    def _settled(self, writer: OutboxWriter) -> dict[str, int]:
-        """Per endpoint, the event id up to which every delivery is settled on this node
-        (delivered, or dead): its cursor, or below the first delivery still pending."""
-        pending = dict(
-            writer.conn.execute(
-                "SELECT endpoint, min(event_id) FROM deliveries WHERE status = 'pending' GROUP BY endpoint"
-            ).fetchall()
-        )
-        return {
-            endpoint: min(cursor, pending[endpoint] - 1) if endpoint in pending else cursor
-            for endpoint, cursor in writer.conn.execute(
-                "SELECT endpoint, last_event_id FROM delivery_cursors"
-            )
-        }
-
-    async def _adopt_progress(self, writer: OutboxWriter, bucket: Any) -> None:
-        """Move each endpoint's cursor up to what the cluster says is settled (a node on a
-        new file, or one that was away while another dispatched): not the stream again."""
-        from nats.js.errors import KeyNotFoundError
-
-        for endpoint, cursor in self._settled(writer).items():
-            try:
-                entry = await self.log.retrying(bucket.get, endpoint)
-            except KeyNotFoundError:
-                continue
-            settled = int(loads(entry.value)["settled"])
-            if settled > cursor:
-                writer.conn.execute(
-                    "UPDATE delivery_cursors SET last_event_id = ?, generation = generation + 1"
-                    " WHERE endpoint = ? AND last_event_id < ?",
-                    (settled, endpoint, settled),
-                )
-                log.info("delivery_progress_adopted", endpoint=endpoint, event_id=settled, was=cursor)
-
-    async def _share_progress(self, writer: OutboxWriter, bucket: Any) -> None:
-        """Every second, what this node has settled per endpoint, into the bucket, and the
-        endpoint states its dispatcher changed (a pause, a 410) for every node."""
-        shared: dict[str, int] = {}
+    async def _share_states(self, writer: OutboxWriter) -> None:
+        """Every second, the endpoint states this node's dispatcher changed (a pause, a 410),
+        for every node."""
         states: dict[str, float] = {}
         while True:
-            # (with partitions shared, their holders publish progress: outbox/jetstream_leases.py)
-            for endpoint, settled in self._settled(writer).items() if self.leases is None else ():
-                if shared.get(endpoint) != settled:
-                    await self.log.put(bucket, endpoint, dumps({"settled": settled}))
-                    shared[endpoint] = settled
             changed = [r for r in ENDPOINTS.rows(writer.conn) if states.get(r["name"]) != r["updated_at"]]
             if changed:
                 await ENDPOINTS.publish(self.log, changed)
                 states.update((r["name"], r["updated_at"]) for r in changed)
-            await asyncio.sleep(PROGRESS_SECONDS)
+            await asyncio.sleep(STATES_SECONDS)
 
     async def _check_copy(self, writer: OutboxWriter, end: int) -> None:
         """The file must be a copy of this stream, up to an event the stream holds alike:

@@ -111,9 +111,7 @@ def open_mirror(
     if dispatcher is not None:  # dispatch nodes share the partitions
         # (a connection of its own: on its own thread, see Leases.run_thread)
         leases = Leases(events_log(settings), dispatcher, settings.outbox.jetstream.lease_seconds)
-    return Mirror(
-        log, lambda: open_outbox(path), router_for(settings), on_commit, dispatcher is not None, leases
-    )
+    return Mirror(log, lambda: open_outbox(path), router_for(settings), on_commit, leases)
 
 
 def open_writer(settings: Settings) -> OutboxWriter:

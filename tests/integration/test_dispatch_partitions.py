@@ -7,8 +7,9 @@ up reports where it got to, and its pending retries go with it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -32,6 +33,20 @@ def orders(n: int) -> list[tuple[str, str, Any]]:
     return [("order.updated", "order", i % ENTITIES) for i in range(n)]
 
 
+@contextlib.asynccontextmanager
+async def running(settings: Any) -> AsyncIterator[Dispatcher]:
+    """A dispatcher sharing PARTS partitions, run until the block ends."""
+    dispatcher = Dispatcher(settings, partitions=PARTS)
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop))
+    try:
+        await until(dispatcher.started.is_set, "the dispatcher started")
+        yield dispatcher
+    finally:
+        stop.set()
+        await task
+
+
 async def until(check: Callable[[], bool], what: str, within: float = 20) -> None:
     async with asyncio.timeout(within):
         while not check():
@@ -52,11 +67,7 @@ async def test_only_the_partitions_given_are_delivered_and_one_taken_over_goes_o
     async with Receiver() as rx:
         settings = settings_for(tmp_path, rx.url)
         append(settings, orders(120))
-        dispatcher = Dispatcher(settings, partitions=PARTS)
-        stop = asyncio.Event()
-        task = asyncio.create_task(dispatcher.run(stop))
-        try:
-            await until(dispatcher.started.is_set, "the dispatcher started")
+        async with running(settings) as dispatcher:
             await asyncio.sleep(0.3)
             assert rx.received == []  # none held: nothing sent, and nothing read past
             await assigned(dispatcher, {0, 1})
@@ -93,9 +104,6 @@ async def test_only_the_partitions_given_are_delivered_and_one_taken_over_goes_o
             await until(lambda: len(rx.received) == len(wanted) + 24 + len(zero), "partition 0 only")
             await asyncio.sleep(0.3)
             assert sorted(r.envelope["id"] for r in rx.received)[-len(zero) :] == zero
-        finally:
-            stop.set()
-            await task
     assert dispatcher.final == {"ct2": {0: 156}}
 
 
@@ -109,11 +117,7 @@ async def test_a_partition_given_up_hands_its_pending_retry_to_the_next_holder(t
     async with Receiver(entity_zero_fails) as rx:
         settings = settings_for(tmp_path, rx.url, retry_schedule=[0, 30, 30])
         append(settings, orders(24))
-        dispatcher = Dispatcher(settings, partitions=PARTS)
-        stop = asyncio.Event()
-        task = asyncio.create_task(dispatcher.run(stop))
-        try:
-            await until(dispatcher.started.is_set, "the dispatcher started")
+        async with running(settings) as dispatcher:
             await assigned(dispatcher, set(range(PARTS)))
             others = [i + 1 for i, (_, _, k) in enumerate(orders(24)) if k != 0]
             await until(lambda: len(rx.received) == len(others), "all but order 0")
@@ -126,9 +130,6 @@ async def test_a_partition_given_up_hands_its_pending_retry_to_the_next_holder(t
             with store.connect(settings.outbox.path, readonly=True) as conn:
                 left = conn.execute("SELECT count(*) FROM deliveries WHERE status = 'pending'").fetchone()
             assert left[0] == 0  # the retry went with the partition
-        finally:
-            stop.set()
-            await task
 
 
 async def test_a_dispatch_node_without_an_endpoints_secret_refuses_to_start(tmp_path):
@@ -155,47 +156,32 @@ async def test_an_urgent_change_cuts_a_send_short_and_hands_its_event_over(tmp_p
         settings = settings_for(tmp_path, rx.url)
         settings.dispatcher.timeout_seconds = 30  # (far longer than a lease)
         append(settings, orders(24))
-        dispatcher = Dispatcher(settings, partitions=PARTS)
-        stop = asyncio.Event()
-        task = asyncio.create_task(dispatcher.run(stop))
-        try:
-            await until(dispatcher.started.is_set, "the dispatcher started")
-            await assigned(dispatcher, set(range(PARTS)))
-            others = [i + 1 for i, (_, _, k) in enumerate(orders(24)) if part(k) != hanging]
-            await until(lambda: len(rx.received) >= len(others), "all but order 0's partition")
-            started = asyncio.get_running_loop().time()
-            future = dispatcher.assign(frozenset(set(range(PARTS)) - {hanging}), {}, urgent=True)
-            given = await asyncio.wait_for(asyncio.wrap_future(future), 10)
-            assert asyncio.get_running_loop().time() - started < 5  # not the send's 30 s
-            assert given["ct2"]["settled"][hanging] == 0  # order 0's first event: not settled here
-            with store.connect(settings.outbox.path, readonly=True) as conn:
-                left = conn.execute("SELECT count(*) FROM deliveries WHERE status = 'pending'").fetchone()
-            assert left[0] == 0  # its retry went with the partition
-            state = await asyncio.to_thread(lambda: store.connect(settings.outbox.path, readonly=True))
-            with state:
-                assert state.execute("SELECT state FROM endpoints WHERE name = 'ct2'").fetchone() == (
-                    "active",
-                )
-        finally:
-            release.set()
-            stop.set()
-            await task
+        async with running(settings) as dispatcher:
+            try:
+                await assigned(dispatcher, set(range(PARTS)))
+                others = [i + 1 for i, (_, _, k) in enumerate(orders(24)) if part(k) != hanging]
+                await until(lambda: len(rx.received) >= len(others), "all but order 0's partition")
+                started = asyncio.get_running_loop().time()
+                future = dispatcher.assign(frozenset(set(range(PARTS)) - {hanging}), {}, urgent=True)
+                given = await asyncio.wait_for(asyncio.wrap_future(future), 10)
+                assert asyncio.get_running_loop().time() - started < 5  # not the send's 30 s
+                assert given["ct2"]["settled"][hanging] == 0  # order 0's first event: not settled here
+                with store.connect(settings.outbox.path, readonly=True) as conn:
+                    left = conn.execute("SELECT count(*) FROM deliveries WHERE status = 'pending'").fetchone()
+                    state = conn.execute("SELECT state FROM endpoints WHERE name = 'ct2'").fetchone()
+                assert left[0] == 0  # its retry went with the partition
+                assert state == ("active",)  # (a cut send is not the receiver's failure)
+            finally:
+                release.set()  # (the hanging answer, before the stop)
 
 
 async def test_a_change_replaced_before_it_was_applied_is_not_taken_as_done(tmp_path):
     async with Receiver() as rx:
         settings = settings_for(tmp_path, rx.url)
         append(settings, orders(4))
-        dispatcher = Dispatcher(settings, partitions=PARTS)
-        stop = asyncio.Event()
-        task = asyncio.create_task(dispatcher.run(stop))
-        try:
-            await until(dispatcher.started.is_set, "the dispatcher started")
+        async with running(settings) as dispatcher:
             first = dispatcher.assign(frozenset({0, 1}), {})
             second = dispatcher.assign(frozenset({0}), {})
             with pytest.raises(Superseded):
                 await asyncio.wrap_future(first)
             assert set((await asyncio.wrap_future(second))["ct2"]) == {"horizon", "settled"}
-        finally:
-            stop.set()
-            await task
