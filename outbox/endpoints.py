@@ -9,7 +9,6 @@ Every endpoint that ever had a delivery has a row; the state written last wins, 
 from __future__ import annotations
 
 import sqlite3
-import time
 from dataclasses import dataclass
 
 from common import sqlfile
@@ -32,7 +31,7 @@ def state_of(conn: sqlite3.Connection, name: str) -> EndpointState:
     """The stored state of ``name``; an endpoint not seen before is registered, active."""
     row = conn.execute(E["endpoint_state"], (name,)).fetchone()
     if row is None:
-        conn.execute(Q["register_endpoint"], (name, time.time()))
+        conn.execute(Q["register_endpoint"], (name,))
         return EndpointState(name, "active", 0, 0.0, None, 0.0)
     return EndpointState(*row)
 
@@ -70,5 +69,5 @@ def store_secret(conn: sqlite3.Connection, name: str, secret: str) -> None:
     """Keep ``secret`` for ``name`` (registering the endpoint); a stored one is never
     replaced."""
     with transaction(conn):
-        conn.execute(Q["register_endpoint"], (name, 0))
+        conn.execute(Q["register_endpoint"], (name,))
         conn.execute(E["set_endpoint_secret"], (secret, name))

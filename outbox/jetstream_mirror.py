@@ -147,7 +147,9 @@ class Mirror:
     async def _share_states(self, writer: OutboxWriter) -> None:
         """Every second, the endpoint states this node's dispatcher changed (a pause, a 410),
         for every node."""
-        states: dict[str, float] = {}
+        # what the file holds now was shared by whoever wrote it (or is the default of an
+        # endpoint just registered, which must not outrank a state written elsewhere)
+        states = {r["name"]: r["updated_at"] for r in ENDPOINTS.rows(writer.conn)}
         while True:
             changed = [r for r in ENDPOINTS.rows(writer.conn) if states.get(r["name"]) != r["updated_at"]]
             if changed:

@@ -73,8 +73,7 @@ class OutboxWriter:
         self._shadow: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._in_txn = False
         self._state: SqliteState | None = None
-        now = time.time()
-        conn.executemany(Q["register_endpoint"], [(name, now) for name in router.names])
+        conn.executemany(Q["register_endpoint"], [(name,) for name in router.names])
         if not rows_at_append:
             self._routes_from(router)
 

@@ -84,7 +84,9 @@ WHERE e.id = :id AND e.routed = 0
 ORDER BY 1
 
 -- name: register_endpoint
-INSERT INTO endpoints (name, updated_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING
+-- Active, and no state written yet (updated_at 0): any state an operator or a dispatcher
+-- wrote, here or on another node, outranks it.
+INSERT INTO endpoints (name, updated_at) VALUES (?, 0) ON CONFLICT (name) DO NOTHING
 
 -- name: stats_by_type
 SELECT type, count(*) AS n, max(id) AS last_id FROM events GROUP BY type ORDER BY type

@@ -3,25 +3,37 @@ outbox file, whether capture appended to it (SQLite) or to a replicated stream t
 copies (JetStream, on a real three-node cluster): gap-free ids in append order, the
 events cursor with type filters, every event delivered once and signed under its
 ``evt_<id>``, one entity's events in order, dead deliveries replayed under the same
-webhook-id.  (The sink's own contract: tests/sink_contract.py.)"""
+webhook-id, an API key made or revoked by a command on any host (`ct1-cdc keys`) and an
+endpoint disabled or enabled on any host (`ct1-cdc endpoints`) holding on the node.  On
+SQLite "any host" is the one host and its file; on JetStream it is another host's file,
+shared through the cluster as the commands share it.  (The sink's own contract:
+tests/sink_contract.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from api import keys as api_keys
+from api.app import BASE, create_app
+from config.settings import Settings
 from dispatcher.worker import Dispatcher
-from outbox import deliveries, store
+from outbox import deliveries, endpoints, store
 from outbox.jetstream import JetStreamLog
 from outbox.jetstream_mirror import Mirror
+from outbox.jetstream_shared import ENDPOINTS, KEYS, Shared, share
 from outbox.jetstream_sink import JetStreamSink
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
@@ -42,6 +54,13 @@ class Node:
     def append(self, events: list[tuple[str, int]]) -> None:
         """One group commit of (type, order key) events; back once the node's file has it."""
         raise NotImplementedError
+
+    @contextmanager
+    def elsewhere(self, shared: Shared) -> Iterator[sqlite3.Connection]:
+        """The outbox file a command changes on a host of its own (``ct1-cdc keys``,
+        ``ct1-cdc endpoints``), which then shares ``shared`` as that command does."""
+        raise NotImplementedError
+        yield
 
     def close(self) -> None:
         raise NotImplementedError
@@ -69,6 +88,14 @@ class SqliteNode(Node):
         self.lsn += 1
         add(self.sink, events, self.lsn)
 
+    @contextmanager
+    def elsewhere(self, shared: Shared) -> Iterator[sqlite3.Connection]:
+        conn = store.open_outbox(self.path)  # one host: the commands change the file itself
+        try:
+            yield conn
+        finally:
+            conn.close()
+
     def close(self) -> None:
         self.sink.close()
 
@@ -85,6 +112,9 @@ class JetStreamNode(Node):
                 cluster.servers, stream=name, subject=f"c.{name.lower()}", partitions=PARTITIONS
             )
 
+        self.log = log
+        self.other_host = tmp / "elsewhere.db"
+        OutboxWriter(store.open_outbox(self.other_host), Router([Route("ct2", ("*",))])).close()
         self.sink = JetStreamSink(log(), OutboxWriter(store.open_outbox(tmp / "capture.db"), Router([])))
         self.mirror = Mirror(log(), lambda: store.open_outbox(self.path), Router([Route("ct2", ("*",))]))
         self.stop = threading.Event()
@@ -107,6 +137,15 @@ class JetStreamNode(Node):
             lambda: self.errors or self.mirror.last_id >= end, 30, what=f"the node's copy to reach {end}"
         )
         assert not self.errors, self.errors
+
+    @contextmanager
+    def elsewhere(self, shared: Shared) -> Iterator[sqlite3.Connection]:
+        conn = store.open_outbox(self.other_host)
+        try:
+            yield conn
+            share(self.log(), conn, shared)  # what the command does after its change
+        finally:
+            conn.close()
 
     def close(self) -> None:
         self.stop.set()
@@ -215,3 +254,58 @@ async def test_dead_deliveries_are_replayed_under_the_same_webhook_id(node: Node
     assert [r.headers["webhook-id"] for r in rx.received if r.envelope["data"]["id"] == 2] == ["evt_3"]
     with store.connect(node.path, readonly=True) as conn:
         assert store.stats(conn)["deliveries"] == {"ct2": {"delivered": 4}}
+
+
+async def test_a_key_made_on_any_host_serves_the_node_until_it_is_revoked_there(node: Node) -> None:
+    node.append([("order.updated", 1), ("order.updated", 2)])
+    with node.elsewhere(KEYS) as conn:
+        made = api_keys.create(conn, "ct3", [api_keys.EXPORT], [])
+    client = TestClient(TestServer(create_app(Settings(outbox={"path": str(node.path)}))))
+    await client.start_server()
+    try:
+
+        async def status() -> int:
+            resp = await client.get(f"{BASE}/events", headers={"Authorization": f"Bearer {made.key}"})
+            if resp.status == 200:
+                assert [e["id"] for e in (await resp.json())["data"]] == [1, 2]
+            return resp.status
+
+        await until(status, 200, "the key made elsewhere to be taken")
+        with node.elsewhere(KEYS) as conn:
+            api_keys.revoke(conn, made.id)
+        await until(status, 401, "the key revoked elsewhere to be refused")
+    finally:
+        await client.close()
+
+
+async def until(ask: Callable[[], Any], wanted: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    got = None
+    while time.monotonic() < deadline:
+        got = await ask()
+        if got == wanted:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"waited {timeout} s for {what}: got {got!r}, not {wanted!r}")
+
+
+async def test_an_endpoint_disabled_on_any_host_holds_the_node_s_deliveries_until_enabled(
+    node: Node,
+) -> None:
+    def state() -> str:
+        with store.connect(node.path, readonly=True) as conn:
+            return endpoints.state_of(conn, "ct2").state
+
+    with node.elsewhere(ENDPOINTS) as conn:
+        assert endpoints.set_state(conn, "ct2", "disabled", time.time())
+    wait_until(lambda: state() == "disabled", 30, what="the node to see ct2 disabled")
+    node.append([("order.updated", k) for k in range(3)])
+    async with Receiver() as rx:
+        held = asyncio.get_running_loop().time() + 1.5
+        await run_dispatcher(node, rx.url, lambda: asyncio.get_running_loop().time() > held)
+        assert rx.received == []  # a second and a half of a running dispatcher: nothing sent
+        with node.elsewhere(ENDPOINTS) as conn:
+            assert endpoints.set_state(conn, "ct2", "active", time.time() + 0.01)
+        await run_dispatcher(node, rx.url, lambda: len(rx.received) >= 3)
+    assert sorted(r.headers["webhook-id"] for r in rx.received) == ["evt_1", "evt_2", "evt_3"]
+    assert state() == "active"

@@ -4,6 +4,7 @@ its file ends, refuses a file that is not a copy of the stream, and stops at onc
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from outbox import store
+from common.jsontext import loads
+from outbox import endpoints, store
 from outbox.jetstream import JetStreamLog
-from outbox.jetstream_mirror import Mirror, MirrorError
+from outbox.jetstream_mirror import STATES_SECONDS, Mirror, MirrorError
+from outbox.jetstream_shared import ENDPOINTS, share
 from outbox.jetstream_sink import LoopThread
-from outbox.store import Router
+from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
 from sidecar.natscluster import NatsCluster
 from tests.sink_contract import AT
@@ -160,3 +163,75 @@ def test_a_copy_that_cannot_reach_the_cluster_stops_at_once_when_told(tmp_path):
     thread.join(timeout=10)
     assert not thread.is_alive()
     assert time.monotonic() - stopped < 2  # not the 15 s connecting may take
+
+
+# -- endpoint states shared through the cluster ---------------------------------------------
+
+
+def disabled_elsewhere(stream: Stream, path: Path) -> None:
+    """``ct1-cdc endpoints disable ct2`` on another host: its file, then the bucket."""
+    OutboxWriter(store.open_outbox(path), Router([Route("ct2", ("*",))])).close()
+    conn = store.open_outbox(path)
+    try:
+        assert endpoints.set_state(conn, "ct2", "disabled", time.time())
+        share(stream.log(), conn, ENDPOINTS)
+    finally:
+        conn.close()
+
+
+def state_in(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    with store.connect(path, readonly=True) as conn:
+        row = conn.execute("SELECT state FROM endpoints WHERE name = 'ct2'").fetchone()
+    return None if row is None else str(row[0])
+
+
+def test_an_endpoint_disabled_on_another_host_before_a_node_starts_is_disabled_on_it(stream, tmp_path):
+    """A node's file registers its endpoints when it is made: that is no state written, and
+    must not outrank one an operator wrote anywhere before (reproduced first: the node's
+    registration time was newer, and the endpoint stayed active on it)."""
+    disabled_elsewhere(stream, tmp_path / "elsewhere.db")
+    time.sleep(0.05)
+    node = tmp_path / "node.db"
+    mirror = Mirror(stream.log(), lambda: store.open_outbox(node), Router([Route("ct2", ("*",))]))
+    stop = threading.Event()
+    thread = threading.Thread(target=mirror.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: state_in(node) == "disabled", 15, last=True), state_in(node)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def test_a_dispatch_node_shares_only_the_endpoint_states_it_changed(stream, tmp_path):
+    """A dispatch node puts into the bucket what its dispatcher changes, not what its file
+    held when it started (reproduced first: a node starting put its freshly registered
+    "active" there, over an operator's "disabled", for every node started after it)."""
+    disabled_elsewhere(stream, tmp_path / "elsewhere.db")
+    node = tmp_path / "node.db"
+    writer = OutboxWriter(store.open_outbox(node), Router([Route("ct2", ("*",))]))
+    mirror = Mirror(stream.log(), lambda: store.open_outbox(node), Router([]))
+
+    async def share_for_a_moment(change: bool) -> str:
+        await mirror.log.connect()
+        try:
+            sharing = asyncio.ensure_future(mirror._share_states(writer))
+            await asyncio.sleep(0.3)
+            if change:  # this node's dispatcher pauses it
+                state = endpoints.state_of(writer.conn, "ct2")
+                state.state, state.paused_until, state.updated_at = "paused", time.time() + 60, time.time()
+                endpoints.save_state(writer.conn, state)
+                await asyncio.sleep(STATES_SECONDS + 0.5)
+            sharing.cancel()
+            bucket = await mirror.log.bucket(ENDPOINTS.bucket(mirror.log))
+            return str(loads((await bucket.get("ct2")).value)["state"])
+        finally:
+            await mirror.log.close()
+
+    try:
+        assert asyncio.run(share_for_a_moment(change=False)) == "disabled"
+        assert asyncio.run(share_for_a_moment(change=True)) == "paused"
+    finally:
+        writer.close()
