@@ -421,6 +421,26 @@ def replay_dead(conn: sqlite3.Connection, *, endpoint: str | None, since: float,
     return cur.rowcount
 
 
+def replayable_dead(
+    conn: sqlite3.Connection, *, endpoint: str | None, since: float
+) -> list[tuple[str, int, str]]:
+    """The dead deliveries :func:`replay_dead` would make due: (endpoint, event id, entity)."""
+    return [
+        (str(e), int(i), str(k))
+        for e, i, k in conn.execute(D["replayable_dead"], {"endpoint": endpoint, "since": since})
+    ]
+
+
+def rows_of_event(
+    conn: sqlite3.Connection, event_id: int, *, endpoint: str | None
+) -> list[tuple[str, int, str]]:
+    """An event's delivery rows (to ``endpoint``, or every one): (endpoint, event id, entity)."""
+    return [
+        (str(e), int(i), str(k))
+        for e, i, k in conn.execute(D["rows_of_event"], {"event_id": event_id, "endpoint": endpoint})
+    ]
+
+
 def replay_from(conn: sqlite3.Connection, endpoint: str, first: int, *, now: float) -> int:
     """Send ``endpoint`` every event it takes from ``first`` on again (history to a new
     endpoint, or again to one that lost it): its cursor goes back to just before

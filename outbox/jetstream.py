@@ -157,6 +157,8 @@ class JetStreamLog:
         self._replies: str | None = None  # the inbox acks come to
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._token = 0
+        self._buckets: dict[str, Any] = {}  # key-value buckets found or made, by name
+        self._bucket_lock: asyncio.Lock | None = None
 
     async def connect(self) -> None:
         try:
@@ -184,6 +186,8 @@ class JetStreamLog:
             )
             raise JetStreamError(f"cannot reach NATS at {', '.join(self.servers)}: {reason}") from exc
         self._js = self._nc.jetstream(timeout=self.timeout)
+        self._buckets.clear()
+        self._bucket_lock = asyncio.Lock()
 
     async def close(self) -> None:
         if self._nc is not None:
@@ -489,13 +493,23 @@ class JetStreamLog:
         """A key-value bucket beside the stream (made, with the stream's replicas, when
         missing)."""
         from nats.js.api import KeyValueConfig
-        from nats.js.errors import BucketNotFoundError
+        from nats.js.errors import BucketNotFoundError, NotFoundError
 
-        try:
-            return await self._api(self.js.key_value, name)
-        except BucketNotFoundError:
-            config = KeyValueConfig(bucket=name, history=1, replicas=self.replicas, storage=StorageType.FILE)
-            return await self._api(self.js.create_key_value, config)
+        found = self._buckets.get(name)
+        if found is not None:
+            return found
+        assert self._bucket_lock is not None, "not connected"
+        async with self._bucket_lock:  # (two tasks asking at once would both make it)
+            if name not in self._buckets:
+                try:
+                    found = await self._api(self.js.key_value, name)
+                except (BucketNotFoundError, NotFoundError):  # (or "stream not found", being made)
+                    config = KeyValueConfig(
+                        bucket=name, history=1, replicas=self.replicas, storage=StorageType.FILE
+                    )
+                    found = await self._api(self.js.create_key_value, config)
+                self._buckets[name] = found
+            return self._buckets[name]
 
     async def retrying(self, call: Any, *args: Any) -> Any:
         """``call(*args)``, a JetStream request, asked again while the cluster cannot answer

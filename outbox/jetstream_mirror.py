@@ -27,7 +27,7 @@ from common.errors import Ct1Error
 from common.jsontext import loads
 from outbox.jetstream import JetStreamLog, Stored
 from outbox.jetstream_leases import LEAVE_WITHIN, Leases
-from outbox.jetstream_shared import ENDPOINTS, KEYS
+from outbox.jetstream_shared import ENDPOINTS, KEYS, SharedDeliveries
 from outbox.store import Q, Router
 from outbox.writer import OutboxWriter
 
@@ -64,6 +64,7 @@ class Mirror:
         self._leasing: threading.Thread | None = None
         self._leasing_failed: BaseException | None = None
         self.last_id = 0
+        self.deliveries = SharedDeliveries()  # dead deliveries and replays, for every node
         self.caught_up = threading.Event()  # the copy reached the stream's end once
         # the file is checked, and its cursors moved to the shared progress: a dispatcher
         # may start (before, it would read cursors about to move)
@@ -110,7 +111,8 @@ class Mirror:
         if self.last_id >= end:
             self.caught_up.set()
         followers = [
-            asyncio.ensure_future(shared.follow(self.log, writer.conn)) for shared in (KEYS, ENDPOINTS)
+            asyncio.ensure_future(shared.follow(self.log, writer.conn))
+            for shared in (KEYS, ENDPOINTS, self.deliveries)
         ]
         sharing = None
         if self.leases is not None:  # (its own thread; it waits for the dispatcher to start)
@@ -145,8 +147,8 @@ class Mirror:
     # -- endpoint states, shared by the dispatch nodes ------------------------------------------
 
     async def _share_states(self, writer: OutboxWriter) -> None:
-        """Every second, the endpoint states this node's dispatcher changed (a pause, a 410),
-        for every node."""
+        """Every second, the endpoint states this node's dispatcher changed (a pause, a 410)
+        and the deliveries it gave up on or delivered after a replay, for every node."""
         # what the file holds now was shared by whoever wrote it (or is the default of an
         # endpoint just registered, which must not outrank a state written elsewhere)
         states = {r["name"]: r["updated_at"] for r in ENDPOINTS.rows(writer.conn)}
@@ -155,6 +157,7 @@ class Mirror:
             if changed:
                 await ENDPOINTS.publish(self.log, changed)
                 states.update((r["name"], r["updated_at"]) for r in changed)
+            await self.deliveries.publish(self.log, writer.conn)
             await asyncio.sleep(STATES_SECONDS)
 
     async def _check_copy(self, writer: OutboxWriter, end: int) -> None:

@@ -9,17 +9,25 @@ own tables in step with them.
 * **Endpoint states** (``<stream>_ENDPOINTS``): an endpoint disabled or enabled by an
   operator on any host, or paused or disabled by the dispatching node (a 410, failures),
   is so on every node; the state written last wins.  Signing secrets are not shared.
+* **Dead deliveries and replays** (``<stream>_DELIVERIES``, key ``<endpoint>.<event id>``):
+  a delivery a dispatch node gave up on is listed as dead on every node; one replayed on
+  any node (``ct1-cdc outbox replay --dead`` or ``--event``) is due again on every node,
+  and the node holding its partition sends it, then says it is delivered.  A key's value
+  is the last word on it: ``dead``, ``replayed`` or ``delivered``.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from common.jsontext import dumps, loads
+from outbox import deliveries, store
+from outbox.deliveries import D
 from outbox.jetstream import JetStreamLog
 
 log = structlog.get_logger("ct1_cdc.jetstream")
@@ -84,15 +92,127 @@ ENDPOINTS = Shared(
 
 def share(events: JetStreamLog, conn: sqlite3.Connection, *tables: Shared) -> None:
     """Every row of ``tables`` from a command's file into the cluster (blocking)."""
+    _blocking(events, *(shared.publish(events, shared.rows(conn)) for shared in tables))
+
+
+def share_replays(events: JetStreamLog, rows: list[tuple[str, int, str]]) -> None:
+    """Deliveries (endpoint, event id, entity) a command replayed in its file, for every
+    node: the one holding each one's partition sends it (blocking)."""
+    _blocking(events, DELIVERIES.replayed(events, rows))
+
+
+def _blocking(events: JetStreamLog, *work: Any) -> None:
     from outbox.jetstream_sink import LoopThread
 
     loop = LoopThread()
     try:
         loop.run(events.connect())
         try:
-            for shared in tables:
-                loop.run(shared.publish(events, shared.rows(conn)))
+            for step in work:
+                loop.run(step)
         finally:
             loop.run(events.close())
     finally:
         loop.stop()
+        for step in work:
+            step.close()  # (a coroutine not run when connecting failed)
+
+
+class SharedDeliveries:
+    """Dead deliveries and replays through ``<stream>_DELIVERIES`` (see the module).
+    :meth:`follow` keeps a node's file in step with the bucket and remembers each key's
+    last value; a dispatch node calls :meth:`publish` every second."""
+
+    suffix = "DELIVERIES"
+
+    def __init__(self) -> None:
+        self.known: dict[str, tuple[str, int]] = {}  # key: (status, revision) the bucket last gave
+
+    def bucket(self, events: JetStreamLog) -> str:
+        return f"{events.stream}_{self.suffix}"
+
+    async def follow(self, events: JetStreamLog, conn: sqlite3.Connection) -> None:
+        bucket = await events.bucket(self.bucket(events))
+        watcher = await events.retrying(bucket.watchall)
+        async for entry in watcher:
+            if entry is None:
+                continue  # (the end of what was there at the start)
+            if not entry.value:
+                self.known.pop(entry.key, None)
+                continue
+            row = loads(entry.value)
+            self.apply(conn, row)
+            self.known[entry.key] = (row["status"], entry.revision)
+            log.debug(
+                "shared_delivery", endpoint=row["endpoint"], event_id=row["event_id"], status=row["status"]
+            )
+
+    @staticmethod
+    def apply(conn: sqlite3.Connection, row: dict[str, Any]) -> None:
+        with store.transaction(conn):
+            if row["status"] == "dead":
+                conn.execute(D["shared_dead"], {k: row.get(k) for k in DEAD_FIELDS})
+            elif row["status"] == "replayed":
+                deliveries.unbatch(conn, [(row["endpoint"], row["event_id"])])
+                conn.execute(
+                    D["shared_replayed"],
+                    {
+                        "endpoint": row["endpoint"],
+                        "event_id": row["event_id"],
+                        "entity": row["entity"],
+                        "now": time.time(),
+                    },
+                )
+            elif row["status"] == "delivered":
+                conn.execute(
+                    D["shared_delivered"], {"endpoint": row["endpoint"], "event_id": row["event_id"]}
+                )
+
+    async def publish(self, events: JetStreamLog, conn: sqlite3.Connection) -> None:
+        """What this node's dispatcher settled that the bucket does not say yet: a delivery
+        it gave up on (again, after a replay), a replay it delivered.  Each put is made
+        at the revision this node last saw, so a replay written meanwhile is never undone."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        bucket = await events.bucket(self.bucket(events))
+        changes: list[tuple[str, dict[str, Any]]] = []
+        for values in conn.execute(D["dead_to_share"]).fetchall():
+            row = dict(zip(DEAD_FIELDS, values, strict=True))
+            key = delivery_key(row["endpoint"], row["event_id"])
+            if self.known.get(key, ("",))[0] != "dead":
+                changes.append((key, {**row, "status": "dead"}))
+        for key, (status, _) in list(self.known.items()):
+            if status == "replayed":
+                endpoint, _, event_id = key.rpartition(".")
+                found = conn.execute(D["status_of"], (endpoint, int(event_id))).fetchone()
+                if found is not None and found[0] == "delivered":
+                    changes.append(
+                        (key, {"endpoint": endpoint, "event_id": int(event_id), "status": "delivered"})
+                    )
+        for key, row in changes:
+            seen = self.known.get(key)
+            value = dumps({**row, "at": time.time()})
+            try:
+                if seen is None:
+                    await events.retrying(bucket.create, key, value)
+                else:
+                    await events.retrying(bucket.update, key, value, seen[1])
+            except KeyWrongLastSequenceError:
+                continue  # someone wrote it meanwhile: the follow brings it, the next round sees
+            log.info(
+                "delivery_shared", endpoint=row["endpoint"], event_id=row["event_id"], status=row["status"]
+            )
+
+    async def replayed(self, events: JetStreamLog, rows: list[tuple[str, int, str]]) -> None:
+        bucket = await events.bucket(self.bucket(events))
+        for endpoint, event_id, entity in rows:
+            value = {"endpoint": endpoint, "event_id": event_id, "entity": entity, "status": "replayed"}
+            await events.put(bucket, delivery_key(endpoint, event_id), dumps({**value, "at": time.time()}))
+
+
+DEAD_FIELDS = ("endpoint", "event_id", "entity", "attempts", "last_status", "last_error")
+DELIVERIES = SharedDeliveries()  # (for its bucket's name and the commands' replays)
+
+
+def delivery_key(endpoint: str, event_id: int) -> str:
+    return f"{endpoint}.{event_id}"

@@ -137,13 +137,16 @@ def outbox_replay(
             fail(f"endpoint {endpoint!r} is disabled in the configuration")
     conn = _writer_conn(ctx)
     now = time.time()
+    shared = settings_of(ctx).outbox.backend == "jetstream" and from_id is None
     try:
-        if from_id is not None:
+        if event_id is not None and store.get_event(conn, event_id) is None:
+            fail(f"no event {event_id} in the outbox")
+        if shared:  # into the cluster: every node's copy makes them due (see _share_replays)
+            count = _share_replays(ctx, conn, event_id, endpoint, since)
+        elif from_id is not None:
             assert endpoint is not None
             count = _replay_from(ctx, conn, endpoint, from_id, now)
         elif event_id is not None:
-            if store.get_event(conn, event_id) is None:
-                fail(f"no event {event_id} in the outbox")
             count = deliveries.replay_event(conn, event_id, endpoint=endpoint, now=now)
         else:
             count = deliveries.replay_dead(conn, endpoint=endpoint, since=_since(since), now=now)
@@ -157,6 +160,28 @@ def outbox_replay(
             click.echo(
                 f"{endpoint} starts again at event {from_id}: `ct1-cdc outbox stats` shows it catch up"
             )
+
+
+def _share_replays(
+    ctx: click.Context,
+    conn: sqlite3.Connection,
+    event_id: int | None,
+    endpoint: str | None,
+    since: str | None,
+) -> int:
+    """On the JetStream backend a replay goes into the cluster, not into this file alone:
+    every node's copy makes the deliveries due (this host's too, now if it runs, else
+    when it starts), and the node holding each one's partition sends it."""
+    from outbox.jetstream_shared import share_replays
+    from sidecar.runner import events_log
+
+    if event_id is not None:
+        rows = deliveries.rows_of_event(conn, event_id, endpoint=endpoint)
+    else:
+        rows = deliveries.replayable_dead(conn, endpoint=endpoint, since=_since(since))
+    if rows:
+        share_replays(events_log(settings_of(ctx)), rows)
+    return len(rows)
 
 
 def _replay_from(ctx: click.Context, conn: sqlite3.Connection, endpoint: str, first: int, now: float) -> int:

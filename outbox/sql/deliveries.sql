@@ -293,3 +293,51 @@ WHERE count = 0 AND id IN (SELECT json_extract(value, '$[0]') FROM json_each(:he
 
 -- name: cursor_names
 SELECT endpoint FROM delivery_cursors ORDER BY endpoint
+
+-- The JetStream backend shares dead deliveries and replays through a key-value bucket
+-- (outbox/jetstream_shared.py): what a node's dispatcher gave up on, for every node, and
+-- what an operator replayed on any node, for the node that holds its partition.
+
+-- name: dead_to_share
+SELECT endpoint, event_id, entity, attempts, last_status, last_error FROM deliveries WHERE status = 'dead'
+
+-- name: status_of
+SELECT status FROM deliveries WHERE endpoint = ? AND event_id = ?
+
+-- name: replayable_dead
+SELECT endpoint, event_id, entity FROM deliveries
+WHERE status = 'dead' AND (:endpoint IS NULL OR endpoint = :endpoint)
+  AND event_id IN (SELECT id FROM events WHERE created_at >= :since)
+
+-- name: rows_of_event
+-- what replay_event would make due: the event's rows, and those make_event_rows would add
+SELECT endpoint, event_id, entity FROM deliveries
+WHERE event_id = :event_id AND (:endpoint IS NULL OR endpoint = :endpoint)
+UNION
+SELECT c.endpoint, e.id, e.object || ':' || coalesce(e.entity_key, '')
+FROM events e
+JOIN delivery_cursors c
+JOIN endpoint_routes r ON r.endpoint = c.endpoint AND r.type = e.type
+WHERE e.id = :event_id AND e.routed = 0 AND (:endpoint IS NULL OR c.endpoint = :endpoint)
+ORDER BY 1
+
+-- name: shared_dead
+-- another node gave up on it (what this node delivered stays delivered)
+INSERT INTO deliveries (endpoint, event_id, entity, status, attempts, last_status, last_error)
+VALUES (:endpoint, :event_id, :entity, 'dead', :attempts, :last_status, :last_error)
+ON CONFLICT (endpoint, event_id) DO UPDATE SET
+    status = 'dead', attempts = excluded.attempts, last_status = excluded.last_status,
+    last_error = excluded.last_error
+WHERE deliveries.status <> 'delivered'
+
+-- name: shared_replayed
+-- replayed on some node: due now here (sent by whichever node holds its partition)
+INSERT INTO deliveries (endpoint, event_id, entity, status, attempts, next_attempt_at)
+VALUES (:endpoint, :event_id, :entity, 'pending', 0, :now)
+ON CONFLICT (endpoint, event_id) DO UPDATE SET status = 'pending', attempts = 0, next_attempt_at = :now
+WHERE deliveries.status <> 'pending'
+
+-- name: shared_delivered
+-- the holder delivered what was replayed
+UPDATE deliveries SET status = 'delivered'
+WHERE endpoint = :endpoint AND event_id = :event_id AND status <> 'delivered'

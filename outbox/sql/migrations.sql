@@ -216,3 +216,8 @@ CREATE INDEX attempt_batches_time ON attempt_batches (attempted_at);
 -- `outbox replay --from` moves a cursor back and counts a generation, so a running
 -- dispatcher notices and never writes its older cursor over the new one.
 ALTER TABLE delivery_cursors ADD COLUMN generation INTEGER NOT NULL DEFAULT 0
+
+-- name: 11
+-- The dead deliveries, found without reading every row: the listings, and on the JetStream
+-- backend the dispatch node sharing them every second (outbox/jetstream_shared.py).
+CREATE INDEX deliveries_dead ON deliveries (endpoint, event_id) WHERE status = 'dead'

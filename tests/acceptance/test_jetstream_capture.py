@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from cdc import source
 from common.formats import parse_lsn
@@ -272,6 +273,43 @@ def test_api_and_dispatch_nodes_read_the_stream_with_the_same_ids_and_survive_ki
             assert len(set(rx.ids)) == delivered, "delivered to an endpoint disabled on another host"
             assert cli("endpoints", "enable", "ct2", config=configs["capture"], **env).returncode == 0
             wait_until(lambda: len(set(rx.ids)) == delivered + 1, 30, what="the held event after enabling")
+
+            # a delivery the dispatch node gave up on is dead on the API node too; replayed
+            # there, the dispatch node sends it, and the API node then lists it delivered
+            refusing = {"on": True}
+
+            async def refuse_doomed(request: web.Request, _calls: int) -> web.StreamResponse | None:
+                doomed = json.loads(await request.read())["data"]["record"]["name"] == "doomed"
+                return web.Response(status=500) if doomed and refusing["on"] else None
+
+            rx.receiver.before = refuse_doomed
+            source_db.execute("INSERT INTO users (name, email, password) VALUES ('doomed', 'd@x', 'pw')")
+
+            def listed(config: Path, status: str) -> list[dict[str, Any]]:
+                shown = cli("outbox", "deliveries", "--status", status, "--json", config=config)
+                assert shown.returncode == 0, shown.stderr
+                return [json.loads(line) for line in shown.stdout.splitlines()]
+
+            dead = wait_until(
+                lambda: listed(configs["api"], "dead"), 30, what="the dead delivery on the API node"
+            )
+            assert [(d["endpoint"], d["attempts"], d["last_status"]) for d in dead] == [("ct2", 3, 500)]
+            doomed_id = dead[0]["event_id"]
+            refusing["on"] = False
+            replayed = cli("outbox", "replay", "--dead", "--json", config=configs["api"], **env)
+            assert replayed.returncode == 0 and json.loads(replayed.stdout) == {"replayed": 1}, (
+                replayed.stderr
+            )
+            wait_until(lambda: f"evt_{doomed_id}" in rx.ids, 30, what="the replayed delivery sent")
+            for node in ("api", "dispatch"):
+                wait_until(
+                    lambda node=node: (
+                        doomed_id in [d["event_id"] for d in listed(configs[node], "delivered")]
+                    ),
+                    30,
+                    what=f"the replayed delivery listed delivered on the {node} node",
+                )
+                assert listed(configs[node], "dead") == []
         finally:
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)

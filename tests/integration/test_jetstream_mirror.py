@@ -8,15 +8,16 @@ import asyncio
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from common.jsontext import loads
-from outbox import endpoints, store
+from outbox import deliveries, endpoints, store
 from outbox.jetstream import JetStreamLog
 from outbox.jetstream_mirror import STATES_SECONDS, Mirror, MirrorError
-from outbox.jetstream_shared import ENDPOINTS, share
+from outbox.jetstream_shared import DELIVERIES, ENDPOINTS, SharedDeliveries, share
 from outbox.jetstream_sink import LoopThread
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
@@ -235,3 +236,72 @@ def test_a_dispatch_node_shares_only_the_endpoint_states_it_changed(stream, tmp_
         assert asyncio.run(share_for_a_moment(change=True)) == "paused"
     finally:
         writer.close()
+
+
+# -- dead deliveries and replays shared through the cluster ----------------------------------
+
+
+def test_a_dead_delivery_and_its_replay_go_through_every_node_s_file_until_delivered(stream, tmp_path):
+    """Two nodes' files, each following ``<stream>_DELIVERIES``: the dispatch node's dead
+    delivery is dead on the other; a replay made due on both; delivered by the holder, it
+    is delivered on the other; dead again after the replay, dead again on the other."""
+    files = {}
+    for name in ("holder", "other"):  # each node's copy: the same event 1
+        writer = OutboxWriter(store.open_outbox(tmp_path / f"{name}.db"), Router([Route("ct2", ("*",))]))
+        writer.add("order.updated", "order", 1, {"id": 1}, AT, "public.orders", "update", "0/1", 1)
+        writer.commit(None)
+        files[name] = writer.conn
+    holder, other = SharedDeliveries(), SharedDeliveries()
+
+    def statuses(name: str) -> list[tuple[int, str, int]]:
+        rows = deliveries.list_deliveries(files[name], endpoint="ct2")
+        return [(r["event_id"], r["status"], r["attempts"]) for r in rows]
+
+    async def scenario() -> None:
+        log = stream.log()
+        await log.connect()
+        follows = [
+            asyncio.ensure_future(holder.follow(log, files["holder"])),
+            asyncio.ensure_future(other.follow(log, files["other"])),
+        ]
+
+        async def until(check: Callable[[], bool], what: str) -> None:
+            deadline = time.monotonic() + 15
+            while not check():
+                assert time.monotonic() < deadline, f"{what}: {statuses('holder')} {statuses('other')}"
+                await asyncio.sleep(0.05)
+
+        def settle(status: str, attempts: int) -> None:  # as the holder's dispatcher would
+            files["holder"].execute(
+                "INSERT INTO deliveries (endpoint, event_id, entity, status, attempts, last_status)"
+                " VALUES ('ct2', 1, 'order:1', ?, ?, 500) ON CONFLICT (endpoint, event_id)"
+                " DO UPDATE SET status = excluded.status, attempts = excluded.attempts",
+                (status, attempts),
+            )
+
+        try:
+            settle("dead", 3)
+            await holder.publish(log, files["holder"])
+            await until(lambda: statuses("other") == [(1, "dead", 3)], "dead on the other node")
+            await holder.publish(log, files["holder"])  # nothing new: no second put
+            await DELIVERIES.replayed(log, [("ct2", 1, "order:1")])  # `outbox replay --dead`, anywhere
+            for name in files:
+                await until(lambda name=name: statuses(name) == [(1, "pending", 0)], f"due again on {name}")
+            settle("delivered", 1)
+            await holder.publish(log, files["holder"])
+            await until(lambda: statuses("other") == [(1, "delivered", 0)], "delivered on the other node")
+            await DELIVERIES.replayed(log, [("ct2", 1, "order:1")])  # replayed again later ...
+            await until(lambda: statuses("holder") == [(1, "pending", 0)], "due again on the holder")
+            settle("dead", 3)  # ... and given up on again
+            await holder.publish(log, files["holder"])
+            await until(lambda: statuses("other") == [(1, "dead", 3)], "dead again on the other node")
+        finally:
+            for task in follows:
+                task.cancel()
+            await log.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for conn in files.values():
+            conn.close()
