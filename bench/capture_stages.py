@@ -7,7 +7,9 @@ The backlog of bench/capture.py is written to a throwaway cluster and its wal2js
 messages are read once from a slot into memory.  They are then replayed, in this
 process, through each stage on its own and through the whole capture handler with the
 outbox writer (a fresh SQLite outbox, two endpoints, group commits as `ct1-cdc run` makes
-them), timed with ``time.process_time``; best of ``--repeat``.  The Python reference
+them), and through capture's whole stream loop fed from memory (``stream_loop``: the frames
+parsed, commits, confirmations and housekeeping too; all but the socket), timed with
+``time.process_time``; best of ``--repeat``.  The Python reference
 decoder is timed on the same messages as the baseline of the compiled one.  The last line
 is JSON; ``ratio`` = Python decoder time / compiled decoder time.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -35,7 +38,7 @@ from cdc import decode as decoding  # noqa: E402
 from cdc.capture import wal2json_options  # noqa: E402
 from cdc.decode import RowChange  # noqa: E402
 from cdc.mapping import apply, load_mapping  # noqa: E402
-from cdc.stream import ReplicationStream, XLogData  # noqa: E402
+from cdc.stream import ReplicationStream, XLogData, parse_frame  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from sidecar.runner import build_capture, open_writer, tune_gc  # noqa: E402
 from sidecar.throwaway import create_cluster  # noqa: E402
@@ -105,6 +108,51 @@ def replay(messages: list[bytes], outbox: Path) -> float:
         writer.close()
 
 
+def replay_loop(messages: list[bytes], outbox: Path) -> float:
+    """Capture's whole stream loop (frames parsed, handled, group commits, confirmations,
+    housekeeping) over every message, fed from memory instead of the socket; CPU seconds."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{outbox}{suffix}").unlink(missing_ok=True)
+    settings = Settings(
+        source={"dsn": "postgresql:///unused", "slot": "stages"},
+        outbox={"path": str(outbox)},
+        mapping={"file": str(ROOT / "config" / "mapping.toml")},
+    )
+    writer = open_writer(settings)
+    capture = build_capture(settings, writer)
+    header = struct.Struct(">QQq")
+    frames = [b"w" + header.pack(n * 100, n * 100 + 50, 0) + m for n, m in enumerate(messages)]
+
+    class Frames:  # the replication stream's side of the loop, from memory
+        def __init__(self) -> None:
+            self.next = 0
+
+        def read(self, timeout: float) -> object:
+            if self.next == len(frames):
+                capture.stopping.set()
+                return None
+            self.next += 1
+            return parse_frame(memoryview(frames[self.next - 1]))
+
+        def send_status(self, *_: object, **__: object) -> None:
+            pass
+
+    class Source:
+        def heartbeat(self) -> None:
+            pass
+
+    capture.frames = Frames()  # type: ignore[assignment]
+    capture.source = Source()  # type: ignore[assignment]
+    capture._check_slot = lambda: None  # type: ignore[method-assign]
+    capture._read_schema = lambda: []  # type: ignore[method-assign]
+    try:
+        started = time.process_time()
+        capture._stream_loop()
+        return time.process_time() - started
+    finally:
+        writer.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -141,11 +189,13 @@ def main() -> None:
 
         mapped = best_of(args.repeat, map_all)
         whole = min(replay(messages, work / "outbox.db") for _ in range(args.repeat))
+        loop = min(replay_loop(messages, work / "outbox.db") for _ in range(args.repeat))
         us = {
             "decode_compiled": compiled,
             "decode_python": python,
             "mapping": mapped,
             "handler_and_outbox": whole,
+            "stream_loop": loop,
         }
         for stage, seconds in us.items():
             print(f"{stage:20s} {seconds / n * 1e6:6.2f} µs per message", file=sys.stderr)
