@@ -65,6 +65,8 @@ class Mirror:
         self._leasing_failed: BaseException | None = None
         self.last_id = 0
         self.deliveries = SharedDeliveries()  # dead deliveries and replays, for every node
+        self._states_shared: dict[str, dict[str, Any]] = {}  # endpoint states the bucket gave
+        self._states_put: dict[str, float] = {}  # and those this node put (name: updated_at)
         self.caught_up = threading.Event()  # the copy reached the stream's end once
         # the file is checked, and its cursors moved to the shared progress: a dispatcher
         # may start (before, it would read cursors about to move)
@@ -96,6 +98,8 @@ class Mirror:
                     await task
             if self._leasing is not None:  # it lets its partitions go once dispatch finished
                 await asyncio.to_thread(self._leasing.join, LEAVE_WITHIN + 5)
+                with contextlib.suppress(Exception):  # what the dispatcher settled last
+                    await self._share_once(writer)
             with contextlib.suppress(Exception):
                 await self.log.close()
         if follow in done:
@@ -111,8 +115,9 @@ class Mirror:
         if self.last_id >= end:
             self.caught_up.set()
         followers = [
-            asyncio.ensure_future(shared.follow(self.log, writer.conn))
-            for shared in (KEYS, ENDPOINTS, self.deliveries)
+            asyncio.ensure_future(KEYS.follow(self.log, writer.conn)),
+            asyncio.ensure_future(ENDPOINTS.follow(self.log, writer.conn, self._states_shared)),
+            asyncio.ensure_future(self.deliveries.follow(self.log, writer.conn)),
         ]
         sharing = None
         if self.leases is not None:  # (its own thread; it waits for the dispatcher to start)
@@ -124,6 +129,7 @@ class Mirror:
         try:
             async for batch in self.log.follow(self.last_id):
                 self._append(writer, batch)
+                self.deliveries.caught_up(writer.conn)
                 if not self.caught_up.is_set() and self.last_id >= end:
                     self.caught_up.set()
                     log.info("mirror_caught_up", stream=self.log.stream, last_event_id=self.last_id)
@@ -151,14 +157,27 @@ class Mirror:
         and the deliveries it gave up on or delivered after a replay, for every node."""
         # what the file holds now was shared by whoever wrote it (or is the default of an
         # endpoint just registered, which must not outrank a state written elsewhere)
-        states = {r["name"]: r["updated_at"] for r in ENDPOINTS.rows(writer.conn)}
+        self._states_put = {r["name"]: r["updated_at"] for r in ENDPOINTS.rows(writer.conn)}
         while True:
-            changed = [r for r in ENDPOINTS.rows(writer.conn) if states.get(r["name"]) != r["updated_at"]]
-            if changed:
-                await ENDPOINTS.publish(self.log, changed)
-                states.update((r["name"], r["updated_at"]) for r in changed)
-            await self.deliveries.publish(self.log, writer.conn)
+            await self._share_once(writer)
             await asyncio.sleep(STATES_SECONDS)
+
+    async def _share_once(self, writer: OutboxWriter) -> None:
+        """One round: only states newer than what this node put and what the bucket gave
+        (a row the follow applied is not put back: an echo could land over a newer one)."""
+        changed = [
+            r
+            for r in ENDPOINTS.rows(writer.conn)
+            if r["updated_at"] > max(self._states_put.get(r["name"], 0.0), self._shared_state_at(r["name"]))
+        ]
+        if changed:
+            await ENDPOINTS.publish(self.log, changed)
+            self._states_put.update((r["name"], r["updated_at"]) for r in changed)
+        await self.deliveries.publish(self.log, writer.conn)
+
+    def _shared_state_at(self, name: str) -> float:
+        row = self._states_shared.get(name)
+        return float(row["updated_at"]) if row is not None else 0.0
 
     async def _check_copy(self, writer: OutboxWriter, end: int) -> None:
         """The file must be a copy of this stream, up to an event the stream holds alike:

@@ -62,8 +62,11 @@ class Shared:
         for row in rows:
             await events.put(bucket, str(row[self.columns[0]]), dumps(row))
 
-    async def follow(self, events: JetStreamLog, conn: sqlite3.Connection) -> None:
-        """Keep the file's table in step with the bucket, for good (what is there first)."""
+    async def follow(
+        self, events: JetStreamLog, conn: sqlite3.Connection, seen: dict[str, dict[str, Any]] | None = None
+    ) -> None:
+        """Keep the file's table in step with the bucket, for good (what is there first);
+        ``seen`` gets each row the bucket gave, by its key."""
         bucket = await events.bucket(self.bucket(events))
         watcher = await events.retrying(bucket.watchall)
         async for entry in watcher:
@@ -71,6 +74,8 @@ class Shared:
                 continue  # (the end of what was there at the start; a deletion)
             row = loads(entry.value)
             self.apply(conn, row)
+            if seen is not None:
+                seen[str(row[self.columns[0]])] = row
             log.debug("shared_row", table=self.table, key=row[self.columns[0]])
 
 
@@ -90,9 +95,19 @@ ENDPOINTS = Shared(
 )
 
 
-def share(events: JetStreamLog, conn: sqlite3.Connection, *tables: Shared) -> None:
-    """Every row of ``tables`` from a command's file into the cluster (blocking)."""
-    _blocking(events, *(shared.publish(events, shared.rows(conn)) for shared in tables))
+def share(events: JetStreamLog, conn: sqlite3.Connection, *tables: Shared, only: str | None = None) -> None:
+    """Every row of ``tables`` from a command's file into the cluster, or the one whose
+    key is ``only`` (what the command changed: the rest of a file not kept current would
+    put old values over newer ones) (blocking)."""
+    _blocking(
+        events,
+        *(
+            shared.publish(
+                events, [r for r in shared.rows(conn) if only in (None, str(r[shared.columns[0]]))]
+            )
+            for shared in tables
+        ),
+    )
 
 
 def share_replays(events: JetStreamLog, rows: list[tuple[str, int, str]]) -> None:
@@ -121,12 +136,15 @@ def _blocking(events: JetStreamLog, *work: Any) -> None:
 class SharedDeliveries:
     """Dead deliveries and replays through ``<stream>_DELIVERIES`` (see the module).
     :meth:`follow` keeps a node's file in step with the bucket and remembers each key's
-    last value; a dispatch node calls :meth:`publish` every second."""
+    last value; a dispatch node calls :meth:`publish` every second, and once more when its
+    dispatcher has finished."""
 
     suffix = "DELIVERIES"
 
     def __init__(self) -> None:
         self.known: dict[str, tuple[str, int]] = {}  # key: (status, revision) the bucket last gave
+        self.synced = False  # the follow has read what the bucket held at its start
+        self._later: dict[str, dict[str, Any]] = {}  # values for events the copy has not yet
 
     def bucket(self, events: JetStreamLog) -> str:
         return f"{events.stream}_{self.suffix}"
@@ -136,16 +154,37 @@ class SharedDeliveries:
         watcher = await events.retrying(bucket.watchall)
         async for entry in watcher:
             if entry is None:
-                continue  # (the end of what was there at the start)
+                self.synced = True  # (the end of what was there at the start)
+                continue
+            self._later.pop(entry.key, None)
             if not entry.value:
                 self.known.pop(entry.key, None)
                 continue
             row = loads(entry.value)
-            self.apply(conn, row)
             self.known[entry.key] = (row["status"], entry.revision)
-            log.debug(
-                "shared_delivery", endpoint=row["endpoint"], event_id=row["event_id"], status=row["status"]
-            )
+            self._apply(conn, entry.key, row)
+
+    def caught_up(self, conn: sqlite3.Connection) -> None:
+        """The copy appended events: what waited for them applies now."""
+        for key, row in list(self._later.items()):
+            self._apply(conn, key, row)
+
+    def _apply(self, conn: sqlite3.Connection, key: str, row: dict[str, Any]) -> None:
+        """``row`` into the file, once it holds the event (an event pruned since is passed
+        over); a file busy past its timeout is tried again with the next batch."""
+        self._later.pop(key, None)
+        if conn.execute("SELECT 1 FROM events WHERE id >= ? LIMIT 1", (row["event_id"],)).fetchone() is None:
+            self._later[key] = row  # not copied yet
+            return
+        if conn.execute("SELECT 1 FROM events WHERE id = ?", (row["event_id"],)).fetchone() is None:
+            return  # pruned: nothing to list or send
+        try:
+            self.apply(conn, row)
+        except sqlite3.OperationalError as exc:  # (busy)
+            self._later[key] = row
+            log.warning("shared_delivery_deferred", key=key, error=str(exc))
+            return
+        log.debug("shared_delivery", endpoint=row["endpoint"], event_id=row["event_id"], status=row["status"])
 
     @staticmethod
     def apply(conn: sqlite3.Connection, row: dict[str, Any]) -> None:
@@ -170,27 +209,36 @@ class SharedDeliveries:
 
     async def publish(self, events: JetStreamLog, conn: sqlite3.Connection) -> None:
         """What this node's dispatcher settled that the bucket does not say yet: a delivery
-        it gave up on (again, after a replay), a replay it delivered.  Each put is made
-        at the revision this node last saw, so a replay written meanwhile is never undone."""
+        it gave up on (again, after a replay), one the bucket lists as dead or replayed that
+        it delivered.  A replay whose row a partition's take removed (the previous holder
+        had not made it due yet) is made due again.  Each put is made at the revision
+        planned from, so a value written meanwhile is never undone."""
         from nats.js.errors import KeyWrongLastSequenceError
 
+        if not self.synced:  # what the bucket holds is not known yet
+            return
         bucket = await events.bucket(self.bucket(events))
-        changes: list[tuple[str, dict[str, Any]]] = []
+        changes: list[tuple[str, tuple[str, int] | None, dict[str, Any]]] = []
         for values in conn.execute(D["dead_to_share"]).fetchall():
             row = dict(zip(DEAD_FIELDS, values, strict=True))
             key = delivery_key(row["endpoint"], row["event_id"])
-            if self.known.get(key, ("",))[0] != "dead":
-                changes.append((key, {**row, "status": "dead"}))
-        for key, (status, _) in list(self.known.items()):
-            if status == "replayed":
+            seen = self.known.get(key)
+            if seen is None or seen[0] != "dead":
+                changes.append((key, seen, {**row, "status": "dead"}))
+        for key, seen in list(self.known.items()):
+            if seen[0] == "dead" or seen[0] == "replayed":
                 endpoint, _, event_id = key.rpartition(".")
                 found = conn.execute(D["status_of"], (endpoint, int(event_id))).fetchone()
                 if found is not None and found[0] == "delivered":
                     changes.append(
-                        (key, {"endpoint": endpoint, "event_id": int(event_id), "status": "delivered"})
+                        (key, seen, {"endpoint": endpoint, "event_id": int(event_id), "status": "delivered"})
                     )
-        for key, row in changes:
-            seen = self.known.get(key)
+                elif found is None and seen[0] == "replayed" and key not in self._later:
+                    entity = conn.execute(D["entity_of"], (int(event_id),)).fetchone()
+                    if entity is not None:  # (taken away by a partition's take: due again)
+                        row = {"endpoint": endpoint, "event_id": int(event_id), "entity": entity[0]}
+                        self._apply(conn, key, {**row, "status": "replayed"})
+        for key, seen, row in changes:
             value = dumps({**row, "at": time.time()})
             try:
                 if seen is None:
@@ -198,7 +246,7 @@ class SharedDeliveries:
                 else:
                     await events.retrying(bucket.update, key, value, seen[1])
             except KeyWrongLastSequenceError:
-                continue  # someone wrote it meanwhile: the follow brings it, the next round sees
+                continue  # written meanwhile: the follow brings it, the next round sees
             log.info(
                 "delivery_shared", endpoint=row["endpoint"], event_id=row["event_id"], status=row["status"]
             )

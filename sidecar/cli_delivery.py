@@ -277,7 +277,7 @@ def _set_state(ctx: click.Context, name: str, state: str) -> None:
             from outbox.jetstream_shared import ENDPOINTS, share
             from sidecar.runner import events_log
 
-            share(events_log(settings), conn, ENDPOINTS)
+            share(events_log(settings), conn, ENDPOINTS, only=name)
     finally:
         conn.close()
     if not known:

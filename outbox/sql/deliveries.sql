@@ -304,6 +304,9 @@ SELECT endpoint, event_id, entity, attempts, last_status, last_error FROM delive
 -- name: status_of
 SELECT status FROM deliveries WHERE endpoint = ? AND event_id = ?
 
+-- name: entity_of
+SELECT object || ':' || coalesce(entity_key, '') FROM events WHERE id = ?
+
 -- name: replayable_dead
 SELECT endpoint, event_id, entity FROM deliveries
 WHERE status = 'dead' AND (:endpoint IS NULL OR endpoint = :endpoint)
