@@ -278,7 +278,10 @@ class JetStreamSink:
 
     def _apply(self, ops: list[list[Any]]) -> None:
         for op in ops:
-            if op[0] == "s":
+            if op[0] == "b":  # a backfill job's progress (a job this host does not know: none)
+                _, job, text = op
+                self.local.backfill_update(job, **loads(text))
+            elif op[0] == "s":
                 _, table, key, text = op
                 if text is None:
                     self.local.shadow_delete(table, key)
@@ -525,7 +528,12 @@ class JetStreamSink:
         return self.local.backfills()
 
     def backfill_update(self, job: int, **progress: Any) -> None:
+        """A job's progress, in the group with its chunk's events: in the state stream too,
+        so a crash before the local file committed the group does not read the chunk again
+        (its rows would go into the stream twice, under a new watermark's keys)."""
         self.local.backfill_update(job, **progress)
+        self._changes.append(["b", job, dumps(progress).decode()])
+        self._note()
 
     def backfill_request(self, tables: list[str], reason: str, rate: float) -> None:
         self.local.backfill_request(tables, reason, rate)

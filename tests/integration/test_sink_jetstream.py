@@ -495,3 +495,36 @@ def test_what_a_passed_group_did_not_give_again_is_no_longer_waited_for(backend,
     assert third._pass_over() == {}  # nothing stored past what 0x30 covers
     third.close()
     assert [key for _, key, _ in backend.stored()] == ["1:0", "99:0", "99:1", "2:0"]
+
+
+def test_a_backfill_chunk_whose_local_commit_was_lost_keeps_its_job_s_progress(backend):
+    """A backfill chunk's events and its job's progress commit in one group: the progress
+    goes into the state stream with them, so a crash before the local file committed it
+    does not read the chunk again (reproduced first: the progress was in the local file
+    alone, the chunk was read again under a new watermark, and its rows went into the
+    stream twice)."""
+    sink = backend.open()
+    assert isinstance(sink, JetStreamSink)
+    sink.backfill_request(["public.orders"], "test", 100.0)
+    sink.commit("s", 0x10)
+    (job,) = sink.backfills()
+    for i in range(3):  # the chunk's rows, at its watermark's position
+        data = {"object": "order", "id": i, "record": {"id": i}, "previous": None}
+        sink.add("order.snapshot", "order", i, data, AT, "public.orders", "read", "0/18", None)
+    sink.backfill_update(job["id"], state="running", after=[2], rows=3, events=3)
+
+    def lost(*_: object) -> None:
+        raise OSError("the process died before the local file committed")
+
+    sink.local.commit = lost  # type: ignore[method-assign]
+    with contextlib.suppress(OSError):
+        sink.commit("s", 0x20)
+    del sink.local.commit
+    sink.local.rollback()
+    backend.close(sink)
+
+    again = backend.open()
+    assert again.checkpoint("s") == 0x20
+    (resumed,) = again.backfills()
+    assert (resumed["id"], resumed["after"], resumed["rows_done"]) == (job["id"], [2], 3)
+    backend.close(again)
