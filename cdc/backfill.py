@@ -42,6 +42,7 @@ from cdc.decode import RowChange
 from cdc.mapping import Mapping, SnapshotRule
 from cdc.ports import Sink, SourceDatabase
 from common.errors import Ct1Error
+from common.jsontext import dumps
 from common.snapshot import XID_SPACE, Snapshot
 
 log = structlog.get_logger("ct1_cdc.backfill")
@@ -219,12 +220,16 @@ class Backfiller:
         rule, job = chunk.rule, chunk.job
         add = self.sink.add
         events = 0
+        # the chunk's name: its job and where it starts (the same when it is read again)
+        name = f"bf{job['id']}:{dumps(job['after']).decode()}"
         for row in chunk.rows.values():
             draft = rule.draft(row)
             if draft is None:
                 continue
             data = {"object": draft.object, "id": draft.entity_id, "record": draft.record, "previous": None}
-            add(draft.type, draft.object, draft.entity_id, data, chunk.at, rule.table, "read", lsn, None)
+            add(
+                draft.type, draft.object, draft.entity_id, data, chunk.at, rule.table, "read", lsn, None, name
+            )
             events += 1
         reread = list(chunk.reread.values())
         done = not chunk.full and not reread

@@ -148,8 +148,11 @@ class Sink(Protocol):
         op: str | None,
         lsn: str | None,
         xid: int | None,
+        key: str | None = None,
     ) -> None:
-        """Append one event (called positionally: it is the hot path)."""
+        """Append one event (called positionally: it is the hot path).  ``key``: what names
+        the event among those of no transaction (a backfill chunk's rows), where the sink
+        needs a name that is the same when the event is made again after a crash."""
 
     def commit(self, slot: str, lsn: int) -> None:
         """Make everything added so far durable together with the checkpoint ``lsn``."""

@@ -317,8 +317,9 @@ class JetStreamSink:
         op: str | None,
         lsn: str | None,
         xid: int | None,
+        key: str | None = None,
     ) -> None:
-        key = self._key(type, entity_id, lsn, xid)
+        key = self._key(type, entity_id, lsn, xid, key)
         skip = self._skip if self._skip is not None else self._pass_over()
         if key in skip:  # in the stream already: read again after a crash
             del skip[key]  # (a key is never given twice: it names one event)
@@ -353,12 +354,16 @@ class JetStreamSink:
         entity = f"{object}:{'' if entity_id is None else entity_id}"
         return zlib.crc32(entity.encode()) % self.log.partitions
 
-    def _key(self, type: str, entity_id: Any, lsn: str | None, xid: int | None) -> str:
+    def _key(self, type: str, entity_id: Any, lsn: str | None, xid: int | None, name: str | None) -> str:
+        """An event's key in the stream (its message id): the same when the event is made
+        again after a crash, so that it is passed over, and never another event's."""
         if xid is not None:
             n = self._counts.get(xid, 0)
             self._counts[xid] = n + 1
             return f"{xid}:{n}"
-        base = quote(f"{lsn}:{type}:{entity_id}", safe=":/.")  # header text is ASCII
+        # a backfill chunk's rows by their job and chunk (a chunk read again after a crash
+        # comes back under another watermark); other events by their position
+        base = quote(f"{name}:{type}:{entity_id}" if name else f"{lsn}:{type}:{entity_id}", safe=":/.")
         n = self._counts.get(base, 0)
         self._counts[base] = n + 1
         return f"{base}:{n}"

@@ -100,9 +100,11 @@ class OutboxWriter:
         op: str | None,
         lsn: str | None,
         xid: int | None,
+        key: str | None = None,
     ) -> None:
         """Buffer one event; its id and deliveries are assigned when the chunk is written.
-        (Capture calls it positionally: it is the hot path.)"""
+        (Capture calls it positionally: it is the hot path.  ``key`` names the event for a
+        sink that needs it: here its id does.)"""
         events = self._events
         key = None if entity_id is None else str(entity_id)
         events.append(

@@ -479,6 +479,7 @@ class MemorySink:
         op: str | None,
         lsn: str | None,
         xid: int | None,
+        name: str | None = None,
     ) -> None:
         key = None if entity_id is None else str(entity_id)
         # what the writer stores is JSON: a value that is not JSON fails here too

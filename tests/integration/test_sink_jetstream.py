@@ -528,3 +528,38 @@ def test_a_backfill_chunk_whose_local_commit_was_lost_keeps_its_job_s_progress(b
     (resumed,) = again.backfills()
     assert (resumed["id"], resumed["after"], resumed["rows_done"]) == (job["id"], [2], 3)
     backend.close(again)
+
+
+def test_a_backfill_chunk_read_again_under_a_new_watermark_is_stored_once(backend):
+    """A crash after a backfill chunk's events reached the stream but before its group's
+    state message: the chunk is read again and comes back under a new watermark.  Its
+    rows are named by job and chunk, not by the watermark's position, so they are passed
+    over (reproduced first: three rows went into the stream twice)."""
+
+    def chunk(sink: Sink, watermark: str) -> None:
+        for i in range(3):
+            data = {"object": "order", "id": i, "record": {"id": i}, "previous": None}
+            sink.add(
+                "order.snapshot", "order", i, data, AT, "public.orders", "read", watermark, None, "bf1:null"
+            )
+
+    sink = backend.open()
+    assert isinstance(sink, JetStreamSink)
+    sink.commit("s", 0x10)
+    chunk(sink, "0/18")
+    sink._send(0x20, "s")  # the events stored; the state message lost (a crash)
+    sink.local.rollback()
+    backend.close(sink)
+
+    again = backend.open()
+    assert again.checkpoint("s") == 0x10
+    chunk(again, "0/28")  # read again: another watermark, another position
+    add(again, xid=3, n=1)
+    again.commit("s", 0x30)
+    backend.close(again)
+    assert [(b["entity_key"], b["lsn"]) for _, _, b in backend.stored()] == [
+        ("0", "0/18"),
+        ("1", "0/18"),
+        ("2", "0/18"),
+        ("0", "0/1"),
+    ]
