@@ -239,6 +239,8 @@ class Backfiller:
         if chunk.after is not None:
             job["after"] = chunk.after
         job["state"] = "done" if done else "running"
+        # the jobs read again while the chunk waited are older than this: this one counts
+        self._jobs = [job if j["id"] == job["id"] else j for j in self._jobs]
         self.sink.backfill_update(
             job["id"],
             state=job["state"],

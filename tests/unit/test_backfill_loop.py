@@ -246,3 +246,24 @@ def test_a_watermark_the_stream_went_past_without_is_given_up_and_its_chunk_read
     run(rig)
     assert len(labels) == 2
     assert [e.data["id"] for e in rig.outbox.events if e.op == "read"] == [1, 2]
+
+
+def test_a_watermark_that_comes_back_late_moves_the_job_on_once() -> None:
+    """Capture looks at its jobs again every second, also while a chunk waits for its
+    watermark; a watermark later than that must still move the job it looks at on
+    (reproduced first: the next chunk started where the one before had, and its rows went
+    out twice)."""
+    rig = backfill_rig(4, chunk=2)
+    reads: list[str] = []
+
+    def late(label: str) -> None:
+        reads.append(label)
+        rig.wal.transaction(("insert", "public.noise", {"id": len(reads), "payload": "x"}))
+        rig.clock.advance(1.5)  # the watermark comes back after capture looked at its jobs again
+        rig.wal.transaction(("insert", "public.noise", {"id": 100 + len(reads), "payload": "x"}))
+        rig.wal.watermark(label)
+
+    rig.source.on_chunk = late
+    run(rig)
+    assert [c[1] for c in rig.source.chunks] == [None, [2], [4]]
+    assert [e.data["id"] for e in rig.outbox.events if e.op == "read"] == [1, 2, 3, 4]
