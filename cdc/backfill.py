@@ -42,7 +42,7 @@ from cdc.decode import RowChange
 from cdc.mapping import Mapping, SnapshotRule
 from cdc.ports import Sink, SourceDatabase
 from common.errors import Ct1Error
-from common.jsontext import dumps
+from common.jsontext import dumps, loads
 from common.snapshot import XID_SPACE, Snapshot
 
 log = structlog.get_logger("ct1_cdc.backfill")
@@ -221,7 +221,8 @@ class Backfiller:
         add = self.sink.add
         events = 0
         # the chunk's name: its job and where it starts (the same when it is read again)
-        name = f"bf{job['id']}:{dumps(job['after']).decode()}"
+        # (as its progress is stored: JSON read back, whatever types the read gave)
+        name = f"bf{job['id']}:{dumps(loads(dumps(job['after']))).decode()}"
         for row in chunk.rows.values():
             draft = rule.draft(row)
             if draft is None:

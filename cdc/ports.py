@@ -148,9 +148,9 @@ class Sink(Protocol):
         op: str | None,
         lsn: str | None,
         xid: int | None,
-        key: str | None = None,
+        name: str | None = None,
     ) -> None:
-        """Append one event (called positionally: it is the hot path).  ``key``: what names
+        """Append one event (called positionally: it is the hot path).  ``name``: what names
         the event among those of no transaction (a backfill chunk's rows), where the sink
         needs a name that is the same when the event is made again after a crash."""
 

@@ -166,8 +166,12 @@ class SharedDeliveries:
 
     def caught_up(self, conn: sqlite3.Connection) -> None:
         """The copy appended events: what waited for them applies now."""
+        if not self._later:
+            return
+        (last,) = conn.execute("SELECT max(id) FROM events").fetchone()
         for key, row in list(self._later.items()):
-            self._apply(conn, key, row)
+            if last is not None and row["event_id"] <= last:
+                self._apply(conn, key, row)
 
     def _apply(self, conn: sqlite3.Connection, key: str, row: dict[str, Any]) -> None:
         """``row`` into the file, once it holds the event (an event pruned since is passed
@@ -217,13 +221,14 @@ class SharedDeliveries:
 
         if not self.synced:  # what the bucket holds is not known yet
             return
+        self.caught_up(conn)  # (a value deferred by a busy file, on a stream that is idle)
         bucket = await events.bucket(self.bucket(events))
         changes: list[tuple[str, tuple[str, int] | None, dict[str, Any]]] = []
         for values in conn.execute(D["dead_to_share"]).fetchall():
             row = dict(zip(DEAD_FIELDS, values, strict=True))
             key = delivery_key(row["endpoint"], row["event_id"])
             seen = self.known.get(key)
-            if seen is None or seen[0] != "dead":
+            if key not in self._later and (seen is None or seen[0] != "dead"):  # (a newer value waits)
                 changes.append((key, seen, {**row, "status": "dead"}))
         for key, seen in list(self.known.items()):
             if seen[0] == "dead" or seen[0] == "replayed":

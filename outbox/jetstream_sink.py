@@ -17,7 +17,9 @@ second, so that whichever host runs capture next finds both there (:mod:`outbox.
 * **The local SQLite file** (``outbox.path``) holds a copy of the state to query (cart
   timers by due time, the shadow by key), brought up to date from the state stream at
   the start of every session (a standby does so at every attempt, so its copy stays
-  warm), and what stays with the host: skip requests, mapping problems, backfill jobs.
+  warm), and what stays with the host: skip requests, mapping problems, backfill jobs
+  (a job's progress also goes into the state stream with its chunk's events, under this
+  host's name, so that a crash before the local commit does not read the chunk again).
 * **The state stream stays small**: after enough groups, a snapshot of the whole state is
   appended and everything before it purged.
 """
@@ -149,6 +151,7 @@ class JetStreamSink:
         # keys the events stream holds past what the state's checkpoint covers (None: not
         # read yet), and the sequence up to which the checkpoint covers it
         self._skip: dict[str, int | None] | None = None  # key -> its stored group's checkpoint
+        self._reread: set[str] = set()  # backfill chunks given again since the commit (by name)
         self._covered = 0
         self._checkpoint: int | None = None
         self._origin: str | None = None
@@ -157,6 +160,7 @@ class JetStreamSink:
         # the local copy is rebuilt from the state stream if lost: no fsync per commit
         local.conn.execute("PRAGMA synchronous=NORMAL")
         try:
+            self._host = self._host_id()
             self._sync()
         except BaseException:
             self._close_logs()
@@ -232,10 +236,20 @@ class JetStreamSink:
     def _mark_applied(self, seq: int, key: str | None) -> None:
         self.local.state.state_put(META, "applied", [self.states.created, seq, key], None, None)
 
+    def _host_id(self) -> str:
+        """This host's capture file's own name, kept across restarts: a backfill job's
+        progress in the state stream is this host's only under it (job ids are local)."""
+        found = self.local.state.state_get(META, "host")
+        if found is None:
+            found = os.urandom(8).hex()
+            self.local.state.state_put(META, "host", found, None, None)
+            self.local.commit(None)
+        return str(found)
+
     def _reset_local(self) -> None:
         def clear(conn: Any) -> None:
             conn.execute("DELETE FROM shadow")
-            conn.execute("DELETE FROM derived_state")
+            conn.execute("DELETE FROM derived_state WHERE NOT (kind = ? AND key = 'host')", (META,))
             conn.execute("DELETE FROM checkpoint")
 
         self.local.in_commit(clear)
@@ -278,9 +292,10 @@ class JetStreamSink:
 
     def _apply(self, ops: list[list[Any]]) -> None:
         for op in ops:
-            if op[0] == "b":  # a backfill job's progress (a job this host does not know: none)
-                _, job, text = op
-                self.local.backfill_update(job, **loads(text))
+            if op[0] == "b":  # a backfill job's progress: this host's jobs only (ids are local)
+                _, host, job, text = op
+                if host == self._host:
+                    self.local.backfill_update(job, **loads(text))
             elif op[0] == "s":
                 _, table, key, text = op
                 if text is None:
@@ -317,12 +332,14 @@ class JetStreamSink:
         op: str | None,
         lsn: str | None,
         xid: int | None,
-        key: str | None = None,
+        name: str | None = None,
     ) -> None:
-        key = self._key(type, entity_id, lsn, xid, key)
+        key = self._key(type, entity_id, lsn, xid, name)
         skip = self._skip if self._skip is not None else self._pass_over()
         if key in skip:  # in the stream already: read again after a crash
             del skip[key]  # (a key is never given twice: it names one event)
+            if name is not None:
+                self._reread.add(name)
             return
         body = dumps(
             {
@@ -399,12 +416,8 @@ class JetStreamSink:
     def commit(self, slot: str | None, lsn: int = 0) -> None:
         checkpoint, origin = (lsn, slot) if slot is not None else (self._checkpoint or 0, self._origin)
         # (events appended without a position leave the checkpoint as it was)
-        if self._skip and slot is not None:
-            # a stored group this checkpoint has passed will not be read again: what of it
-            # did not come back (a transaction skipped since, a mapping changed) never will
-            passed = [k for k, at in self._skip.items() if at is not None and at <= lsn]
-            for key in passed:
-                del self._skip[key]
+        if self._skip:
+            self._pass_no_longer(slot, lsn)
         sent = bool(self._events) or self._open
         if self._events:
             self._send(lsn if slot is not None else 0, slot)
@@ -423,6 +436,28 @@ class JetStreamSink:
         if self._in_stream >= SNAPSHOT_MIN:
             self._snapshot()
 
+    def _pass_no_longer(self, slot: str | None, lsn: int) -> None:
+        """Keys no longer waited for.  A stored group this checkpoint has passed will not be
+        read again: what of it did not come back (a transaction skipped since, a mapping
+        changed) never will.  A backfill chunk's rows come back wherever the chunk is read
+        again, past any checkpoint: those of a chunk given again, or of a job that ended,
+        are no longer waited for."""
+        assert self._skip is not None
+        done: list[str] = []
+        if slot is not None:
+            done += [
+                k for k, at in self._skip.items() if at is not None and at <= lsn and not k.startswith("bf")
+            ]
+        prefixes = [quote(f"{name}:", safe=":/.") for name in self._reread]
+        for op in self._changes:
+            if op[0] == "b" and loads(op[3]).get("state") in ("done", "cancelled", "failed"):
+                prefixes.append(f"bf{op[2]}:")
+        if prefixes:
+            done += [k for k in self._skip if k.startswith(tuple(prefixes))]
+        for key in done:
+            self._skip.pop(key, None)
+        self._reread.clear()
+
     def rollback(self) -> None:
         """Forget what was not committed.  What a stream holds of it (chunks of a huge
         transaction, part of a failed append) stays there: both ends are read again, the
@@ -430,6 +465,7 @@ class JetStreamSink:
         self._events.clear()
         self._counts.clear()
         self._changes.clear()
+        self._reread.clear()
         self.pending = 0
         self.local.rollback()
         touched = False
@@ -537,7 +573,7 @@ class JetStreamSink:
         so a crash before the local file committed the group does not read the chunk again
         (its rows would go into the stream twice, under a new watermark's keys)."""
         self.local.backfill_update(job, **progress)
-        self._changes.append(["b", job, dumps(progress).decode()])
+        self._changes.append(["b", self._host, job, dumps(progress).decode()])
         self._note()
 
     def backfill_request(self, tables: list[str], reason: str, rate: float) -> None:

@@ -100,10 +100,10 @@ class OutboxWriter:
         op: str | None,
         lsn: str | None,
         xid: int | None,
-        key: str | None = None,
+        name: str | None = None,
     ) -> None:
         """Buffer one event; its id and deliveries are assigned when the chunk is written.
-        (Capture calls it positionally: it is the hot path.  ``key`` names the event for a
+        (Capture calls it positionally: it is the hot path.  ``name`` names the event for a
         sink that needs it: here its id does.)"""
         events = self._events
         key = None if entity_id is None else str(entity_id)

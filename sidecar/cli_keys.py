@@ -46,7 +46,7 @@ def keys_create(
     conn = store.open_outbox(settings.outbox.path)
     try:
         made = api_keys.create(conn, name, chosen, networks)
-        share_keys(settings, conn)
+        share_keys(settings, conn, made.id)
     finally:
         conn.close()
     if as_json:
@@ -103,17 +103,18 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
     conn = store.open_outbox(settings.outbox.path)
     try:
         api_keys.revoke(conn, key_id)
-        share_keys(settings, conn)
+        share_keys(settings, conn, key_id)
     finally:
         conn.close()
     click.echo(f"API key {key_id} revoked")
 
 
-def share_keys(settings: Settings, conn: sqlite3.Connection) -> None:
-    """On the JetStream backend, the file's keys into the cluster, for every API node."""
+def share_keys(settings: Settings, conn: sqlite3.Connection, key_id: str) -> None:
+    """On the JetStream backend, the key made or revoked into the cluster, for every API
+    node (that key alone: this file's other rows may be older than the cluster's)."""
     if settings.outbox.backend != "jetstream":
         return
     from outbox.jetstream_shared import KEYS, share
     from sidecar.runner import events_log
 
-    share(events_log(settings), conn, KEYS)
+    share(events_log(settings), conn, KEYS, only=key_id)

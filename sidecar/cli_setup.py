@@ -134,7 +134,8 @@ def setup(
             queued = queue_backfill(kept, settings, mapping) if with_backfill else []
             secrets = store_secrets(writer.conn, settings)
             first_key = first_api_key(writer.conn)
-            share_keys(settings, writer.conn)  # (on the JetStream backend: for every API node)
+            if first_key is not None:  # (on the JetStream backend: for every API node)
+                share_keys(settings, writer.conn, first_key.id)
             signing_secrets = {
                 e.name: e.secret or endpoints.stored_secret(writer.conn, e.name) for e in settings.endpoints
             }

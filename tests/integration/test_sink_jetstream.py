@@ -553,9 +553,11 @@ def test_a_backfill_chunk_read_again_under_a_new_watermark_is_stored_once(backen
 
     again = backend.open()
     assert again.checkpoint("s") == 0x10
-    chunk(again, "0/28")  # read again: another watermark, another position
-    add(again, xid=3, n=1)
-    again.commit("s", 0x30)
+    add(again, xid=3, n=1)  # the WAL written meanwhile, read first: a commit past the lost group's
+    again.commit("s", 0x28)
+    chunk(again, "0/38")  # then the chunk read again: another watermark, another position
+    again.commit("s", 0x40)
+    assert isinstance(again, JetStreamSink) and not again._skip  # nothing more is waited for
     backend.close(again)
     assert [(b["entity_key"], b["lsn"]) for _, _, b in backend.stored()] == [
         ("0", "0/18"),
@@ -563,3 +565,37 @@ def test_a_backfill_chunk_read_again_under_a_new_watermark_is_stored_once(backen
         ("2", "0/18"),
         ("0", "0/1"),
     ]
+
+
+def test_a_backfill_job_s_progress_in_the_state_stream_moves_only_its_own_host_s_job(backend, tmp_path):
+    """Job ids are a host's own: another capture host reading the state stream (a
+    standby) must not take the active one's progress for its own job of that id
+    (reproduced first: host B's job 1 got host A's position and row counts)."""
+    b_file = tmp_path / "host-b.db"
+    b_local = OutboxWriter(store.open_outbox(b_file), Router([]))
+    b_local.backfill_request(["public.customers"], "b's own", 50.0)  # B's job 1: another table
+    b_local.commit(None)
+    b_local.close()
+
+    a = backend.open_on(tmp_path / "host-a.db")
+    a.backfill_request(["public.orders"], "a's", 100.0)
+    a.commit("s", 0x10)
+    (job,) = a.backfills()
+    a.backfill_update(job["id"], state="running", after=[7], rows=7, events=7)
+    a.commit("s", 0x20)
+    a.close()
+
+    b = backend.open_on(b_file)  # B syncs from the streams (a standby's try)
+    (own,) = b.backfills()
+    assert (
+        own["id"],
+        own["table"],
+        own["after"],
+        own["rows_done"],
+    ) == (
+        job["id"],
+        "public.customers",
+        None,
+        0,
+    )
+    b.close()
