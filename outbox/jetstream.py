@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,7 +163,7 @@ class JetStreamLog:
     async def connect(self) -> None:
         try:
             # (nats-py keeps trying the first connection as long as its reconnects: bound it)
-            self._nc = await asyncio.wait_for(
+            self._nc = await _abandonable(
                 nats.connect(
                     servers=self.servers,
                     connect_timeout=self.timeout,
@@ -755,6 +755,24 @@ def _headers(
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+async def _abandonable(connecting: Awaitable[Client], within: float) -> Client:
+    """``connecting`` awaited for at most ``within`` seconds, and given up for sure when
+    that runs out or the caller is cancelled: nats-py swallows a cancellation that lands
+    while it closes a failed attempt and then goes on trying (a node told to stop waited
+    for its connect), so it is cancelled again until it ends."""
+    task = asyncio.ensure_future(connecting)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), within)
+    except BaseException:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=0.1)
+        if not task.cancelled() and task.exception() is None:  # connected just then: not kept
+            with contextlib.suppress(Exception):
+                await task.result().close()
+        raise
 
 
 def _reason(exc: BaseException) -> str:
