@@ -40,7 +40,9 @@ import structlog
 from nats.js.errors import NotFoundError
 
 from common.jsontext import dumps, loads
+from outbox import source_state
 from outbox.jetstream import JetStreamError, JetStreamLog, Stored
+from outbox.jetstream_shared import skip_requests
 from outbox.state import SqliteState
 from outbox.writer import OutboxWriter, shadow_text, shadow_values
 
@@ -292,7 +294,16 @@ class JetStreamSink:
 
     def _apply(self, ops: list[list[Any]]) -> None:
         for op in ops:
-            if op[0] == "b":  # a backfill job's progress: this host's jobs only (ids are local)
+            if op[0] == "x":  # a transaction skipped (xids are the source's: every host's)
+                _, xid, lsn, changes, at = op
+
+                def skipped(
+                    conn: Any, xid: int = xid, lsn: str = lsn, changes: int = changes, at: float = at
+                ) -> None:
+                    source_state.skipped_elsewhere(conn, xid, lsn, changes, at)
+
+                self.local.in_commit(skipped)
+            elif op[0] == "b":  # a backfill job's progress: this host's jobs only (ids are local)
                 _, host, job, text = op
                 if host == self._host:
                     self.local.backfill_update(job, **loads(text))
@@ -560,10 +571,18 @@ class JetStreamSink:
     # -- what stays with the host: the local file ------------------------------------------------
 
     def pending_skips(self) -> set[int]:
+        """What an operator asked to skip on any host (`slot skip` puts it in the cluster
+        too), less what a capture skipped (in the state stream: a standby knows it)."""
+        asked = self._loop.run(skip_requests(self.log))
+        if asked:
+            for xid, at in asked:
+                source_state.request_skip(self.local.conn, xid, at)
         return self.local.pending_skips()
 
     def mark_skipped(self, xid: int, lsn: str, changes: int) -> None:
         self.local.mark_skipped(xid, lsn, changes)
+        self._changes.append(["x", xid, lsn, changes, time.time()])
+        self._note()
 
     def backfills(self) -> list[dict[str, Any]]:
         return self.local.backfills()

@@ -74,9 +74,16 @@ def problem_count(conn: sqlite3.Connection) -> int:
         return 0
 
 
-def request_skip(conn: sqlite3.Connection, xid: int) -> None:
+def request_skip(conn: sqlite3.Connection, xid: int, at: float | None = None) -> None:
     with transaction(conn):
-        conn.execute(S["request_skip"], (xid, time.time()))
+        conn.execute(S["request_skip"], (xid, time.time() if at is None else at))
+
+
+def skipped_elsewhere(conn: sqlite3.Connection, xid: int, lsn: str, changes: int, at: float) -> None:
+    """A skip another capture host made (read from the state stream), inside the caller's
+    transaction: asked and done."""
+    conn.execute(S["request_skip"], (xid, at))
+    conn.execute(S["mark_skipped"], (at, lsn, changes, xid))
 
 
 def pending_skips(conn: sqlite3.Connection) -> set[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +118,22 @@ def slot_skip(ctx: click.Context, xid: int, yes: bool) -> None:
 
     Capture names the transaction when it stops (`capture_failed`, and its exit line).
     Its row changes are then not captured; every other transaction is.  The skip is
-    recorded in the outbox with the checkpoint that passes it (`slot status` shows it)."""
+    recorded in the outbox with the checkpoint that passes it (`slot status` shows it).
+    On the JetStream backend it is also put into the cluster, for whichever host
+    captures."""
     settings = settings_of(ctx)
     _confirm(yes, f"skip source transaction {xid}? its changes will not be captured")
     conn = _existing_outbox(settings.outbox.capture_path)  # (capture's file on this host)
+    asked = time.time()
     try:
-        source_state.request_skip(conn, xid)
+        source_state.request_skip(conn, xid, asked)
     finally:
         conn.close()
+    if settings.outbox.backend == "jetstream":  # for the capture of any host (a standby's too)
+        from outbox.jetstream_shared import share_skip
+        from sidecar.runner import events_log
+
+        share_skip(events_log(settings), xid, asked)
     click.echo(
         f"transaction {xid} will be skipped when capture reaches it; restart `ct1-cdc run` "
         "(`ct1-cdc slot status` shows when it was passed)"

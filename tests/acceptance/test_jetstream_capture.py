@@ -28,6 +28,9 @@ from cdc import source
 from common.formats import parse_lsn
 from config.settings import JetStreamSettings
 from outbox import backfills, source_state, store
+from outbox.jetstream import JetStreamLog
+from outbox.jetstream_shared import skip_requests
+from outbox.jetstream_sink import LoopThread
 from sidecar.natscluster import NatsCluster
 from sidecar.throwaway import free_port
 from tests.acceptance.helpers import ThreadReceiver, cli, spawn, write_config
@@ -472,11 +475,13 @@ def test_a_standby_takes_over_a_killed_capture_with_nothing_lost_twice_or_out_of
     assert all(t < 30 for t in takeovers)
 
 
-def test_capture_side_commands_write_the_file_capture_reads_on_this_host(source_db, tmp_path):
+def test_capture_side_commands_write_the_file_capture_reads_on_this_host(source_db, tmp_path, nats_cluster):
     """On the JetStream backend capture keeps its host's records beside the outbox file
     (``<stem>.capture.db``): `slot skip` and `backfill` must write there, or capture never
-    sees them; `recover` refuses with one line."""
-    env = {"CT1_OUTBOX__BACKEND": "jetstream"}
+    sees them, and `slot skip` puts the request into the cluster too, for a standby;
+    `recover` refuses with one line."""
+    stream = f"CT1_{uuid.uuid4().hex[:8].upper()}"
+    env = stream_env(nats_cluster, stream)
     config = write_config(tmp_path / "c.toml", source_db.dsn, source_db.slot, tmp_path / "o.db")
     capture_file = tmp_path / "o.capture.db"
     store.open_outbox(capture_file).close()  # (setup or capture made it)
@@ -490,6 +495,14 @@ def test_capture_side_commands_write_the_file_capture_reads_on_this_host(source_
         assert [job["table"] for job in backfills.active(conn)] == ["public.users"]
     finally:
         conn.close()
+    log = JetStreamLog(nats_cluster.servers, stream=stream, subject=f"ct1.{stream.lower()}")
+    loop = LoopThread()
+    try:
+        loop.run(log.connect())
+        assert [xid for xid, _ in loop.run(skip_requests(log))] == [7]
+        loop.run(log.close())
+    finally:
+        loop.stop()
     recover = cli("recover", "--yes", config=config, **env)
     assert recover.returncode == 1
     assert len(recover.stderr.strip().splitlines()) == 1 and "on_slot_lost" in recover.stderr

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from cdc.ports import Sink
-from outbox import jetstream, jetstream_sink, store
+from outbox import jetstream, jetstream_sink, source_state, store
 from outbox.jetstream import Fenced, JetStreamLog, Moved
+from outbox.jetstream_shared import share_skip
 from outbox.jetstream_sink import CHUNK, STATE_CHUNK, JetStreamSink, LoopThread, state_log
 from outbox.store import Router
 from outbox.writer import OutboxWriter
@@ -598,4 +599,22 @@ def test_a_backfill_job_s_progress_in_the_state_stream_moves_only_its_own_host_s
         None,
         0,
     )
+    b.close()
+
+
+def test_a_skip_asked_on_any_host_is_for_whichever_captures_and_one_done_is_done_for_all(backend, tmp_path):
+    """`ct1-cdc slot skip` puts the request into the cluster too: a capture host that did
+    not record it (the standby that took over) skips that transaction; the skip itself goes
+    into the state stream, so the next host knows it was done (reproduced first: each
+    host saw only its own file's requests)."""
+    share_skip(backend.log(), 77, 1000.0)  # `slot skip 77` on a third host
+    a = backend.open_on(tmp_path / "host-a.db")
+    assert a.pending_skips() == {77}
+    a.mark_skipped(77, "0/30", 4)
+    a.commit("s", 0x30)
+    a.close()
+
+    b = backend.open_on(tmp_path / "host-b.db")  # the standby, taking over
+    assert b.pending_skips() == set()
+    assert [(s["xid"], s["lsn"], s["changes"]) for s in source_state.skips(b.local.conn)] == [(77, "0/30", 4)]
     b.close()
