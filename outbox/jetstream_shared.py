@@ -263,29 +263,10 @@ class SharedDeliveries:
             await events.put(bucket, delivery_key(endpoint, event_id), dumps({**value, "at": time.time()}))
 
 
-SKIPS = "SKIPS"  # <stream>_SKIPS: `ct1-cdc slot skip` on any host, for whichever captures
-
-
-async def skip_requests(events: JetStreamLog) -> list[tuple[int, float]]:
-    """The transactions an operator asked to skip, on any host: (xid, when asked)."""
-    from nats.js.errors import NoKeysError
-
-    bucket = await events.bucket(f"{events.stream}_{SKIPS}")
-    try:
-        keys = await events.retrying(bucket.keys)
-    except NoKeysError:
-        return []
-    asked = []
-    for key in keys:
-        entry = await events.retrying(bucket.get, key)
-        if entry.value:
-            row = loads(entry.value)
-            asked.append((int(row["xid"]), float(row["requested_at"])))
-    return asked
-
-
 def share_skip(events: JetStreamLog, xid: int, requested_at: float) -> None:
     """A skip asked on this host, for the capture of any host (blocking)."""
+
+    from outbox.jetstream_sink import SKIPS
 
     async def put() -> None:
         bucket = await events.bucket(f"{events.stream}_{SKIPS}")

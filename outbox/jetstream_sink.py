@@ -42,7 +42,6 @@ from nats.js.errors import NotFoundError
 from common.jsontext import dumps, loads
 from outbox import source_state
 from outbox.jetstream import JetStreamError, JetStreamLog, Stored
-from outbox.jetstream_shared import skip_requests
 from outbox.state import SqliteState
 from outbox.writer import OutboxWriter, shadow_text, shadow_values
 
@@ -83,6 +82,27 @@ class LoopThread:
         self.thread.join(timeout=5)
         if not self.thread.is_alive():
             self.loop.close()
+
+
+SKIPS = "SKIPS"  # <stream>_SKIPS: `ct1-cdc slot skip` on any host, for whichever captures (outbox/jetstream_shared.py puts them)
+
+
+async def skip_requests(events: JetStreamLog) -> list[tuple[int, float]]:
+    """The transactions an operator asked to skip, on any host: (xid, when asked)."""
+    from nats.js.errors import NoKeysError
+
+    bucket = await events.bucket(f"{events.stream}_{SKIPS}")
+    try:
+        keys = await events.retrying(bucket.keys)
+    except NoKeysError:
+        return []
+    asked = []
+    for key in keys:
+        entry = await events.retrying(bucket.get, key)
+        if entry.value:
+            row = loads(entry.value)
+            asked.append((int(row["xid"]), float(row["requested_at"])))
+    return asked
 
 
 class RecordedState:

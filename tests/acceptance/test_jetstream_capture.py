@@ -29,8 +29,7 @@ from common.formats import parse_lsn
 from config.settings import JetStreamSettings
 from outbox import backfills, source_state, store
 from outbox.jetstream import JetStreamLog
-from outbox.jetstream_shared import skip_requests
-from outbox.jetstream_sink import LoopThread
+from outbox.jetstream_sink import LoopThread, skip_requests
 from sidecar.natscluster import NatsCluster
 from sidecar.throwaway import free_port
 from tests.acceptance.helpers import ThreadReceiver, cli, spawn, write_config
