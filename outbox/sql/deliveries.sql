@@ -173,11 +173,11 @@ JOIN endpoint_routes r ON r.endpoint = c.endpoint AND r.type = e.type
 WHERE e.id = :event_id AND e.routed = 0 AND (:endpoint IS NULL OR c.endpoint = :endpoint)
 
 -- name: replay_event
-UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now
+UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now, replayed = 1
 WHERE event_id = :event_id AND (:endpoint IS NULL OR endpoint = :endpoint)
 
 -- name: replay_dead
-UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now
+UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now, replayed = 1
 WHERE status = 'dead' AND (:endpoint IS NULL OR endpoint = :endpoint)
   AND event_id IN (SELECT id FROM events WHERE created_at >= :since)
 
@@ -206,10 +206,11 @@ ORDER BY e.id
 
 -- name: take_partition_settled
 -- A partition taken over: its pending rows up to where the last holder settled it were
--- settled by that holder (rows left from an earlier holding, or made at append).
+-- settled by that holder (rows left from an earlier holding, or made at append); a replay
+-- stays (the holder may have gone before sending it) and goes out in its entity's order.
 DELETE FROM deliveries
 WHERE endpoint = :endpoint AND status = 'pending' AND event_id <= :after
-  AND ct1_partition(entity) = :part
+  AND ct1_partition(entity) = :part AND replayed = 0
 
 -- name: take_partition
 -- A partition taken over from another dispatcher (JetStream backend): a row due now for
@@ -226,15 +227,17 @@ ON CONFLICT (endpoint, event_id) DO UPDATE SET next_attempt_at = excluded.next_a
 WHERE deliveries.status = 'pending'
 
 -- name: release_partitions
--- Partitions given up to another dispatcher: their pending rows of the endpoint go.
+-- Partitions given up to another dispatcher: their pending rows of the endpoint go (a
+-- replay stays: every node has it due, from the cluster, until one says it is settled).
 DELETE FROM deliveries
-WHERE endpoint = :endpoint AND status = 'pending'
+WHERE endpoint = :endpoint AND status = 'pending' AND replayed = 0
   AND ct1_partition(entity) IN (SELECT value FROM json_each(:parts))
 
 -- name: pending_by_entity
--- The first pending delivery of each entity of an endpoint (what holds its progress back).
+-- The first pending delivery of each entity of an endpoint (what holds its progress back;
+-- not a replay, which every node has due and the next holder keeps).
 SELECT entity, min(event_id) FROM deliveries INDEXED BY deliveries_entity
-WHERE endpoint = :endpoint AND status = 'pending' GROUP BY entity
+WHERE endpoint = :endpoint AND status = 'pending' AND replayed = 0 GROUP BY entity
 
 -- name: move_cursor
 UPDATE delivery_cursors SET last_event_id = :upto WHERE endpoint = :endpoint
@@ -335,9 +338,10 @@ WHERE deliveries.status <> 'delivered'
 
 -- name: shared_replayed
 -- replayed on some node: due now here (sent by whichever node holds its partition)
-INSERT INTO deliveries (endpoint, event_id, entity, status, attempts, next_attempt_at)
-VALUES (:endpoint, :event_id, :entity, 'pending', 0, :now)
-ON CONFLICT (endpoint, event_id) DO UPDATE SET status = 'pending', attempts = 0, next_attempt_at = :now
+INSERT INTO deliveries (endpoint, event_id, entity, status, attempts, next_attempt_at, replayed)
+VALUES (:endpoint, :event_id, :entity, 'pending', 0, :now, 1)
+ON CONFLICT (endpoint, event_id) DO UPDATE SET
+    status = 'pending', attempts = 0, next_attempt_at = :now, replayed = 1
 WHERE deliveries.status <> 'pending'
 
 -- name: shared_delivered

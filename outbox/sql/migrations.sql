@@ -221,3 +221,9 @@ ALTER TABLE delivery_cursors ADD COLUMN generation INTEGER NOT NULL DEFAULT 0
 -- The dead deliveries, found without reading every row: the listings, and on the JetStream
 -- backend the dispatch node sharing them every second (outbox/jetstream_shared.py).
 CREATE INDEX deliveries_dead ON deliveries (endpoint, event_id) WHERE status = 'dead'
+
+-- name: 12
+-- A delivery made due again by an operator (`outbox replay --event`/`--dead`): on the
+-- JetStream backend the node taking its partition over keeps it (the rows it drops at a
+-- take are those the previous holder settled), so it goes out in its entity's order.
+ALTER TABLE deliveries ADD COLUMN replayed INTEGER NOT NULL DEFAULT 0

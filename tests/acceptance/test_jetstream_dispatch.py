@@ -7,6 +7,7 @@ entity's events arrive in order."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -15,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from common.jsontext import dumps
 from outbox import store
 from outbox.jetstream import JetStreamLog
 from outbox.jetstream_sink import LoopThread
 from tests.acceptance import test_jetstream_capture as nodes_test
-from tests.acceptance.helpers import ThreadReceiver
+from tests.acceptance.helpers import ThreadReceiver, cli
 from tests.acceptance.test_jetstream_capture import (  # noqa: F401  (no_process_left: a fixture)
     PARTITIONS,
     SECRET,
@@ -258,3 +260,74 @@ async def leader_of(servers: list[str], stream: str) -> str:
         return str(info.cluster.leader)
     finally:
         await log.close()
+
+
+@pytest.mark.slow
+def test_a_dead_delivery_replayed_after_its_holder_was_killed_is_sent_by_the_next_holder(
+    tmp_path, source_db, nats_cluster
+):
+    """Two dispatch nodes and an API node.  The receiver refuses one order, whose two
+    events go dead on the node holding its partition; that node is killed with SIGKILL;
+    the operator replays the dead deliveries on the API node.  The other node takes the
+    partition (its take drops the replayed rows it had made due, below the killed node's
+    progress) and sends them anyway, under their webhook-ids; the API node then lists them
+    delivered."""
+    stream = f"CT1_{uuid.uuid4().hex[:8].upper()}"
+    env = stream_env(nats_cluster, stream)
+    append_orders(nats_cluster.servers, stream, 0, 0)  # the stream, empty
+    refusing = {"on": True}
+
+    async def refuse_order_7(request: web.Request, _calls: int) -> web.StreamResponse | None:
+        refused = json.loads(await request.read())["data"]["id"] == "7"
+        return web.Response(status=500) if refused and refusing["on"] else None
+
+    with ThreadReceiver() as rx:
+        rx.secret = SECRET
+        rx.receiver.before = refuse_order_7
+        configs = {n: node_config(tmp_path, source_db, n, rx.url) for n in ("a", "b", "api")}
+        logs = {n: tmp_path / f"{n}.log" for n in configs}
+        nodes = {
+            n: nodes_test.spawn("run", "--role", "dispatch", config=configs[n], log=logs[n], **env)
+            for n in "ab"
+        }
+        nodes["api"] = nodes_test.spawn("run", "--role", "api", config=configs["api"], log=logs["api"], **env)
+
+        def dead_on_api() -> list[int]:
+            shown = cli("outbox", "deliveries", "--status", "dead", "--json", config=configs["api"])
+            assert shown.returncode == 0, shown.stderr
+            return sorted(json.loads(line)["event_id"] for line in shown.stdout.splitlines())
+
+        try:
+            wait_until(
+                lambda: (
+                    sorted(held(logs["a"]) + held(logs["b"])) == list(range(PARTITIONS))
+                    and all(held(logs[n]) for n in "ab")
+                ),
+                60,
+                what="two nodes sharing the partitions",
+            )
+            append_orders(nats_cluster.servers, stream, 1, 400)  # order 7: events 7 and 207
+            wait_until(lambda: len(set(rx.ids)) >= 398, 60, what="every other order delivered")
+            wait_until(
+                lambda: dead_on_api() == [7, 207], 30, what="order 7's two deliveries dead on the API node"
+            )
+            partition = zlib.crc32(b"order:7") % PARTITIONS
+            holder = next(n for n in "ab" if partition in held(logs[n]))
+            other = "b" if holder == "a" else "a"
+            nodes[holder].send_signal(signal.SIGKILL)
+            nodes[holder].wait(timeout=30)
+            refusing["on"] = False
+            replayed = cli("outbox", "replay", "--dead", "--json", config=configs["api"], **env)
+            assert replayed.returncode == 0 and json.loads(replayed.stdout) == {"replayed": 2}, (
+                replayed.stderr
+            )
+            wait_until(lambda: {"evt_7", "evt_207"} <= set(rx.ids), 60, what="the replayed deliveries sent")
+            assert partition in held(logs[other])
+            wait_until(lambda: dead_on_api() == [], 30, what="the API node no longer listing them dead")
+        finally:
+            for name, proc in nodes.items():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    assert proc.wait(timeout=30) == 0, name
+    order_7 = [r for r in rx.received if r["data"]["id"] == "7"]
+    assert [r["data"]["record"]["version"] for r in order_7] == [0, 1]  # in order, once each
