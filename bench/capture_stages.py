@@ -35,11 +35,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from capture import backlog_source, current_lsn, write_backlog  # noqa: E402
 
 from cdc import decode as decoding  # noqa: E402
-from cdc.capture import wal2json_options  # noqa: E402
+from cdc.capture import Capture, wal2json_options  # noqa: E402
 from cdc.decode import RowChange  # noqa: E402
 from cdc.mapping import apply, load_mapping  # noqa: E402
 from cdc.stream import ReplicationStream, XLogData, parse_frame  # noqa: E402
 from config.settings import Settings  # noqa: E402
+from outbox.writer import OutboxWriter  # noqa: E402
 from sidecar.runner import build_capture, open_writer, tune_gc  # noqa: E402
 from sidecar.throwaway import create_cluster  # noqa: E402
 
@@ -83,8 +84,8 @@ def best_of(repeat: int, fn: Callable[[], object]) -> float:
     return best
 
 
-def replay(messages: list[bytes], outbox: Path) -> float:
-    """The capture handler and the outbox writer over every message; CPU seconds."""
+def fresh_capture(outbox: Path) -> tuple[OutboxWriter, Capture]:
+    """Capture over a fresh outbox at ``outbox`` (two endpoints), its source unused."""
     for suffix in ("", "-wal", "-shm"):
         Path(f"{outbox}{suffix}").unlink(missing_ok=True)
     settings = Settings(
@@ -93,8 +94,13 @@ def replay(messages: list[bytes], outbox: Path) -> float:
         mapping={"file": str(ROOT / "config" / "mapping.toml")},
     )
     writer = open_writer(settings)
-    capture = build_capture(settings, writer)
-    batch_s = settings.outbox.batch_max_ms / 1000
+    return writer, build_capture(settings, writer)
+
+
+def replay(messages: list[bytes], outbox: Path) -> float:
+    """The capture handler and the outbox writer over every message; CPU seconds."""
+    writer, capture = fresh_capture(outbox)
+    batch_s = capture.settings.outbox.batch_max_ms / 1000
     try:
         handle, should_commit = capture._handle, capture._should_commit
         started = time.process_time()
@@ -111,15 +117,7 @@ def replay(messages: list[bytes], outbox: Path) -> float:
 def replay_loop(messages: list[bytes], outbox: Path) -> float:
     """Capture's whole stream loop (frames parsed, handled, group commits, confirmations,
     housekeeping) over every message, fed from memory instead of the socket; CPU seconds."""
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{outbox}{suffix}").unlink(missing_ok=True)
-    settings = Settings(
-        source={"dsn": "postgresql:///unused", "slot": "stages"},
-        outbox={"path": str(outbox)},
-        mapping={"file": str(ROOT / "config" / "mapping.toml")},
-    )
-    writer = open_writer(settings)
-    capture = build_capture(settings, writer)
+    writer, capture = fresh_capture(outbox)
     header = struct.Struct(">QQq")
     frames = [b"w" + header.pack(n * 100, n * 100 + 50, 0) + m for n, m in enumerate(messages)]
 

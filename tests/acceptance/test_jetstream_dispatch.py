@@ -125,6 +125,12 @@ def held(path: Path) -> list[int]:
     return list(changes[-1].get("held", [])) if changes else []
 
 
+def sharing(*logs: Path) -> bool:
+    """Whether these nodes hold every partition between them, each some."""
+    shares = [held(log) for log in logs]
+    return all(shares) and sorted(p for share in shares for p in share) == list(range(PARTITIONS))
+
+
 @pytest.mark.slow
 def test_three_dispatch_nodes_share_an_endpoint_through_a_join_and_a_kill_9(
     tmp_path, source_db, nats_cluster
@@ -143,14 +149,7 @@ def test_three_dispatch_nodes_share_an_endpoint_through_a_join_and_a_kill_9(
             for n in "ab"
         }
         try:
-            wait_until(
-                lambda: (
-                    sorted(held(logs["a"]) + held(logs["b"])) == list(range(PARTITIONS))
-                    and all(held(logs[n]) for n in "ab")
-                ),
-                60,
-                what="two nodes sharing the partitions",
-            )
+            wait_until(lambda: sharing(logs["a"], logs["b"]), 60, what="two nodes sharing the partitions")
             append_orders(nats_cluster.servers, stream, 1, EVENTS)
             wait_until(lambda: len(rx.ids) >= EVENTS // 10, 60, what="a tenth delivered")
             nodes["c"] = nodes_test.spawn(
@@ -298,14 +297,7 @@ def test_a_dead_delivery_replayed_after_its_holder_was_killed_is_sent_by_the_nex
             return sorted(json.loads(line)["event_id"] for line in shown.stdout.splitlines())
 
         try:
-            wait_until(
-                lambda: (
-                    sorted(held(logs["a"]) + held(logs["b"])) == list(range(PARTITIONS))
-                    and all(held(logs[n]) for n in "ab")
-                ),
-                60,
-                what="two nodes sharing the partitions",
-            )
+            wait_until(lambda: sharing(logs["a"], logs["b"]), 60, what="two nodes sharing the partitions")
             append_orders(nats_cluster.servers, stream, 1, 400)  # order 7: events 7 and 207
             wait_until(lambda: len(set(rx.ids)) >= 398, 60, what="every other order delivered")
             wait_until(
