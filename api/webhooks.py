@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -30,6 +32,16 @@ from outbox import store
 from outbox.endpoints import stored_secret
 from outbox.keys import usage_per_route
 from outbox.store import Router
+
+if TYPE_CHECKING:  # (the cluster's client is imported by the JetStream backend alone)
+    from outbox.jetstream import JetStreamLog
+
+# JetStream: how long a manual event may wait for a capture to take it, in
+# [outbox.jetstream] timeout_seconds (then it is withdrawn and refused), then for this
+# node's copy to hold it once taken; how often it looks.
+SEND_WITHIN_TIMEOUTS = 2
+TAKEN_WITHIN = 60.0
+SEND_POLL = 0.02
 
 # Types that only the sidecar produces (the twelve documented event types, the test
 # message and the gap marker; the loaded mapping's types are added): receivers trust them
@@ -79,10 +91,14 @@ class Webhooks:
         self.sender: Sender | None = None
         self.captured_types = CAPTURED_TYPES | frozenset(mapped_types)
         self.router = Router(writer.routes)  # a manual event is routed as a captured one
+        self._events: JetStreamLog | None = None  # JetStream: the cluster, for manual events
+        self._withdrawing: asyncio.Future[bool] | None = None
 
     async def close(self) -> None:
         if self.sender is not None:
             await self.sender.close()
+        if self._events is not None:
+            await self._events.close()
 
     def _endpoint(self, name: Any, field: str) -> EndpointSettings:
         if not isinstance(name, str) or name not in self.endpoints:
@@ -159,20 +175,74 @@ class Webhooks:
         body = validate(WebhookSend, await json_body(request))
         event_type, data, systems = body.event, body.data, body.systems
         self._may_send(event_type, request.get(GRANTED, frozenset()))
-        if self.settings.outbox.backend == "jetstream":
-            # the stream has one writer, capture: an event appended here would fence it
-            raise ApiError(
-                501,
-                "not_implemented",
-                'POST /webhooks/send is not available with [outbox] backend = "jetstream" yet'
-                " (docs/jetstream.md)",
-            )
         names = self._route(event_type, systems)
+        if self.settings.outbox.backend == "jetstream":
+            event_id = await self._through_capture(event_type, data, names)
+            return _ok({"id": event_id, "event": event_type, "systems": names}, status=201)
         try:
             event_id = await self.writer.append(event_type, data, names, unix_to_iso(time.time()))
         except (sqlite3.Error, store.OutboxError) as exc:
             raise ApiError(503, "outbox_unavailable", f"the outbox cannot be written now: {exc}") from exc
         return _ok({"id": event_id, "event": event_type, "systems": names}, status=201)
+
+    async def _through_capture(self, event_type: str, data: Any, names: list[str]) -> int:
+        """JetStream: the stream has one writer, capture.  Ask it for the event through the
+        cluster (outbox/jetstream_sends.py) and answer once this node's copy holds it;
+        withdrawn, and refused, when no capture takes it in time."""
+        from outbox import jetstream_sends as sends
+        from outbox.jetstream import JetStreamError, events_log
+
+        request = os.urandom(12).hex()
+        event = {
+            "type": event_type,
+            "data": data,
+            "endpoints": names,
+            "occurred_at": unix_to_iso(time.time()),
+        }
+        try:
+            if self._events is None:
+                events = events_log(self.settings)
+                await events.connect()
+                self._events = events
+            within = SEND_WITHIN_TIMEOUTS * self.settings.outbox.jetstream.timeout_seconds
+            revision = await sends.ask(self._events, request, event)
+            try:
+                event_id = await self._sent(request, within)
+            except asyncio.CancelledError:  # the client went: the event is not sent later either
+                self._withdrawing = asyncio.ensure_future(sends.withdraw(self._events, request, revision))
+                raise
+            if event_id is None and await sends.withdraw(self._events, request, revision):
+                raise ApiError(
+                    503,
+                    "capture_unavailable",
+                    f"no capture took the event within {within:g} s, so it was not sent:"
+                    " is `ct1-cdc run --role capture` running? (docs/jetstream.md)",
+                )
+        except JetStreamError as exc:
+            raise ApiError(
+                503, "outbox_unavailable", f"the cluster cannot take the event now: {exc}"
+            ) from exc
+        if event_id is None:  # taken: capture appends it
+            event_id = await self._sent(request, TAKEN_WITHIN)
+        if event_id is None:
+            raise ApiError(
+                503,
+                "outbox_unavailable",
+                f"capture took the event (request {request}) but this node's copy does not hold it"
+                f" after {TAKEN_WITHIN:g} s more: it will be sent once, and listed by /events",
+            )
+        return event_id
+
+    async def _sent(self, request: str, within: float) -> int | None:
+        """The id of request ``request``'s event once this node's copy holds it."""
+        from outbox import jetstream_sends as sends
+
+        deadline = time.monotonic() + within
+        while True:
+            found: int | None = await self.offload(lambda conn: sends.sent_event(conn, request))
+            if found is not None or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(SEND_POLL)
 
     def _may_send(self, event_type: str, granted: frozenset[str]) -> None:
         """A type capture produces is sent by hand only with the permission made for it."""

@@ -75,8 +75,7 @@ class ApiWriter:
         """Append one manual event delivered to the endpoints ``names`` and commit; its id."""
 
         def append(writer: OutboxWriter) -> int:
-            writer.router = Router([r for r in self.routes if r.name in names])
-            writer.add(event_type, "manual", None, data, occurred_at, None, "manual", None, None)
+            writer.add(event_type, "manual", None, data, occurred_at, None, "manual", None, None, None, names)
             writer.commit(None)
             return writer.last_event_id
 

@@ -17,7 +17,7 @@ contract tests as the real ones.
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from cdc.carts import StateStore
@@ -149,10 +149,13 @@ class Sink(Protocol):
         lsn: str | None,
         xid: int | None,
         name: str | None = None,
+        endpoints: Sequence[str] | None = None,
     ) -> None:
         """Append one event (called positionally: it is the hot path).  ``name``: what names
-        the event among those of no transaction (a backfill chunk's rows), where the sink
-        needs a name that is the same when the event is made again after a crash."""
+        the event among those of no transaction (a backfill chunk's rows, a manual event),
+        where the sink needs a name that is the same when the event is made again after a
+        crash.  ``endpoints``: the only endpoints it goes to (a manual event narrowed by
+        ``systems``); None, every endpoint whose routes take its type."""
 
     def commit(self, slot: str, lsn: int) -> None:
         """Make everything added so far durable together with the checkpoint ``lsn``."""

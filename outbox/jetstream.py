@@ -53,6 +53,7 @@ from nats.js.api import (
 from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from common.errors import Ct1Error, SourceUnavailable
+from config.settings import Settings
 
 log = structlog.get_logger("ct1_cdc.jetstream")
 
@@ -728,6 +729,19 @@ class JetStreamLog:
         """Up to ``limit`` events with id > ``after``, oldest first."""
         first, last = await self.bounds()
         return [stored async for stored in self.scan(max(after, first - 1), min(last, after + limit))]
+
+
+def events_log(settings: Settings) -> JetStreamLog:
+    """A handle on the events stream that ``[outbox.jetstream]`` names (not connected)."""
+    js = settings.outbox.jetstream
+    return JetStreamLog(
+        js.servers,
+        stream=js.stream,
+        subject=js.subject,
+        partitions=js.partitions,
+        replicas=js.replicas,
+        timeout=js.timeout_seconds,
+    )
 
 
 def _stored(seq: int, headers: dict[str, str] | None, data: bytes | None) -> Stored:

@@ -25,6 +25,7 @@ import structlog
 
 from common.errors import Ct1Error
 from common.jsontext import loads
+from outbox import jetstream_sends as sends
 from outbox.jetstream import JetStreamLog, Stored
 from outbox.jetstream_leases import LEAVE_WITHIN, Leases
 from outbox.jetstream_shared import ENDPOINTS, KEYS, SharedDeliveries
@@ -222,6 +223,7 @@ class Mirror:
                 f"the outbox's last event id is {counter}, not {self.last_id}: something else appended"
                 " events to it; give this node an outbox.path of its own"
             )
+        sent: list[tuple[str, int]] = []
         for stored in batch:
             event: dict[str, Any] = loads(stored.body)
             writer.add(
@@ -234,7 +236,14 @@ class Mirror:
                 event.get("op"),
                 event.get("lsn"),
                 event.get("xid"),
+                None,
+                event.get("endpoints"),  # (a manual event narrowed by systems: its rows now)
             )
+            request = sends.request_of(event.get("name"))
+            if request is not None:
+                sent.append((request, stored.seq))
+        if sent:
+            sends.record(writer, sent)
         writer.commit(None)
         if writer.last_event_id != batch[-1].seq:
             raise MirrorError(

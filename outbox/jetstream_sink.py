@@ -32,7 +32,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Container, Coroutine, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -84,6 +84,7 @@ class LoopThread:
             self.loop.close()
 
 
+SEND_PREFIX = "send:"  # a manual event's name, send:<request> (outbox/jetstream_sends.py)
 SKIPS = "SKIPS"  # <stream>_SKIPS: `ct1-cdc slot skip` on any host, for whichever captures (outbox/jetstream_shared.py puts them)
 
 
@@ -364,6 +365,7 @@ class JetStreamSink:
         lsn: str | None,
         xid: int | None,
         name: str | None = None,
+        endpoints: Sequence[str] | None = None,
     ) -> None:
         key = self._key(type, entity_id, lsn, xid, name)
         skip = self._skip if self._skip is not None else self._pass_over()
@@ -372,20 +374,23 @@ class JetStreamSink:
             if name is not None:
                 self._reread.add(name)
             return
-        body = dumps(
-            {
-                "type": type,
-                "object": object,
-                "entity_key": None if entity_id is None else str(entity_id),
-                "occurred_at": occurred_at,
-                "data": data,
-                "source_table": table,
-                "op": op,
-                "lsn": lsn,
-                "xid": xid,
-                "created_at": time.time(),
-            }
-        )
+        event: dict[str, Any] = {
+            "type": type,
+            "object": object,
+            "entity_key": None if entity_id is None else str(entity_id),
+            "occurred_at": occurred_at,
+            "data": data,
+            "source_table": table,
+            "op": op,
+            "lsn": lsn,
+            "xid": xid,
+            "created_at": time.time(),
+        }
+        if endpoints is not None:  # (every node's copy makes its rows for these alone)
+            event["endpoints"] = sorted(endpoints)
+        if name is not None and name.startswith(SEND_PREFIX):  # (the asking API node waits for it)
+            event["name"] = name
+        body = dumps(event)
         self._events.append((key, body, self._partition(object, entity_id)))
         self.pending += 1
         if len(self._events) >= 2 * CHUNK:  # (the group's last events wait for its commit)
@@ -472,12 +477,16 @@ class JetStreamSink:
         read again: what of it did not come back (a transaction skipped since, a mapping
         changed) never will.  A backfill chunk's rows come back wherever the chunk is read
         again, past any checkpoint: those of a chunk given again, or of a job that ended,
-        are no longer waited for."""
+        are no longer waited for.  A manual event comes back whenever its request is served
+        again, past any checkpoint too: it is waited for until then, or until its request
+        is gone (:meth:`sends_gone`)."""
         assert self._skip is not None
         done: list[str] = []
         if slot is not None:
             done += [
-                k for k, at in self._skip.items() if at is not None and at <= lsn and not k.startswith("bf")
+                k
+                for k, at in self._skip.items()
+                if at is not None and at <= lsn and not k.startswith(("bf", SEND_PREFIX))
             ]
         prefixes = [quote(f"{name}:", safe=":/.") for name in self._reread]
         for op in self._changes:
@@ -488,6 +497,19 @@ class JetStreamSink:
         for key in done:
             self._skip.pop(key, None)
         self._reread.clear()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``coro`` on the streams' event loop (capture's thread waits for it)."""
+        return self._loop.run(coro)
+
+    def sends_gone(self, asked: Container[str]) -> None:
+        """Manual events stored before a crash, waited for to be passed over when asked
+        again, whose request (an id in ``asked``) is no longer in the cluster: they will not
+        be asked again, so they no longer hold back what the checkpoint covers."""
+        skip = self._skip if self._skip is not None else self._pass_over()
+        for key in [k for k in skip if k.startswith(SEND_PREFIX)]:
+            if key.split(":")[1] not in asked:
+                del skip[key]
 
     def rollback(self) -> None:
         """Forget what was not committed.  What a stream holds of it (chunks of a huge

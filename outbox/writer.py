@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from common.jsontext import JsonText, loads
@@ -101,12 +101,16 @@ class OutboxWriter:
         lsn: str | None,
         xid: int | None,
         name: str | None = None,
+        endpoints: Sequence[str] | None = None,
     ) -> None:
         """Buffer one event; its id and deliveries are assigned when the chunk is written.
         (Capture calls it positionally: it is the hot path.  ``name`` names the event for a
-        sink that needs it: here its id does.)"""
+        sink that needs it: here its id does.  ``endpoints``: the event goes to these alone
+        (those this writer's router knows), its rows made now; a manual event narrowed by
+        ``systems``.)"""
         events = self._events
         key = None if entity_id is None else str(entity_id)
+        chosen = None if endpoints is None else dumps(sorted(endpoints))
         events.append(
             (
                 type,
@@ -119,7 +123,8 @@ class OutboxWriter:
                 lsn,
                 xid,
                 time.time(),
-                1 if self.rows_at_append or type in TO_EVERY_ENDPOINT else 0,
+                1 if self.rows_at_append or chosen is not None or type in TO_EVERY_ENDPOINT else 0,
+                chosen,
             )
         )
         self.pending += 1
@@ -307,9 +312,12 @@ class OutboxWriter:
             EVENTS_APPENDED.labels(event_type).inc(n)
         last = int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0])
         first = last - len(events) + 1
-        by_endpoint: dict[str, list[str]] = {}
-        for event_type, routed in {(event[0], event[10]) for event in events}:
-            if routed:  # rows now
+        by_endpoint: dict[str, list[str]] = {}  # endpoint: the types it gets rows of now
+        for event_type, routed, chosen in {(event[0], event[10], event[11]) for event in events}:
+            if chosen is not None:  # rows now, for the event's own endpoints
+                for endpoint in set(loads(chosen)).intersection(self.router.names):
+                    by_endpoint.setdefault(endpoint, [])
+            elif routed:  # rows now, by type
                 for endpoint in self.router.endpoints(event_type):
                     by_endpoint.setdefault(endpoint, []).append(event_type)
             elif event_type not in self._routed_types:  # a new type: its routes, in this commit

@@ -83,17 +83,9 @@ def open_sink(settings: Settings) -> OutboxWriter | JetStreamSink:
 
 
 def events_log(settings: Settings) -> JetStreamLog:
-    from outbox.jetstream import JetStreamLog
+    from outbox import jetstream
 
-    js = settings.outbox.jetstream
-    return JetStreamLog(
-        js.servers,
-        stream=js.stream,
-        subject=js.subject,
-        partitions=js.partitions,
-        replicas=js.replicas,
-        timeout=js.timeout_seconds,
-    )
+    return jetstream.events_log(settings)
 
 
 def open_mirror(
@@ -211,6 +203,10 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
                         settings, router_for(settings), excluded_columns(mapping), through
                     )
                     running[asyncio.ensure_future(analytics.run(stop))] = "analytics"
+                if jetstream:  # manual events the API nodes ask for, through capture
+                    from sidecar.sends import SendServer
+
+                    running[asyncio.ensure_future(SendServer(settings, capture).run(stop))] = "sends"
         if jetstream and (dispatcher is not None or app is not None) and not stop.is_set():
             # dispatch and the API read a copy of the stream in the outbox file
             mirror = open_mirror(settings, committed, dispatcher)

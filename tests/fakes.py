@@ -9,7 +9,7 @@ The memory sink passes the same contract tests as the outbox writer
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -480,6 +480,7 @@ class MemorySink:
         lsn: str | None,
         xid: int | None,
         name: str | None = None,
+        endpoints: Sequence[str] | None = None,
     ) -> None:
         key = None if entity_id is None else str(entity_id)
         # what the writer stores is JSON: a value that is not JSON fails here too

@@ -215,13 +215,16 @@ WHERE endpoint = :endpoint AND status = 'pending' AND event_id <= :after
 -- name: take_partition
 -- A partition taken over from another dispatcher (JetStream backend): a row due now for
 -- each event of partition :part in (:after, :upto] that the endpoint takes (by its routes,
--- or routed to every endpoint as ct1.gap is), sent from there in order by the claim; a
--- pending row already there is due now too, a settled one stays as it is.
+-- routed to every endpoint as ct1.gap is, or sent to a list of endpoints naming it), sent
+-- from there in order by the claim; a pending row already there is due now too, a
+-- settled one stays as it is.
 INSERT INTO deliveries (event_id, endpoint, entity, next_attempt_at)
 SELECT e.id, :endpoint, e.object || ':' || coalesce(e.entity_key, ''), :now
 FROM events e
 WHERE e.id > :after AND e.id <= :upto
-  AND (e.routed = 1 OR e.type IN (SELECT type FROM endpoint_routes WHERE endpoint = :endpoint))
+  AND CASE WHEN e.routed = 0 THEN e.type IN (SELECT type FROM endpoint_routes WHERE endpoint = :endpoint)
+           WHEN e.endpoints IS NULL THEN 1
+           ELSE :endpoint IN (SELECT value FROM json_each(e.endpoints)) END
   AND ct1_partition(e.object || ':' || coalesce(e.entity_key, '')) = :part
 ON CONFLICT (endpoint, event_id) DO UPDATE SET next_attempt_at = excluded.next_attempt_at
 WHERE deliveries.status = 'pending'

@@ -227,3 +227,10 @@ CREATE INDEX deliveries_dead ON deliveries (endpoint, event_id) WHERE status = '
 -- JetStream backend the node taking its partition over keeps it (the rows it drops at a
 -- take are those the previous holder settled), so it goes out in its entity's order.
 ALTER TABLE deliveries ADD COLUMN replayed INTEGER NOT NULL DEFAULT 0
+
+-- name: 13
+-- The endpoints a writer chose for an event itself (a manual event narrowed by `systems`),
+-- as a JSON array; NULL for the rest. On the JetStream backend every node's copy makes
+-- the event's rows from it, and a node taking a partition over makes no row for an
+-- endpoint the event was not sent to.
+ALTER TABLE events ADD COLUMN endpoints TEXT

@@ -1,17 +1,19 @@
 -- name: insert_event
 -- ids come from AUTOINCREMENT: contiguous within one writer's BEGIN IMMEDIATE
-INSERT INTO events (type, object, entity_key, occurred_at, data, source_table, op, lsn, xid, created_at, routed)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO events (type, object, entity_key, occurred_at, data, source_table, op, lsn, xid, created_at, routed, endpoints)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 
 -- name: insert_deliveries
--- One delivery per event of ids first..last whose type is routed to the endpoint, among
--- the events whose writer chose their endpoints (routed = 1).
+-- One delivery per event of ids first..last that goes to the endpoint, among the events
+-- whose writer chose their endpoints (routed = 1): by its own list of endpoints, or
+-- without one by its type (:types, the types the writer's routes send there).
 INSERT INTO deliveries (event_id, endpoint, entity)
 SELECT id, :endpoint, object || ':' || coalesce(entity_key, '')
 FROM events
 WHERE id BETWEEN :first AND :last
   AND routed = 1
-  AND type IN (SELECT value FROM json_each(:types))
+  AND CASE WHEN endpoints IS NULL THEN type IN (SELECT value FROM json_each(:types))
+           ELSE :endpoint IN (SELECT value FROM json_each(endpoints)) END
 ORDER BY id
 
 -- name: register_cursor

@@ -320,39 +320,111 @@ def test_api_and_dispatch_nodes_read_the_stream_with_the_same_ids_and_survive_ki
         assert SECRET not in "".join(log.read_text() for log in logs.values())
 
 
-def test_manual_events_are_refused_on_the_jetstream_backend(source_db, tmp_path, nats_cluster):
-    stream = f"CT1_{uuid.uuid4().hex[:8].upper()}"
-    env = stream_env(nats_cluster, stream)
-    config = node_config(tmp_path, source_db, "api", "http://127.0.0.1:9/")
-    made = cli(
-        "keys",
-        "create",
-        "--name",
-        "w",
-        "--permissions",
-        "core_transaction_1_webhooks,core_transaction_1_send_captured_types",
-        "--json",
-        config=config,
+def send(config: Path, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST /webhooks/send on a node: (status, body)."""
+    port = next(int(x.split("=")[1]) for x in config.read_text().splitlines() if x.startswith("port"))
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/core-transaction-1/webhooks/send",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
     )
-    key = json.loads(made.stdout)["key"]
-    log = tmp_path / "api.log"
-    proc = spawn("run", "--role", "api", config=config, log=log, **env)
     try:
-        port = next(int(x.split("=")[1]) for x in config.read_text().splitlines() if x.startswith("port"))
-        wait_until(lambda: "run_started" in log.read_text(), 60, what="the API")
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/core-transaction-1/webhooks/send",
-            data=json.dumps({"event": "webhook.test", "data": {}}).encode(),
-            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, dict(json.loads(response.read()))
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(json.loads(exc.read()))
+
+
+def test_a_manual_event_asked_on_an_api_node_goes_through_capture_to_the_endpoints_it_names(
+    source_db, tmp_path, nats_cluster
+):
+    """`POST /webhooks/send` on an API node: with no capture running it is refused within
+    twice `timeout_seconds` and never sent later; with one, capture appends it to the
+    stream once, the node answers with its id (its copy holds it), and it reaches the
+    endpoint `systems` names alone, also when a dispatch node restarts and takes every
+    partition over after it was appended."""
+    stream = f"CT1_{uuid.uuid4().hex[:8].upper()}"
+    env = {**stream_env(nats_cluster, stream), "CT1_OUTBOX__JETSTREAM__TIMEOUT_SECONDS": "1"}
+    with ThreadReceiver() as rx2, ThreadReceiver() as rx3:
+        rx2.secret = rx3.secret = SECRET
+        configs = {n: node_config(tmp_path, source_db, n, rx2.url) for n in ("capture", "dispatch", "api")}
+        for config in configs.values():  # a second endpoint, on a receiver of its own
+            config.write_text(
+                config.read_text() + f'[[endpoints]]\nname = "ct3"\nurl = "{rx3.url}"\nsecret = "{SECRET}"\n'
+            )
+        logs = {n: tmp_path / f"{n}.log" for n in configs}
+        assert cli("setup", config=configs["capture"], **env).returncode == 0
+        made = cli(
+            "keys",
+            "create",
+            "--name",
+            "w",
+            "--permissions",
+            "core_transaction_1_webhooks,core_transaction_1_export",
+            "--json",
+            config=configs["capture"],
+            **env,
         )
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=10)
-        assert refused.value.code == 501
-        body = json.loads(refused.value.read())
-        assert body["error"]["code"] == "not_implemented" and "jetstream" in body["error"]["message"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+        key = json.loads(made.stdout)["key"]
+        procs = {
+            n: spawn("run", "--role", n, config=configs[n], log=logs[n], **env) for n in ("dispatch", "api")
+        }
+        try:
+            wait_until(lambda: all("run_started" in logs[n].read_text() for n in procs), 60, what="two nodes")
+            started = time.monotonic()
+            status, body = send(configs["api"], key, {"event": "ops.notice", "data": {"n": "withdrawn"}})
+            assert (status, body["error"]["code"]) == (503, "capture_unavailable"), body
+            assert "not sent" in body["error"]["message"] and time.monotonic() - started < 10
+
+            procs["capture"] = spawn(
+                "run", "--role", "capture", config=configs["capture"], log=logs["capture"], **env
+            )
+            wait_until(lambda: "run_started" in logs["capture"].read_text(), 60, what="capture")
+            big = 123456789012345678901234567890  # (past 64 bits: exact all the way)
+            status, body = send(
+                configs["api"], key, {"event": "ops.notice", "data": {"n": 1, "big": big}, "systems": ["ct2"]}
+            )
+            assert status == 201, body
+            first = body["data"]
+            assert first == {"id": first["id"], "event": "ops.notice", "systems": ["ct2"]}
+            page = api_events(configs["api"], key, after=first["id"] - 1)  # at once, on that node
+            assert [(e["id"], e["type"], e["data"]) for e in page["data"]] == [
+                (first["id"], "ops.notice", {"n": 1, "big": big})
+            ]
+            wait_until(lambda: f"evt_{first['id']}" in rx2.ids, 30, what="the manual event at ct2")
+
+            # a dispatch node that starts again takes every partition over from the progress
+            # in the cluster: the event appended meanwhile goes to ct2 alone, as asked
+            procs["dispatch"].send_signal(signal.SIGTERM)
+            assert procs["dispatch"].wait(timeout=30) == 0, logs["dispatch"].read_text()[-3000:]
+            status, body = send(
+                configs["api"], key, {"event": "ops.notice", "data": {"n": 2}, "systems": ["ct2"]}
+            )
+            assert status == 201, body
+            second = body["data"]["id"]
+            status, body = send(configs["api"], key, {"event": "ops.notice", "data": {"n": 3}})
+            assert status == 201 and body["data"]["systems"] == ["ct2", "ct3"], body
+            third = body["data"]["id"]
+            procs["dispatch"] = spawn(
+                "run", "--role", "dispatch", config=configs["dispatch"], log=logs["dispatch"], **env
+            )
+            source_db.execute("INSERT INTO users (name, email, password) VALUES ('after', 'a@x', 'pw')")
+            wait_until(lambda: {f"evt_{second}", f"evt_{third}"} <= set(rx2.ids), 60, what="ct2's events")
+            wait_until(lambda: f"evt_{third}" in rx3.ids and len(rx3.ids) >= 2, 60, what="ct3's events")
+            assert f"evt_{first['id']}" not in rx3.ids and f"evt_{second}" not in rx3.ids
+
+            notices = [
+                (seq, e["data"]["n"])
+                for seq, e in stream_events(nats_cluster, stream)
+                if e["type"] == "ops.notice"
+            ]
+            assert notices == [(first["id"], 1), (second, 2), (third, 3)]  # once each; "withdrawn" never
+            assert sorted(rx2.ids) == sorted(set(rx2.ids))  # (each once here)
+        finally:
+            for proc in procs.values():
+                proc.send_signal(signal.SIGTERM)
+            for name, proc in procs.items():
+                assert proc.wait(timeout=30) == 0, logs[name].read_text()[-3000:]
 
 
 def test_capture_says_which_servers_it_cannot_reach(source_db, tmp_path):

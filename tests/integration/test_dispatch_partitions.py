@@ -19,7 +19,11 @@ from common.errors import ConfigError
 from dispatcher.worker import Dispatcher
 from outbox import store
 from outbox.deliveries import Superseded, partition_of
+from outbox.store import Route, Router
+from outbox.writer import OutboxWriter
 from tests.integration.test_dispatch import Receiver, append, settings_for
+from tests.outbox_helpers import append_events
+from tests.sink_contract import AT
 
 PARTS = 4
 ENTITIES = 12  # (every partition gets some: checked below)
@@ -185,3 +189,38 @@ async def test_a_change_replaced_before_it_was_applied_is_not_taken_as_done(tmp_
             with pytest.raises(Superseded):
                 await asyncio.wrap_future(first)
             assert set((await asyncio.wrap_future(second))["ct2"]) == {"horizon", "settled"}
+
+
+async def test_a_partition_taken_over_sends_a_manual_event_to_the_endpoints_it_names_alone(tmp_path):
+    """A manual event narrowed by `systems` (its rows made at append, for ct2 alone) in a
+    partition taken over from another dispatcher: the rows the take makes from the progress
+    handed over follow the event's own endpoints, never its type's routes."""
+    async with Receiver() as rx2, Receiver() as rx3:
+        settings = settings_for(tmp_path, rx2.url)
+        settings.endpoints.append(settings.endpoints[0].model_copy(update={"name": "ct3", "url": rx3.url}))
+        names = [e.name for e in settings.endpoints]
+        append_events(settings.outbox.path, names, orders(8))
+        writer = OutboxWriter(
+            store.open_outbox(settings.outbox.path), Router([Route(n, ("*",)) for n in names])
+        )
+        try:
+            writer.add("ops.notice", "manual", None, {"n": 1}, AT, None, "manual", None, None, None, ["ct2"])
+            writer.commit(None)
+        finally:
+            writer.close()
+        append_events(settings.outbox.path, names, orders(8))  # (ids 10..17)
+        async with running(settings) as dispatcher:
+            manual = partition_of("manual:", PARTS)
+            first = {p for p in range(PARTS) if p != manual}
+            await assigned(dispatcher, first)  # every event read past, those of `first` sent
+            sent = sum(1 for _, _, k in orders(8) if part(k) in first) * 2
+            await until(lambda: len(rx2.received) == len(rx3.received) == sent, "the first partitions")
+            # the manual event's partition, handed over by a holder that settled nothing
+            applied = await asyncio.wrap_future(
+                dispatcher.assign(frozenset(range(PARTS)), {"ct2": {manual: 0}, "ct3": {manual: 0}})
+            )
+            assert applied["ct3"]["horizon"] == 17  # (read past: the take makes its rows)
+            await until(lambda: len(rx2.received) >= 17 and len(rx3.received) >= 16, "every delivery")
+            await asyncio.sleep(0.3)
+        assert sorted(r.envelope["id"] for r in rx2.received) == list(range(1, 18))
+        assert sorted(r.envelope["id"] for r in rx3.received) == [*range(1, 9), *range(10, 18)]

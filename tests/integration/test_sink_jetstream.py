@@ -15,12 +15,14 @@ import pytest
 
 from cdc.ports import Sink
 from outbox import jetstream, jetstream_sink, source_state, store
+from outbox import jetstream_sends as sends
 from outbox.jetstream import Fenced, JetStreamLog, Moved
 from outbox.jetstream_shared import share_skip
 from outbox.jetstream_sink import CHUNK, STATE_CHUNK, JetStreamSink, LoopThread, state_log
 from outbox.store import Router
 from outbox.writer import OutboxWriter
 from sidecar.natscluster import NatsCluster
+from sidecar.sends import _append as served
 from tests.conftest import read_stream
 from tests.integration.test_sink_outbox import OutboxBackend
 from tests.sink_contract import AT, SinkContract
@@ -618,3 +620,44 @@ def test_a_skip_asked_on_any_host_is_for_whichever_captures_and_one_done_is_done
     assert b.pending_skips() == set()
     assert [(s["xid"], s["lsn"], s["changes"]) for s in source_state.skips(b.local.conn)] == [(77, "0/30", 4)]
     b.close()
+
+
+def test_a_manual_event_asked_through_the_cluster_is_appended_once_across_a_crash(backend, tmp_path):
+    """A manual event (`POST /webhooks/send` on an API node: a request in the cluster,
+    outbox/jetstream_sends.py) appended by capture, the process dying after its group
+    reached the stream but before the state did (so the request's mark was lost): served
+    again after the next checkpoint passed that group, it is passed over by its name, not
+    stored twice; served again with its mark there, or once done, nothing; a request the
+    API node withdrew in time is never appended, and capture cannot take it any more."""
+    row = {"type": "ops.notice", "data": {"n": 1}, "endpoints": ["ct2"], "occurred_at": AT}
+    sink = backend.open_on(tmp_path / "a.db")
+    sink.run(sends.ask(sink.log, "r1", row))
+    add(sink, xid=1, n=1)
+    sink.commit("s", 0x10)
+    assert served("r1", row, sink)
+    sink._send(0x20, "s")  # stored; the state message lost
+    sink.close()
+
+    again = backend.open_on(tmp_path / "a.db")
+    assert again.checkpoint("s") == 0x10
+    add(again, xid=2, n=1)
+    again.commit("s", 0x30)  # past the stored group: the manual event is still waited for
+    assert served("r1", row, again)  # (asked again: its key is passed over)
+    again.commit("s", 0x40)
+    assert not served("r1", row, again)  # its mark
+    again.run(sends.done(again.log, "r1"))
+    revision = again.run(sends.ask(again.log, "r2", {**row, "data": {"n": 2}}))
+    assert again.run(sends.withdraw(again.log, "r2", revision))
+    assert not again.run(sends.take(again.log, "r2", row, revision))
+    assert not served("r2", row, again)
+    again.commit("s", 0x50)
+    again.close()
+
+    third = backend.open_on(tmp_path / "c.db")
+    assert third.checkpoint("s") == 0x50
+    assert third._pass_over() == {}  # the resume point moved on
+    assert not served("r1", row, third)  # done: gone from the cluster
+    third.close()
+    stored = backend.stored()
+    assert [key for _, key, _ in stored] == ["1:0", "send:r1:ops.notice:None:0", "2:0"]
+    assert stored[1][2]["endpoints"] == ["ct2"] and stored[1][2]["name"] == "send:r1"
