@@ -40,6 +40,7 @@ class Runtime:
     max_limit: int
     cursor: int = 0  # the committed cursor: every event up to it is settled
     generation: int = -1  # the cursor's generation (-1: not registered yet)
+    handed_generation: int = -1  # the generation what is in `handed` was measured under
     horizon: int = 0  # events read up to here
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     # rows claimed and not yet recorded (never claimed twice)

@@ -36,6 +36,7 @@ class Shares:
     runtimes: dict[str, Runtime]
     clock: Callable[[], float]
     final: dict[str, dict[int, int]]
+    final_generations: dict[str, int]
     _loop: asyncio.AbstractEventLoop | None
     _store: DeliveryStore | None
     _cursors_due: bool
@@ -100,6 +101,8 @@ class Shares:
             pending = await self._db(store.pending_by_partition, name)
             if rt.assigning is not a or rt.reading is not None or rt.parts - a.parts != released:
                 return  # (changed meanwhile: the next round looks again)
+            if not rt.handed:  # (what it is measured under: a rewind applied since is not in it)
+                rt.handed_generation = rt.generation
             rt.handed.update(self._settled_by_partition(rt, released, pending))
             self._drop(rt, released)
             rt.parts = rt.parts - released
@@ -123,7 +126,7 @@ class Shares:
         rt.wake.set()
         handed = {p: at for p, at in rt.handed.items() if p not in a.parts}
         rt.handed.clear()
-        a.applied[name] = {"horizon": rt.horizon, "settled": handed}
+        a.applied[name] = {"horizon": rt.horizon, "settled": handed, "generation": rt.handed_generation}
         a.left.discard(name)
         if not a.left and not a.done.done():
             a.done.set_result(a.applied)
@@ -208,15 +211,17 @@ class Shares:
                 with contextlib.suppress(Exception):
                     pending = await self._db(store.pending_by_partition, name)
                     self.final[name] = self._settled_by_partition(rt, rt.parts, pending)
+                    self.final_generations[name] = rt.generation
 
     def cursors(self) -> dict[str, int]:
         """Each endpoint's committed cursor (callable from any thread)."""
         return {name: rt.cursor for name, rt in list(self.runtimes.items())}
 
-    def progress(self) -> concurrent.futures.Future[dict[str, dict[int, int]]]:
+    def progress(self) -> concurrent.futures.Future[dict[str, tuple[dict[int, int], int]]]:
         """Per endpoint and partition held, the event id up to which every delivery is
-        settled here (callable from any thread): what the next holder goes on from."""
-        done: concurrent.futures.Future[dict[str, dict[int, int]]] = concurrent.futures.Future()
+        settled here (callable from any thread): what the next holder goes on from; with
+        the generation of the endpoint's cursor it was measured under."""
+        done: concurrent.futures.Future[dict[str, tuple[dict[int, int], int]]] = concurrent.futures.Future()
         loop, store = self._loop, self._store
         if loop is None or loop.is_closed() or store is None:
             done.set_result({})
@@ -224,13 +229,13 @@ class Shares:
 
         async def measure() -> None:
             try:
-                out: dict[str, dict[int, int]] = {}
+                out: dict[str, tuple[dict[int, int], int]] = {}
                 for name, rt in self.runtimes.items():
                     if not rt.parts or rt.assigning is not None:
                         continue
                     pending = await self._db(store.pending_by_partition, name)
                     if rt.assigning is None:  # (not while partitions change hands)
-                        out[name] = self._settled_by_partition(rt, rt.parts, pending)
+                        out[name] = (self._settled_by_partition(rt, rt.parts, pending), rt.generation)
                 done.set_result(out)
             except BaseException as exc:
                 done.set_exception(exc)

@@ -73,6 +73,7 @@ class Dispatcher(Shares):
         self.finished = threading.Event()  # stopped, everything recorded
         # once finished: per endpoint and partition held, the event id settled up to
         self.final: dict[str, dict[int, int]] = {}
+        self.final_generations: dict[str, int] = {}  # the cursors' generations final was measured under
         self.cfg = settings.dispatcher
         self.clock = clock
         self.rng = rng or random.Random()

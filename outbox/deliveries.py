@@ -446,10 +446,24 @@ def replay_from(conn: sqlite3.Connection, endpoint: str, first: int, *, now: flo
     endpoint, or again to one that lost it): its cursor goes back to just before
     ``first`` and its rows from there are due again.  A running dispatcher notices the
     new generation within a second.  Returns how many events that is."""
-    args = {"endpoint": endpoint, "from": first, "now": now}
     with store.transaction(conn):
-        if conn.execute(D["rewind_cursor"], args).rowcount == 0:
-            raise KeyError(endpoint)
-        conn.execute(D["rewind_rows"], args)
-        count = conn.execute(D["count_from"], args).fetchone()[0]
-    return int(count)
+        return rewind(conn, endpoint, first, now=now)
+
+
+def rewind(conn: sqlite3.Connection, endpoint: str, first: int, *, now: float) -> int:
+    """:func:`replay_from` inside the caller's transaction."""
+    args = {"endpoint": endpoint, "from": first, "now": now}
+    if conn.execute(D["rewind_cursor"], args).rowcount == 0:
+        raise KeyError(endpoint)
+    conn.execute(D["rewind_rows"], args)
+    return int(conn.execute(D["count_from"], args).fetchone()[0])
+
+
+def count_from(conn: sqlite3.Connection, endpoint: str, first: int) -> int:
+    """How many events from ``first`` on ``endpoint`` takes."""
+    return int(conn.execute(D["count_from"], {"endpoint": endpoint, "from": first}).fetchone()[0])
+
+
+def cursor_generation(conn: sqlite3.Connection, endpoint: str) -> int:
+    """The generation of the endpoint's cursor (each rewind adds one)."""
+    return int(conn.execute(D["cursor_of"], (endpoint,)).fetchone()[1])

@@ -43,6 +43,7 @@ import structlog
 from common.jsontext import dumps, loads
 from outbox.deliveries import Superseded
 from outbox.jetstream import JetStreamError, JetStreamLog
+from outbox.jetstream_rewinds import Rewinds
 
 log = structlog.get_logger("ct1_cdc.jetstream")
 
@@ -64,12 +65,13 @@ class Shares(Protocol):
     started: threading.Event  # its endpoints' runtimes exist
     finished: threading.Event  # it stopped, everything recorded
     final: dict[str, dict[int, int]]  # then: per endpoint and partition held, settled up to
+    final_generations: dict[str, int]  # and the generation of each endpoint's cursor it was measured under
 
     def assign(
         self, parts: frozenset[int], starts: dict[str, dict[int, int]], urgent: bool = False
     ) -> concurrent.futures.Future[dict[str, dict[str, Any]]]: ...
 
-    def progress(self) -> concurrent.futures.Future[dict[str, dict[int, int]]]: ...
+    def progress(self) -> concurrent.futures.Future[dict[str, tuple[dict[int, int], int]]]: ...
 
     def cursors(self) -> dict[str, int]: ...
 
@@ -116,8 +118,14 @@ class Leases:
     dispatcher holds.  :attr:`assigned` is what the dispatcher was last told to hold,
     always within :attr:`held`."""
 
-    def __init__(self, log: JetStreamLog, dispatcher: Shares, lease_seconds: float) -> None:
+    def __init__(
+        self, log: JetStreamLog, dispatcher: Shares, lease_seconds: float, rewinds: Rewinds | None = None
+    ) -> None:
+        """``rewinds``: what the node's copy reads of ``outbox replay --from`` (each
+        progress put names the last one it reflects; a partition taken over goes on from
+        below any newer one)."""
         self.log = log
+        self.rewinds = rewinds or Rewinds()
         self.dispatcher = dispatcher
         self.lease_seconds = lease_seconds
         self.tick = lease_seconds / 3
@@ -127,7 +135,8 @@ class Leases:
         self.starts: dict[int, dict[str, int]] = {}  # partition → endpoint → where it goes on from
         self.nodes: list[str] = []  # live nodes, as last read
         self.taken: set[int] = set()  # partitions with a lease, as last read
-        self._published: dict[tuple[str, int], int] = {}
+        self._published: dict[tuple[str, int], tuple[int, int]] = {}
+        self._start_tags: dict[tuple[str, int], int] = {}  # (endpoint, partition taken) → its start's rewinds
         self._renewed_at = 0.0
         self._seen = asyncio.Event()  # a first read of the bucket
         self._lock = threading.Lock()  # what the dispatcher is told, from the loop or the watch
@@ -329,14 +338,15 @@ class Leases:
             return
         for part in sorted(taken & self.assigned):  # its progress key from now on
             for endpoint, start in self.starts.get(part, {}).items():
-                await self._put(progress, endpoint, part, start)
+                await self._put(progress, endpoint, part, start, self._start_tags.get((endpoint, part), 0))
         for part in sorted(release | idle):
             if part in self.assigned or part not in self.held:
                 continue  # (held again, or fenced meanwhile)
             for endpoint, result in applied.items():
                 settled = result["settled"].get(part)
                 if settled is not None:
-                    await self._put(progress, endpoint, part, settled)
+                    tag = self.rewinds.tag(endpoint, result["generation"])
+                    await self._put(progress, endpoint, part, settled, tag)
             revision = self.held.pop(part, None)
             if revision is None:
                 continue  # (fenced meanwhile: it expires)
@@ -352,7 +362,8 @@ class Leases:
         )
 
     async def _starts(self, progress: Any, parts: set[int]) -> dict[int, dict[str, int]]:
-        """Per partition taken over, where it goes on from for each endpoint."""
+        """Per partition taken over, where it goes on from for each endpoint: the progress
+        handed over, below any rewind it does not reflect (``outbox replay --from``)."""
         from nats.js.errors import KeyNotFoundError
 
         starts: dict[int, dict[str, int]] = {part: {} for part in parts}
@@ -364,28 +375,34 @@ class Leases:
                 origin = await self._get(progress, endpoint)
             for part in parts:
                 try:
-                    starts[part][endpoint] = await self._get(progress, f"{endpoint}.{part}")
+                    handed = await self._get(progress, f"{endpoint}.{part}")
                 except KeyNotFoundError:
-                    starts[part][endpoint] = origin
+                    handed = origin
+                start, tag = self.rewinds.lowered(endpoint, *handed)
+                starts[part][endpoint] = start
+                self._start_tags[(endpoint, part)] = tag
         return starts
 
-    async def _get(self, progress: Any, key: str) -> int:
+    async def _get(self, progress: Any, key: str) -> tuple[int, int]:
+        """A progress key: settled up to, and the last rewind that reflects."""
         entry = await self.log.retrying(progress.get, key)
-        return int(loads(entry.value)["settled"])
+        value = loads(entry.value)
+        return int(value["settled"]), int(value.get("rewound", 0))
 
     async def _publish(self, progress: Any) -> None:
         """What this node has settled of its partitions, where it moved."""
         measured = await asyncio.wrap_future(self.dispatcher.progress())
-        for endpoint, by_part in measured.items():
+        for endpoint, (by_part, generation) in measured.items():
+            tag = self.rewinds.tag(endpoint, generation)
             for part, settled in by_part.items():
                 if part in self.assigned:
-                    await self._put(progress, endpoint, part, settled)
+                    await self._put(progress, endpoint, part, settled, tag)
 
-    async def _put(self, progress: Any, endpoint: str, part: int, settled: int) -> None:
-        if self._published.get((endpoint, part)) == settled:
+    async def _put(self, progress: Any, endpoint: str, part: int, settled: int, tag: int) -> None:
+        if self._published.get((endpoint, part)) == (settled, tag):
             return
-        await self.log.put(progress, f"{endpoint}.{part}", dumps({"settled": settled}))
-        self._published[(endpoint, part)] = settled
+        await self.log.put(progress, f"{endpoint}.{part}", dumps({"settled": settled, "rewound": tag}))
+        self._published[(endpoint, part)] = (settled, tag)
 
     async def _leave(self, leases: Any, progress: Any) -> None:
         """On a stop: keep the leases while the dispatcher finishes what is in flight, then
@@ -403,9 +420,10 @@ class Leases:
             if not self.dispatcher.finished.is_set():
                 raise TimeoutError("the dispatcher did not finish")
             for endpoint, by_part in self.dispatcher.final.items():
+                tag = self.rewinds.tag(endpoint, self.dispatcher.final_generations.get(endpoint, -1))
                 for part, settled in by_part.items():
                     if part in self.held:
-                        await self._put(progress, endpoint, part, settled)
+                        await self._put(progress, endpoint, part, settled, tag)
             for part, revision in sorted(self.held.items()):
                 await leases.delete(f"part.{part}", last=revision)
             log.info("partitions_given_up", node=self.node, partitions=sorted(self.held))

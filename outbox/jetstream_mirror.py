@@ -56,7 +56,8 @@ class Mirror:
     ) -> None:
         """``leases``: this node dispatches, sharing the partitions and their progress with
         the other dispatch nodes (outbox/jetstream_leases.py); the endpoint states its
-        dispatcher changes are shared too (:meth:`_share_states`)."""
+        dispatcher changes are shared too (:meth:`_share_states`), and the rewinds of
+        ``outbox replay --from`` are applied to the file (outbox/jetstream_rewinds.py)."""
         self.log = log
         self.connect = conn
         self.router = router
@@ -123,6 +124,8 @@ class Mirror:
         sharing = None
         if self.leases is not None:  # (its own thread; it waits for the dispatcher to start)
             sharing = asyncio.ensure_future(self._share_states(writer))
+            rewinds = self.leases.rewinds.follow(self.log, writer.conn, self.router.names, self._woken)
+            followers.append(asyncio.ensure_future(rewinds))
             self._leasing = threading.Thread(target=self._lease, name="leases", daemon=True)
             self._leasing.start()
         self.ready.set()
@@ -143,6 +146,10 @@ class Mirror:
             for task in (sharing, *followers):
                 if task is not None:
                     task.cancel()
+
+    def _woken(self) -> None:
+        if self.on_commit is not None:
+            self.on_commit()
 
     def _lease(self) -> None:
         assert self.leases is not None

@@ -99,7 +99,7 @@ def share(events: JetStreamLog, conn: sqlite3.Connection, *tables: Shared, only:
     """Every row of ``tables`` from a command's file into the cluster, or the one whose
     key is ``only`` (what the command changed: the rest of a file not kept current would
     put old values over newer ones) (blocking)."""
-    _blocking(
+    blocking(
         events,
         *(
             shared.publish(
@@ -113,10 +113,11 @@ def share(events: JetStreamLog, conn: sqlite3.Connection, *tables: Shared, only:
 def share_replays(events: JetStreamLog, rows: list[tuple[str, int, str]]) -> None:
     """Deliveries (endpoint, event id, entity) a command replayed in its file, for every
     node: the one holding each one's partition sends it (blocking)."""
-    _blocking(events, DELIVERIES.replayed(events, rows))
+    blocking(events, DELIVERIES.replayed(events, rows))
 
 
-def _blocking(events: JetStreamLog, *work: Any) -> None:
+def blocking(events: JetStreamLog, *work: Any) -> None:
+    """Connect, run ``work`` (coroutines) in order, close (blocking: for the commands)."""
     from outbox.jetstream_sink import LoopThread
 
     loop = LoopThread()
@@ -272,7 +273,7 @@ def share_skip(events: JetStreamLog, xid: int, requested_at: float) -> None:
         bucket = await events.bucket(f"{events.stream}_{SKIPS}")
         await events.put(bucket, str(xid), dumps({"xid": xid, "requested_at": requested_at}))
 
-    _blocking(events, put())
+    blocking(events, put())
 
 
 DEAD_FIELDS = ("endpoint", "event_id", "entity", "attempts", "last_status", "last_error")

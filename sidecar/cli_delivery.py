@@ -137,12 +137,15 @@ def outbox_replay(
             fail(f"endpoint {endpoint!r} is disabled in the configuration")
     conn = _writer_conn(ctx)
     now = time.time()
-    shared = settings_of(ctx).outbox.backend == "jetstream" and from_id is None
+    jetstream = settings_of(ctx).outbox.backend == "jetstream"
     try:
         if event_id is not None and store.get_event(conn, event_id) is None:
             fail(f"no event {event_id} in the outbox")
-        if shared:  # into the cluster: every node's copy makes them due (see _share_replays)
+        if jetstream and from_id is None:  # into the cluster: every node's copy makes them due
             count = _share_replays(ctx, conn, event_id, endpoint, since)
+        elif jetstream:  # into the cluster: every dispatch node rewinds (see _share_rewind)
+            assert endpoint is not None and from_id is not None
+            count = _share_rewind(ctx, conn, endpoint, from_id)
         elif from_id is not None:
             assert endpoint is not None
             count = _replay_from(ctx, conn, endpoint, from_id, now)
@@ -157,8 +160,9 @@ def outbox_replay(
     else:
         click.echo(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
         if from_id is not None:
+            where = " on every dispatch node" if jetstream else ""
             click.echo(
-                f"{endpoint} starts again at event {from_id}: `ct1-cdc outbox stats` shows it catch up"
+                f"{endpoint} starts again at event {from_id}{where}: `ct1-cdc outbox stats` shows it catch up"
             )
 
 
@@ -182,6 +186,20 @@ def _share_replays(
     if rows:
         share_replays(events_log(settings_of(ctx)), rows)
     return len(rows)
+
+
+def _share_rewind(ctx: click.Context, conn: sqlite3.Connection, endpoint: str, first: int) -> int:
+    """On the JetStream backend ``--from`` goes into the cluster: every dispatch node
+    rewinds its copy (this host's too, if it runs one), and a partition changing hands
+    meanwhile goes on from below it (outbox/jetstream_rewinds.py).  The count is this
+    copy's."""
+    from outbox.jetstream_rewinds import ask
+    from outbox.jetstream_shared import blocking
+    from sidecar.runner import events_log
+
+    log = events_log(settings_of(ctx))
+    blocking(log, ask(log, endpoint, first))
+    return deliveries.count_from(conn, endpoint, first)
 
 
 def _replay_from(ctx: click.Context, conn: sqlite3.Connection, endpoint: str, first: int, now: float) -> int:

@@ -323,3 +323,65 @@ def test_a_dead_delivery_replayed_after_its_holder_was_killed_is_sent_by_the_nex
                     assert proc.wait(timeout=30) == 0, name
     order_7 = [r for r in rx.received if r["data"]["id"] == "7"]
     assert [r["data"]["record"]["version"] for r in order_7] == [0, 1]  # in order, once each
+
+
+def test_a_replay_from_an_id_is_sent_again_by_every_dispatch_node_through_a_hand_over(
+    tmp_path, source_db, nats_cluster
+):
+    """`ct1-cdc outbox replay --from ID --endpoint ct2` on the JetStream backend: every
+    dispatch node sends again, from that id, the partitions it holds, and the partitions
+    that change hands right after (a third node joins as the command returns) go on from
+    below it on their new holders: every event from ID on arrives again under its
+    webhook-id, none before it.  (Reproduced first: run on one node, it sent again only
+    the partitions that node held.)"""
+    total, first = 2000, 501
+    stream = f"CT1_{uuid.uuid4().hex[:8].upper()}"
+    env = stream_env(nats_cluster, stream)
+    append_orders(nats_cluster.servers, stream, 0, 0)
+    with ThreadReceiver() as rx:
+        rx.secret = SECRET
+        configs = {n: node_config(tmp_path, source_db, n, rx.url) for n in ("a", "b", "c")}
+        logs = {n: tmp_path / f"{n}.log" for n in configs}
+        nodes = {
+            n: nodes_test.spawn("run", "--role", "dispatch", config=configs[n], log=logs[n], **env)
+            for n in "ab"
+        }
+        try:
+            wait_until(lambda: sharing(logs["a"], logs["b"]), 60, what="two nodes sharing the partitions")
+            append_orders(nats_cluster.servers, stream, 1, total)
+            everything = {f"evt_{n}" for n in range(1, total + 1)}
+            wait_until(lambda: set(rx.ids) >= everything, 120, what="every event delivered")
+            time.sleep(1.5)  # (each node's progress published)
+            once = len(rx.ids)
+            asked = cli(
+                "outbox",
+                "replay",
+                "--from",
+                str(first),
+                "--endpoint",
+                "ct2",
+                "--json",
+                config=configs["a"],
+                **env,
+            )
+            assert asked.returncode == 0, asked.stderr
+            assert json.loads(asked.stdout) == {"replayed": total - first + 1}
+            nodes["c"] = nodes_test.spawn(
+                "run", "--role", "dispatch", config=configs["c"], log=logs["c"], **env
+            )
+            again = {f"evt_{n}" for n in range(first, total + 1)}
+            wait_until(lambda: set(rx.ids[once:]) >= again, 120, what="every event from the id sent again")
+            wait_until(lambda: held(logs["c"]), 60, what="the joining node taking its share")
+            time.sleep(2.0)  # (a late one would have come by now)
+        finally:
+            for proc in nodes.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    assert proc.wait(timeout=30) == 0
+    assert rx.rejected == 0
+    resent = rx.ids[once:]
+    assert set(resent) == again, sorted(set(resent) - again)[:5]  # none before the id
+    print(f"\n{len(resent)} deliveries for {len(again)} events replayed (at least once)")
+    assert all(
+        e["event"] != "rewind_applied" or e["event_id"] == first for n in "abc" for e in log_events(logs[n])
+    )
