@@ -7,10 +7,11 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import structlog
 from aiohttp import web
 
 from api.errors import ApiError
@@ -36,12 +37,14 @@ from outbox.store import Router
 if TYPE_CHECKING:  # (the cluster's client is imported by the JetStream backend alone)
     from outbox.jetstream import JetStreamLog
 
+log = structlog.get_logger("ct1_cdc.api")
+
 # JetStream: how long a manual event may wait for a capture to take it, in
 # [outbox.jetstream] timeout_seconds (then it is withdrawn and refused), then for this
 # node's copy to hold it once taken; how often it looks.
 SEND_WITHIN_TIMEOUTS = 2
-TAKEN_WITHIN = 60.0
-SEND_POLL = 0.02
+TAKEN_WITHIN = 20.0
+SEND_POLL = 0.05
 
 # Types that only the sidecar produces (the twelve documented event types, the test
 # message and the gap marker; the loaded mapping's types are added): receivers trust them
@@ -92,11 +95,14 @@ class Webhooks:
         self.captured_types = CAPTURED_TYPES | frozenset(mapped_types)
         self.router = Router(writer.routes)  # a manual event is routed as a captured one
         self._events: JetStreamLog | None = None  # JetStream: the cluster, for manual events
-        self._withdrawing: asyncio.Future[bool] | None = None
+        self._connecting = asyncio.Lock()
+        self._pending: set[asyncio.Future[Any]] = set()
 
     async def close(self) -> None:
         if self.sender is not None:
             await self.sender.close()
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=5)
         if self._events is not None:
             await self._events.close()
 
@@ -190,7 +196,7 @@ class Webhooks:
         cluster (outbox/jetstream_sends.py) and answer once this node's copy holds it;
         withdrawn, and refused, when no capture takes it in time."""
         from outbox import jetstream_sends as sends
-        from outbox.jetstream import JetStreamError, events_log
+        from outbox.jetstream import JetStreamError
 
         request = os.urandom(12).hex()
         event = {
@@ -199,39 +205,67 @@ class Webhooks:
             "endpoints": names,
             "occurred_at": unix_to_iso(time.time()),
         }
+        within = SEND_WITHIN_TIMEOUTS * self.settings.outbox.jetstream.timeout_seconds
         try:
-            if self._events is None:
-                events = events_log(self.settings)
-                await events.connect()
-                self._events = events
-            within = SEND_WITHIN_TIMEOUTS * self.settings.outbox.jetstream.timeout_seconds
-            revision = await sends.ask(self._events, request, event)
+            events = await self._cluster()
+            revision = await sends.ask(events, request, event, within)
+        except JetStreamError as exc:
+            raise ApiError(
+                503, "outbox_unavailable", f"the cluster cannot take the event now: {exc}"
+            ) from exc
+        try:
+            event_id = await self._sent(request, within)
+        except asyncio.CancelledError:  # the client went: the event is not sent later either
+            self._later(sends.withdraw(events, request, revision))
+            raise
+        if event_id is None:
             try:
-                event_id = await self._sent(request, within)
-            except asyncio.CancelledError:  # the client went: the event is not sent later either
-                self._withdrawing = asyncio.ensure_future(sends.withdraw(self._events, request, revision))
-                raise
-            if event_id is None and await sends.withdraw(self._events, request, revision):
+                withdrawn = await sends.withdraw(events, request, revision)
+            except JetStreamError as exc:
+                raise ApiError(
+                    503,
+                    "outbox_unavailable",
+                    f"the cluster did not say whether capture took the event (request {request}): {exc};"
+                    " it is sent once or not at all (its request expired), and /events lists it if it was",
+                ) from exc
+            if withdrawn:
                 raise ApiError(
                     503,
                     "capture_unavailable",
                     f"no capture took the event within {within:g} s, so it was not sent:"
                     " is `ct1-cdc run --role capture` running? (docs/jetstream.md)",
                 )
-        except JetStreamError as exc:
-            raise ApiError(
-                503, "outbox_unavailable", f"the cluster cannot take the event now: {exc}"
-            ) from exc
-        if event_id is None:  # taken: capture appends it
-            event_id = await self._sent(request, TAKEN_WITHIN)
+            event_id = await self._sent(request, TAKEN_WITHIN)  # taken: capture appends it
         if event_id is None:
             raise ApiError(
                 503,
                 "outbox_unavailable",
                 f"capture took the event (request {request}) but this node's copy does not hold it"
-                f" after {TAKEN_WITHIN:g} s more: it will be sent once, and listed by /events",
+                f" after {TAKEN_WITHIN:g} s more: it will be sent once, and /events lists it",
             )
         return event_id
+
+    async def _cluster(self) -> JetStreamLog:
+        """This node's connection to the cluster, for manual events (made at the first)."""
+        from outbox.jetstream import events_log
+
+        async with self._connecting:
+            if self._events is None:
+                events = events_log(self.settings)
+                await events.connect()
+                self._events = events
+            return self._events
+
+    def _later(self, work: Coroutine[Any, Any, Any]) -> None:
+        """``work`` on its own (a withdrawal for a client that went); waited for at close."""
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Future[Any]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("manual_event_not_withdrawn", error=str(task.exception()))
 
     async def _sent(self, request: str, within: float) -> int | None:
         """The id of request ``request``'s event once this node's copy holds it."""

@@ -108,6 +108,7 @@ class Capture:
         self.slot = settings.source.slot
         self.stats = CaptureStats()
         self.stopping = threading.Event()
+        self.streaming = threading.Event()  # a session streams the slot: work handed over runs soon
         self._parents: dict[str, str] = {}
         self._shadowed: set[str] = set()
         self._warned_no_pk: set[str] = set()
@@ -275,7 +276,11 @@ class Capture:
                     )
                     self._waiting_since = None
                 self._started = True
-                self._stream_loop()
+                self.streaming.set()
+                try:
+                    self._stream_loop()
+                finally:
+                    self.streaming.clear()
             except SlotLost as exc:
                 held = self.sink.durable_lsn or stored
                 lost = slot_health.lost(self.slot, held, str(exc))

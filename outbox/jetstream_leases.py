@@ -73,6 +73,8 @@ class Shares(Protocol):
 
     def progress(self) -> concurrent.futures.Future[dict[str, tuple[dict[int, int], int]]]: ...
 
+    def notify(self) -> None: ...
+
     def cursors(self) -> dict[str, int]: ...
 
 
@@ -125,7 +127,7 @@ class Leases:
         progress put names the last one it reflects; a partition taken over goes on from
         below any newer one)."""
         self.log = log
-        self.rewinds = rewinds or Rewinds()
+        self.rewinds = rewinds
         self.dispatcher = dispatcher
         self.lease_seconds = lease_seconds
         self.tick = lease_seconds / 3
@@ -295,9 +297,13 @@ class Leases:
 
     async def _sharing(self, leases: Any, progress: Any, stop: threading.Event) -> None:
         await self._seen.wait()
+        while self.rewinds is not None and not (self.rewinds.synced.is_set() or stop.is_set()):
+            await asyncio.sleep(0.05)  # (a partition's start goes below the rewinds it does not reflect)
         next_progress = 0.0
         while not stop.is_set():
             try:
+                if self.rewinds is not None and await asyncio.to_thread(self.rewinds.apply):
+                    self.dispatcher.notify()  # (it starts over from the rewound cursor)
                 await self._share(leases, progress)
                 if time.monotonic() >= next_progress:
                     await self._publish(progress)
@@ -345,7 +351,7 @@ class Leases:
             for endpoint, result in applied.items():
                 settled = result["settled"].get(part)
                 if settled is not None:
-                    tag = self.rewinds.tag(endpoint, result["generation"])
+                    tag = self._tag(endpoint, result["generation"])
                     await self._put(progress, endpoint, part, settled, tag)
             revision = self.held.pop(part, None)
             if revision is None:
@@ -378,7 +384,7 @@ class Leases:
                     handed = await self._get(progress, f"{endpoint}.{part}")
                 except KeyNotFoundError:
                     handed = origin
-                start, tag = self.rewinds.lowered(endpoint, *handed)
+                start, tag = self.rewinds.lowered(endpoint, *handed) if self.rewinds else handed
                 starts[part][endpoint] = start
                 self._start_tags[(endpoint, part)] = tag
         return starts
@@ -393,10 +399,13 @@ class Leases:
         """What this node has settled of its partitions, where it moved."""
         measured = await asyncio.wrap_future(self.dispatcher.progress())
         for endpoint, (by_part, generation) in measured.items():
-            tag = self.rewinds.tag(endpoint, generation)
+            tag = self._tag(endpoint, generation)
             for part, settled in by_part.items():
                 if part in self.assigned:
                     await self._put(progress, endpoint, part, settled, tag)
+
+    def _tag(self, endpoint: str, generation: int) -> int:
+        return self.rewinds.tag(endpoint, generation) if self.rewinds is not None else 0
 
     async def _put(self, progress: Any, endpoint: str, part: int, settled: int, tag: int) -> None:
         if self._published.get((endpoint, part)) == (settled, tag):
@@ -420,7 +429,7 @@ class Leases:
             if not self.dispatcher.finished.is_set():
                 raise TimeoutError("the dispatcher did not finish")
             for endpoint, by_part in self.dispatcher.final.items():
-                tag = self.rewinds.tag(endpoint, self.dispatcher.final_generations.get(endpoint, -1))
+                tag = self._tag(endpoint, self.dispatcher.final_generations.get(endpoint, -1))
                 for part, settled in by_part.items():
                     if part in self.held:
                         await self._put(progress, endpoint, part, settled, tag)

@@ -124,8 +124,8 @@ class Mirror:
         sharing = None
         if self.leases is not None:  # (its own thread; it waits for the dispatcher to start)
             sharing = asyncio.ensure_future(self._share_states(writer))
-            rewinds = self.leases.rewinds.follow(self.log, writer.conn, self.router.names, self._woken)
-            followers.append(asyncio.ensure_future(rewinds))
+            if self.leases.rewinds is not None:
+                followers.append(asyncio.ensure_future(self.leases.rewinds.follow(self.log)))
             self._leasing = threading.Thread(target=self._lease, name="leases", daemon=True)
             self._leasing.start()
         self.ready.set()
@@ -146,10 +146,6 @@ class Mirror:
             for task in (sharing, *followers):
                 if task is not None:
                     task.cancel()
-
-    def _woken(self) -> None:
-        if self.on_commit is not None:
-            self.on_commit()
 
     def _lease(self) -> None:
         assert self.leases is not None

@@ -5,7 +5,8 @@ for every dispatch node, whichever partitions it holds then or later (docs/jetst
   (key ``<endpoint>.<nonce>``, value the first event id).  Its revision in the bucket
   orders it among the rewinds.
 * **Applied:** every dispatch node follows the bucket (:meth:`Rewinds.follow`) and
-  applies each rewind once, in order, to its own file as the command does on SQLite:
+  applies each rewind once, in order, to its own file as the command does on SQLite
+  (:meth:`Rewinds.apply`, between its lease rounds):
   the endpoint's cursor goes back (a new generation) and its rows from there are due
   again, so the node sends again what it holds from there.  The file notes the last
   rewind applied, so none is applied twice, and a new file starts after those made
@@ -31,6 +32,7 @@ import structlog
 from common.jsontext import dumps, loads
 from outbox import deliveries, store
 from outbox.jetstream import JetStreamLog
+from outbox.state import S
 
 log = structlog.get_logger("ct1_cdc.jetstream")
 
@@ -50,13 +52,18 @@ async def ask(events: JetStreamLog, endpoint: str, first: int) -> int:
 
 
 class Rewinds:
-    """A dispatch node's view of the rewinds: those it read (every node applies each), and
-    for each endpoint which generation of its cursor reflects which of them.  Read from
-    the lease thread, written by the copy's thread."""
+    """A dispatch node's view of the rewinds: those in the bucket (:meth:`follow`, on the
+    copy's thread), applied to its file between the lease rounds (:meth:`apply`, on the
+    lease thread, before a round works out where partitions taken over start: so a
+    rewind the file reflects is always one those starts went below), and for each
+    endpoint which generation of its cursor reflects which of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, connect: Callable[[], sqlite3.Connection], endpoints: list[str]) -> None:
+        """``connect``: a new connection to the node's file; ``endpoints``: its endpoints."""
+        self.connect = connect
+        self.endpoints = endpoints
         self._lock = threading.Lock()
-        self._known: dict[str, list[tuple[int, int]]] = {}  # endpoint → (revision, first id)
+        self._known: list[tuple[int, str, int]] = []  # (revision, endpoint, first id), oldest first
         self._applied: dict[str, list[tuple[int, int]]] = {}  # endpoint → (revision, generation)
         self._base = 0  # what the file had applied when the node started: reflected by every generation
         self._newest = 0  # the newest revision read
@@ -73,59 +80,63 @@ class Rewinds:
         the rewinds up to ``tag``: below every newer rewind's first id; and the tag that
         start reflects."""
         with self._lock:
-            newer = [first - 1 for rev, first in self._known.get(endpoint, ()) if rev > tag]
+            newer = [first - 1 for rev, name, first in self._known if name == endpoint and rev > tag]
             return min([settled, *newer]), max(tag, self._newest)
 
-    async def follow(
-        self,
-        events: JetStreamLog,
-        conn: sqlite3.Connection,
-        endpoints: list[str],
-        applied: Callable[[], None],
-    ) -> None:
-        """Apply each rewind of the bucket to the file on ``conn`` once, in order, for good;
-        ``applied`` after each (wakes the dispatcher)."""
+    async def follow(self, events: JetStreamLog) -> None:
+        """Read the bucket's rewinds, for good (a new file starts after those made before
+        it: the progress it takes over says what they mean)."""
         bucket = await events.bucket(bucket_of(events))
-        done = _applied_in(conn)
-        fresh = done is None  # a new file: the rewinds made before it are not its to apply
-        with self._lock:
-            self._base = done or 0
-        watcher = await events.retrying(bucket.watchall)
-        async for entry in watcher:
-            if entry is None:  # the end of what the bucket held at the start
-                if fresh:
-                    fresh = False
-                    with self._lock:
-                        self._base = done = self._newest
-                    with store.transaction(conn):
-                        _note_applied(conn, done)
-                self.synced.set()
-                continue
-            if not entry.value:
-                continue
-            row = loads(entry.value)
-            endpoint, first, revision = str(row["endpoint"]), int(row["from"]), int(entry.revision)
+        conn = self.connect()
+        try:
+            done = _applied_in(conn)
             with self._lock:
-                self._known.setdefault(endpoint, []).append((revision, first))
-                self._newest = max(self._newest, revision)
-            if fresh or revision <= (done or 0):
-                continue
-            generation = self._apply(conn, endpoint, first, revision, endpoints)
-            done = revision
-            if generation is not None:
-                with self._lock:
-                    self._applied.setdefault(endpoint, []).append((revision, generation))
-                applied()
+                self._base = done or 0
+            watcher = await events.retrying(bucket.watchall)
+            async for entry in watcher:
+                if entry is None:  # the end of what the bucket held at the start
+                    if done is None:
+                        with self._lock:
+                            self._base = done = self._newest
+                        with store.transaction(conn):
+                            _note_applied(conn, done)
+                    self.synced.set()
+                elif entry.value:
+                    row = loads(entry.value)
+                    with self._lock:
+                        self._known.append((int(entry.revision), str(row["endpoint"]), int(row["from"])))
+                        self._newest = max(self._newest, int(entry.revision))
+        finally:
+            conn.close()
 
-    @staticmethod
-    def _apply(
-        conn: sqlite3.Connection, endpoint: str, first: int, revision: int, endpoints: list[str]
-    ) -> int | None:
+    def apply(self) -> bool:
+        """Apply to the file, once each and in order, the rewinds read since it last did
+        (blocking; a connection of its own); whether any was."""
+        with self._lock:
+            known = list(self._known)
+        conn = self.connect()
+        try:
+            done = _applied_in(conn) or 0
+            applied = False
+            for revision, endpoint, first in known:
+                if revision <= done:
+                    continue
+                generation = self._apply(conn, endpoint, first, revision)
+                done = revision
+                if generation is not None:
+                    with self._lock:
+                        self._applied.setdefault(endpoint, []).append((revision, generation))
+                    applied = True
+            return applied
+        finally:
+            conn.close()
+
+    def _apply(self, conn: sqlite3.Connection, endpoint: str, first: int, revision: int) -> int | None:
         """One rewind to the file, with the note that it is applied, in one commit; the
         cursor's new generation (None: not an endpoint of this node)."""
         with store.transaction(conn):
             generation = None
-            if endpoint in endpoints:
+            if endpoint in self.endpoints:
                 count = deliveries.rewind(conn, endpoint, first, now=time.time())
                 generation = deliveries.cursor_generation(conn, endpoint)
                 log.info("rewind_applied", endpoint=endpoint, event_id=first, events=count, revision=revision)
@@ -134,15 +145,9 @@ class Rewinds:
 
 
 def _applied_in(conn: sqlite3.Connection) -> int | None:
-    row = conn.execute(
-        "SELECT value FROM derived_state WHERE kind = ? AND key = 'applied'", (KIND,)
-    ).fetchone()
+    row = conn.execute(S["get"], {"kind": KIND, "key": "applied"}).fetchone()
     return None if row is None else int(loads(row[0]))
 
 
 def _note_applied(conn: sqlite3.Connection, revision: int) -> None:
-    conn.execute(
-        "INSERT INTO derived_state (kind, key, value) VALUES (?, 'applied', ?)"
-        " ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value",
-        (KIND, str(revision)),
-    )
+    conn.execute(S["put"], {"kind": KIND, "key": "applied", "value": str(revision), "ref": None, "due": None})

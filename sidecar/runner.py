@@ -96,13 +96,15 @@ def open_mirror(
     the other dispatch nodes through the cluster."""
     from outbox.jetstream_leases import Leases
     from outbox.jetstream_mirror import Mirror
+    from outbox.jetstream_rewinds import Rewinds
 
     path = settings.outbox.path
     log = events_log(settings)
     leases = None
     if dispatcher is not None:  # dispatch nodes share the partitions
         # (a connection of its own: on its own thread, see Leases.run_thread)
-        leases = Leases(events_log(settings), dispatcher, settings.outbox.jetstream.lease_seconds)
+        rewinds = Rewinds(lambda: open_outbox(path), router_for(settings).names)  # (replay --from)
+        leases = Leases(events_log(settings), dispatcher, settings.outbox.jetstream.lease_seconds, rewinds)
     return Mirror(log, lambda: open_outbox(path), router_for(settings), on_commit, leases)
 
 

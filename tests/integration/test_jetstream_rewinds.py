@@ -34,17 +34,20 @@ def cursor(conn: sqlite3.Connection) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-async def following(log: JetStreamLog, conn: sqlite3.Connection, until: Callable[[], bool]) -> Rewinds:
-    """A copy following the rewinds until ``until`` holds (and a moment more)."""
-    rewinds = Rewinds()
-    woken: list[int] = []
-    task = asyncio.ensure_future(rewinds.follow(log, conn, ["ct2"], lambda: woken.append(1)))
+async def following(log: JetStreamLog, path: Path, until: Callable[[], bool]) -> Rewinds:
+    """A node's copy at ``path`` following the rewinds, applying them as its lease rounds
+    do, until ``until`` holds (and a moment more)."""
+    rewinds = Rewinds(lambda: store.open_outbox(path), ["ct2"])
+    task = asyncio.ensure_future(rewinds.follow(log))
     try:
         async with asyncio.timeout(20):
             while not (rewinds.synced.is_set() and until()):
                 assert not task.done(), task.result()
+                if rewinds.synced.is_set():
+                    await asyncio.to_thread(rewinds.apply)
                 await asyncio.sleep(0.02)
         await asyncio.sleep(0.3)  # (nothing more comes)
+        await asyncio.to_thread(rewinds.apply)
     finally:
         task.cancel()
     return rewinds
@@ -59,19 +62,19 @@ async def test_each_rewind_is_applied_once_in_order_and_handed_over_progress_goe
     try:
         await log.ensure_stream()
         node = copy_at(tmp_path / "a.db", 10)
-        await following(log, node, lambda: True)  # the node started before the command
+        await following(log, tmp_path / "a.db", lambda: True)  # the node started before the command
         first = await ask(log, "ct2", 5)
-        rewinds = await following(log, node, lambda: cursor(node) == (4, 1))
+        rewinds = await following(log, tmp_path / "a.db", lambda: cursor(node) == (4, 1))
         assert cursor(node) == (4, 1)  # back before event 5, a new generation: once
         assert rewinds.tag("ct2", 0) < first <= rewinds.tag("ct2", 1)
 
         node.execute("UPDATE delivery_cursors SET last_event_id = 10 WHERE endpoint = 'ct2'")
-        again = await following(log, node, lambda: True)  # a restart
+        again = await following(log, tmp_path / "a.db", lambda: True)  # a restart
         assert cursor(node) == (10, 1)  # not applied twice
         assert again.tag("ct2", 1) == first  # what the file reflects at its start
 
         second = await ask(log, "ct2", 8)
-        rewinds = await following(log, node, lambda: cursor(node) == (7, 2))
+        rewinds = await following(log, tmp_path / "a.db", lambda: cursor(node) == (7, 2))
         assert cursor(node) == (7, 2)
         assert rewinds.tag("ct2", 1) == first and rewinds.tag("ct2", 2) == second
         # a partition handed over settled at 10: below every rewind its holder did not reflect
@@ -81,7 +84,7 @@ async def test_each_rewind_is_applied_once_in_order_and_handed_over_progress_goe
         assert rewinds.lowered("ct2", 3, 0) == (3, second)
 
         fresh = copy_at(tmp_path / "b.db", 10)  # a node that starts after both
-        joined = await following(log, fresh, lambda: True)
+        joined = await following(log, tmp_path / "b.db", lambda: True)
         assert cursor(fresh) == (10, 0)  # the rewinds before it are not its own
         assert joined.tag("ct2", 0) == second
         assert deliveries.count_from(fresh, "ct2", 8) == 3

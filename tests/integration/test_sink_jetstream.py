@@ -627,11 +627,15 @@ def test_a_manual_event_asked_through_the_cluster_is_appended_once_across_a_cras
     outbox/jetstream_sends.py) appended by capture, the process dying after its group
     reached the stream but before the state did (so the request's mark was lost): served
     again after the next checkpoint passed that group, it is passed over by its name, not
-    stored twice; served again with its mark there, or once done, nothing; a request the
-    API node withdrew in time is never appended, and capture cannot take it any more."""
+    stored twice; served again with its mark there, nothing.  A request is either taken
+    by capture or withdrawn by its API node, never both, also when a first try's reply is
+    lost and the call is made again."""
     row = {"type": "ops.notice", "data": {"n": 1}, "endpoints": ["ct2"], "occurred_at": AT}
     sink = backend.open_on(tmp_path / "a.db")
-    sink.run(sends.ask(sink.log, "r1", row))
+    first = sink.run(sends.ask(sink.log, "r1", row, 10.0))
+    assert sink.run(sends.take(sink.log, "r1", row, first))
+    assert sink.run(sends.take(sink.log, "r1", row, first))  # (a reply lost: asked again, still ours)
+    assert not sink.run(sends.withdraw(sink.log, "r1", first))  # too late: taken
     add(sink, xid=1, n=1)
     sink.commit("s", 0x10)
     assert served("r1", row, sink)
@@ -646,17 +650,19 @@ def test_a_manual_event_asked_through_the_cluster_is_appended_once_across_a_cras
     again.commit("s", 0x40)
     assert not served("r1", row, again)  # its mark
     again.run(sends.done(again.log, "r1"))
-    revision = again.run(sends.ask(again.log, "r2", {**row, "data": {"n": 2}}))
+    assert again.run(sends.state_of(again.log, "r1")) is None
+    revision = again.run(sends.ask(again.log, "r2", {**row, "data": {"n": 2}}, 10.0))
+    assert again.run(sends.ask(again.log, "r2", {**row, "data": {"n": 2}}, 10.0)) == revision  # (made once)
     assert again.run(sends.withdraw(again.log, "r2", revision))
+    assert again.run(sends.withdraw(again.log, "r2", revision))  # (a reply lost: asked again)
     assert not again.run(sends.take(again.log, "r2", row, revision))
-    assert not served("r2", row, again)
     again.commit("s", 0x50)
     again.close()
 
     third = backend.open_on(tmp_path / "c.db")
     assert third.checkpoint("s") == 0x50
     assert third._pass_over() == {}  # the resume point moved on
-    assert not served("r1", row, third)  # done: gone from the cluster
+    assert not served("r1", row, third)  # its mark came with the state
     third.close()
     stored = backend.stored()
     assert [key for _, key, _ in stored] == ["1:0", "send:r1:ops.notice:None:0", "2:0"]
