@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from common.errors import ConfigError
@@ -291,6 +291,20 @@ class Settings(BaseSettings):
     backfill: BackfillSettings = Field(default_factory=BackfillSettings)
     endpoints: list[EndpointSettings] = Field(default_factory=default_endpoints)
 
+    @model_validator(mode="after")
+    def _names_fit_the_buckets(self) -> Settings:
+        """On JetStream an endpoint's name is part of key-value keys (``<endpoint>.<p>``),
+        whose dot-separated parts may not be empty."""
+        if self.outbox.backend == "jetstream":
+            for endpoint in self.endpoints:
+                name = endpoint.name
+                if name.startswith(".") or name.endswith(".") or ".." in name:
+                    raise ValueError(
+                        f"endpoint name {name!r} cannot be used with the jetstream backend"
+                        " (its key-value keys: no dot at either end, no two dots in a row)"
+                    )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -306,12 +320,12 @@ class Settings(BaseSettings):
 
 def _describe(error: Any) -> str:
     loc = ".".join(str(p) for p in error["loc"])
-    msg = str(error["msg"])
+    msg = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         msg = "unknown setting"
     value = error.get("input")
     shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
-    return f"{loc}: {msg}{shown}"
+    return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:

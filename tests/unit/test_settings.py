@@ -66,6 +66,11 @@ def test_env_secret_reference(tmp_path, monkeypatch):
         ("", {"CT1_API__PORT": "http"}, "api.port"),
         ("[[endpoints]]\nname = 'x y'\nurl = 'http://127.0.0.1'\n", {}, "endpoints.0.name"),
         ("this is = = not toml", {}, "not valid TOML"),
+        (
+            "[outbox]\nbackend = 'jetstream'\n[[endpoints]]\nname = 'ct2.'\nurl = 'http://127.0.0.1'\n",
+            {},
+            "endpoint name 'ct2.' cannot be used with the jetstream backend",
+        ),
     ],
 )
 def test_bad_values_fail_in_one_line_naming_the_key(tmp_path, monkeypatch, text, env, expected):
