@@ -139,11 +139,31 @@ class Webhooks:
     # -- GET /webhooks/status --------------------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
-        return _ok(await self.offload(self._status))
+        reported = await self._reported()
+        return _ok(await self.offload(lambda conn: self._status(conn, reported)))
 
-    def _status(self, conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    async def _reported(self) -> dict[str, list[dict[str, Any]]] | None:
+        """JetStream: what the dispatch nodes report of each endpoint (this node's copy
+        does not move the cursors); None on SQLite."""
+        if self.settings.outbox.backend != "jetstream":
+            return None
+        from outbox import jetstream_health as health
+        from outbox.jetstream import JetStreamError
+
+        try:
+            return await health.reports(await self._cluster())
+        except JetStreamError as exc:
+            raise ApiError(503, "outbox_unavailable", f"the cluster cannot be read now: {exc}") from exc
+
+    def _status(
+        self, conn: sqlite3.Connection, reported: dict[str, list[dict[str, Any]]] | None = None
+    ) -> list[dict[str, Any]]:
         data = []
         for row in store.endpoint_status(conn, self.endpoints, time.time()):
+            if reported is not None:  # (JetStream: the deliveries as the dispatch nodes tell them)
+                from outbox.jetstream_health import merged
+
+                row = merged(row, reported.get(row["name"], []))
             cfg = self.endpoints.get(row["name"])
             (n1, ok1), (n24, ok24), last = row["attempts_1h"], row["attempts_24h"], row["last_attempt"]
             data.append(
@@ -173,6 +193,8 @@ class Webhooks:
                     },
                 }
             )
+            if reported is not None:
+                data[-1]["dispatch_nodes"] = row["dispatch_nodes"]
         return data
 
     # -- POST /webhooks/send ---------------------------------------------------------------------
@@ -315,12 +337,23 @@ class Webhooks:
 
     async def stats(self, request: web.Request) -> web.Response:
         await self.usage.flush()
-        data = await self.offload(self._stats)
+        reported = await self._reported()
+        data = await self.offload(lambda conn: self._stats(conn, reported))
         data["capture"].update(await self._slot())
         return _ok(data)
 
-    def _stats(self, conn: sqlite3.Connection) -> dict[str, Any]:
+    def _stats(
+        self, conn: sqlite3.Connection, reported: dict[str, list[dict[str, Any]]] | None = None
+    ) -> dict[str, Any]:
         totals = store.stats(conn)
+        if reported is not None:  # (JetStream: the deliveries as the dispatch nodes tell them)
+            from outbox.jetstream_health import merged
+
+            for name, counts in list(totals["deliveries"].items()) + [
+                (n, {}) for n in reported if n not in totals["deliveries"]
+            ]:
+                row = merged({"dead": counts.get("dead", 0)}, reported.get(name, []))
+                totals["deliveries"][name] = {k: row[k] for k in ("pending", "delivered", "dead") if row[k]}
         checkpoint = store.checkpoint_of(conn, self.settings.source.slot)
         usage: dict[str, Any] = {}
         for row in usage_per_route(conn):

@@ -490,9 +490,9 @@ class JetStreamLog:
             log.warning("jetstream_append_resumed", stored=stored, left=len(keys) - stored)
             pending = pending[stored:]
 
-    async def bucket(self, name: str) -> Any:
-        """A key-value bucket beside the stream (made, with the stream's replicas, when
-        missing)."""
+    async def bucket(self, name: str, ttl: float | None = None) -> Any:
+        """A key-value bucket beside the stream (made, with the stream's replicas and a
+        time to live of ``ttl`` seconds if given, when missing)."""
         from nats.js.api import KeyValueConfig
         from nats.js.errors import BucketNotFoundError, NotFoundError
 
@@ -506,7 +506,7 @@ class JetStreamLog:
                     found = await self._api(self.js.key_value, name)
                 except (BucketNotFoundError, NotFoundError):  # (or "stream not found", being made)
                     config = KeyValueConfig(
-                        bucket=name, history=1, replicas=self.replicas, storage=StorageType.FILE
+                        bucket=name, history=1, replicas=self.replicas, storage=StorageType.FILE, ttl=ttl
                     )
                     found = await self._api(self.js.create_key_value, config)
                 self._buckets[name] = found

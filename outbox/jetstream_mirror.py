@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +27,9 @@ import structlog
 
 from common.errors import Ct1Error
 from common.jsontext import loads
+from outbox import jetstream_health as health
 from outbox import jetstream_sends as sends
+from outbox import store
 from outbox.jetstream import JetStreamLog, Stored
 from outbox.jetstream_leases import LEAVE_WITHIN, Leases
 from outbox.jetstream_shared import ENDPOINTS, KEYS, SharedDeliveries
@@ -162,8 +166,18 @@ class Mirror:
         # what the file holds now was shared by whoever wrote it (or is the default of an
         # endpoint just registered, which must not outrank a state written elsewhere)
         self._states_put = {r["name"]: r["updated_at"] for r in ENDPOINTS.rows(writer.conn)}
+        reporter = writer.state.state_get(MARK, "reporter")  # (this file's: a restart reports over it)
+        if reporter is None:
+            reporter = os.urandom(8).hex()
+            writer.state.state_put(MARK, "reporter", reporter, None, None)
+            writer.commit(None)
+        next_report = 0.0
         while True:
             await self._share_once(writer)
+            if self.leases is not None and time.monotonic() >= next_report:  # for the API nodes
+                rows = store.endpoint_status(writer.conn, self.router.names, time.time())
+                await health.report(self.log, str(reporter), rows)
+                next_report = time.monotonic() + health.EVERY
             await asyncio.sleep(STATES_SECONDS)
 
     async def _share_once(self, writer: OutboxWriter) -> None:

@@ -419,6 +419,38 @@ def test_a_manual_event_asked_on_an_api_node_goes_through_capture_to_the_endpoin
                 if e["type"] == "ops.notice"
             ]
             assert notices == [(first["id"], 1), (second, 2), (third, 3)]  # once each; "withdrawn" never
+
+            # the API node's /webhooks/status tells the deliveries as the dispatch node made
+            # them (its own copy moves no cursor): every one delivered, none pending
+            def status() -> dict[str, Any]:
+                port = next(
+                    int(x.split("=")[1])
+                    for x in configs["api"].read_text().splitlines()
+                    if x.startswith("port")
+                )
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/core-transaction-1/webhooks/status",
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return {e["system"]: e for e in json.loads(response.read())["data"]}
+
+            def got(rx: ThreadReceiver) -> int:
+                return len({i for i in rx.ids if i[4:].isdigit()})  # (not setup's webhook.test)
+
+            wanted = {"ct2": 4, "ct3": 2}  # the three manual events and the user; the third and the user
+            wait_until(lambda: (got(rx2), got(rx3)) == (4, 2), 30, what="every delivery at the receivers")
+            shown: dict[str, Any] = {}
+
+            def told() -> bool:
+                shown.update(status())
+                return all(shown[n]["delivered"] == wanted[n] and shown[n]["pending"] == 0 for n in wanted)
+
+            wait_until(told, 30, interval=1.0, last=True)  # (slowly: the key's rate limit)
+            assert {n: (shown[n]["delivered"], shown[n]["pending"]) for n in wanted} == {
+                n: (wanted[n], 0) for n in wanted
+            }
+            assert shown["ct2"]["dispatch_nodes"] == 1 and shown["ct2"]["attempts_1h"] >= wanted["ct2"]
             assert sorted(rx2.ids) == sorted(set(rx2.ids))  # (each once here)
         finally:
             for proc in procs.values():
