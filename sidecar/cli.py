@@ -166,9 +166,25 @@ def outbox_stats(ctx: click.Context, as_json: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="write CT1_API_URL, CT1_API_KEY and the webhook secrets there for your programs (removed at the end)",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["sqlite", "jetstream"]),
+    default="sqlite",
+    show_default=True,
+    help="jetstream: three NATS nodes, two captures (one killed half-way), two dispatch and two API nodes",
+)
 @handled
-def demo(duration: float, rate: float, keep: bool, ct2_url: str | None, env_file: Path | None) -> None:
+def demo(
+    duration: float, rate: float, keep: bool, ct2_url: str | None, env_file: Path | None, backend: str
+) -> None:
     """A throwaway Postgres, the sample marketplace, capture and live traffic."""
+    if backend == "jetstream":
+        if ct2_url is not None or env_file is not None:
+            fail("--ct2-url and --env-file go with the sqlite demo")
+        from sidecar.demo_jetstream import run_jetstream_demo
+
+        run_jetstream_demo(duration=duration, rate=rate, keep=keep, echo=click.echo)
+        return
     from sidecar.demo import run_demo
 
     run_demo(duration=duration, rate=rate, keep=keep, echo=click.echo, ct2_url=ct2_url, env_file=env_file)

@@ -108,6 +108,24 @@ def test_replay_needs_exactly_one_selection(tmp_path):
     assert unknown.returncode != 0 and "no endpoint 'nope'" in unknown.stderr
 
 
+def test_the_jetstream_demo_has_its_standby_take_over_and_every_event_reach_its_receivers():
+    """`ct1-cdc demo --backend jetstream`: three NATS nodes, two captures (the active one
+    killed with SIGKILL half-way), two dispatch and two API nodes as processes of their
+    own; the standby takes over, and every event of the stream, read back from an API
+    node, reaches each receiver that takes it, verified (the demo checks it and fails
+    otherwise)."""
+    result = cli("demo", "--backend", "jetstream", "--duration", "10", "--rate", "10", timeout=300)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    out = result.stdout
+    assert "==> capture-a killed with SIGKILL" in out and "==> capture-b took over " in out
+    assert "==> CT2: every event it takes received" in out and "==> CT3: every event it takes received" in out
+    assert "[signature ok]" in out and "REJECTED" not in out
+    (events_line,) = [line for line in out.splitlines() if " events in the stream" in line]
+    assert int(events_line.split()[1]) > 0
+    refused = cli("demo", "--backend", "jetstream", "--ct2-url", "http://127.0.0.1:9/")
+    assert refused.returncode != 0 and "--ct2-url and --env-file go with the sqlite demo" in refused.stderr
+
+
 def test_demo_shows_all_twelve_types_reaching_their_receivers_verified():
     """The demo's own run: every documented type arrives, signed and verified, at CT2 and
     CT3 as the default endpoints route them (marketplace.analytics to CT3 alone)."""
