@@ -31,7 +31,7 @@ ENTRYPOINT ["ct1-cdc", "run"]
 #
 #   nats-1, nats-2, nats-3   nats:2.9  -js --cluster_name ct1 --routes nats-route://nats-1:6222,...
 #   capture-a, capture-b     this image, command: --role capture    (b waits as a's standby)
-#   dispatch                 this image, command: --role dispatch
+#   dispatch-1, -2, -3       this image, command: --role dispatch   (sharing every endpoint)
 #   api-1, api-2             this image, command: --role api        (behind one load balancer)
 #
 # with CT1_OUTBOX__BACKEND=jetstream and

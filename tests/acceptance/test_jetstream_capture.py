@@ -647,7 +647,10 @@ def test_a_dispatch_node_on_a_new_file_goes_on_from_the_progress_the_cluster_hol
             time.sleep(1.0)  # (anything sent twice would have come by now)
             assert sorted(rx.ids, key=lambda i: int(i[4:])) == [f"evt_{n}" for n in range(1, 41)]
             changes = [e for e in log_events(logs["second"]) if e["event"] == "partitions_changed"]
-            assert changes and sorted(changes[0]["taken"]) == list(range(PARTITIONS)), changes
+            # (in one round, or two when the killed node's leases lapse a moment apart)
+            assert sorted(p for change in changes for p in change["taken"]) == list(range(PARTITIONS)), (
+                changes
+            )
         finally:
             for proc in (capture, second):
                 if proc is not None:
