@@ -17,6 +17,12 @@ endpoint and event is what capture writes beside each event.
 ``--backend jetstream`` starts a three-node JetStream cluster on loopback and has
 ct1-cdc capture into a stream of three replicas (one per run), its state in the file.
 
+``--standby`` (with ``--backend jetstream``) runs a second capture beside each ct1-cdc
+round, on a file of its own, waiting as the standby; half-way through the drain the
+active one is killed with SIGKILL, the standby takes over and finishes the round. The
+round's rate includes the take-over, and ``takeover_seconds`` gives, per round, the time
+from the kill to the standby's ``standby_took_over``.
+
 ``--open-carts N`` starts each ct1-cdc round with N open carts in its outbox (the timers of
 cart.abandoned, as capture leaves them); ``--without-carts`` captures with a mapping that
 has no ``[cart_abandoned]`` section.  Together: what holding the timers costs capture.
@@ -133,6 +139,54 @@ def drain(
                 proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     return elapsed, rss
+
+
+def drain_with_standby(
+    cmd: list[str],
+    dsn: str,
+    slot: str,
+    endpos: int,
+    env: dict[str, str],
+    standby_env: dict[str, str],
+    log: Path,
+) -> tuple[float, float]:
+    """:func:`drain`, with a standby beside the capture and the capture killed half-way:
+    (seconds in all, seconds from the kill to the standby's take-over)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        begin = confirmed(conn, slot)
+        started = time.perf_counter()
+        active = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        query = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s"
+        while conn.execute(query, (slot,)).fetchone()[0] is None:  # (the active one streams first)
+            if active.poll() is not None or time.perf_counter() - started > 120:
+                raise RuntimeError("the capture did not start streaming")
+            time.sleep(0.01)
+        with open(log, "ab") as err:
+            standby = subprocess.Popen(cmd, env=standby_env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            while confirmed(conn, slot) < begin + (endpos - begin) // 2:
+                if active.poll() is not None or time.perf_counter() - started > 900:
+                    raise RuntimeError("the active capture stopped before half of the backlog")
+                time.sleep(0.01)
+            active.send_signal(signal.SIGKILL)
+            killed = time.perf_counter()
+            active.wait(timeout=60)
+            while "standby_took_over" not in log.read_text(errors="replace"):
+                if standby.poll() is not None or time.perf_counter() - killed > 120:
+                    raise RuntimeError("the standby did not take over")
+                time.sleep(0.01)
+            took = time.perf_counter() - killed
+            while confirmed(conn, slot) < endpos:
+                if standby.poll() is not None or time.perf_counter() - started > 900:
+                    raise RuntimeError("the standby did not drain the slot")
+                time.sleep(0.02)
+            elapsed = time.perf_counter() - started
+        finally:
+            for proc in (active, standby):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+    return elapsed, took
 
 
 def recvlogical_cmd(
@@ -263,7 +317,14 @@ def main() -> None:
         default=None,
         help="capture for this many endpoints taking every event (default: the two default ones)",
     )
+    parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="jetstream: a standby beside each capture round, the capture killed half-way",
+    )
     args = parser.parse_args()
+    if args.standby and args.backend != "jetstream":
+        parser.error("--standby goes with --backend jetstream")
     global MAPPING, CONFIG, JETSTREAM
 
     work = Path(tempfile.mkdtemp(prefix="ct1-bench-"))
@@ -292,6 +353,7 @@ def main() -> None:
         endpos = current_lsn(dsn)
         options = wal2json_options(Settings(source={"dsn": dsn}))
         rates: dict[str, list[float]] = {"pg_recvlogical": [], "ct1_cdc": []}
+        takeovers: list[float] = []
         for r in range(args.rounds):
             secs, _ = drain(
                 recvlogical_cmd(cluster, "bench", f"recv_{r}", endpos, options), dsn, f"recv_{r}", endpos
@@ -300,13 +362,26 @@ def main() -> None:
             outbox = work / f"outbox_{r}.db"
             if args.open_carts:
                 seed_open_carts(outbox, args.open_carts)
-            secs, rss = drain(
-                [CLI, "run", "--role", "capture"],
-                dsn,
-                f"ct1_{r}",
-                endpos,
-                env=ct1_env(dsn, f"ct1_{r}", outbox),
-            )
+            if args.standby:
+                secs, took = drain_with_standby(
+                    [CLI, "run", "--role", "capture"],
+                    dsn,
+                    f"ct1_{r}",
+                    endpos,
+                    ct1_env(dsn, f"ct1_{r}", outbox),
+                    ct1_env(dsn, f"ct1_{r}", work / f"standby_{r}.db"),
+                    work / f"standby_{r}.log",
+                )
+                takeovers.append(round(took, 2))
+                rss = 0
+            else:
+                secs, rss = drain(
+                    [CLI, "run", "--role", "capture"],
+                    dsn,
+                    f"ct1_{r}",
+                    endpos,
+                    env=ct1_env(dsn, f"ct1_{r}", outbox),
+                )
             rates["ct1_cdc"].append(rows / secs)
             events = _count(outbox)
             print(
@@ -362,6 +437,7 @@ def main() -> None:
             "cart_rule": not args.without_carts,
             "endpoints": "default (ct2, ct3)" if args.endpoints is None else args.endpoints,
             "backend": args.backend,
+            **({"takeover_seconds": takeovers} if args.standby else {}),
             "ratio": round(med_ct1 / med_recv, 3),
         }
         print(json.dumps(result))
