@@ -3,7 +3,8 @@ outbox file, whether capture appended to it (SQLite) or to a replicated stream t
 copies (JetStream, on a real three-node cluster): gap-free ids in append order, the
 events cursor with type filters, every event delivered once and signed under its
 ``evt_<id>``, one entity's events in order, dead deliveries replayed under the same
-webhook-id, an API key made or revoked by a command on any host (`ct1-cdc keys`) and an
+webhook-id (as `ct1-cdc outbox replay --dead` replays them: through the cluster on
+JetStream), an API key made or revoked by a command on any host (`ct1-cdc keys`) and an
 endpoint disabled or enabled on any host (`ct1-cdc endpoints`) holding on the node.  On
 SQLite "any host" is the one host and its file; on JetStream it is another host's file,
 shared through the cluster as the commands share it.  (The sink's own contract:
@@ -33,7 +34,7 @@ from dispatcher.worker import Dispatcher
 from outbox import deliveries, endpoints, store
 from outbox.jetstream import JetStreamLog
 from outbox.jetstream_mirror import Mirror
-from outbox.jetstream_shared import ENDPOINTS, KEYS, Shared, share
+from outbox.jetstream_shared import ENDPOINTS, KEYS, Shared, share, share_replays
 from outbox.jetstream_sink import JetStreamSink
 from outbox.store import Route, Router
 from outbox.writer import OutboxWriter
@@ -61,6 +62,10 @@ class Node:
         ``ct1-cdc endpoints``), which then shares ``shared`` as that command does."""
         raise NotImplementedError
         yield
+
+    def replay_dead(self, endpoint: str) -> int:
+        """`ct1-cdc outbox replay --dead --endpoint E` as run on the node; how many."""
+        raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
@@ -95,6 +100,10 @@ class SqliteNode(Node):
             yield conn
         finally:
             conn.close()
+
+    def replay_dead(self, endpoint: str) -> int:
+        with store.connect(self.path) as conn:
+            return deliveries.replay_dead(conn, endpoint=endpoint, since=0, now=0)
 
     def close(self) -> None:
         self.sink.close()
@@ -146,6 +155,22 @@ class JetStreamNode(Node):
             share(self.log(), conn, shared)  # what the command does after its change
         finally:
             conn.close()
+
+    def replay_dead(self, endpoint: str) -> int:
+        """Into the cluster, as the command does on this backend; back once the node's
+        copy has made the deliveries due again."""
+        with store.connect(self.path) as conn:
+            rows = deliveries.replayable_dead(conn, endpoint=endpoint, since=0)
+        share_replays(self.log(), rows)
+
+        def due() -> bool:
+            with store.connect(self.path, readonly=True) as conn:
+                query = "SELECT count(*) FROM deliveries WHERE status = 'pending' AND replayed = 1"
+                return int(conn.execute(query).fetchone()[0]) == len(rows)
+
+        wait_until(lambda: self.errors or due(), 30, what="the replay in the node's copy")
+        assert not self.errors, self.errors
+        return len(rows)
 
     def close(self) -> None:
         self.stop.set()
@@ -248,8 +273,7 @@ async def test_dead_deliveries_are_replayed_under_the_same_webhook_id(node: Node
                 (d["event_id"], d["attempts"]) for d in deliveries.list_deliveries(conn, status="dead")
             ] == [(3, 2)]
         refusing["on"] = False
-        with store.connect(node.path) as conn:
-            assert deliveries.replay_dead(conn, endpoint="ct2", since=0, now=0) == 1
+        assert node.replay_dead("ct2") == 1
         await run_dispatcher(node, rx.url, lambda: len(rx.received) >= 4)
     assert [r.headers["webhook-id"] for r in rx.received if r.envelope["data"]["id"] == 2] == ["evt_3"]
     with store.connect(node.path, readonly=True) as conn:
