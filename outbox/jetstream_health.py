@@ -12,6 +12,7 @@ from its own copy (they are shared: outbox/jetstream_shared.py).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -42,10 +43,14 @@ async def reports(events: JetStreamLog) -> dict[str, list[dict[str, Any]]]:
 
     bucket = await events.bucket(bucket_of(events), ttl=TTL)
     found: dict[str, list[dict[str, Any]]] = {}
-    try:
-        keys = await events.retrying(bucket.keys)
-    except NoKeysError:
-        return found
+    for attempt in range(3):  # (nats-py may answer "no keys" while its consumer starts)
+        try:
+            keys = await events.retrying(bucket.keys)
+            break
+        except NoKeysError:
+            if attempt == 2:
+                return found
+            await asyncio.sleep(0.05)
     for key in keys:
         entry = await events.retrying(bucket.get, key)
         if entry.value:
