@@ -517,6 +517,20 @@ class JetStreamLog:
         it yet (see :meth:`_api`)."""
         return await self._api(call, *args)
 
+    async def keys(self, bucket: Any) -> list[str]:
+        """A key-value bucket's keys (none: empty).  nats-py may answer "no keys" while
+        the consumer that lists them starts, so that answer is asked again twice."""
+        from nats.js.errors import NoKeysError
+
+        for attempt in range(3):
+            try:
+                return list(await self._api(bucket.keys))
+            except NoKeysError:
+                if attempt == 2:
+                    return []
+                await asyncio.sleep(0.05)
+        return []
+
     async def put(self, bucket: Any, key: str, value: bytes) -> None:
         """A key-value put, asked again while the bucket's stream has no leader."""
         await self._api(bucket.put, key, value)

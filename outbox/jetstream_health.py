@@ -12,7 +12,6 @@ from its own copy (they are shared: outbox/jetstream_shared.py).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -39,19 +38,9 @@ async def report(events: JetStreamLog, node: str, rows: list[dict[str, Any]]) ->
 
 async def reports(events: JetStreamLog) -> dict[str, list[dict[str, Any]]]:
     """The live reports, by endpoint."""
-    from nats.js.errors import NoKeysError
-
     bucket = await events.bucket(bucket_of(events), ttl=TTL)
     found: dict[str, list[dict[str, Any]]] = {}
-    for attempt in range(3):  # (nats-py may answer "no keys" while its consumer starts)
-        try:
-            keys = await events.retrying(bucket.keys)
-            break
-        except NoKeysError:
-            if attempt == 2:
-                return found
-            await asyncio.sleep(0.05)
-    for key in keys:
+    for key in await events.keys(bucket):
         entry = await events.retrying(bucket.get, key)
         if entry.value:
             row = loads(entry.value)

@@ -90,15 +90,9 @@ SKIPS = "SKIPS"  # <stream>_SKIPS: `ct1-cdc slot skip` on any host, for whicheve
 
 async def skip_requests(events: JetStreamLog) -> list[tuple[int, float]]:
     """The transactions an operator asked to skip, on any host: (xid, when asked)."""
-    from nats.js.errors import NoKeysError
-
     bucket = await events.bucket(f"{events.stream}_{SKIPS}")
-    try:
-        keys = await events.retrying(bucket.keys)
-    except NoKeysError:
-        return []
     asked = []
-    for key in keys:
+    for key in await events.keys(bucket):
         entry = await events.retrying(bucket.get, key)
         if entry.value:
             row = loads(entry.value)
