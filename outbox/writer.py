@@ -8,13 +8,17 @@ source transaction never sits in memory.
 Event ids come from SQLite's AUTOINCREMENT inside ``BEGIN IMMEDIATE``: contiguous per
 chunk, and another appender (the API's manual events) can never take the same id.
 
-(A variant that handed chunks to a separate writer thread was measured slower on the
-2-core target machine: the walsender needs one core and the GIL hand-offs cost more than
-the overlapped fsyncs saved.  See docs/benchmarks.md.)
+Capture's writer (``appends_on_thread``) hands each chunk of events to a native thread
+(``outbox/append.py``): the rows are copied while capture holds the GIL, and inserted on
+the same connection and in the same transaction without it, while capture decodes the next
+ones.  Everything else on the connection waits for the queued rows first (:meth:`_settle`),
+except reads of other tables.  (A variant that handed chunks to a Python thread was slower:
+the GIL went back and forth for every row.  See docs/benchmarks.md.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections import Counter
@@ -25,6 +29,7 @@ from common.jsontext import JsonText, loads
 from common.jsontext import dumps as json_bytes
 from common.metrics import EVENTS_APPENDED
 from outbox import backfills, source_state
+from outbox.append import Appender, appender_for, settle
 from outbox.checkpointer import Checkpointer
 from outbox.state import SqliteState
 from outbox.store import TO_EVERY_ENDPOINT, Q, Router, dumps, transaction
@@ -49,11 +54,14 @@ class OutboxWriter:
         *,
         checkpointer: Checkpointer | None = None,
         rows_at_append: bool = False,
+        appends_on_thread: bool = False,
     ) -> None:
         """``rows_at_append``: this writer chooses each event's endpoints itself (the API's
         manual events, narrowed by ``systems``) and writes their delivery rows at once;
         otherwise (capture) it appends events only, and the dispatcher makes the rows from
-        each endpoint's cursor and the routes this writer keeps per event type."""
+        each endpoint's cursor and the routes this writer keeps per event type.
+        ``appends_on_thread``: events are inserted on a native thread where one can be had
+        (capture's writer)."""
         self.conn = conn
         self.router = router
         self.rows_at_append = rows_at_append
@@ -73,9 +81,18 @@ class OutboxWriter:
         self._shadow: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._in_txn = False
         self._state: SqliteState | None = None
+        self._appender: Appender | None = None
+        self._appending = False  # rows queued on the appender since the last settle
         conn.executemany(Q["register_endpoint"], [(name,) for name in router.names])
         if not rows_at_append:
             self._routes_from(router)
+        if appends_on_thread and not rows_at_append:
+            self._appender = appender_for(conn, Q["insert_event"])
+
+    @property
+    def appends_on_thread(self) -> bool:
+        """Whether events are inserted on the native thread."""
+        return self._appender is not None
 
     def _routes_from(self, router: Router) -> None:
         """Each endpoint of ``router`` gets a cursor (at the newest event, when it is new)
@@ -137,6 +154,7 @@ class OutboxWriter:
     # the write lock is held only while committing and the dispatcher is not kept waiting.
 
     def shadow_get(self, table: str, key: str) -> dict[str, Any] | None:
+        # (a read of another table: it need not wait for the queued events)
         if (table, key) in self._shadow:
             return self._shadow[(table, key)]
         row = self.conn.execute(Q["get_shadow"], (table, key)).fetchone()
@@ -170,6 +188,7 @@ class OutboxWriter:
         """Make everything added so far durable together with the checkpoint ``lsn``
         (no checkpoint without a ``slot``: events appended through the API)."""
         self._flush()
+        self._settle()
         self._flush_shadow()
         if self._state is not None:
             self._state.flush()
@@ -192,6 +211,7 @@ class OutboxWriter:
 
     def pending_skips(self) -> set[int]:
         """Transactions an operator asked capture to skip, not yet skipped."""
+        self._settle()
         return source_state.pending_skips(self.conn)
 
     def mark_skipped(self, xid: int, lsn: str, changes: int) -> None:
@@ -257,9 +277,12 @@ class OutboxWriter:
     def set_problems(self, problems: list[dict[str, Any]]) -> None:
         """Replace the stored mapping problems, in a write transaction of their own (so
         between group commits)."""
+        self._settle()
         source_state.set_problems(self.conn, problems)
 
     def rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):  # the failed insert is what is rolled back
+            self._settle()
         self._events.clear()
         self._shadow.clear()
         if self._state is not None:
@@ -271,6 +294,7 @@ class OutboxWriter:
         self.last_event_id = int(self.conn.execute(Q["last_event_id"]).fetchone()[0])
 
     def checkpoint(self, slot: str) -> int | None:
+        self._settle()
         row = self.conn.execute(Q["get_checkpoint"], (slot,)).fetchone()
         if row is None:
             return None
@@ -280,6 +304,9 @@ class OutboxWriter:
     def close(self) -> None:
         if self._in_txn:
             self.rollback()
+        if self._appender is not None:
+            self._appender.close()  # before the connection: its statement is finalized
+            self._appender = None
         if self.checkpointer is not None:
             self.checkpointer.stop()
         self.conn.close()
@@ -297,23 +324,52 @@ class OutboxWriter:
     # -- internals -------------------------------------------------------------------------------
 
     def _begin(self) -> None:
+        """Open the write transaction, once the queued events are in (a write of this
+        connection's own follows)."""
+        self._settle()
+        self._open()
+
+    def _open(self) -> None:
         if not self._in_txn:
             self.conn.execute("BEGIN IMMEDIATE")
             self._in_txn = True
+
+    def _settle(self) -> None:
+        """Wait until the events queued on the appender are inserted (raising, as sqlite3
+        would, if one failed)."""
+        if self._appending:
+            assert self._appender is not None
+            self._appending = False
+            self.last_event_id = settle(self._appender)
 
     def _flush(self) -> None:
         """Insert the buffered events, then their deliveries in one statement per endpoint."""
         if not self._events:
             return
-        self._begin()
         events, self._events = self._events, []
-        self.conn.executemany(Q["insert_event"], events)
         for event_type, n in Counter(event[0] for event in events).items():
             EVENTS_APPENDED.labels(event_type).inc(n)
+        kinds = {(event[0], event[10], event[11]) for event in events}
+        if self._appender is not None and all(
+            chosen is None and not routed and event_type in self._routed_types
+            for event_type, routed, chosen in kinds
+        ):  # events only (capture's): queued, inserted while capture goes on
+            self._open()
+            try:
+                self._appender.append(events)
+            except (TypeError, OverflowError):  # a value it does not take: as before
+                self._settle()
+                self.conn.executemany(Q["insert_event"], events)
+                self.last_event_id = int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+                return
+            self._appending = True
+            return
+        self._begin()
+        self.conn.executemany(Q["insert_event"], events)
         last = int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0])
         first = last - len(events) + 1
         by_endpoint: dict[str, list[str]] = {}  # endpoint: the types it gets rows of now
-        for event_type, routed, chosen in {(event[0], event[10], event[11]) for event in events}:
+        for event_type, routed, chosen in kinds:
             if chosen is not None:  # rows now, for the event's own endpoints
                 for endpoint in set(loads(chosen)).intersection(self.router.names):
                     by_endpoint.setdefault(endpoint, [])

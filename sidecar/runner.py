@@ -111,7 +111,9 @@ def open_mirror(
 def open_writer(settings: Settings) -> OutboxWriter:
     """The outbox's single writer, for capture (the caller closes it)."""
     conn = open_outbox(settings.outbox.path)
-    return OutboxWriter(conn, router_for(settings), checkpointer=Checkpointer(settings.outbox.path))
+    return OutboxWriter(
+        conn, router_for(settings), checkpointer=Checkpointer(settings.outbox.path), appends_on_thread=True
+    )
 
 
 def build_capture(

@@ -1,5 +1,7 @@
 """The outbox writer on a real SQLite file passes the sink contract capture relies on
-(tests/sink_contract.py), as the memory sink of the capture loop's unit tests does."""
+(tests/sink_contract.py), as the memory sink of the capture loop's unit tests does: with
+its events inserted by sqlite3's executemany, and on the native thread capture's writer
+uses (outbox/append.py)."""
 
 from __future__ import annotations
 
@@ -17,11 +19,16 @@ from tests.sink_contract import SinkContract
 
 
 class OutboxBackend:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_thread: bool) -> None:
         self.path = path
+        self.on_thread = on_thread
 
     def open(self) -> Sink:
-        return OutboxWriter(store.open_outbox(self.path), Router([Route("ct2", ("*",))]))
+        writer = OutboxWriter(
+            store.open_outbox(self.path), Router([Route("ct2", ("*",))]), appends_on_thread=self.on_thread
+        )
+        assert writer.appends_on_thread is self.on_thread
+        return writer
 
     def close(self, sink: Sink) -> None:
         assert isinstance(sink, OutboxWriter)
@@ -61,9 +68,9 @@ class OutboxBackend:
         return [(p["kind"], p["message"]) for p in self._read(source_state.problems_of)]
 
 
-@pytest.fixture
-def backend(tmp_path: Path) -> OutboxBackend:
-    return OutboxBackend(tmp_path / "outbox.db")
+@pytest.fixture(params=[False, True], ids=["executemany", "on_thread"])
+def backend(tmp_path: Path, request: pytest.FixtureRequest) -> OutboxBackend:
+    return OutboxBackend(tmp_path / "outbox.db", request.param)
 
 
 class TestOutboxWriter(SinkContract):

@@ -1,0 +1,153 @@
+"""Capture's events inserted on a native thread (outbox/append.py): the rows stored are the
+ones executemany stores, a failed insert surfaces at the commit as sqlite3's error and
+leaves nothing behind, and what the compiled module does not take goes the old way."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from outbox import append, store
+from outbox.store import Q, Route, Router
+from outbox.writer import OutboxWriter
+
+VALUES: list[Any] = [
+    "",
+    "plain",
+    "é ü ß",
+    "😀 outside the BMP",
+    "x" * 100_000,
+    None,
+    0,
+    -(2**63),
+    2**63 - 1,
+    1.5,
+    -0.0,
+    1e308,
+]
+
+
+def _rows(n: int) -> list[tuple[Any, ...]]:
+    """Rows of eleven columns, each taking every one of VALUES in turn."""
+    return [tuple(VALUES[(i + c) % len(VALUES)] for c in range(11)) for i in range(n)]
+
+
+def _stored(path: Path, table: str = "events") -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
+    finally:
+        conn.close()
+
+
+def _writer(path: Path, on_thread: bool = True) -> OutboxWriter:
+    writer = OutboxWriter(
+        store.open_outbox(path), Router([Route("ct2", ("*",))]), appends_on_thread=on_thread
+    )
+    assert writer.appends_on_thread is on_thread
+    return writer
+
+
+TABLE = "CREATE TABLE t (" + ", ".join(f"c{n}" for n in range(11)) + ")"
+INSERT = "INSERT INTO t VALUES (" + ", ".join("?" * 11) + ")"
+
+
+def test_the_rows_stored_are_the_ones_executemany_stores(tmp_path: Path) -> None:
+    rows = _rows(2_500)
+    threaded = store.open_outbox(tmp_path / "a.db")
+    threaded.execute(TABLE)
+    appender = append.appender_for(threaded, INSERT)
+    assert appender is not None
+    threaded.execute("BEGIN IMMEDIATE")
+    for at in range(0, len(rows), 1000):
+        appender.append(rows[at : at + 1000])  # queued: inserted while this goes on
+    assert append.settle(appender) == len(rows)
+    threaded.execute("COMMIT")
+    appender.close()
+    threaded.close()
+    plain = store.open_outbox(tmp_path / "b.db")
+    plain.execute(TABLE)
+    with store.transaction(plain):
+        plain.executemany(INSERT, rows)
+    plain.close()
+    stored = _stored(tmp_path / "a.db", "t")
+    assert stored == _stored(tmp_path / "b.db", "t")
+    assert len(stored) == 2_500
+    assert {type(v) for row in stored for v in row} == {str, int, float, type(None)}
+
+
+def test_a_failed_insert_is_raised_at_the_commit_and_nothing_of_the_group_stays(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    writer = _writer(path)
+    writer.add(
+        "customer.created", "customer", 1, {"n": 1}, "2026-01-01T00:00:00Z", "customers", "insert", "0/1", 7
+    )
+    writer.commit("slot", 100)
+    for n in range(1500):  # the second chunk holds the bad row; the third comes after it
+        event_type = None if n == 1200 else "customer.created"
+        writer.add(event_type, "customer", n, {"n": n}, "2026-01-01T00:00:01Z", None, None, None, None)  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.IntegrityError, match=r"NOT NULL constraint failed: events\.type"):
+        writer.commit("slot", 200)
+    writer.rollback()
+    assert [row[0] for row in _stored(path)] == [1]
+    assert writer.checkpoint("slot") == 100
+    # the writer goes on: the next group commits whole, its ids after the last committed one
+    writer.add("customer.created", "customer", 2, {"n": 2}, "2026-01-01T00:00:02Z", None, None, None, None)
+    writer.commit("slot", 300)
+    assert [row[0] for row in _stored(path)] == [1, 2]
+    assert writer.last_event_id == 2
+    writer.close()
+
+
+def test_a_value_it_does_not_take_is_refused_whole_and_the_writer_uses_executemany(tmp_path: Path) -> None:
+    conn = store.open_outbox(tmp_path / "outbox.db")
+    appender = append.appender_for(conn, Q["insert_event"])
+    assert appender is not None
+    good = (
+        "customer.created",
+        "customer",
+        "1",
+        "2026-01-01T00:00:00Z",
+        "{}",
+        None,
+        None,
+        None,
+        1,
+        1.0,
+        0,
+        None,
+    )
+    with pytest.raises(TypeError, match="past 64 bits"):
+        appender.append([good, (*good[:8], 2**64, *good[9:])])
+    with pytest.raises(TypeError, match="bytes is not taken"):
+        appender.append([(*good[:1], b"customer", *good[2:])])
+    with pytest.raises(TypeError, match="not a tuple of 12 values"):
+        appender.append([good[:11]])
+    assert append.settle(appender) == 0  # nothing was queued
+    assert _stored(tmp_path / "outbox.db") == []
+    appender.close()
+    conn.close()
+    writer = _writer(tmp_path / "outbox.db")
+    writer.add("customer.created", "customer", 1, {"n": 1}, "2026-01-01T00:00:00Z", None, None, None, 2**40)
+    writer.add("customer.created", "customer", 2, {"n": 2}, "2026-01-01T00:00:00Z", None, None, None, 2**64)
+    with pytest.raises(OverflowError):  # what executemany says of it, the same either way
+        writer.commit("slot", 1)
+    writer.rollback()
+    assert _stored(tmp_path / "outbox.db") == []
+    writer.close()
+
+
+def test_it_is_off_when_asked_and_for_a_database_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = store.open_outbox(tmp_path / "outbox.db")
+    monkeypatch.setenv("CT1_CDC_APPEND_THREAD", "off")
+    assert append.appender_for(conn, Q["insert_event"]) is None
+    monkeypatch.delenv("CT1_CDC_APPEND_THREAD")
+    memory = sqlite3.connect(":memory:")
+    memory.execute("CREATE TABLE t (a)")
+    assert append.appender_for(memory, "INSERT INTO t VALUES (?)") is None
+    conn.close()
