@@ -1,4 +1,4 @@
-# Build stage: a compiler for the wal2json row decoder (cdc/_wal2json.c), then a wheel.
+# Build stage: a compiler for capture's C files (cdc/_wal2json.c, outbox/_append.c), then a wheel.
 FROM python:3.11-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src

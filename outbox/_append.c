@@ -8,7 +8,10 @@
  * decodes the next rows meanwhile.
  *
  *   Appender(connection, sql, library)      the statement is prepared on the connection
- *   .append(rows)                            copy and queue one chunk
+ *   .append(rows)                            copy and queue one chunk; waits (without the
+ *                                            GIL) while MAX_QUEUED chunks are queued, so
+ *                                            a huge transaction never piles up in memory
+ *   .queued() -> int                         chunks queued or being inserted
  *   .settle() -> int                         wait until every queued row is inserted; the
  *                                            connection's last rowid; raises AppendError
  *                                            (the first failure, once) if a row failed
@@ -59,6 +62,8 @@ static int api_loaded = 0;
 
 static PyObject *AppendError = NULL;
 
+#define MAX_QUEUED 4
+
 enum { V_NULL = 0, V_INT = 1, V_FLOAT = 2, V_TEXT = 3 };
 
 typedef struct {
@@ -92,6 +97,7 @@ typedef struct {
     pthread_cond_t idle;    /* the queue emptied */
     Chunk *head, *tail;
     int busy;               /* the thread is inserting a chunk it took off the queue */
+    int queued;             /* chunks queued or being inserted */
     int stop;
     int failed;             /* a row failed: the rest is dropped until settle() reports it */
     int error_code;
@@ -200,8 +206,8 @@ static void *run(void *arg) {
         free_chunk(c);
         pthread_mutex_lock(&self->lock);
         self->busy = 0;
-        if (self->head == NULL)
-            pthread_cond_broadcast(&self->idle);
+        self->queued--;
+        pthread_cond_broadcast(&self->idle); /* room for a chunk, or the queue emptied */
     }
     pthread_mutex_unlock(&self->lock);
     return NULL;
@@ -254,7 +260,7 @@ static int Appender_init(Appender *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
-static PyObject *Appender_filename(Appender *self, PyObject *unused) {
+static PyObject *Appender_filename(Appender *self, PyObject *Py_UNUSED(unused)) {
     if (self->db == NULL)
         Py_RETURN_NONE;
     const char *name = api.db_filename(self->db, "main");
@@ -367,8 +373,18 @@ static PyObject *Appender_append(Appender *self, PyObject *rows) {
     else
         self->head = c;
     self->tail = c;
+    self->queued++;
+    int full = self->queued > MAX_QUEUED;
     pthread_cond_signal(&self->wake);
     pthread_mutex_unlock(&self->lock);
+    if (full) { /* (the GIL is never taken while holding self->lock) */
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&self->lock);
+        while (self->queued > MAX_QUEUED)
+            pthread_cond_wait(&self->idle, &self->lock);
+        pthread_mutex_unlock(&self->lock);
+        Py_END_ALLOW_THREADS
+    }
     Py_RETURN_NONE;
 }
 
@@ -381,7 +397,7 @@ static void wait_idle(Appender *self) {
     Py_END_ALLOW_THREADS
 }
 
-static PyObject *Appender_settle(Appender *self, PyObject *unused) {
+static PyObject *Appender_settle(Appender *self, PyObject *Py_UNUSED(unused)) {
     if (self->stmt == NULL) {
         PyErr_SetString(PyExc_ValueError, "the appender is closed");
         return NULL;
@@ -406,6 +422,13 @@ static PyObject *Appender_settle(Appender *self, PyObject *unused) {
     return PyLong_FromLongLong(last);
 }
 
+static PyObject *Appender_queued(Appender *self, PyObject *Py_UNUSED(unused)) {
+    pthread_mutex_lock(&self->lock);
+    int queued = self->queued;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromLong(queued);
+}
+
 static void stop_thread(Appender *self) {
     if (!self->started)
         return;
@@ -423,9 +446,10 @@ static void stop_thread(Appender *self) {
         free_chunk(c);
     }
     self->tail = NULL;
+    self->queued = 0;
 }
 
-static PyObject *Appender_close(Appender *self, PyObject *unused) {
+static PyObject *Appender_close(Appender *self, PyObject *Py_UNUSED(unused)) {
     stop_thread(self);
     if (self->stmt != NULL) {
         api.finalize(self->stmt);
@@ -450,6 +474,7 @@ static PyMethodDef Appender_methods[] = {
     {"append", (PyCFunction)Appender_append, METH_O, "Copy and queue one chunk of rows."},
     {"settle", (PyCFunction)Appender_settle, METH_NOARGS,
      "Wait until every queued row is inserted; the connection's last rowid."},
+    {"queued", (PyCFunction)Appender_queued, METH_NOARGS, "Chunks queued or being inserted."},
     {"close", (PyCFunction)Appender_close, METH_NOARGS, "Stop the thread, finalize the statement."},
     {"filename", (PyCFunction)Appender_filename, METH_NOARGS, "The file the handle has open."},
     {NULL, NULL, 0, NULL},
@@ -469,7 +494,7 @@ static PyTypeObject AppenderType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "outbox._append",
-    "Capture's event inserts on a native thread (see outbox/append.py).", -1, NULL,
+    "Capture's event inserts on a native thread (see outbox/append.py).", -1, NULL, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__append(void) {

@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -111,9 +111,12 @@ def open_mirror(
 def open_writer(settings: Settings) -> OutboxWriter:
     """The outbox's single writer, for capture (the caller closes it)."""
     conn = open_outbox(settings.outbox.path)
-    return OutboxWriter(
+    writer = OutboxWriter(
         conn, router_for(settings), checkpointer=Checkpointer(settings.outbox.path), appends_on_thread=True
     )
+    # thread: events inserted on a native thread; executemany: built without a C compiler
+    log.info("outbox_writer_opened", appends="thread" if writer.appends_on_thread else "executemany")
+    return writer
 
 
 def build_capture(
@@ -225,10 +228,10 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
         waiter = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait([waiter, *running], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
-        for role in done - {waiter}:
-            failed = role.exception() or Ct1Error(f"{running[role]} stopped on its own")
-            log.error("role_failed", role=running[role], error=str(failed))
-            break
+        found = first_failure(done - {waiter}, running, stop.is_set())
+        if found is not None:
+            name, failed = found
+            log.error("role_failed", role=name, error=str(failed))
     finally:
         deadline.arm()
         stop.set()
@@ -240,6 +243,21 @@ async def run(settings: Settings, roles: Sequence[str], *, exit_within: float | 
     if failed is not None:
         raise failed
     log.info("run_stopped")
+
+
+def first_failure(
+    done: Iterable[asyncio.Future[Any]], running: dict[asyncio.Future[Any], str], stopping: bool
+) -> tuple[str, BaseException] | None:
+    """The first role of ``done`` that failed, by name: one that raised, or one that ended
+    while no stop was asked.  (A role that returned because a stop was asked, in the same
+    turn of the loop as the stop itself, did what it should.)"""
+    for role in done:
+        error = None if role.cancelled() else role.exception()
+        if error is not None:
+            return running[role], error
+        if not stopping:
+            return running[role], Ct1Error(f"{running[role]} stopped on its own")
+    return None
 
 
 def check_outbox(path: str) -> None:

@@ -151,3 +151,23 @@ def test_it_is_off_when_asked_and_for_a_database_in_memory(
     memory.execute("CREATE TABLE t (a)")
     assert append.appender_for(memory, "INSERT INTO t VALUES (?)") is None
     conn.close()
+
+
+def test_a_huge_transaction_never_piles_up_queued_chunks(tmp_path: Path) -> None:
+    conn = store.open_outbox(tmp_path / "outbox.db")
+    conn.execute(TABLE)
+    appender = append.appender_for(conn, INSERT)
+    assert appender is not None
+    conn.execute("BEGIN IMMEDIATE")
+    rows = [(n, "a row", 1.5, None, "é", n, n, n, n, n, n) for n in range(200)]
+    most = 0
+    for _ in range(200):  # far faster to queue than to insert: append waits for room
+        appender.append(rows)
+        most = max(most, appender.queued())
+    assert 1 <= most <= 5  # MAX_QUEUED, and the one appended last
+    assert append.settle(appender) == 200 * 200
+    assert appender.queued() == 0
+    conn.execute("COMMIT")
+    appender.close()
+    conn.close()
+    assert len(_stored(tmp_path / "outbox.db", "t")) == 40_000

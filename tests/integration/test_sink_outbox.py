@@ -19,7 +19,7 @@ from tests.sink_contract import SinkContract
 
 
 class OutboxBackend:
-    def __init__(self, path: Path, on_thread: bool) -> None:
+    def __init__(self, path: Path, on_thread: bool = False) -> None:
         self.path = path
         self.on_thread = on_thread
 
