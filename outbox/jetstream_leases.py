@@ -296,7 +296,8 @@ class Leases:
             return self.dispatcher.assign(parts, starts, urgent or stale)
 
     async def _sharing(self, leases: Any, progress: Any, stop: threading.Event) -> None:
-        await self._seen.wait()
+        while not (self._seen.is_set() or stop.is_set()):  # (a node stopped as it joins renews nothing)
+            await asyncio.sleep(0.05)
         while self.rewinds is not None and not (self.rewinds.synced.is_set() or stop.is_set()):
             await asyncio.sleep(0.05)  # (a partition's start goes below the rewinds it does not reflect)
         next_progress = 0.0

@@ -120,9 +120,10 @@ class Mirror:
         await self._check_copy(writer, end)
         if self.last_id >= end:
             self.caught_up.set()
+        synced = [asyncio.Event(), asyncio.Event()]  # keys, endpoint states
         followers = [
-            asyncio.ensure_future(KEYS.follow(self.log, writer.conn)),
-            asyncio.ensure_future(ENDPOINTS.follow(self.log, writer.conn, self._states_shared)),
+            asyncio.ensure_future(KEYS.follow(self.log, writer.conn, synced=synced[0])),
+            asyncio.ensure_future(ENDPOINTS.follow(self.log, writer.conn, self._states_shared, synced[1])),
             asyncio.ensure_future(self.deliveries.follow(self.log, writer.conn)),
         ]
         sharing = None
@@ -132,6 +133,13 @@ class Mirror:
                 followers.append(asyncio.ensure_future(self.leases.rewinds.follow(self.log)))
             self._leasing = threading.Thread(target=self._lease, name="leases", daemon=True)
             self._leasing.start()
+        # ready (the node says it started) once the keys and endpoint states made before
+        # it started are in its file: no valid key refused, no disabled endpoint sent to
+        while not all(event.is_set() for event in synced):
+            for follower in followers:
+                if follower.done():
+                    follower.result()  # (it ended: its error)
+            await asyncio.sleep(0.005)
         self.ready.set()
         log.info("mirror_started", stream=self.log.stream, after=self.last_id, stream_end=end)
         try:

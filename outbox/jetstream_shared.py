@@ -18,6 +18,7 @@ own tables in step with them.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -63,15 +64,24 @@ class Shared:
             await events.put(bucket, str(row[self.columns[0]]), dumps(row))
 
     async def follow(
-        self, events: JetStreamLog, conn: sqlite3.Connection, seen: dict[str, dict[str, Any]] | None = None
+        self,
+        events: JetStreamLog,
+        conn: sqlite3.Connection,
+        seen: dict[str, dict[str, Any]] | None = None,
+        synced: asyncio.Event | None = None,
     ) -> None:
         """Keep the file's table in step with the bucket, for good (what is there first);
-        ``seen`` gets each row the bucket gave, by its key."""
+        ``seen`` gets each row the bucket gave, by its key; ``synced`` is set once what
+        the bucket held at the start is in the file."""
         bucket = await events.bucket(self.bucket(events))
         watcher = await events.retrying(bucket.watchall)
         async for entry in watcher:
-            if entry is None or not entry.value:
-                continue  # (the end of what was there at the start; a deletion)
+            if entry is None:  # the end of what was there at the start
+                if synced is not None:
+                    synced.set()
+                continue
+            if not entry.value:
+                continue  # (a deletion)
             row = loads(entry.value)
             self.apply(conn, row)
             if seen is not None:

@@ -381,3 +381,48 @@ def test_an_endpoint_command_shares_only_the_endpoint_it_changed(stream, tmp_pat
             await log.close()
 
     assert asyncio.run(bucket_states()) == {"ct2": "disabled", "ct3": "disabled"}
+
+
+def test_a_node_is_ready_only_once_its_file_holds_the_keys_and_states_made_before_it_started(
+    stream, tmp_path
+):
+    """An API node said it had started while its copy had not yet read the keys' bucket,
+    and refused a key made on another host before it started with 401 (seen in CI): the
+    copy is ready only once both buckets' contents at its start are in its file."""
+    from outbox import keys
+    from outbox.jetstream_shared import KEYS
+
+    disabled_elsewhere(stream, tmp_path / "elsewhere.db")
+    elsewhere = store.open_outbox(tmp_path / "elsewhere.db")
+    try:
+        for n in range(50):  # (a bucket of some size: reading it takes a moment)
+            keys.insert(
+                elsewhere,
+                key_id=f"key{n}",
+                name=f"k{n}",
+                key_hash=f"hash{n}",
+                prefix="ct1_x",
+                permissions=["core_transaction_1_export"],
+                allow_ips=[],
+                created_at=time.time(),
+            )
+        share(stream.log(), elsewhere, KEYS)
+    finally:
+        elsewhere.close()
+    for attempt in range(3):
+        node = tmp_path / f"node{attempt}.db"
+        mirror = Mirror(
+            stream.log(), lambda node=node: store.open_outbox(node), Router([Route("ct2", ("*",))])
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=mirror.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            assert mirror.ready.wait(15)
+            with store.connect(node, readonly=True) as conn:
+                assert conn.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 50
+                assert keys.find(conn, "hash49") is not None
+            assert state_in(node) == "disabled"
+        finally:
+            stop.set()
+            thread.join(timeout=10)
