@@ -26,6 +26,10 @@ from the kill to the standby's ``standby_took_over``.
 ``--open-carts N`` starts each ct1-cdc round with N open carts in its outbox (the timers of
 cart.abandoned, as capture leaves them); ``--without-carts`` captures with a mapping that
 has no ``[cart_abandoned]`` section.  Together: what holding the timers costs capture.
+
+``--compare-appends`` drains a third slot in each round with the writer's native insert
+thread off (``CT1_CDC_APPEND_THREAD=off``: sqlite3's executemany and a COMMIT on capture's
+thread, as before it): ``executemany_rows_per_s`` and ``executemany_ratio``.
 """
 
 from __future__ import annotations
@@ -217,8 +221,11 @@ CONFIG: Path | None = None  # --endpoints: the config file with them; None: the 
 JETSTREAM: list[str] | None = None  # --backend jetstream: the cluster's servers
 
 
-def ct1_env(dsn: str, slot: str, outbox: Path) -> dict[str, str]:
+def ct1_env(dsn: str, slot: str, outbox: Path, appends: str = "thread") -> dict[str, str]:
+    """``appends``: "executemany" turns the writer's native insert thread off (outbox/append.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_")}
+    if appends == "executemany":
+        env["CT1_CDC_APPEND_THREAD"] = "off"
     if CONFIG is not None:
         env["CT1_CONFIG"] = str(CONFIG)
     env.update(
@@ -318,6 +325,11 @@ def main() -> None:
         help="capture for this many endpoints taking every event (default: the two default ones)",
     )
     parser.add_argument(
+        "--compare-appends",
+        action="store_true",
+        help="each round also drains with the writer's native insert thread off (executemany)",
+    )
+    parser.add_argument(
         "--standby",
         action="store_true",
         help="jetstream: a standby beside each capture round, the capture killed half-way",
@@ -325,6 +337,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.standby and args.backend != "jetstream":
         parser.error("--standby goes with --backend jetstream")
+    if args.compare_appends and (args.standby or args.backend != "sqlite"):
+        parser.error("--compare-appends goes with the sqlite backend alone")
     global MAPPING, CONFIG, JETSTREAM
 
     work = Path(tempfile.mkdtemp(prefix="ct1-bench-"))
@@ -340,7 +354,7 @@ def main() -> None:
         dsn = backlog_source(cluster)
         with psycopg.connect(dsn, autocommit=True) as conn:
             for r in range(args.rounds):
-                for tool in ("recv", "ct1"):
+                for tool in ("recv", "ct1", "ct1x") if args.compare_appends else ("recv", "ct1"):
                     conn.execute(
                         "SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (f"{tool}_{r}",)
                     )
@@ -352,7 +366,7 @@ def main() -> None:
         rows = write_backlog(dsn, args.rows)
         endpos = current_lsn(dsn)
         options = wal2json_options(Settings(source={"dsn": dsn}))
-        rates: dict[str, list[float]] = {"pg_recvlogical": [], "ct1_cdc": []}
+        rates: dict[str, list[float]] = {"pg_recvlogical": [], "ct1_cdc": [], "executemany": []}
         takeovers: list[float] = []
         for r in range(args.rounds):
             secs, _ = drain(
@@ -384,6 +398,18 @@ def main() -> None:
                 )
             rates["ct1_cdc"].append(rows / secs)
             events = _count(outbox)
+            if args.compare_appends:  # the same backlog, the insert thread off
+                other = work / f"outbox_x_{r}.db"
+                secs, _ = drain(
+                    [CLI, "run", "--role", "capture"],
+                    dsn,
+                    f"ct1x_{r}",
+                    endpos,
+                    env=ct1_env(dsn, f"ct1x_{r}", other, "executemany"),
+                )
+                rates["executemany"].append(rows / secs)
+                assert _count(other) == events, (other, events)
+                print(f"round {r + 1}: executemany {rows / secs:,.0f} rows/s", file=sys.stderr)
             print(
                 f"round {r + 1}: pg_recvlogical {rates['pg_recvlogical'][-1]:,.0f} rows/s, "
                 f"ct1-cdc {rates['ct1_cdc'][-1]:,.0f} rows/s ({events} events, peak RSS {rss / 1024:.0f} MB)",
@@ -392,6 +418,8 @@ def main() -> None:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (f"recv_{r}",))
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (f"ct1_{r}",))
+                if args.compare_appends:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (f"ct1x_{r}",))
 
         big_rss_mb = None
         big_secs = None
@@ -438,6 +466,14 @@ def main() -> None:
             "endpoints": "default (ct2, ct3)" if args.endpoints is None else args.endpoints,
             "backend": args.backend,
             **({"takeover_seconds": takeovers} if args.standby else {}),
+            **(
+                {
+                    "executemany_rows_per_s": [round(x) for x in rates["executemany"]],
+                    "executemany_ratio": round(statistics.median(rates["executemany"]) / med_recv, 3),
+                }
+                if args.compare_appends
+                else {}
+            ),
             "ratio": round(med_ct1 / med_recv, 3),
         }
         print(json.dumps(result))

@@ -16,6 +16,7 @@ is the only user of all three.  Positions:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 import time
 from collections import deque
@@ -48,6 +49,8 @@ from common.formats import format_lsn, unix_to_iso
 from config.settings import Settings
 
 log = structlog.get_logger("ct1_cdc.capture")
+
+COMMIT_POLL = 0.001  # seconds between looks at a group commit the sink finishes on a thread
 
 
 def wal2json_options(settings: Settings) -> dict[str, str]:
@@ -151,6 +154,9 @@ class Capture:
         # work handed to this thread (submit): run between transactions, in the group commit
         self._requests: deque[tuple[Callable[[Sink], Any], concurrent.futures.Future[Any]]] = deque()
         self._awaiting: list[tuple[concurrent.futures.Future[Any], Any]] = []
+        # commits made and not yet durable: (the sink's number of the commit, what waited
+        # for it, whether it held events); readers are woken and results given only then
+        self._committing: deque[tuple[int, list[tuple[concurrent.futures.Future[Any], Any]], bool]] = deque()
         # backfill: existing rows read in chunks between transactions (cdc/backfill.py)
         self._backfill = Backfiller(
             mapping, sink, source, chunk_size=settings.backfill.chunk_size, clock=clock
@@ -198,8 +204,13 @@ class Capture:
                 done.set_exception(CaptureError(reason))
 
     def _fail_awaiting(self, exc: BaseException) -> None:
-        """The group rolled back: what waited for its commit did not happen."""
+        """The group rolled back: what waited for its commit did not happen (nor for a
+        commit the sink could not make durable)."""
+        with contextlib.suppress(Exception):
+            self._after_durable()  # (what did become durable before the failure)
         failed, self._awaiting = self._awaiting, []
+        while self._committing:
+            failed += self._committing.popleft()[1]
         for done, _ in failed:
             if not done.done():  # (a caller that gave up cancelled it)
                 done.set_exception(CaptureError(f"not committed: {type(exc).__name__}: {exc}"))
@@ -336,6 +347,8 @@ class Capture:
             timeout = 0.5
             if self._in_txn is None and self._has_uncommitted():
                 timeout = max(0.0, self._last_commit + commit_interval - clock())
+            if self._committing:
+                timeout = min(timeout, COMMIT_POLL)  # its readers are woken once it is durable
             frame = self.frames.read(timeout=timeout)
             if isinstance(frame, XLogData):
                 self._handle(frame)
@@ -374,6 +387,9 @@ class Capture:
                 self._problems_stored = True
         if self._in_txn is None and self._has_uncommitted():
             self._commit()
+        while self._committing:  # the last group commit durable before the session ends
+            time.sleep(COMMIT_POLL)
+            self._after_durable()
         self._confirm()
 
     # -- frames ------------------------------------------------------------------------------
@@ -672,18 +688,30 @@ class Capture:
     def _commit(self) -> None:
         """Commit the group in the sink; :meth:`_confirm` then reports it to Postgres."""
         events = self.sink.pending
-        self.sink.commit(self.slot, self._position)
+        number = self.sink.commit(self.slot, self._position)
         done, self._awaiting = self._awaiting, []
-        for future, result in done:
-            if not future.done():  # (a caller that gave up cancelled it)
-                future.set_result(result)
+        self._committing.append((number, done, bool(events)))
         self._last_commit = self.clock()
         self._submitted = self._position
         self.stats.commits += 1
-        if events and self.on_commit is not None:
-            self.on_commit()
+        self._after_durable()
+
+    def _after_durable(self) -> None:
+        """For each commit the sink has made durable: the results of the work that waited
+        for it, and the readers woken (:attr:`on_commit`) if it held events."""
+        if not self._committing:
+            return
+        durable = self.sink.commits_durable
+        while self._committing and self._committing[0][0] <= durable:
+            _, done, events = self._committing.popleft()
+            for future, result in done:
+                if not future.done():  # (a caller that gave up cancelled it)
+                    future.set_result(result)
+            if events and self.on_commit is not None:
+                self.on_commit()
 
     def _confirm(self, *, reply: bool = False, force: bool = False) -> None:
+        self._after_durable()
         durable = self.sink.durable_lsn
         target = max(durable, self._idle_lsn) if durable >= self._submitted else durable
         if target > self._confirmed or force:

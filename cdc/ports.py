@@ -126,6 +126,11 @@ class Sink(Protocol):
         """The checkpoint of the last commit (or the one read by :meth:`checkpoint`)."""
 
     @property
+    def commits_durable(self) -> int:
+        """How many commits are durable: every one up to this number.  (A commit that
+        fails is raised by a later call, and its number is given again.)"""
+
+    @property
     def pending(self) -> int:
         """Events added since the last commit."""
 
@@ -157,8 +162,11 @@ class Sink(Protocol):
         crash.  ``endpoints``: the only endpoints it goes to (a manual event narrowed by
         ``systems``); None, every endpoint whose routes take its type."""
 
-    def commit(self, slot: str, lsn: int) -> None:
-        """Make everything added so far durable together with the checkpoint ``lsn``."""
+    def commit(self, slot: str, lsn: int) -> int:
+        """Make everything added so far durable together with the checkpoint ``lsn``; the
+        commit's number (1, 2, ...).  It may become durable after this returns (the SQLite
+        writer finishes it on its thread): :attr:`durable_lsn` and :attr:`commits_durable`
+        say when."""
 
     def rollback(self) -> None:
         """Forget everything not yet committed."""

@@ -12,6 +12,11 @@
  *                                            GIL) while MAX_QUEUED chunks are queued, so
  *                                            a huge transaction never piles up in memory
  *   .queued() -> int                         chunks queued or being inserted
+ *   .execute(sql) -> int                     queue a statement without parameters (the
+ *                                            writer's COMMIT and BEGIN): its ticket
+ *   .done() -> int                           tickets done: every chunk and statement
+ *                                            queued is one, numbered from 1 in order; a
+ *                                            failure stops the count until settle()
  *   .settle() -> int                         wait until every queued row is inserted; the
  *                                            connection's last rowid; raises AppendError
  *                                            (the first failure, once) if a row failed
@@ -50,6 +55,8 @@ static struct {
     int (*step)(sqlite3_stmt *);
     int (*reset)(sqlite3_stmt *);
     int (*finalize)(sqlite3_stmt *);
+    int (*exec)(sqlite3 *, const char *, void *, void *, char **);
+    void (*free)(void *);
     const char *(*errmsg)(sqlite3 *);
     int (*extended_errcode)(sqlite3 *);
     long long (*last_insert_rowid)(sqlite3 *);
@@ -82,6 +89,7 @@ typedef struct Chunk {
     int width;
     Value *values;      /* rows * width */
     char *text;
+    char *sql;          /* a statement instead of rows */
 } Chunk;
 
 typedef struct {
@@ -103,6 +111,8 @@ typedef struct {
     int error_code;
     char error[512];
     long long last_rowid;
+    long long tickets;      /* chunks and statements queued, ever */
+    long long done;         /* of which done (in order) */
 } Appender;
 
 static void free_chunk(Chunk *c) {
@@ -110,6 +120,7 @@ static void free_chunk(Chunk *c) {
         return;
     PyMem_RawFree(c->values);
     PyMem_RawFree(c->text);
+    PyMem_RawFree(c->sql);
     PyMem_RawFree(c);
 }
 
@@ -138,6 +149,8 @@ static int load_api(const char *library) {
     LOAD(step, "sqlite3_step");
     LOAD(reset, "sqlite3_reset");
     LOAD(finalize, "sqlite3_finalize");
+    LOAD(exec, "sqlite3_exec");
+    LOAD(free, "sqlite3_free");
     LOAD(errmsg, "sqlite3_errmsg");
     LOAD(extended_errcode, "sqlite3_extended_errcode");
     LOAD(last_insert_rowid, "sqlite3_last_insert_rowid");
@@ -152,7 +165,26 @@ static int load_api(const char *library) {
 
 /* -- the thread ------------------------------------------------------------------------ */
 
-static void insert_chunk(Appender *self, Chunk *c) {
+static void record_failure(Appender *self, int code, const char *message) {
+    pthread_mutex_lock(&self->lock);
+    self->failed = 1;
+    self->error_code = code;
+    snprintf(self->error, sizeof self->error, "%s", message ? message : "unknown error");
+    pthread_mutex_unlock(&self->lock);
+}
+
+static int execute_statement(Appender *self, Chunk *c) {
+    char *message = NULL;
+    api.mutex_enter(self->mutex);
+    int rc = api.exec(self->db, c->sql, NULL, NULL, &message);
+    if (rc != SQLITE_OK)
+        record_failure(self, api.extended_errcode(self->db), message ? message : api.errmsg(self->db));
+    api.mutex_leave(self->mutex);
+    api.free(message);
+    return rc == SQLITE_OK;
+}
+
+static int insert_chunk(Appender *self, Chunk *c) {
     sqlite3_stmt *st = self->stmt;
     for (Py_ssize_t r = 0; r < c->rows; r++) {
         Value *row = c->values + r * c->width;
@@ -170,20 +202,17 @@ static void insert_chunk(Appender *self, Chunk *c) {
         if (rc == SQLITE_OK)
             rc = api.step(st);
         if (rc != SQLITE_DONE) {
-            pthread_mutex_lock(&self->lock);
-            self->failed = 1;
-            self->error_code = api.extended_errcode(self->db);
-            snprintf(self->error, sizeof self->error, "%s", api.errmsg(self->db));
-            pthread_mutex_unlock(&self->lock);
+            record_failure(self, api.extended_errcode(self->db), api.errmsg(self->db));
             api.reset(st);
             api.mutex_leave(self->mutex);
-            return;
+            return 0;
         }
         api.reset(st);
         long long rowid = api.last_insert_rowid(self->db);
         api.mutex_leave(self->mutex);
         self->last_rowid = rowid; /* read by settle() under self->lock, once the thread is idle */
     }
+    return 1;
 }
 
 static void *run(void *arg) {
@@ -201,10 +230,11 @@ static void *run(void *arg) {
         int skip = self->failed;
         self->busy = 1;
         pthread_mutex_unlock(&self->lock);
-        if (!skip)
-            insert_chunk(self, c);
+        int ok = !skip && (c->sql ? execute_statement(self, c) : insert_chunk(self, c));
         free_chunk(c);
         pthread_mutex_lock(&self->lock);
+        if (ok)
+            self->done++;
         self->busy = 0;
         self->queued--;
         pthread_cond_broadcast(&self->idle); /* room for a chunk, or the queue emptied */
@@ -355,6 +385,8 @@ fail:
     return NULL;
 }
 
+static long long enqueue(Appender *self, Chunk *c);
+
 static PyObject *Appender_append(Appender *self, PyObject *rows) {
     if (self->stmt == NULL) {
         PyErr_SetString(PyExc_ValueError, "the appender is closed");
@@ -367,6 +399,12 @@ static PyObject *Appender_append(Appender *self, PyObject *rows) {
         free_chunk(c);
         Py_RETURN_NONE;
     }
+    enqueue(self, c);
+    Py_RETURN_NONE;
+}
+
+/* Queue a chunk (the caller holds the GIL); wait, without it, while the queue is full. */
+static long long enqueue(Appender *self, Chunk *c) {
     pthread_mutex_lock(&self->lock);
     if (self->tail)
         self->tail->next = c;
@@ -374,6 +412,7 @@ static PyObject *Appender_append(Appender *self, PyObject *rows) {
         self->head = c;
     self->tail = c;
     self->queued++;
+    long long ticket = ++self->tickets;
     int full = self->queued > MAX_QUEUED;
     pthread_cond_signal(&self->wake);
     pthread_mutex_unlock(&self->lock);
@@ -385,7 +424,34 @@ static PyObject *Appender_append(Appender *self, PyObject *rows) {
         pthread_mutex_unlock(&self->lock);
         Py_END_ALLOW_THREADS
     }
-    Py_RETURN_NONE;
+    return ticket;
+}
+
+static PyObject *Appender_execute(Appender *self, PyObject *sql) {
+    if (self->stmt == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the appender is closed");
+        return NULL;
+    }
+    Py_ssize_t len;
+    const char *text = PyUnicode_AsUTF8AndSize(sql, &len);
+    if (text == NULL)
+        return NULL;
+    Chunk *c = PyMem_RawCalloc(1, sizeof(Chunk));
+    char *copy = c ? PyMem_RawMalloc((size_t)len + 1) : NULL;
+    if (copy == NULL) {
+        PyMem_RawFree(c);
+        return PyErr_NoMemory();
+    }
+    memcpy(copy, text, (size_t)len + 1);
+    c->sql = copy;
+    return PyLong_FromLongLong(enqueue(self, c));
+}
+
+static PyObject *Appender_done(Appender *self, PyObject *Py_UNUSED(unused)) {
+    pthread_mutex_lock(&self->lock);
+    long long done = self->done;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromLongLong(done);
 }
 
 static void wait_idle(Appender *self) {
@@ -409,6 +475,8 @@ static PyObject *Appender_settle(Appender *self, PyObject *Py_UNUSED(unused)) {
     char error[sizeof self->error];
     memcpy(error, self->error, sizeof error);
     long long last = self->last_rowid;
+    if (failed)
+        self->done = self->tickets; /* what failed or was dropped is over: told once, here */
     self->failed = 0;
     pthread_mutex_unlock(&self->lock);
     if (failed) {
@@ -474,6 +542,8 @@ static PyMethodDef Appender_methods[] = {
     {"append", (PyCFunction)Appender_append, METH_O, "Copy and queue one chunk of rows."},
     {"settle", (PyCFunction)Appender_settle, METH_NOARGS,
      "Wait until every queued row is inserted; the connection's last rowid."},
+    {"execute", (PyCFunction)Appender_execute, METH_O, "Queue a statement; its ticket."},
+    {"done", (PyCFunction)Appender_done, METH_NOARGS, "Tickets done, in order."},
     {"queued", (PyCFunction)Appender_queued, METH_NOARGS, "Chunks queued or being inserted."},
     {"close", (PyCFunction)Appender_close, METH_NOARGS, "Stop the thread, finalize the statement."},
     {"filename", (PyCFunction)Appender_filename, METH_NOARGS, "The file the handle has open."},

@@ -157,6 +157,7 @@ class JetStreamSink:
         self._writer = os.urandom(4).hex()  # the state messages' keys: this writer's own
         self._sent = 0
         self.durable_lsn = 0
+        self.commits_durable = 0  # (each commit is durable when it returns)
         self.last_event_id = 0
         self.pending = 0
         self._events: list[tuple[str, bytes, int]] = []
@@ -443,7 +444,7 @@ class JetStreamSink:
             self._state_open = True
             self._in_stream += 1
 
-    def commit(self, slot: str | None, lsn: int = 0) -> None:
+    def commit(self, slot: str | None, lsn: int = 0) -> int:
         checkpoint, origin = (lsn, slot) if slot is not None else (self._checkpoint or 0, self._origin)
         # (events appended without a position leave the checkpoint as it was)
         if self._skip:
@@ -465,6 +466,8 @@ class JetStreamSink:
             self.durable_lsn = lsn
         if self._in_stream >= SNAPSHOT_MIN:
             self._snapshot()
+        self.commits_durable += 1
+        return self.commits_durable
 
     def _pass_no_longer(self, slot: str | None, lsn: int) -> None:
         """Keys no longer waited for.  A stored group this checkpoint has passed will not be

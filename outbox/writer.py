@@ -12,12 +12,16 @@ Capture's writer (``appends_on_thread``) hands each chunk of events to a native 
 (``outbox/append.py``): the rows are copied while capture holds the GIL, and inserted on
 the same connection and in the same transaction without it, while capture decodes the next
 ones.  Everything else on the connection waits for the queued rows first (:meth:`_settle`),
-except reads of other tables.  (A variant that handed chunks to a Python thread was slower:
+except reads of other tables.  Its group commits go the same way: the ``COMMIT`` (its
+fsync) and the next ``BEGIN`` are queued behind the rows, :attr:`durable_lsn` and
+:attr:`commits_durable` move once it is done, and capture confirms and wakes its readers
+only then.  (A variant that handed chunks to a Python thread was slower:
 the GIL went back and forth for every row.  See docs/benchmarks.md.)
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import sqlite3
 import time
@@ -74,7 +78,10 @@ class OutboxWriter:
         if checkpointer is not None:  # WAL checkpoints on its thread, never inside our commits
             conn.execute("PRAGMA wal_autocheckpoint=0")
             checkpointer.start()
-        self.durable_lsn = 0  # checkpoint of the last commit (what may be confirmed)
+        self._durable_lsn = 0  # checkpoint of the last durable commit (what may be confirmed)
+        self._commits = 0  # commits made
+        self._commits_durable = 0
+        self._committing: collections.deque[tuple[int, int]] = collections.deque()  # (ticket, lsn) queued
         self.last_event_id = 0  # id of the last event committed or written
         self.pending = 0  # events added since the last commit
         self._events: list[tuple[Any, ...]] = []
@@ -88,6 +95,21 @@ class OutboxWriter:
             self._routes_from(router)
         if appends_on_thread and not rows_at_append:
             self._appender = appender_for(conn, Q["insert_event"])
+
+    @property
+    def durable_lsn(self) -> int:
+        """The checkpoint of the last durable commit (or the one :meth:`checkpoint` read)."""
+        if self._committing:
+            self._poll_commits()
+        return self._durable_lsn
+
+    @property
+    def commits_durable(self) -> int:
+        """How many of this writer's commits are durable (all of them, but for a group
+        commit still on the appender's thread)."""
+        if self._committing:
+            self._poll_commits()
+        return self._commits_durable
 
     @property
     def appends_on_thread(self) -> bool:
@@ -184,9 +206,11 @@ class OutboxWriter:
 
     # -- transaction boundaries ----------------------------------------------------------------
 
-    def commit(self, slot: str | None, lsn: int = 0) -> None:
+    def commit(self, slot: str | None, lsn: int = 0) -> int:
         """Make everything added so far durable together with the checkpoint ``lsn``
-        (no checkpoint without a ``slot``: events appended through the API)."""
+        (no checkpoint without a ``slot``: events appended through the API); the commit's
+        number.  Capture's group commits become durable on the appender's thread, after
+        this returns (:attr:`commits_durable`)."""
         self._flush()
         self._settle()
         self._flush_shadow()
@@ -195,11 +219,18 @@ class OutboxWriter:
         self._begin()
         if slot is not None:
             self.conn.execute(Q["set_checkpoint"], (slot, lsn, time.time()))
-        self.conn.execute("COMMIT")
-        self._in_txn = False
+        self._commits += 1
         self.pending = 0
+        self._in_txn = False
+        if self._appender is not None and slot is not None:  # capture's: durable on the thread
+            self._committing.append((self._appender.execute("COMMIT"), lsn))
+            self._appending = True
+            return self._commits
+        self.conn.execute("COMMIT")
+        self._commits_durable = self._commits
         if slot is not None:
-            self.durable_lsn = lsn
+            self._durable_lsn = lsn
+        return self._commits
 
     def in_commit(self, write: Callable[[sqlite3.Connection], None]) -> None:
         """``write(conn)`` inside the current group commit: durable with the events and the
@@ -288,7 +319,7 @@ class OutboxWriter:
         if self._state is not None:
             self._state.forget()
         self.pending = 0
-        if self._in_txn:
+        if self._in_txn or self.conn.in_transaction:  # (a failed COMMIT may leave it open)
             self._in_txn = False
             self.conn.execute("ROLLBACK")
         self.last_event_id = int(self.conn.execute(Q["last_event_id"]).fetchone()[0])
@@ -298,13 +329,15 @@ class OutboxWriter:
         row = self.conn.execute(Q["get_checkpoint"], (slot,)).fetchone()
         if row is None:
             return None
-        self.durable_lsn = max(self.durable_lsn, int(row[0]))
+        self._durable_lsn = max(self._durable_lsn, int(row[0]))
         return int(row[0])
 
     def close(self) -> None:
         if self._in_txn:
             self.rollback()
         if self._appender is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._settle()  # a group commit on its way is done
             self._appender.close()  # before the connection: its statement is finalized
             self._appender = None
         if self.checkpointer is not None:
@@ -334,13 +367,41 @@ class OutboxWriter:
             self.conn.execute("BEGIN IMMEDIATE")
             self._in_txn = True
 
+    def _open_queued(self) -> None:
+        """Open the write transaction behind what the appender holds (a group commit on
+        its way), without waiting for it."""
+        if not self._in_txn:
+            assert self._appender is not None
+            self._appender.execute("BEGIN IMMEDIATE")
+            self._appending = True
+            self._in_txn = True
+
+    def _poll_commits(self) -> None:
+        """Move what is durable past the group commits the appender has done; raise its
+        error if it stopped on one."""
+        assert self._appender is not None
+        done = self._appender.done()
+        while self._committing and self._committing[0][0] <= done:
+            self._durable_lsn = self._committing.popleft()[1]
+            self._commits_durable += 1
+        if self._committing and self._appender.queued() == 0:
+            self._settle()  # idle with a commit not done: it failed, and this raises
+
     def _settle(self) -> None:
         """Wait until the events queued on the appender are inserted (raising, as sqlite3
         would, if one failed)."""
         if self._appending:
             assert self._appender is not None
             self._appending = False
-            self.last_event_id = settle(self._appender)
+            try:
+                self.last_event_id = settle(self._appender)
+            except sqlite3.Error:
+                self._committing.clear()  # not durable, nor ever will be: their numbers
+                self._commits = self._commits_durable  # are given again
+                raise
+            while self._committing:  # every queued commit is done
+                self._durable_lsn = self._committing.popleft()[1]
+                self._commits_durable += 1
 
     def _flush(self) -> None:
         """Insert the buffered events, then their deliveries in one statement per endpoint."""
@@ -354,7 +415,7 @@ class OutboxWriter:
             chosen is None and not routed and event_type in self._routed_types
             for event_type, routed, chosen in kinds
         ):  # events only (capture's): queued, inserted while capture goes on
-            self._open()
+            self._open_queued()
             try:
                 self._appender.append(events)
             except (TypeError, OverflowError):  # a value it does not take: as before

@@ -446,6 +446,7 @@ class MemorySink:
         self.outbox = outbox if outbox is not None else MemoryOutbox()
         self.fail_commits = fail_commits
         self.durable_lsn = 0
+        self.commits_durable = 0
         self.last_event_id = self.outbox.events[-1].id if self.outbox.events else 0
         self._events: list[tuple[Any, ...]] = []
         self._shadow: dict[tuple[str, str], dict[str, Any] | None] = {}
@@ -487,7 +488,7 @@ class MemorySink:
         data = json.loads(json.dumps(data))
         self._events.append((type, object, key, data, occurred_at, table, op, lsn, xid))
 
-    def commit(self, slot: str | None, lsn: int = 0) -> None:
+    def commit(self, slot: str | None, lsn: int = 0) -> int:
         if self.fail_commits is not None:
             raise self.fail_commits
         outbox = self.outbox
@@ -509,6 +510,8 @@ class MemorySink:
         if outbox.events:
             self.last_event_id = outbox.events[-1].id
         self._events, self._shadow, self._skipped = [], {}, {}
+        self.commits_durable += 1
+        return self.commits_durable
 
     def rollback(self) -> None:
         self._events, self._shadow, self._skipped = [], {}, {}

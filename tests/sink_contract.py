@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from cdc.ports import Sink
+from tests.waiting import wait_until
 
 AT = "2026-11-25T15:07:53.877066Z"
 
@@ -42,6 +43,19 @@ def add(sink: Sink, ids: range, xid: int = 1) -> None:
         sink.add("customer.created", "customer", i, data, AT, "public.users", "insert", "0/1", xid)
 
 
+def commit(sink: Sink, slot: str, lsn: int) -> int:
+    """Commit, and wait until the sink says the commit is durable (a sink may finish it
+    after ``commit`` returns: the SQLite writer's thread).  Its checkpoint is then the
+    durable one, never before."""
+    before = sink.durable_lsn
+    number = sink.commit(slot, lsn)
+    done, durable = sink.commits_durable, sink.durable_lsn
+    assert durable == lsn if done >= number else durable in (before, lsn)
+    wait_until(lambda: sink.commits_durable >= number, 10, interval=0.001, what=f"commit {number} durable")
+    assert sink.durable_lsn == lsn
+    return number
+
+
 PROBLEM = {"kind": "missing_column", "table": "public.users", "rule": 1, "message": "no column x", "fix": "f"}
 
 
@@ -49,7 +63,7 @@ class SinkContract:
     def test_committed_events_and_the_checkpoint_survive_a_restart(self, backend: Backend) -> None:
         sink = backend.open()
         add(sink, range(1, 4), xid=7)
-        sink.commit("s", 0x100)
+        commit(sink, "s", 0x100)
         assert sink.durable_lsn == 0x100
         assert sink.last_event_id == 3
         backend.close(sink)
@@ -74,7 +88,7 @@ class SinkContract:
     ) -> None:
         sink = backend.open()
         add(sink, range(1, 3))
-        sink.commit("s", 0x10)
+        commit(sink, "s", 0x10)
         add(sink, range(3, 6))
         sink.shadow_put("public.users", "1", {"status": "new"})
         sink.rollback()
@@ -86,7 +100,7 @@ class SinkContract:
         assert again.checkpoint("s") == 0x10
         assert [e[0] for e in backend.events()] == [1, 2]
         add(again, range(7, 8))
-        again.commit("s", 0x20)
+        commit(again, "s", 0x20)
         assert [(e[0], e[2]) for e in backend.events()] == [
             (1, "1"),
             (2, "2"),
@@ -94,14 +108,26 @@ class SinkContract:
         ]  # ids stay contiguous
         backend.close(again)
 
+    def test_commits_are_numbered_in_order_and_a_rollback_takes_no_number(self, backend: Backend) -> None:
+        sink = backend.open()
+        add(sink, range(1, 3))
+        assert commit(sink, "s", 0x10) == 1
+        add(sink, range(3, 5))
+        sink.rollback()
+        add(sink, range(5, 6))
+        assert commit(sink, "s", 0x20) == 2
+        assert commit(sink, "s", 0x30) == 3  # (nothing added: a number all the same)
+        assert sink.commits_durable == 3
+        backend.close(sink)
+
     def test_the_checkpoint_is_durable_only_with_a_commit(self, backend: Backend) -> None:
         sink = backend.open()
         assert (sink.durable_lsn, sink.pending, sink.in_transaction) == (0, 0, False)
         add(sink, range(1, 3))
         assert (sink.durable_lsn, sink.pending, sink.in_transaction) == (0, 2, True)
-        sink.commit("s", 0x30)
+        commit(sink, "s", 0x30)
         assert (sink.durable_lsn, sink.pending, sink.in_transaction) == (0x30, 0, False)
-        sink.commit("s", 0x40)  # nothing added: the checkpoint alone moves
+        commit(sink, "s", 0x40)  # nothing added: the checkpoint alone moves
         assert sink.durable_lsn == 0x40 and sink.checkpoint("s") == 0x40
         backend.close(sink)
 
@@ -111,10 +137,10 @@ class SinkContract:
         sink.shadow_put("public.orders", "2", {"status": "new", "total": "1.00"})
         assert sink.in_transaction
         assert sink.shadow_get("public.orders", "1") == {"status": "paid", "total": "59.90"}
-        sink.commit("s", 0x10)
+        commit(sink, "s", 0x10)
         sink.shadow_delete("public.orders", "2")
         assert sink.shadow_get("public.orders", "2") is None
-        sink.commit("s", 0x20)
+        commit(sink, "s", 0x20)
         backend.close(sink)
         again = backend.open()
         assert again.shadow_get("public.orders", "1") == {"status": "paid", "total": "59.90"}
@@ -131,7 +157,7 @@ class SinkContract:
         sink.rollback()
         assert sink.pending_skips() == {731} and backend.skips() == {731: None}
         sink.mark_skipped(731, "0/1A2B", 3)
-        sink.commit("s", 0x1A2B)
+        commit(sink, "s", 0x1A2B)
         assert sink.pending_skips() == set()
         assert backend.skips() == {731: ("0/1A2B", 3)}
         backend.close(sink)

@@ -13,6 +13,7 @@ import pytest
 from outbox import append, store
 from outbox.store import Q, Route, Router
 from outbox.writer import OutboxWriter
+from tests.waiting import wait_until
 
 VALUES: list[Any] = [
     "",
@@ -41,6 +42,11 @@ def _stored(path: Path, table: str = "events") -> list[tuple[Any, ...]]:
         return conn.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
     finally:
         conn.close()
+
+
+def _durable(writer: OutboxWriter, number: int) -> None:
+    """Wait until the writer's commit ``number`` is durable (its thread finishes it)."""
+    wait_until(lambda: writer.commits_durable >= number, 10, what=f"commit {number} durable")
 
 
 def _writer(path: Path, on_thread: bool = True) -> OutboxWriter:
@@ -85,7 +91,7 @@ def test_a_failed_insert_is_raised_at_the_commit_and_nothing_of_the_group_stays(
     writer.add(
         "customer.created", "customer", 1, {"n": 1}, "2026-01-01T00:00:00Z", "customers", "insert", "0/1", 7
     )
-    writer.commit("slot", 100)
+    _durable(writer, writer.commit("slot", 100))
     for n in range(1500):  # the second chunk holds the bad row; the third comes after it
         event_type = None if n == 1200 else "customer.created"
         writer.add(event_type, "customer", n, {"n": n}, "2026-01-01T00:00:01Z", None, None, None, None)  # type: ignore[arg-type]
@@ -96,7 +102,9 @@ def test_a_failed_insert_is_raised_at_the_commit_and_nothing_of_the_group_stays(
     assert writer.checkpoint("slot") == 100
     # the writer goes on: the next group commits whole, its ids after the last committed one
     writer.add("customer.created", "customer", 2, {"n": 2}, "2026-01-01T00:00:02Z", None, None, None, None)
-    writer.commit("slot", 300)
+    assert writer.commit("slot", 300) == 2  # (the failed one's number is given again)
+    _durable(writer, 2)
+    assert writer.durable_lsn == 300
     assert [row[0] for row in _stored(path)] == [1, 2]
     assert writer.last_event_id == 2
     writer.close()
