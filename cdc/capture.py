@@ -688,7 +688,7 @@ class Capture:
     def _commit(self) -> None:
         """Commit the group in the sink; :meth:`_confirm` then reports it to Postgres."""
         events = self.sink.pending
-        number = self.sink.commit(self.slot, self._position)
+        number = self.sink.commit(self.slot, self._position, wait=False)
         done, self._awaiting = self._awaiting, []
         self._committing.append((number, done, bool(events)))
         self._last_commit = self.clock()

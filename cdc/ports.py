@@ -162,11 +162,11 @@ class Sink(Protocol):
         crash.  ``endpoints``: the only endpoints it goes to (a manual event narrowed by
         ``systems``); None, every endpoint whose routes take its type."""
 
-    def commit(self, slot: str, lsn: int) -> int:
+    def commit(self, slot: str, lsn: int, *, wait: bool = True) -> int:
         """Make everything added so far durable together with the checkpoint ``lsn``; the
-        commit's number (1, 2, ...).  It may become durable after this returns (the SQLite
-        writer finishes it on its thread): :attr:`durable_lsn` and :attr:`commits_durable`
-        say when."""
+        commit's number (1, 2, ...).  With ``wait=False`` it may become durable after this
+        returns (the SQLite writer finishes it on its thread): :attr:`durable_lsn` and
+        :attr:`commits_durable` say when."""
 
     def rollback(self) -> None:
         """Forget everything not yet committed."""

@@ -17,9 +17,16 @@
  *   .done() -> int                           tickets done: every chunk and statement
  *                                            queued is one, numbered from 1 in order; a
  *                                            failure stops the count until settle()
+ *   .wait_statements()                       wait (without the GIL) until no statement is
+ *                                            queued or running: a statement holds the
+ *                                            connection's mutex throughout (a BEGIN that
+ *                                            waits for another writer's lock, a COMMIT's
+ *                                            fsync), and a read of the Python side must
+ *                                            not wait for that mutex holding the GIL
  *   .settle() -> int                         wait until every queued row is inserted; the
  *                                            connection's last rowid; raises AppendError
- *                                            (the first failure, once) if a row failed
+ *                                            (message, code, tickets done before it: the
+ *                                            first failure, once) if something failed
  *   .close()                                 stop the thread, finalize the statement
  *
  * The connection is the one of a sqlite3.Connection (CPython keeps its sqlite3 handle as
@@ -106,6 +113,7 @@ typedef struct {
     Chunk *head, *tail;
     int busy;               /* the thread is inserting a chunk it took off the queue */
     int queued;             /* chunks queued or being inserted */
+    int statements;         /* of which statements */
     int stop;
     int failed;             /* a row failed: the rest is dropped until settle() reports it */
     int error_code;
@@ -230,11 +238,14 @@ static void *run(void *arg) {
         int skip = self->failed;
         self->busy = 1;
         pthread_mutex_unlock(&self->lock);
-        int ok = !skip && (c->sql ? execute_statement(self, c) : insert_chunk(self, c));
+        int statement = c->sql != NULL;
+        int ok = !skip && (statement ? execute_statement(self, c) : insert_chunk(self, c));
         free_chunk(c);
         pthread_mutex_lock(&self->lock);
         if (ok)
             self->done++;
+        if (statement)
+            self->statements--;
         self->busy = 0;
         self->queued--;
         pthread_cond_broadcast(&self->idle); /* room for a chunk, or the queue emptied */
@@ -412,6 +423,8 @@ static long long enqueue(Appender *self, Chunk *c) {
         self->head = c;
     self->tail = c;
     self->queued++;
+    if (c->sql != NULL)
+        self->statements++;
     long long ticket = ++self->tickets;
     int full = self->queued > MAX_QUEUED;
     pthread_cond_signal(&self->wake);
@@ -454,6 +467,16 @@ static PyObject *Appender_done(Appender *self, PyObject *Py_UNUSED(unused)) {
     return PyLong_FromLongLong(done);
 }
 
+static PyObject *Appender_wait_statements(Appender *self, PyObject *Py_UNUSED(unused)) {
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->lock);
+    while (self->statements > 0)
+        pthread_cond_wait(&self->idle, &self->lock);
+    pthread_mutex_unlock(&self->lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static void wait_idle(Appender *self) {
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->lock);
@@ -475,12 +498,13 @@ static PyObject *Appender_settle(Appender *self, PyObject *Py_UNUSED(unused)) {
     char error[sizeof self->error];
     memcpy(error, self->error, sizeof error);
     long long last = self->last_rowid;
+    long long done = self->done; /* (before the failure: what was done stays done) */
     if (failed)
         self->done = self->tickets; /* what failed or was dropped is over: told once, here */
     self->failed = 0;
     pthread_mutex_unlock(&self->lock);
     if (failed) {
-        PyObject *exc = Py_BuildValue("(si)", error, code);
+        PyObject *exc = Py_BuildValue("(siL)", error, code, done);
         if (exc != NULL) {
             PyErr_SetObject(AppendError, exc);
             Py_DECREF(exc);
@@ -515,6 +539,7 @@ static void stop_thread(Appender *self) {
     }
     self->tail = NULL;
     self->queued = 0;
+    self->statements = 0;
 }
 
 static PyObject *Appender_close(Appender *self, PyObject *Py_UNUSED(unused)) {
@@ -544,6 +569,8 @@ static PyMethodDef Appender_methods[] = {
      "Wait until every queued row is inserted; the connection's last rowid."},
     {"execute", (PyCFunction)Appender_execute, METH_O, "Queue a statement; its ticket."},
     {"done", (PyCFunction)Appender_done, METH_NOARGS, "Tickets done, in order."},
+    {"wait_statements", (PyCFunction)Appender_wait_statements, METH_NOARGS,
+     "Wait, without the GIL, until no statement is queued or running."},
     {"queued", (PyCFunction)Appender_queued, METH_NOARGS, "Chunks queued or being inserted."},
     {"close", (PyCFunction)Appender_close, METH_NOARGS, "Stop the thread, finalize the statement."},
     {"filename", (PyCFunction)Appender_filename, METH_NOARGS, "The file the handle has open."},

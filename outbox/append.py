@@ -25,6 +25,7 @@ class Appender(Protocol):
     def settle(self) -> int: ...
     def execute(self, sql: str, /) -> int: ...
     def done(self) -> int: ...
+    def wait_statements(self) -> None: ...
     def queued(self) -> int: ...
     def close(self) -> None: ...
     def filename(self) -> str | None: ...
@@ -58,16 +59,18 @@ def appender_for(conn: sqlite3.Connection, sql: str) -> Appender | None:
 
 
 def settle(appender: Appender) -> int:
-    """``appender.settle()``, a failed insert raised as sqlite3 would raise it."""
+    """``appender.settle()``, a failure raised as sqlite3 would raise it; the error's
+    ``tickets_done``: how many tickets were done before it."""
     from outbox import _append  # type: ignore[attr-defined]
 
     try:
         return appender.settle()
     except _append.AppendError as exc:
-        message, code = exc.args
+        message, code, done = exc.args
         kind = sqlite3.IntegrityError if code & 0xFF == SQLITE_CONSTRAINT else sqlite3.OperationalError
         error = kind(message)
         error.sqlite_errorcode = code
+        error.tickets_done = done  # type: ignore[union-attr]
         raise error from None
 
 

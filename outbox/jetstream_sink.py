@@ -444,7 +444,7 @@ class JetStreamSink:
             self._state_open = True
             self._in_stream += 1
 
-    def commit(self, slot: str | None, lsn: int = 0) -> int:
+    def commit(self, slot: str | None, lsn: int = 0, *, wait: bool = True) -> int:
         checkpoint, origin = (lsn, slot) if slot is not None else (self._checkpoint or 0, self._origin)
         # (events appended without a position leave the checkpoint as it was)
         if self._skip:

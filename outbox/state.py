@@ -28,9 +28,17 @@ class SqliteState:
     calls :meth:`flush` (as the shadow does), so the write lock is taken only while
     committing; reads see them.  ``begin`` opens the writer's transaction."""
 
-    def __init__(self, conn: sqlite3.Connection, begin: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        begin: Callable[[], None],
+        before_read: Callable[[], None] | None = None,
+    ) -> None:
+        """``before_read``: called before each read of the connection (the writer's: it
+        waits for a statement its thread is running)."""
         self.conn = conn
         self.begin = begin
+        self._before_read = before_read
         self._changed: dict[str, dict[str, Row | None]] = {}  # kind -> key -> row (None: deleted)
         self._refs: dict[tuple[str, str], set[str]] = {}  # (kind, ref) -> keys changed under it
 
@@ -43,6 +51,7 @@ class SqliteState:
         if mine is not None and key in mine:
             row = mine[key]
             return None if row is None else loads(row[0])
+        self._read()
         found = self.conn.execute(S["get"], {"kind": kind, "key": key}).fetchone()
         return None if found is None else loads(found[0])
 
@@ -62,6 +71,7 @@ class SqliteState:
 
     def state_by_ref(self, kind: str, ref: str) -> list[Any]:
         mine = self._changed.get(kind, {})
+        self._read()
         found = {k: v for k, v in self.conn.execute(S["by_ref"], {"kind": kind, "ref": ref}) if k not in mine}
         for key in self._refs.get((kind, ref), ()):
             row = mine.get(key)
@@ -72,6 +82,7 @@ class SqliteState:
     def _stored_due(self, kind: str, until: float | None, limit: int) -> list[tuple[float, str, str]]:
         """Up to ``limit`` stored rows by due time, passing over those changed since."""
         mine = self._changed.get(kind, {})
+        self._read()
         rows = self.conn.execute(
             S["due"], {"kind": kind, "until": until if until is not None else float("inf")}
         )
@@ -98,15 +109,21 @@ class SqliteState:
 
     def state_count(self, kind: str) -> tuple[int, int]:
         """(values, of which due) of one kind, as last committed."""
+        self._read()
         total, due = self.conn.execute(S["count"], {"kind": kind}).fetchone()
         return int(total), int(due)
 
     def state_refs(self, kind: str, limit: int) -> set[str] | None:
         """Every ref of ``kind`` in use (stored or held), or None past ``limit``.  A stored
         ref whose row was changed since still counts: a superset is what callers need."""
+        self._read()
         refs = {r for (r,) in self.conn.execute(S["refs"], {"kind": kind, "limit": limit + 1})}
         refs |= {ref for (kd, ref), keys in self._refs.items() if kd == kind and keys}
         return None if len(refs) > limit else refs
+
+    def _read(self) -> None:
+        if self._before_read is not None:
+            self._before_read()
 
     def flush(self) -> None:
         """Write the changes, inside the writer's transaction (its commit calls this)."""

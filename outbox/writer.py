@@ -89,7 +89,8 @@ class OutboxWriter:
         self._in_txn = False
         self._state: SqliteState | None = None
         self._appender: Appender | None = None
-        self._appending = False  # rows queued on the appender since the last settle
+        self._appending = False  # work queued on the appender since the last settle
+        self._rows_queued = False  # of which rows
         conn.executemany(Q["register_endpoint"], [(name,) for name in router.names])
         if not rows_at_append:
             self._routes_from(router)
@@ -179,6 +180,7 @@ class OutboxWriter:
         # (a read of another table: it need not wait for the queued events)
         if (table, key) in self._shadow:
             return self._shadow[(table, key)]
+        self._before_read()
         row = self.conn.execute(Q["get_shadow"], (table, key)).fetchone()
         return None if row is None else shadow_values(row[0])
 
@@ -206,11 +208,11 @@ class OutboxWriter:
 
     # -- transaction boundaries ----------------------------------------------------------------
 
-    def commit(self, slot: str | None, lsn: int = 0) -> int:
+    def commit(self, slot: str | None, lsn: int = 0, *, wait: bool = True) -> int:
         """Make everything added so far durable together with the checkpoint ``lsn``
         (no checkpoint without a ``slot``: events appended through the API); the commit's
-        number.  Capture's group commits become durable on the appender's thread, after
-        this returns (:attr:`commits_durable`)."""
+        number.  ``wait=False`` (capture's group commits): with the appender, the commit
+        becomes durable on its thread after this returns (:attr:`commits_durable`)."""
         self._flush()
         self._settle()
         self._flush_shadow()
@@ -222,7 +224,7 @@ class OutboxWriter:
         self._commits += 1
         self.pending = 0
         self._in_txn = False
-        if self._appender is not None and slot is not None:  # capture's: durable on the thread
+        if self._appender is not None and slot is not None and not wait:  # durable on the thread
             self._committing.append((self._appender.execute("COMMIT"), lsn))
             self._appending = True
             return self._commits
@@ -254,7 +256,7 @@ class OutboxWriter:
     def state(self) -> SqliteState:
         """Derived events' state (cart timers), written in the current group commit."""
         if self._state is None:
-            self._state = SqliteState(self.conn, self._begin)
+            self._state = SqliteState(self.conn, self._begin, self._before_read)
         return self._state
 
     def add_once(
@@ -289,6 +291,7 @@ class OutboxWriter:
 
     def backfills(self) -> list[dict[str, Any]]:
         """Backfill jobs queued or running, oldest first."""
+        self._before_read()
         return backfills.active(self.conn)
 
     def backfill_update(self, job: int, **progress: Any) -> None:
@@ -319,9 +322,9 @@ class OutboxWriter:
         if self._state is not None:
             self._state.forget()
         self.pending = 0
-        if self._in_txn or self.conn.in_transaction:  # (a failed COMMIT may leave it open)
-            self._in_txn = False
-            self.conn.execute("ROLLBACK")
+        self._in_txn = False
+        if self.conn.in_transaction:  # (the thread is idle: SQLite's own word; a failed
+            self.conn.execute("ROLLBACK")  # BEGIN opened none, a failed COMMIT may have)
         self.last_event_id = int(self.conn.execute(Q["last_event_id"]).fetchone()[0])
 
     def checkpoint(self, slot: str) -> int | None:
@@ -333,16 +336,19 @@ class OutboxWriter:
         return int(row[0])
 
     def close(self) -> None:
-        if self._in_txn:
-            self.rollback()
-        if self._appender is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._settle()  # a group commit on its way is done
-            self._appender.close()  # before the connection: its statement is finalized
-            self._appender = None
-        if self.checkpointer is not None:
-            self.checkpointer.stop()
-        self.conn.close()
+        """Close; a group commit still on the appender's thread is finished first, and
+        raised if it failed (after everything is closed)."""
+        try:
+            if self._in_txn:
+                self.rollback()
+            self._settle()
+        finally:
+            if self._appender is not None:
+                self._appender.close()  # before the connection: its statement is finalized
+                self._appender = None
+            if self.checkpointer is not None:
+                self.checkpointer.stop()
+            self.conn.close()
 
     @property
     def in_transaction(self) -> bool:
@@ -376,6 +382,14 @@ class OutboxWriter:
             self._appending = True
             self._in_txn = True
 
+    def _before_read(self) -> None:
+        """Before a read of another table on this connection: no statement of the thread
+        (a BEGIN waiting for another writer, a COMMIT's fsync) may hold the connection's
+        mutex, which the read would wait for holding the GIL."""
+        if self._appending:
+            assert self._appender is not None
+            self._appender.wait_statements()
+
     def _poll_commits(self) -> None:
         """Move what is durable past the group commits the appender has done; raise its
         error if it stopped on one."""
@@ -394,11 +408,19 @@ class OutboxWriter:
             assert self._appender is not None
             self._appending = False
             try:
-                self.last_event_id = settle(self._appender)
-            except sqlite3.Error:
+                last = settle(self._appender)
+            except sqlite3.Error as exc:
+                done = getattr(exc, "tickets_done", 0)
+                while self._committing and self._committing[0][0] <= done:  # (done before it)
+                    self._durable_lsn = self._committing.popleft()[1]
+                    self._commits_durable += 1
                 self._committing.clear()  # not durable, nor ever will be: their numbers
                 self._commits = self._commits_durable  # are given again
+                self._rows_queued = False
                 raise
+            if self._rows_queued:  # (else the thread's last rowid is older than ours)
+                self.last_event_id = last
+                self._rows_queued = False
             while self._committing:  # every queued commit is done
                 self._durable_lsn = self._committing.popleft()[1]
                 self._commits_durable += 1
@@ -423,7 +445,7 @@ class OutboxWriter:
                 self.conn.executemany(Q["insert_event"], events)
                 self.last_event_id = int(self.conn.execute("SELECT last_insert_rowid()").fetchone()[0])
                 return
-            self._appending = True
+            self._appending = self._rows_queued = True
             return
         self._begin()
         self.conn.executemany(Q["insert_event"], events)

@@ -488,7 +488,7 @@ class MemorySink:
         data = json.loads(json.dumps(data))
         self._events.append((type, object, key, data, occurred_at, table, op, lsn, xid))
 
-    def commit(self, slot: str | None, lsn: int = 0) -> int:
+    def commit(self, slot: str | None, lsn: int = 0, *, wait: bool = True) -> int:
         if self.fail_commits is not None:
             raise self.fail_commits
         outbox = self.outbox

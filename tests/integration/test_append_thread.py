@@ -5,6 +5,8 @@ leaves nothing behind, and what the compiled module does not take goes the old w
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +94,9 @@ def test_a_failed_insert_is_raised_at_the_commit_and_nothing_of_the_group_stays(
         "customer.created", "customer", 1, {"n": 1}, "2026-01-01T00:00:00Z", "customers", "insert", "0/1", 7
     )
     _durable(writer, writer.commit("slot", 100))
-    for n in range(1500):  # the second chunk holds the bad row; the third comes after it
-        event_type = None if n == 1200 else "customer.created"
-        writer.add(event_type, "customer", n, {"n": n}, "2026-01-01T00:00:01Z", None, None, None, None)  # type: ignore[arg-type]
-    with pytest.raises(sqlite3.IntegrityError, match=r"NOT NULL constraint failed: events\.type"):
+    for n in range(2500):  # the second chunk holds the bad row; the third comes after it
+        _add(writer, n, None if n == 1200 else "customer")
+    with pytest.raises(sqlite3.IntegrityError, match=r"NOT NULL constraint failed: events\.object"):
         writer.commit("slot", 200)
     writer.rollback()
     assert [row[0] for row in _stored(path)] == [1]
@@ -179,3 +180,106 @@ def test_a_huge_transaction_never_piles_up_queued_chunks(tmp_path: Path) -> None
     appender.close()
     conn.close()
     assert len(_stored(tmp_path / "outbox.db", "t")) == 40_000
+
+
+# -- faults a review found in the thread's group commits, reproduced first ------------------
+
+
+def _add(writer: OutboxWriter, n: int, object: str | None = "customer") -> None:
+    """One customer.created event; ``object=None`` makes a row the thread fails to insert
+    (events.object is NOT NULL)."""
+    writer.add("customer.created", object, n, {"n": n}, "2026-01-01T00:00:00Z", None, None, None, None)  # type: ignore[arg-type]
+
+
+def test_a_read_while_the_thread_waits_for_another_writers_lock_does_not_hold_up_the_process(
+    tmp_path: Path,
+) -> None:
+    """The thread's BEGIN waits (holding the connection's mutex) for another writer of the
+    file; a read of capture's (the shadow) must wait without the GIL, or the other writer
+    never gets the GIL to commit, and the BEGIN fails on the busy timeout."""
+    path = tmp_path / "outbox.db"
+    writer = _writer(path)
+    _add(writer, 0)
+    _durable(writer, writer.commit("slot", 1, wait=False))
+    assert writer.shadow_get("public.orders", "0") is None  # (its statement cached: bound holding the GIL)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO derived_state (kind, key, value) VALUES ('test', 'k', '1')")
+
+    def release() -> None:
+        time.sleep(0.5)  # (the GIL is free while it sleeps; it needs it back to commit)
+        other.execute("COMMIT")
+
+    releasing = threading.Thread(target=release)
+    releasing.start()
+    for n in range(1, 1001):  # a chunk: the thread's BEGIN, waiting for the other's lock
+        _add(writer, n)
+    assert writer.shadow_get("public.orders", "1") is None
+    releasing.join()
+    _durable(writer, writer.commit("slot", 2, wait=False))
+    assert len(_stored(path)) == 1001
+    writer.close()
+    other.close()
+
+
+def test_a_begin_that_failed_is_rolled_back_without_a_new_error_and_the_writer_goes_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    writer = _writer(path)
+    _add(writer, 0)
+    _durable(writer, writer.commit("slot", 1, wait=False))
+    writer.conn.execute("PRAGMA busy_timeout=50")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    for n in range(1, 1001):
+        _add(writer, n)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        writer.commit("slot", 2, wait=False)
+    writer.rollback()  # (no transaction is open: the BEGIN failed)
+    other.execute("COMMIT")
+    other.close()
+    _add(writer, 1001)
+    _durable(writer, writer.commit("slot", 3, wait=False))
+    assert [row[0] for row in _stored(path)] == [1, 2]
+    assert writer.checkpoint("slot") == 3
+    writer.close()
+
+
+def test_a_commit_done_before_a_later_failure_stays_durable(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    writer = _writer(path)
+    _add(writer, 1)
+    first = writer.commit("slot", 100, wait=False)  # (not looked at before the failure)
+    for n in range(2, 1002):
+        _add(writer, n, None if n == 500 else "customer")
+    with pytest.raises(sqlite3.IntegrityError):
+        writer.commit("slot", 200, wait=False)
+    assert writer.commits_durable == first
+    assert writer.durable_lsn == 100
+    writer.rollback()
+    assert [row[0] for row in _stored(path)] == [1]
+    writer.close()
+
+
+def test_the_last_event_id_stays_when_the_thread_committed_rows_it_did_not_insert(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    writer = _writer(path)
+    writer.add("ct1.gap", "gap", None, {"n": 1}, "2026-01-01T00:00:00Z", None, None, None, None)
+    writer.add("a.type.new.to.the.writer", "x", 1, {"n": 1}, "2026-01-01T00:00:00Z", None, None, None, None)
+    number = writer.commit("slot", 1, wait=False)  # (rows of types routed now: executemany)
+    _durable(writer, number)
+    assert writer.checkpoint("slot") == 1
+    assert writer.last_event_id == 2
+    writer.close()
+
+
+def test_a_commit_that_waits_is_durable_when_it_returns(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    writer = _writer(path)
+    _add(writer, 1)
+    number = writer.commit("slot", 7)  # (the default: commands like `ct1-cdc slot recover`)
+    assert writer.commits_durable == number
+    assert writer.durable_lsn == 7
+    assert len(_stored(path)) == 1
+    writer.close()
