@@ -468,6 +468,11 @@ static PyObject *Appender_done(Appender *self, PyObject *Py_UNUSED(unused)) {
 }
 
 static PyObject *Appender_wait_statements(Appender *self, PyObject *Py_UNUSED(unused)) {
+    pthread_mutex_lock(&self->lock);
+    int running = self->statements > 0;
+    pthread_mutex_unlock(&self->lock);
+    if (!running) /* (the usual case: the GIL stays, no other thread is let in) */
+        Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->lock);
     while (self->statements > 0)
@@ -478,6 +483,11 @@ static PyObject *Appender_wait_statements(Appender *self, PyObject *Py_UNUSED(un
 }
 
 static void wait_idle(Appender *self) {
+    pthread_mutex_lock(&self->lock);
+    int idle = self->head == NULL && !self->busy;
+    pthread_mutex_unlock(&self->lock);
+    if (idle)
+        return;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->lock);
     while (self->head != NULL || self->busy)
