@@ -199,7 +199,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             f'secret = "{generate_secret()}"\n'
         )
         # (CT1_CDC_APPEND_THREAD=off passes: capture's writer without its insert thread)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_") or k == "CT1_CDC_APPEND_THREAD"}
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("CT1_") or k == "CT1_CDC_APPEND_THREAD"
+        }
         env["CT1_CONFIG"] = str(config)
         options = wal2json_options(Settings(source={"dsn": dsn}))
         baseline_seen: dict[int, float] = {}
