@@ -293,11 +293,12 @@ class Capture:
                 finally:
                     self.streaming.clear()
             except SlotLost as exc:
+                self.sink.rollback()  # (first: a group commit on its way finishes, or fails)
+                self._fail_awaiting(exc)  # what waited for a group rolled back did not happen
                 held = self.sink.durable_lsn or stored
                 lost = slot_health.lost(self.slot, held, str(exc))
                 if self.settings.source.on_slot_lost != "recover":
                     raise lost from exc
-                self.sink.rollback()
                 self.frames.close()
                 self._recover(held, "dropped" if "dropped" in str(exc) else "invalidated")
         finally:

@@ -36,7 +36,7 @@ from outbox import backfills, source_state
 from outbox.append import Appender, appender_for, settle
 from outbox.checkpointer import Checkpointer
 from outbox.state import SqliteState
-from outbox.store import TO_EVERY_ENDPOINT, Q, Router, dumps, transaction
+from outbox.store import TO_EVERY_ENDPOINT, OutboxError, Q, Router, dumps, transaction
 
 CHUNK = 1000
 SHADOW_BUFFER = 10_000  # shadow rows kept in memory before they go to SQLite
@@ -315,7 +315,7 @@ class OutboxWriter:
         source_state.set_problems(self.conn, problems)
 
     def rollback(self) -> None:
-        with contextlib.suppress(sqlite3.Error):  # the failed insert is what is rolled back
+        with contextlib.suppress(sqlite3.Error, OutboxError):  # what failed is what is rolled back
             self._settle()
         self._events.clear()
         self._shadow.clear()
@@ -339,9 +339,9 @@ class OutboxWriter:
         """Close; a group commit still on the appender's thread is finished first, and
         raised if it failed (after everything is closed)."""
         try:
+            self._settle()  # (before the rollback, which would say nothing of it)
             if self._in_txn:
                 self.rollback()
-            self._settle()
         finally:
             if self._appender is not None:
                 self._appender.close()  # before the connection: its statement is finalized
@@ -402,14 +402,14 @@ class OutboxWriter:
             self._settle()  # idle with a commit not done: it failed, and this raises
 
     def _settle(self) -> None:
-        """Wait until the events queued on the appender are inserted (raising, as sqlite3
-        would, if one failed)."""
+        """Wait until what is queued on the appender is done; a failure is raised as an
+        :class:`OutboxError` (sqlite3's message): the outbox's, never the change's at hand."""
         if self._appending:
             assert self._appender is not None
             self._appending = False
             try:
                 last = settle(self._appender)
-            except sqlite3.Error as exc:
+            except sqlite3.Error as exc:  # (an outbox error: never blamed on the change at hand)
                 done = getattr(exc, "tickets_done", 0)
                 while self._committing and self._committing[0][0] <= done:  # (done before it)
                     self._durable_lsn = self._committing.popleft()[1]
@@ -417,7 +417,7 @@ class OutboxWriter:
                 self._committing.clear()  # not durable, nor ever will be: their numbers
                 self._commits = self._commits_durable  # are given again
                 self._rows_queued = False
-                raise
+                raise OutboxError(f"capture's outbox writes failed: {exc}") from exc
             if self._rows_queued:  # (else the thread's last rowid is older than ours)
                 self.last_event_id = last
                 self._rows_queued = False

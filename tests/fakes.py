@@ -279,6 +279,7 @@ class FakeSource:
         self.sessions = 0
         self.heartbeats = 0
         self.slot_created = False
+        self.lost_once = False  # the next slot check finds the slot invalidated
         # backfill: each table's rows (by "id"), the snapshot a chunk reads at, and what
         # happens when a chunk was read (a test writes its watermark, and what raced it)
         self.rows: dict[str, list[dict[str, Any]]] = {}
@@ -323,7 +324,9 @@ class FakeSource:
             self.on_heartbeat()
 
     def slot_status(self) -> dict[str, Any] | None:
-        return {"lag_bytes": 0, "confirmed_flush_lsn": "0/0", "wal_status": "reserved", "safe_wal_size": None}
+        status = "lost" if self.lost_once else "reserved"  # (a test's: invalidated, once)
+        self.lost_once = False
+        return {"lag_bytes": 0, "confirmed_flush_lsn": "0/0", "wal_status": status, "safe_wal_size": None}
 
     def key_columns(self, schema: str, name: str) -> list[tuple[str, str]]:
         return [("id", "bigint")] if f"{schema}.{name}" in self.tables else []

@@ -48,7 +48,7 @@ def commit(sink: Sink, slot: str, lsn: int) -> int:
     after ``commit`` returns: the SQLite writer's thread).  Its checkpoint is then the
     durable one, never before."""
     before = sink.durable_lsn
-    number = sink.commit(slot, lsn)
+    number = sink.commit(slot, lsn, wait=False)
     done, durable = sink.commits_durable, sink.durable_lsn
     assert durable == lsn if done >= number else durable in (before, lsn)
     wait_until(lambda: sink.commits_durable >= number, 10, interval=0.001, what=f"commit {number} durable")

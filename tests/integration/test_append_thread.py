@@ -1,6 +1,7 @@
 """Capture's events inserted on a native thread (outbox/append.py): the rows stored are the
-ones executemany stores, a failed insert surfaces at the commit as sqlite3's error and
-leaves nothing behind, and what the compiled module does not take goes the old way."""
+ones executemany stores, a failed insert surfaces at the commit as an outbox error (with
+sqlite3's message) and leaves nothing behind, and what the compiled module does not take
+goes the old way."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from outbox import append, store
-from outbox.store import Q, Route, Router
+from outbox.store import OutboxError, Q, Route, Router
 from outbox.writer import OutboxWriter
 from tests.waiting import wait_until
 
@@ -96,7 +97,7 @@ def test_a_failed_insert_is_raised_at_the_commit_and_nothing_of_the_group_stays(
     _durable(writer, writer.commit("slot", 100))
     for n in range(2500):  # the second chunk holds the bad row; the third comes after it
         _add(writer, n, None if n == 1200 else "customer")
-    with pytest.raises(sqlite3.IntegrityError, match=r"NOT NULL constraint failed: events\.object"):
+    with pytest.raises(OutboxError, match=r"NOT NULL constraint failed: events\.object"):
         writer.commit("slot", 200)
     writer.rollback()
     assert [row[0] for row in _stored(path)] == [1]
@@ -234,7 +235,7 @@ def test_a_begin_that_failed_is_rolled_back_without_a_new_error_and_the_writer_g
     other.execute("BEGIN IMMEDIATE")
     for n in range(1, 1001):
         _add(writer, n)
-    with pytest.raises(sqlite3.OperationalError, match="locked"):
+    with pytest.raises(OutboxError, match="locked"):
         writer.commit("slot", 2, wait=False)
     writer.rollback()  # (no transaction is open: the BEGIN failed)
     other.execute("COMMIT")
@@ -253,7 +254,7 @@ def test_a_commit_done_before_a_later_failure_stays_durable(tmp_path: Path) -> N
     first = writer.commit("slot", 100, wait=False)  # (not looked at before the failure)
     for n in range(2, 1002):
         _add(writer, n, None if n == 500 else "customer")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(OutboxError, match="NOT NULL"):
         writer.commit("slot", 200, wait=False)
     assert writer.commits_durable == first
     assert writer.durable_lsn == 100

@@ -296,6 +296,31 @@ def test_when_the_stream_pauses_what_is_pending_commits():
 # -- work handed to capture's thread (Capture.submit) -------------------------------------------
 
 
+def test_work_whose_group_a_lost_slot_rolled_back_fails_and_is_not_answered_by_a_later_commit():
+    """With ``on_slot_lost = "recover"`` capture goes on in a new session; what waited for
+    the group the lost slot rolled back was answered by the next commit, as if it had been
+    stored (a review found it)."""
+    rig = Rig(source_settings={"on_slot_lost": "recover"})
+    rig.wal.transaction(user(1))
+    rig.wal.pause()
+    rig.source.lost_once = True
+    capture = rig.capture()
+
+    def appended(sink: Any) -> str:
+        data = {"object": "customer", "id": 99, "record": {"name": "handed"}, "previous": None}
+        sink.add(
+            "customer.created", "customer", 99, data, "2026-11-25T00:00:00Z", None, "derived", None, None
+        )
+        return "done"
+
+    answered = capture.submit(appended)
+    capture.run()
+    assert "ct1.gap" in [e.type for e in rig.outbox.events]  # (recovered, and went on)
+    with pytest.raises(CaptureError, match="not committed"):
+        answered.result(timeout=0)
+    assert not [e for e in rig.outbox.events if e.data.get("id") == 99]  # (nor stored)
+
+
 def test_work_handed_to_capture_commits_with_its_group_and_answers_after_that_commit():
     rig = Rig()
     rig.wal.transaction(user(1))
