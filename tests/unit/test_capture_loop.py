@@ -296,6 +296,13 @@ def test_when_the_stream_pauses_what_is_pending_commits():
 # -- work handed to capture's thread (Capture.submit) -------------------------------------------
 
 
+def appended(sink: Any) -> str:
+    """Work handed to capture: one event (customer 99, "handed")."""
+    data = {"object": "customer", "id": 99, "record": {"name": "handed"}, "previous": None}
+    sink.add("customer.created", "customer", 99, data, "2026-11-25T00:00:00Z", None, "derived", None, None)
+    return "done"
+
+
 def test_work_whose_group_a_lost_slot_rolled_back_fails_and_is_not_answered_by_a_later_commit():
     """With ``on_slot_lost = "recover"`` capture goes on in a new session; what waited for
     the group the lost slot rolled back was answered by the next commit, as if it had been
@@ -305,13 +312,6 @@ def test_work_whose_group_a_lost_slot_rolled_back_fails_and_is_not_answered_by_a
     rig.wal.pause()
     rig.source.lost_once = True
     capture = rig.capture()
-
-    def appended(sink: Any) -> str:
-        data = {"object": "customer", "id": 99, "record": {"name": "handed"}, "previous": None}
-        sink.add(
-            "customer.created", "customer", 99, data, "2026-11-25T00:00:00Z", None, "derived", None, None
-        )
-        return "done"
 
     answered = capture.submit(appended)
     capture.run()
@@ -328,13 +328,6 @@ def test_work_handed_to_capture_commits_with_its_group_and_answers_after_that_co
     rig.wal.transaction(user(2))
     rig.wal.pause()
     capture = rig.capture()
-
-    def appended(sink: Any) -> str:
-        data = {"object": "customer", "id": 99, "record": {"name": "handed"}, "previous": None}
-        sink.add(
-            "customer.created", "customer", 99, data, "2026-11-25T00:00:00Z", None, "derived", None, None
-        )
-        return "done"
 
     answered = capture.submit(appended)
     given_up = capture.submit(lambda sink: pytest.fail("a request given up is not run"))
