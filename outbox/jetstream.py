@@ -50,7 +50,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from common.errors import Ct1Error, SourceUnavailable
 from config.settings import Settings
@@ -65,6 +65,7 @@ ORIGIN = "Ct1-Origin"  # beside Ct1-Commit: whose checkpoint it is (capture's sl
 KEY = "Ct1-Key"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code: the stream's last sequence is another
 WRONG_LAST_MSG_ID = 10070  # ... its last message id is another
+NO_PLACEMENT = 10005  # ... fewer nodes up (or known yet) than the replicas asked for
 MAX_GROUP_SCAN = 100_000  # messages read back from the end to find the last checkpoint
 
 
@@ -718,8 +719,9 @@ class JetStreamLog:
 
     async def _api(self, call: Any, *args: Any) -> Any:
         """A JetStream API request, asked again while the cluster answers "temporarily
-        unavailable" or not at all (a node catching up, a leader being elected), for up
-        to five timeouts."""
+        unavailable", "no suitable peers for placement" (fewer nodes up or known than the
+        replicas asked for: a cluster forming, a node restarting) or not at all (a node
+        catching up, a leader being elected), for up to five timeouts."""
         deadline = time.monotonic() + self.timeout * 5
         while True:
             try:
@@ -730,7 +732,10 @@ class JetStreamLog:
                 NoStreamResponseError,  # (a stream just made, no leader yet)
                 nats.errors.TimeoutError,
                 TimeoutError,
+                BadRequestError,
             ) as exc:
+                if isinstance(exc, BadRequestError) and exc.err_code != NO_PLACEMENT:
+                    raise
                 if time.monotonic() >= deadline:
                     raise JetStreamError(f"stream {self.stream} unavailable: {_reason(exc)}") from exc
                 await asyncio.sleep(0.2)

@@ -112,9 +112,10 @@ class NatsCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def create_nats_cluster(root: Path | None = None, nodes: int = NODES) -> NatsCluster:
-    """Start ``nodes`` JetStream nodes routed to each other on free loopback ports; returns
-    once every node accepts connections (the stream's leader may take a moment more:
+def create_nats_cluster(root: Path | None = None, nodes: int = NODES, up: int | None = None) -> NatsCluster:
+    """Start ``nodes`` JetStream nodes routed to each other on free loopback ports (only
+    the first ``up`` of them, if given: the others wait for :meth:`NatsCluster.start`);
+    returns once those accept connections (the stream's leader may take a moment more:
     :func:`outbox.jetstream.JetStreamLog.ensure_stream` waits for it)."""
     nats_server()  # fail first, with the fix, when it is missing
     owns = root is None
@@ -150,7 +151,7 @@ def create_nats_cluster(root: Path | None = None, nodes: int = NODES) -> NatsClu
         )
         cluster.nodes.append(Node(name, port, cluster_port, store, config, root / f"{name}.log"))
     try:
-        for i in range(nodes):
+        for i in range(nodes if up is None else up):
             cluster.start(i)
     except BaseException:
         cluster.stop()

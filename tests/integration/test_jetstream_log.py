@@ -221,3 +221,23 @@ async def test_the_local_cluster_script_prints_its_servers_and_stops_on_ctrl_c(t
     port = int(servers[0].rsplit(":", 1)[1])
     with pytest.raises(OSError):  # the nodes went with it
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+async def test_a_bucket_asked_for_before_the_cluster_has_formed_is_made_once_it_has(tmp_path):
+    # seen in CI on a cluster just started: "no suitable peers for placement" (three
+    # replicas while the third node had not joined yet) was raised at once, and the
+    # dispatch node stopped; here the third node joins four seconds later
+    cluster = create_nats_cluster(tmp_path / "nats", up=2)
+    log = JetStreamLog(cluster.servers[:2], stream="PLACED", subject="placed", timeout=2.0)
+    try:
+        await log.connect()
+        asking = asyncio.ensure_future(log.bucket("PLACED_B"))
+        await asyncio.sleep(4.0)  # (the two nodes answer within a second)
+        assert not asking.done(), f"the bucket should wait for its third node: {asking}"
+        cluster.start(2)
+        bucket = await asyncio.wait_for(asking, timeout=30)
+        await bucket.put("k", b"v")
+        assert (await bucket.get("k")).value == b"v"
+    finally:
+        await log.close()
+        cluster.stop()
