@@ -734,7 +734,7 @@ class JetStreamLog:
                 TimeoutError,
                 BadRequestError,
             ) as exc:
-                if isinstance(exc, BadRequestError) and exc.err_code != NO_PLACEMENT:
+                if isinstance(exc, BadRequestError) and getattr(exc, "err_code", None) != NO_PLACEMENT:
                     raise
                 if time.monotonic() >= deadline:
                     raise JetStreamError(f"stream {self.stream} unavailable: {_reason(exc)}") from exc

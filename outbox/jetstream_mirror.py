@@ -68,7 +68,8 @@ class Mirror:
         self.on_commit = on_commit
         self.leases = leases
         self._leasing: threading.Thread | None = None
-        self._leasing_failed: BaseException | None = None
+        self._leasing_failed: asyncio.Future[None]  # (made with the copy's event loop)
+        self._loop: asyncio.AbstractEventLoop
         self.last_id = 0
         self.deliveries = SharedDeliveries()  # dead deliveries and replays, for every node
         self._states_shared: dict[str, dict[str, Any]] = {}  # endpoint states the bucket gave
@@ -93,10 +94,14 @@ class Mirror:
 
     async def _until_stopped(self, writer: OutboxWriter, stop: threading.Event) -> None:
         """:meth:`_follow`, given up at once when ``stop`` is set (connecting included)."""
+        self._loop = asyncio.get_running_loop()
+        self._leasing_failed = self._loop.create_future()  # (set from the leases' thread)
         follow = asyncio.ensure_future(self._follow(writer))
         stopped = asyncio.ensure_future(_until(stop))
         try:
-            done, _ = await asyncio.wait([follow, stopped], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [follow, stopped, self._leasing_failed], return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for task in (follow, stopped):
                 task.cancel()
@@ -108,6 +113,8 @@ class Mirror:
                     await self._share_once(writer)
             with contextlib.suppress(Exception):
                 await self.log.close()
+        if self._leasing_failed in done:
+            self._leasing_failed.result()  # (the leases' error: the node stops with it)
         if follow in done:
             follow.result()
 
@@ -152,8 +159,6 @@ class Mirror:
                 for task in (sharing, *followers):
                     if task is not None and task.done():
                         task.result()  # (it ended: its error)
-                if self._leasing_failed is not None:
-                    raise self._leasing_failed
         finally:
             for task in (sharing, *followers):
                 if task is not None:
@@ -163,8 +168,9 @@ class Mirror:
         assert self.leases is not None
         try:
             self.leases.run_thread(self._stop)
-        except BaseException as exc:  # the copy stops the node with it
-            self._leasing_failed = exc
+        except BaseException as exc:  # the copy stops the node with it, at once
+            with contextlib.suppress(RuntimeError):  # (unless it has ended: its loop is closed)
+                self._loop.call_soon_threadsafe(_fail, self._leasing_failed, exc)
 
     # -- endpoint states, shared by the dispatch nodes ------------------------------------------
 
@@ -283,3 +289,8 @@ class Mirror:
 async def _until(stop: threading.Event) -> None:
     while not stop.is_set():
         await asyncio.sleep(0.1)
+
+
+def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

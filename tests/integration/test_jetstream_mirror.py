@@ -426,3 +426,44 @@ def test_a_node_is_ready_only_once_its_file_holds_the_keys_and_states_made_befor
         finally:
             stop.set()
             thread.join(timeout=10)
+
+
+class BrokenLeases:
+    """A dispatch node's leases that fail a moment after they start (the copy has caught up)."""
+
+    rewinds = None
+    node = "broken"
+
+    def run_thread(self, stop: threading.Event) -> None:
+        time.sleep(1.0)
+        raise RuntimeError("the leases broke")
+
+
+def test_a_dispatch_node_whose_leases_fail_stops_with_their_error_while_the_stream_is_quiet(stream, tmp_path):
+    """Seen in a run: a dispatch node's leases failed as it joined, and the node went on
+    for good, holding no partition and saying nothing (the copy looked at the failure only
+    when the stream brought an event)."""
+    stream.append(["a"])
+    mirror = Mirror(
+        stream.log(),
+        lambda: store.open_outbox(tmp_path / "n.db"),
+        Router([]),
+        leases=BrokenLeases(),  # type: ignore[arg-type]
+    )
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            mirror.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: errors, 15, what="the copy stopping with the leases' error")
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert "the leases broke" in str(errors[0])
