@@ -30,6 +30,9 @@ has no ``[cart_abandoned]`` section.  Together: what holding the timers costs ca
 ``--compare-appends`` drains a third slot in each round with the writer's native insert
 thread off (``CT1_CDC_APPEND_THREAD=off``: sqlite3's executemany and a COMMIT on capture's
 thread, as before it): ``executemany_rows_per_s`` and ``executemany_ratio``.
+``--compare-reads`` does the same with the native frame reader off
+(``CT1_CDC_NATIVE_READ=off``: a frame a call through psycopg, as before it):
+``frame_at_a_time_rows_per_s`` and ``frame_at_a_time_ratio``.
 """
 
 from __future__ import annotations
@@ -221,11 +224,18 @@ CONFIG: Path | None = None  # --endpoints: the config file with them; None: the 
 JETSTREAM: list[str] | None = None  # --backend jetstream: the cluster's servers
 
 
-def ct1_env(dsn: str, slot: str, outbox: Path, appends: str = "thread") -> dict[str, str]:
-    """``appends``: "executemany" turns the writer's native insert thread off (outbox/append.py)."""
+# what --compare-appends and --compare-reads turn off in their third slot, and its name
+COMPARED = {
+    "appends": ("CT1_CDC_APPEND_THREAD", "executemany"),
+    "reads": ("CT1_CDC_NATIVE_READ", "frame_at_a_time"),
+}
+
+
+def ct1_env(dsn: str, slot: str, outbox: Path, off: str | None = None) -> dict[str, str]:
+    """``off``: a key of :data:`COMPARED`, the native part it names turned off."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CT1_")}
-    if appends == "executemany":
-        env["CT1_CDC_APPEND_THREAD"] = "off"
+    if off is not None:
+        env[COMPARED[off][0]] = "off"
     if CONFIG is not None:
         env["CT1_CONFIG"] = str(CONFIG)
     env.update(
@@ -330,6 +340,11 @@ def main() -> None:
         help="each round also drains with the writer's native insert thread off (executemany)",
     )
     parser.add_argument(
+        "--compare-reads",
+        action="store_true",
+        help="each round also drains with the native frame reader off (a frame a call)",
+    )
+    parser.add_argument(
         "--standby",
         action="store_true",
         help="jetstream: a standby beside each capture round, the capture killed half-way",
@@ -339,6 +354,9 @@ def main() -> None:
         parser.error("--standby goes with --backend jetstream")
     if args.compare_appends and (args.standby or args.backend != "sqlite"):
         parser.error("--compare-appends goes with the sqlite backend alone")
+    if args.compare_appends and args.compare_reads:
+        parser.error("one of --compare-appends and --compare-reads at a time")
+    compared = "appends" if args.compare_appends else "reads" if args.compare_reads else None
     global MAPPING, CONFIG, JETSTREAM
 
     work = Path(tempfile.mkdtemp(prefix="ct1-bench-"))
@@ -354,7 +372,7 @@ def main() -> None:
         dsn = backlog_source(cluster)
         with psycopg.connect(dsn, autocommit=True) as conn:
             for r in range(args.rounds):
-                for tool in ("recv", "ct1", "ct1x") if args.compare_appends else ("recv", "ct1"):
+                for tool in ("recv", "ct1", "ct1x") if compared else ("recv", "ct1"):
                     conn.execute(
                         "SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (f"{tool}_{r}",)
                     )
@@ -366,7 +384,7 @@ def main() -> None:
         rows = write_backlog(dsn, args.rows)
         endpos = current_lsn(dsn)
         options = wal2json_options(Settings(source={"dsn": dsn}))
-        rates: dict[str, list[float]] = {"pg_recvlogical": [], "ct1_cdc": [], "executemany": []}
+        rates: dict[str, list[float]] = {"pg_recvlogical": [], "ct1_cdc": [], "compared": []}
         takeovers: list[float] = []
         for r in range(args.rounds):
             secs, _ = drain(
@@ -398,18 +416,18 @@ def main() -> None:
                 )
             rates["ct1_cdc"].append(rows / secs)
             events = _count(outbox)
-            if args.compare_appends:  # the same backlog, the insert thread off
+            if compared:  # the same backlog, the native part off
                 other = work / f"outbox_x_{r}.db"
                 secs, _ = drain(
                     [CLI, "run", "--role", "capture"],
                     dsn,
                     f"ct1x_{r}",
                     endpos,
-                    env=ct1_env(dsn, f"ct1x_{r}", other, "executemany"),
+                    env=ct1_env(dsn, f"ct1x_{r}", other, compared),
                 )
-                rates["executemany"].append(rows / secs)
+                rates["compared"].append(rows / secs)
                 assert _count(other) == events, (other, events)
-                print(f"round {r + 1}: executemany {rows / secs:,.0f} rows/s", file=sys.stderr)
+                print(f"round {r + 1}: {COMPARED[compared][1]} {rows / secs:,.0f} rows/s", file=sys.stderr)
             print(
                 f"round {r + 1}: pg_recvlogical {rates['pg_recvlogical'][-1]:,.0f} rows/s, "
                 f"ct1-cdc {rates['ct1_cdc'][-1]:,.0f} rows/s ({events} events, peak RSS {rss / 1024:.0f} MB)",
@@ -418,7 +436,7 @@ def main() -> None:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (f"recv_{r}",))
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (f"ct1_{r}",))
-                if args.compare_appends:
+                if compared:
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (f"ct1x_{r}",))
 
         big_rss_mb = None
@@ -468,10 +486,12 @@ def main() -> None:
             **({"takeover_seconds": takeovers} if args.standby else {}),
             **(
                 {
-                    "executemany_rows_per_s": [round(x) for x in rates["executemany"]],
-                    "executemany_ratio": round(statistics.median(rates["executemany"]) / med_recv, 3),
+                    f"{COMPARED[compared][1]}_rows_per_s": [round(x) for x in rates["compared"]],
+                    f"{COMPARED[compared][1]}_ratio": round(
+                        statistics.median(rates["compared"]) / med_recv, 3
+                    ),
                 }
-                if args.compare_appends
+                if compared
                 else {}
             ),
             "ratio": round(med_ct1 / med_recv, 3),

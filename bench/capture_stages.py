@@ -125,12 +125,14 @@ def replay_loop(messages: list[bytes], outbox: Path) -> float:
         def __init__(self) -> None:
             self.next = 0
 
-        def read(self, timeout: float) -> object:
+        reads = "memory"
+
+        def read_many(self, timeout: float) -> list[object]:
             if self.next == len(frames):
                 capture.stopping.set()
-                return None
+                return []
             self.next += 1
-            return parse_frame(memoryview(frames[self.next - 1]))
+            return [parse_frame(memoryview(frames[self.next - 1]))]
 
         def send_status(self, *_: object, **__: object) -> None:
             pass

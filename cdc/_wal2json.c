@@ -643,26 +643,20 @@ static PyObject *table_name(const char *schema, Py_ssize_t slen, int sesc, const
     return joined;
 }
 
-static PyObject *decode_row(PyObject *self, PyObject *arg) {
-    (void)self;
+/* The message of `size` bytes at `data` as a RowChange; None when it is not a row change;
+   NULL with ValueError when it is one the Python decoder must decide (it names the fault). */
+static PyObject *decode_buf(const char *data, Py_ssize_t size) {
     if (RowChangeType == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_wal2json.setup() was not called");
         return NULL;
     }
-    Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
-    const char *data = view.buf;
-    Py_ssize_t size = view.len;
     static const char prefix[] = "{\"action\":\"";
     const Py_ssize_t plen = sizeof(prefix) - 1;
     PyObject *op = NULL;
     if (size >= plen + 2 && memcmp(data, prefix, (size_t)plen) == 0 && data[plen + 1] == '"') {
         op = data[plen] == 'I' ? OpInsert : data[plen] == 'U' ? OpUpdate : data[plen] == 'D' ? OpDelete : NULL;
     }
-    if (op == NULL) { /* not a row change, or not written the way wal2json writes one */
-        PyBuffer_Release(&view);
-        Py_RETURN_NONE;
-    }
+    if (op == NULL) Py_RETURN_NONE; /* not a row change, or not written the way wal2json writes one */
     Cursor c = {data + plen + 2, data + size};
     PyObject *xid = NULL, *lsn = NULL, *table = NULL, *new = NULL, *old = NULL, *pk = NULL, *result = NULL;
     const char *schema_raw = NULL, *table_raw = NULL, *key;
@@ -732,13 +726,21 @@ static PyObject *decode_row(PyObject *self, PyObject *arg) {
     result = PyTuple_Type.tp_new((PyTypeObject *)RowChangeType, args, NULL); /* RowChange(*fields) */
     Py_DECREF(args);
 done:
-    PyBuffer_Release(&view);
     Py_XDECREF(xid);
     Py_XDECREF(lsn);
     Py_XDECREF(table);
     Py_XDECREF(new);
     Py_XDECREF(old);
     Py_XDECREF(pk);
+    return result;
+}
+
+static PyObject *decode_row(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *result = decode_buf(view.buf, view.len);
+    PyBuffer_Release(&view);
     return result;
 }
 
@@ -774,5 +776,14 @@ PyMODINIT_FUNC PyInit__wal2json(void) {
     OpUpdate = PyUnicode_InternFromString("update");
     OpDelete = PyUnicode_InternFromString("delete");
     if (OpInsert == NULL || OpUpdate == NULL || OpDelete == NULL) return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    /* for cdc._frames, which decodes rows straight from libpq's buffer */
+    PyObject *api = PyCapsule_New((void *)decode_buf, "cdc._wal2json.decode_buf", NULL);
+    if (api == NULL || PyModule_AddObject(m, "decode_buf", api) < 0) {
+        Py_XDECREF(api);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

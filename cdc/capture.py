@@ -45,7 +45,7 @@ from common.errors import (
     SlotLost,
     SourceUnavailable,
 )
-from common.formats import format_lsn, unix_to_iso
+from common.formats import format_lsn, parse_lsn, unix_to_iso
 from config.settings import Settings
 
 log = structlog.get_logger("ct1_cdc.capture")
@@ -277,6 +277,7 @@ class Capture:
                     slot=self.slot,
                     lsn=format_lsn(stored),
                     decoder="compiled" if COMPILED else "python",  # python: built without a C compiler
+                    reads=self.frames.reads,  # native: many frames a call (cdc/_frames.c)
                 )
                 if self._waiting_since is not None:
                     log.info(
@@ -350,18 +351,23 @@ class Capture:
                 timeout = max(0.0, self._last_commit + commit_interval - clock())
             if self._committing:
                 timeout = min(timeout, COMMIT_POLL)  # its readers are woken once it is durable
-            frame = self.frames.read(timeout=timeout)
-            if isinstance(frame, XLogData):
-                self._handle(frame)
+            frames = self.frames.read_many(timeout=timeout)
+            for frame in frames:  # (a transaction's rows, up to its edge or a limit)
+                if type(frame) is RowChange:  # decoded by the reader already
+                    self._change(frame, None)
+                elif isinstance(frame, XLogData):
+                    self._handle(frame)
+                else:
+                    assert isinstance(frame, Keepalive)
+                    if self._in_txn is None and self._all_durable():
+                        self._idle_lsn = max(self._idle_lsn, frame.wal_end)
+                    self._confirm(reply=frame.reply_requested, force=frame.reply_requested)
+                    continue
                 if self._should_commit(batch_s):
                     self._commit()
-            elif isinstance(frame, Keepalive):
-                if self._in_txn is None and self._all_durable():
-                    self._idle_lsn = max(self._idle_lsn, frame.wal_end)
-                self._confirm(reply=frame.reply_requested, force=frame.reply_requested)
-                continue
-            elif (
-                self._in_txn is None
+            if (
+                not frames
+                and self._in_txn is None
                 and self._has_uncommitted()
                 and clock() >= self._last_commit + commit_interval
             ):
@@ -415,22 +421,12 @@ class Capture:
             if self._skip_txn:
                 return  # inside a transaction we pass by anyway
             raise self._stopped_by(exc, None, frame.wal_start) from exc
+        if isinstance(msg, RowChange):
+            self._change(msg, frame.wal_start)
+            return
         if self._truncated and not isinstance(msg, Truncate):
             self._flush_truncates()
-        if isinstance(msg, RowChange):
-            if self._skip_txn:
-                self._skipped_changes += 1
-                if self._backfill.pending is not None:  # a change never sent: its row is read again
-                    self._backfill.change(self._table(msg.table), msg, msg.xid, False)
-                return
-            table = self._table(msg.table)  # the source's own errors stay what they are
-            try:
-                self._row(table, msg)
-            except Ct1Error:
-                raise
-            except Exception as exc:  # a value or a rule we did not foresee: say where, and how past it
-                raise self._stopped_by(exc, msg, frame.wal_start) from exc
-        elif isinstance(msg, Begin):
+        if isinstance(msg, Begin):
             self._in_txn = msg
             self._hinted.clear()
             self._skip_txn = msg.end_lsn <= self._resume
@@ -473,6 +469,24 @@ class Capture:
                 self._idle_lsn = max(self._idle_lsn, msg.lsn)
             else:
                 self._position = max(self._position, msg.lsn)
+
+    def _change(self, msg: RowChange, wal_start: int | None) -> None:
+        """One row change, decoded (by the reader, or from ``wal_start``'s frame)."""
+        if self._truncated:
+            self._flush_truncates()
+        if self._skip_txn:
+            self._skipped_changes += 1
+            if self._backfill.pending is not None:  # a change never sent: its row is read again
+                self._backfill.change(self._table(msg.table), msg, msg.xid, False)
+            return
+        table = self._table(msg.table)  # the source's own errors stay what they are
+        try:
+            self._row(table, msg)
+        except Ct1Error:
+            raise
+        except Exception as exc:  # a value or a rule we did not foresee: say where, and how past it
+            where = parse_lsn(msg.lsn) if wal_start is None else wal_start
+            raise self._stopped_by(exc, msg, where) from exc
 
     def _stopped_by(self, exc: BaseException, change: RowChange | None, lsn: int) -> CaptureError:
         """The one line capture stops with: where, what, and how to move past it."""

@@ -24,7 +24,7 @@ from cdc.carts import StateStore
 from cdc.mapping import Mapping
 from cdc.schema import Relation
 from cdc.source import Check
-from cdc.stream import Frame
+from cdc.stream import Read
 
 
 class ChunkRead(NamedTuple):
@@ -43,8 +43,14 @@ class FrameSource(Protocol):
     def start(self, lsn: int) -> None:
         """Start a session streaming the slot from ``lsn`` (capture's stored checkpoint)."""
 
-    def read(self, timeout: float) -> Frame | None:
-        """The next XLogData or keepalive, or None if none came within ``timeout`` seconds."""
+    @property
+    def reads(self) -> str:
+        """How the session reads, for the log: "native" (many frames a call), "psycopg"."""
+
+    def read_many(self, timeout: float) -> list[Read]:
+        """The frames already received (XLogData and keepalives, a row change decoded
+        already where the source can), or the next to come within ``timeout`` seconds:
+        none if none did."""
 
     def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
         """Tell the server what is received and durable: it may drop WAL up to ``flush``."""

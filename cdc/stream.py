@@ -14,18 +14,20 @@ parsing a date, and capture's timestamps never depend on the source's TimeZone.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from cdc.decode import RowChange
 from common.errors import SetupError, SlotBusy, SlotLost, SourceUnavailable
 from common.formats import format_lsn
 
@@ -48,6 +50,7 @@ class Keepalive:
 
 
 Frame = XLogData | Keepalive
+Read = Frame | RowChange  # what read_many gives: a row change may come decoded already
 
 
 _W = ord("w")
@@ -91,6 +94,9 @@ class ReplicationStream:
         self.slot = slot
         self.options = dict(options)
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._reader: Any = None  # cdc._frames, when it can read this connection
+        self._address = 0  # (libpq's PGconn, for it)
+        self._ended = 0
 
     def start(self, lsn: int) -> None:
         try:
@@ -124,6 +130,9 @@ class ReplicationStream:
                 raise SlotBusy(f"slot {self.slot} is in use by another reader: {message}") from exc
             raise SourceUnavailable(f"START_REPLICATION failed: {message}") from exc
         self._conn = conn
+        self._ended = 0
+        self._reader = native_reader(conn.pgconn)
+        self._address = _address(conn.pgconn)
 
     @property
     def _pg(self) -> pq.abc.PGconn:
@@ -145,6 +154,35 @@ class ReplicationStream:
         except psycopg.OperationalError as exc:
             raise SourceUnavailable(f"replication connection lost: {_first_line(exc)}") from exc
 
+    @property
+    def reads(self) -> str:
+        return "psycopg" if self._reader is None else "native"
+
+    def read_many(self, timeout: float) -> list[Read]:
+        """The frames already received, up to a transaction's edge (each row change
+        decoded, where the compiled reader is built), or the next one to arrive within
+        ``timeout`` seconds: none if none did."""
+        pg = self._pg
+        if self._reader is None:
+            frame = self.read(timeout)
+            return [] if frame is None else [frame]
+        try:
+            if self._ended:
+                raise self._end(pg, self._ended)
+            items: list[Read]
+            items, status = self._reader.read(self._address, READ_LIMIT)
+            if status < 0:
+                if items:
+                    self._ended = status  # (raised at the next read: these come first)
+                    return items
+                raise self._end(pg, status)
+            if items:
+                return items
+            frame = self._wait(pg, timeout)
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailable(f"replication connection lost: {_first_line(exc)}") from exc
+        return [] if frame is None else [frame]
+
     def _wait(self, pg: pq.abc.PGconn, timeout: float) -> Frame | None:
         deadline = time.monotonic() + timeout
         while True:
@@ -160,12 +198,17 @@ class ReplicationStream:
                         raise SourceUnavailable("replication connection lost")
                     continue
                 return None
-            text = pg.error_message.decode("utf-8", "replace").strip()
-            if nbytes == -1:  # the server ended COPY: its reason is in the next result
-                result = pg.get_result()
-                if result is not None and result.error_message:
-                    text = result.error_message.decode("utf-8", "replace").strip()
-            raise SourceUnavailable(f"replication stream ended: {text or 'server closed the stream'}")
+            raise self._end(pg, nbytes)
+
+    def _end(self, pg: pq.abc.PGconn, nbytes: int) -> SourceUnavailable:
+        """The error for PQgetCopyData's ``nbytes`` of -1 (the server ended COPY: its
+        reason is in the next result) or -2."""
+        text = pg.error_message.decode("utf-8", "replace").strip()
+        if nbytes == -1:
+            result = pg.get_result()
+            if result is not None and result.error_message:
+                text = result.error_message.decode("utf-8", "replace").strip()
+        return SourceUnavailable(f"replication stream ended: {text or 'server closed the stream'}")
 
     def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
         pg = self._pg
@@ -182,6 +225,72 @@ class ReplicationStream:
                 self._conn.close()
             finally:
                 self._conn = None
+
+
+READ_LIMIT = 256  # frames a read_many takes at most (a long transaction's rows: in turns)
+
+
+def native_reader(pgconn: pq.abc.PGconn) -> Any:
+    """``cdc._frames`` set up to read ``pgconn``, or None (where it is not built, turned
+    off with ``CT1_CDC_NATIVE_READ=off``, or the libpq psycopg uses cannot be found for
+    certain): :meth:`ReplicationStream.read_many` then reads a frame at a time."""
+    global _native
+    if _native is None:
+        _native = _load_native()
+    if _native is False:
+        return None
+    lib, module = _native
+    try:  # the library found is the one this connection is from: it knows its server
+        same = lib.PQbackendPID(ctypes.c_void_p(_address(pgconn))) == pgconn.backend_pid
+    except (AttributeError, OSError):
+        same = False
+    return module if same else None
+
+
+_native: Any = None  # (the library, cdc._frames) once set up; False: not available
+
+
+def _load_native() -> Any:
+    if os.environ.get("CT1_CDC_NATIVE_READ", "").lower() in ("off", "0", "false", "no"):
+        return False
+    try:
+        from cdc import _frames, _wal2json
+    except ImportError:
+        return False
+    path = _libpq_path()
+    if path is None:
+        return False
+    try:
+        lib = ctypes.CDLL(path)  # (loaded already: the same handle)
+        lib.PQbackendPID.restype = ctypes.c_int
+        lib.PQbackendPID.argtypes = [ctypes.c_void_p]
+        get_copy_data = ctypes.cast(lib.PQgetCopyData, ctypes.c_void_p).value
+        freemem = ctypes.cast(lib.PQfreemem, ctypes.c_void_p).value
+        _frames.setup(get_copy_data or 0, freemem or 0, parse_frame, _wal2json)  # (0: refused)
+    except (OSError, AttributeError, ValueError, TypeError):
+        return False
+    return lib, _frames
+
+
+def _address(pgconn: pq.abc.PGconn) -> int:
+    """The address of libpq's ``PGconn`` under psycopg's (every implementation has it)."""
+    return int(getattr(pgconn, "pgconn_ptr", 0) or 0)
+
+
+def _libpq_path() -> str | None:
+    """The file of the libpq psycopg calls: the one its wheel carries, else the only one
+    loaded; None when that is not certain."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {
+                line.split(None, 5)[5].strip() for line in maps if "libpq" in line and line.count(" ") >= 5
+            }
+    except OSError:
+        return None
+    found = sorted(p for p in paths if os.path.basename(p).startswith("libpq") and ".so" in p)
+    if pq.__impl__ == "binary":
+        found = [p for p in found if "psycopg_binary" in p] or found
+    return found[0] if len(found) == 1 else None
 
 
 # The session settings every value capture reads is printed under (the stream's and a

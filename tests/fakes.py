@@ -17,7 +17,7 @@ from cdc.mapping import Mapping
 from cdc.ports import ChunkRead
 from cdc.schema import Relation
 from cdc.source import Check
-from cdc.stream import Frame, Keepalive, XLogData
+from cdc.stream import Frame, Keepalive, Read, XLogData
 from common.errors import SourceUnavailable
 from common.formats import format_lsn
 from outbox.state import MemoryState
@@ -225,6 +225,12 @@ class FakeSlot:
         ]
         self._queue.reverse()
         self._known = len(self.wal.units)
+
+    reads = "fake"
+
+    def read_many(self, timeout: float) -> list[Read]:
+        frame = self.read(timeout)
+        return [] if frame is None else [frame]
 
     def read(self, timeout: float) -> Frame | None:
         assert self._open, "read outside a session"

@@ -21,38 +21,43 @@ def _runtime(name: str) -> str | None:
     return found if os.path.isabs(found) else None
 
 
-def run_sanitized(source: Path, package: Path, module: str, script: str, tmp_path: Path) -> None:
-    """Build ``source`` as ``package/<module><suffix>`` and run ``script`` (its argv[1]:
-    ``tmp_path``, which holds ``package``) with the sanitizers preloaded; it must print
-    "sanitized run ok".  Skipped without gcc or its sanitizer runtimes."""
+def run_sanitized(
+    sources: list[Path], package: Path, script: str, tmp_path: Path, env: dict[str, str] | None = None
+) -> None:
+    """Build each of ``sources`` as ``package/<its stem><suffix>`` and run ``script`` (its
+    argv[1]: ``tmp_path``, which holds ``package``; ``env`` added to its environment) with
+    the sanitizers preloaded; it must print "sanitized run ok".  Skipped without gcc or
+    its sanitizer runtimes."""
     if shutil.which("gcc") is None:
         pytest.skip("no gcc")
     asan, ubsan = _runtime("libasan.so"), _runtime("libubsan.so")
     if asan is None or ubsan is None:
         pytest.skip("gcc without the sanitizer runtimes")
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    subprocess.run(
-        [
-            "gcc",
-            "-O1",
-            "-g",
-            "-fsanitize=address,undefined",
-            "-fno-omit-frame-pointer",
-            "-fno-sanitize-recover=all",
-            "-Wall",
-            "-Wextra",
-            "-Werror",  # a warning in the C file fails the suite too
-            "-fPIC",
-            "-shared",
-            f"-I{sysconfig.get_paths()['include']}",
-            str(source),
-            "-o",
-            str(package / f"{module}{suffix}"),
-        ],
-        check=True,
-    )
-    env = {
+    for source in sources:
+        subprocess.run(
+            [
+                "gcc",
+                "-O1",
+                "-g",
+                "-fsanitize=address,undefined",
+                "-fno-omit-frame-pointer",
+                "-fno-sanitize-recover=all",
+                "-Wall",
+                "-Wextra",
+                "-Werror",  # a warning in the C file fails the suite too
+                "-fPIC",
+                "-shared",
+                f"-I{sysconfig.get_paths()['include']}",
+                str(source),
+                "-o",
+                str(package / f"{source.stem}{suffix}"),
+            ],
+            check=True,
+        )
+    environ = {
         **os.environ,
+        **(env or {}),
         "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
         "LD_PRELOAD": f"{asan}:{ubsan}",
         "PYTHONMALLOC": "malloc",  # every object from malloc, so ASan sees its bounds
@@ -61,7 +66,7 @@ def run_sanitized(source: Path, package: Path, module: str, script: str, tmp_pat
     }
     run = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path)],
-        env=env,
+        env=environ,
         capture_output=True,
         text=True,
         timeout=600,

@@ -63,7 +63,7 @@ ensure_venv() {
     fi
     local stamp=.venv/.ct1-installed
     local want
-    want=$(cat pyproject.toml setup.py cdc/_wal2json.c outbox/_append.c | sha256sum | cut -d' ' -f1)  # the build's inputs
+    want=$(cat pyproject.toml setup.py cdc/_wal2json.c cdc/_frames.c outbox/_append.c | sha256sum | cut -d' ' -f1)  # the build's inputs
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "==> installing ct1-cdc and its dependencies into .venv" >&2
         .venv/bin/python -m pip install -q --upgrade pip >&2

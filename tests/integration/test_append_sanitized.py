@@ -32,4 +32,4 @@ print("sanitized run ok")
 def test_the_native_appender_is_clean_under_sanitizers(tmp_path: Path) -> None:
     package = tmp_path / "outbox"
     shutil.copytree(ROOT / "outbox", package, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    run_sanitized(ROOT / "outbox" / "_append.c", package, "_append", SCRIPT, tmp_path)
+    run_sanitized([ROOT / "outbox" / "_append.c"], package, SCRIPT, tmp_path)
