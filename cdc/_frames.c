@@ -27,7 +27,8 @@ static freemem_fn freemem = NULL;
 static decode_fn decode_buf = NULL;
 static PyObject *parse_frame = NULL; /* cdc.stream.parse_frame: bytes -> XLogData | Keepalive */
 
-#define XLOG_HEADER 25 /* 'w', start LSN, end LSN, send time */
+#define XLOG_HEADER 25         /* 'w', start LSN, end LSN, send time */
+#define BATCH_BYTES (1 << 20) /* a batch ends past this much: wide rows come a few at a time */
 
 /* The item for one frame: a RowChange when the compiled decoder took it (*row = 1), else
    what parse_frame makes of the whole frame. */
@@ -52,9 +53,10 @@ static PyObject *frame_item(const char *buf, int size, int *row) {
     return item;
 }
 
-/* read(conn, limit) -> (items, status): up to `limit` frames libpq has buffered; status
-   is PQgetCopyData's last answer when it stopped the batch (0: nothing buffered, -1: the
-   server ended COPY, -2: an error), or 1 when the batch ended at a frame or the limit. */
+/* read(conn, limit) -> (items, status): up to `limit` frames libpq has buffered (and
+   about BATCH_BYTES of them); status is PQgetCopyData's last answer when it stopped the
+   batch (0: nothing buffered, -1: the server ended COPY, -2: an error), or 1 when the
+   batch ended at a frame or a limit. */
 static PyObject *read_frames(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long address;
@@ -68,7 +70,8 @@ static PyObject *read_frames(PyObject *self, PyObject *args) {
     PyObject *items = PyList_New(0);
     if (items == NULL) return NULL;
     int status = 1;
-    while (PyList_GET_SIZE(items) < limit) {
+    size_t taken = 0;
+    while (PyList_GET_SIZE(items) < limit && taken < BATCH_BYTES) {
         char *buf = NULL;
         int size = get_copy_data(conn, &buf, 1);
         if (size <= 0) {
@@ -77,6 +80,7 @@ static PyObject *read_frames(PyObject *self, PyObject *args) {
             break;
         }
         int row;
+        taken += (size_t)size;
         PyObject *item = frame_item(buf, size, &row);
         freemem(buf);
         if (item == NULL || PyList_Append(items, item) < 0) {

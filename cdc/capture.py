@@ -485,8 +485,7 @@ class Capture:
         except Ct1Error:
             raise
         except Exception as exc:  # a value or a rule we did not foresee: say where, and how past it
-            where = parse_lsn(msg.lsn) if wal_start is None else wal_start
-            raise self._stopped_by(exc, msg, where) from exc
+            raise self._stopped_by(exc, msg, _lsn_of(msg) if wal_start is None else wal_start) from exc
 
     def _stopped_by(self, exc: BaseException, change: RowChange | None, lsn: int) -> CaptureError:
         """The one line capture stops with: where, what, and how to move past it."""
@@ -753,3 +752,11 @@ class Capture:
 def _epoch(iso: str) -> float:
     """A commit time as events write it (``...Z``) → Unix seconds."""
     return datetime.fromisoformat(iso).timestamp()
+
+
+def _lsn_of(change: RowChange) -> int:
+    """The change's own LSN, for an error message (0 where wal2json's text is not one)."""
+    try:
+        return parse_lsn(change.lsn)
+    except DecodeError:
+        return 0

@@ -96,7 +96,6 @@ class ReplicationStream:
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self._reader: Any = None  # cdc._frames, when it can read this connection
         self._address = 0  # (libpq's PGconn, for it)
-        self._ended = 0
 
     def start(self, lsn: int) -> None:
         try:
@@ -130,7 +129,6 @@ class ReplicationStream:
                 raise SlotBusy(f"slot {self.slot} is in use by another reader: {message}") from exc
             raise SourceUnavailable(f"START_REPLICATION failed: {message}") from exc
         self._conn = conn
-        self._ended = 0
         self._reader = native_reader(conn.pgconn)
         self._address = _address(conn.pgconn)
 
@@ -167,14 +165,9 @@ class ReplicationStream:
             frame = self.read(timeout)
             return [] if frame is None else [frame]
         try:
-            if self._ended:
-                raise self._end(pg, self._ended)
             items: list[Read]
             items, status = self._reader.read(self._address, READ_LIMIT)
-            if status < 0:
-                if items:
-                    self._ended = status  # (raised at the next read: these come first)
-                    return items
+            if status < 0:  # (what came before it is part of a transaction never finished)
                 raise self._end(pg, status)
             if items:
                 return items
@@ -241,8 +234,9 @@ def native_reader(pgconn: pq.abc.PGconn) -> Any:
         return None
     lib, module = _native
     try:  # the library found is the one this connection is from: it knows its server
-        same = lib.PQbackendPID(ctypes.c_void_p(_address(pgconn))) == pgconn.backend_pid
-    except (AttributeError, OSError):
+        conn = ctypes.c_void_p(_address(pgconn))
+        same = lib.PQbackendPID(conn) == pgconn.backend_pid and lib.PQsocket(conn) == pgconn.socket
+    except (AttributeError, OSError, psycopg.Error):
         same = False
     return module if same else None
 
@@ -262,8 +256,9 @@ def _load_native() -> Any:
         return False
     try:
         lib = ctypes.CDLL(path)  # (loaded already: the same handle)
-        lib.PQbackendPID.restype = ctypes.c_int
-        lib.PQbackendPID.argtypes = [ctypes.c_void_p]
+        for check in (lib.PQbackendPID, lib.PQsocket):
+            check.restype = ctypes.c_int
+            check.argtypes = [ctypes.c_void_p]
         get_copy_data = ctypes.cast(lib.PQgetCopyData, ctypes.c_void_p).value
         freemem = ctypes.cast(lib.PQfreemem, ctypes.c_void_p).value
         _frames.setup(get_copy_data or 0, freemem or 0, parse_frame, _wal2json)  # (0: refused)
@@ -288,8 +283,10 @@ def _libpq_path() -> str | None:
     except OSError:
         return None
     found = sorted(p for p in paths if os.path.basename(p).startswith("libpq") and ".so" in p)
-    if pq.__impl__ == "binary":
-        found = [p for p in found if "psycopg_binary" in p] or found
+    if pq.__impl__ == "binary":  # (its wheel carries its own)
+        found = [p for p in found if "psycopg_binary" in p]
+    elif pq.__impl__ != "python":  # psycopg_c may hold a libpq of its own, linked in
+        return None
     return found[0] if len(found) == 1 else None
 
 

@@ -13,12 +13,13 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdc.decode import RowChange, decode
 from cdc.mapping import Mapping
 from cdc.ports import ChunkRead
 from cdc.schema import Relation
 from cdc.source import Check
 from cdc.stream import Frame, Keepalive, Read, XLogData
-from common.errors import SourceUnavailable
+from common.errors import DecodeError, SourceUnavailable
 from common.formats import format_lsn
 from outbox.state import MemoryState
 
@@ -182,6 +183,16 @@ class Status:
     reply: bool
 
 
+def _row_change(frame: Frame) -> RowChange | None:
+    if not isinstance(frame, XLogData):
+        return None
+    try:
+        msg = decode(frame.payload)
+    except DecodeError:  # (capture decodes it again, and names the fault)
+        return None
+    return msg if isinstance(msg, RowChange) else None
+
+
 class FakeSlot:
     """A logical slot serving a :class:`Wal` (a :class:`cdc.ports.FrameSource`).
 
@@ -227,10 +238,23 @@ class FakeSlot:
         self._known = len(self.wal.units)
 
     reads = "fake"
+    batch = 64  # row changes a read_many gives at most (1: a frame a call)
 
     def read_many(self, timeout: float) -> list[Read]:
+        """As the native reader batches: row changes decoded, up to a frame that is not
+        one (which comes last, as a frame) or to what is buffered (here: the next marker)."""
+        items: list[Read] = []
         frame = self.read(timeout)
-        return [] if frame is None else [frame]
+        while frame is not None:
+            change = _row_change(frame)
+            if change is None:
+                items.append(frame)
+                break
+            items.append(change)
+            if len(items) >= self.batch or not self._queue or self._queue[-1][1].marker is not None:
+                break
+            frame = self.read(0)
+        return items
 
     def read(self, timeout: float) -> Frame | None:
         assert self._open, "read outside a session"

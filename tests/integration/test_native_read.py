@@ -4,8 +4,11 @@ transaction's edge; a server ending the stream is named; the reader can be turne
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from cdc import stream as streaming
@@ -98,31 +101,44 @@ def test_many_frames_a_read_give_what_a_frame_at_a_time_gives(source_db, native)
     # and each read stops at a transaction's edge: nothing follows a frame that is not a row
     for batch in batches:
         assert all(isinstance(i, RowChange) for i in batch[:-1]), batch
-    commits = [i for i, m in enumerate(many) if isinstance(m, Commit)]
-    assert commits and all(isinstance(many[i], Commit) for i in commits)
+    assert sum(isinstance(m, Commit) for m in many) == 5  # (the four writes, and the table made)
 
 
 def test_a_stream_the_server_ends_is_named_and_a_new_session_goes_on(source_db, native):
     source_db.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", source_db.slot)
     stream = open_stream(source_db)
     try:
+        if stream._reader is None:
+            pytest.skip("cdc._frames is not built (no C compiler at install)")
         stream.read_many(timeout=0.2)  # (streaming)
+        write_changes(source_db)
+        time.sleep(1.0)  # (its frames wait in the socket)
         source_db.execute(
             "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s",
             source_db.slot,
         )
+        time.sleep(0.5)
+        with contextlib.suppress(psycopg.OperationalError):  # (once it reads the socket's end)
+            for _ in range(50):  # libpq holds the rows, then the server's error: the reader meets both
+                stream._pg.consume_input()
+
+        def waited(*_: object) -> None:
+            raise AssertionError("the reader left the server's error to psycopg")
+
+        stream._wait = waited  # type: ignore[method-assign]
+        taken: list[object] = []
         with pytest.raises(SourceUnavailable, match=r"replication stream ended: .*administrator command"):
             for _ in range(100):
-                stream.read_many(timeout=0.1)
+                taken += stream.read_many(timeout=0.1)
+        assert sum(isinstance(i, RowChange) for i in taken) >= 300  # (the rows came first)
     finally:
         stream.close()
-    write_changes(source_db)
     stream = open_stream(source_db)
     try:
         got, _ = messages(stream, many=True)
     finally:
         stream.close()
-    assert sum(isinstance(m, RowChange) for m in got) == 303
+    assert sum(isinstance(m, RowChange) for m in got) == 303  # nothing confirmed: all again
 
 
 def test_the_reader_turned_off_reads_a_frame_at_a_time(source_db, native, monkeypatch):
