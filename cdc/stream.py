@@ -164,17 +164,21 @@ class ReplicationStream:
         if self._reader is None:
             frame = self.read(timeout)
             return [] if frame is None else [frame]
+        deadline = None
         try:
-            items: list[Read]
-            items, status = self._reader.read(self._address, READ_LIMIT)
-            if status < 0:  # (what came before it is part of a transaction never finished)
-                raise self._end(pg, status)
-            if items:
-                return items
-            frame = self._wait(pg, timeout)
+            while True:
+                items: list[Read]
+                items, status = self._reader.read(self._address, READ_LIMIT)
+                if status < 0:  # (what came before it is part of a transaction never finished)
+                    raise self._end(pg, status)
+                if items:
+                    return items
+                if deadline is None:
+                    deadline = time.monotonic() + timeout
+                if not self._arrived(pg, deadline - time.monotonic()):
+                    return []
         except psycopg.OperationalError as exc:
             raise SourceUnavailable(f"replication connection lost: {_first_line(exc)}") from exc
-        return [] if frame is None else [frame]
 
     def _wait(self, pg: pq.abc.PGconn, timeout: float) -> Frame | None:
         deadline = time.monotonic() + timeout
@@ -182,16 +186,20 @@ class ReplicationStream:
             nbytes, data = pg.get_copy_data(1)
             if nbytes > 0:
                 return parse_frame(data)
-            if nbytes == 0:
-                remaining = max(0.0, deadline - time.monotonic())
-                ready, _, _ = select.select([pg.socket], [], [], remaining)
-                if ready:
-                    pg.consume_input()
-                    if pg.status == pq.ConnStatus.BAD:
-                        raise SourceUnavailable("replication connection lost")
-                    continue
+            if nbytes < 0:
+                raise self._end(pg, nbytes)
+            if not self._arrived(pg, deadline - time.monotonic()):
                 return None
-            raise self._end(pg, nbytes)
+
+    def _arrived(self, pg: pq.abc.PGconn, within: float) -> bool:
+        """Whether bytes came on the socket within ``within`` seconds (then in libpq's buffer)."""
+        ready, _, _ = select.select([pg.socket], [], [], max(0.0, within))
+        if not ready:
+            return False
+        pg.consume_input()
+        if pg.status == pq.ConnStatus.BAD:
+            raise SourceUnavailable("replication connection lost")
+        return True
 
     def _end(self, pg: pq.abc.PGconn, nbytes: int) -> SourceUnavailable:
         """The error for PQgetCopyData's ``nbytes`` of -1 (the server ended COPY: its
