@@ -198,9 +198,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             f'[[endpoints]]\nname = "ct2"\nurl = "http://127.0.0.1:{port}/hook"\n'
             f'secret = "{generate_secret()}"\n'
         )
-        # (CT1_CDC_APPEND_THREAD=off passes: capture's writer without its insert thread)
+        # (CT1_CDC_APPEND_THREAD=off and CT1_CDC_NATIVE_READ=off pass: capture's writer
+        # without its insert thread, capture reading a frame a call)
         env = {
-            k: v for k, v in os.environ.items() if not k.startswith("CT1_") or k == "CT1_CDC_APPEND_THREAD"
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("CT1_") or k in ("CT1_CDC_APPEND_THREAD", "CT1_CDC_NATIVE_READ")
         }
         env["CT1_CONFIG"] = str(config)
         options = wal2json_options(Settings(source={"dsn": dsn}))
