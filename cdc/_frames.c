@@ -27,6 +27,15 @@ static freemem_fn freemem = NULL;
 static decode_fn decode_buf = NULL;
 static PyObject *parse_frame = NULL; /* cdc.stream.parse_frame: bytes -> XLogData | Keepalive */
 
+/* PQfreemem, with any exception of the frame's kept aside (a PQfreemem that runs Python,
+   as the tests' does, must not find one pending). */
+static void release(char *buf) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    freemem(buf);
+    PyErr_Restore(type, value, traceback);
+}
+
 #define XLOG_HEADER 25         /* 'w', start LSN, end LSN, send time */
 #define BATCH_BYTES (1 << 20) /* a batch ends past this much: wide rows come a few at a time */
 
@@ -75,14 +84,14 @@ static PyObject *read_frames(PyObject *self, PyObject *args) {
         char *buf = NULL;
         int size = get_copy_data(conn, &buf, 1);
         if (size <= 0) {
-            if (buf != NULL) freemem(buf);
+            if (buf != NULL) release(buf);
             status = size;
             break;
         }
         int row;
         taken += (size_t)size;
         PyObject *item = frame_item(buf, size, &row);
-        freemem(buf);
+        release(buf);
         if (item == NULL || PyList_Append(items, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(items);

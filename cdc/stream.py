@@ -60,12 +60,17 @@ _PAYLOAD_AT = 1 + _XLOG.size
 
 def parse_frame(buf: bytes | memoryview) -> Frame:
     kind = buf[0] if len(buf) else -1
-    if kind == _W:
-        start, end, _sent = _XLOG.unpack_from(buf, 1)
-        return XLogData(start, end, buf[_PAYLOAD_AT:])  # a view: no copy of the payload
-    if kind == _K:
-        end, _sent, reply = _KEEPALIVE.unpack_from(buf, 1)
-        return Keepalive(end, bool(reply))
+    try:
+        if kind == _W:
+            start, end, _sent = _XLOG.unpack_from(buf, 1)
+            return XLogData(start, end, buf[_PAYLOAD_AT:])  # a view: no copy of the payload
+        if kind == _K:
+            end, _sent, reply = _KEEPALIVE.unpack_from(buf, 1)
+            return Keepalive(end, bool(reply))
+    except struct.error:
+        raise SourceUnavailable(
+            f"replication message of type {bytes(buf[:1])!r} cut short ({len(buf)} bytes)"
+        ) from None
     raise SourceUnavailable(f"unexpected replication message type {bytes(buf[:1])!r}")
 
 

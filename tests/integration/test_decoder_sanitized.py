@@ -1,6 +1,7 @@
 """The compiled decoder and the frame reader built with AddressSanitizer and
 UndefinedBehaviorSanitizer (and every gcc warning an error), then run on generated and
-damaged wal2json messages and on a real replication stream (the frame reader's tests):
+damaged wal2json messages, on frames of every shape from a libpq of the tests' own, and on
+a real replication stream (the frame reader's tests):
 any out-of-bounds read, use after free or undefined behaviour in cdc/_wal2json.c or
 cdc/_frames.c aborts the run."""
 
@@ -22,14 +23,15 @@ from cdc import _frames
 assert decoding.COMPILED and decoding._compiled.__file__.startswith(sys.argv[1]), decoding._compiled.__file__
 assert _frames.__file__.startswith(sys.argv[1]), _frames.__file__
 # the frame reader's tests first: pytest then imports hypothesis itself, as it must
-reader_tests = Path(tests.__file__).parent / "integration" / "test_native_read.py"
+reader_tests = [Path(tests.__file__).parent / "integration" / "test_native_read.py",
+                Path(tests.__file__).parent / "unit" / "test_frames_reader.py"]
 class Passed:
     count = 0
     def pytest_runtest_logreport(self, report):
         Passed.count += report.when == "call" and report.passed
-code = pytest.main(["-q", "-p", "no:randomly", "-p", "no:xdist", "--rootdir", str(reader_tests.parents[2]),
-                    str(reader_tests)], plugins=[Passed()])
-assert code == 0 and Passed.count == 3, (code, Passed.count)  # (none skipped)
+code = pytest.main(["-q", "-p", "no:randomly", "-p", "no:xdist", "--rootdir", str(reader_tests[0].parents[2]),
+                    *map(str, reader_tests)], plugins=[Passed()])
+assert code == 0 and Passed.count == 6, (code, Passed.count)  # (none skipped)
 from hypothesis import settings
 import tests.unit.test_decode_compiled as contract
 for name in ("test_compiled_and_python_decoders_agree_on_row_messages",
