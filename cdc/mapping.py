@@ -131,7 +131,8 @@ class SnapshotRule:
 
 
 class EventDraft(NamedTuple):
-    """An event before the outbox gives it an id."""
+    """An event before the outbox gives it an id.  (:func:`apply` makes it positionally,
+    on the hot path: keep the fields' order.)"""
 
     type: str
     object: str

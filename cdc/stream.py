@@ -1,6 +1,7 @@
 """The logical replication stream over a psycopg 3 replication connection.
 
-This is the only module that knows the wire format ("Streaming Replication Protocol"):
+This module knows the wire format ("Streaming Replication Protocol"; with
+``cdc/_frames.c``, which reads many frames a call, set up by ``cdc/native_read.py``):
 ``START_REPLICATION`` puts the connection in COPY BOTH; the server sends XLogData
 (``w``: start LSN, end LSN, send time, payload) and keepalives (``k``: end LSN, send time,
 reply-requested); we answer with standby status updates (``r``: write, flush, apply LSN,
@@ -14,7 +15,6 @@ parsing a date, and capture's timestamps never depend on the source's TimeZone.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import struct
@@ -28,6 +28,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc.decode import RowChange
+from cdc.native_read import address, native_reader
 from common.errors import SetupError, SlotBusy, SlotLost, SourceUnavailable
 from common.formats import format_lsn
 
@@ -134,8 +135,8 @@ class ReplicationStream:
                 raise SlotBusy(f"slot {self.slot} is in use by another reader: {message}") from exc
             raise SourceUnavailable(f"START_REPLICATION failed: {message}") from exc
         self._conn = conn
-        self._reader = native_reader(conn.pgconn)
-        self._address = _address(conn.pgconn)
+        self._reader = native_reader(conn.pgconn, parse_frame)
+        self._address = address(conn.pgconn)
 
     @property
     def _pg(self) -> pq.abc.PGconn:
@@ -234,73 +235,6 @@ class ReplicationStream:
 
 
 READ_LIMIT = 256  # frames a read_many takes at most (a long transaction's rows: in turns)
-
-
-def native_reader(pgconn: pq.abc.PGconn) -> Any:
-    """``cdc._frames`` set up to read ``pgconn``, or None (where it is not built, turned
-    off with ``CT1_CDC_NATIVE_READ=off``, or the libpq psycopg uses cannot be found for
-    certain): :meth:`ReplicationStream.read_many` then reads a frame at a time."""
-    global _native
-    if _native is None:
-        _native = _load_native()
-    if _native is False:
-        return None
-    lib, module = _native
-    try:  # the library found is the one this connection is from: it knows its server
-        conn = ctypes.c_void_p(_address(pgconn))
-        same = lib.PQbackendPID(conn) == pgconn.backend_pid and lib.PQsocket(conn) == pgconn.socket
-    except (AttributeError, OSError, psycopg.Error):
-        same = False
-    return module if same else None
-
-
-_native: Any = None  # (the library, cdc._frames) once set up; False: not available
-
-
-def _load_native() -> Any:
-    if os.environ.get("CT1_CDC_NATIVE_READ", "").lower() in ("off", "0", "false", "no"):
-        return False
-    try:
-        from cdc import _frames, _wal2json
-    except ImportError:
-        return False
-    path = _libpq_path()
-    if path is None:
-        return False
-    try:
-        lib = ctypes.CDLL(path)  # (loaded already: the same handle)
-        for check in (lib.PQbackendPID, lib.PQsocket):
-            check.restype = ctypes.c_int
-            check.argtypes = [ctypes.c_void_p]
-        get_copy_data = ctypes.cast(lib.PQgetCopyData, ctypes.c_void_p).value
-        freemem = ctypes.cast(lib.PQfreemem, ctypes.c_void_p).value
-        _frames.setup(get_copy_data or 0, freemem or 0, parse_frame, _wal2json)  # (0: refused)
-    except (OSError, AttributeError, ValueError, TypeError):
-        return False
-    return lib, _frames
-
-
-def _address(pgconn: pq.abc.PGconn) -> int:
-    """The address of libpq's ``PGconn`` under psycopg's (every implementation has it)."""
-    return int(getattr(pgconn, "pgconn_ptr", 0) or 0)
-
-
-def _libpq_path() -> str | None:
-    """The file of the libpq psycopg calls: the one its wheel carries, else the only one
-    loaded; None when that is not certain."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            paths = {
-                line.split(None, 5)[5].strip() for line in maps if "libpq" in line and line.count(" ") >= 5
-            }
-    except OSError:
-        return None
-    found = sorted(p for p in paths if os.path.basename(p).startswith("libpq") and ".so" in p)
-    if pq.__impl__ == "binary":  # (its wheel carries its own)
-        found = [p for p in found if "psycopg_binary" in p]
-    elif pq.__impl__ != "python":  # psycopg_c may hold a libpq of its own, linked in
-        return None
-    return found[0] if len(found) == 1 else None
 
 
 # The session settings every value capture reads is printed under (the stream's and a

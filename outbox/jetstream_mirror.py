@@ -113,7 +113,7 @@ class Mirror:
                     await self._share_once(writer)
             with contextlib.suppress(Exception):
                 await self.log.close()
-        if self._leasing_failed in done:
+        if self._leasing_failed.done():  # (or while the leases were let go, above)
             self._leasing_failed.result()  # (the leases' error: the node stops with it)
         if follow in done:
             follow.result()

@@ -238,13 +238,15 @@ class FakeSlot:
         self._known = len(self.wal.units)
 
     reads = "fake"
-    batch = 64  # row changes a read_many gives at most (1: a frame a call)
+    batch = 64  # row changes a read_many gives at most (1: a frame a call, undecoded)
 
     def read_many(self, timeout: float) -> list[Read]:
         """As the native reader batches: row changes decoded, up to a frame that is not
         one (which comes last, as a frame) or to what is buffered (here: the next marker)."""
-        items: list[Read] = []
         frame = self.read(timeout)
+        if self.batch <= 1:  # psycopg's path: a frame a read, which capture decodes
+            return [] if frame is None else [frame]
+        items: list[Read] = []
         while frame is not None:
             change = _row_change(frame)
             if change is None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from cdc import stream as streaming
+from cdc import native_read
 from cdc.capture import wal2json_options
 from cdc.decode import Commit, Decoded, Message, RowChange, decode
 from cdc.source import HEARTBEAT_PREFIX
@@ -23,11 +23,12 @@ END = HEARTBEAT_PREFIX  # (a prefix the stream carries) marks the end of what a 
 
 
 @pytest.fixture
-def native(monkeypatch) -> Iterator[None]:
-    """The reader set up afresh (an earlier test may have turned it off)."""
-    monkeypatch.setattr(streaming, "_native", None)
+def native() -> Iterator[None]:
+    """The reader set up afresh, with the real libpq (a unit test may have set it up with
+    one of its own)."""
+    native_read.load.cache_clear()
     yield
-    monkeypatch.setattr(streaming, "_native", None)
+    native_read.load.cache_clear()
 
 
 def write_changes(db) -> None:
@@ -74,7 +75,7 @@ def open_stream(db) -> ReplicationStream:
     return stream
 
 
-def test_many_frames_a_read_give_what_a_frame_at_a_time_gives(source_db, native):
+def test_many_frames_a_read_give_what_a_frame_at_a_time_gives(source_db, native, monkeypatch):
     source_db.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", source_db.slot)
     write_changes(source_db)
     stream = open_stream(source_db)
@@ -84,7 +85,7 @@ def test_many_frames_a_read_give_what_a_frame_at_a_time_gives(source_db, native)
         many, batches = messages(stream, many=True)
     finally:
         stream.close()  # nothing confirmed: the next session streams the same changes
-    streaming._native = False  # (off)
+    monkeypatch.setenv("CT1_CDC_NATIVE_READ", "off")
     stream = open_stream(source_db)
     try:
         assert stream._reader is None

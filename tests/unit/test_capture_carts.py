@@ -7,10 +7,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from cdc.capture import Capture
 from cdc.mapping import parse_mapping
 from config.settings import Settings
 from tests.fakes import FakeClock, FakeSlot, FakeSource, MemoryOutbox, MemorySink, Wal
+
+
+@pytest.fixture(autouse=True, params=[64, 1], ids=["batches", "a frame a read"])
+def reads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test with the slot read as the native reader reads it (rows decoded, many a
+    read) and as psycopg's path does (a frame a read, without a C compiler)."""
+    monkeypatch.setattr(FakeSlot, "batch", request.param)
+
 
 IDLE = 60.0
 T0 = 1_764_083_273.0  # 2025-11-25T15:07:53Z

@@ -19,6 +19,14 @@ from common.formats import format_lsn
 from config.settings import Settings
 from tests.fakes import FakeClock, FakeSlot, FakeSource, MemoryOutbox, MemorySink, Txn, Wal
 
+
+@pytest.fixture(autouse=True, params=[64, 1], ids=["batches", "a frame a read"])
+def reads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test with the slot read as the native reader reads it (rows decoded, many a
+    read) and as psycopg's path does (a frame a read, without a C compiler)."""
+    monkeypatch.setattr(FakeSlot, "batch", request.param)
+
+
 MAPPING = parse_mapping(
     """
 [defaults]

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdc import stream as streaming
+from cdc import native_read
 from cdc.decode import RowChange
 from cdc.stream import parse_frame
 from common.errors import SourceUnavailable
@@ -84,7 +84,7 @@ def libpq() -> Iterator[FakeLibpq]:
     try:
         yield fake
     finally:
-        streaming._native = None  # (the next stream sets the reader up with the real libpq)
+        native_read.load.cache_clear()  # (the next stream sets the reader up with the real libpq)
     assert not fake.out, "a frame's buffer was never freed"
 
 
@@ -168,7 +168,7 @@ def test_the_reader_gives_what_a_frame_at_a_time_gives(frames: list[bytes], limi
         assert len(fake.frames) == len(frames) - len(want)  # nothing taken that was not given
         assert not fake.out, "a frame's buffer was never freed"
     finally:
-        streaming._native = None
+        native_read.load.cache_clear()
 
 
 def test_rows_come_decoded_many_a_read_up_to_a_transactions_edge(libpq: FakeLibpq) -> None:

@@ -32,6 +32,12 @@ def test_unknown_frame_is_an_error():
         parse_frame(b"z123")
 
 
+@pytest.mark.parametrize("frame", [b"w" + bytes(10), b"w" + bytes(23), b"k", b"k" + bytes(16)])
+def test_a_frame_cut_short_is_named(frame):
+    with pytest.raises(SourceUnavailable, match="cut short"):
+        parse_frame(frame)
+
+
 def test_status_update_layout_and_postgres_epoch():
     msg = status_update(1, 2, 3, reply=True, now=946_684_800 + 1.5)
     kind, write, flush, apply, clock, reply = struct.unpack(">cQQQqB", msg)
