@@ -120,6 +120,23 @@ def create_nats_cluster(root: Path | None = None, nodes: int = NODES, up: int | 
     nats_server()  # fail first, with the fix, when it is missing
     owns = root is None
     root = Path(tempfile.mkdtemp(prefix="ct1-nats-")) if root is None else root
+    for attempt in range(3):
+        try:
+            return _start_cluster(root, owns, nodes, up)
+        except NatsUnavailable as exc:
+            # a port taken between choosing it and binding it (seen in CI: another test's
+            # process had it): again, on new ports
+            if "address already in use" not in str(exc) or attempt == 2:
+                raise
+            for node in root.glob("n*"):  # (what the failed start left)
+                if node.is_dir():
+                    shutil.rmtree(node, ignore_errors=True)
+                else:
+                    node.unlink(missing_ok=True)
+    raise AssertionError("unreachable")
+
+
+def _start_cluster(root: Path, owns: bool, nodes: int, up: int | None) -> NatsCluster:
     root.mkdir(parents=True, exist_ok=True)
     ports = [(free_port(), free_port()) for _ in range(nodes)]
     cluster = NatsCluster(root=root, owns_root=owns)

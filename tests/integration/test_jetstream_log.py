@@ -5,6 +5,7 @@ a duplicate, and the same through kill -9 of the stream's leader and a node stop
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
 
@@ -12,6 +13,7 @@ import pytest
 
 from outbox.jetstream import Fenced, JetStreamLog
 from sidecar.natscluster import NatsCluster, create_nats_cluster
+from sidecar.throwaway import free_port
 
 
 @pytest.fixture
@@ -241,3 +243,24 @@ async def test_a_bucket_asked_for_before_the_cluster_has_formed_is_made_once_it_
     finally:
         await log.close()
         cluster.stop()
+
+
+def test_a_port_taken_before_a_node_binds_it_is_chosen_anew(tmp_path, monkeypatch):
+    # seen in CI: a port chosen free was taken by another test's process before the node
+    # bound it ("bind: address already in use"), and the whole module's tests errored
+    from sidecar import natscluster
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))  # (bound, not listening: nothing answers on it)
+    busy = taken.getsockname()[1]
+    chosen = iter([free_port(), busy])  # the first node's client port, then its route port
+    monkeypatch.setattr(natscluster, "free_port", lambda: next(chosen, None) or free_port())
+    try:
+        cluster = create_nats_cluster(tmp_path / "nats")
+        try:
+            assert busy not in {p for n in cluster.nodes for p in (n.port, n.cluster_port)}
+            assert all(n.proc is not None and n.proc.poll() is None for n in cluster.nodes)
+        finally:
+            cluster.stop()
+    finally:
+        taken.close()
