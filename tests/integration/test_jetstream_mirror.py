@@ -87,8 +87,9 @@ def mirror_of(stream: Stream, path: Path, timeout: float = 2.0) -> Mirror:
     return Mirror(stream.log(timeout), lambda: store.open_outbox(path), Router([]))
 
 
-def run_until(mirror: Mirror, names: int) -> None:
-    """Run the copy in a thread until it holds ``names`` events, then stop it."""
+def run_until(mirror: Mirror, names: int, timeout: float = 30, what: str = "") -> None:
+    """Run the copy in a thread until it holds ``names`` events (or fails: its error is
+    raised here), then stop it."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -101,7 +102,7 @@ def run_until(mirror: Mirror, names: int) -> None:
     thread = threading.Thread(target=target)
     thread.start()
     try:
-        wait_until(lambda: errors or mirror.last_id >= names, 30, what=f"{names} events copied")
+        wait_until(lambda: errors or mirror.last_id >= names, timeout, what=what or f"{names} events copied")
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -450,20 +451,5 @@ def test_a_dispatch_node_whose_leases_fail_stops_with_their_error_while_the_stre
         Router([]),
         leases=BrokenLeases(),  # type: ignore[arg-type]
     )
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            mirror.run(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: errors, 15, what="the copy stopping with the leases' error")
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-    assert "the leases broke" in str(errors[0])
+    with pytest.raises(Exception, match="the leases broke"):
+        run_until(mirror, 10**9, 15, what="the copy stopping with the leases' error")

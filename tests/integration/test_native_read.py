@@ -69,6 +69,16 @@ def messages(stream: ReplicationStream, *, many: bool) -> tuple[list[Decoded], l
     return got, batches
 
 
+def stream_all(db, *, many: bool) -> tuple[list[Decoded], list[list[object]], bool]:
+    """A session's messages up to the END marker (confirming nothing), its reads' items,
+    and whether the native reader read them."""
+    stream = open_stream(db)
+    try:
+        return (*messages(stream, many=many), stream._reader is not None)
+    finally:
+        stream.close()
+
+
 def open_stream(db) -> ReplicationStream:
     stream = ReplicationStream(db.dsn, db.slot, wal2json_options(Settings(source={"dsn": db.dsn})))
     stream.start(0)
@@ -78,20 +88,12 @@ def open_stream(db) -> ReplicationStream:
 def test_many_frames_a_read_give_what_a_frame_at_a_time_gives(source_db, native, monkeypatch):
     source_db.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", source_db.slot)
     write_changes(source_db)
-    stream = open_stream(source_db)
-    try:
-        if stream._reader is None:
-            pytest.skip("cdc._frames is not built (no C compiler at install)")
-        many, batches = messages(stream, many=True)
-    finally:
-        stream.close()  # nothing confirmed: the next session streams the same changes
-    monkeypatch.setenv("CT1_CDC_NATIVE_READ", "off")
-    stream = open_stream(source_db)
-    try:
-        assert stream._reader is None
-        one, _ = messages(stream, many=False)
-    finally:
-        stream.close()
+    many, batches, native = stream_all(source_db, many=True)
+    if not native:
+        pytest.skip("cdc._frames is not built (no C compiler at install)")
+    monkeypatch.setenv("CT1_CDC_NATIVE_READ", "off")  # (nothing confirmed: the same changes again)
+    one, _, native = stream_all(source_db, many=False)
+    assert not native
     assert many == one
     rows = [m for m in many if isinstance(m, RowChange)]
     assert len(rows) == 300 + 1 + 1 + 1
@@ -130,11 +132,7 @@ def test_a_stream_the_server_ends_is_named_and_a_new_session_goes_on(source_db, 
         assert sum(isinstance(i, RowChange) for i in taken) >= 300  # (the rows came first)
     finally:
         stream.close()
-    stream = open_stream(source_db)
-    try:
-        got, _ = messages(stream, many=True)
-    finally:
-        stream.close()
+    got, _, _ = stream_all(source_db, many=True)
     assert sum(isinstance(m, RowChange) for m in got) == 303  # nothing confirmed: all again
 
 
@@ -142,11 +140,7 @@ def test_the_reader_turned_off_reads_a_frame_at_a_time(source_db, native, monkey
     monkeypatch.setenv("CT1_CDC_NATIVE_READ", "off")
     source_db.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", source_db.slot)
     write_changes(source_db)
-    stream = open_stream(source_db)
-    try:
-        assert stream._reader is None
-        got, batches = messages(stream, many=True)
-    finally:
-        stream.close()
+    got, batches, native = stream_all(source_db, many=True)
+    assert not native
     assert all(len(b) == 1 for b in batches)
     assert sum(isinstance(m, RowChange) for m in got) == 303
