@@ -10,8 +10,11 @@ from its commit returning to its ``order.created`` webhook arriving.  In the sam
 by the server's logical decoding; it runs alongside ct1-cdc, or with ``--baseline
 apart`` in a phase of its own first (its walsender and reader then take no CPU from
 ct1-cdc: on a two-core machine that is a fifth of a core at 2,000 orders/s).  The run
-uses the settings' defaults (``--endpoint-concurrency N`` sets that one).  The last line is JSON with p50/p95/p99 of both and
-``ratio`` = baseline p50 / ct1-cdc p50.
+uses the settings' defaults (``--endpoint-concurrency N`` and ``--commit-interval-ms MS`` set
+those two).  The last line is JSON with p50/p95/p99 of both, ``ratio`` = baseline p50 /
+ct1-cdc p50, and ``cpu_us_per_order``: ct1-cdc's CPU (every thread) during the phase,
+per order.  ``--timeline`` prints each second's orders with their p50 and max to stderr
+(a backlog that builds and drains shows as a run of rising seconds).
 
     .venv/bin/python bench/latency.py --readers 20 [--patterns 40]
 
@@ -189,6 +192,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             f"[source]\ndsn = {dsn!r}\nslot = 'ct1_latency'\n"
             f"[outbox]\npath = {str(work / 'outbox.db')!r}\n"
             + (
+                f"commit_interval_ms = {args.commit_interval_ms}\n"
+                if args.commit_interval_ms is not None
+                else ""
+            )
+            + (
                 f"[dispatcher]\nendpoint_concurrency = {args.endpoint_concurrency}\n"
                 if args.endpoint_concurrency
                 else ""
@@ -232,6 +240,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             while any(i not in seen for i in phase_committed) and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             committed.update(phase_committed)
+            if args.timeline:
+                timeline(name, phase_committed, seen)
             return [seen[i] - t for i, t in phase_committed.items() if i in seen]
 
         committed: dict[int, float] = {}
@@ -252,7 +262,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             recv = start_baseline()
         await asyncio.sleep(2)  # the readers connected
 
+        cpu_before = cpu_seconds(run.pid)
         ours = await phase("alone")
+        cpu_alone = cpu_seconds(run.pid) - cpu_before
         if not ours:
             raise SystemExit(
                 "no order reached the receiver; ct1-cdc run said:\n" + (work / "run.log").read_text()[-3000:]
@@ -298,7 +310,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             "baseline": summary(base),
             "baseline_run": args.baseline,
             "endpoint_concurrency": args.endpoint_concurrency or "default",
+            "commit_interval_ms": "default" if args.commit_interval_ms is None else args.commit_interval_ms,
             "capture_only": summary(capture_lag),
+            # ct1-cdc's CPU (every thread) while the phase wrote and delivered, per order
+            "cpu_us_per_order": round(cpu_alone / max(len(ours), 1) * 1e6, 1),
             **loaded,
         }
         result["ratio"] = round(summary(base)["p50_ms"] / max(summary(ours)["p50_ms"], 0.001), 3)
@@ -311,6 +326,30 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         await runner.cleanup()
         cluster.destroy()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of a process so far (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timeline(name: str, committed: dict[int, float], seen: dict[int, float]) -> None:
+    """Per second of the phase (by commit time): orders, and their latency's p50 and max,
+    to stderr; a backlog that builds and drains shows as a run of rising seconds."""
+    start = min(committed.values(), default=0.0)
+    print(f"{name}: second 0 starts at {start:.1f} (epoch)", file=sys.stderr)
+    buckets: dict[int, list[float]] = {}
+    for i, t in committed.items():
+        if i in seen:
+            buckets.setdefault(int(t - start), []).append(seen[i] - t)
+    for second in sorted(buckets):
+        got = sorted(buckets[second])
+        print(
+            f"{name} second {second:3d}: {len(got):5d} orders, p50 {got[len(got) // 2] * 1000:8.1f} ms, "
+            f"max {got[-1] * 1000:8.1f} ms",
+            file=sys.stderr,
+        )
 
 
 def _capture_lag(path: Path) -> list[float]:
@@ -341,11 +380,20 @@ def main() -> None:
         help="dispatcher.endpoint_concurrency of the run (default: the setting's own default)",
     )
     parser.add_argument(
+        "--commit-interval-ms",
+        type=float,
+        default=None,
+        help="outbox.commit_interval_ms of the run (default: the setting's own default)",
+    )
+    parser.add_argument(
         "--baseline",
         choices=["alongside", "apart"],
         default="alongside",
         help="pg_recvlogical on its own slot during ct1-cdc's phase, or in a phase of its own "
         "before it (on a small machine the baseline's walsender and reader take CPU from ct1-cdc)",
+    )
+    parser.add_argument(
+        "--timeline", action="store_true", help="print each second's orders and latency to stderr"
     )
     parser.add_argument("--readers", type=int, default=0, help="concurrent filtered /events clients")
     parser.add_argument(
