@@ -6,9 +6,11 @@
  * XLogData payload straight from libpq's buffer to the compiled wal2json decoder
  * (cdc/_wal2json.c, through its capsule), so a row change costs one RowChange object.
  *
- * Everything else (a keepalive, a begin or commit, a message, a row the compiled decoder
- * leaves to Python) goes through the Python parser given to setup() as the whole frame,
- * and ends the batch: capture sees every transaction's end between two calls, as before.
+ * A transaction's begin and commit come decoded the same way, and a commit ends the
+ * batch: capture sees every transaction's end between two calls, and a transaction of a
+ * few rows costs one call.  Everything else (a keepalive, a message, a row the compiled
+ * decoder leaves to Python) goes through the Python parser given to setup() as the whole
+ * frame, and ends the batch too.
  *
  * libpq's functions come as addresses from Python (cdc/stream.py finds the libpq
  * psycopg uses), so this file links against nothing.  It never blocks: PQgetCopyData is
@@ -39,8 +41,11 @@ static void release(char *buf) {
 #define XLOG_HEADER 25         /* 'w', start LSN, end LSN, send time */
 #define BATCH_BYTES (1 << 20) /* a batch ends past this much: wide rows come a few at a time */
 
-/* The item for one frame: a RowChange when the compiled decoder took it (*row = 1), else
-   what parse_frame makes of the whole frame. */
+#define ACTION_AT (XLOG_HEADER + 11) /* {"action":"X */
+
+/* The item for one frame: what the compiled decoder made of it (a RowChange, a Begin or a
+   Commit; *row = 1, but for a Commit, which ends the batch), else what parse_frame makes
+   of the whole frame. */
 static PyObject *frame_item(const char *buf, int size, int *row) {
     *row = 0;
     if (size > XLOG_HEADER && buf[0] == 'w') {
@@ -49,7 +54,7 @@ static PyObject *frame_item(const char *buf, int size, int *row) {
             if (!PyErr_ExceptionMatches(PyExc_ValueError)) return NULL;
             PyErr_Clear(); /* the Python decoder decides, and names the fault */
         } else if (decoded != Py_None) {
-            *row = 1;
+            *row = buf[ACTION_AT] != 'C'; /* (decoded: the message starts as wal2json's do) */
             return decoded;
         } else {
             Py_DECREF(decoded);
@@ -98,7 +103,7 @@ static PyObject *read_frames(PyObject *self, PyObject *args) {
             return NULL;
         }
         Py_DECREF(item);
-        if (!row) break; /* a transaction's edge, a keepalive: capture looks up */
+        if (!row) break; /* a transaction's end, a keepalive: capture looks up */
     }
     PyObject *result = Py_BuildValue("(Ni)", items, status);
     return result;

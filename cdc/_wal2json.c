@@ -1,13 +1,14 @@
-/* Compiled decoding of wal2json format-version 2 row messages (I, U, D).
+/* Compiled decoding of wal2json format-version 2 row messages (I, U, D) and of the
+ * transactions' edges (B, C).
  *
  * The hot path of capture: one call turns a row message's bytes into a RowChange with
  * the values of cdc.decode's pure-Python decoder (which stays the reference and the
  * fallback: tests hold both to the same results).  Everything unusual is left to it:
  *
- *   decode_row(payload) -> RowChange | None
+ *   decode_row(payload) -> RowChange | Begin | Commit | None
  *
- * returns None for a message that is not a row change (or does not start the way
- * wal2json writes one) and raises ValueError for anything it does not take on itself
+ * returns None for a message that is none of those (or does not start the way wal2json
+ * writes one) and raises ValueError for anything it does not take on itself
  * (malformed JSON, a lone surrogate, invalid UTF-8, a missing key); the caller then
  * decodes with the Python path, which gives the precise DecodeError.
  *
@@ -28,6 +29,8 @@
 #include <string.h>
 
 static PyObject *RowChangeType = NULL; /* cdc.decode.RowChange */
+static PyObject *BeginType = NULL;     /* cdc.decode.Begin and Commit: a transaction's edges */
+static PyObject *CommitType = NULL;
 static PyObject *Fallback = NULL;      /* callable(type: str, value) -> value */
 static PyObject *OpInsert, *OpUpdate, *OpDelete;
 
@@ -643,8 +646,104 @@ static PyObject *table_name(const char *schema, Py_ssize_t slen, int sesc, const
     return joined;
 }
 
-/* The message of `size` bytes at `data` as a RowChange; None when it is not a row change;
-   NULL with ValueError when it is one the Python decoder must decide (it names the fault). */
+/* "16/B374D848" -> its position, for 1 to 8 hex digits on each side; -1 for anything else
+   (the Python decoder decides). */
+static long long lsn_value(const char *s, Py_ssize_t n) {
+    unsigned long long hi = 0, lo = 0;
+    Py_ssize_t i = 0, digits = 0;
+    for (; i < n && s[i] != '/'; i++, digits++) {
+        int h = hexval(s[i]);
+        if (h < 0 || digits == 8) return -1;
+        hi = (hi << 4) | (unsigned)h;
+    }
+    if (digits == 0 || i == n) return -1;
+    digits = 0;
+    for (i++; i < n; i++, digits++) {
+        int h = hexval(s[i]);
+        if (h < 0 || digits == 8) return -1;
+        lo = (lo << 4) | (unsigned)h;
+    }
+    if (digits == 0) return -1;
+    return (long long)((hi << 32) | lo);
+}
+
+/* A begin or commit message (the cursor past its "action"), written the way wal2json
+   writes one in a UTC session, as `type`(xid, commit_time, lsn, end_lsn); NULL with
+   ValueError for anything else (the Python decoder decides, and names the fault). */
+static PyObject *decode_edge(PyObject *type, Cursor *c) {
+    PyObject *xid = NULL, *stamp = NULL, *result = NULL;
+    long long lsn = -1, next = -1;
+    const char *key;
+    Py_ssize_t klen;
+    int first = 0, more;
+    while ((more = next_key(c, &first, &key, &klen)) == 1) {
+        if (KEY_IS(key, klen, "xid")) {
+            const char *s;
+            Py_ssize_t n;
+            int integral;
+            char buf[24];
+            if (number_span(c, &s, &n, &integral) < 0) goto done;
+            if (!integral || n > 18) {
+                fail("xid left to the Python decoder");
+                goto done;
+            }
+            memcpy(buf, s, (size_t)n);
+            buf[n] = '\0';
+            Py_XSETREF(xid, PyLong_FromString(buf, NULL, 10));
+            if (xid == NULL) goto done;
+        } else if (KEY_IS(key, klen, "timestamp")) {
+            const char *s;
+            Py_ssize_t n;
+            int e;
+            if (string_span(c, &s, &n, &e) < 0) goto done;
+            PyObject *iso = e ? NULL : fast_timestamptz(s, n);
+            if (iso == NULL) {
+                if (!PyErr_Occurred()) fail("timestamp left to the Python decoder");
+                goto done;
+            }
+            Py_XSETREF(stamp, iso);
+        } else if (KEY_IS(key, klen, "lsn") || KEY_IS(key, klen, "nextlsn")) {
+            const char *s;
+            Py_ssize_t n;
+            int e;
+            if (string_span(c, &s, &n, &e) < 0) goto done;
+            long long value = e ? -1 : lsn_value(s, n);
+            if (value < 0) {
+                fail("lsn left to the Python decoder");
+                goto done;
+            }
+            if (klen == 3) lsn = value;
+            else next = value;
+        } else if (KEY_IS(key, klen, "action")) {
+            fail("repeated action left to the Python decoder");
+            goto done;
+        } else if (skip_value(c, 0) < 0) {
+            goto done;
+        }
+    }
+    if (more < 0) goto done;
+    skip_ws(c);
+    if (c->p != c->end) {
+        fail("trailing data after the message");
+        goto done;
+    }
+    if (xid == NULL || stamp == NULL || lsn < 0 || next < 0) {
+        fail("begin or commit without xid, timestamp, lsn or nextlsn");
+        goto done;
+    }
+    PyObject *start = PyLong_FromLongLong(lsn), *end = start ? PyLong_FromLongLong(next) : NULL;
+    if (end != NULL) result = PyObject_CallFunctionObjArgs(type, xid, stamp, start, end, NULL);
+    Py_XDECREF(start);
+    Py_XDECREF(end);
+done:
+    Py_XDECREF(xid);
+    Py_XDECREF(stamp);
+    return result;
+}
+
+/* The message of `size` bytes at `data` as a RowChange (or a Begin or Commit, once setup()
+   was given them); None when it is none of those; NULL with ValueError when it is one the
+   Python decoder must decide (it names the fault). */
 static PyObject *decode_buf(const char *data, Py_ssize_t size) {
     if (RowChangeType == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_wal2json.setup() was not called");
@@ -654,7 +753,13 @@ static PyObject *decode_buf(const char *data, Py_ssize_t size) {
     const Py_ssize_t plen = sizeof(prefix) - 1;
     PyObject *op = NULL;
     if (size >= plen + 2 && memcmp(data, prefix, (size_t)plen) == 0 && data[plen + 1] == '"') {
-        op = data[plen] == 'I' ? OpInsert : data[plen] == 'U' ? OpUpdate : data[plen] == 'D' ? OpDelete : NULL;
+        char action = data[plen];
+        PyObject *edge = action == 'B' ? BeginType : action == 'C' ? CommitType : NULL;
+        if (edge != NULL) {
+            Cursor e = {data + plen + 2, data + size};
+            return decode_edge(edge, &e);
+        }
+        op = action == 'I' ? OpInsert : action == 'U' ? OpUpdate : action == 'D' ? OpDelete : NULL;
     }
     if (op == NULL) Py_RETURN_NONE; /* not a row change, or not written the way wal2json writes one */
     Cursor c = {data + plen + 2, data + size};
@@ -746,8 +851,12 @@ static PyObject *decode_row(PyObject *self, PyObject *arg) {
 
 static PyObject *setup(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *rowchange, *convert;
-    if (!PyArg_ParseTuple(args, "OO", &rowchange, &convert)) return NULL;
+    PyObject *rowchange, *convert, *begin = NULL, *commit = NULL;
+    if (!PyArg_ParseTuple(args, "OO|OO", &rowchange, &convert, &begin, &commit)) return NULL;
+    if ((begin != NULL && !PyCallable_Check(begin)) || (commit != NULL && !PyCallable_Check(commit))) {
+        PyErr_SetString(PyExc_TypeError, "setup() needs the Begin and Commit types");
+        return NULL;
+    }
     if (!PyType_Check(rowchange) || !PyType_IsSubtype((PyTypeObject *)rowchange, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "setup() needs the RowChange tuple type");
         return NULL;
@@ -760,12 +869,22 @@ static PyObject *setup(PyObject *self, PyObject *args) {
     Py_XSETREF(RowChangeType, rowchange);
     Py_INCREF(convert);
     Py_XSETREF(Fallback, convert);
+    if (begin != NULL) { /* (left out: as they were) */
+        Py_INCREF(begin);
+        Py_XSETREF(BeginType, begin);
+    }
+    if (commit != NULL) {
+        Py_INCREF(commit);
+        Py_XSETREF(CommitType, commit);
+    }
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"decode_row", decode_row, METH_O, "wal2json v2 row message -> RowChange, or None when not a row change."},
-    {"setup", setup, METH_VARARGS, "setup(RowChange, convert): the result type and the converter of the rest."},
+    {"decode_row", decode_row, METH_O,
+     "wal2json v2 row message -> RowChange (a begin or commit: Begin or Commit, once set up), or None."},
+    {"setup", setup, METH_VARARGS,
+     "setup(RowChange, convert[, Begin, Commit]): the result types and the converter of the rest."},
     {NULL, NULL, 0, NULL},
 };
 

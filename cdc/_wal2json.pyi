@@ -1,5 +1,11 @@
 from collections.abc import Callable
 from typing import Any
 
-def decode_row(payload: bytes | memoryview, /) -> tuple[Any, ...] | None: ...
-def setup(rowchange: type[tuple[Any, ...]], convert: Callable[[str, Any], Any], /) -> None: ...
+def decode_row(payload: bytes | memoryview, /) -> object | None: ...
+def setup(
+    rowchange: type[tuple[Any, ...]],
+    convert: Callable[[str, Any], Any],
+    begin: type | None = ...,
+    commit: type | None = ...,
+    /,
+) -> None: ...

@@ -352,9 +352,11 @@ class Capture:
             if self._committing:
                 timeout = min(timeout, COMMIT_POLL)  # its readers are woken once it is durable
             frames = self.frames.read_many(timeout=timeout)
-            for frame in frames:  # (a transaction's rows, up to its edge or a limit)
+            for frame in frames:  # (a transaction, up to its commit, or up to a limit)
                 if type(frame) is RowChange:  # decoded by the reader already
                     self._change(frame, None)
+                elif isinstance(frame, (Begin, Commit)):  # (so are a transaction's edges)
+                    self._message(frame)
                 elif isinstance(frame, XLogData):
                     self._handle(frame)
                 else:
@@ -423,7 +425,11 @@ class Capture:
             raise self._stopped_by(exc, None, frame.wal_start) from exc
         if isinstance(msg, RowChange):
             self._change(msg, frame.wal_start)
-            return
+        else:
+            self._message(msg)
+
+    def _message(self, msg: Begin | Commit | Truncate | Message) -> None:
+        """One decoded message other than a row change."""
         if self._truncated and not isinstance(msg, Truncate):
             self._flush_truncates()
         if isinstance(msg, Begin):

@@ -339,16 +339,17 @@ def _row(action: str, obj: dict[str, Any], payload: bytes | memoryview) -> RowCh
 def decode(payload: bytes | memoryview | str) -> Decoded:
     """Decode one wal2json v2 message.  Raises :class:`DecodeError` on anything else.
 
-    Row changes go through the compiled decoder when it is built; whatever it leaves
-    (other actions, anything unusual or malformed) is decoded here in Python.
+    Row changes, begins and commits go through the compiled decoder when it is built;
+    whatever it leaves (other actions, anything unusual or malformed) is decoded here in
+    Python.
     """
     if _compiled is not None and not isinstance(payload, str):
         try:
-            row = _compiled.decode_row(payload)
+            msg = _compiled.decode_row(payload)
         except ValueError:
-            row = None  # the Python path decides, and names what is wrong
-        if row is not None:
-            return cast(RowChange, row)
+            msg = None  # the Python path decides, and names what is wrong
+        if msg is not None:
+            return cast(Decoded, msg)
     return decode_python(payload)
 
 
@@ -406,6 +407,6 @@ try:
 except ImportError:  # built without a C compiler: Python decodes everything
     _compiled = None
 else:
-    _compiled.setup(RowChange, _convert)
+    _compiled.setup(RowChange, _convert, Begin, Commit)
 
 COMPILED = _compiled is not None  # for logs and tests

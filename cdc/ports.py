@@ -48,9 +48,9 @@ class FrameSource(Protocol):
         """How the session reads, for the log: "native" (many frames a call), "psycopg"."""
 
     def read_many(self, timeout: float) -> list[Read]:
-        """The frames already received (XLogData and keepalives, a row change decoded
-        already where the source can), or the next to come within ``timeout`` seconds:
-        none if none did."""
+        """The frames already received (XLogData and keepalives; a row change, begin or
+        commit decoded already where the source can, a batch ending at a commit), or the
+        next to come within ``timeout`` seconds: none if none did."""
 
     def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
         """Tell the server what is received and durable: it may drop WAL up to ``flush``."""

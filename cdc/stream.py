@@ -27,7 +27,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from cdc.decode import RowChange
+from cdc.decode import Begin, Commit, RowChange
 from cdc.native_read import address, native_reader
 from common.errors import SetupError, SlotBusy, SlotLost, SourceUnavailable
 from common.formats import format_lsn
@@ -51,7 +51,7 @@ class Keepalive:
 
 
 Frame = XLogData | Keepalive
-Read = Frame | RowChange  # what read_many gives: a row change may come decoded already
+Read = Frame | RowChange | Begin | Commit  # what read_many gives: rows and edges may come decoded
 
 
 _W = ord("w")
@@ -163,9 +163,9 @@ class ReplicationStream:
         return "psycopg" if self._reader is None else "native"
 
     def read_many(self, timeout: float) -> list[Read]:
-        """The frames already received, up to a transaction's edge (each row change
-        decoded, where the compiled reader is built), or the next one to arrive within
-        ``timeout`` seconds: none if none did."""
+        """The frames already received, up to a transaction's commit (each row change,
+        begin and commit decoded, where the compiled reader is built), or the next one to
+        arrive within ``timeout`` seconds: none if none did."""
         pg = self._pg
         if self._reader is None:
             frame = self.read(timeout)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdc.decode import RowChange, decode
+from cdc.decode import Begin, Commit, RowChange, decode
 from cdc.mapping import Mapping
 from cdc.ports import ChunkRead
 from cdc.schema import Relation
@@ -183,14 +183,15 @@ class Status:
     reply: bool
 
 
-def _row_change(frame: Frame) -> RowChange | None:
+def _decoded(frame: Frame) -> RowChange | Begin | Commit | None:
+    """What the native reader hands over decoded: row changes and transactions' edges."""
     if not isinstance(frame, XLogData):
         return None
     try:
         msg = decode(frame.payload)
     except DecodeError:  # (capture decodes it again, and names the fault)
         return None
-    return msg if isinstance(msg, RowChange) else None
+    return msg if isinstance(msg, (RowChange, Begin, Commit)) else None
 
 
 class FakeSlot:
@@ -241,19 +242,22 @@ class FakeSlot:
     batch = 64  # row changes a read_many gives at most (1: a frame a call, undecoded)
 
     def read_many(self, timeout: float) -> list[Read]:
-        """As the native reader batches: row changes decoded, up to a frame that is not
-        one (which comes last, as a frame) or to what is buffered (here: the next marker)."""
+        """As the native reader batches: row changes, begins and commits decoded, up to a
+        commit or a frame that is none of those (which comes last, as a frame) or to what
+        is buffered (here: the next marker)."""
         frame = self.read(timeout)
         if self.batch <= 1:  # psycopg's path: a frame a read, which capture decodes
             return [] if frame is None else [frame]
         items: list[Read] = []
         while frame is not None:
-            change = _row_change(frame)
-            if change is None:
+            msg = _decoded(frame)
+            if msg is None:
                 items.append(frame)
                 break
-            items.append(change)
-            if len(items) >= self.batch or not self._queue or self._queue[-1][1].marker is not None:
+            items.append(msg)
+            if isinstance(msg, Commit) or len(items) >= self.batch:
+                break
+            if not self._queue or self._queue[-1][1].marker is not None:
                 break
             frame = self.read(0)
         return items

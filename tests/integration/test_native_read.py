@@ -1,6 +1,6 @@
 """Capture's reads of a real replication stream many frames a call (``cdc._frames``): the
 same messages, in the same order, as a frame at a time through psycopg; batches end at a
-transaction's edge; a server ending the stream is named; the reader can be turned off."""
+transaction's commit; a server ending the stream is named; the reader can be turned off."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from cdc import native_read
 from cdc.capture import wal2json_options
-from cdc.decode import Commit, Decoded, Message, RowChange, decode
+from cdc.decode import Begin, Commit, Decoded, Message, RowChange, decode
 from cdc.source import HEARTBEAT_PREFIX
 from cdc.stream import Keepalive, ReplicationStream, XLogData
 from common.errors import SourceUnavailable
@@ -60,7 +60,7 @@ def messages(stream: ReplicationStream, *, many: bool) -> tuple[list[Decoded], l
         assert items, "the slot stopped before the end"
         batches.append(items)
         for item in items:
-            if isinstance(item, RowChange):
+            if isinstance(item, (RowChange, Begin, Commit)):
                 got.append(item)
             elif isinstance(item, XLogData):
                 got.append(decode(item.payload))
@@ -101,10 +101,13 @@ def test_many_frames_a_read_give_what_a_frame_at_a_time_gives(source_db, native,
     assert str(rows[-1].new["n"]) == "123456789012345678901234567890.123456789"
     # a row the compiled decoder took came decoded from the reader, many to a read
     assert any(sum(isinstance(i, RowChange) for i in b) > 1 for b in batches)
-    # and each read stops at a transaction's edge: nothing follows a frame that is not a row
+    # and each read stops at a transaction's commit: nothing follows a commit, or a frame
+    # that is not a row change or a begin
     for batch in batches:
-        assert all(isinstance(i, RowChange) for i in batch[:-1]), batch
+        assert all(isinstance(i, (RowChange, Begin)) for i in batch[:-1]), batch
     assert sum(isinstance(m, Commit) for m in many) == 5  # (the four writes, and the table made)
+    # a transaction's edges came decoded too, a small transaction whole in one read
+    assert any(isinstance(b[0], Begin) and isinstance(b[-1], Commit) for b in batches)
 
 
 def test_a_stream_the_server_ends_is_named_and_a_new_session_goes_on(source_db, native):

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdc import decode as decoding
-from cdc.decode import RowChange, decode, decode_python
+from cdc.decode import Begin, Commit, RowChange, decode, decode_python
 from common.errors import DecodeError
 
 compiled_only = pytest.mark.skipif(
@@ -154,6 +154,31 @@ def _row_message(draw: st.DrawFn) -> bytes:
     return ("{" + ",".join(parts) + "}").encode()
 
 
+def _lsn() -> st.SearchStrategy[str]:
+    part = st.integers(0, 2**32 - 1).map(lambda n: format(n, "X"))
+    return st.one_of(
+        st.builds(lambda a, b: f"{a}/{b}", part, part),
+        st.sampled_from(
+            ["0/0", "FFFFFFFF/FFFFFFFF", "0/", "/1", "1/2/3", "0x1/2", "123456789/1", "g/1", " 1/2"]
+        ),
+    )
+
+
+@st.composite
+def _edge_message(draw) -> bytes:
+    """A begin or commit as wal2json writes one (and some it never would)."""
+    fields = {
+        "action": draw(st.sampled_from(["B", "C"])),
+        "xid": draw(st.one_of(st.integers(0, 2**32), st.sampled_from([7.0, -1, 10**19, "7"]))),
+        "timestamp": draw(_timestamp()),
+        "lsn": draw(_lsn()),
+        "nextlsn": draw(_lsn()),
+    }
+    for key in draw(st.lists(st.sampled_from(["xid", "timestamp", "lsn", "nextlsn"]), max_size=1)):
+        del fields[key]  # a key missing
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 @compiled_only
 @settings(max_examples=400)
 @given(_row_message())
@@ -170,7 +195,7 @@ def _outcome(fn, payload):
 
 @compiled_only
 @settings(max_examples=400)
-@given(_row_message(), st.data())
+@given(st.one_of(_row_message(), _edge_message()), st.data())
 def test_damaged_messages_give_the_same_result_or_the_same_error(payload, data):
     # cut, overwrite or insert bytes anywhere: the compiled path may only ever agree
     at = data.draw(st.integers(0, len(payload)))
@@ -192,10 +217,33 @@ def test_damaged_messages_give_the_same_result_or_the_same_error(payload, data):
 
 
 @compiled_only
-def test_non_row_messages_are_left_to_python():
-    begin = b'{"action":"B","xid":7,"timestamp":"2026-11-25 15:07:53+00","lsn":"0/10","nextlsn":"0/20"}'
-    assert decoding._compiled.decode_row(begin) is None
-    _same(decode(begin), decode_python(begin))
+def test_truncates_and_messages_are_left_to_python():
+    truncate = b'{"action":"T","xid":7,"lsn":"0/10","schema":"public","table":"t"}'
+    message = b'{"action":"M","transactional":false,"prefix":"ct1-cdc","content":"x","lsn":"0/10"}'
+    for payload in (truncate, message):
+        assert decoding._compiled.decode_row(payload) is None
+        _same(decode(payload), decode_python(payload))
+
+
+@compiled_only
+@settings(max_examples=400)
+@given(_edge_message())
+def test_compiled_and_python_decoders_agree_on_begins_and_commits(payload):
+    mine, theirs = _outcome(decode, memoryview(payload)), _outcome(decode_python, payload)
+    if mine is DecodeError or theirs is DecodeError:
+        assert mine is theirs
+    else:
+        _same(mine, theirs)
+
+
+@compiled_only
+def test_begins_and_commits_written_the_usual_way_are_decoded_compiled():
+    begin = (
+        b'{"action":"B","xid":7,"timestamp":"2026-11-25 15:07:53+00","lsn":"0/10","nextlsn":"16/B374D848"}'
+    )
+    commit = b'{"action":"C","xid":7,"timestamp":"2026-11-25 15:07:53.1+00","lsn":"0/10","nextlsn":"0/20"}'
+    assert decoding._compiled.decode_row(begin) == Begin(7, "2026-11-25T15:07:53.000000Z", 16, 0x16B374D848)
+    assert decoding._compiled.decode_row(commit) == Commit(7, "2026-11-25T15:07:53.100000Z", 16, 32)
 
 
 @compiled_only

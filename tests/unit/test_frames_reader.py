@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdc import native_read
-from cdc.decode import RowChange
+from cdc.decode import Begin, Commit, RowChange
 from cdc.stream import parse_frame
 from common.errors import SourceUnavailable
 from tests.unit.test_decode_compiled import _row_message
@@ -109,6 +109,8 @@ def expected(frames: list[bytes], limit: int) -> tuple[list[object], BaseExcepti
                 row = None
             if row is not None:
                 items.append(row)
+                if isinstance(row, Commit):
+                    break  # a transaction's end ends the batch
                 continue
         try:
             items.append(parse_frame(frame))
@@ -133,13 +135,16 @@ def same(got: list[object], want: list[object]) -> None:
 
 
 BEGIN = b'{"action":"B","xid":7,"timestamp":"2026-11-25 15:07:53.877066+00","lsn":"0/1","nextlsn":"0/2"}'
+COMMIT = b'{"action":"C","xid":7,"timestamp":"2026-11-25 15:07:53.877066+00","lsn":"0/3","nextlsn":"0/4"}'
+MESSAGE = b'{"action":"M","transactional":false,"prefix":"ct1-cdc","content":"x","lsn":"0/5"}'
 
 
 def _frame() -> st.SearchStrategy[bytes]:
     return st.one_of(
         _row_message().map(xlog),
         _row_message().map(lambda m: xlog(m[: len(m) // 2])),  # cut short
-        st.just(xlog(BEGIN)),
+        st.sampled_from([xlog(BEGIN), xlog(COMMIT), xlog(MESSAGE)]),
+        st.sampled_from([BEGIN, COMMIT]).map(lambda m: xlog(m[: len(m) // 2])),  # cut short
         st.binary(min_size=1, max_size=40),  # anything: short frames, unknown kinds (libpq gives none empty)
         st.binary(max_size=30).map(lambda b: b"w" + b),  # an XLogData header cut short
         st.binary(max_size=20).map(lambda b: b"k" + b),  # a keepalive cut short
@@ -162,7 +167,9 @@ def test_the_reader_gives_what_a_frame_at_a_time_gives(frames: list[bytes], limi
         items, status = _frames.read(1, limit)
         same(items, want)
         ran_out = (
-            len(frames) == len(want) and (not want or isinstance(want[-1], RowChange)) and len(want) < limit
+            len(frames) == len(want)
+            and (not want or isinstance(want[-1], (RowChange, Begin)))
+            and len(want) < limit
         )
         assert status == (end if ran_out else 1)
         assert len(fake.frames) == len(frames) - len(want)  # nothing taken that was not given
@@ -171,13 +178,27 @@ def test_the_reader_gives_what_a_frame_at_a_time_gives(frames: list[bytes], limi
         native_read.load.cache_clear()
 
 
-def test_rows_come_decoded_many_a_read_up_to_a_transactions_edge(libpq: FakeLibpq) -> None:
+def test_transactions_come_decoded_one_a_read(libpq: FakeLibpq) -> None:
     row = b'{"action":"I","xid":7,"lsn":"0/10","schema":"public","table":"t","columns":[{"name":"id","type":"integer","value":1}],"pk":[{"name":"id","type":"integer"}]}'
-    libpq.frames = [xlog(BEGIN), xlog(row), xlog(row), keepalive(), xlog(row)]
-    assert [type(i).__name__ for i in _frames.read(1, 100)[0]] == ["XLogData"]
+    libpq.frames = [
+        xlog(BEGIN),
+        xlog(row),
+        xlog(row),
+        xlog(COMMIT),
+        xlog(BEGIN),
+        xlog(row),
+        keepalive(),
+        xlog(row),
+    ]
     items, status = _frames.read(1, 100)
-    assert [type(i).__name__ for i in items] == ["RowChange", "RowChange", "Keepalive"] and status == 1
-    assert items[0].new == {"id": 1} and items[0].table == "public.t"
+    assert [type(i).__name__ for i in items] == ["Begin", "RowChange", "RowChange", "Commit"] and status == 1
+    assert items[0].commit_time == "2026-11-25T15:07:53.877066Z" and (items[3].lsn, items[3].end_lsn) == (
+        3,
+        4,
+    )
+    assert items[1].new == {"id": 1} and items[1].table == "public.t"
+    items, status = _frames.read(1, 100)
+    assert [type(i).__name__ for i in items] == ["Begin", "RowChange", "Keepalive"] and status == 1
     items, status = _frames.read(1, 100)
     assert len(items) == 1 and status == 0  # then nothing buffered
 
