@@ -10,6 +10,9 @@ slot with ``pg_recvlogical`` (same wal2json options, output to /dev/null) and on
 and are timed from start until the slot's confirmed position reaches the backlog's end.
 The last line is JSON with both rates, their medians and ``ratio`` = ct1-cdc / pg_recvlogical.
 
+``--txn-rows N`` writes the backlog in transactions of N row changes (default 50; 4: a
+marketplace's small transactions, where each transaction's begin and commit cost most).
+
 ``--endpoints N`` captures for N endpoints that take every event (default: the two
 default ones, ct2 taking all but marketplace.analytics and ct3 all): a delivery row per
 endpoint and event is what capture writes beside each event.
@@ -74,10 +77,11 @@ def backlog_source(cluster: Cluster) -> str:
     return dsn
 
 
-def write_backlog(dsn: str, rows: int) -> int:
-    """Row changes: 1/2 product_views inserts, 1/4 order inserts, 1/4 order status updates."""
-    txns = rows // BATCH
-    per = BATCH // 4
+def write_backlog(dsn: str, rows: int, batch: int = BATCH) -> int:
+    """Row changes, ``batch`` a transaction: 1/2 product_views inserts, 1/4 order inserts,
+    1/4 order status updates."""
+    txns = rows // batch
+    per = batch // 4
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             f"""
@@ -85,7 +89,7 @@ def write_backlog(dsn: str, rows: int) -> int:
             BEGIN
               FOR t IN 1..{txns} LOOP
                 INSERT INTO product_views (product_id, user_id, session_id)
-                  SELECT 1 + (i % 50), 1 + (i % 100), 'bench' FROM generate_series(1, {BATCH - 2 * per}) i;
+                  SELECT 1 + (i % 50), 1 + (i % 100), 'bench' FROM generate_series(1, {batch - 2 * per}) i;
                 INSERT INTO orders (user_id, shop_id, subtotal, total)
                   SELECT 1 + (i % 100), 1, 10.50 + i, 15.49 + i FROM generate_series(1, {per}) i;
                 UPDATE orders SET status = 'processing', updated_at = now()
@@ -95,7 +99,7 @@ def write_backlog(dsn: str, rows: int) -> int:
             END $$;
             """
         )
-        return txns * BATCH
+        return txns * batch
 
 
 def current_lsn(dsn: str) -> int:
@@ -312,6 +316,12 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=int, default=200_000, help="row changes in the backlog")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--txn-rows",
+        type=int,
+        default=BATCH,
+        help=f"row changes per source transaction in the backlog (at least 4; default {BATCH})",
+    )
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="rows of the one big transaction")
     parser.add_argument(
         "--open-carts",
@@ -350,6 +360,8 @@ def main() -> None:
         help="jetstream: a standby beside each capture round, the capture killed half-way",
     )
     args = parser.parse_args()
+    if args.txn_rows < 4:
+        parser.error("--txn-rows must be at least 4 (a view, an order, its update, and one more view)")
     if args.standby and args.backend != "jetstream":
         parser.error("--standby goes with --backend jetstream")
     if args.compare_appends and (args.standby or args.backend != "sqlite"):
@@ -381,7 +393,7 @@ def main() -> None:
         if args.endpoints is not None:
             CONFIG = endpoints_config(work, args.endpoints)
         print(f"writing a backlog of {args.rows} row changes ...", file=sys.stderr)
-        rows = write_backlog(dsn, args.rows)
+        rows = write_backlog(dsn, args.rows, args.txn_rows)
         endpos = current_lsn(dsn)
         options = wal2json_options(Settings(source={"dsn": dsn}))
         rates: dict[str, list[float]] = {"pg_recvlogical": [], "ct1_cdc": [], "compared": []}
@@ -470,6 +482,7 @@ def main() -> None:
         result = {
             "bench": "capture",
             "rows": rows,
+            "txn_rows": args.txn_rows,
             "rounds": args.rounds,
             "pg_recvlogical_rows_per_s": [round(x) for x in rates["pg_recvlogical"]],
             "ct1_cdc_rows_per_s": [round(x) for x in rates["ct1_cdc"]],
