@@ -36,7 +36,7 @@ from capture import backlog_source, current_lsn, write_backlog  # noqa: E402
 
 from cdc import decode as decoding  # noqa: E402
 from cdc.capture import Capture, wal2json_options  # noqa: E402
-from cdc.decode import RowChange  # noqa: E402
+from cdc.decode import Commit, RowChange  # noqa: E402
 from cdc.mapping import apply, load_mapping  # noqa: E402
 from cdc.stream import ReplicationStream, XLogData, parse_frame  # noqa: E402
 from config.settings import Settings  # noqa: E402
@@ -130,7 +130,8 @@ def replay_loop(messages: list[bytes], outbox: Path) -> float:
         reads = "memory"
 
         def read_many(self, timeout: float) -> list[object]:
-            """As cdc/_frames.c batches: rows decoded, up to a frame that is not one."""
+            """As cdc/_frames.c batches: rows, begins and commits decoded, up to a commit
+            or a frame that is none of those."""
             if self.next == len(frames):
                 capture.stopping.set()
                 return []
@@ -143,6 +144,8 @@ def replay_loop(messages: list[bytes], outbox: Path) -> float:
                     batch.append(parse_frame(memoryview(frame)))
                     break
                 batch.append(row)
+                if isinstance(row, Commit):
+                    break
             return batch
 
         def send_status(self, *_: object, **__: object) -> None:

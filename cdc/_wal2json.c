@@ -646,9 +646,9 @@ static PyObject *table_name(const char *schema, Py_ssize_t slen, int sesc, const
     return joined;
 }
 
-/* "16/B374D848" -> its position, for 1 to 8 hex digits on each side; -1 for anything else
+/* "16/B374D848" -> *value, for 1 to 8 hex digits on each side: 0; -1 for anything else
    (the Python decoder decides). */
-static long long lsn_value(const char *s, Py_ssize_t n) {
+static int lsn_value(const char *s, Py_ssize_t n, unsigned long long *value) {
     unsigned long long hi = 0, lo = 0;
     Py_ssize_t i = 0, digits = 0;
     for (; i < n && s[i] != '/'; i++, digits++) {
@@ -664,7 +664,8 @@ static long long lsn_value(const char *s, Py_ssize_t n) {
         lo = (lo << 4) | (unsigned)h;
     }
     if (digits == 0) return -1;
-    return (long long)((hi << 32) | lo);
+    *value = (hi << 32) | lo;
+    return 0;
 }
 
 /* A begin or commit message (the cursor past its "action"), written the way wal2json
@@ -672,7 +673,8 @@ static long long lsn_value(const char *s, Py_ssize_t n) {
    ValueError for anything else (the Python decoder decides, and names the fault). */
 static PyObject *decode_edge(PyObject *type, Cursor *c) {
     PyObject *xid = NULL, *stamp = NULL, *result = NULL;
-    long long lsn = -1, next = -1;
+    unsigned long long lsn = 0, next = 0;
+    int have_lsn = 0, have_next = 0;
     const char *key;
     Py_ssize_t klen;
     int first = 0, more;
@@ -707,13 +709,18 @@ static PyObject *decode_edge(PyObject *type, Cursor *c) {
             Py_ssize_t n;
             int e;
             if (string_span(c, &s, &n, &e) < 0) goto done;
-            long long value = e ? -1 : lsn_value(s, n);
-            if (value < 0) {
+            unsigned long long value;
+            if (e || lsn_value(s, n, &value) < 0) {
                 fail("lsn left to the Python decoder");
                 goto done;
             }
-            if (klen == 3) lsn = value;
-            else next = value;
+            if (klen == 3) {
+                lsn = value;
+                have_lsn = 1;
+            } else {
+                next = value;
+                have_next = 1;
+            }
         } else if (KEY_IS(key, klen, "action")) {
             fail("repeated action left to the Python decoder");
             goto done;
@@ -727,11 +734,11 @@ static PyObject *decode_edge(PyObject *type, Cursor *c) {
         fail("trailing data after the message");
         goto done;
     }
-    if (xid == NULL || stamp == NULL || lsn < 0 || next < 0) {
+    if (xid == NULL || stamp == NULL || !have_lsn || !have_next) {
         fail("begin or commit without xid, timestamp, lsn or nextlsn");
         goto done;
     }
-    PyObject *start = PyLong_FromLongLong(lsn), *end = start ? PyLong_FromLongLong(next) : NULL;
+    PyObject *start = PyLong_FromUnsignedLongLong(lsn), *end = start ? PyLong_FromUnsignedLongLong(next) : NULL;
     if (end != NULL) result = PyObject_CallFunctionObjArgs(type, xid, stamp, start, end, NULL);
     Py_XDECREF(start);
     Py_XDECREF(end);

@@ -5,7 +5,7 @@ def decode_row(payload: bytes | memoryview, /) -> object | None: ...
 def setup(
     rowchange: type[tuple[Any, ...]],
     convert: Callable[[str, Any], Any],
-    begin: type | None = ...,
-    commit: type | None = ...,
+    begin: type = ...,
+    commit: type = ...,
     /,
 ) -> None: ...

@@ -13,6 +13,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdc import decode as decoding
 from cdc.decode import Begin, Commit, RowChange, decode
 from cdc.mapping import Mapping
 from cdc.ports import ChunkRead
@@ -184,13 +185,21 @@ class Status:
 
 
 def _decoded(frame: Frame) -> RowChange | Begin | Commit | None:
-    """What the native reader hands over decoded: row changes and transactions' edges."""
+    """What the native reader hands over decoded: what the compiled decoder takes (row
+    changes and transactions' edges); the rest comes as the frame, which capture decodes
+    in Python.  (Without the compiled decoder, as it would be.)"""
     if not isinstance(frame, XLogData):
         return None
-    try:
-        msg = decode(frame.payload)
-    except DecodeError:  # (capture decodes it again, and names the fault)
-        return None
+    if decoding._compiled is not None:
+        try:
+            msg = decoding._compiled.decode_row(frame.payload)
+        except ValueError:
+            return None
+    else:
+        try:
+            msg = decode(frame.payload)
+        except DecodeError:  # (capture decodes it again, and names the fault)
+            return None
     return msg if isinstance(msg, (RowChange, Begin, Commit)) else None
 
 

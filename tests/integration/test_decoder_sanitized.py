@@ -35,6 +35,7 @@ assert code == 0 and Passed.count == 6, (code, Passed.count)  # (none skipped)
 from hypothesis import settings
 import tests.unit.test_decode_compiled as contract
 for name in ("test_compiled_and_python_decoders_agree_on_row_messages",
+             "test_compiled_and_python_decoders_agree_on_begins_and_commits",
              "test_damaged_messages_give_the_same_result_or_the_same_error"):
     test = getattr(contract, name)
     test._hypothesis_internal_use_settings = settings(max_examples=600, deadline=None, database=None)

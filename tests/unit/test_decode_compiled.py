@@ -33,6 +33,8 @@ def test_the_compiled_decoder_is_built_wherever_a_compiler_is():
 def _same(a: object, b: object) -> None:
     assert type(a) is type(b)
     assert a == b
+    if isinstance(a, (Begin, Commit)):  # (== holds for 1 and True, 0 and -0.0)
+        assert [type(v) for v in vars_of(a)] == [type(v) for v in vars_of(b)]  # type: ignore[arg-type]
     if isinstance(a, RowChange):
         assert isinstance(b, RowChange)
         for mine, theirs in ((a.new, b.new), (a.old or {}, b.old or {})):
@@ -154,29 +156,62 @@ def _row_message(draw: st.DrawFn) -> bytes:
     return ("{" + ",".join(parts) + "}").encode()
 
 
+def vars_of(edge: Begin | Commit) -> list[object]:
+    return [edge.xid, edge.commit_time, edge.lsn, edge.end_lsn]
+
+
 def _lsn() -> st.SearchStrategy[str]:
-    part = st.integers(0, 2**32 - 1).map(lambda n: format(n, "X"))
+    part = st.integers(0, 2**32 - 1)
     return st.one_of(
-        st.builds(lambda a, b: f"{a}/{b}", part, part),
-        st.sampled_from(
-            ["0/0", "FFFFFFFF/FFFFFFFF", "0/", "/1", "1/2/3", "0x1/2", "123456789/1", "g/1", " 1/2"]
-        ),
+        st.builds(lambda a, b: f"{a:X}/{b:X}", part, part),
+        st.builds(lambda a, b: f"{a:x}/{b:08x}", part, part),  # lower case, leading zeros
+        st.sampled_from(["0/0", "FFFFFFFF/FFFFFFFF", "0/", "/1", "1/2/3", "0x1/2", "123456789/1", "g/1"]),
+        st.sampled_from([" 1/2", "1_0/2", "+1/2", "1/2 ", "\uff11/2", "0/\\u0031"]),
     )
 
 
 @st.composite
 def _edge_message(draw) -> bytes:
-    """A begin or commit as wal2json writes one (and some it never would)."""
-    fields = {
-        "action": draw(st.sampled_from(["B", "C"])),
-        "xid": draw(st.one_of(st.integers(0, 2**32), st.sampled_from([7.0, -1, 10**19, "7"]))),
-        "timestamp": draw(_timestamp()),
-        "lsn": draw(_lsn()),
-        "nextlsn": draw(_lsn()),
-    }
+    """A begin or commit as wal2json writes one (and some it never would: keys missing,
+    repeated or unknown, values of other types)."""
+    members = [
+        ("action", draw(st.sampled_from(["B", "C"]))),
+        ("xid", draw(st.one_of(st.integers(0, 2**32), st.sampled_from([7.0, -1, 0, 10**19, "7", None])))),
+        ("timestamp", draw(_timestamp())),
+        ("lsn", draw(_lsn())),
+        ("nextlsn", draw(_lsn())),
+    ]
     for key in draw(st.lists(st.sampled_from(["xid", "timestamp", "lsn", "nextlsn"]), max_size=1)):
-        del fields[key]  # a key missing
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+        members = [m for m in members if m[0] != key]  # a key missing
+    extra = draw(st.sampled_from([None, ("xid", 8), ("lsn", "0/99"), ("origin", "ünï"), ("action", "C")]))
+    if extra is not None:  # repeated (the last one counts) or unknown
+        members.insert(draw(st.integers(1, len(members))), extra)
+    return (
+        "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v, ensure_ascii=False)}" for k, v in members) + "}"
+    ).encode()
+
+
+@compiled_only
+@settings(max_examples=200)
+@given(
+    st.sampled_from(["B", "C"]),
+    st.integers(0, 2**32),
+    _timestamp().filter(lambda t: t.endswith("+00")),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**64 - 1),
+)
+def test_begins_and_commits_as_wal2json_writes_them_never_need_python(action, xid, stamp, lsn, next_lsn):
+    payload = json.dumps(
+        {
+            "action": action,
+            "xid": xid,
+            "timestamp": stamp,
+            "lsn": f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}",
+            "nextlsn": f"{next_lsn >> 32:X}/{next_lsn & 0xFFFFFFFF:X}",
+        },
+        separators=(",", ":"),
+    ).encode()
+    _same(decoding._compiled.decode_row(payload), decode_python(payload))
 
 
 @compiled_only
