@@ -513,6 +513,26 @@ class JetStreamLog:
                 self._buckets[name] = found
             return self._buckets[name]
 
+    async def watch(self, bucket: Any) -> AsyncIterator[Any]:
+        """``bucket.watchall()``: every entry, and one None once every value the bucket held
+        at the start has come.  nats-py's own marker can come before those values: when the
+        server has pushed them before its consumer info answers, it sees nothing pending and
+        nothing received yet.  So the marker here is the entry that had nothing pending
+        behind it, or nats-py's for a bucket that held nothing."""
+        held = (await self._api(bucket.status)).values
+        watcher = await self._api(bucket.watchall)
+        done = False
+        async for entry in watcher:
+            if entry is None:
+                if not done and (held == 0 or (await self._api(bucket.status)).values == 0):
+                    done = True
+                    yield None
+                continue
+            yield entry
+            if not done and entry.delta == 0:
+                done = True
+                yield None
+
     async def retrying(self, call: Any, *args: Any) -> Any:
         """``call(*args)``, a JetStream request, asked again while the cluster cannot answer
         it yet (see :meth:`_api`)."""

@@ -92,8 +92,7 @@ class Rewinds:
             done = _applied_in(conn)
             with self._lock:
                 self._base = done or 0
-            watcher = await events.retrying(bucket.watchall)
-            async for entry in watcher:
+            async for entry in events.watch(bucket):
                 if entry is None:  # the end of what the bucket held at the start
                     if done is None:
                         with self._lock:

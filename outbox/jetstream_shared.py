@@ -74,8 +74,7 @@ class Shared:
         ``seen`` gets each row the bucket gave, by its key; ``synced`` is set once what
         the bucket held at the start is in the file."""
         bucket = await events.bucket(self.bucket(events))
-        watcher = await events.retrying(bucket.watchall)
-        async for entry in watcher:
+        async for entry in events.watch(bucket):
             if entry is None:  # the end of what was there at the start
                 if synced is not None:
                     synced.set()
@@ -162,8 +161,7 @@ class SharedDeliveries:
 
     async def follow(self, events: JetStreamLog, conn: sqlite3.Connection) -> None:
         bucket = await events.bucket(self.bucket(events))
-        watcher = await events.retrying(bucket.watchall)
-        async for entry in watcher:
+        async for entry in events.watch(bucket):
             if entry is None:
                 self.synced = True  # (the end of what was there at the start)
                 continue
