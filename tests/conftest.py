@@ -249,18 +249,33 @@ def nats_cluster() -> Iterator[NatsCluster]:
 def read_stream(
     servers: list[str], stream: str, subject: str, partitions: int = 0
 ) -> list[tuple[int, str | None, dict[str, Any]]]:
-    """Every message of a JetStream outbox stream: (id, key, the stored event)."""
+    """Every message of a JetStream outbox stream: (id, key, the stored event).  After a
+    fault the cluster may answer "temporarily unavailable" for longer than the log's own
+    retries on a busy machine (CI: a leader stopped with SIGSTOP, then resumed): asked
+    again for up to a minute.  The connection is closed whatever happens, so none of its
+    tasks outlives the loop (a later test would fail on them)."""
     import orjson
 
-    from outbox.jetstream import JetStreamLog
+    from outbox.jetstream import JetStreamError, JetStreamLog
     from outbox.jetstream_sink import LoopThread
 
     loop = LoopThread()
     log = JetStreamLog(servers, stream=stream, subject=subject, partitions=partitions, timeout=2.0)
     try:
         loop.run(log.connect())
-        rows = loop.run(log.read(0, 1_000_000))
-        loop.run(log.close())
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    rows = loop.run(log.read(0, 1_000_000))
+                    break
+                except JetStreamError as exc:
+                    if "unavailable" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run(log.close())
     finally:
         loop.stop()
     return [(r.seq, r.key, orjson.loads(r.body)) for r in rows]
