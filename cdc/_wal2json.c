@@ -646,6 +646,23 @@ static PyObject *table_name(const char *schema, Py_ssize_t slen, int sesc, const
     return joined;
 }
 
+/* An integer xid of at most `longest` characters as an int; NULL with ValueError for
+   anything else (the Python decoder decides). */
+static PyObject *xid_value(Cursor *c, Py_ssize_t longest) {
+    const char *s;
+    Py_ssize_t n;
+    int integral;
+    char buf[24];
+    if (number_span(c, &s, &n, &integral) < 0) return NULL;
+    if (!integral || n > longest || n >= (Py_ssize_t)sizeof(buf)) {
+        fail("xid left to the Python decoder");
+        return NULL;
+    }
+    memcpy(buf, s, (size_t)n);
+    buf[n] = '\0';
+    return PyLong_FromString(buf, NULL, 10);
+}
+
 /* "16/B374D848" -> *value, for 1 to 8 hex digits on each side: 0; -1 for anything else
    (the Python decoder decides). */
 static int lsn_value(const char *s, Py_ssize_t n, unsigned long long *value) {
@@ -680,18 +697,7 @@ static PyObject *decode_edge(PyObject *type, Cursor *c) {
     int first = 0, more;
     while ((more = next_key(c, &first, &key, &klen)) == 1) {
         if (KEY_IS(key, klen, "xid")) {
-            const char *s;
-            Py_ssize_t n;
-            int integral;
-            char buf[24];
-            if (number_span(c, &s, &n, &integral) < 0) goto done;
-            if (!integral || n > 18) {
-                fail("xid left to the Python decoder");
-                goto done;
-            }
-            memcpy(buf, s, (size_t)n);
-            buf[n] = '\0';
-            Py_XSETREF(xid, PyLong_FromString(buf, NULL, 10));
+            Py_XSETREF(xid, xid_value(c, 18));
             if (xid == NULL) goto done;
         } else if (KEY_IS(key, klen, "timestamp")) {
             const char *s;
@@ -776,18 +782,7 @@ static PyObject *decode_buf(const char *data, Py_ssize_t size) {
     int schema_esc = 0, table_esc = 0, first = 0, more;
     while ((more = next_key(&c, &first, &key, &klen)) == 1) {
         if (KEY_IS(key, klen, "xid")) {
-            const char *s;
-            Py_ssize_t n;
-            int integral;
-            char buf[24];
-            if (number_span(&c, &s, &n, &integral) < 0) goto done;
-            if (!integral || n > 20) {
-                fail("xid left to the Python decoder");
-                goto done;
-            }
-            memcpy(buf, s, (size_t)n);
-            buf[n] = '\0';
-            Py_XSETREF(xid, PyLong_FromString(buf, NULL, 10));
+            Py_XSETREF(xid, xid_value(&c, 20));
             if (xid == NULL) goto done;
         } else if (KEY_IS(key, klen, "lsn")) {
             const char *s;

@@ -228,6 +228,15 @@ def _outcome(fn, payload):
         return DecodeError
 
 
+def _agree(payload: bytes) -> None:
+    """Both decoders give the same result, or both the same DecodeError."""
+    mine, theirs = _outcome(decode, memoryview(payload)), _outcome(decode_python, payload)
+    if mine is DecodeError or theirs is DecodeError:
+        assert mine is theirs
+    else:
+        _same(mine, theirs)
+
+
 @compiled_only
 @settings(max_examples=400)
 @given(st.one_of(_row_message(), _edge_message()), st.data())
@@ -244,11 +253,7 @@ def test_damaged_messages_give_the_same_result_or_the_same_error(payload, data):
         damaged = payload[:at] + noise + payload[at + len(noise) :]
     else:
         damaged = payload[:at] + noise + payload[at:]
-    mine, theirs = _outcome(decode, damaged), _outcome(decode_python, damaged)
-    if mine is DecodeError or theirs is DecodeError:
-        assert mine is theirs
-    else:
-        _same(mine, theirs)
+    _agree(damaged)
 
 
 @compiled_only
@@ -264,11 +269,7 @@ def test_truncates_and_messages_are_left_to_python():
 @settings(max_examples=400)
 @given(_edge_message())
 def test_compiled_and_python_decoders_agree_on_begins_and_commits(payload):
-    mine, theirs = _outcome(decode, memoryview(payload)), _outcome(decode_python, payload)
-    if mine is DecodeError or theirs is DecodeError:
-        assert mine is theirs
-    else:
-        _same(mine, theirs)
+    _agree(payload)
 
 
 @compiled_only
