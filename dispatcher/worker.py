@@ -36,6 +36,7 @@ from common.metrics import ATTEMPT_SECONDS, ATTEMPTS
 from common.version import version
 from config.settings import EndpointSettings, Settings
 from dispatcher import retry, signing
+from dispatcher.health import Health, after_attempt
 from dispatcher.runtime import Chain, Runtime
 from dispatcher.sender import Attempt, Sender, check_url
 from dispatcher.shares import Shares, forget_send
@@ -632,28 +633,30 @@ class Dispatcher(Shares):
     def _update_health(self, rt: Runtime, decision: retry.Decision, now: float) -> bool:
         """Apply one outcome to the endpoint's health; whether its stored state changed."""
         state = rt.state
-        if decision.action == "delivered":
-            rt.limit = min(rt.max_limit, rt.limit + 1)
-            if state.failures == 0 and state.state != "paused":
-                return False  # the common case: nothing to store
-            state.failures = 0
-            if state.state == "paused":
-                state.state = "active"
-                log.info("endpoint_resumed", endpoint=state.name)
-            return True
-        before = (state.state, state.failures, state.paused_until)
-        if decision.action == "disable":
-            state.state = "disabled"
+        before = Health(state.state, state.failures, state.paused_until, rt.limit)
+        after, change = after_attempt(
+            before,
+            decision,
+            now,
+            max_limit=rt.max_limit,
+            pause_after=self.cfg.pause_after_failures,
+            probe_seconds=self.cfg.probe_interval_seconds,
+        )
+        if after is before:
+            return False  # the common case: nothing to store
+        rt.limit = after.limit
+        if change == "resumed":
+            log.info("endpoint_resumed", endpoint=state.name)
+        elif change == "paused":
+            log.warning(
+                "endpoint_paused",
+                endpoint=state.name,
+                failures=after.failures,
+                probe_in=self.cfg.probe_interval_seconds,
+            )
+        elif change == "disabled":
             log.warning("endpoint_disabled", endpoint=state.name, reason="410 Gone")
-        else:
-            state.failures += 1
-            if decision.slow_down:
-                rt.limit = max(1, rt.limit // 2)
-            probe = self.cfg.probe_interval_seconds
-            if state.state == "paused":
-                state.paused_until = now + probe
-            elif state.state == "active" and state.failures >= self.cfg.pause_after_failures:
-                state.state = "paused"
-                state.paused_until = now + probe
-                log.warning("endpoint_paused", endpoint=state.name, failures=state.failures, probe_in=probe)
-        return (state.state, state.failures, state.paused_until) != before
+        if after[:3] == before[:3]:
+            return False
+        state.state, state.failures, state.paused_until = after[:3]
+        return True
