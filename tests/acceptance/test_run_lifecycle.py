@@ -272,7 +272,14 @@ def test_sigterm_stops_a_run_whose_source_never_answers_at_start(source_db, prox
     config = config_for(tmp_path, via(source_db.dsn, proxy), source_db.slot, tmp_path / "o.db", free_port())
     log = tmp_path / "run.log"
     proc = spawn("run", config=config, log=log)
-    time.sleep(2)
+    # the run reaches the source only once its signal handlers are in place: wait for its
+    # connection, not a fixed time (on a loaded machine the imports alone took over 2 s,
+    # and a SIGTERM before the handlers ended the process by the default action)
+    deadline = time.monotonic() + 60
+    while len(proxy.sockets) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    time.sleep(0.5)
     assert proc.poll() is None, log.read_text()  # still waiting for the source's answer
     assert stop(proc, log) == 0, log.read_text()
     assert "capture_started" not in log.read_text()
