@@ -74,6 +74,7 @@ def run_checks(conn: Conn, slot: str) -> list[Check]:
         )
     )
     privileged = one("SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user")
+    role = one("SELECT quote_ident(current_user)")  # named in the fix as SQL takes it
     # Amazon RDS and Aurora give no REPLICATION attribute: a member of their predefined
     # role rds_replication may replicate (it exists on those servers alone)
     rds = one(
@@ -90,9 +91,9 @@ def run_checks(conn: Conn, slot: str) -> list[Check]:
             else "role is a member of rds_replication"
             if rds
             else "role lacks REPLICATION",
-            "GRANT rds_replication TO <sidecar role> (as the master user)"
+            f"GRANT rds_replication TO {role} (as the master user)"
             if has_rds_role
-            else "ALTER ROLE <sidecar role> WITH REPLICATION",
+            else f"ALTER ROLE {role} WITH REPLICATION",
         )
     )
     slot_exists = one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", slot)
@@ -131,17 +132,54 @@ def run_checks(conn: Conn, slot: str) -> list[Check]:
             )
         )
     if allowed is not None:
-        names = [n.strip() for n in allowed.split(",")]
+        names = list_setting(allowed)
         checks.append(
             Check(
                 "output_plugin_libraries",
                 "wal2json" in names,
                 f"output_plugin_libraries = {allowed}",
-                f"ALTER SYSTEM SET output_plugin_libraries = '{', '.join([*names, 'wal2json'])}'; "
+                f"ALTER SYSTEM SET output_plugin_libraries = {plugin_list_with_wal2json(names)}; "
                 "SELECT pg_reload_conf()",
             )
         )
     return checks
+
+
+def list_setting(value: str) -> list[str]:
+    """The items of a list setting as Postgres shows it: comma-separated, an item with a
+    comma or a space in double quotes (``"a, b"`` is one item)."""
+    items: list[str] = []
+    item: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == '"':
+            if quoted and value[i + 1 : i + 2] == '"':
+                item.append('"')  # "" inside quotes: one quote
+                i += 1
+            else:
+                quoted = not quoted
+        elif ch == "," and not quoted:
+            items.append("".join(item).strip())
+            item = []
+        else:
+            item.append(ch)
+        i += 1
+    items.append("".join(item).strip())
+    return [name for name in items if name]
+
+
+def plugin_list_with_wal2json(names: list[str]) -> str:
+    """The value for ``ALTER SYSTEM SET output_plugin_libraries``: each library its own
+    quoted literal (``'pgoutput', 'wal2json'``).  One literal holding commas would be one
+    item named "pgoutput, wal2json", which loads nothing; an item like that, left by such a
+    fix, is split back into its names."""
+    libraries: list[str] = []
+    for name in [part.strip() for item in names for part in item.split(",")] + ["wal2json"]:
+        if name and name not in libraries:
+            libraries.append(name)
+    return ", ".join("'" + name.replace("'", "''") + "'" for name in libraries)
 
 
 def wal2json_probe(conn: Conn) -> Check:

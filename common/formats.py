@@ -6,15 +6,17 @@ microseconds in events and API answers, to the second in the CLI's tables.
 
 from __future__ import annotations
 
+import base64
 import re
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from common.errors import DecodeError
+from common.errors import ConfigError, DecodeError
 
 EVENT_TYPE = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$"  # dotted lower-case names: order.created
 is_event_type = re.compile(EVENT_TYPE).fullmatch
+WHSEC_PREFIX = "whsec_"  # a Standard Webhooks signing secret: whsec_<base64 key>
 
 
 def parse_lsn(text: str) -> int:
@@ -59,3 +61,16 @@ def normalize(value: Any) -> Any:
     if isinstance(value, date):
         return value.isoformat()
     return str(value)
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a ``whsec_`` signing secret (the prefix is optional, as in the
+    Standard Webhooks spec).  The error never shows the secret."""
+    text = secret[len(WHSEC_PREFIX) :] if secret.startswith(WHSEC_PREFIX) else secret
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ConfigError("webhook secret is not whsec_<base64>") from None
+    if len(key) < 16:
+        raise ConfigError("webhook secret is too short: use at least 16 random bytes")
+    return key

@@ -12,10 +12,13 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from common.errors import ConfigError
+from common.formats import secret_key
 
 DEFAULT_CONFIG = "config/sidecar.toml"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -29,6 +32,20 @@ def resolve_secret(value: str | None) -> str | None:
     if name not in os.environ:
         raise ValueError(f"environment variable {name} is not set")
     return os.environ[name]
+
+
+def check_dsn(value: str | None) -> str | None:
+    """A libpq connection string (``key=value …`` or a ``postgresql://`` URI), checked
+    when the settings load rather than at the first connection; "" stays as it is (the
+    export DSN's "use source.dsn").  The error shows libpq's reason, never the string,
+    which may hold a password."""
+    if value:
+        try:
+            conninfo_to_dict(value)
+        except psycopg.ProgrammingError as exc:
+            reason = str(exc).splitlines()[0] if str(exc).strip() else "cannot be parsed"
+            raise ValueError(f"not a libpq connection string ({reason})") from None
+    return value
 
 
 class _Section(BaseModel):
@@ -75,7 +92,7 @@ class SourceSettings(_Section):
         "recover (a new slot and a ct1.gap event, as `ct1-cdc recover` does)",
     )
 
-    _secret = field_validator("dsn")(lambda v: resolve_secret(v))
+    _secret = field_validator("dsn")(lambda v: check_dsn(resolve_secret(v)))
 
 
 class JetStreamSettings(_Section):
@@ -186,7 +203,7 @@ class ApiSettings(_Section):
         description="proxy addresses/CIDRs whose X-Forwarded-For names the client (empty: none)",
     )
 
-    _secret = field_validator("export_dsn")(lambda v: resolve_secret(v))
+    _secret = field_validator("export_dsn")(lambda v: check_dsn(resolve_secret(v)))
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -235,8 +252,25 @@ class DispatcherSettings(_Section):
     )
 
 
+DEFAULT_MAPPING = "config/mapping.toml"
+
+
 class MappingSettings(_Section):
-    file: str = Field("config/mapping.toml", description="mapping rules file")
+    file: str = Field(
+        DEFAULT_MAPPING,
+        validate_default=True,
+        description="mapping rules file (the default: config/mapping.toml where ct1-cdc runs,"
+        " else the marketplace mapping installed with it)",
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _installed_default(cls, value: str) -> str:
+        """Run from anywhere (a container, ``pip install``) without the file: the default
+        means the marketplace mapping, so the copy installed with the package serves."""
+        if value == DEFAULT_MAPPING and not Path(value).exists():
+            return str(PACKAGE_DIR / "mapping.toml")
+        return value
 
 
 class AnalyticsSettings(_Section):
@@ -263,8 +297,19 @@ class EndpointSettings(_Section):
     events: list[str] = Field(default_factory=lambda: ["*"], description="event type globs")
     enabled: bool = Field(True, description="deliver to this endpoint")
 
-    # "" means no secret, so the example config can show the key
-    _secrets = field_validator("secret", "previous_secret")(lambda v: resolve_secret(v) or None)
+    @field_validator("secret", "previous_secret")
+    @classmethod
+    def _secret_key(cls, value: str | None) -> str | None:
+        """``env:NAME`` read; "" means none (so the example config can show the key); a
+        secret that is not ``whsec_<base64>`` of 16 bytes or more is refused here, with
+        the endpoint's name, not when the first webhook is signed."""
+        value = resolve_secret(value) or None
+        if value is not None:
+            try:
+                secret_key(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 CT2_EVENTS = ["customer.*", "order.*", "payment.*", "product.*", "review.*", "cart.*", "cart_item.*"]
@@ -290,6 +335,17 @@ class Settings(BaseSettings):
     analytics: AnalyticsSettings = Field(default_factory=AnalyticsSettings)
     backfill: BackfillSettings = Field(default_factory=BackfillSettings)
     endpoints: list[EndpointSettings] = Field(default_factory=default_endpoints)
+
+    @model_validator(mode="after")
+    def _one_endpoint_a_name(self) -> Settings:
+        """Each endpoint has its cursor, state and secret under its name: two of one name
+        would silently become one."""
+        seen: set[str] = set()
+        for endpoint in self.endpoints:
+            if endpoint.name in seen:
+                raise ValueError(f"two [[endpoints]] are named {endpoint.name!r}: give each its own name")
+            seen.add(endpoint.name)
+        return self
 
     @model_validator(mode="after")
     def _names_fit_the_buckets(self) -> Settings:
@@ -318,13 +374,19 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
+def _holds_secret(loc: tuple[Any, ...]) -> bool:
+    """A connection string or a signing secret: an error about it never echoes it."""
+    return any(str(p).endswith(("dsn", "secret")) for p in loc)
+
+
 def _describe(error: Any) -> str:
     loc = ".".join(str(p) for p in error["loc"])
     msg = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         msg = "unknown setting"
     value = error.get("input")
-    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    hidden = isinstance(value, (dict, list)) or value is None or _holds_secret(error["loc"])
+    shown = "" if hidden else f" (got {value!r})"
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
 
 

@@ -12,27 +12,15 @@ import hmac
 import secrets
 from collections.abc import Sequence
 
-from common.errors import ConfigError
+from common.formats import WHSEC_PREFIX as PREFIX
+from common.formats import secret_key as secret_key  # (where the dispatcher has always found it)
 
-PREFIX = "whsec_"
 USER_AGENT_PRODUCT = "ct1-cdc"
 
 
 def generate_secret(nbytes: int = 32) -> str:
     """A new random signing secret, shown as ``whsec_<base64>``."""
     return PREFIX + base64.b64encode(secrets.token_bytes(nbytes)).decode("ascii")
-
-
-def secret_key(secret: str) -> bytes:
-    """The HMAC key of a ``whsec_`` secret (the prefix is optional, as in the spec)."""
-    text = secret[len(PREFIX) :] if secret.startswith(PREFIX) else secret
-    try:
-        key = base64.b64decode(text, validate=True)
-    except ValueError:
-        raise ConfigError("webhook secret is not whsec_<base64>") from None
-    if len(key) < 16:
-        raise ConfigError("webhook secret is too short: use at least 16 random bytes")
-    return key
 
 
 def message_id(event_id: int) -> str:

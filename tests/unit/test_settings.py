@@ -71,6 +71,24 @@ def test_env_secret_reference(tmp_path, monkeypatch):
             {},
             "endpoint name 'ct2.' cannot be used with the jetstream backend",
         ),
+        (
+            "[[endpoints]]\nname = 'ct2'\nurl = 'http://127.0.0.1:1'\n"
+            "[[endpoints]]\nname = 'ct2'\nurl = 'http://127.0.0.1:2'\n",
+            {},
+            "two [[endpoints]] are named 'ct2': give each its own name",
+        ),
+        (
+            "[[endpoints]]\nname = 'ct2'\nurl = 'http://127.0.0.1'\nsecret = 'whsec_not base64!'\n",
+            {},
+            "endpoints.0.secret: webhook secret is not whsec_<base64>",
+        ),
+        (
+            "[[endpoints]]\nname = 'ct2'\nurl = 'http://127.0.0.1'\nprevious_secret = 'whsec_c2hvcnQ='\n",
+            {},
+            "endpoints.0.previous_secret: webhook secret is too short",
+        ),
+        ("", {"CT1_SOURCE__DSN": "not a dsn"}, "source.dsn: not a libpq connection string"),
+        ("[api]\nexport_dsn = 'host=a port'\n", {}, "api.export_dsn: not a libpq connection string"),
     ],
 )
 def test_bad_values_fail_in_one_line_naming_the_key(tmp_path, monkeypatch, text, env, expected):
@@ -82,6 +100,27 @@ def test_bad_values_fail_in_one_line_naming_the_key(tmp_path, monkeypatch, text,
         load_settings(cfg)
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_an_error_about_a_dsn_or_a_secret_never_shows_it(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[[endpoints]]\nname = 'ct2'\nurl = 'http://127.0.0.1'\nsecret = 'whsec_hunter2!'\n")
+    monkeypatch.setenv("CT1_SOURCE__DSN", "host=db password=hunter2 sslmod=require")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert "source.dsn" in str(err.value) and "endpoints.0.secret" in str(err.value)
+    assert "hunter2" not in str(err.value)
+
+
+def test_the_default_mapping_is_the_installed_one_where_config_mapping_toml_is_absent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as in a container's work directory, or after pip install
+    installed = ROOT / "config" / "mapping.toml"
+    assert Path(load_settings().mapping.file).resolve() == installed.resolve()
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "mapping.toml").write_text("# this directory's own\n")
+    assert load_settings().mapping.file == "config/mapping.toml"  # where it exists, it wins
+    monkeypatch.setenv("CT1_MAPPING__FILE", "elsewhere.toml")
+    assert load_settings().mapping.file == "elsewhere.toml"  # and a setting is taken as it is
 
 
 def test_missing_config_file_is_named(tmp_path):
@@ -97,3 +136,5 @@ def test_default_endpoints_send_analytics_to_ct3_only():
     assert router.endpoints("marketplace.analytics") == ("ct3",)
     assert router.endpoints("order.status_changed") == ("ct2", "ct3")
     assert router.endpoints("cart.abandoned") == ("ct2", "ct3")
+    # the manual event of README's and docs/api.md's `POST /webhooks/send` example
+    assert router.endpoints("order.note_added") == ("ct2", "ct3")
