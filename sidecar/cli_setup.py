@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import click
+import psycopg
 
 from cdc import source
 from cdc.catalog import identity_index, read_catalog
@@ -55,7 +56,6 @@ def setup(
 ) -> None:
     """Check the source, create the slot and the outbox, optionally load sample data,
     and probe the endpoints with a signed webhook.test."""
-    from sidecar import sample
     from sidecar.cli_keys import share_keys
     from sidecar.runner import router_for
 
@@ -85,18 +85,7 @@ def setup(
             first = failed[0]
             fail(f"{first.name} check failed ({first.detail}); fix: {first.fix}")
         if sample_data:
-            if not sample.has_schema(conn):
-                sample.create_schema(conn)
-                click.echo("created the sample marketplace schema", err=True)
-            base = sample.Volume()
-            volume = sample.Volume(**{k: max(1, int(v * scale)) for k, v in vars(base).items()})
-            counts = sample.generate(
-                conn,
-                seed=seed,
-                volume=volume,
-                progress=lambda table, n: click.echo(f"  sample data: {table} {n}", err=True),
-            )
-            click.echo(f"loaded sample data: {counts}", err=True)
+            load_sample(conn, seed, scale)
         writer = OutboxWriter(store.open_outbox(settings.outbox.path), router_for(settings))
         closing: list[Any] = []
         try:
@@ -316,3 +305,33 @@ def store_secrets(conn: Any, settings: Settings) -> dict[str, str]:
         endpoints.store_secret(conn, endpoint.name, secret)
         made[endpoint.name] = secret
     return made
+
+
+def load_sample(conn: Any, seed: int, scale: float) -> None:
+    """``--sample-data``: the sample marketplace, only into a database without its rows,
+    with a role that may write it."""
+    from sidecar import sample
+
+    try:
+        held = sample.tables_with_rows(conn)
+        if held:
+            fail(
+                "--sample-data loads the sample marketplace into an empty database, and"
+                f" {', '.join(held)} already hold rows: point source.dsn at an empty"
+                " database, or leave out --sample-data"
+            )
+        if not sample.has_schema(conn):
+            sample.create_schema(conn)
+            click.echo("created the sample marketplace schema", err=True)
+        base = sample.Volume()
+        volume = sample.Volume(**{k: max(1, int(v * scale)) for k, v in vars(base).items()})
+        counts = sample.generate(
+            conn,
+            seed=seed,
+            volume=volume,
+            progress=lambda table, n: click.echo(f"  sample data: {table} {n}", err=True),
+        )
+    except psycopg.errors.InsufficientPrivilege as exc:
+        reason = str(exc).strip().splitlines()[0]
+        fail(f"--sample-data needs a role that may create and write the sample tables ({reason})")
+    click.echo(f"loaded sample data: {counts}", err=True)

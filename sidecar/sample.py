@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 SCHEMA_FILE = Path(__file__).resolve().parent / "marketplace.sql"
@@ -112,6 +113,20 @@ def has_schema(conn: Conn) -> bool:
         "SELECT to_regclass('public.orders') IS NOT NULL AND to_regclass('public.review_votes') IS NOT NULL"
     ).fetchone()
     return bool(row and row[0])
+
+
+def tables_with_rows(conn: Conn) -> list[str]:
+    """The sample's main tables that exist and hold rows: sample data goes only into a
+    database without them, never beside a real marketplace's rows."""
+    found = []
+    for table in ("users", "shops", "products", "orders"):
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"public.{table}",)).fetchone()
+        if row and row[0]:
+            query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier("public", table))
+            held = conn.execute(query).fetchone()
+            if held and held[0]:
+                found.append(f"public.{table}")
+    return found
 
 
 @dataclass

@@ -117,6 +117,11 @@ def test_setup_can_set_replica_identity_full_and_load_sample_data(pg_server, tmp
             ).fetchone()
             orders = conn.execute("SELECT count(*) FROM orders").fetchone()
         assert ident == ("f",) and orders[0] > 0
+        again = cli("setup", "--sample-data", config=config)  # never beside rows already there
+        assert "already hold rows" in one_line_error(again)
+        assert "public.orders" in one_line_error(again)
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM orders").fetchone() == orders
     finally:
         with psycopg.connect(pg_server, autocommit=True) as admin:
             admin.execute(
