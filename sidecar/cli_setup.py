@@ -14,10 +14,10 @@ from cdc.catalog import identity_index, read_catalog
 from cdc.mapping import Mapping, load_mapping
 from cdc.schema import Problem, check_mapping, fully_identified, lacking_identity, leaves
 from common.errors import ConfigError
-from common.formats import format_lsn
 from config.settings import Settings
 from outbox import endpoints, source_state, store
 from outbox.writer import OutboxWriter
+from sidecar.cli_source import lost_slot
 from sidecar.console import emit_json, fail, handled, main, settings_of
 
 # -- setup ----------------------------------------------------------------------------------
@@ -113,12 +113,7 @@ def setup(
                 closing.append(kept)
             held = store.checkpoint_of(kept, settings.source.slot)
             if held is not None and held[0] and source.slot_status(conn, settings.source.slot) is None:
-                fail(
-                    f"replication slot {settings.source.slot} does not exist, but this outbox captured from it"
-                    f" up to LSN {format_lsn(held[0])}: what changed since is in no slot. `ct1-cdc recover"
-                    " --yes` makes a new slot, sends every receiver a ct1.gap event and backfills the mapped"
-                    " tables (or point outbox.path at a new outbox to start afresh)"
-                )
+                fail(lost_slot(settings.source.slot, held[0]))
             created = create_slot(conn, settings, mapping, writer)
             queued = queue_backfill(kept, settings, mapping) if with_backfill else []
             secrets = store_secrets(writer.conn, settings)

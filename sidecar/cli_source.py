@@ -15,7 +15,8 @@ from cdc.catalog import read_catalog
 from cdc.mapping import Mapping, load_mapping
 from cdc.schema import check_mapping
 from common.errors import ConfigError, SetupError
-from common.formats import unix_to_text
+from common.formats import format_lsn, unix_to_text
+from config.settings import Settings
 from outbox import source_state, store
 from sidecar.console import emit_json, fail, handled, main, settings_of, slot
 
@@ -62,7 +63,7 @@ def slot_status(ctx: click.Context, as_json: bool) -> None:
                 {"kind": "mapping_file", "table": None, "rule": None, "message": mapping_error, "fix": ""}
             ]
     if status is None:
-        fail(f"slot {settings.source.slot} does not exist: run `ct1-cdc setup`")
+        fail(missing_slot(settings))
     assert status is not None
     skips: list[dict[str, Any]] = []
     try:
@@ -186,3 +187,36 @@ def detach(ctx: click.Context, yes: bool, as_json: bool) -> None:
             f"detached; the outbox {settings.outbox.path} is kept (events, API keys, signing secrets):"
             " delete it to remove everything"
         )
+
+
+def missing_slot(settings: Settings) -> str:
+    """What to do about a slot that does not exist: a new outbox needs ``setup``; one that
+    captured from the slot lost it, and only ``recover`` goes on (``setup`` and ``run``
+    refuse, as the changes since are gone from the WAL)."""
+    slot = settings.source.slot
+    held: tuple[int, float] | None = None
+    try:
+        conn = store.connect(settings.outbox.capture_path, readonly=True)
+    except store.OutboxError:
+        conn = None
+    if conn is not None:
+        try:
+            held = store.checkpoint_of(conn, slot)
+        except sqlite3.OperationalError:
+            held = None
+        finally:
+            conn.close()
+    if held is None or not held[0]:
+        return f"slot {slot} does not exist: run `ct1-cdc setup`"
+    return lost_slot(slot, held[0])
+
+
+def lost_slot(slot: str, lsn: int) -> str:
+    """The line ``setup`` and ``slot status`` give for a slot this outbox captured from
+    and that is gone."""
+    return (
+        f"replication slot {slot} does not exist, but this outbox captured from it up to LSN"
+        f" {format_lsn(lsn)}: what changed since is in no slot. `ct1-cdc recover --yes` makes a"
+        " new slot, sends every receiver a ct1.gap event and backfills the mapped tables (or"
+        " point outbox.path at a new outbox to start afresh)"
+    )
