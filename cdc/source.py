@@ -145,6 +145,20 @@ def run_checks(conn: Conn, slot: str) -> list[Check]:
     return checks
 
 
+def xid_not_begun(conn: Conn, xid: int) -> int | None:
+    """The source's newest transaction id when ``xid`` is after it (not begun yet; xids
+    compare as Postgres does, modulo 2^32), else None."""
+    # (this session assigns no xid of its own, so age() counts from the next to be assigned:
+    # 0 for that one, negative past it)
+    row = conn.execute(
+        "SELECT age(%s::text::xid) <= 0, (txid_snapshot_xmax(txid_current_snapshot()) - 1) %% 4294967296",
+        (str(xid),),
+    ).fetchone()
+    if row is None or not row[0]:
+        return None
+    return int(row[1])
+
+
 def list_setting(value: str) -> list[str]:
     """The items of a list setting as Postgres shows it: comma-separated, an item with a
     comma or a space in double quotes (``"a, b"`` is one item)."""

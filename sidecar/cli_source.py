@@ -125,6 +125,19 @@ def slot_skip(ctx: click.Context, xid: int, yes: bool) -> None:
     settings = settings_of(ctx)
     _confirm(yes, f"skip source transaction {xid}? its changes will not be captured")
     conn = _existing_outbox(settings.outbox.capture_path)  # (capture's file on this host)
+    try:
+        with source.connect(settings.source.dsn) as src:
+            ahead = source.xid_not_begun(src, xid)
+    except BaseException:
+        conn.close()
+        raise
+    if ahead:
+        conn.close()
+        fail(
+            f"transaction {xid} has not begun on the source (its newest is {ahead}): a skip names"
+            " the transaction capture stopped on (its exit line and `capture_failed` say which),"
+            " and one named ahead would pass a healthy transaction by"
+        )
     asked = time.time()
     try:
         source_state.request_skip(conn, xid, asked)

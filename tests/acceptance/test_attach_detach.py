@@ -126,3 +126,20 @@ def test_detach_and_skip_refuse_a_missing_outbox_before_touching_anything(source
     skip = cli("slot", "skip", "731", "--yes", config=config)
     assert skip.returncode == 1 and "does not exist" in skip.stderr
     assert "4294967296" in cli("slot", "skip", "4294967296", "--yes", config=config).stderr
+
+
+def test_skip_refuses_a_transaction_that_has_not_begun(source_db, tmp_path):
+    """Only a transaction that exists can be the one capture stopped on: a skip named
+    ahead would pass by whichever healthy transaction later gets that id."""
+    config = config_with(
+        tmp_path, source_db, RULES.split("[[rule]]")[0] + "[[rule]]" + RULES.split("[[rule]]")[2]
+    )
+    assert cli("setup", "--no-probe", config=config).returncode == 0
+    ((upcoming,),) = source_db.execute("SELECT txid_snapshot_xmax(txid_current_snapshot()) + 3")
+    refused = cli("slot", "skip", str(upcoming % 2**32), "--yes", config=config)
+    assert refused.returncode == 1 and "has not begun on the source" in refused.stderr
+    status = cli("slot", "status", "--json", config=config)
+    assert status.returncode == 0 and json.loads(status.stdout)["skipped_transactions"] == []
+    ((past,),) = source_db.execute("SELECT txid_current()")  # one that has begun (and ended)
+    taken = cli("slot", "skip", str(past % 2**32), "--yes", config=config)
+    assert taken.returncode == 0, taken.stderr
