@@ -16,6 +16,7 @@ import click
 from common.formats import unix_to_text
 from outbox import deliveries, retention, store
 from outbox.endpoints import set_state as set_endpoint_state
+from outbox.endpoints import stored_secret
 from outbox.writer import OutboxWriter
 from sidecar.console import emit_json, endpoints, fail, handled, outbox, settings_of
 
@@ -260,12 +261,17 @@ def endpoints_list(ctx: click.Context, as_json: bool) -> None:
     settings = settings_of(ctx)
     configured = {e.name: e for e in settings.endpoints}
     conn = store.connect(settings.outbox.path, readonly=True)
-    rows = store.endpoint_status(conn, configured, time.time())
-    conn.close()
+    try:
+        rows = store.endpoint_status(conn, configured, time.time())
+        signed = {n for n, cfg in configured.items() if cfg.secret or stored_secret(conn, n)}
+    finally:
+        conn.close()
     for row in rows:
         name, state, pending, dead = row["name"], row["state"], row["pending"], row["dead"]
         last = row["last_attempt"]
         cfg = configured.get(name)
+        # without a secret the dispatcher sends nothing to it (`endpoint_without_secret`)
+        unsigned = cfg is not None and name not in signed
         item = {
             "name": name,
             "url": cfg.url if cfg else None,
@@ -277,12 +283,15 @@ def endpoints_list(ctx: click.Context, as_json: bool) -> None:
             "paused_until": _when(row["paused_until"]) if state == "paused" else None,
             "last_attempt_at": _when(last[0] if last else None),
             "events": list(cfg.events) if cfg else [],
+            "has_secret": not unsigned if cfg else None,
         }
         if as_json:
             emit_json(item)
         else:
+            no_secret = " (no signing secret: nothing is sent; run `ct1-cdc setup`)" if unsigned else ""
             click.echo(
-                f"{name:<8} {state:<9} pending={pending} dead={dead} {item['url'] or '(not configured)'}"
+                f"{name:<8} {state:<9} pending={pending} dead={dead}"
+                f" {item['url'] or '(not configured)'}{no_secret}"
             )
 
 

@@ -207,3 +207,23 @@ def test_bad_command_line_fails_in_one_line(tmp_path, args, expected):
     config.write_text("[outbox]\npath = 'x.db'\n")
     line = one_line_error(cli(*args, config=config))
     assert expected in line
+
+
+def test_an_endpoint_without_a_signing_secret_is_listed_as_sending_nothing(source_db, tmp_path):
+    """An endpoint added to the config after setup has no secret until setup runs again:
+    the dispatcher sends it nothing, and `endpoints list` says so instead of 'active'."""
+    config = write_config(tmp_path / "c.toml", source_db.dsn, source_db.slot, tmp_path / "o.db")
+    with open(config, "a", encoding="utf-8") as fh:
+        fh.write('[[endpoints]]\nname = "ct2"\nurl = "http://127.0.0.1:9/hook"\n')
+    assert cli("setup", "--no-probe", config=config).returncode == 0  # ct2's secret made
+    with open(config, "a", encoding="utf-8") as fh:
+        fh.write('[[endpoints]]\nname = "ct4"\nurl = "http://127.0.0.1:9/hook"\n')
+    listed = cli("endpoints", "list", "--json", config=config)
+    assert listed.returncode == 0, listed.stderr
+    by_name = {e["name"]: e for e in map(json.loads, listed.stdout.splitlines())}
+    assert by_name["ct2"]["has_secret"] is True and by_name["ct4"]["has_secret"] is False
+    lines = cli("endpoints", "list", config=config).stdout.splitlines()
+    (ct4,) = [line for line in lines if line.startswith("ct4")]
+    (ct2,) = [line for line in lines if line.startswith("ct2")]
+    assert "no signing secret: nothing is sent; run `ct1-cdc setup`" in ct4
+    assert "secret" not in ct2
