@@ -16,11 +16,22 @@ import click
 import orjson
 
 from common import jsontext
+from common.errors import ConfigError
 from common.formats import format_lsn
 from outbox import store
 from sidecar.console import emit_json, fail, handled, main, outbox, settings_of
 
 # -- run ------------------------------------------------------------------------------------
+
+
+def _roles(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str]:
+    """A wrong role is a wrong command line (exit 2), found before the settings load."""
+    from sidecar import runner
+
+    try:
+        return runner.parse_roles(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @main.command()
@@ -29,11 +40,12 @@ from sidecar.console import emit_json, fail, handled, main, outbox, settings_of
     "roles",
     default=None,
     metavar="ROLES",
+    callback=_roles,
     help="comma list of capture,dispatch,api (default: all this version has)",
 )
 @click.pass_context
 @handled
-def run(ctx: click.Context, roles: str | None) -> None:
+def run(ctx: click.Context, roles: list[str]) -> None:
     """Run the sidecar until SIGINT/SIGTERM (then gone within 10 s).
 
     Exits 0 after a requested stop, 1 with one line when a role cannot start or fails.
@@ -41,7 +53,7 @@ def run(ctx: click.Context, roles: str | None) -> None:
     from sidecar import runner
 
     settings = settings_of(ctx)
-    chosen = runner.parse_roles(roles)
+    chosen = roles
     asyncio.run(runner.run(settings, chosen, exit_within=runner.STOP_SECONDS))
 
 

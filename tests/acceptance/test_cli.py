@@ -205,8 +205,9 @@ def test_every_command_has_help(args):
 def test_bad_command_line_fails_in_one_line(tmp_path, args, expected):
     config = tmp_path / "c.toml"
     config.write_text("[outbox]\npath = 'x.db'\n")
-    line = one_line_error(cli(*args, config=config))
-    assert expected in line
+    result = cli(*args, config=config)
+    assert expected in one_line_error(result)
+    assert result.returncode == 2  # a wrong command line (docs/operations.md)
 
 
 def test_an_endpoint_without_a_signing_secret_is_listed_as_sending_nothing(source_db, tmp_path):
