@@ -110,6 +110,9 @@ def allowed_address(address: str, *, loopback: bool) -> bool:
 def shown(url: str) -> str:
     """A URL for messages and logs: no user name, password, query or fragment."""
     parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:  # not a URL: shown as written, up to a query
+        text, query, _ = url.partition("?")
+        return text.rpartition("@")[2] + ("?…" if query else "")
     netloc = parts.netloc.rpartition("@")[2]
     return f"{parts.scheme}://{netloc}{parts.path}" + ("?…" if parts.query else "")
 
