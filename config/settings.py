@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import tomllib
@@ -379,15 +380,52 @@ def _holds_secret(loc: tuple[Any, ...]) -> bool:
     return any(str(p).endswith(("dsn", "secret")) for p in loc)
 
 
+def _known_at(loc: tuple[Any, ...]) -> list[str]:
+    """The setting names that exist where ``loc`` points (its last part left out)."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # an item of [[endpoints]]
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        inner = field.annotation
+        args = getattr(inner, "__args__", ())
+        model = args[0] if args else inner
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    close = difflib.get_close_matches(str(loc[-1]), _known_at(loc), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _describe(error: Any) -> str:
     loc = ".".join(str(p) for p in error["loc"])
     msg = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        msg = "unknown setting"
+        msg = "unknown setting" + _suggestion(tuple(error["loc"]))
     value = error.get("input")
     hidden = isinstance(value, (dict, list)) or value is None or _holds_secret(error["loc"])
     shown = "" if hidden else f" (got {value!r})"
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
+
+
+def _refuse_unknown_sections() -> None:
+    """A ``CT1_<SECTION>__<KEY>`` variable whose section does not exist would be ignored
+    without a word (pydantic-settings reads only the names it knows): refused instead,
+    as an unknown key of a known section is."""
+    sections = sorted(Settings.model_fields)
+    for name in sorted(os.environ):
+        if not name.upper().startswith("CT1_") or "__" not in name:
+            continue
+        section = name[4:].split("__", 1)[0].lower()
+        if section not in sections:
+            close = difflib.get_close_matches(section, sections, n=1, cutoff=0.6)
+            hint = f" (did you mean CT1_{close[0].upper()}__...?)" if close else ""
+            raise ConfigError(f"bad configuration: {name}: unknown setting section {section!r}{hint}")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
@@ -402,6 +440,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
             raise ConfigError(f"config file {file} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    _refuse_unknown_sections()
     saved = os.environ.pop("CT1_CONFIG", None)
     try:
         return Settings(**data)

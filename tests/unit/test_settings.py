@@ -61,7 +61,22 @@ def test_env_secret_reference(tmp_path, monkeypatch):
         ("[source]\nheartbeat_seconds = 'soon'\n", {}, "source.heartbeat_seconds"),
         ("[source]\nslot = 'Bad-Slot'\n", {}, "source.slot"),
         ("[outbox]\nbatch_max_events = 0\n", {}, "outbox.batch_max_events"),
-        ("[sourse]\ndsn = 'x'\n", {}, "sourse: unknown setting"),
+        ("[sourse]\ndsn = 'x'\n", {}, "sourse: unknown setting (did you mean 'source'?)"),
+        (
+            "[source]\nheartbeat_second = 1\n",
+            {},
+            "source.heartbeat_second: unknown setting (did you mean 'heartbeat_seconds'?)",
+        ),
+        (
+            "[[endpoints]]\nname = 'a'\nurl = 'http://127.0.0.1'\nevent = ['*']\n",
+            {},
+            "endpoints.0.event: unknown setting (did you mean 'events'?)",
+        ),
+        (
+            "",
+            {"CT1_SORCE__DSN": "host=a"},
+            "CT1_SORCE__DSN: unknown setting section 'sorce' (did you mean CT1_SOURCE__...?)",
+        ),
         ("[source]\ncolour = 1\n", {}, "source.colour: unknown setting"),
         ("", {"CT1_API__PORT": "http"}, "api.port"),
         ("[[endpoints]]\nname = 'x y'\nurl = 'http://127.0.0.1'\n", {}, "endpoints.0.name"),
