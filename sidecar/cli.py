@@ -89,10 +89,10 @@ def outbox_list(
                 data = jsontext.loads(row[3])
             except (ValueError, RecursionError):  # nested past what a parser takes: still listed
                 data = {}
-            out.write(
-                f"{row[0]:>8}  {row[2]}  {row[1]:<24} {data.get('object')}:{data.get('id')}"
-                f"  {row[4]} {row[5]} lsn={row[6]}\n"
-            )
+            subject = f"{data.get('object')}:{data.get('id')}" if "object" in data else "-"
+            origin = f"{row[4]} {row[5]}" if row[4] else str(row[5])  # derived, manual: no table
+            lsn = f" lsn={row[6]}" if row[6] else ""
+            out.write(f"{row[0]:>8}  {row[2]}  {row[1]:<24} {subject}  {origin}{lsn}\n")
 
 
 @outbox.command("show")

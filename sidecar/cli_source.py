@@ -81,6 +81,8 @@ def slot_status(ctx: click.Context, as_json: bool) -> None:
         emit_json({**status, "mapping_problems": problems, "skipped_transactions": skips})
         return
     for key, value in status.items():
+        if value is None:  # Postgres gives no figure: what that means, not "None"
+            value = "unlimited (max_slot_wal_keep_size = -1)" if key == "safe_wal_size" else "-"
         click.echo(f"{key:<20} {value}")
     if not problems and mapping is not None:
         click.echo(f"{'mapping':<20} ok ({len(mapping.tables)} tables)")

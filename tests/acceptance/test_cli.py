@@ -87,6 +87,8 @@ def test_setup_run_and_inspect_the_outbox(source_db, tmp_path):
     assert slot["slot"] == source_db.slot and slot["plugin"] == "wal2json"
     assert slot["wal_status"] in ("reserved", "extended") and slot["lag_bytes"] >= 0
     assert {"confirmed_flush_lsn", "safe_wal_size"} <= set(slot)
+    readable = cli("slot", "status", config=config).stdout
+    assert "safe_wal_size" in readable and "None" not in readable  # what no figure means, said
 
     refused = cli("slot", "drop", config=config)
     assert "--yes" in one_line_error(refused)
