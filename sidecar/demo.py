@@ -121,6 +121,9 @@ async def _flow(
     echo(f"==> capture and dispatch running; CT2 at {urls['ct2']}, CT3 at {urls['ct3']}")
     echo(f"==> HTTP API at {api_url} (demo key {key}), e.g.")
     echo(f"    curl -H 'Authorization: Bearer {key}' '{api_url}/api/core-transaction-1/events?limit=5'")
+    echo(
+        f"    (the key and the API last as long as the demo: `--duration {max(600, int(duration))}` for longer)"
+    )
     echo(f"==> live marketplace traffic for {duration:.0f} s:")
     echo(
         f"    carts idle for {ABANDON_AFTER} s are abandoned (cart.abandoned); "
@@ -308,6 +311,7 @@ def run_demo(
         result = asyncio.run(_flow(dsn, root, duration, rate, echo, ct2_url, env_file))
         if keep:
             echo(f"    inspect: CT1_OUTBOX__PATH={root / 'outbox.db'} ct1-cdc outbox list --json")
+        echo("==> next: attach ct1-cdc to your own database, step by step: docs/attach.md")
         return result
     finally:
         if keep:

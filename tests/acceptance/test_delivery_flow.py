@@ -145,8 +145,9 @@ def test_demo_shows_all_twelve_types_reaching_their_receivers_verified():
     (events_line,) = [line for line in out.splitlines() if line.startswith("==> API: GET /events")]
     assert int(events_line.split(" gave ")[1].split()[0]) > 0
     assert "==> API: GET /analytics (last 30 days): GMV " in out
-    summary = out.strip().splitlines()[-1]
+    (summary,) = [line for line in out.splitlines() if line.startswith("==> deliveries: ")]
     assert "'delivered'" in summary and "'pending'" not in summary and "'dead'" not in summary
+    assert out.strip().splitlines()[-1].endswith("docs/attach.md")  # and where to go next
 
 
 def test_prune_removes_only_settled_old_events(tmp_path):
