@@ -285,7 +285,8 @@ async def _show_api(api_url: str, key: str, echo: Callable[[str], None]) -> None
         order = orders[0]
         echo(
             f"==> API: GET /orders?payment_status=paid, first: order {order['id']},"
-            f" {order['status']}, total {order['total']} {order['currency']}"
+            f" payment {order.get('payment_status')}, status {order['status']},"
+            f" total {order['total']} {order['currency']}"
         )
     echo(
         f"==> API: GET /analytics (last 30 days): GMV {analytics['gmv']}, {analytics['orders']} orders,"
