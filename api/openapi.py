@@ -31,6 +31,7 @@ def _error(description: str) -> Obj:
 
 
 ERRORS: Obj = {
+    "400": _error("the request is not well-formed HTTP (a bad Content-Length, a line over 8 KiB)"),
     "401": _error("missing, unknown or revoked API key"),
     "403": _error("the key lacks the permission, or the client address is not allowed"),
     "422": _error("a parameter is not valid (error.field names it)"),
@@ -41,7 +42,7 @@ ERRORS: Obj = {
 }
 SOURCE_ERRORS: Obj = {"503": _error("the marketplace database is unavailable or the query timed out")}
 BODY_ERRORS: Obj = {
-    "400": _error("the body is not a JSON object"),
+    "400": _error("the body is not a JSON object, or the request is not well-formed HTTP"),
     "409": _error("the endpoint has no secret yet"),
     "413": _error("the body is over 64 KiB"),
 }
@@ -120,7 +121,7 @@ def _post(summary: str, model: type[BaseModel], status: str = "200") -> Obj:
             "summary": summary,
             "security": SECURITY,
             "requestBody": {"required": True, "content": {"application/json": {"schema": body(model)}}},
-            "responses": {status: _ok(OBJECT), **BODY_ERRORS, **ERRORS},
+            "responses": {status: _ok(OBJECT), **ERRORS, **BODY_ERRORS},
         }
     }
 
