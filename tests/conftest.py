@@ -7,6 +7,7 @@ wal2json installed) instead of starting a cluster.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
@@ -238,12 +239,43 @@ def invalidate(db) -> None:
 
 @pytest.fixture(scope="module")
 def nats_cluster() -> Iterator[NatsCluster]:
-    """A three-node JetStream cluster on loopback, for the tests of one module."""
+    """A three-node JetStream cluster on loopback, for the tests of one module, handed over
+    once it places a stream of three replicas."""
     cluster = create_nats_cluster()
     try:
+        wait_for_jetstream(cluster.servers)
         yield cluster
     finally:
         cluster.stop()
+
+
+def wait_for_jetstream(servers: list[str], within: float = 60.0) -> None:
+    """Every node listening is not yet a cluster: JetStream places a stream of three
+    replicas only once the nodes have found each other and elected a meta leader.  On a
+    loaded machine that took longer than a test's own retries (CI: "no suitable peers for
+    placement" for 10 s, in the first test of a module)."""
+    import nats
+    from nats.js.api import StreamConfig
+
+    async def placed() -> None:
+        nc = await nats.connect(servers=servers, connect_timeout=2, max_reconnect_attempts=-1)
+        try:
+            js = nc.jetstream(timeout=2)
+            name = f"READY{uuid.uuid4().hex[:10].upper()}"
+            deadline = time.monotonic() + within
+            while True:
+                try:
+                    await js.add_stream(StreamConfig(name=name, subjects=[f"ready.{name}"], num_replicas=3))
+                    await js.delete_stream(name)
+                    return
+                except Exception:
+                    if time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    asyncio.run(placed())
 
 
 def read_stream(
