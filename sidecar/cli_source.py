@@ -5,8 +5,9 @@ from __future__ import annotations
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -19,6 +20,8 @@ from common.formats import format_lsn, unix_to_text
 from config.settings import Settings
 from outbox import source_state, store
 from sidecar.console import emit_json, fail, handled, main, settings_of, slot
+
+T = TypeVar("T")
 
 
 def _when(value: float | None) -> str | None:
@@ -65,18 +68,8 @@ def slot_status(ctx: click.Context, as_json: bool) -> None:
     if status is None:
         fail(missing_slot(settings))
     assert status is not None
-    skips: list[dict[str, Any]] = []
-    try:
-        outbox = store.connect(settings.outbox.capture_path, readonly=True)
-    except store.OutboxError:
-        outbox = None
-    if outbox is not None:
-        try:
-            skips = source_state.skips(outbox)
-        except sqlite3.OperationalError:  # an outbox older than skips: nothing was asked
-            skips = []
-        finally:
-            outbox.close()
+    # (an outbox older than skips: nothing was asked)
+    skips: list[dict[str, Any]] = _from_capture_file(settings, source_state.skips) or []
     if as_json:
         emit_json({**status, "mapping_problems": problems, "skipped_transactions": skips})
         return
@@ -204,23 +197,27 @@ def detach(ctx: click.Context, yes: bool, as_json: bool) -> None:
         )
 
 
+def _from_capture_file(settings: Settings, read: Callable[[sqlite3.Connection], T]) -> T | None:
+    """``read`` of capture's file on this host (the outbox, or its capture state beside
+    it); None where there is no such file, or it is older than what ``read`` asks."""
+    try:
+        conn = store.connect(settings.outbox.capture_path, readonly=True)
+    except store.OutboxError:
+        return None
+    try:
+        return read(conn)
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        conn.close()
+
+
 def missing_slot(settings: Settings) -> str:
     """What to do about a slot that does not exist: a new outbox needs ``setup``; one that
     captured from the slot lost it, and only ``recover`` goes on (``setup`` and ``run``
     refuse, as the changes since are gone from the WAL)."""
     slot = settings.source.slot
-    held: tuple[int, float] | None = None
-    try:
-        conn = store.connect(settings.outbox.capture_path, readonly=True)
-    except store.OutboxError:
-        conn = None
-    if conn is not None:
-        try:
-            held = store.checkpoint_of(conn, slot)
-        except sqlite3.OperationalError:
-            held = None
-        finally:
-            conn.close()
+    held = _from_capture_file(settings, lambda conn: store.checkpoint_of(conn, slot))
     if held is None or not held[0]:
         return f"slot {slot} does not exist: run `ct1-cdc setup`"
     return lost_slot(slot, held[0])
